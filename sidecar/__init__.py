@@ -1,0 +1,3 @@
+"""A zero-trust sidecar for AI agents."""
+
+__version__ = "0.1.0"

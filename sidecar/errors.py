@@ -1,0 +1,142 @@
+"""The error tree and the one reason -> status mapping.
+
+Every refusal the sidecar makes is a :class:`Refusal` carrying a stable reason code.
+The same code appears in the response body, the trust-decision event and the metrics.
+
+    Refusal                       any refusal of a request (reason code -> HTTP status)
+      RequestRefused              malformed or over-limit requests, trust-boundary checks
+      IdentityRefused             unverifiable peers and tokens
+      PolicyRefused               policy said no (or could not say yes)
+      TaskRefused                 unknown, ended or revoked tasks
+      CredentialUnavailable       no valid credential could be had for the upstream
+      UpstreamFailed              the upstream could not be reached or did not answer
+    ConfigError                   one problem in a config or policy file, with its path
+
+Messages are lowercase, prefixed by the component and say what was expected. They never
+contain a secret: callers pass names and reasons, never values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STATUS: dict[str, int] = {
+    "allowed": 200,
+    "approved": 200,
+    "unknown_upstream": 403,
+    "browser_origin": 403,
+    "host_mismatch": 403,
+    "no_client_cert": 401,
+    "peer_unverified": 401,
+    "foreign_trust_domain": 403,
+    "token_invalid": 401,
+    "no_matching_rule": 403,
+    "rule_denied": 403,
+    "condition_error": 403,
+    "approval_timeout": 403,
+    "approval_denied": 403,
+    "rate_limited": 429,
+    "unknown_task": 403,
+    "task_ended": 403,
+    "revoked": 403,
+    "credential_unavailable": 503,
+    "upstream_unreachable": 502,
+    "upstream_timeout": 504,
+    "headers_too_large": 431,
+    "body_too_large": 413,
+    "bad_request": 400,
+    "not_found": 404,
+    "unauthorized": 401,
+    "internal_error": 500,
+}
+
+# RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
+PROXY_STATUS_ERROR: dict[str, str] = {
+    "upstream_unreachable": "connection_refused",
+    "upstream_timeout": "connection_timeout",
+    "headers_too_large": "http_request_error",
+    "body_too_large": "http_request_error",
+    "bad_request": "http_request_error",
+    "credential_unavailable": "proxy_internal_error",
+    "internal_error": "proxy_internal_error",
+}
+
+
+def status_for(reason: str) -> int:
+    """The HTTP status of a reason code; an unknown code is an internal error."""
+    return STATUS.get(reason, 500)
+
+
+class Refusal(Exception):
+    """A request refused with a stable reason code and an operator-readable message."""
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        detail: str | None = None,
+        retry_after: int | None = None,
+        rule_id: str | None = None,
+    ) -> None:
+        if reason not in STATUS:
+            raise ValueError(f"errors: unknown reason code {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.detail = detail
+        self.retry_after = retry_after
+        self.rule_id = rule_id
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.reason]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason!r}, {self.message!r})"
+
+
+class RequestRefused(Refusal):
+    """Malformed or over-limit requests, and the outbound listener's trust-boundary checks."""
+
+
+class IdentityRefused(Refusal):
+    """A peer certificate or bearer token that could not be verified."""
+
+
+class PolicyRefused(Refusal):
+    """The policy denied the request, or could not evaluate a condition."""
+
+
+class TaskRefused(Refusal):
+    """The task named by the request is unknown, has ended or was revoked."""
+
+
+class CredentialUnavailable(Refusal):
+    """No valid credential could be obtained for the upstream."""
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__("credential_unavailable", message, detail=detail)
+
+
+class UpstreamFailed(Refusal):
+    """The upstream could not be reached, reset the connection or timed out."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigError:
+    """One problem in a config or policy file: where it is, and what was expected."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigInvalid(Exception):
+    """A configuration with one or more problems; carries all of them."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
