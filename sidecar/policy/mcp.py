@@ -1,0 +1,296 @@
+"""Strict JSON-RPC 2.0 parsing for ``protocol: mcp`` upstreams, and tools/list filtering.
+
+Policy matches MCP calls on ``mcp.method`` and ``mcp.tool``; an MCP server may read the same
+bytes differently from Python's ``json`` (Go's ``encoding/json`` matches keys case-insensitively
+under Unicode folding and keeps the last duplicate). So anything two parsers could disagree on
+is refused with ``bad_request`` instead of guessed at:
+
+- media type other than ``application/json`` (parameters allowed; a ``charset`` must be utf-8);
+- a UTF-8 byte order mark (RFC 8259 section 8.1 lets parsers choose; we refuse), invalid UTF-8,
+  lone surrogates in ``method`` or ``params.name``;
+- duplicate keys in any object; keys equal under Unicode case folding (``method``/``Method``,
+  ``params``/``paramſ``) in the request object and in ``params``;
+- batches (arrays), non-object bodies, members other than jsonrpc/id/method/params;
+- ``NaN``/``Infinity``/overflowing numbers, nesting deeper than ``max_depth``;
+- an ``id`` that is not a string or integer (MCP forbids null ids);
+- JSON-RPC responses from the agent (answers to server-initiated sampling/elicitation):
+  not supported yet.
+
+:func:`filter_tools_list` fails closed: a response it cannot read raises ``RequestRefused``
+and the caller refuses the exchange rather than pass an unfiltered tool list to the agent.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.errors import RequestRefused
+
+MAX_DEPTH = 64
+LIFECYCLE_METHODS = frozenset({"initialize", "ping", "tools/list"})
+_NOTIFICATIONS = "notifications/"
+_REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
+# Tokens that change nesting depth, with strings skipped (so brackets inside them do not count).
+_DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class McpCall:
+    """One parsed MCP request: what policy sees as ``mcp.method`` and ``mcp.tool``."""
+
+    method: str
+    tool: str | None
+    id: object | None
+    is_notification: bool
+
+
+def is_lifecycle(method: str) -> bool:
+    """True for calls every MCP rule lets through: initialize, ping, tools/list, notifications/*."""
+    return method in LIFECYCLE_METHODS or method.startswith(_NOTIFICATIONS)
+
+
+def _refuse(message: str) -> RequestRefused:
+    return RequestRefused("bad_request", f"mcp: {message}")
+
+
+def check_media_type(content_type: str | None) -> None:
+    """Refuse anything but application/json (case-insensitive; a charset must be utf-8)."""
+    media, _, params = (content_type or "").partition(";")
+    if media.strip().lower() != "application/json":
+        raise _refuse("expected Content-Type application/json")
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            raise _refuse("expected charset utf-8 (or none) for application/json")
+
+
+def _check_depth(body: bytes, max_depth: int) -> None:
+    """Refuse nesting deeper than max_depth (exact scan only when brackets could reach it)."""
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return
+    depth = 0
+    for match in _DEPTH_TOKENS.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise _refuse(f"JSON nesting deeper than {max_depth} levels")
+        elif token in (b"]", b"}"):
+            depth -= 1
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _refuse("duplicate key in a JSON object")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _refuse(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _refuse("number out of range")
+    return value
+
+
+def loads_strict(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse UTF-8 JSON refusing BOM, duplicate keys, NaN/Infinity and deep nesting."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        raise _refuse("a byte order mark is not allowed before JSON")
+    _check_depth(body, max_depth)
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_pairs_hook,
+                          parse_constant=_no_constant, parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise _refuse("body is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise _refuse("body is not valid JSON") from None
+
+
+def _check_case_variants(obj: dict[str, Any], where: str) -> None:
+    """Refuse keys that are equal under Unicode case folding (Go matches them as one)."""
+    if len({key.casefold() for key in obj}) != len(obj):
+        raise _refuse(f"keys differing only in case in {where}")
+
+
+def _text(value: Any, what: str) -> str:
+    """A non-empty, well-formed string (no lone surrogates), else refused."""
+    if not isinstance(value, str) or not value:
+        raise _refuse(f"{what} must be a non-empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _refuse(f"{what} contains an unpaired surrogate") from None
+    return value
+
+
+def _check_envelope(obj: Any) -> dict[str, Any]:
+    """The request object: one object, only JSON-RPC members, jsonrpc "2.0", a valid id."""
+    if isinstance(obj, list):
+        raise _refuse("JSON-RPC batches are not supported; send one request per HTTP request")
+    if not isinstance(obj, dict):
+        raise _refuse("body must be a JSON-RPC request object")
+    _check_case_variants(obj, "the request object")
+    if "method" not in obj and ("result" in obj or "error" in obj):
+        raise _refuse("JSON-RPC responses from the agent are not supported")
+    if not _REQUEST_MEMBERS.issuperset(obj):
+        raise _refuse("expected only jsonrpc, id, method and params in the request object")
+    if obj.get("jsonrpc") != "2.0":
+        raise _refuse('jsonrpc must be exactly "2.0"')
+    ident = obj.get("id")
+    if "id" in obj and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
+        raise _refuse("id must be a string or an integer")
+    return obj
+
+
+def _tool_name(method: str, params: Any) -> str | None:
+    """params.name for tools/call (refused if missing); None for other methods."""
+    if params is not None and not isinstance(params, dict):
+        raise _refuse("params must be a JSON object")
+    if params is not None:
+        _check_case_variants(params, "params")
+    if method != "tools/call":
+        return None
+    if params is None:
+        raise _refuse("tools/call needs params with a tool name")
+    arguments = params.get("arguments")
+    if arguments is not None and not isinstance(arguments, dict):
+        raise _refuse("tools/call params.arguments must be a JSON object")
+    return _text(params.get("name"), "tools/call params.name")
+
+
+def parse_mcp_request(
+    body: bytes, content_type: str | None, max_bytes: int, *, max_depth: int = MAX_DEPTH
+) -> McpCall:
+    """One strict JSON-RPC 2.0 MCP request -> McpCall, or RequestRefused."""
+    check_media_type(content_type)
+    if len(body) > max_bytes:
+        raise RequestRefused("body_too_large", f"mcp: body larger than {max_bytes} bytes")
+    obj = _check_envelope(loads_strict(body, max_depth))
+    method = _text(obj.get("method"), "method")
+    if "params" in obj and obj["params"] is None:
+        raise _refuse("params must be a JSON object")
+    tool = _tool_name(method, obj.get("params"))
+    return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj)
+
+
+# --- tools/list responses ------------------------------------------------------------------
+
+def _filtered_message(message: Any, allowed: Callable[[str], bool]) -> Any | None:
+    """The message with disallowed tools removed; None when nothing changes."""
+    if not isinstance(message, dict):
+        raise _refuse("tools/list response must be one JSON-RPC object")
+    _check_case_variants(message, "the tools/list response")
+    if "method" in message or "error" in message:
+        return None  # a server notification/request, or an error: no tools to filter
+    result = message.get("result")
+    if message.get("jsonrpc") != "2.0" or not isinstance(result, dict):
+        raise _refuse("tools/list response needs jsonrpc 2.0 and a result object")
+    _check_case_variants(result, "the tools/list result")
+    tools = result.get("tools")
+    if not isinstance(tools, list):
+        raise _refuse("tools/list result needs a tools array")
+    kept = [tool for tool in tools if allowed(_listed_name(tool))]
+    if len(kept) == len(tools):
+        return None
+    return {**message, "result": {**result, "tools": kept}}
+
+
+def _listed_name(tool: Any) -> str:
+    if not isinstance(tool, dict):
+        raise _refuse("tools/list entries must be objects")
+    _check_case_variants(tool, "a tools/list entry")
+    return _text(tool.get("name"), "tools/list entry name")
+
+
+def _dumps(message: Any) -> str:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def filter_tools_list(response_body: bytes, allowed: Callable[[str], bool]) -> bytes:
+    """A tools/list JSON response without the tools the agent may not call (unchanged if none)."""
+    message = loads_strict(response_body)
+    filtered = _filtered_message(message, allowed)
+    return response_body if filtered is None else _dumps(filtered).encode("utf-8")
+
+
+def _filter_event(event: str, allowed: Callable[[str], bool]) -> str:
+    """One SSE event (no trailing blank line) with its JSON data filtered."""
+    lines = event.split("\n")
+    data = [ln[5:].removeprefix(" ") for ln in lines if _is_data(ln)]
+    if not data:
+        return event
+    filtered = _filtered_message(loads_strict("\n".join(data).encode("utf-8")), allowed)
+    if filtered is None:
+        return event
+    kept = [ln for ln in lines if not _is_data(ln)]
+    return "\n".join([*kept, "data: " + _dumps(filtered)])
+
+
+def _is_data(line: str) -> bool:
+    """An SSE data field line ('data: x', 'data:x' or a bare 'data')."""
+    return line.startswith("data:") or line == "data"
+
+
+def filter_tools_list_sse(chunk_text: str, allowed: Callable[[str], bool]) -> str:
+    """Complete SSE events (text/event-stream) with every tools/list response filtered.
+
+    The text must end at an event boundary (use SseToolsListFilter for a stream). Line
+    endings come out as LF; events whose data is not JSON-RPC are refused (fail closed).
+    """
+    text = chunk_text.replace("\r\n", "\n").replace("\r", "\n")
+    events = text.split("\n\n")
+    return "\n\n".join(_filter_event(ev, allowed) if ev else ev for ev in events)
+
+
+class SseToolsListFilter:
+    """Incremental tools/list filtering of an SSE response body, fed chunk by chunk."""
+
+    def __init__(self, allowed: Callable[[str], bool], max_event_bytes: int = 1 << 20) -> None:
+        self._allowed = allowed
+        self._max = max_event_bytes
+        self._buffer = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Filtered output for every event completed by this chunk (may be b"")."""
+        text = (self._buffer + self._decode(chunk)).replace("\r\n", "\n")
+        hold_cr = text.endswith("\r")  # may be the first half of a CRLF split across chunks
+        body, held = (text[:-1], "\r") if hold_cr else (text, "")
+        body = body.replace("\r", "\n")
+        cut = body.rfind("\n\n")
+        if cut < 0:
+            self._buffer = body + held
+            self._check_size()
+            return b""
+        self._buffer = body[cut + 2:] + held
+        self._check_size()
+        return (filter_tools_list_sse(body[:cut], self._allowed) + "\n\n").encode("utf-8")
+
+    def close(self) -> bytes:
+        """Whatever remains at the end of the stream, filtered."""
+        rest = self._buffer + self._decode(b"", final=True)
+        self._buffer = ""
+        return filter_tools_list_sse(rest, self._allowed).encode("utf-8") if rest else b""
+
+    def _decode(self, chunk: bytes, final: bool = False) -> str:
+        try:
+            return str(self._decoder.decode(chunk, final))
+        except UnicodeDecodeError:
+            raise _refuse("tools/list SSE response is not valid UTF-8") from None
+
+    def _check_size(self) -> None:
+        if len(self._buffer) > self._max:
+            raise _refuse(f"SSE event larger than {self._max} bytes in a tools/list response")
+
