@@ -29,8 +29,10 @@ VALID = [
     ("spiffe://example.org", "example.org", ""),
     # section 2.2: the spec's own examples
     ("spiffe://staging.example.com/payments/mysql", "staging.example.com", "/payments/mysql"),
-    ("spiffe://k8s-west.example.com/ns/staging/sa/default", "k8s-west.example.com", "/ns/staging/sa/default"),
-    ("spiffe://example.com/9eebccd2-12bf-40a6-b262-65fe0487d453", "example.com", "/9eebccd2-12bf-40a6-b262-65fe0487d453"),
+    ("spiffe://k8s-west.example.com/ns/staging/sa/default", "k8s-west.example.com",
+     "/ns/staging/sa/default"),
+    ("spiffe://example.com/9eebccd2-12bf-40a6-b262-65fe0487d453", "example.com",
+     "/9eebccd2-12bf-40a6-b262-65fe0487d453"),
     # section 2.1: digits, '-', '_' and '.' are trust domain characters
     ("spiffe://trust_domain-1.example/x", "trust_domain-1.example", "/x"),
     # section 2.2: path segments may use uppercase letters
@@ -125,7 +127,8 @@ def test_constructing_an_id_directly_validates_it() -> None:
 
 def test_ids_compare_and_hash_by_value() -> None:
     """Two parses of the same text are equal and usable as one dictionary key."""
-    first, second = parse_spiffe_id("spiffe://example.org/a"), parse_spiffe_id("spiffe://example.org/a")
+    first = parse_spiffe_id("spiffe://example.org/a")
+    second = parse_spiffe_id("spiffe://example.org/a")
     assert first == second and len({first, second}) == 1
     assert first != parse_spiffe_id("spiffe://example.org/A")
 
@@ -181,7 +184,8 @@ def _leaf(
     if names is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if ca is not None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        constraints = x509.BasicConstraints(ca=ca, path_length=None)
+        builder = builder.add_extension(constraints, critical=True)
     usage = key_usage if key_usage is not None else _usage(digital_signature=True)
     if usage is not _NO_KEY_USAGE:
         builder = builder.add_extension(usage, critical=True)  # type: ignore[arg-type]
@@ -232,7 +236,8 @@ REJECTED = [
     # X509-SVID section 4.1: a leaf is not a CA
     ([_uri("spiffe://example.org/a")], True, None, "ca_as_leaf"),
     # X509-SVID section 4.3: a leaf must not set keyCertSign
-    ([_uri("spiffe://example.org/a")], None, _usage(digital_signature=True, key_cert_sign=True), "ca_as_leaf"),
+    ([_uri("spiffe://example.org/a")], None, _usage(digital_signature=True, key_cert_sign=True),
+     "ca_as_leaf"),
     # X509-SVID section 4.3: a leaf must not set cRLSign
     ([_uri("spiffe://example.org/a")], False, _usage(digital_signature=True, crl_sign=True), "ca_as_leaf"),
     # X509-SVID section 4.3: a leaf must set digitalSignature
@@ -258,7 +263,8 @@ def test_a_rejected_leaf_becomes_a_peer_unverified_refusal() -> None:
         spiffe_id_from_certificate(_leaf([x509.DNSName("svc.example.org")]))
     refusal = caught.value.refusal()
     assert isinstance(refusal, IdentityRefused)
-    assert (refusal.reason, refusal.status, refusal.detail) == ("peer_unverified", 401, "not_spiffe")
+    assert refusal.reason == "peer_unverified" and refusal.status == 401
+    assert refusal.detail == "not_spiffe"
 
 
 def test_leaf_rejected_refuses_unknown_reasons() -> None:
