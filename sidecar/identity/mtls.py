@@ -1,0 +1,318 @@
+"""The inbound mTLS acceptor: TLS on accepted TCP, one peer verification, then the HTTP protocol.
+
+Why not ``create_server(ssl=...)``: a listening ``SSLContext`` is fixed when the server is
+created, and asyncio reports server-side handshake failures only in debug mode. Instead the
+listener accepts plain TCP and upgrades each connection with ``loop.start_tls`` using the context
+current at that moment, so SVID and bundle rotation applies to every new handshake while
+established connections keep the context they were made with.
+
+Python's ``ssl`` has no verification callback, so the client certificate is requested with
+``CERT_OPTIONAL`` (a missing certificate is reported as ``no_client_cert`` rather than as an
+opaque alert) and OpenSSL verifies a presented chain against the union of all bundles. A chain
+OpenSSL cannot verify aborts the handshake with an alert; its verify code is mapped to
+``expired``, ``not_yet_valid`` or ``peer_unverified``. A chain it accepts is then verified again
+by :func:`sidecar.identity.x509.verify_peer` against the bundle of the leaf's own trust domain
+only, which is the check that binds bundles to domains.
+
+    accept TCP ─ pause reading ─ (slot, timeout) start_tls(current context) ─ verify_peer
+      ├─ refused: on_reject(reason, message, peer); a 401/403 JSON response; close (nothing read)
+      └─ accepted: peer recorded for peer_of(transport); handler protocol attached to the TLS transport
+
+Refusal reasons passed to ``on_reject`` are :data:`REJECT_REASONS`: those of ``PeerRejected`` plus
+``handshake_failed`` (wrong protocol, TLS alert, timeout, slot wait exceeded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from _ssl import ENCODING_DER  # CPython's; ssl.SSLObject of 3.11 has no public chain accessor
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import cast
+
+from sidecar.errors import PROXY_STATUS_ERROR, status_for
+from sidecar.identity.x509 import (
+    PEER_REJECT_REASONS,
+    PeerIdentity,
+    PeerRejected,
+    TrustBundles,
+    verify_peer,
+)
+
+REJECT_REASONS = PEER_REJECT_REASONS | {"handshake_failed"}
+
+RejectHook = Callable[[str, str, str], None]
+"""``on_reject(reason, message, peer_address)``; must not raise."""
+
+# OpenSSL X509_V_ERR_* codes that have their own reason; every other verify code is peer_unverified.
+_VERIFY_CODE_REASON = {9: "not_yet_valid", 10: "expired"}
+
+
+def build_server_context(cert_path: str, key_path: str, ca_pems: list[bytes]) -> ssl.SSLContext:
+    """A TLS >= 1.2 server context presenting our SVID and asking for (not demanding) a client cert.
+
+    ``ca_pems`` is the union of all trust bundles: OpenSSL's first, coarse chain check. Session
+    tickets are off so that every connection presents, and has verified, its full chain.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_path, key_path)
+    context.load_verify_locations(cadata=b"".join(ca_pems).decode("ascii"))
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
+    return context
+
+
+class MtlsAcceptor:
+    """Accepts TCP, upgrades to TLS with the current context, verifies the peer, hands over."""
+
+    def __init__(
+        self,
+        *,
+        context: Callable[[], ssl.SSLContext],
+        bundles: Callable[[], TrustBundles],
+        allowed_domains: frozenset[str],
+        handler_factory: Callable[[], asyncio.BaseProtocol],
+        on_reject: RejectHook,
+        handshake_timeout: float = 10.0,
+        max_handshakes: int = 128,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        respond_on_reject: bool = True,
+    ) -> None:
+        self._context = context
+        self._bundles = bundles
+        self._allowed = frozenset(allowed_domains)
+        self._handler_factory = handler_factory
+        self._on_reject = on_reject
+        self._handshake_timeout = handshake_timeout
+        self._slots = asyncio.Semaphore(max_handshakes)
+        self._clock = clock
+        self._respond = respond_on_reject
+        self._peers = _PeerTable()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        """Listen on ``host:port`` (port 0 picks one; read it from the returned server's sockets)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Accepted(self), host, port)
+        return self._server
+
+    async def close(self) -> None:
+        """Stop accepting and drop handshakes in progress.
+
+        Established connections belong to the handler (aiohttp: ``web.Server.shutdown()``). This
+        does not await ``Server.wait_closed()``, which from Python 3.12 waits for them too.
+        """
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def peer_of(self, transport: asyncio.BaseTransport | None) -> PeerIdentity | None:
+        """The verified peer of an accepted TLS transport (aiohttp: ``request.transport``)."""
+        return self._peers.get(transport) if transport is not None else None
+
+    def _spawn(self, transport: asyncio.Transport) -> None:
+        task = asyncio.get_running_loop().create_task(self._accept(transport))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _accept(self, transport: asyncio.Transport) -> None:
+        address = _address(transport)
+        holding = _Holding()
+        try:
+            tls = await self._handshake(transport, holding)
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except _HandshakeFailed as failed:
+            transport.abort()
+            self._on_reject(failed.reason, failed.message, address)
+            return
+        try:
+            peer = self._verify(tls)
+        except PeerRejected as rejected:
+            self._refuse(tls, rejected, address)
+            return
+        self._peers.add(tls, peer)
+        _hand_over(tls, holding, self._handler_factory())
+
+    async def _handshake(self, transport: asyncio.Transport, holding: _Holding) -> asyncio.Transport:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                async with self._slots:
+                    tls = await loop.start_tls(
+                        transport,
+                        holding,
+                        self._context(),
+                        server_side=True,
+                        ssl_handshake_timeout=self._handshake_timeout,
+                        ssl_shutdown_timeout=self._handshake_timeout,  # bounds a refused peer's close
+                    )
+        except TimeoutError:
+            raise _HandshakeFailed(
+                "handshake_failed",
+                f"mtls: tls handshake did not complete within {self._handshake_timeout:g}s",
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise _handshake_error(exc) from None
+        if tls is None:  # the peer closed the connection during the handshake
+            raise _HandshakeFailed("handshake_failed", "mtls: peer closed during the tls handshake")
+        return tls
+
+    def _verify(self, tls: asyncio.Transport) -> PeerIdentity:
+        ssl_object = tls.get_extra_info("ssl_object")
+        leaf = ssl_object.getpeercert(binary_form=True)
+        chain = _intermediates(ssl_object, leaf)
+        return verify_peer(leaf, chain, self._bundles(), self._allowed, self._clock())
+
+    def _refuse(self, tls: asyncio.Transport, rejected: PeerRejected, address: str) -> None:
+        try:
+            if self._respond:
+                tls.write(refusal_response(rejected.request_reason, rejected.message))
+        finally:
+            tls.close()
+            self._on_reject(rejected.reason, rejected.message, address)
+
+
+def refusal_response(reason: str, message: str) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response carrying the reason code and message."""
+    status = status_for(reason)
+    body = json.dumps({"error": reason, "message": message}).encode()
+    error = PROXY_STATUS_ERROR.get(reason, "http_request_denied")
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f'Proxy-Status: sidecar; error={error}; details="{reason}"\r\n'
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class _HandshakeFailed(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _handshake_error(exc: BaseException) -> _HandshakeFailed:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = _VERIFY_CODE_REASON.get(exc.verify_code, "peer_unverified")
+        return _HandshakeFailed(
+            reason, f"mtls: peer certificate chain refused by tls: {exc.verify_message}"
+        )
+    detail = getattr(exc, "reason", None) or type(exc).__name__
+    return _HandshakeFailed("handshake_failed", f"mtls: tls handshake failed ({detail})")
+
+
+def _intermediates(ssl_object: ssl.SSLObject, leaf: bytes | None) -> list[bytes]:
+    """The peer's intermediates as DER, through CPython 3.11's private chain accessor if present."""
+    if leaf is None:
+        return []
+    sslobj = getattr(ssl_object, "_sslobj", None)
+    get_chain = getattr(ssl_object, "get_unverified_chain", None) or getattr(
+        sslobj, "get_unverified_chain", None
+    )
+    if get_chain is None:
+        return []
+    chain = [_der(cert) for cert in get_chain() or ()]
+    return [der for der in chain if der != leaf]
+
+
+def _der(cert: object) -> bytes:
+    if isinstance(cert, bytes):
+        return cert
+    return cert.public_bytes(ENCODING_DER)  # type: ignore[attr-defined]
+
+
+def _address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if not peer:
+        return "unknown"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _hand_over(tls: asyncio.Transport, holding: _Holding, protocol: asyncio.BaseProtocol) -> None:
+    """Attach ``protocol`` to the TLS transport and replay what arrived while we verified."""
+    tls.set_protocol(protocol)
+    protocol.connection_made(tls)
+    for chunk in holding.received:
+        _feed(protocol, chunk)
+    if holding.lost:
+        protocol.connection_lost(holding.error)
+    elif holding.eof and not protocol.eof_received():  # type: ignore[attr-defined]
+        tls.close()
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        view = memoryview(data)
+        while view:
+            buffer = protocol.get_buffer(len(view))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            protocol.buffer_updated(size)
+            view = view[size:]
+    else:
+        protocol.data_received(data)  # type: ignore[attr-defined]
+
+
+class _Accepted(asyncio.Protocol):
+    """A freshly accepted TCP connection: reading stays paused until ``start_tls`` takes over."""
+
+    def __init__(self, acceptor: MtlsAcceptor) -> None:
+        self._acceptor = acceptor
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        tcp.pause_reading()
+        self._acceptor._spawn(tcp)
+
+
+class _Holding(asyncio.Protocol):
+    """The TLS transport's protocol until the peer is verified: keeps, never parses, what arrives."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.eof = False
+        self.lost = False
+        self.error: BaseException | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # keep the transport until the handler decides
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        self.error = exc
+
+
+class _PeerTable:
+    """Verified peers by TLS transport. Some transports (uvloop's) take no weak references, so
+    entries of closed transports are pruned on insertion, amortized O(1)."""
+
+    def __init__(self) -> None:
+        self._peers: dict[asyncio.BaseTransport, PeerIdentity] = {}
+        self._prune_at = 64
+
+    def add(self, transport: asyncio.BaseTransport, peer: PeerIdentity) -> None:
+        if len(self._peers) >= self._prune_at:
+            self._peers = {t: p for t, p in self._peers.items() if not t.is_closing()}
+            self._prune_at = max(64, 2 * len(self._peers))
+        self._peers[transport] = peer
+
+    def get(self, transport: asyncio.BaseTransport) -> PeerIdentity | None:
+        return self._peers.get(transport)
