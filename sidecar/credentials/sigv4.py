@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -39,6 +40,12 @@ _OWN_HEADERS = frozenset(
     {"authorization", "host", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"}
 )
 _SIGNING_KEY_CACHE_SIZE = 64
+# Strings that are already canonical: nothing to decode, normalize or encode.
+_UNRESERVED = r"[A-Za-z0-9\-._~]"
+_PLAIN_COMPONENT = re.compile(f"{_UNRESERVED}*")
+_PLAIN_PAIR = f"{_UNRESERVED}+(?:={_UNRESERVED}*)?"
+_PLAIN_QUERY = re.compile(f"{_PLAIN_PAIR}(?:&{_PLAIN_PAIR})*")
+_PLAIN_PATH = re.compile(f"(?:/[A-Za-z0-9\\-_~]{_UNRESERVED}*)*/?")  # no empty or dot segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +71,10 @@ def amz_date(now: datetime) -> str:
     """``now`` as the ``X-Amz-Date`` basic ISO 8601 UTC form, e.g. ``20150830T123600Z``."""
     if now.tzinfo is None:
         raise ValueError("sigv4: expected a timezone-aware datetime for the signing time")
-    return now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if now.utcoffset():
+        now = now.astimezone(timezone.utc)
+    date = f"{now.year:04d}{now.month:02d}{now.day:02d}"
+    return f"{date}T{now.hour:02d}{now.minute:02d}{now.second:02d}Z"
 
 
 def credential_scope(date: str, region: str, service: str) -> str:
@@ -79,7 +89,7 @@ def canonical_uri(path: str, *, s3: bool) -> str:
     """The canonical URI of a wire path: S3 signs it unchanged; others normalize and re-encode."""
     if not path.startswith("/"):
         raise RequestRefused("bad_request", "sigv4: expected a request path starting with '/'")
-    if s3:
+    if s3 or _PLAIN_PATH.fullmatch(path):
         return path
     return quote(_remove_dot_segments(path), safe="/")
 
@@ -101,8 +111,14 @@ def canonical_query(query: str) -> str:
     """The canonical query string: each part decoded, AWS-encoded, then sorted."""
     if not query:
         return ""
-    pairs = sorted(_encode_pair(part) for part in query.split("&") if part)
-    return "&".join(f"{name}={value}" for name, value in pairs)
+    split = _split_pair if _PLAIN_QUERY.fullmatch(query) else _encode_pair
+    pairs = sorted(split(part) for part in query.split("&") if part)
+    return "&".join([f"{name}={value}" for name, value in pairs])
+
+
+def _split_pair(part: str) -> tuple[str, str]:
+    name, _, value = part.partition("=")
+    return name, value
 
 
 def _encode_pair(part: str) -> tuple[str, str]:
@@ -112,18 +128,22 @@ def _encode_pair(part: str) -> tuple[str, str]:
 
 def _aws_encode(component: str) -> str:
     """Percent-decode one query component, then encode all but unreserved characters."""
-    if "%" not in component and component.isascii() and component.isalnum():
+    if _PLAIN_COMPONENT.fullmatch(component):
         return component
     return quote(unquote_to_bytes(component), safe="")
 
 
 def canonical_headers(headers: list[tuple[str, str]]) -> tuple[str, str]:
-    """The canonical header block (with its final newline) and the signed-headers list."""
+    """The canonical header block (with its final newline) and the signed-headers list.
+
+    Names are lowercased and sorted; a repeated name keeps its values in order, joined by
+    commas; each value is trimmed with inner runs of whitespace collapsed to one space.
+    """
     merged: dict[str, list[str]] = {}
     for name, value in headers:
         merged.setdefault(name.strip().lower(), []).append(" ".join(value.split()))
     names = sorted(merged)
-    block = "".join(f"{name}:{','.join(merged[name])}\n" for name in names)
+    block = "".join([f"{name}:{','.join(merged[name])}\n" for name in names])
     return block, ";".join(names)
 
 
@@ -215,9 +235,9 @@ def signing_steps(
     now: datetime,
 ) -> SigningSteps:
     """Sign a request as :func:`sign` does, keeping the canonical request and string to sign."""
+    date_time = amz_date(now)
     if creds.expired(now.timestamp()):
         raise CredentialUnavailable("sigv4: credentials have expired; expected a fresh key")
-    date_time = amz_date(now)
     s3 = service in S3_SERVICES
     added = _signing_headers(date_time, creds, payload_hash, s3=s3)
     to_sign = [(n, v) for n, v in headers if n.lower() not in _OWN_HEADERS]

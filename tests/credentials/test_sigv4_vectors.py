@@ -151,6 +151,12 @@ def test_sign_replaces_callers_signing_headers() -> None:
         ("/../../x", False, "/x"),
         # a trailing dot segment leaves no trailing slash (as botocore and AWS do)
         ("/a/b/.", False, "/a/b"),
+        # an already canonical path is kept as it is, trailing slash included
+        ("/a-b/c_d~e.f/", False, "/a-b/c_d~e.f/"),
+        # a segment that merely starts with a dot is not a dot segment
+        ("/.well-known/...", False, "/.well-known/..."),
+        # reserved characters on the wire are encoded for ordinary services
+        ("/a$b:c", False, "/a%24b%3Ac"),
     ],
 )
 def test_canonical_uri(path: str, s3: bool, expected: str) -> None:
@@ -179,6 +185,12 @@ def test_canonical_uri_refuses_relative_path() -> None:
         ("q=a%20b", "q=a%20b"),
         # empty parts are dropped
         ("b=2&&a=1", "a=1&b=2"),
+        # plain pairs sort by name, then by value
+        ("b=2&a=1&a=0", "a=0&a=1&b=2"),
+        # a second '=' belongs to the value and is encoded
+        ("a==b", "a=%3Db"),
+        # an empty name is kept
+        ("=x", "=x"),
         # bytes that are not UTF-8 keep their exact escapes
         ("k=%FF", "k=%FF"),
     ],
