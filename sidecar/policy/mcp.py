@@ -35,6 +35,7 @@ from sidecar.errors import RequestRefused
 MAX_DEPTH = 64
 LIFECYCLE_METHODS = frozenset({"initialize", "ping", "tools/list"})
 _NOTIFICATIONS = "notifications/"
+_COMMON_JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 # Tokens that change nesting depth, with strings skipped (so brackets inside them do not count).
 _DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
@@ -61,6 +62,8 @@ def _refuse(message: str) -> RequestRefused:
 
 def check_media_type(content_type: str | None) -> None:
     """Refuse anything but application/json (case-insensitive; a charset must be utf-8)."""
+    if content_type in _COMMON_JSON_TYPES:
+        return
     media, _, params = (content_type or "").partition(";")
     if media.strip().lower() != "application/json":
         raise _refuse("expected Content-Type application/json")
@@ -103,6 +106,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads(..., hooks) would build a decoder and scanner on every call.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_hook, parse_constant=_no_constant, parse_float=_finite_float
+)
+
+
 def loads_strict(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
     """Parse UTF-8 JSON refusing BOM, duplicate keys, NaN/Infinity and deep nesting."""
     if body.startswith(b"\xef\xbb\xbf"):
@@ -110,8 +119,7 @@ def loads_strict(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
     _check_depth(body, max_depth)
     try:
         text = body.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_pairs_hook,
-                          parse_constant=_no_constant, parse_float=_finite_float)
+        return _DECODER.decode(text)
     except UnicodeDecodeError:
         raise _refuse("body is not valid UTF-8") from None
     except (ValueError, RecursionError):
@@ -141,17 +149,22 @@ def _check_envelope(obj: Any) -> dict[str, Any]:
         raise _refuse("JSON-RPC batches are not supported; send one request per HTTP request")
     if not isinstance(obj, dict):
         raise _refuse("body must be a JSON-RPC request object")
-    _check_case_variants(obj, "the request object")
-    if "method" not in obj and ("result" in obj or "error" in obj):
-        raise _refuse("JSON-RPC responses from the agent are not supported")
     if not _REQUEST_MEMBERS.issuperset(obj):
-        raise _refuse("expected only jsonrpc, id, method and params in the request object")
+        _refuse_members(obj)  # the known members are distinct lowercase: no case variants
     if obj.get("jsonrpc") != "2.0":
         raise _refuse('jsonrpc must be exactly "2.0"')
     ident = obj.get("id")
     if "id" in obj and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
         raise _refuse("id must be a string or an integer")
     return obj
+
+
+def _refuse_members(obj: dict[str, Any]) -> None:
+    """Why a request object with members beyond jsonrpc/id/method/params is refused."""
+    _check_case_variants(obj, "the request object")
+    if "method" not in obj and ("result" in obj or "error" in obj):
+        raise _refuse("JSON-RPC responses from the agent are not supported")
+    raise _refuse("expected only jsonrpc, id, method and params in the request object")
 
 
 def _tool_name(method: str, params: Any) -> str | None:

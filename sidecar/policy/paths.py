@@ -24,6 +24,7 @@ Choices made where PRODUCT.md is silent (what an Envoy or nginx user would expec
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -160,9 +161,16 @@ def _check_hidden_dots(path: str, raw_path: str) -> None:
             raise _refuse(f"dot segment next to an encoded slash (%2F) in path {_show(raw_path)}")
 
 
+def _has_dot_segment(path: str) -> bool:
+    """Whether '.' or '..' appears as a whole segment ('/.well-known' does not count)."""
+    if "/." not in path:
+        return False
+    return "/./" in path or "/../" in path or path.endswith(("/.", "/.."))
+
+
 def canonical_path(raw_path: str, opts: PathOptions = DEFAULT_OPTIONS) -> str:
     """The canonical form of a raw request path (no query), or RequestRefused(bad_request)."""
-    if _CLEAN.fullmatch(raw_path) and "/." not in raw_path and "//" not in raw_path:
+    if _CLEAN.fullmatch(raw_path) and "//" not in raw_path and not _has_dot_segment(raw_path):
         return raw_path
     if not raw_path.startswith("/"):
         raise _refuse(f"a path must start with '/', got {_show(raw_path)}")
@@ -270,8 +278,12 @@ def _canonical_name(host: str, bracketed: bool) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_host(host: str, scheme: str) -> tuple[str, int]:
-    """A Host header or URI authority -> (lowercase name or IP without brackets, port)."""
+    """A Host header or URI authority -> (lowercase name or IP without brackets, port).
+
+    Cached: a sidecar sees a handful of hosts; refusals are not cached (they raise).
+    """
     scheme = scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise _refuse_host("expected an http, https, ws or wss scheme")

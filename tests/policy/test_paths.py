@@ -17,6 +17,7 @@ from sidecar.policy.paths import (
     split_route_prefix,
     strip_base,
 )
+from sidecar.policy.paths import _decode, _remove_dot_segments
 
 KEEP_SLASHES = PathOptions(merge_slashes=False)
 ENCODED_SLASH = PathOptions(allow_encoded_slash=True)
@@ -74,6 +75,23 @@ def test_canonical_is_idempotent(raw: str, _: str) -> None:
     """Canonicalizing a canonical path changes nothing (matcher and signer agree)."""
     once = canonical_path(raw)
     assert canonical_path(once) == once
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/v1/invoices/42",  # ordinary
+        "/.well-known/jwks.json",  # '/.' that is not a dot segment
+        "/a/..b/.c/d../e.",  # dots inside longer segments
+        "/a/...",  # three dots is an ordinary segment (RFC 3986 section 5.2.4)
+        "/x/",  # trailing slash kept
+        "/a:b@c/!$&'()*+,=",  # sub-delims, ':' and '@'
+    ],
+)
+def test_fast_path_agrees_with_full_algorithm(raw: str) -> None:
+    """Clean paths come back as the same object, equal to what the full algorithm yields."""
+    assert canonical_path(raw) is raw
+    assert _remove_dot_segments(_decode(raw, PathOptions()), True) == raw
 
 
 REFUSED = [
