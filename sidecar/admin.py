@@ -1,0 +1,175 @@
+"""The admin API (loopback only): every call needs the bearer token of ``admin.token_file``.
+
+The agent shares the pod's loopback, so the listener address alone proves nothing; the
+token file lives on a volume mounted only into the sidecar container.
+
+    POST /reload                      re-read policy (and identity) files
+    POST /revocations                 {"kind", "id", "ttl"}: effective before it returns
+    GET  /revocations                 DELETE /revocations/{rid}
+    GET  /inventory                   identities, credentials held, open tasks
+    POST /tasks                       {"subject_token" | "principal", "trigger", "ttl"} -> 201 {"id", "expires_at"}
+    DELETE /tasks/{id}
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+
+from sidecar.errors import Refusal, RequestRefused
+from sidecar.fields import format_duration, parse_duration
+from sidecar.revocation import KINDS
+from sidecar.server import error_response
+
+if TYPE_CHECKING:
+    from sidecar.app import Sidecar
+
+log = structlog.get_logger("sidecar.admin")
+MAX_REVOCATION_TTL = 30 * 86400.0
+
+
+def ensure_token(path: Path) -> str:
+    """The admin token: read, or generated (0600) when the file does not exist."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"admin: token file {path} holds a token shorter than 16 characters")
+    return token
+
+
+def _auth_middleware(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            log.warning("admin_unauthorized", path=request.path, method=request.method)
+            return error_response(Refusal("unauthorized", "admin: a valid admin bearer token is required"))
+        try:
+            return await handler(request)
+        except Refusal as refusal:
+            return error_response(refusal)
+        except web.HTTPException:
+            raise
+    return middleware
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise RequestRefused("bad_request", "admin: expected a JSON object body") from None
+    if not isinstance(body, dict):
+        raise RequestRefused("bad_request", "admin: expected a JSON object body")
+    return body
+
+
+def _ttl(body: dict[str, Any], default: str, maximum: float) -> float:
+    try:
+        ttl = parse_duration(body.get("ttl", default))
+    except (ValueError, TypeError):
+        raise RequestRefused("bad_request", "admin: ttl must be a duration such as 10m or 24h") from None
+    if ttl <= 0 or ttl > maximum:
+        raise RequestRefused("bad_request", f"admin: ttl must be positive and at most {format_duration(maximum)}")
+    return ttl
+
+
+def build(sidecar: Sidecar) -> web.Application:
+    token = ensure_token(sidecar.config.admin.token_file)
+    app = web.Application(middlewares=[_auth_middleware(token)], client_max_size=1024 * 1024)
+    routes = AdminRoutes(sidecar)
+    app.router.add_post("/reload", routes.reload)
+    app.router.add_post("/revocations", routes.revoke)
+    app.router.add_get("/revocations", routes.revocations)
+    app.router.add_delete("/revocations/{rid}", routes.unrevoke)
+    app.router.add_get("/inventory", routes.inventory)
+    app.router.add_post("/tasks", routes.open_task)
+    app.router.add_delete("/tasks/{id}", routes.end_task)
+    from sidecar.approvals import add_routes
+
+    add_routes(app, sidecar)
+    return app
+
+
+class AdminRoutes:
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    async def reload(self, request: web.Request) -> web.Response:
+        ok, detail = self.sidecar.reload_policy()
+        self.sidecar.identity.check()
+        if not ok:
+            return web.json_response({"error": "reload_failed", "message": detail,
+                                      "policy_version": self.sidecar.runtime.policy.version}, status=422)
+        return web.json_response({"status": "reloaded", "policy_version": detail})
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        kind, ident = body.get("kind"), body.get("id")
+        if kind not in KINDS or not isinstance(ident, str) or not ident:
+            raise RequestRefused("bad_request", f"admin: expected kind in {', '.join(KINDS)} and a non-empty id")
+        ttl = _ttl(body, "24h", MAX_REVOCATION_TTL)
+        entry = self.sidecar.runtime.revocations.add(kind, ident, ttl)
+        return web.json_response(entry.as_dict(), status=201)
+
+    async def revocations(self, request: web.Request) -> web.Response:
+        return web.json_response({"revocations": [e.as_dict() for e in self.sidecar.runtime.revocations.list()]})
+
+    async def unrevoke(self, request: web.Request) -> web.Response:
+        if not self.sidecar.runtime.revocations.remove(request.match_info["rid"]):
+            raise Refusal("not_found", "admin: no such revocation (ids look like task:<id>)")
+        return web.json_response({"status": "deleted"})
+
+    async def inventory(self, request: web.Request) -> web.Response:
+        from sidecar.inventory import inventory
+
+        return web.json_response(inventory(self.sidecar))
+
+    async def open_task(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        rt = self.sidecar.runtime
+        tasks_cfg = self.sidecar.config.tasks
+        ttl = _ttl(body, format_duration(tasks_cfg.ttl), tasks_cfg.max_ttl)
+        trigger = body.get("trigger")
+        if trigger is not None and not isinstance(trigger, str):
+            raise RequestRefused("bad_request", "admin: trigger must be a string")
+        if isinstance(body.get("subject_token"), str):
+            if rt.verifier is None:
+                raise RequestRefused("bad_request", "admin: subject_token needs inbound.jwt issuers to verify it")
+            token = await rt.verifier.verify(body["subject_token"])
+            task = rt.tasks.open(principal=(token.issuer, token.subject), subject_token=token.token,
+                                 delegation="delegated" if token.actor_type == "human" else "asserted",
+                                 actor_type=token.actor_type, trigger=trigger, ttl=ttl, token_exp=token.expires_at,
+                                 act_chain=token.act_chain)
+        elif isinstance(body.get("principal"), str) and body["principal"]:
+            task = rt.tasks.open(principal=("admin", body["principal"]), subject_token=None, delegation="asserted",
+                                 actor_type="human", trigger=trigger, ttl=ttl)
+        else:
+            raise RequestRefused("bad_request", "admin: expected subject_token (a JWT) or principal (a subject)")
+        rt.metrics.active_tasks.set(rt.tasks.open_count)
+        log.info("task_opened", task_id=task.id, delegation=task.delegation, trigger=trigger, via="admin")
+        return web.json_response({"id": task.id, "expires_at": _iso(task.expires_at),
+                                  "delegation": task.delegation}, status=201)
+
+    async def end_task(self, request: web.Request) -> web.Response:
+        task = self.sidecar.runtime.tasks.end(request.match_info["id"])
+        if task is None:
+            raise Refusal("not_found", "admin: no such task")
+        return web.json_response({"status": "ended"})
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,304 @@
+"""Builds the sidecar from a validated config and owns the lifecycle of everything in it.
+
+    Sidecar.start()   identity -> policy -> providers -> runtime -> listeners -> watches -> ready
+    Sidecar.reload()  policy files (and identity files) re-read; a bad edit keeps the last good set
+    Sidecar.stop()    not ready -> stop accepting -> drain requests in flight (shutdown.drain) -> close
+
+Listeners: outbound (loopback, the agent's calls), inbound (mTLS, callers of the agent; only
+with ``inbound:``), health, metrics, admin (loopback, token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from sidecar.approvals import Approvals
+from sidecar.config import Config
+from sidecar.credentials.base import ProviderDeps
+from sidecar.credentials.cache import CredentialCache
+from sidecar.credentials.registry import PROVIDERS
+from sidecar.errors import ConfigInvalid
+from sidecar.exchange import AgentInfo
+from sidecar.identity.source import IdentitySource
+from sidecar.observe.decision_log import REDACTOR
+from sidecar.observe.metrics import Metrics
+from sidecar.pipeline import Inbound, Outbound
+from sidecar.policy.engine import PolicySet
+from sidecar.policy.model import load_policy
+from sidecar.policy.ratelimit import RateLimiter
+from sidecar.revocation import RedisBus, Revocations
+from sidecar.routing import Router
+from sidecar.runtime import ActiveExchanges, Runtime, Sessions
+from sidecar.server import SidecarServer, start_tcp
+from sidecar.tasks import TaskRegistry
+
+log = structlog.get_logger("sidecar.app")
+DEV_AGENT_PATH = "/agent/{name}"
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every configured secret value, for the log redactor."""
+    from sidecar.fields import Secret
+
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Secret):
+            found.append(value.reveal())
+        elif hasattr(value, "__dataclass_fields__"):
+            for name in value.__dataclass_fields__:
+                walk(getattr(value, name, None))
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(config)
+    return found
+
+
+def build_policy(config: Config, limiter: RateLimiter | None) -> PolicySet:
+    return load_policy(config.policy.files,
+                       upstreams={n: u.protocol for n, u in config.outbound.upstreams.items()},
+                       credentials={n: tuple(getattr(c.spec, "scopes", ()) or ()) for n, c in config.credentials.items()},
+                       mode=config.policy.mode, limiter=limiter)
+
+
+def ensure_identity(config: Config, metrics: Metrics) -> tuple[IdentitySource, bool]:
+    """The configured SVID, or a development CA and SVID in state_dir (True: created now)."""
+    svid = config.identity.svid
+    if svid is not None:
+        return IdentitySource(svid.cert, svid.key, svid.bundle, dict(config.identity.federated_bundles), metrics), False
+    from sidecar.identity.ca import ensure_dev_identity
+    from sidecar.identity.spiffe import parse_spiffe_id
+
+    spiffe_id = parse_spiffe_id(f"spiffe://sidecar.local{DEV_AGENT_PATH.format(name=config.agent_name)}")
+    paths = ensure_dev_identity(config.state_dir, spiffe_id)
+    source = IdentitySource(paths.cert, paths.key, paths.bundle, dict(config.identity.federated_bundles), metrics)
+    return source, paths.created
+
+
+@dataclass
+class Sidecar:
+    config: Config
+    metrics: Metrics = field(init=False)
+    runtime: Runtime = field(init=False)
+    identity: IdentitySource = field(init=False)
+    ports: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+    _servers: list[Any] = field(default_factory=list)
+    _web_servers: list[web.Server] = field(default_factory=list)
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    _bus: RedisBus | None = None
+    _closables: list[Any] = field(default_factory=list)
+    _limiter: RateLimiter = field(default_factory=RateLimiter)
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # -- start ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        REDACTOR.register(secret_values(cfg))
+        self.metrics = Metrics(cfg.outbound.upstreams)
+        self.identity, created = ensure_identity(cfg, self.metrics)
+        if created:
+            log.warning("dev_identity_created", state_dir=str(cfg.state_dir),
+                        spiffe_id=str(self.identity.state.spiffe_id),
+                        note="no identity configured: a development CA and SVID were created")
+        agent = AgentInfo(str(self.identity.state.spiffe_id), cfg.agent_name, cfg.environment)
+        self.runtime = await self._build_runtime(agent)
+        await self._start_listeners()
+        self.identity.on_change(lambda state: self.runtime.sessions.renew_client_certs())
+        self.identity.start()
+        await self._start_bus()
+        self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
+        log.info("sidecar_started", agent=agent.id, ports=self.ports, policy_version=self.runtime.policy.version)
+
+    async def _build_runtime(self, agent: AgentInfo) -> Runtime:
+        from sidecar.identity.signing import build_signer
+
+        cfg = self.config
+        policy = build_policy(cfg, self._limiter)
+        signer = build_signer(cfg.identity.signing_key, cfg.state_dir, cfg.identity.issuer or agent.id)
+        deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=os.urandom(32))
+        providers = {name: PROVIDERS[c.type].PROVIDER(name, c.spec, deps) for name, c in cfg.credentials.items()}
+        rt = Runtime(cfg, agent, self.metrics, Router(cfg.outbound.upstreams, cfg.outbound.listen), policy,
+                     providers, CredentialCache(self.metrics), TaskRegistry(max_ttl=cfg.tasks.max_ttl),
+                     Revocations(self.metrics), Sessions(cfg, self.identity.client_files), ActiveExchanges())
+        rt.signer = signer
+        rt.approvals = Approvals(self.metrics, cfg.policy.approval_timeout)
+        rt.verifier = await self._verifier()
+        return rt
+
+    async def _verifier(self) -> Any:
+        inbound = self.config.inbound
+        if inbound is None or not inbound.jwt_issuers:
+            return None
+        from sidecar.identity.jwt import JwtVerifier
+
+        verifier = JwtVerifier(inbound.jwt_issuers, metrics=self.metrics)
+        await verifier.start()
+        self._closables.append(verifier)
+        return verifier
+
+    async def _start_listeners(self) -> None:
+        from sidecar import admin, health
+
+        cfg, rt = self.config, self.runtime
+        outbound = Outbound(rt)
+        out_server = SidecarServer(outbound.handle, limits=cfg.outbound.limits,
+                                   on_parse_error=self._parse_error("outbound"))
+        self._web_servers.append(out_server)
+        self._servers.append(await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port))
+        self.ports["outbound"] = _port(self._servers[-1])
+        if cfg.inbound is not None:
+            await self._start_inbound()
+        for name, app, listen in (("health", health.build(self), cfg.health_listen),
+                                  ("metrics", health.build_metrics(self), cfg.metrics_listen),
+                                  ("admin", admin.build(self), cfg.admin.listen)):
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            self.ports[name] = _port(site._server)  # type: ignore[arg-type]
+
+    async def _start_inbound(self) -> None:
+        from sidecar.identity.mtls import MtlsAcceptor
+
+        cfg, rt = self.config, self.runtime
+        assert cfg.inbound is not None
+        inbound = Inbound(rt)
+        server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
+        self._web_servers.append(server)
+        domains = frozenset(cfg.inbound.trust_domains) or frozenset({self.identity.state.spiffe_id.trust_domain})
+        acceptor = MtlsAcceptor(context=self.identity.server_context, bundles=self.identity.bundles,
+                                allowed_domains=domains, handler_factory=server,
+                                on_reject=self._tls_rejected, handshake_timeout=cfg.inbound.timeouts.connect)
+        rt.acceptor = acceptor
+        self._servers.append(await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port))
+        self._closables.append(acceptor)
+        self.ports["inbound"] = _port(self._servers[-1])
+
+    def _tls_rejected(self, reason: str, message: str, peer: str) -> None:
+        self.metrics.tls_handshake_failures.labels("inbound", reason).inc()
+        log.warning("tls_handshake_refused", listener="inbound", reason=reason, message=message, peer=peer)
+
+    def _parse_error(self, direction: str) -> Any:
+        def hook(request: web.BaseRequest, refusal: Any) -> None:
+            from sidecar.exchange import Exchange
+
+            ex = Exchange(direction)
+            ex.refuse(refusal)
+            self.runtime.record(ex)
+
+        return hook
+
+    async def _start_bus(self) -> None:
+        url = self.config.revocation.redis_url
+        if url is None:
+            return
+        self._bus = RedisBus(url.reveal(), self.runtime.revocations, self.metrics)
+        self.runtime.revocations.bus = self._bus
+        await self._bus.start()
+
+    # -- readiness and reload --------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        if self.draining:
+            return False
+        if self._bus is not None and self.config.revocation.require_sync and not self._bus.synced.is_set():
+            return False
+        verifier = self.runtime.verifier
+        return verifier is None or verifier.ready
+
+    def reload_policy(self) -> tuple[bool, str]:
+        """Re-read the policy files; a bad set is rejected whole and the last good one stays."""
+        try:
+            policy = build_policy(self.config, self._limiter)
+        except ConfigInvalid as exc:
+            self.metrics.policy_reloads.labels("error").inc()
+            log.error("policy_reload_failed", errors=[str(e) for e in exc.errors],
+                      kept=self.runtime.policy.version)
+            return False, "\n".join(str(e) for e in exc.errors)
+        changed = policy.version != self.runtime.policy.version
+        self.runtime.policy = policy
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.info("policy_reloaded", policy_version=policy.version, changed=changed)
+        return True, policy.version
+
+    async def watch_policy(self) -> None:
+        from sidecar.identity.source import _stamp
+
+        files = list(self.config.policy.files)
+        stamp = _stamp(files)
+        while True:
+            await asyncio.sleep(1.0)
+            now = _stamp(files)
+            if now != stamp:
+                stamp = now
+                self.reload_policy()
+
+    # -- stop -------------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Not ready first, then stop accepting, drain what is in flight, then close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        drain = self.config.drain
+        await asyncio.gather(*(s.shutdown(drain) for s in self._web_servers), return_exceptions=True)
+        for runner in self._runners:
+            await runner.cleanup()
+        for closable in self._closables:
+            await _close(closable)
+        if self._bus is not None:
+            await self._bus.aclose()
+        await self.identity.aclose()
+        await self.runtime.credentials.aclose()
+        for provider in self.runtime.providers.values():
+            await provider.aclose()
+        await self.runtime.sessions.aclose()
+        self.runtime.tasks.close()
+
+
+async def _close(obj: Any) -> None:
+    for name in ("aclose", "close"):
+        method = getattr(obj, name, None)
+        if method is not None:
+            result = method()
+            if asyncio.iscoroutine(result):
+                await result
+            return
+
+
+def _port(server: Any) -> int:
+    return server.sockets[0].getsockname()[1]
+
+
+async def serve(config: Config) -> int:
+    """``sidecar run``: start, serve until SIGTERM/SIGINT, drain, exit 0."""
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    watch = asyncio.ensure_future(sidecar.watch_policy())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("sidecar_stopping", drain_s=config.drain, in_flight=len(sidecar.runtime.exchanges))
+    watch.cancel()
+    await sidecar.stop()
+    log.info("sidecar_stopped")
+    return 0

@@ -1,0 +1,115 @@
+"""``require_approval``: hold a request until a human approver decides, or time runs out.
+
+The held request waits (``policy.approval_timeout``); ``GET /approvals`` lists it and
+``POST /approvals/{id}`` decides it. The approver proves who they are with an
+``X-Approver-Token`` JWT from a configured inbound issuer, of actor type human, with ``aud``
+= ``admin.approval_audience``, whose issuer and subject match an ``admin.approvers`` entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+
+from sidecar.errors import IdentityRefused, PolicyRefused, Refusal, RequestRefused
+
+if TYPE_CHECKING:
+    from sidecar.app import Sidecar
+    from sidecar.exchange import Exchange
+
+log = structlog.get_logger("sidecar.approvals")
+
+
+@dataclass
+class Pending:
+    id: str
+    summary: dict[str, Any]
+    expires_at: float
+    future: asyncio.Future[tuple[bool, dict[str, str]]] = field(repr=False)
+
+
+class Approvals:
+    def __init__(self, metrics: Any, timeout: float) -> None:
+        self._metrics = metrics
+        self._timeout = timeout
+        self._pending: dict[str, Pending] = {}
+
+    async def hold(self, ex: Exchange) -> dict[str, Any]:
+        """Wait for a decision; returns the event's approval record or raises the refusal."""
+        pending = Pending(secrets.token_hex(12), _summary(ex), time.time() + self._timeout,
+                          asyncio.get_running_loop().create_future())
+        self._pending[pending.id] = pending
+        self._metrics.approvals_pending.set(len(self._pending))
+        log.info("approval_requested", approval_id=pending.id, **pending.summary)
+        try:
+            approved, approver = await asyncio.wait_for(asyncio.shield(pending.future), self._timeout)
+        except asyncio.TimeoutError:
+            ex.approval = {"id": pending.id, "approver": None, "outcome": "timeout"}
+            raise PolicyRefused("approval_timeout", "policy: no approver decided within the approval timeout",
+                                rule_id=ex.rule_id) from None
+        finally:
+            self._pending.pop(pending.id, None)
+            self._metrics.approvals_pending.set(len(self._pending))
+        ex.approval = {"id": pending.id, "approver": approver, "outcome": "approved" if approved else "denied"}
+        if not approved:
+            raise PolicyRefused("approval_denied", "policy: an approver denied this request", rule_id=ex.rule_id)
+        return ex.approval
+
+    def decide(self, approval_id: str, approve: bool, approver: dict[str, str]) -> bool:
+        pending = self._pending.get(approval_id)
+        if pending is None or pending.future.done():
+            return False
+        pending.future.set_result((approve, approver))
+        log.info("approval_decided", approval_id=approval_id, approve=approve, approver=approver)
+        return True
+
+    def list(self) -> list[dict[str, Any]]:
+        return [{"id": p.id, "expires_at": p.expires_at, **p.summary} for p in self._pending.values()]
+
+
+def _summary(ex: Exchange) -> dict[str, Any]:
+    return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream, "method": ex.method,
+            "path": ex.path, "mcp_tool": ex.mcp_tool, "task_id": ex.task_id,
+            "principal": list(ex.principal) if ex.principal else None}
+
+
+async def approver_of(sidecar: Sidecar, request: web.Request) -> dict[str, str]:
+    """Verify X-Approver-Token: a human token for the approval audience, from a listed approver."""
+    verifier = sidecar.runtime.verifier
+    token = request.headers.get("X-Approver-Token")
+    if verifier is None or not token:
+        raise IdentityRefused("token_invalid", "approvals: an X-Approver-Token JWT from a configured issuer is required")
+    verified = await verifier.verify(token, audience=sidecar.config.admin.approval_audience)
+    if verified.actor_type != "human":
+        raise Refusal("rule_denied", "approvals: approver tokens must be a human's")
+    for entry in sidecar.config.admin.approvers:
+        if entry.issuer == verified.issuer and fnmatch.fnmatchcase(verified.subject, entry.subject):
+            return {"iss": verified.issuer, "sub": verified.subject}
+    raise Refusal("rule_denied", "approvals: this human is not an approver (admin.approvers)")
+
+
+def add_routes(app: web.Application, sidecar: Sidecar) -> None:
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"approvals": sidecar.runtime.approvals.list()})
+
+    async def decide(request: web.Request) -> web.Response:
+        approver = await approver_of(sidecar, request)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("approve"), bool):
+            raise RequestRefused("bad_request", 'approvals: expected {"approve": true|false}')
+        if not sidecar.runtime.approvals.decide(request.match_info["id"], body["approve"], approver):
+            raise Refusal("not_found", "approvals: no pending approval with this id")
+        return web.json_response({"status": "decided", "approve": body["approve"]})
+
+    app.router.add_get("/approvals", listing)
+    app.router.add_post("/approvals/{id}", decide)

@@ -1,0 +1,189 @@
+"""``sidecar``: run, validate, explain, ca, demo, revoke, inventory, inject.
+
+Exit codes: 0 success (explain: allow), 1 invalid config or input, 2 usage or config error
+(explain), 3 deny, 4 approval required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+from sidecar.config import Config, config_path, load_config
+from sidecar.errors import ConfigInvalid
+from sidecar.fields import parse_duration
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidecar", description="A zero-trust sidecar for AI agents.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run the sidecar"), ("validate", "check config and policy files")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("-c", "--config")
+    e = sub.add_parser("explain", help="print the decision the config would make, sending nothing")
+    e.add_argument("-c", "--config")
+    e.add_argument("--url", required=True)
+    e.add_argument("--direction", choices=("outbound", "inbound"), default="outbound")
+    e.add_argument("--method", default="GET")
+    e.add_argument("--agent")
+    e.add_argument("--caller")
+    e.add_argument("--header", action="append", default=[], metavar="K=V")
+    e.add_argument("--body")
+    e.add_argument("--task-principal")
+    e.add_argument("--task-trigger")
+    e.add_argument("--at")
+    ca = sub.add_parser("ca", help="development CA").add_subparsers(dest="ca_command", required=True)
+    init = ca.add_parser("init")
+    init.add_argument("-c", "--config")
+    init.add_argument("--trust-domain", default="sidecar.local")
+    issue = ca.add_parser("issue")
+    issue.add_argument("-c", "--config")
+    issue.add_argument("--spiffe-id", required=True)
+    issue.add_argument("--out", default=".")
+    issue.add_argument("--ttl", default="1h")
+    sub.add_parser("demo", help="a self-contained walk-through on loopback")
+    r = sub.add_parser("revoke", help="revoke an agent, task, credential or subject")
+    r.add_argument("-c", "--config")
+    group = r.add_mutually_exclusive_group(required=True)
+    for kind in ("agent", "task", "credential", "subject"):
+        group.add_argument(f"--{kind}")
+    r.add_argument("--ttl", default="24h")
+    inv = sub.add_parser("inventory", help="what the running sidecar holds")
+    inv.add_argument("-c", "--config")
+    inj = sub.add_parser("inject", help="the Kubernetes mutating admission webhook")
+    inj.add_argument("--listen", required=True)
+    inj.add_argument("--tls-cert", required=True)
+    inj.add_argument("--tls-key", required=True)
+    inj.add_argument("-c", "--config")
+    return p
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(getattr(args, "config", None), os.environ))
+
+
+def _print_errors(exc: ConfigInvalid) -> None:
+    for error in exc.errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"{len(exc.errors)} problem(s) found", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sidecar.app import build_policy
+
+    try:
+        config = _load(args)
+        policy = build_policy(config, None)
+    except ConfigInvalid as exc:
+        _print_errors(exc)
+        return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    print(f"ok: {config.source}: {len(config.outbound.upstreams)} upstream(s), {len(config.credentials)} "
+          f"credential(s), policy {policy.version} from {len(config.policy.files)} file(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.app import serve
+    from sidecar.observe.decision_log import configure_logging
+
+    try:
+        config = _load(args)
+    except ConfigInvalid as exc:
+        _print_errors(exc)
+        return 1
+    configure_logging(config.log_level)
+    _install_uvloop()
+    try:
+        return asyncio.run(serve(config))
+    except ConfigInvalid as exc:
+        _print_errors(exc)
+        return 1
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from sidecar.identity.ca import ca_init, ca_issue
+
+    state_dir = _state_dir(args)
+    try:
+        if args.ca_command == "init":
+            print(f"development CA: {ca_init(state_dir, args.trust_domain)}")
+            return 0
+        paths = ca_issue(state_dir, args.spiffe_id, Path(args.out), timedelta(seconds=parse_duration(args.ttl)))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    path = config_path(getattr(args, "config", None), os.environ)
+    if path.exists():
+        try:
+            return load_config(path).state_dir
+        except ConfigInvalid:
+            pass
+    return Path(".sidecar")
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from sidecar.admin_client import inventory, revoke
+
+    try:
+        config = _load(args)
+    except ConfigInvalid as exc:
+        _print_errors(exc)
+        return 1
+    if args.command == "inventory":
+        return inventory(config)
+    kind = next(k for k in ("agent", "task", "credential", "subject") if getattr(args, k))
+    return revoke(config, kind, getattr(args, kind), args.ttl)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from sidecar.explain import explain
+
+    return explain(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import demo
+
+    return demo()
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from sidecar.inject import run
+
+    return run(args.listen, Path(args.tls_cert), Path(args.tls_key), Path(args.config) if args.config else None)
+
+
+COMMANDS: dict[str, Any] = {
+    "run": cmd_run, "validate": cmd_validate, "explain": cmd_explain, "ca": cmd_ca, "demo": cmd_demo,
+    "revoke": cmd_admin, "inventory": cmd_admin, "inject": cmd_inject,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

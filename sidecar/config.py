@@ -1,0 +1,481 @@
+"""``sidecar.yaml`` -> typed, validated, frozen configuration.
+
+Every problem is collected with its path (``outbound.upstreams.billing-api.url: must be an
+absolute http or https URL``) and reported at once through :class:`ConfigInvalid`; warnings
+(``http://`` upstreams) are kept beside the config for ``validate`` to print. Relative file
+paths are resolved against the working directory, as the example config assumes
+(``config/policy.yaml``). Secret values are :class:`~sidecar.fields.Secret`: masked in
+every repr and dump.
+
+Credential entries are parsed by their provider module (``credentials.registry``); policy
+files by ``sidecar.policy``. Only references between sections are checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from sidecar.errors import ConfigError, ConfigInvalid
+from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
+from sidecar.policy.paths import PathOptions
+
+DEFAULT_CONFIG = Path("config/sidecar.yaml")
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+DEFAULT_STRIP = ("authorization", "proxy-authorization", "cookie")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    max_body_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # "" or "/api": no trailing slash
+    hosts: tuple[str, ...]
+    ca: Path | None
+    client_cert: str | None  # "svid" or None
+    credential: str | None
+    protocol: str  # http | mcp
+    paths: PathOptions
+    pass_headers: frozenset[str]
+    timeouts: Timeouts
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SvidFiles:
+    cert: Path
+    key: Path
+    bundle: Path
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKeyConfig:
+    file: Path
+    kid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    svid: SvidFiles | None = None
+    federated_bundles: Mapping[str, Path] = field(default_factory=dict)
+    signing_key: SigningKeyConfig | None = None
+    issuer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIssuerConfig:
+    issuer: str
+    jwks_uri: str | None
+    jwks_file: Path | None
+    ca: Path | None
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    typ: str | None
+    leeway: float
+    max_lifetime: float
+    actor: str  # human | workload | auto
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig:
+    listen: ListenAddress
+    forward_to: str
+    trust_domains: tuple[str, ...]
+    jwt_required: bool
+    jwt_issuers: tuple[JwtIssuerConfig, ...]
+    task_trigger_header: str
+    limits: Limits
+    timeouts: Timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    listen: ListenAddress
+    strip_headers: frozenset[str]
+    intercept_ca_cert: Path | None
+    intercept_ca_key: Path | None
+    limits: Limits
+    timeouts: Timeouts
+    upstreams: Mapping[str, Upstream]
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialConfig:
+    name: str
+    type: str
+    spec: Any  # the provider module's frozen Spec
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    files: tuple[Path, ...]
+    mode: str = "enforce"
+    approval_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class TasksConfig:
+    end: str = "response"
+    ttl: float = 900.0
+    max_ttl: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationConfig:
+    redis_url: Secret | None = None
+    require_sync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Approver:
+    issuer: str
+    subject: str  # a glob: "*@example.com"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: ListenAddress
+    token_file: Path
+    approval_audience: str
+    approvers: tuple[Approver, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    agent_name: str
+    environment: str
+    state_dir: Path
+    identity: IdentityConfig
+    inbound: InboundConfig | None
+    outbound: OutboundConfig
+    credentials: Mapping[str, CredentialConfig]
+    policy: PolicyConfig
+    tasks: TasksConfig
+    revocation: RevocationConfig
+    admin: AdminConfig
+    health_listen: ListenAddress
+    metrics_listen: ListenAddress
+    log_level: str
+    drain: float
+    source: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+
+# -- loading ------------------------------------------------------------------------
+
+def config_path(explicit: str | None, environ: Mapping[str, str]) -> Path:
+    """``-c``, else ``$SIDECAR_CONFIG``, else ``config/sidecar.yaml``."""
+    return Path(explicit or environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; raises ConfigInvalid listing every problem."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigInvalid([ConfigError(str(path), f"cannot read config: {exc.strerror or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigInvalid([ConfigError(str(path), f"not valid YAML: {_yaml_where(exc)}")]) from None
+    return parse_config(raw, source=path)
+
+
+def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None = None) -> Config:
+    errors: list[ConfigError] = []
+    warnings: list[str] = []
+    root = Fields(raw, "", errors, base_dir or Path.cwd())
+    agent = root.sub("agent")
+    agent_name = agent.str("name", "agent")
+    environment = agent.str("environment", "development")
+    agent.done()
+    state_dir = root.path_value("state_dir") or root.base_dir / ".sidecar"
+    identity = _identity(root.sub("identity"))
+    inbound = _inbound(root.sub("inbound")) if root.has("inbound") else None
+    outbound = _outbound(root.sub("outbound"), warnings)
+    credentials = _credentials(root.sub("credentials"))
+    policy = _policy(root.sub("policy"))
+    tasks = _tasks(root.sub("tasks"))
+    revocation = _revocation(root.sub("revocation"))
+    admin = _admin(root.sub("admin"), state_dir)
+    health_listen = _single_listen(root, "health", "0.0.0.0:17021")
+    metrics_listen = _single_listen(root, "metrics", "0.0.0.0:17090")
+    logging = root.sub("logging")
+    log_level = logging.choice("level", ("debug", "info", "warning", "error"), "info")
+    logging.done()
+    shutdown = root.sub("shutdown")
+    drain = shutdown.duration("drain", "20s")
+    shutdown.done()
+    root.done()
+    _check_references(errors, identity, outbound, credentials, admin, inbound)
+    if errors:
+        raise ConfigInvalid(errors)
+    return Config(agent_name, environment, state_dir, identity, inbound, outbound, credentials, policy, tasks,
+                  revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings))
+
+
+def _single_listen(root: Fields, key: str, default: str) -> ListenAddress:
+    f = root.sub(key)
+    value = f.listen("listen", default)
+    f.done()
+    return value
+
+
+def _limits(f: Fields) -> Limits:
+    d = Limits()
+    limits = Limits(f.int("max_header_bytes", d.max_header_bytes, minimum=1024),
+                    f.int("max_headers", d.max_headers, minimum=1),
+                    f.int("max_body_bytes", d.max_body_bytes, minimum=0))
+    f.done()
+    return limits
+
+
+def _timeouts(f: Fields, base: Timeouts = Timeouts()) -> Timeouts:
+    t = Timeouts(f.duration("connect", base.connect), f.duration("first_byte", base.first_byte),
+                 f.duration("idle", base.idle))
+    f.done()
+    return t
+
+
+def _identity(f: Fields) -> IdentityConfig:
+    svid = None
+    if f.has("svid"):
+        s = f.sub("svid")
+        cert = s.path_value("cert", required=True, must_exist=True)
+        key = s.path_value("key", required=True, must_exist=True)
+        bundle = s.path_value("bundle", required=True, must_exist=True)
+        s.done()
+        svid = SvidFiles(cert, key, bundle) if cert and key and bundle else None
+    federated: dict[str, Path] = {}
+    fb = f.sub("federated_bundles")
+    for domain in fb.keys():
+        path = fb.path_value(domain, required=True, must_exist=True)
+        if path is not None:
+            federated[domain] = path
+    signing_key = None
+    if f.has("signing_key"):
+        sk = f.sub("signing_key")
+        file = sk.path_value("file", required=True, must_exist=True)
+        kid = sk.str("kid")
+        sk.done()
+        signing_key = SigningKeyConfig(file, kid) if file else None
+    issuer = f.url("issuer", schemes=("https", "http"))
+    f.done()
+    return IdentityConfig(svid, federated, signing_key, issuer)
+
+
+def _jwt_issuer(f: Fields) -> JwtIssuerConfig | None:
+    issuer = f.str("issuer", required=True)
+    jwks_uri = f.url("jwks_uri", https_unless_loopback=True)
+    jwks_file = f.path_value("jwks_file", must_exist=True)
+    if (jwks_uri is None) == (jwks_file is None):
+        f.error("", "needs exactly one of jwks_uri or jwks_file")
+    algorithms = f.str_list("algorithms", ("RS256", "ES256", "EdDSA"))
+    for alg in algorithms:
+        if alg not in JWT_ALGORITHMS:
+            f.error("algorithms", f"{alg!r} is not allowed; use asymmetric algorithms only: "
+                                  f"{', '.join(JWT_ALGORITHMS)}")
+    cfg = JwtIssuerConfig(issuer or "", jwks_uri, jwks_file, f.path_value("ca", must_exist=True),
+                          f.str_list("audiences", required=True), algorithms, f.str("typ"),
+                          f.duration("leeway", "30s"), f.duration("max_lifetime", "24h"),
+                          f.choice("actor", ("human", "workload", "auto"), "auto"))
+    f.done()
+    return cfg if issuer else None
+
+
+def _inbound(f: Fields) -> InboundConfig:
+    listen = f.listen("listen", "0.0.0.0:17443")
+    forward_to = f.url("forward_to", required=True) or "http://127.0.0.1:8080"
+    if not is_loopback_host(urlsplit(forward_to).hostname):
+        f.error("forward_to", "must be a loopback address: the agent must not be reachable around the sidecar")
+    trust_domains = f.str_list("trust_domains", ())
+    jwt = f.sub("jwt")
+    required = jwt.bool("required", False)
+    issuers = [i for i in (_jwt_issuer(item) for item in jwt.items("issuers")) if i is not None]
+    jwt.done()
+    if required and not issuers:
+        f.error("jwt.issuers", "at least one issuer is needed when jwt.required is true")
+    cfg = InboundConfig(listen, forward_to, trust_domains, required, tuple(issuers),
+                        f.str("task_trigger_header", "X-Task-Trigger"), _limits(f.sub("limits")),
+                        _timeouts(f.sub("timeouts")))
+    f.done()
+    return cfg
+
+
+def _outbound(f: Fields, warnings: list[str]) -> OutboundConfig:
+    listen = f.listen("listen", "127.0.0.1:17001")
+    if not listen.is_loopback:
+        f.error("listen", "must be a loopback address (127.0.0.1 or ::1): everything reaching the outbound "
+                          "listener is treated as the agent")
+    strip = frozenset(h.lower() for h in f.str_list("strip_headers", DEFAULT_STRIP))
+    intercept = f.sub("intercept")
+    ca_cert = intercept.path_value("ca_cert", must_exist=True)
+    ca_key = intercept.path_value("ca_key", must_exist=True)
+    if (ca_cert is None) != (ca_key is None):
+        intercept.error("", "ca_cert and ca_key go together")
+    intercept.done()
+    timeouts = _timeouts(f.sub("timeouts"))
+    ups = f.sub("upstreams")
+    upstreams = {}
+    for name in ups.keys():
+        upstream = _upstream(name, ups.sub(name), timeouts, warnings)
+        if upstream is not None:
+            upstreams[name] = upstream
+    _check_unique_hosts(upstreams, ups)
+    cfg = OutboundConfig(listen, strip, ca_cert, ca_key, _limits(f.sub("limits")), timeouts, upstreams)
+    f.done()
+    return cfg
+
+
+def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str]) -> Upstream | None:
+    if not name or "/" in name or "%" in name or name in (".", ".."):
+        f.error("", "upstream names must be non-empty and contain no '/', '%', or dot segments")
+    url = f.url("url", required=True)
+    hosts = tuple(h.lower().rstrip(".") for h in f.str_list("hosts", ()))
+    ca = f.path_value("ca", must_exist=True)
+    client_cert = f.choice("client_cert", ("svid",))
+    credential = f.str("credential")
+    protocol = f.choice("protocol", ("http", "mcp"), "http")
+    p = f.sub("paths")
+    paths = PathOptions(p.bool("allow_encoded_slash", False), p.bool("merge_slashes", True))
+    p.done()
+    pass_headers = frozenset(h.lower() for h in f.str_list("pass_headers", ()))
+    up_timeouts = _timeouts(f.sub("timeouts"), timeouts)
+    f.done()
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or parts.username:
+        f.error("url", "must not carry a query, fragment or user info")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        warnings.append(f"{f.at('url')}: plain http upstream: traffic and credentials are not encrypted")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = (parts.hostname or "").lower().rstrip(".")
+    return Upstream(name, url, parts.scheme, host, port, parts.path.rstrip("/"), hosts, ca, client_cert,
+                    credential, protocol, paths, pass_headers, up_timeouts)
+
+
+def _check_unique_hosts(upstreams: Mapping[str, Upstream], f: Fields) -> None:
+    seen: dict[str, str] = {}
+    for up in upstreams.values():
+        for host in up.hosts:
+            if host in seen and seen[host] != up.name:
+                f.error(f"{up.name}.hosts", f"host {host} already maps to upstream {seen[host]}")
+            seen[host] = up.name
+
+
+def _credentials(f: Fields) -> dict[str, CredentialConfig]:
+    from sidecar.credentials.registry import PROVIDERS
+
+    result = {}
+    for name in f.keys():
+        c = f.sub(name)
+        kind = c.str("type", required=True)
+        if kind is None:
+            continue
+        module = PROVIDERS.get(kind)
+        if module is None:
+            c.error("type", f"unknown credential type {kind!r}; valid types: {', '.join(sorted(PROVIDERS))}")
+            continue
+        spec = module.parse(name, c)
+        c.done()
+        if spec is not None:
+            result[name] = CredentialConfig(name, kind, spec)
+    return result
+
+
+def _policy(f: Fields) -> PolicyConfig:
+    files = tuple(f.base_dir / p for p in f.str_list("files", ("config/policy.yaml",)))
+    cfg = PolicyConfig(files, f.choice("mode", ("enforce", "audit"), "enforce"),
+                       f.duration("approval_timeout", "5m"))
+    f.done()
+    return cfg
+
+
+def _tasks(f: Fields) -> TasksConfig:
+    cfg = TasksConfig(f.choice("end", ("response", "ttl"), "response"), f.duration("ttl", "15m"),
+                      f.duration("max_ttl", "1h"))
+    if cfg.ttl > cfg.max_ttl:
+        f.error("ttl", "must not exceed max_ttl")
+    f.done()
+    return cfg
+
+
+def _revocation(f: Fields) -> RevocationConfig:
+    url = None
+    if f.has("redis_url"):
+        raw = f.raw_value("redis_url")
+        url = Secret(raw, "value") if isinstance(raw, str) else read_secret(raw, f.at("redis_url"), f.errors,
+                                                                             f.base_dir)
+        if url is not None and urlsplit(url.reveal()).scheme not in ("redis", "rediss", "unix"):
+            f.error("redis_url", "must be a redis://, rediss:// or unix:// URL")
+    cfg = RevocationConfig(url, f.bool("require_sync", True))
+    f.done()
+    return cfg
+
+
+def _admin(f: Fields, state_dir: Path) -> AdminConfig:
+    listen = f.listen("listen", "127.0.0.1:17000")
+    if not listen.is_loopback:
+        f.error("listen", "must be a loopback address")
+    token_file = f.path_value("token_file") or state_dir / "admin-token"
+    approvers = []
+    for a in f.items("approvers"):
+        issuer, subject = a.str("issuer", required=True), a.str("subject", required=True)
+        a.done()
+        if issuer and subject:
+            approvers.append(Approver(issuer, subject))
+    cfg = AdminConfig(listen, token_file, f.str("approval_audience", "agent-approvals"), tuple(approvers))
+    f.done()
+    return cfg
+
+
+def _check_references(errors: list[ConfigError], identity: IdentityConfig, outbound: OutboundConfig,
+                      credentials: Mapping[str, CredentialConfig], admin: AdminConfig,
+                      inbound: InboundConfig | None) -> None:
+    for up in outbound.upstreams.values():
+        if up.credential and up.credential not in credentials:
+            errors.append(ConfigError(f"outbound.upstreams.{up.name}.credential",
+                                      f"credential {up.credential!r} is not defined under credentials"))
+    needs_key = [c.name for c in credentials.values() if getattr(c.spec, "needs_signing_key", False)]
+    if needs_key and identity.signing_key is None:
+        errors.append(ConfigError("identity.signing_key", "is required: credentials "
+                                  f"{', '.join(needs_key)} rely on a key registered with a verifier"))
+    if identity.issuer and identity.signing_key is None:
+        errors.append(ConfigError("identity.signing_key", "is required when identity.issuer is set"))
+    issuers = {i.issuer for i in inbound.jwt_issuers} if inbound else set()
+    for i, approver in enumerate(admin.approvers):
+        if approver.issuer not in issuers:
+            errors.append(ConfigError(f"admin.approvers[{i}].issuer",
+                                      "must be one of the inbound.jwt.issuers (approver tokens are verified "
+                                      "like inbound tokens)"))
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+

@@ -1,0 +1,124 @@
+"""The credential provider protocol: turn an allowed decision into the right proof.
+
+A provider is three things (STYLE.md example 1):
+
+- ``cache_key(req)``: what makes two requests share a credential (audience, scopes, and the
+  task or certificate when the credential is bound to one);
+- ``async fetch(req) -> Credential``: mint or obtain one (called by the cache, never per
+  request while a cached one is fresh);
+- ``apply(out, credential)``: attach it to the outgoing request (a header, a query
+  parameter, a signature).
+
+Providers declare what they need as class attributes: ``needs_body`` (request signing
+buffers the body), ``standing`` (a static secret), ``task_bound`` (cached under the task,
+dropped when it ends).
+
+Every provider module exposes ``TYPE``, a frozen ``Spec``, ``parse(name, fields) -> Spec``
+and a provider class built from ``(name, spec, deps)``; ``sidecar.credentials.registry``
+holds the one table of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Hashable, Protocol
+
+from multidict import CIMultiDict
+
+from sidecar.fields import Secret
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRef:
+    """What a provider may know of the task a request belongs to."""
+
+    id: str
+    principal_iss: str | None
+    principal_sub: str | None
+    subject_token: Secret | None  # the human's verified token; None for an asserted task
+    delegation: str  # delegated | asserted
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRequest:
+    """What the pipeline asks of a provider for one allowed request."""
+
+    upstream: str
+    scopes: tuple[str, ...]
+    agent_id: str
+    task: TaskRef | None = None
+    impersonation_allowed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A proof for one upstream. ``token`` and ``material`` never appear in a repr."""
+
+    type: str
+    provider: str
+    id: str | None
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    expires_at: float | None = None  # unix time; None: does not expire (standing)
+    issued_at: float | None = None
+    standing: bool = False
+    delegation: str | None = None  # delegated | impersonated, for token exchange results
+    act_chain: tuple[str, ...] = ()
+    bound_cert_sha256: str | None = None  # RFC 8705 cnf.x5t#S256: only over a connection presenting it
+    token: Secret | None = field(default=None, repr=False)
+    material: Any = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class OutboundRequest:
+    """The request as it will be sent upstream, after every header rewrite."""
+
+    method: str
+    scheme: str
+    host: str  # upstream host name, as in the Host header
+    port: int
+    path: str  # the upstream's base path + the canonical path, as sent
+    query: str  # raw query, as sent
+    headers: CIMultiDict[str]
+    body: bytes | None = None  # only when the provider needs_body
+    client_cert_sha256: str | None = None  # the certificate our upstream connection presents
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+class CredentialProvider(Protocol):
+    name: str
+    type: ClassVar[str]
+    needs_body: ClassVar[bool]
+    standing: ClassVar[bool]
+    task_bound: ClassVar[bool]
+
+    def cache_key(self, req: CredentialRequest) -> Hashable: ...
+
+    async def fetch(self, req: CredentialRequest) -> Credential: ...
+
+    def apply(self, out: OutboundRequest, credential: Credential) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class ProviderDeps:
+    """What providers may use, handed over by the application at start-up."""
+
+    agent_id: str
+    signer: Any = None  # sidecar.identity.signing.Signer: signs JWTs with identity.signing_key
+    svid: Any = None  # current SVID source: .client_context(), .cert_sha256()
+    client_session: Callable[..., Any] | None = None  # factory for token-endpoint sessions
+    id_key: bytes = b""  # key for keyed hashes of credentials that have no jti
+    clock: Callable[[], float] | None = None
+
+
+def keyed_id(key: bytes, value: str) -> str:
+    """A stable credential id that reveals nothing about a secret: HMAC-SHA256, truncated."""
+    return "h:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:24]

@@ -1,0 +1,16 @@
+"""The one table of credential provider types (STYLE.md example 2).
+
+Each entry is a module exposing ``TYPE``, ``Spec``, ``parse(name, fields) -> Spec | None``
+and ``PROVIDER`` (the class built from ``(name, spec, deps)``). An unknown ``type:`` in the
+config names the valid ones.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from sidecar.credentials import static
+
+PROVIDERS: dict[str, ModuleType] = {
+    static.TYPE: static,
+}

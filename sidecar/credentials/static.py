@@ -1,0 +1,70 @@
+"""``static``: a fixed header or query value. It works, and it is counted as standing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Hashable
+from urllib.parse import quote
+
+from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.fields import Fields, Secret
+
+TYPE = "static"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    value: Secret
+    header: str | None = None
+    query: str | None = None
+    scheme: str = ""
+
+
+def parse(name: str, f: Fields) -> Spec | None:
+    header, query = f.str("header"), f.str("query")
+    scheme = f.str("scheme", "")
+    value = f.secret("value", required=True)
+    if (header is None) == (query is None):
+        f.error("", "needs exactly one of header: NAME or query: NAME")
+    if header is not None and ("_" in header or not header.isascii() or ":" in header):
+        f.error("header", "must be an HTTP header name without '_' or ':'")
+    if value is None:
+        return None
+    return Spec(value=value, header=header, query=query, scheme=scheme)
+
+
+class StaticProvider:
+    type: ClassVar[str] = TYPE
+    needs_body: ClassVar[bool] = False
+    standing: ClassVar[bool] = True
+    task_bound: ClassVar[bool] = False
+
+    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+        self.name = name
+        self._spec = spec
+        self._credential = Credential(
+            type=TYPE, provider=name, id=keyed_id(deps.id_key, spec.value.reveal()), standing=True,
+            token=spec.value,
+        )
+        self._query_pair = (
+            f"{quote(spec.query, safe='')}={quote(spec.value.reveal(), safe='')}" if spec.query else ""
+        )
+
+    def cache_key(self, req: CredentialRequest) -> Hashable:
+        return self.name
+
+    async def fetch(self, req: CredentialRequest) -> Credential:
+        return self._credential
+
+    def apply(self, out: OutboundRequest, credential: Credential) -> None:
+        if self._spec.header:
+            out.headers[self._spec.header] = self._spec.scheme + self._spec.value.reveal()
+        else:
+            out.query = f"{out.query}&{self._query_pair}" if out.query else self._query_pair
+
+    async def aclose(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"StaticProvider({self.name!r})"
+PROVIDER = StaticProvider

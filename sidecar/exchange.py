@@ -1,0 +1,135 @@
+"""The request context: what each pipeline stage learned about one exchange.
+
+Stages fill an :class:`Exchange` in turn (identify -> authorize -> credential -> forward);
+:meth:`Exchange.event` shapes the one canonical trust-decision event from it, with every
+field of PRODUCT.md present (null where it does not apply), emitted once at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.credentials.base import Credential
+from sidecar.errors import Refusal
+from sidecar.observe.decision_log import CLOCK
+
+EVENT_VERSION = 1
+
+
+def new_id() -> str:
+    return os.urandom(12).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    id: str
+    name: str
+    environment: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "environment": self.environment}
+
+
+@dataclass(slots=True)
+class Exchange:
+    direction: str
+    protocol: str = "http"
+    started: float = field(default_factory=time.perf_counter)
+    ts: str = field(default_factory=CLOCK.now)
+    decision_id: str = field(default_factory=new_id)
+    decision: str = "deny"
+    reason: str = "internal_error"
+    rule_id: str | None = None
+    policy_version: str | None = None
+    audit: dict[str, Any] | None = None
+    caller_id: str | None = None
+    actor_type: str | None = None
+    principal: tuple[str, str] | None = None
+    delegation: str = "none"
+    act_chain: tuple[str, ...] = ()
+    task_id: str | None = None
+    task_trigger: str | None = None
+    upstream: str | None = None
+    method: str | None = None
+    host: str | None = None
+    path: str | None = None
+    mcp_method: str | None = None
+    mcp_tool: str | None = None
+    credential: Credential | None = None
+    credential_source: str | None = None
+    credential_scopes: tuple[str, ...] | None = None
+    approval: dict[str, Any] | None = None
+    reason_detail: str | None = None
+    outcome: str = "refused"
+    status: int | None = None
+    upstream_status: int | None = None
+    trace_id: str | None = None
+    facts: Any = None  # the policy facts, kept for response filtering; not part of the event
+
+    def allow(self, reason: str = "allowed") -> None:
+        self.decision, self.reason = "allow", reason
+
+    def refuse(self, refusal: Refusal) -> None:
+        self.decision = "approval_required" if refusal.reason == "approval_timeout" else "deny"
+        self.reason = refusal.reason
+        self.outcome = "refused"
+        self.status = refusal.status
+        if refusal.rule_id is not None:
+            self.rule_id = refusal.rule_id
+        if refusal.detail:
+            self.reason_detail = refusal.detail
+
+    def event(self, agent: AgentInfo) -> dict[str, Any]:
+        return {
+            "event": "trust_decision",
+            "schema_version": EVENT_VERSION,
+            "ts": self.ts,
+            "decision_id": self.decision_id,
+            "direction": self.direction,
+            "protocol": self.protocol,
+            "decision": self.decision,
+            "reason": self.reason,
+            "rule_id": self.rule_id,
+            "policy_version": self.policy_version,
+            "audit": self.audit,
+            "agent": agent.as_dict(),
+            "caller": {"id": self.caller_id} if self.caller_id else None,
+            "actor_type": self.actor_type,
+            "principal": {"iss": self.principal[0], "sub": self.principal[1]} if self.principal else None,
+            "delegation": self.delegation,
+            "act_chain": list(self.act_chain),
+            "task": {"id": self.task_id, "trigger": self.task_trigger} if self.task_id else None,
+            "target": self._target(),
+            "credential": self._credential(),
+            "approval": self.approval,
+            "reason_detail": self.reason_detail,
+            "outcome": self.outcome,
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "trace_id": self.trace_id,
+        }
+
+    def _target(self) -> dict[str, Any] | None:
+        if self.method is None:
+            return None
+        return {"upstream": self.upstream, "method": self.method, "host": self.host, "path": self.path,
+                "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool}
+
+    def _credential(self) -> dict[str, Any] | None:
+        c = self.credential
+        if c is None:
+            return None
+        return {"type": c.type, "provider": c.provider, "id": c.id,
+                "scopes": list(self.credential_scopes if self.credential_scopes is not None else c.scopes),
+                "audience": c.audience, "expires_at": _rfc3339(c.expires_at), "source": self.credential_source,
+                "standing": c.standing}
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,183 @@
+"""The forwarding leg: header hygiene, streaming both ways, pooled upstream sessions.
+
+- Hop-by-hop headers (RFC 9110 §7.6.1) are removed both ways, with every header named in
+  ``Connection``; ``Via`` and ``X-Forwarded-*`` are written here, never trusted from a client.
+- Bodies stream without buffering (chunked uploads, server-sent events reach the client as
+  the upstream sends them); a provider that signs the body gets it buffered, within the
+  body limit.
+- One ``ClientSession`` per upstream, kept alive, with its own TLS context: verification
+  is never off. Redirects are passed back, never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import AsyncIterator, Callable, Iterable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.config import Limits, Timeouts
+from sidecar.errors import RequestRefused, UpstreamFailed
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade",
+})
+# Headers the sidecar writes itself: whatever a client sent under these names is dropped.
+SIDECAR_WRITTEN = frozenset({
+    "via", "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
+    "x-forwarded-client-cert", "x-sidecar-task", "host", "traceparent", "tracestate",
+})
+VIA = "1.1 sidecar"
+CHUNK = 64 * 1024
+
+
+def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    names: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        names.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return names
+
+
+def clean_request_headers(headers: CIMultiDictProxy[str], strip: Iterable[str] = ()) -> CIMultiDict[str]:
+    """A copy without hop-by-hop, Connection-listed, sidecar-written and ``strip`` headers."""
+    drop = HOP_BY_HOP | SIDECAR_WRITTEN | connection_listed(headers) | frozenset(strip)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def clean_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | connection_listed(headers) | {"content-length"}
+    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    if "Content-Length" in headers and "Transfer-Encoding" not in headers:
+        out["Content-Length"] = headers["Content-Length"]
+    return out
+
+
+def declared_length(request: web.BaseRequest, limits: Limits) -> int:
+    """The declared body size, refused early when it is over the limit."""
+    length = request.content_length or 0
+    if length > limits.max_body_bytes:
+        raise RequestRefused("body_too_large", f"request: body of {length} bytes exceeds the limit of "
+                                               f"{limits.max_body_bytes} bytes")
+    return length
+
+
+async def read_body(request: web.BaseRequest, limits: Limits) -> bytes:
+    """The whole body (for signing or MCP parsing), refused once it passes the limit."""
+    declared_length(request, limits)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise RequestRefused("body_too_large", f"request: body exceeds the limit of "
+                                                   f"{limits.max_body_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class BodyTooLarge(Exception):
+    """Raised inside the upload stream; the pipeline turns it into body_too_large."""
+
+
+async def stream_body(request: web.BaseRequest, limits: Limits) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in request.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise BodyTooLarge()
+        yield chunk
+
+
+def has_body(request: web.BaseRequest) -> bool:
+    return bool(request.content_length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+
+def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """Verification always on: the upstream's CA or the system store; our SVID when asked."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert and key:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def new_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *, limit: int = 256) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True, limit=limit,
+                                     keepalive_timeout=min(timeouts.idle, 60.0), enable_cleanup_closed=True)
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
+                                                                       "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.idle),
+        cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+
+
+async def open_upstream(session: aiohttp.ClientSession, method: str, url: str, headers: CIMultiDict[str],
+                        data: object, timeouts: Timeouts) -> aiohttp.ClientResponse:
+    """Send the request; the response's headers must arrive within ``first_byte``."""
+    try:
+        async with asyncio.timeout(timeouts.first_byte):
+            return await session.request(method, url, headers=headers, data=data, allow_redirects=False,
+                                         compress=None, chunked=None, auto_decompress=False)
+    except BodyTooLarge:
+        raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamFailed("upstream_timeout", "upstream: no response within the configured timeout") from None
+    except aiohttp.ClientSSLError as exc:
+        raise UpstreamFailed("upstream_unreachable", "upstream: TLS verification of the upstream failed",
+                             detail=type(exc).__name__) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamFailed("upstream_unreachable", "upstream: connection refused, reset or closed",
+                             detail=type(exc).__name__) from None
+
+
+class UpstreamReset(Exception):
+    """The upstream broke off while its response was being relayed."""
+
+    def __init__(self, started: bool, response: web.StreamResponse | None) -> None:
+        self.started, self.response = started, response
+
+
+class ClientGone(Exception):
+    """The client went away while its response was being relayed."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+
+ChunkFilter = Callable[[bytes, bool], bytes]  # (chunk, final) -> bytes to send
+
+
+async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, transform: ChunkFilter | None,
+                on_prepared: Callable[[int], None]) -> web.StreamResponse:
+    """Stream the upstream's response to the client as it arrives (SSE-safe)."""
+    headers = clean_response_headers(upstream.headers)
+    headers.add("Via", VIA)
+    if transform is not None:
+        headers.popall("Content-Length", None)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    try:
+        await response.prepare(request)
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        raise ClientGone(response) from None
+    on_prepared(upstream.status)
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            raise UpstreamReset(True, response) from None
+        final = not chunk
+        try:
+            data = transform(chunk, final) if transform is not None else chunk
+        except Exception:  # a response the filter cannot read is not passed on (fail closed)
+            raise UpstreamReset(True, response) from None
+        try:
+            if data:
+                await response.write(data)
+            if final:
+                await response.write_eof()
+                return response
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            raise ClientGone(response) from None

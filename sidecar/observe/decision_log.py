@@ -1,0 +1,181 @@
+"""Structured logging: the trust-decision event and every other log line, JSON on stdout.
+
+One line per event, rendered with orjson and written to a buffer that is flushed at the
+end of the current event-loop iteration (a log line is the largest per-request cost after
+forwarding itself, PERFORMANCE.md). Timestamps are formatted once per second.
+
+Redaction: every line passes :func:`redact`, which masks JWTs, bearer credentials, PEM
+private keys and every configured secret value, wherever they appear (including exception
+texts someone passed in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from typing import IO, Any, Iterable
+
+import orjson
+import structlog
+
+REDACTED = "<redacted>"
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)\b(bearer|basic|token|aws4-hmac-sha256)\s+[^\s,;\"']+")
+_PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class Redactor:
+    """Masks secrets in text: known secret values and anything shaped like a credential."""
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+
+    def register(self, values: Iterable[str]) -> None:
+        """Add configured secret values (long enough to be unambiguous) to the mask list."""
+        merged = set(self._secrets) | {v for v in values if v and len(v) >= 6}
+        self._secrets = tuple(sorted(merged, key=len, reverse=True))
+
+    def text(self, value: str) -> str:
+        if "eyJ" in value:
+            value = _JWT.sub(REDACTED, value)
+        if "PRIVATE KEY" in value:
+            value = _PEM.sub(REDACTED, value)
+        value = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.value(v) for v in value]
+        return value
+
+
+REDACTOR = Redactor()
+
+
+class _Clock:
+    """RFC 3339 UTC timestamps, with the second-resolution prefix formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((t - second) * 1000):03d}Z"
+
+
+CLOCK = _Clock()
+
+
+class BufferedLineWriter:
+    """Lines into a buffer, flushed once per event-loop iteration (or at once outside a loop)."""
+
+    def __init__(self, stream: IO[bytes] | None = None) -> None:
+        self._stream = stream
+        self._lines: list[bytes] = []
+        self._scheduled = False
+
+    @property
+    def stream(self) -> IO[bytes]:
+        return self._stream or sys.stdout.buffer
+
+    def write(self, line: bytes) -> None:
+        self._lines.append(line)
+        if self._scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+            self._scheduled = True
+        except RuntimeError:
+            self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        lines, self._lines = self._lines, []
+        if lines:
+            stream = self.stream
+            stream.write(b"".join(lines))
+            stream.flush()
+
+
+WRITER = BufferedLineWriter()
+
+
+class _LineLogger:
+    """The structlog logger: hands rendered bytes to the buffered writer."""
+
+    def msg(self, message: bytes) -> None:
+        WRITER.write(message + b"\n")
+
+    debug = info = warning = error = critical = exception = log = msg
+
+
+def _redact_processor(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    return {k: REDACTOR.value(v) for k, v in event.items()}
+
+
+def _timestamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.setdefault("ts", CLOCK.now())
+    return event
+
+
+def _exc_info(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Exceptions are logged by type only: their texts may carry what they were handling."""
+    exc = event.pop("exc_info", None)
+    if exc:
+        err = exc if isinstance(exc, BaseException) else sys.exc_info()[1]
+        if err is not None:
+            event["error_type"] = type(err).__name__
+    return event
+
+
+def configure_logging(level: str = "info", stream: IO[bytes] | None = None) -> None:
+    """Configure structlog: JSON lines, redacted, buffered, on stdout (or ``stream``)."""
+    global WRITER
+    WRITER = BufferedLineWriter(stream)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _timestamp,
+            _exc_info,
+            _redact_processor,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=lambda *args: _LineLogger(),
+        cache_logger_on_first_use=False,
+    )
+    _quiet_stdlib()
+
+
+def _quiet_stdlib() -> None:
+    """aiohttp's own loggers print tracebacks that can contain request lines: route them away."""
+    for name in ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.client", "asyncio"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [logging.NullHandler()]
+        logger.propagate = False
+
+
+def emit_event(event: dict[str, Any]) -> None:
+    """Write one trust-decision event (already shaped; free-text fields redacted here)."""
+    detail = event.get("reason_detail")
+    if detail:
+        event["reason_detail"] = REDACTOR.text(detail)
+    WRITER.write(orjson.dumps(event) + b"\n")

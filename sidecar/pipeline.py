@@ -1,0 +1,262 @@
+"""The one readable sequence, per direction: identify -> authorize -> credential -> forward -> record.
+
+Outbound (the agent calling out)::
+
+    limits -> trust boundary -> route (upstream, canonical path) -> task -> revocation
+           -> MCP body -> policy -> credential -> strip + attach -> forward -> record
+
+Inbound (callers of the agent)::
+
+    limits -> peer (mTLS, verified at the handshake) -> bearer token -> revocation -> policy
+           -> open task -> strip the human's token -> forward to the agent -> record
+
+Every exit, refused or not, passes through ``record`` exactly once: one trust-decision
+event, the metrics. Stages raise :class:`~sidecar.errors.Refusal`; nothing else is caught
+on the trust path except to turn it into a refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest
+from sidecar.errors import CredentialUnavailable, PolicyRefused, Refusal, RequestRefused, TaskRefused
+from sidecar.exchange import Exchange
+from sidecar.forward import (
+    VIA, clean_request_headers, declared_length, has_body, open_upstream, read_body, relay_response, stream_body,
+)
+from sidecar.policy.engine import Decision, Facts
+from sidecar.policy.mcp import parse_mcp_request
+from sidecar.policy.paths import canonical_path
+from sidecar.server import error_response
+from sidecar.tasks import TASK_HEADER
+from sidecar.tracing import traceparent_for
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Runtime
+    from sidecar.routing import Route
+
+DENY_MESSAGES = {
+    "no_matching_rule": "policy: no rule allows this request (default deny)",
+    "rule_denied": "policy: denied by rule {rule}",
+    "condition_error": "policy: a condition of rule {rule} could not be evaluated",
+    "rate_limited": "policy: rate limit of rule {rule} exceeded",
+}
+
+
+def check_header_limits(request: web.BaseRequest, max_headers: int, max_bytes: int) -> None:
+    raw = request.raw_headers
+    if len(raw) > max_headers:
+        raise RequestRefused("headers_too_large", f"request: more than {max_headers} headers")
+    size = sum(len(k) + len(v) + 4 for k, v in raw)
+    if size > max_bytes:
+        raise RequestRefused("headers_too_large", f"request: headers exceed {max_bytes} bytes")
+
+
+def refuse_decision(decision: Decision) -> None:
+    """Raise the refusal a non-allow decision stands for."""
+    template = DENY_MESSAGES.get(decision.reason, "policy: denied ({reason})")
+    raise PolicyRefused(decision.reason, template.format(rule=decision.rule_id, reason=decision.reason),
+                        rule_id=decision.rule_id, retry_after=decision.retry_after)
+
+
+async def apply_decision(rt: Runtime, ex: Exchange, decision: Decision) -> None:
+    """Record the decision; refuse, hold for approval, or let the request on."""
+    ex.rule_id, ex.policy_version = decision.rule_id, decision.policy_version
+    ex.audit = dict(decision.audit) if decision.audit else None
+    if decision.effect == "require_approval":
+        await rt.approvals.hold(ex)
+        ex.allow("approved")
+    elif decision.effect != "allow":
+        refuse_decision(decision)
+    else:
+        ex.allow()
+    ex.credential_scopes = decision.scopes
+
+
+class Outbound:
+    """The agent's calls out: never an open proxy, never the agent's own credentials."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        ex = Exchange("outbound", method=request.method)
+        try:
+            return await self.rt.exchanges.run(ex, self._exchange(request, ex))
+        except Refusal as refusal:
+            ex.refuse(refusal)
+            return error_response(refusal)
+        finally:
+            self.rt.record(ex)
+
+    async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+        rt = self.rt
+        limits = rt.config.outbound.limits
+        check_header_limits(request, limits.max_headers, limits.max_header_bytes)
+        rt.router.check_boundary(request.headers)
+        route = rt.router.route(request.raw_path, request.headers)
+        return await self.forward_route(request, ex, route)
+
+    async def forward_route(self, request: web.BaseRequest, ex: Exchange, route: Route) -> web.StreamResponse:
+        """From a resolved route on: shared by the plain listener and CONNECT interception."""
+        rt, up = self.rt, route.upstream
+        ex.upstream, ex.host, ex.path = up.name, up.host, route.path
+        ex.trace_id, traceparent = traceparent_for(request.headers)
+        rt.revocations.check_agent(rt.agent.id)
+        self._task(request, ex)
+        body = await self._mcp(request, ex) if up.protocol == "mcp" else None
+        ex.facts = self._facts(request, ex, route, body)
+        decision = rt.decide(ex.facts)
+        await apply_decision(rt, ex, decision)
+        credential = await self._credential(ex, decision, up.credential)
+        out = self._outbound_request(request, route, traceparent)
+        if credential is not None:
+            provider = rt.providers[credential.provider]
+            if provider.needs_body and body is None:
+                body = await read_body(request, rt.config.outbound.limits)
+            out.body = body
+            provider.apply(out, credential)
+        return await self._send(request, ex, route, out, body)
+
+    def _task(self, request: web.BaseRequest, ex: Exchange) -> None:
+        values = request.headers.getall(TASK_HEADER, ())
+        if not values:
+            return
+        if len(values) > 1:
+            raise RequestRefused("bad_request", "tasks: more than one X-Sidecar-Task header")
+        ex.task_id = values[0]
+        task = self.rt.tasks.get(values[0])
+        self.rt.revocations.check_task(task)
+        ex.task_trigger, ex.principal, ex.actor_type = task.trigger, task.principal, task.actor_type
+        ex.delegation, ex.act_chain = task.delegation, task.act_chain
+
+    async def _mcp(self, request: web.BaseRequest, ex: Exchange) -> bytes | None:
+        ex.protocol = "mcp"
+        if request.method != "POST":
+            return None
+        body = await read_body(request, self.rt.config.outbound.limits)
+        call = parse_mcp_request(body, request.headers.get("Content-Type"), self.rt.config.outbound.limits.max_body_bytes)
+        ex.mcp_method, ex.mcp_tool = call.method, call.tool
+        return body
+
+    def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None) -> Facts:
+        rt = self.rt
+        headers = _header_tuples(request)
+        size = len(body) if body is not None else (request.content_length or 0)
+        return Facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
+                     host=route.upstream.host, path=route.path, query=route.query, headers=headers, size=size,
+                     upstream=route.upstream.name, agent_id=rt.agent.id, agent_name=rt.agent.name,
+                     agent_environment=rt.agent.environment, principal=ex.principal, delegation=ex.delegation,
+                     task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
+                     mcp_tool=ex.mcp_tool)
+
+    async def _credential(self, ex: Exchange, decision: Decision, default: str | None) -> Credential | None:
+        rt = self.rt
+        name = decision.credential or default
+        if name is None:
+            return None
+        provider = rt.providers[name]
+        task = rt.tasks.get(ex.task_id).ref() if ex.task_id else None
+        req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
+                                task=task, impersonation_allowed=decision.delegation == "impersonation_allowed")
+        credential, source = await rt.credentials.get(provider, req)
+        rt.revocations.check_credential(credential)
+        ex.credential, ex.credential_source = credential, source
+        if credential.delegation:
+            ex.delegation = credential.delegation
+        return credential
+
+    def _outbound_request(self, request: web.BaseRequest, route: Route, traceparent: str) -> OutboundRequest:
+        up = route.upstream
+        strip = self.rt.config.outbound.strip_headers - up.pass_headers
+        headers = clean_request_headers(request.headers, strip)
+        headers["Host"] = up.host_header
+        headers["Via"] = VIA
+        headers["traceparent"] = traceparent
+        return OutboundRequest(request.method, up.scheme, up.host, up.port, route.forward_path, route.query,
+                               headers)
+
+    async def _send(self, request: web.BaseRequest, ex: Exchange, route: Route, out: OutboundRequest,
+                    body: bytes | None) -> web.StreamResponse:
+        up = route.upstream
+        limits = self.rt.config.outbound.limits
+        if body is None:
+            declared_length(request, limits)
+            data = stream_body(request, limits) if has_body(request) else None
+        else:
+            data = body
+            out.headers["Content-Length"] = str(len(body))
+            out.headers.popall("Transfer-Encoding", None)
+        url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
+                  encoded=True)
+        session = self.rt.sessions.get(up.name)
+        upstream = await open_upstream(session, out.method, url, out.headers, data, up.timeouts)
+        return await self.rt.relay(request, ex, upstream, up.name)
+
+
+class Inbound:
+    """Callers of the agent: mTLS peer, optional human token, policy, then the agent on loopback."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        ex = Exchange("inbound", method=request.method)
+        try:
+            return await self.rt.exchanges.run(ex, self._exchange(request, ex))
+        except Refusal as refusal:
+            ex.refuse(refusal)
+            return error_response(refusal)
+        finally:
+            self.rt.end_inbound_task(ex)
+            self.rt.record(ex)
+
+    async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+        rt = self.rt
+        inbound = rt.config.inbound
+        assert inbound is not None
+        check_header_limits(request, inbound.limits.max_headers, inbound.limits.max_header_bytes)
+        peer = rt.peer_of(request)
+        ex.caller_id = peer.spiffe_id
+        ex.trace_id, traceparent = traceparent_for(request.headers)
+        raw_path, _, query = request.raw_path.partition("?")
+        ex.path = canonical_path(raw_path)
+        token = await rt.inbound_token(request)
+        if token is not None:
+            ex.principal, ex.actor_type, ex.act_chain = (token.issuer, token.subject), token.actor_type, token.act_chain
+            ex.delegation = "delegated" if token.actor_type == "human" else "none"
+        else:
+            ex.actor_type = "workload"
+        rt.revocations.check_agent(rt.agent.id)
+        rt.revocations.check_subject(ex.principal)
+        decision = rt.decide(Facts(
+            direction="inbound", method=request.method, scheme="https", host=request.host.lower(), path=ex.path,
+            query=query, headers=_header_tuples(request), size=request.content_length or 0, upstream=None,
+            agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
+            caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation))
+        await apply_decision(rt, ex, decision)
+        headers = rt.agent_headers(request, peer, traceparent)
+        if token is not None and token.actor_type == "human":
+            task = rt.open_task_for(token, request)
+            ex.task_id, ex.task_trigger = task.id, task.trigger
+            headers[TASK_HEADER] = task.id
+        declared_length(request, inbound.limits)
+        data = stream_body(request, inbound.limits) if has_body(request) else None
+        url = URL(inbound.forward_to.rstrip("/") + raw_path + (f"?{query}" if query else ""), encoded=True)
+        upstream = await open_upstream(rt.sessions.agent(), request.method, url, headers, data, inbound.timeouts)
+        return await rt.relay(request, ex, upstream, "agent")
+
+
+def _header_tuples(request: web.BaseRequest) -> dict[str, tuple[str, ...]]:
+    headers: dict[str, tuple[str, ...]] = {}
+    for name, value in request.headers.items():
+        key = name.lower()
+        headers[key] = (*headers.get(key, ()), value)
+    return headers

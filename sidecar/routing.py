@@ -1,0 +1,117 @@
+"""Outbound routing: which upstream an agent's request is for, and its canonical path.
+
+Three ways in, one result (:class:`Route`), so that rules see the same path in every mode:
+
+- route-prefix: ``GET /billing-api/v1/x`` on the listener; ``Host`` must be the listener's
+  own address (a rebinding page's ``Host`` is some other name: ``host_mismatch``);
+- forward-proxy (``HTTP_PROXY``): ``GET http://billing.internal/api/v1/x``; the authority
+  maps to an upstream through ``hosts`` and must agree with ``Host``; the path must start
+  with the upstream's base path, which is removed for matching and kept for forwarding;
+- CONNECT interception: the decrypted request's ``Host`` names the upstream, as above.
+
+Anything else is refused: no route means no request (``unknown_upstream``); there is no
+open proxy. Requests that look browser-made (``Origin``, ``Sec-Fetch-Site``) are refused
+first (``browser_origin``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from multidict import CIMultiDictProxy
+
+from sidecar.config import Upstream
+from sidecar.errors import RequestRefused
+from sidecar.fields import ListenAddress
+from sidecar.policy.paths import (
+    canonical_path, check_header_names, check_query, join_base, normalize_host, split_route_prefix, strip_base,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    upstream: Upstream
+    mode: str  # prefix | proxy | connect
+    path: str  # canonical, without the upstream's base path: what rules match
+    forward_path: str  # base path + canonical path: what is sent and signed
+    query: str  # raw query, forwarded byte for byte
+
+
+class Router:
+    """Resolves outbound requests to upstreams; built once per config."""
+
+    def __init__(self, upstreams: Mapping[str, Upstream], listen: ListenAddress) -> None:
+        self._by_name = dict(upstreams)
+        # a host maps to one upstream whatever port the agent wrote: the upstream's URL decides
+        self._by_host = {host: up for up in upstreams.values() for host in up.hosts}
+        self._own_hosts = _own_authorities(listen)
+
+    def check_boundary(self, headers: CIMultiDictProxy[str]) -> None:
+        """The trust-boundary checks that apply to every outbound request."""
+        if "Origin" in headers or "Sec-Fetch-Site" in headers:
+            raise RequestRefused("browser_origin", "outbound: requests carrying Origin or Sec-Fetch-Site look "
+                                                   "browser-made and are refused on the agent's listener")
+        check_header_names(headers.keys())
+
+    def route(self, raw_target: str, headers: CIMultiDictProxy[str]) -> Route:
+        if raw_target.startswith("/"):
+            return self._prefix(raw_target, headers.get("Host", ""))
+        lowered = raw_target[:8].lower()
+        if lowered.startswith("http://") or lowered.startswith("https://"):
+            return self._absolute(raw_target, headers.get("Host"))
+        raise RequestRefused("bad_request", "outbound: expected an origin-form path (/<upstream>/...) or an "
+                                            "absolute http:// URI")
+
+    def _prefix(self, raw_target: str, host: str) -> Route:
+        if host.lower() not in self._own_hosts:
+            raise RequestRefused("host_mismatch", "outbound: the Host header must be this listener's own "
+                                                  "address in route-prefix mode")
+        name, raw_rest, query = split_route_prefix(raw_target)
+        upstream = self._by_name.get(name)
+        if upstream is None:
+            raise RequestRefused("unknown_upstream", f"outbound: no upstream named {name!r} is configured")
+        path = canonical_path(raw_rest, upstream.paths)
+        return Route(upstream, "prefix", path, join_base(upstream.base_path, path), query)
+
+    def _absolute(self, raw_target: str, host_header: str | None) -> Route:
+        scheme, _, rest = raw_target.partition("://")
+        authority, slash, path_query = rest.partition("/")
+        if "?" in authority:
+            authority, _, q = authority.partition("?")
+            path_query = "?" + q
+        raw_path, _, query = ("/" + path_query if slash else path_query or "/").partition("?")
+        if not raw_path.startswith("/"):
+            raw_path = "/" + raw_path
+        host, port = normalize_host(authority, scheme.lower())
+        if host_header is None or normalize_host(host_header, scheme.lower()) != (host, port):
+            raise RequestRefused("host_mismatch", "outbound: the Host header and the absolute URI's authority "
+                                                  "must name the same host")
+        return self.for_host(host, raw_path, query, "proxy")
+
+    def for_host(self, host: str, raw_path: str, query: str, mode: str) -> Route:
+        """Forward-proxy and CONNECT modes: map a host to its upstream and strip the base path."""
+        upstream = self._by_host.get(host)
+        if upstream is None:
+            raise RequestRefused("unknown_upstream", f"outbound: host {host} is not mapped to any upstream")
+        check_query(query)
+        full = canonical_path(raw_path, upstream.paths)
+        path = strip_base(full, upstream.base_path)
+        if path is None:
+            raise RequestRefused("unknown_upstream", f"outbound: path is outside upstream {upstream.name}'s "
+                                                     "base path")
+        return Route(upstream, mode, path, join_base(upstream.base_path, path), query)
+
+    def upstream_for_host(self, host: str) -> Upstream | None:
+        return self._by_host.get(host)
+
+
+def _own_authorities(listen: ListenAddress) -> frozenset[str]:
+    names = {listen.host, "localhost", "127.0.0.1", "[::1]"} if listen.is_loopback else {listen.host}
+    result = set()
+    for name in names:
+        shown = f"[{name}]" if ":" in name and not name.startswith("[") else name
+        result.add(f"{shown}:{listen.port}".lower())
+        if listen.port == 80:
+            result.add(shown.lower())
+    return frozenset(result)

@@ -1,0 +1,252 @@
+"""The running sidecar's state, as the pipeline stages see it.
+
+Built once from a validated config by ``sidecar.app``; the policy set is swapped whole on
+reload (a request reads it once, so requests in flight finish under the policy they
+started with). Also here: the register of exchanges in flight (so that a revocation can
+cut them), the relay of responses, and ``record``, the one exit of every exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.config import Config
+from sidecar.credentials.base import CredentialProvider
+from sidecar.credentials.cache import CredentialCache
+from sidecar.errors import IdentityRefused, UpstreamFailed
+from sidecar.exchange import AgentInfo, Exchange
+from sidecar.mcp_filter import tools_list_filter
+from sidecar.forward import VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, new_session, relay
+from sidecar.observe.decision_log import emit_event
+from sidecar.observe.metrics import Metrics
+from sidecar.policy.engine import Decision, Facts, PolicySet
+from sidecar.revocation import Revocation, Revocations
+from sidecar.routing import Router
+from sidecar.tasks import Task, TaskRegistry
+
+log = structlog.get_logger("sidecar.runtime")
+T = TypeVar("T")
+
+
+class ActiveExchanges:
+    """Exchanges in flight, so that a revocation can cut the ones it names."""
+
+    def __init__(self) -> None:
+        self._active: dict[int, tuple[Exchange, asyncio.Task[Any]]] = {}
+
+    async def run(self, ex: Exchange, coro: Awaitable[T]) -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[id(ex)] = (ex, task)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if ex.outcome != "cut":
+                ex.outcome, ex.reason_detail = "cut", "client gone"
+            raise
+        finally:
+            self._active.pop(id(ex), None)
+
+    def cut(self, predicate: Callable[[Exchange], bool], why: str) -> int:
+        victims = [(ex, task) for ex, task in self._active.values() if predicate(ex)]
+        for ex, task in victims:
+            ex.outcome, ex.reason_detail = "cut", why
+            task.cancel()
+        return len(victims)
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+
+class Sessions:
+    """One pooled, kept-alive client session per upstream, and one to the agent."""
+
+    def __init__(self, config: Config, svid_files: Callable[[], tuple[str, str] | None]) -> None:
+        self._config = config
+        self._svid_files = svid_files
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._agent: aiohttp.ClientSession | None = None
+
+    def get(self, name: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(name)
+        if session is None or session.closed:
+            up = self._config.outbound.upstreams[name]
+            ctx = None
+            if up.scheme == "https":
+                cert_key = self._svid_files() if up.client_cert == "svid" else None
+                ctx = client_ssl_context(str(up.ca) if up.ca else None, *(cert_key or (None, None)))
+            session = self._sessions[name] = new_session(ctx, up.timeouts)
+        return session
+
+    def agent(self) -> aiohttp.ClientSession:
+        if self._agent is None or self._agent.closed:
+            assert self._config.inbound is not None
+            self._agent = new_session(None, self._config.inbound.timeouts)
+        return self._agent
+
+    def renew_client_certs(self) -> None:
+        """After an SVID rotation: new sessions for mTLS upstreams; old ones finish, then close."""
+        for name, up in self._config.outbound.upstreams.items():
+            old = self._sessions.pop(name, None) if up.client_cert == "svid" else None
+            if old is not None:
+                asyncio.get_running_loop().call_later(self._config.drain, asyncio.ensure_future, old.close())
+
+    async def aclose(self) -> None:
+        for session in (*self._sessions.values(), self._agent):
+            if session is not None:
+                await session.close()
+
+
+@dataclass
+class Runtime:
+    config: Config
+    agent: AgentInfo
+    metrics: Metrics
+    router: Router
+    policy: PolicySet
+    providers: dict[str, CredentialProvider]
+    credentials: CredentialCache
+    tasks: TaskRegistry
+    revocations: Revocations
+    sessions: Sessions
+    exchanges: ActiveExchanges
+    verifier: Any = None  # sidecar.identity.jwt.JwtVerifier, when inbound.jwt has issuers
+    acceptor: Any = None  # sidecar.identity.mtls.MtlsAcceptor of the inbound listener
+    approvals: Any = None  # sidecar.approvals.Approvals
+    signer: Any = None  # sidecar.identity.signing.Signer
+
+    def __post_init__(self) -> None:
+        self.tasks.on_end(self._task_ended)
+        self.revocations.on_apply(self._enforce_revocation)
+
+    # -- stages ---------------------------------------------------------------------------
+    def decide(self, facts: Facts) -> Decision:
+        return self.policy.decide(facts)
+
+    def peer_of(self, request: web.BaseRequest) -> Any:
+        peer = self.acceptor.peer_of(request.transport) if self.acceptor is not None else None
+        if peer is None:
+            raise IdentityRefused("peer_unverified", "identity: no verified client certificate on this connection")
+        return peer
+
+    async def inbound_token(self, request: web.BaseRequest) -> Any:
+        from sidecar.identity.jwt import bearer_token
+
+        inbound = self.config.inbound
+        assert inbound is not None
+        values = request.headers.getall("Authorization", ())
+        if self.verifier is None:
+            return None
+        token = bearer_token(values)
+        if token is None:
+            if inbound.jwt_required:
+                raise IdentityRefused("token_invalid", "identity: a bearer token is required on this listener")
+            return None
+        return await self.verifier.verify(token)
+
+    def agent_headers(self, request: web.BaseRequest, peer: Any, traceparent: str) -> CIMultiDict[str]:
+        from sidecar.identity.x509 import xfcc_value
+
+        strip = {"authorization"} if self.verifier is not None else set()
+        headers = clean_request_headers(request.headers, strip)
+        headers["X-Forwarded-Client-Cert"] = xfcc_value(self.agent.id, peer)
+        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-Proto"] = "https"
+        headers["traceparent"] = traceparent
+        headers["Via"] = VIA
+        return headers
+
+    def open_task_for(self, token: Any, request: web.BaseRequest) -> Task:
+        inbound = self.config.inbound
+        assert inbound is not None
+        task = self.tasks.open(principal=(token.issuer, token.subject), subject_token=token.token,
+                               delegation="delegated", actor_type=token.actor_type,
+                               trigger=request.headers.get(inbound.task_trigger_header), ttl=self.config.tasks.ttl,
+                               token_exp=token.expires_at, act_chain=token.act_chain)
+        self.metrics.active_tasks.set(self.tasks.open_count)
+        return task
+
+    def end_inbound_task(self, ex: Exchange) -> None:
+        if ex.task_id and self.config.tasks.end == "response":
+            self.tasks.end(ex.task_id)
+
+    async def relay(self, request: web.BaseRequest, ex: Exchange, upstream: aiohttp.ClientResponse,
+                    label: str) -> web.StreamResponse:
+        ex.upstream_status = upstream.status
+        try:
+            transform = self._response_filter(ex, upstream)
+            response = await relay(request, upstream, transform, on_prepared=lambda s: _set_status(ex, s))
+            ex.outcome = "completed"
+            return response
+        except UpstreamReset as exc:
+            ex.outcome, ex.reason_detail = "upstream_reset", "upstream reset the connection mid-response"
+            self.metrics.upstream_errors.labels(self.metrics.upstream_label(ex.upstream), "reset").inc()
+            if not exc.started:
+                raise UpstreamFailed("upstream_unreachable", "upstream: connection reset before the response") from None
+            _abort(request)
+            return exc.response  # type: ignore[return-value]
+        except ClientGone as exc:
+            ex.outcome, ex.reason_detail = "cut", "client gone"
+            return exc.response  # type: ignore[return-value]
+        finally:
+            upstream.release()
+
+    def _response_filter(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> Any:
+        if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
+            return None
+        return tools_list_filter(self, ex, upstream.headers)
+
+    # -- the one exit ----------------------------------------------------------------------
+    def record(self, ex: Exchange) -> None:
+        m = self.metrics
+        upstream = "agent" if ex.direction == "inbound" else m.upstream_label(ex.upstream)
+        if ex.outcome == "refused" and ex.status is None:
+            ex.status = 500
+        m.observe_request(ex.direction, ex.decision, upstream, time.perf_counter() - ex.started)
+        if ex.rule_id is not None:
+            m.policy_decisions.labels(ex.direction, ex.decision, ex.rule_id).inc()
+        if ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
+            m.delegated_requests.labels(ex.delegation).inc()
+        if ex.reason in ("upstream_unreachable", "upstream_timeout"):
+            m.upstream_errors.labels(upstream, ex.reason).inc()
+        emit_event(ex.event(self.agent))
+
+    # -- ends and revocations --------------------------------------------------------------
+    def _task_ended(self, task: Task) -> None:
+        self.credentials.drop_task(task.id)
+        self.metrics.active_tasks.set(self.tasks.open_count)
+        if task.ended == "revoked":
+            self.exchanges.cut(lambda ex: ex.task_id == task.id, "revoked: task")
+
+    def _enforce_revocation(self, entry: Revocation) -> None:
+        kind, ident = entry.kind, entry.id
+        if kind == "task":
+            self.tasks.revoke(ident)
+        elif kind == "subject":
+            self.tasks.revoke_subject(ident)
+            self.exchanges.cut(lambda ex: ex.principal is not None and ex.principal[1] == ident, "revoked: subject")
+        elif kind == "credential":
+            self.credentials.drop_credential(ident)
+            self.exchanges.cut(lambda ex: ex.credential is not None and ex.credential.id == ident,
+                               "revoked: credential")
+        elif kind == "agent" and ident == self.agent.id:
+            self.credentials.drop_all()
+            self.exchanges.cut(lambda ex: True, "revoked: agent")
+
+
+def _set_status(ex: Exchange, status: int) -> None:
+    ex.status = status
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """The upstream broke mid-response: the client must see a broken response, not a short one."""
+    if request.transport is not None:
+        request.transport.abort()

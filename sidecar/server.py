@@ -1,0 +1,105 @@
+"""The HTTP server underneath every listener, with aiohttp's error path taken over.
+
+aiohttp answers requests its parser rejects with a text 400 that echoes the offending
+line, and logs a traceback containing it: a malformed ``Authorization`` header leaks its
+token that way. :class:`SidecarServer` builds :class:`SafeRequestHandler` protocols whose
+``handle_error`` answers with the same JSON refusal as every other one, reports it to the
+listener (so it gets its trust-decision event and metrics) and logs only the error type.
+
+The parser's own limits are raised above the configured ones, so that the configured
+limits (checked by the pipeline) decide, with 431 rather than aiohttp's 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar.config import Limits
+from sidecar.errors import PROXY_STATUS_ERROR, Refusal, RequestRefused
+
+log = structlog.get_logger("sidecar.server")
+
+PROXY_NAME = "sidecar"
+ParseErrorHook = Callable[[web.BaseRequest, Refusal], None]
+
+
+def error_response(refusal: Refusal) -> web.Response:
+    """The one shape of every refusal: JSON body, reason code, Proxy-Status (RFC 9209)."""
+    body = orjson.dumps({"error": refusal.reason, "message": refusal.message})
+    error = PROXY_STATUS_ERROR.get(refusal.reason, "http_request_denied")
+    headers = {"Proxy-Status": f'{PROXY_NAME}; error={error}; details="{refusal.reason}"',
+               "Cache-Control": "no-store"}
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
+    return web.Response(status=refusal.status, body=body, content_type="application/json", headers=headers)
+
+
+def parse_refusal(exc: BaseException | None, status: int) -> Refusal:
+    """Turn a parser error into a refusal, without echoing what the client sent."""
+    text = str(getattr(exc, "message", "")).lower()
+    if isinstance(exc, LineTooLong) or "too many headers" in text or "header" in text and "too long" in text:
+        return RequestRefused("headers_too_large", "request: headers exceed the configured limits")
+    if status == 413 or "too large" in text:
+        return RequestRefused("body_too_large", "request: body exceeds the configured limit")
+    if isinstance(exc, BadHttpMessage) or status == 400:
+        return RequestRefused("bad_request", "request: malformed HTTP request "
+                                             f"({type(exc).__name__ if exc else 'parse error'}); "
+                                             "expected a valid HTTP/1.1 request")
+    return Refusal("internal_error", "sidecar: internal error")
+
+
+class SafeRequestHandler(RequestHandler):
+    """aiohttp's protocol, with errors answered as JSON refusals and logged without content."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        refusal = parse_refusal(exc, status)
+        log.warning("request_rejected", reason=refusal.reason, status=refusal.status,
+                    error_type=type(exc).__name__ if exc else None)
+        manager = self._manager
+        hook = getattr(manager, "on_parse_error", None)
+        if hook is not None:
+            hook(request, refusal)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        response = error_response(refusal)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        log.error("handler_error", error_type=type(exc).__name__ if isinstance(exc, BaseException) else None)
+
+
+class SidecarServer(web.Server):
+    """A low-level aiohttp server whose protocols are :class:`SafeRequestHandler`."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
+                 limits: Limits, on_parse_error: ParseErrorHook | None = None, **kwargs: Any) -> None:
+        kwargs.update(parser_limits(limits))
+        kwargs.setdefault("auto_decompress", False)  # a proxy passes bodies as they are
+        kwargs.setdefault("access_log", None)
+        super().__init__(handler, **kwargs)
+        self.on_parse_error = on_parse_error
+
+    def __call__(self) -> RequestHandler:
+        return SafeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def parser_limits(limits: Limits) -> dict[str, int]:
+    """Parser limits above the configured ones, so that the configured limits decide."""
+    return {"max_line_size": limits.max_header_bytes * 2, "max_field_size": limits.max_header_bytes * 2,
+            "max_headers": limits.max_headers * 2 + 8}
+
+
+async def start_tcp(server: web.Server, host: str, port: int, *, ssl: Any = None,
+                    backlog: int = 512) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(server, host, port, ssl=ssl, backlog=backlog, reuse_address=True)
