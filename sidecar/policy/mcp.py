@@ -205,6 +205,8 @@ def _filtered_message(message: Any, allowed: Callable[[str], bool]) -> Any | Non
     if not isinstance(message, dict):
         raise _refuse("tools/list response must be one JSON-RPC object")
     _check_case_variants(message, "the tools/list response")
+    if "result" in message and ("method" in message or "error" in message):
+        raise _refuse("a JSON-RPC message with result must not carry method or error")
     if "method" in message or "error" in message:
         return None  # a server notification/request, or an error: no tools to filter
     result = message.get("result")

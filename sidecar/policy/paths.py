@@ -4,9 +4,9 @@ What is matched is what is forwarded, and what is signed: the matcher, the forwa
 request signer all take their path from :func:`canonical_path`, never from aiohttp's decoded
 ``request.path`` (callers pass ``request.raw_path``).
 
-    raw target ──split_route_prefix──▶ (upstream, raw rest, raw query)
-    raw rest ──canonical_path──▶ canonical path ──join_base──▶ path sent upstream (+ "?" + raw query)
-    forward-proxy path ──canonical_path──▶ ──strip_base──▶ path the rules see
+    raw target --split_route_prefix--> (upstream, raw rest, raw query)
+    raw rest --canonical_path--> rule path --join_base--> upstream path (+ "?" + raw query)
+    forward-proxy raw path --canonical_path--> --strip_base--> rule path
 
 Choices made where PRODUCT.md is silent (what an Envoy or nginx user would expect, stricter):
 
@@ -53,15 +53,19 @@ class PathOptions:
 DEFAULT_OPTIONS = PathOptions()
 
 
+def _hex_spellings(byte: int) -> set[str]:
+    """'2f', '2F' for 0x2F; every upper/lower case mix of the two hex digits."""
+    high, low = f"{byte:02x}"
+    return {a + b for a in {high, high.upper()} for b in {low, low.upper()}}
+
+
 def _escape_tables() -> tuple[dict[str, str], dict[str, str]]:
     """Every 2-hex-digit escape (any case) -> its canonical text, or -> why it is refused."""
     decode: dict[str, str] = {}
     refused: dict[str, str] = {}
     for byte in range(256):
-        canon = f"%{byte:02X}"
-        char = chr(byte)
-        for digits in {f"{byte:02x}", f"{byte:02X}", f"{byte:02x}"[0] + f"{byte:02X}"[1],
-                       f"{byte:02X}"[0] + f"{byte:02x}"[1]}:
+        canon, char = f"%{byte:02X}", chr(byte)
+        for digits in _hex_spellings(byte):
             if byte < 0x20 or byte == 0x7F:
                 refused[digits] = f"encoded control character ({canon}) is not allowed"
             elif byte == 0x5C:

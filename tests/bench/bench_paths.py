@@ -43,18 +43,20 @@ def per_call_us(fn: Callable[[], object], number: int = 100_000) -> float:
 def main() -> None:
     for label, path in PATHS.items():
         us = per_call_us(lambda p=path: canonical_path(p, OPTS))
-        print(f"canonical_path  {label:26s} {us:6.2f} µs   {path} -> {canonical_path(path, OPTS)}")
+        print(f"canonical_path {label:25s} {us:6.2f} µs  {path} -> {canonical_path(path, OPTS)}")
     target = "/billing-api/v1/invoices/42?expand=lines"
-    print(f"split_route_prefix + canonical_path   {per_call_us(lambda: canonical_path(split_route_prefix(target)[1], OPTS)):6.2f} µs")
-    print(f"normalize_host (name:port)            {per_call_us(lambda: normalize_host('Billing.Internal:8443', 'https')):6.2f} µs")
-    print(f"normalize_host ([v6]:port)            {per_call_us(lambda: normalize_host('[::1]:8443', 'https')):6.2f} µs")
     uncached = normalize_host.__wrapped__
-    print(f"normalize_host uncached (name:port)   {per_call_us(lambda: uncached('Billing.Internal:8443', 'https')):6.2f} µs")
-    print(f"normalize_host uncached ([v6]:port)   {per_call_us(lambda: uncached('[::1]:8443', 'https')):6.2f} µs")
-    print(f"check_header_names (8 names)          {per_call_us(lambda: check_header_names(HEADERS)):6.2f} µs")
+    rows: list[tuple[str, Callable[[], object]]] = [
+        ("split_route_prefix + canonical_path", lambda: canonical_path(split_route_prefix(target)[1])),
+        ("normalize_host cached (name:port)", lambda: normalize_host("Billing.Internal:8443", "https")),
+        ("normalize_host uncached (name:port)", lambda: uncached("Billing.Internal:8443", "https")),
+        ("normalize_host uncached ([v6]:port)", lambda: uncached("[::1]:8443", "https")),
+        ("check_header_names (8 names)", lambda: check_header_names(HEADERS)),
+    ]
+    for label, fn in rows:
+        print(f"{label:40s} {per_call_us(fn):6.2f} µs")
     mcp_us = per_call_us(lambda: parse_mcp_request(MCP_BODY, "application/json", 65536), 20_000)
-    print(f"parse_mcp_request ({len(MCP_BODY)} B tools/call)   {mcp_us:6.2f} µs")
-
+    print(f"{f'parse_mcp_request ({len(MCP_BODY)} B tools/call)':40s} {mcp_us:6.2f} µs")
 
 if __name__ == "__main__":
     main()

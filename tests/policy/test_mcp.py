@@ -287,6 +287,12 @@ def test_filter_tools_list_passes_error_responses() -> None:
         b'{"jsonrpc":"2.0","id":3,"result":{"tools":[],"tools":[{"name":"delete_all"}]}}',
         # case variant 'Tools': Go clients match it as 'tools'
         b'{"jsonrpc":"2.0","id":3,"result":{"tools":[],"Tools":[{"name":"delete_all"}]}}',
+        # result next to error: a client reading result would get the unfiltered list
+        b'{"jsonrpc":"2.0","id":3,"error":{"code":1,"message":"x"},"result":{"tools":[{"name":"x"}]}}',
+        # result next to method: the same smuggling through a "notification"
+        b'{"jsonrpc":"2.0","method":"notifications/x","result":{"tools":[{"name":"x"}]}}',
+        # wrong jsonrpc version on the response
+        b'{"jsonrpc":"1.0","id":3,"result":{"tools":[]}}',
         # case variant 'Name' in an entry
         b'{"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"search","Name":"delete_all"}]}}',
     ],
