@@ -15,7 +15,7 @@ by :func:`sidecar.identity.x509.verify_peer` against the bundle of the leaf's ow
 only, which is the check that binds bundles to domains.
 
     accept TCP ─ pause reading ─ (slot, timeout) start_tls(current context) ─ verify_peer
-      ├─ refused: on_reject(reason, message, peer); a 401/403 JSON response; close (nothing read)
+      ├─ refused: on_reject(reason, message, peer); a 401/403 JSON response; close (nothing parsed)
       └─ accepted: peer recorded for peer_of(transport); handler protocol attached to the TLS transport
 
 Refusal reasons passed to ``on_reject`` are :data:`REJECT_REASONS`: those of ``PeerRejected`` plus
@@ -82,6 +82,7 @@ class MtlsAcceptor:
         max_handshakes: int = 128,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         respond_on_reject: bool = True,
+        refusal_grace: float = 1.0,
     ) -> None:
         self._context = context
         self._bundles = bundles
@@ -92,6 +93,7 @@ class MtlsAcceptor:
         self._slots = asyncio.Semaphore(max_handshakes)
         self._clock = clock
         self._respond = respond_on_reject
+        self._refusal_grace = refusal_grace
         self._peers = _PeerTable()
         self._pending: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -138,7 +140,7 @@ class MtlsAcceptor:
         try:
             peer = self._verify(tls)
         except PeerRejected as rejected:
-            self._refuse(tls, rejected, address)
+            await self._refuse(tls, holding, rejected, address)
             return
         self._peers.add(tls, peer)
         _hand_over(tls, holding, self._handler_factory())
@@ -173,13 +175,22 @@ class MtlsAcceptor:
         chain = _intermediates(ssl_object, leaf)
         return verify_peer(leaf, chain, self._bundles(), self._allowed, self._clock())
 
-    def _refuse(self, tls: asyncio.Transport, rejected: PeerRejected, address: str) -> None:
+    async def _refuse(
+        self, tls: asyncio.Transport, holding: _Holding, rejected: PeerRejected, address: str
+    ) -> None:
+        """Report, answer with the refusal and close; the peer's bytes are dropped unparsed.
+
+        A TLS 1.2 client sends its request only after the handshake: the answer waits for its
+        first bytes (at most ``refusal_grace``) so that the client is reading when it arrives.
+        """
         try:
-            if self._respond:
-                tls.write(refusal_response(rejected.request_reason, rejected.message))
-        finally:
-            tls.close()
             self._on_reject(rejected.reason, rejected.message, address)
+        finally:
+            try:
+                if self._respond and await holding.wait_for_bytes(self._refusal_grace):
+                    tls.write(refusal_response(rejected.request_reason, rejected.message))
+            finally:
+                tls.close()
 
 
 def refusal_response(reason: str, message: str) -> bytes:
@@ -248,10 +259,10 @@ def _hand_over(tls: asyncio.Transport, holding: _Holding, protocol: asyncio.Base
     protocol.connection_made(tls)
     for chunk in holding.received:
         _feed(protocol, chunk)
+    if holding.eof:
+        protocol.eof_received()  # type: ignore[attr-defined]
     if holding.lost:
         protocol.connection_lost(holding.error)
-    elif holding.eof and not protocol.eof_received():  # type: ignore[attr-defined]
-        tls.close()
 
 
 def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
@@ -287,17 +298,29 @@ class _Holding(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.error: BaseException | None = None
+        self._stirred = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:
         self.received.append(data)
+        self._stirred.set()
 
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True  # keep the transport until the handler decides
+    def eof_received(self) -> None:
+        self.eof = True  # over TLS the transport closes after this whatever we return
+        self._stirred.set()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
         self.error = exc
+        self._stirred.set()
+
+    async def wait_for_bytes(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for the peer to send or close; True if it is still open."""
+        try:
+            async with asyncio.timeout(grace):
+                await self._stirred.wait()
+        except TimeoutError:
+            pass  # a silent peer is answered anyway
+        return not (self.lost or self.eof)
 
 
 class _PeerTable:

@@ -167,6 +167,28 @@ async def test_caller_sending_its_intermediate_is_served(harness: Harness, pki: 
     assert await _attempt(harness.port, _client_context(harness.ca_file, cert)) == (200, CALLER_ID)
 
 
+@pytest.mark.parametrize(
+    ("version", "with_cert", "expected"),
+    [
+        # TLS 1.2: the certificate arrives inside the handshake
+        (ssl.TLSVersion.TLSv1_2, True, 200),
+        (ssl.TLSVersion.TLSv1_2, False, 401),
+        # TLS 1.3: the certificate arrives after the server's Finished
+        (ssl.TLSVersion.TLSv1_3, True, 200),
+        (ssl.TLSVersion.TLSv1_3, False, 401),
+    ],
+)
+async def test_both_tls_versions(
+    harness: Harness, pki: Pki, tmp_path: Path, version: ssl.TLSVersion, with_cert: bool, expected: int
+) -> None:
+    """TLS 1.2 and 1.3 callers are served or refused alike."""
+    cert = pki.ours.issue(CALLER_ID).write(tmp_path, "caller") if with_cert else None
+    context = _client_context(harness.ca_file, cert)
+    context.minimum_version = context.maximum_version = version
+    outcome = await _attempt(harness.port, context)
+    assert isinstance(outcome, tuple) and outcome[0] == expected
+
+
 async def test_peer_of_an_unknown_transport_is_none(harness: Harness) -> None:
     """Only transports this acceptor verified have a peer."""
     assert harness.acceptor.peer_of(None) is None
