@@ -130,20 +130,24 @@ class MtlsAcceptor:
         holding = _Holding()
         try:
             tls = await self._handshake(transport, holding)
-        except asyncio.CancelledError:
-            transport.abort()
-            raise
         except _HandshakeFailed as failed:
             transport.abort()
             self._on_reject(failed.reason, failed.message, address)
             return
+        except BaseException:  # cancelled by close(), or a broken context callable: fail closed
+            transport.abort()
+            raise
         try:
             peer = self._verify(tls)
+            protocol = self._handler_factory()
         except PeerRejected as rejected:
             await self._refuse(tls, holding, rejected, address)
             return
+        except BaseException:
+            tls.abort()
+            raise
         self._peers.add(tls, peer)
-        _hand_over(tls, holding, self._handler_factory())
+        _hand_over(tls, holding, protocol)
 
     async def _handshake(self, transport: asyncio.Transport, holding: _Holding) -> asyncio.Transport:
         loop = asyncio.get_running_loop()
