@@ -170,7 +170,7 @@ class KeySource:
         self._ssl = client_ssl_context(config.ca) if config.jwks_uri else None
         self._session: aiohttp.ClientSession | None = None
         self._last_raw: bytes | None = None
-        self._last_attempt: float | None = None
+        self._last_token_refresh: float | None = None  # refreshes a token caused are rate-limited
         self._inflight: asyncio.Task[bool] | None = None
         self.last_error: str | None = None
 
@@ -180,22 +180,32 @@ class KeySource:
     async def refresh(self) -> bool:
         """Load the key set now (joining a refresh in flight); True when a good set is in force."""
         if self._inflight is None:
-            self._last_attempt = self._clock()
             self._inflight = asyncio.ensure_future(self._refresh())
             self._inflight.add_done_callback(self._clear_inflight)
         return await asyncio.shield(self._inflight)
 
     async def refresh_for_unknown_kid(self) -> None:
-        """Refresh because a token named an unknown kid: at most once per interval."""
-        if self._inflight is None and not self._may_refresh():
-            return
+        """Refresh because a token named an unknown kid (or keys are missing): at most once per interval.
+
+        Joins a refresh already in flight. Scheduled refreshes do not count against the interval.
+        """
+        if self._inflight is None:
+            if not self._may_refresh():
+                return
+            self._last_token_refresh = self._clock()
         await self.refresh()
 
     def _may_refresh(self) -> bool:
-        if self._last_attempt is None:
+        if self._last_token_refresh is None:
             return True
-        elapsed = self._clock() - self._last_attempt
+        elapsed = self._clock() - self._last_token_refresh
         return elapsed < 0 or elapsed >= self._min_interval  # a clock that went back never blocks
+
+    async def aclose(self) -> None:
+        """Cancel a refresh in flight (the session it uses is about to close)."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+            await asyncio.gather(self._inflight, return_exceptions=True)
 
     def _clear_inflight(self, _task: asyncio.Task[bool]) -> None:
         self._inflight = None

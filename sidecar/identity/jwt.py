@@ -124,9 +124,9 @@ def _b64_json(segment: str, what: str) -> dict[str, Any]:
     try:
         value = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except (binascii.Error, ValueError):
-        raise _refused(f"token {what} must be base64url-encoded JSON") from None
+        raise _refused(f"token {what} must be base64url-encoded json") from None
     if not isinstance(value, dict):
-        raise _refused(f"token {what} must be a JSON object")
+        raise _refused(f"token {what} must be a json object")
     return value
 
 
@@ -150,7 +150,7 @@ def _check_header(header: dict[str, Any]) -> tuple[str, str | None]:
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS:
         raise _refused(f"token alg must be one of {', '.join(sorted(ASYMMETRIC_ALGORITHMS))} "
-                       "(none and HMAC are never accepted)")
+                       "(none and hmac are never accepted)")
     for name in _KEYS_FROM_TOKEN:
         if name in header:
             raise _refused(f"token header must not carry {name}: keys come only from the issuer's jwks")
@@ -158,7 +158,7 @@ def _check_header(header: dict[str, Any]) -> tuple[str, str | None]:
         raise _refused("token header must not carry crit or b64: no extension is supported")
     kid = header.get("kid")
     if kid is not None and (not isinstance(kid, str) or not _KID.fullmatch(kid)):
-        raise _refused(f"token kid must be 1-{MAX_KID_CHARS} characters of A-Z a-z 0-9 . _ ~ + / = : -")
+        raise _refused(f"token kid must be 1-{MAX_KID_CHARS} ascii letters, digits or . _ ~ + / = : -")
     return alg, kid
 
 
@@ -176,7 +176,7 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _refused(f"token claim {name} must be a JSON number (NumericDate)")
+        raise _refused(f"token claim {name} must be a json number (a numericdate)")
     return float(value)
 
 
@@ -294,6 +294,7 @@ class JwtVerifier:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
             self._refresher = None
+        await asyncio.gather(*(i.source.aclose() for i in self._issuers.values()))
         if self._session is not None:
             await self._session.close()
             self._session = None

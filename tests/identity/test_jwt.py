@@ -83,7 +83,8 @@ def sign(key: Key, payload: Any = None, *, alg: str | None = None, **header: Any
     """A really signed token; header values of DROP leave that header out."""
     alg = alg or key.alg
     fields = {k: v for k, v in {"alg": alg, "typ": "JWT", "kid": key.kid, **header}.items() if v is not DROP}
-    signing_input = f"{b64(json.dumps(fields).encode())}.{b64(json.dumps(payload if payload is not None else claims()).encode())}"
+    body = payload if payload is not None else claims()
+    signing_input = f"{b64(json.dumps(fields).encode())}.{b64(json.dumps(body).encode())}"
     return f"{signing_input}.{b64(jwt.get_algorithm_by_name(alg).sign(signing_input.encode(), key.private))}"
 
 
