@@ -1,0 +1,346 @@
+"""The policy engine: load and index policy files, and decide one request -> :class:`Decision`.
+
+Only rules of the request's direction apply; they are indexed at load by (direction, upstream,
+method), rules without an upstream or methods merged into every bucket in file order, so a
+decision looks at the few rules that could match. Within the bucket, in file order:
+
+- a matching ``deny`` refuses (``rule_denied``), and a condition that cannot be evaluated
+  refuses (``condition_error``) whatever its rule's effect: the first of these in file order
+  decides, even when another rule would allow;
+- else a matching ``require_approval`` holds the request (reason ``approval_required``; the
+  pipeline turns it into ``approved``, ``approval_denied`` or ``approval_timeout``);
+- else a matching ``allow`` permits: the first in file order supplies credential, scopes and
+  delegation; the rate limit of every matching allow rule is charged (one exhausted bucket
+  refuses with ``rate_limited`` and ``retry_after``);
+- else ``default`` applies, with ``rule_id: "default"``.
+
+A rule matches when its static matchers accept the request and its ``when`` holds (delegation,
+then hours, then expr). Shadow rules (``mode: audit`` on the rule or its file) are decided the
+same way, separately: their outcome goes into ``audit`` (None when no shadow rule matched) and
+never changes the enforced one. With ``mode="audit"`` every decision allows with the upstream's
+default credential and ``audit`` carries the would-be enforced outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.errors import ConfigError, ConfigInvalid
+from sidecar.fields import Fields
+from sidecar.policy.model import DIRECTIONS, ConditionFailed, LoadContext, Rule, parse_rule, raw_rule_id
+from sidecar.policy.ratelimit import Limit, RateLimiter
+
+Index = dict[str, dict[str | None, dict[str | None, tuple[Rule, ...]]]]
+EVENT_DECISION = {"allow": "allow", "deny": "deny", "require_approval": "approval_required"}
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What policy knows about one request; paths are canonical, hosts normalized."""
+
+    direction: str  # "inbound" | "outbound"
+    method: str  # uppercase
+    scheme: str
+    host: str  # lowercased, normalized
+    path: str  # canonical path (upstream base path removed)
+    query: str  # raw query
+    headers: Mapping[str, tuple[str, ...]]  # lowercase name -> all values in order
+    size: int  # request body size (0 if none)
+    upstream: str | None  # configured upstream name (outbound)
+    agent_id: str
+    agent_name: str
+    agent_environment: str
+    caller_id: str | None = None  # inbound caller SPIFFE ID
+    principal: tuple[str, str] | None = None  # (iss, sub) of the human/workload token
+    delegation: str = "none"  # "delegated" | "impersonated" | "asserted" | "none"
+    task_id: str | None = None
+    task_trigger: str | None = None
+    mcp_method: str | None = None
+    mcp_tool: str | None = None
+    now: datetime | None = None  # aware UTC; the engine uses its clock when None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one policy decision, as the pipeline and the trust-decision event need it."""
+
+    effect: str  # "allow" | "deny" | "require_approval"
+    reason: str  # allowed | no_matching_rule | rule_denied | condition_error | rate_limited | approval_required
+    rule_id: str  # "default" when no rule matched
+    credential: str | None  # None: use the upstream's default credential
+    scopes: tuple[str, ...] | None
+    delegation: str | None  # the deciding rule's when.delegation
+    audit: Mapping[str, str] | None  # {"decision", "rule_id", "reason"} of shadow rules
+    retry_after: int | None  # seconds, with rate_limited
+    policy_version: str
+    detail: str | None = None  # for reason_detail (what a condition failed on); never a request value
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    effect: str
+    reason: str
+    rule: Rule | None
+    detail: str | None = None
+    retry_after: int | None = None
+
+    def audit(self) -> dict[str, str]:
+        rule_id = self.rule.id if self.rule else "default"
+        return {"decision": EVENT_DECISION[self.effect], "rule_id": rule_id, "reason": self.reason}
+
+
+class PolicySet:
+    """A loaded, indexed set of rules; :meth:`decide` is the per-request entry point."""
+
+    __slots__ = ("rules", "default", "version", "mode", "files", "_limiter", "_clock", "_enforced", "_shadow",
+                 "_default")
+    _shadow: Index | None
+
+    def __init__(self, rules: Sequence[Rule], *, default: str, version: str, mode: str, files: Sequence[Path],
+                 limiter: RateLimiter, clock: Callable[[], datetime]) -> None:
+        self.rules = tuple(rules)
+        self.default, self.version, self.mode, self.files = default, version, mode, tuple(files)
+        self._limiter, self._clock = limiter, clock
+        self._enforced = build_index([r for r in self.rules if not r.shadow])
+        shadows = [r for r in self.rules if r.shadow]
+        self._shadow = build_index(shadows) if shadows else None
+        reason = "allowed" if default == "allow" else "no_matching_rule"
+        self._default = _Outcome(default, reason, None)
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self._limiter
+
+    def decide(self, facts: Facts) -> Decision:
+        now = self._now(facts)
+        enforced = self._evaluate(self._enforced, facts, now, limits=True) or self._default
+        if self.mode == "audit":
+            return Decision("allow", "allowed", "default", None, None, None, enforced.audit(), None, self.version)
+        shadow = self._evaluate(self._shadow, facts, now, limits=True) if self._shadow is not None else None
+        return self._decision(enforced, shadow.audit() if shadow else None)
+
+    def mcp_tool_allowed(self, facts: Facts, tool: str) -> bool:
+        """Would ``tools/call`` of ``tool`` be allowed or approvable (rate limits aside)?"""
+        if self.mode == "audit":
+            return True
+        call = replace(facts, mcp_method="tools/call", mcp_tool=tool)
+        outcome = self._evaluate(self._enforced, call, self._now(call), limits=False) or self._default
+        return outcome.effect in ("allow", "require_approval")
+
+    def rules_for(self, direction: str, upstream: str | None, method: str, *, shadow: bool = False) -> tuple[Rule, ...]:
+        """The rules, in file order, a request with these keys is evaluated against."""
+        index = self._shadow if shadow else self._enforced
+        return _bucket(index, direction, upstream, method) if index is not None else ()
+
+    def _now(self, facts: Facts) -> datetime:
+        now = facts.now or self._clock()
+        return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+
+    def _evaluate(self, index: Index, facts: Facts, now: datetime, *, limits: bool) -> _Outcome | None:
+        approval: Rule | None = None
+        allows: list[Rule] = []
+        for rule in _bucket(index, facts.direction, facts.upstream, facts.method):
+            if not rule.matches(facts):
+                continue
+            try:
+                if not rule.holds(facts, now):
+                    continue
+            except ConditionFailed as exc:
+                return _Outcome("deny", "condition_error", rule, str(exc))
+            if rule.effect == "deny":
+                return _Outcome("deny", "rule_denied", rule)
+            if rule.effect == "allow":
+                allows.append(rule)
+            elif approval is None:
+                approval = rule
+        if approval is not None:
+            return _Outcome("require_approval", "approval_required", approval)
+        if not allows:
+            return None
+        return self._charge(allows, facts) if limits else _Outcome("allow", "allowed", allows[0])
+
+    def _charge(self, allows: list[Rule], facts: Facts) -> _Outcome:
+        limited = {_limit_key(r, facts): r for r in allows if r.rate_limit is not None}
+        if limited:
+            hit = self._limiter.take(Limit(k, r.rate_limit.requests, r.rate_limit.per)  # type: ignore[union-attr]
+                                     for k, r in limited.items())
+            if hit is not None:
+                return _Outcome("deny", "rate_limited", limited[hit[0].key], retry_after=hit[1])
+        return _Outcome("allow", "allowed", allows[0])
+
+    def _decision(self, outcome: _Outcome, audit: Mapping[str, str] | None) -> Decision:
+        rule = outcome.rule
+        if rule is None:
+            return Decision(outcome.effect, outcome.reason, "default", None, None, None, audit, None, self.version)
+        grants = outcome.effect != "deny"
+        return Decision(outcome.effect, outcome.reason, rule.id, rule.credential if grants else None,
+                        rule.scopes if grants else None, rule.delegation, audit, outcome.retry_after,
+                        self.version, outcome.detail)
+
+
+def _limit_key(rule: Rule, facts: Facts) -> tuple[str, str, str]:
+    """Per agent, or per task; requests without a task share one bucket per agent."""
+    if rule.rate_limit is not None and rule.rate_limit.key == "task":
+        return (rule.id, "task", facts.task_id) if facts.task_id else (rule.id, "no-task", facts.agent_id)
+    return rule.id, "agent", facts.agent_id
+
+
+def _bucket(index: Index, direction: str, upstream: str | None, method: str) -> tuple[Rule, ...]:
+    by_upstream = index.get(direction)
+    if by_upstream is None:
+        return ()
+    by_method = by_upstream.get(upstream) or by_upstream[None]
+    rules = by_method.get(method)
+    return by_method[None] if rules is None else rules
+
+
+def build_index(rules: Sequence[Rule]) -> Index:
+    """direction -> upstream (None: any other) -> method (None: any other) -> rules in file order."""
+    index: Index = {}
+    for direction in DIRECTIONS:
+        groups: dict[str | None, list[Rule]] = {None: []}
+        for rule in rules:
+            if rule.direction == direction:
+                groups.setdefault(rule.upstream, []).append(rule)
+        wildcard = groups[None]
+        index[direction] = {up: _by_method(list(heapq.merge(own, wildcard, key=lambda r: r.order)) if up else own)
+                            for up, own in groups.items()}
+    return index
+
+
+def _by_method(rules: list[Rule]) -> dict[str | None, tuple[Rule, ...]]:
+    methods = {m for rule in rules for m in rule.methods}
+    table: dict[str | None, tuple[Rule, ...]] = {None: tuple(r for r in rules if not r.methods)}
+    for method in methods:
+        table[method] = tuple(r for r in rules if not r.methods or method in r.methods)
+    return table
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+class _FileFields(Fields):
+    """The root of one policy file: paths read ``config/policy.yaml: default``."""
+
+    def at(self, key: str) -> str:
+        return f"{self.path}: {key}"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys (a second ``effect:`` would silently win)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    path: str
+    default: str | None
+    rules: tuple[Rule, ...]
+    content: Any
+    first_ids: tuple[tuple[str, str], ...]  # (id, where) of every rule entry, valid or not
+
+
+def load_policy(files: Sequence[Path], *, upstreams: Mapping[str, str], credentials: Mapping[str, tuple[str, ...]],
+                mode: str = "enforce", limiter: RateLimiter | None = None,
+                clock: Callable[[], datetime] | None = None) -> PolicySet:
+    """Read, check and compile every file; raises ConfigInvalid with every problem found."""
+    if mode not in ("enforce", "audit"):
+        raise ValueError(f"policy: mode must be enforce or audit, got {mode!r}")
+    errors: list[ConfigError] = []
+    loaded: list[_File] = []
+    for path in files:
+        loaded.append(_load_file(Path(path), upstreams, credentials, len(loaded) * 1_000_000, errors))
+    _check_across(loaded, errors)
+    if errors:
+        raise ConfigInvalid(errors)
+    default = next((f.default for f in loaded if f.default), "deny")
+    return PolicySet([r for f in loaded for r in f.rules], default=default, version=policy_version(loaded),
+                     mode=mode, files=[Path(f) for f in files],
+                     limiter=limiter if limiter is not None else RateLimiter(),  # an empty limiter is falsy
+                     clock=clock or (lambda: datetime.now(timezone.utc)))
+
+
+def _load_file(path: Path, upstreams: Mapping[str, str], credentials: Mapping[str, tuple[str, ...]],
+               first_order: int, errors: list[ConfigError]) -> _File:
+    name = str(path)
+    content = _read_yaml(path, errors)
+    f = _FileFields(content, name, errors)
+    version = f.int("version", required=True, minimum=1)
+    if version is not None and version != 1:
+        f.error("version", f"must be 1 (the only policy format), got {version}")
+    default = f.choice("default", ("deny", "allow"), "deny")
+    ctx = LoadContext(upstreams, credentials, f.choice("mode", ("enforce", "audit"), "enforce") == "audit")
+    raw_rules = f.raw_value("rules") or []
+    f.done()
+    if not isinstance(raw_rules, list):
+        f.error("rules", "must be a list of rules")
+        raw_rules = []
+    rules, ids = [], []
+    for i, raw in enumerate(raw_rules):
+        rule_id = raw_rule_id(raw)
+        where = f"{name}: rules[{i}]" + (f" ({rule_id})" if rule_id else "")
+        rule = parse_rule(Fields(raw, where, errors, path.parent), first_order + i, ctx)
+        rules.append(rule)
+        if rule_id:
+            ids.append((rule_id, where))
+    return _File(name, default, tuple(r for r in rules if r is not None), content, tuple(ids))
+
+
+def _read_yaml(path: Path, errors: list[ConfigError]) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        errors.append(ConfigError(str(path), f"cannot read policy file: {getattr(exc, 'strerror', None) or exc}"))
+        return {}
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed"
+        errors.append(ConfigError(str(path), f"not valid YAML{where}: {problem}"))
+        return {}
+
+
+def _check_across(loaded: list[_File], errors: list[ConfigError]) -> None:
+    """Rule ids are unique across files; every file says the same default."""
+    first: dict[str, str] = {}
+    for f in loaded:
+        for rule_id, where in f.first_ids:
+            if rule_id in first:
+                errors.append(ConfigError(f"{where}.id", f"duplicate rule id {rule_id!r}, first used at {first[rule_id]}"))
+            else:
+                first[rule_id] = where
+    if loaded and any(f.default != loaded[0].default for f in loaded):
+        for f in loaded[1:]:
+            if f.default != loaded[0].default:
+                errors.append(ConfigError(f"{f.path}: default", f"files disagree on default: {loaded[0].path} says "
+                                          f"{loaded[0].default}, this file says {f.default} (an absent default is deny)"))
+
+
+def policy_version(loaded: Sequence[_File]) -> str:
+    """A short sha256 over the files' parsed content in load order: stable across identical reloads."""
+    normalized = json.dumps([f.content for f in loaded], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(normalized.encode()).hexdigest()[:16]
