@@ -26,13 +26,14 @@ from sidecar.credentials.base import ProviderDeps
 from sidecar.credentials.cache import CredentialCache
 from sidecar.credentials.registry import PROVIDERS
 from sidecar.errors import ConfigInvalid
+from sidecar.fields import ListenAddress
 from sidecar.exchange import AgentInfo
 from sidecar.identity.source import IdentitySource
 from sidecar.observe.decision_log import REDACTOR
 from sidecar.observe.metrics import Metrics
 from sidecar.pipeline import Inbound, Outbound
 from sidecar.policy.engine import PolicySet
-from sidecar.policy.model import load_policy
+from sidecar.policy.engine import load_policy
 from sidecar.policy.ratelimit import RateLimiter
 from sidecar.revocation import RedisBus, Revocations
 from sidecar.routing import Router
@@ -160,6 +161,7 @@ class Sidecar:
         self._web_servers.append(out_server)
         self._servers.append(await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port))
         self.ports["outbound"] = _port(self._servers[-1])
+        rt.router.bound(ListenAddress(cfg.outbound.listen.host, self.ports["outbound"]))
         if cfg.inbound is not None:
             await self._start_inbound()
         for name, app, listen in (("health", health.build(self), cfg.health_listen),

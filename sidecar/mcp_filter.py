@@ -21,7 +21,7 @@ MAX_TOOLS_LIST_BYTES = 4 * 1024 * 1024
 
 
 def tools_list_filter(rt: Runtime, ex: Exchange,
-                      headers: CIMultiDictProxy[str]) -> Callable[[bytes, bool], bytes] | None:
+                      headers: CIMultiDictProxy[str]) -> Callable[[bytes, bool], bytes]:
     facts, policy = ex.facts, rt.policy
 
     def allowed(tool: str) -> bool:
@@ -33,7 +33,12 @@ def tools_list_filter(rt: Runtime, ex: Exchange,
         return lambda chunk, final: sse.feed(chunk) + (sse.close() if final else b"")
     if media == "application/json":
         return _buffered(allowed)
-    return None
+    return _refuse_all
+
+
+def _refuse_all(chunk: bytes, final: bool) -> bytes:
+    """A tools/list response in any other media type cannot be filtered: never pass it on."""
+    raise ValueError("tools/list response is neither application/json nor text/event-stream")
 
 
 def _buffered(allowed: Callable[[str], bool]) -> Callable[[bytes, bool], bytes]:

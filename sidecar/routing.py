@@ -47,6 +47,10 @@ class Router:
         self._by_host = {host: up for up in upstreams.values() for host in up.hosts}
         self._own_hosts = _own_authorities(listen)
 
+    def bound(self, listen: ListenAddress) -> None:
+        """The listener's real address (after binding port 0, in tests)."""
+        self._own_hosts = _own_authorities(listen)
+
     def check_boundary(self, headers: CIMultiDictProxy[str]) -> None:
         """The trust-boundary checks that apply to every outbound request."""
         if "Origin" in headers or "Sec-Fetch-Site" in headers:
@@ -64,7 +68,11 @@ class Router:
                                             "absolute http:// URI")
 
     def _prefix(self, raw_target: str, host: str) -> Route:
-        if host.lower() not in self._own_hosts:
+        try:
+            own = normalize_host(host, "http") in self._own_hosts
+        except RequestRefused:
+            own = False
+        if not own:
             raise RequestRefused("host_mismatch", "outbound: the Host header must be this listener's own "
                                                   "address in route-prefix mode")
         name, raw_rest, query = split_route_prefix(raw_target)
@@ -106,12 +114,7 @@ class Router:
         return self._by_host.get(host)
 
 
-def _own_authorities(listen: ListenAddress) -> frozenset[str]:
-    names = {listen.host, "localhost", "127.0.0.1", "[::1]"} if listen.is_loopback else {listen.host}
-    result = set()
-    for name in names:
-        shown = f"[{name}]" if ":" in name and not name.startswith("[") else name
-        result.add(f"{shown}:{listen.port}".lower())
-        if listen.port == 80:
-            result.add(shown.lower())
-    return frozenset(result)
+def _own_authorities(listen: ListenAddress) -> frozenset[tuple[str, int]]:
+    """(host, port) pairs a route-prefix Host header may name: the listener's own address."""
+    names = {listen.host, "localhost", "127.0.0.1", "::1"} if listen.is_loopback else {listen.host}
+    return frozenset((name.lower(), listen.port) for name in names)

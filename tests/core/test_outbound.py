@@ -1,0 +1,213 @@
+"""The outbound listener: routing, the trust boundary, header hygiene, credentials, errors."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from tests.harness import Upstream, raw_http
+
+SECRET = "canary-static-secret-9f3a7c"
+
+
+def config_for(upstream: Upstream, **extra: object) -> dict:
+    return {
+        "agent": {"name": "billing-agent", "environment": "test"},
+        "outbound": {"upstreams": {"billing": {"url": upstream.url + "/api", "hosts": ["billing.internal"],
+                                                "credential": "legacy", **extra}}},
+        "credentials": {"legacy": {"type": "static", "header": "X-API-Key", "value": {"value": SECRET}}},
+    }
+
+
+POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "read-invoices", "direction": "outbound", "upstream": "billing", "methods": ["GET", "POST"],
+     "paths": ["/v1/**"], "effect": "allow"},
+    {"id": "no-admin", "direction": "outbound", "upstream": "billing", "paths": ["/v1/admin/**"], "effect": "deny"},
+]}
+
+
+async def test_route_prefix_forwards_to_base_path_with_the_credential(make_sidecar, upstream):
+    """A route-prefix request reaches the upstream's base path with the static credential attached."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/invoices?x=1&y=%20", headers={"Authorization": "Bearer agent-own"}) as r:
+            assert r.status == 200
+            assert r.headers["Via"] == "1.1 sidecar"
+    seen = upstream.seen[-1]
+    assert seen.path == "/api/v1/invoices?x=1&y=%20"
+    assert seen.header("X-API-Key") == SECRET
+    assert not seen.has_header("Authorization")
+    event = (await h.settle())[-1]
+    assert event["decision"] == "allow" and event["rule_id"] == "read-invoices"
+    assert event["credential"]["source"] == "static" and event["credential"]["standing"] is True
+    assert event["target"]["path"] == "/v1/invoices" and event["outcome"] == "completed"
+
+
+async def test_forward_proxy_mode_maps_hosts_and_strips_the_base_path(make_sidecar, upstream):
+    """An absolute-URI request is mapped through hosts; rules see the path without the base path."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.get("http://billing.internal/api/v1/x", proxy=h.outbound) as r:
+            assert r.status == 200
+    assert upstream.seen[-1].path == "/api/v1/x"
+    event = (await h.settle())[-1]
+    assert event["target"]["path"] == "/v1/x"
+
+
+@pytest.mark.parametrize("target, headers, reason, status", [
+    # an upstream that is not configured: never an open proxy
+    ("/nowhere/v1/x", {}, "unknown_upstream", 403),
+    # a page the agent's browser loaded (CORS / fetch metadata)
+    ("/billing/v1/x", {"Origin": "https://evil.example"}, "browser_origin", 403),
+    ("/billing/v1/x", {"Sec-Fetch-Site": "cross-site"}, "browser_origin", 403),
+    # DNS rebinding: a route-prefix request whose Host is some other name
+    ("/billing/v1/x", {"Host": "evil.example:17001"}, "host_mismatch", 403),
+    # a rule denies it: deny wins
+    ("/billing/v1/admin/users", {}, "rule_denied", 403),
+    # no rule allows it
+    ("/billing/v2/x", {}, "no_matching_rule", 403),
+    # an encoded slash is refused unless the upstream allows it
+    ("/billing/v1/a%2Fb", {}, "bad_request", 400),
+    # underscore header names are refused (Envoy/nginx header smuggling)
+    ("/billing/v1/x", {"X_Forwarded_User": "admin"}, "bad_request", 400),
+])
+async def test_refusals_carry_reason_status_and_forward_nothing(make_sidecar, upstream, target, headers, reason, status):
+    """Each refusal answers with its status, a JSON reason and Proxy-Status, and the upstream sees nothing."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}{target}", headers=headers) as r:
+            body = await r.json()
+            assert (r.status, body["error"]) == (status, reason)
+            assert f'details="{reason}"' in r.headers["Proxy-Status"]
+    assert upstream.seen == []
+    event = (await h.settle())[-1]
+    assert event["reason"] == reason and event["decision"] == "deny" and event["status"] == status
+
+
+async def test_hop_by_hop_and_connection_listed_headers_never_reach_the_upstream(make_sidecar, upstream):
+    """Hop-by-hop headers, and any header named in Connection, are removed (RFC 9110 7.6.1)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    request = (b"GET /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: keep-alive, X-Secret-Hop\r\n"
+               b"X-Secret-Hop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic abc\r\n"
+               b"X-Forwarded-For: 6.6.6.6\r\nCookie: session=1\r\nX-Kept: yes\r\nConnection: close\r\n\r\n"
+               % h.port("outbound"))
+    response = await raw_http(h.port("outbound"), request)
+    assert response.startswith(b"HTTP/1.1 200")
+    seen = upstream.seen[-1]
+    for name in ("X-Secret-Hop", "Keep-Alive", "TE", "Proxy-Authorization", "X-Forwarded-For", "Cookie"):
+        assert not seen.has_header(name), name
+    assert seen.header("X-Kept") == "yes"
+
+
+async def test_a_redirect_is_passed_back_not_followed(make_sidecar):
+    """A 302 from the upstream reaches the agent as it is; the sidecar follows nothing."""
+    async def redirect(request):
+        from aiohttp import web
+        return web.Response(status=302, headers={"Location": "https://elsewhere.example/"})
+
+    up = await Upstream(redirect).start()
+    try:
+        h = await make_sidecar(config_for(up), POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/billing/v1/x", allow_redirects=False) as r:
+                assert r.status == 302 and r.headers["Location"] == "https://elsewhere.example/"
+        assert len(up.seen) == 1
+    finally:
+        await up.stop()
+
+
+async def test_a_malformed_request_gets_json_bad_request_and_its_bytes_reach_no_log(make_sidecar, upstream):
+    """A header with a control character is refused as JSON bad_request; its value is logged nowhere."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    leak = b"Bearer eyJsecret-token-canary-77"
+    response = await raw_http(h.port("outbound"), b"GET /billing/v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                              + leak + b"\x01\r\n\r\n")
+    assert response.split(b" ")[1] == b"400"
+    assert b'"error":"bad_request"' in response
+    assert b"canary" not in response
+    assert b"canary" not in h.raw_log()
+    assert upstream.seen == []
+    assert any(e["reason"] == "bad_request" for e in await h.settle())
+
+
+async def test_header_limits_answer_431(make_sidecar, upstream):
+    """More headers than the configured limit is 431 headers_too_large, not aiohttp's 400."""
+    config = config_for(upstream)
+    config["outbound"]["limits"] = {"max_headers": 10}
+    h = await make_sidecar(config, POLICY)
+    headers = {f"X-H{i}": "v" for i in range(15)}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/x", headers=headers) as r:
+            assert r.status == 431 and (await r.json())["error"] == "headers_too_large"
+    assert upstream.seen == []
+
+
+async def test_body_limit_answers_413(make_sidecar, upstream):
+    """A body over the configured limit is 413 body_too_large and is not forwarded."""
+    config = config_for(upstream)
+    config["outbound"]["limits"] = {"max_body_bytes": 1000}
+    h = await make_sidecar(config, POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{h.outbound}/billing/v1/x", data=b"x" * 5000) as r:
+            assert r.status == 413 and (await r.json())["error"] == "body_too_large"
+    assert upstream.seen == []
+
+
+async def test_unreachable_upstream_is_502(make_sidecar, unused_tcp_port):
+    """A refused connection to the upstream is 502 upstream_unreachable."""
+    dead = Upstream()
+    dead.port = unused_tcp_port
+    h = await make_sidecar(config_for(dead), POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/x") as r:
+            assert r.status == 502 and (await r.json())["error"] == "upstream_unreachable"
+            assert "connection_refused" in r.headers["Proxy-Status"]
+
+
+async def test_slow_upstream_is_504(make_sidecar):
+    """An upstream that does not answer within first_byte is 504 upstream_timeout."""
+    import asyncio
+
+    async def slow(request):
+        await asyncio.sleep(5)
+        from aiohttp import web
+        return web.Response()
+
+    up = await Upstream(slow).start()
+    try:
+        h = await make_sidecar(config_for(up, timeouts={"first_byte": "200ms"}), POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/billing/v1/x") as r:
+                assert r.status == 504 and (await r.json())["error"] == "upstream_timeout"
+    finally:
+        await up.stop()
+
+
+@pytest.mark.parametrize("raw_target, status, reason, forwarded", [
+    # a route-prefix path that climbs out of its upstream stays inside it (dot segments of the rest)
+    ("/billing/../nowhere/x", 403, "no_matching_rule", None),
+    ("/billing/v1/../../v1/ok", 200, "allowed", "/api/v1/ok"),
+    # encoded dot segments are dot segments (matched and forwarded in canonical form)
+    ("/billing/v1/%2e%2e/v1/admin/x", 403, "rule_denied", None),
+    ("/billing/v1/x/%2E%2E/y", 200, "allowed", "/api/v1/y"),
+    # merged slashes cannot hide a denied path
+    ("/billing/v1//admin/x", 403, "rule_denied", None),
+    # ;parameters, backslashes and raw fragments are refused (Tomcat/Envoy/Istio bypasses)
+    ("/billing/v1/admin;x=1/users", 400, "bad_request", None),
+    ("/billing/v1\\admin", 400, "bad_request", None),
+    # unreserved escapes are decoded before matching: %61dmin is admin
+    ("/billing/v1/%61dmin/users", 403, "rule_denied", None),
+])
+async def test_what_is_matched_is_what_is_forwarded(make_sidecar, upstream, raw_target, status, reason, forwarded):
+    """Bypass inputs are refused or matched on their canonical form, which is exactly what is forwarded."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    port = h.port("outbound")
+    response = await raw_http(port, f"GET {raw_target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                    "Connection: close\r\n\r\n".encode())
+    assert response.split(b" ")[1] == str(status).encode()
+    event = (await h.settle())[-1]
+    assert event["reason"] == reason
+    if forwarded is None:
+        assert upstream.seen == []
+    else:
+        assert [s.path for s in upstream.seen] == [forwarded]
