@@ -253,6 +253,9 @@ def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
 
 
+_UNREADABLE: Any = object()
+
+
 @dataclass(frozen=True, slots=True)
 class _File:
     path: str
@@ -286,6 +289,10 @@ def _load_file(path: Path, upstreams: Mapping[str, str], credentials: Mapping[st
                first_order: int, errors: list[ConfigError]) -> _File:
     name = str(path)
     content = _read_yaml(path, errors)
+    if not isinstance(content, dict):
+        if content is not _UNREADABLE:
+            errors.append(ConfigError(name, "must be a mapping with version, default, mode and rules"))
+        return _File(name, None, (), None, ())
     f = _FileFields(content, name, errors)
     version = f.int("version", required=True, minimum=1)
     if version is not None and version != 1:
@@ -313,7 +320,7 @@ def _read_yaml(path: Path, errors: list[ConfigError]) -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         errors.append(ConfigError(str(path), f"cannot read policy file: {getattr(exc, 'strerror', None) or exc}"))
-        return {}
+        return _UNREADABLE
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
@@ -321,7 +328,7 @@ def _read_yaml(path: Path, errors: list[ConfigError]) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed"
         errors.append(ConfigError(str(path), f"not valid YAML{where}: {problem}"))
-        return {}
+        return _UNREADABLE
 
 
 def _check_across(loaded: list[_File], errors: list[ConfigError]) -> None:
@@ -333,11 +340,11 @@ def _check_across(loaded: list[_File], errors: list[ConfigError]) -> None:
                 errors.append(ConfigError(f"{where}.id", f"duplicate rule id {rule_id!r}, first used at {first[rule_id]}"))
             else:
                 first[rule_id] = where
-    if loaded and any(f.default != loaded[0].default for f in loaded):
-        for f in loaded[1:]:
-            if f.default != loaded[0].default:
-                errors.append(ConfigError(f"{f.path}: default", f"files disagree on default: {loaded[0].path} says "
-                                          f"{loaded[0].default}, this file says {f.default} (an absent default is deny)"))
+    read = [f for f in loaded if f.default is not None]
+    for f in read[1:]:
+        if f.default != read[0].default:
+            errors.append(ConfigError(f"{f.path}: default", f"files disagree on default: {read[0].path} says "
+                                      f"{read[0].default}, this file says {f.default} (an absent default is deny)"))
 
 
 def policy_version(loaded: Sequence[_File]) -> str:
