@@ -1,0 +1,112 @@
+"""CEL conditions: checked at load, evaluated per request, failing closed without leaking values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from sidecar.policy.cel import CelCompileError, ConditionFailed, compile_condition
+from sidecar.policy.engine import Facts
+
+NOW = datetime(2026, 3, 10, 16, 0, tzinfo=timezone.utc)
+
+
+def facts(**overrides: Any) -> Facts:
+    base: dict[str, Any] = dict(
+        direction="outbound", method="PUT", scheme="https", host="billing.internal", path="/v1/invoices/7",
+        query="a=1", headers={"x-region": ("US", "EU")}, size=100, upstream="billing-api",
+        agent_id="spiffe://example.org/ns/agents/sa/billing-1", agent_name="billing-agent",
+        agent_environment="production", task_id="t1", task_trigger="support")
+    base.update(overrides)
+    return Facts(**base)
+
+
+class ExplodingHeaders(Mapping[str, tuple[str, ...]]):
+    """Headers that fail if anything reads them."""
+
+    def __getitem__(self, key: str) -> tuple[str, ...]:
+        raise AssertionError("headers were read")
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("headers were read")
+
+    def __len__(self) -> int:
+        raise AssertionError("headers were read")
+
+
+@pytest.mark.parametrize("source, message", [
+    ("task.trigger ==", "cel: cannot compile"),                   # syntax error
+    ("user == 'a'", "unknown variable 'user'"),                   # not a documented variable
+    ("request.body == 'a'", "request has no field 'body'"),       # not a field of request
+    ("principal.email == 'a'", "principal has no field 'email'"),
+    ("lower(agent.id) == 'a'", "unknown function 'lower'"),       # would compile, then fail on every request
+])
+def test_compile_errors(source: str, message: str) -> None:
+    """Expressions that can never work are refused at load with what was expected."""
+    with pytest.raises(CelCompileError, match=message):
+        compile_condition(source)
+
+
+@pytest.mark.parametrize("source", [
+    "[1, 2].all(x, x > 0)",                       # comprehension variables are not unknown variables
+    "request.headers.exists(k, k == 'x-region')",
+    "'request.body' != request.path",             # names inside string literals are not field selections
+    "size(request) == 7",                         # the whole request object
+])
+def test_compiles(source: str) -> None:
+    """Valid expressions over the documented variables compile."""
+    assert compile_condition(source).source == source
+
+
+@pytest.mark.parametrize("source, overrides, expected", [
+    ('request.method == "PUT" && request.path.startsWith("/v1/")', {}, True),
+    ('request.headers["x-region"] == ["US", "EU"]', {}, True),        # every value, in order
+    ('"x-trace" in request.headers', {}, False),
+    ("request.size < 65536 && request.query == 'a=1'", {}, True),
+    ('agent.name == "billing-agent" && agent.environment == "production"', {}, True),
+    ("caller.id.endsWith('/orchestrator')", {"caller_id": "spiffe://e.org/orchestrator"}, True),
+    ("principal == null", {}, True),                                  # no principal: null
+    ("principal.sub == 'alice'", {"principal": ("https://idp", "alice")}, True),
+    ("delegation == 'delegated'", {"delegation": "delegated"}, True),
+    ("task.trigger == 'support'", {}, True),
+    ("task == null", {"task_id": None}, True),
+    ("mcp.method == 'tools/call' && mcp.tool == 'search'", {"mcp_method": "tools/call", "mcp_tool": "search"}, True),
+    ("mcp == null", {}, True),
+    ("now == timestamp('2026-03-10T16:00:00Z')", {}, True),          # now is the decision time
+    ("now.getDayOfWeek() == 2", {}, True),                            # Tuesday (UTC)
+])
+def test_evaluate(source: str, overrides: dict[str, Any], expected: bool) -> None:
+    """The documented variables carry the request's facts."""
+    assert compile_condition(source).evaluate(facts(**overrides), NOW) is expected
+
+
+@pytest.mark.parametrize("source, overrides, message", [
+    ("task.trigger == 'support'", {"task_id": None}, "no matching overload"),     # field of null
+    ("principal.sub == 'a'", {}, "no matching overload"),
+    ('request.headers["x-absent"][0] == "a"', {}, "no such key or field 'x-absent'"),
+    ("request.size", {}, "returned int, expected a boolean"),                    # not a boolean
+    ("request.size / 0 == 1", {}, "division by zero"),
+])
+def test_evaluation_failures(source: str, overrides: dict[str, Any], message: str) -> None:
+    """Anything that cannot be evaluated raises ConditionFailed (the engine's condition_error)."""
+    with pytest.raises(ConditionFailed, match=message):
+        compile_condition(source).evaluate(facts(**overrides), NOW)
+
+
+def test_failures_do_not_repeat_request_values() -> None:
+    """A failure message never carries a header value, which may be a secret."""
+    condition = compile_condition('int(request.headers["x-key"][0]) > 1')
+    with pytest.raises(ConditionFailed) as caught:
+        condition.evaluate(facts(headers={"x-key": ("s3cret-token",)}), NOW)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_only_needed_values_are_built() -> None:
+    """An expression that selects request.size never converts the headers."""
+    condition = compile_condition("request.size < 1000 && agent.id != ''")
+    assert condition.evaluate(facts(headers=ExplodingHeaders()), NOW) is True
+    with pytest.raises(AssertionError, match="headers were read"):
+        compile_condition("size(request) > 0").evaluate(facts(headers=ExplodingHeaders()), NOW)
