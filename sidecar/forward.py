@@ -181,3 +181,52 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, tran
                 return response
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             raise ClientGone(response) from None
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+
+WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                          "sec-websocket-protocol", "sec-websocket-accept"})
+
+
+def is_websocket(request: web.BaseRequest) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection_listed(
+        request.headers)
+
+
+async def proxy_websocket(request: web.BaseRequest, session: aiohttp.ClientSession, url: object,
+                          headers: CIMultiDict[str], timeouts: Timeouts,
+                          on_open: Callable[[int], None]) -> web.WebSocketResponse:
+    """Open the upstream WebSocket first (so a refusal is a plain HTTP error), then relay frames."""
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    for name in list(headers.keys()):
+        if name.lower() in WS_HANDSHAKE:
+            headers.popall(name, None)
+    try:
+        async with asyncio.timeout(timeouts.first_byte):
+            upstream = await session.ws_connect(url, headers=headers, protocols=protocols, autoping=True)
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamFailed("upstream_timeout", "upstream: WebSocket handshake timed out") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamFailed("upstream_unreachable", "upstream: WebSocket handshake failed",
+                             detail=type(exc).__name__) from None
+    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+    await client.prepare(request)
+    on_open(101)
+    try:
+        await asyncio.gather(_pump(client, upstream), _pump(upstream, client))
+    finally:
+        await upstream.close()
+        await client.close()
+    return client
+
+
+async def _pump(source: object, sink: object) -> None:
+    async for message in source:  # type: ignore[attr-defined]
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await sink.send_str(message.data)  # type: ignore[attr-defined]
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(message.data)  # type: ignore[attr-defined]
+        else:
+            break
+    await sink.close()  # type: ignore[attr-defined]

@@ -29,7 +29,8 @@ from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequ
 from sidecar.errors import CredentialUnavailable, PolicyRefused, Refusal, RequestRefused, TaskRefused
 from sidecar.exchange import Exchange
 from sidecar.forward import (
-    VIA, clean_request_headers, declared_length, has_body, open_upstream, read_body, relay_response, stream_body,
+    VIA, clean_request_headers, declared_length, has_body, is_websocket, open_upstream, proxy_websocket, read_body,
+    stream_body,
 )
 from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import parse_mcp_request
@@ -87,6 +88,8 @@ class Outbound:
         self.rt = rt
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method == "CONNECT":
+            return await self.rt.interceptor.handle(request, self)
         ex = Exchange("outbound", method=request.method)
         try:
             return await self.rt.exchanges.run(ex, self._exchange(request, ex))
@@ -197,6 +200,12 @@ class Outbound:
         url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
                   encoded=True)
         session = self.rt.sessions.get(up.name)
+        if is_websocket(request):
+            ex.protocol = "websocket"
+            response = await proxy_websocket(request, session, url, out.headers, up.timeouts,
+                                             lambda status: _opened(ex, status))
+            ex.outcome = "completed"
+            return response
         upstream = await open_upstream(session, out.method, url, out.headers, data, up.timeouts)
         return await self.rt.relay(request, ex, upstream, up.name)
 
@@ -252,6 +261,10 @@ class Inbound:
         url = URL(inbound.forward_to.rstrip("/") + raw_path + (f"?{query}" if query else ""), encoded=True)
         upstream = await open_upstream(rt.sessions.agent(), request.method, url, headers, data, inbound.timeouts)
         return await rt.relay(request, ex, upstream, "agent")
+
+
+def _opened(ex: Exchange, status: int) -> None:
+    ex.status = ex.upstream_status = status
 
 
 def _header_tuples(request: web.BaseRequest) -> dict[str, tuple[str, ...]]:

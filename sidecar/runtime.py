@@ -122,6 +122,7 @@ class Runtime:
     acceptor: Any = None  # sidecar.identity.mtls.MtlsAcceptor of the inbound listener
     approvals: Any = None  # sidecar.approvals.Approvals
     signer: Any = None  # sidecar.identity.signing.Signer
+    interceptor: Any = None  # sidecar.connect.Interceptor: CONNECT with TLS interception
 
     def __post_init__(self) -> None:
         self.tasks.on_end(self._task_ended)

@@ -1,0 +1,125 @@
+"""Bodies stream both ways: SSE arrives as sent, chunked uploads pass, WebSockets work, SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from tests.core.test_outbound import POLICY, config_for
+from tests.harness import Upstream
+
+
+async def test_first_sse_event_reaches_the_client_before_the_upstream_finishes(make_sidecar):
+    """An LLM-style token stream: the first event is readable while the upstream still holds the response."""
+    release = asyncio.Event()
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await release.wait()
+        await response.write(b"data: last\n\n")
+        await response.write_eof()
+        return response
+
+    up = await Upstream(sse).start()
+    try:
+        h = await make_sidecar(config_for(up), POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/billing/v1/stream") as r:
+                first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+                assert first == b"data: first\n\n"
+                assert not release.is_set()
+                release.set()
+                assert await r.content.read() == b"data: last\n\n"
+        event = (await h.settle())[-1]
+        assert event["outcome"] == "completed" and event["upstream_status"] == 200
+    finally:
+        release.set()
+        await up.stop()
+
+
+async def test_a_chunked_upload_streams_through(make_sidecar):
+    """A chunked request body of unknown length arrives whole at the upstream."""
+    received = bytearray()
+
+    async def sink(request: web.Request) -> web.Response:
+        async for chunk in request.content.iter_any():
+            received.extend(chunk)
+        return web.json_response({"bytes": len(received)})
+
+    async def chunks():
+        for i in range(20):
+            yield bytes([65 + i % 26]) * 4096
+
+    up = await Upstream(sink).start()
+    try:
+        h = await make_sidecar(config_for(up), POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{h.outbound}/billing/v1/upload", data=chunks()) as r:
+                assert r.status == 200 and (await r.json())["bytes"] == 20 * 4096
+        assert bytes(received[:4096]) == b"A" * 4096
+    finally:
+        await up.stop()
+
+
+async def test_a_websocket_echo_works_through_the_proxy(make_sidecar):
+    """A WebSocket upgrade passes through: text and binary frames echo both ways."""
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo:" + message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+        return ws
+
+    up = await Upstream(echo).start()
+    try:
+        h = await make_sidecar(config_for(up), POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"{h.outbound}/billing/v1/ws") as ws:
+                await ws.send_str("hello")
+                assert (await ws.receive(timeout=10)).data == "echo:hello"
+                await ws.send_bytes(b"abc")
+                assert (await ws.receive(timeout=10)).data == b"cba"
+        seen = up.seen[-1]
+        assert seen.header("X-API-Key") is not None  # the credential is attached to the upgrade too
+        event = next(e for e in await h.settle() if e["protocol"] == "websocket")
+        assert event["decision"] == "allow" and event["status"] == 101
+    finally:
+        await up.stop()
+
+
+async def test_sigterm_drain_finishes_requests_in_flight_and_stops_readiness(make_sidecar):
+    """On stop: readiness fails first, the request in flight completes, new connections are refused."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(text="done")
+
+    up = await Upstream(slow).start()
+    try:
+        h = await make_sidecar(config_for(up), POLICY)
+        health = f"http://127.0.0.1:{h.port('health')}/readyz"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(health) as r:
+                assert r.status == 200
+            in_flight = asyncio.ensure_future(s.get(f"{h.outbound}/billing/v1/slow"))
+            await asyncio.wait_for(started.wait(), 10)
+            stopping = asyncio.ensure_future(h.sidecar.stop())
+            await asyncio.sleep(0.05)
+            assert not h.sidecar.ready
+            release.set()
+            response = await asyncio.wait_for(in_flight, 10)
+            assert response.status == 200 and await response.text() == "done"
+            await stopping
+        h.sidecar = None  # already stopped
+    finally:
+        release.set()
+        await up.stop()
