@@ -1,0 +1,168 @@
+"""The inbound listener: mTLS callers, human tokens, tasks, and what the agent receives."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sidecar.identity.ca import ca_issue
+from tests.harness import SidecarHarness, Upstream
+
+ISSUER = "https://login.example.test"
+KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def jwks_file(tmp: Path) -> Path:
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key()))
+    jwk.update({"kid": "k1", "alg": "ES256", "use": "sig"})
+    path = tmp / "jwks.json"
+    path.write_text(json.dumps({"keys": [jwk]}))
+    return path
+
+
+def human_token(sub: str = "alice@example.com", **claims: object) -> str:
+    now = int(time.time())
+    payload = {"iss": ISSUER, "sub": sub, "aud": "billing-agent", "iat": now, "exp": now + 300,
+               "client_id": "web-app", **claims}
+    return jwt.encode(payload, KEY, algorithm="ES256", headers={"kid": "k1"})
+
+
+def inbound_config(tmp: Path, agent: Upstream, **jwt_extra: object) -> dict:
+    return {
+        "agent": {"name": "billing-agent"},
+        "inbound": {"forward_to": agent.url, "trust_domains": ["sidecar.local"],
+                    "jwt": {"required": False, "issuers": [{"issuer": ISSUER, "jwks_file": str(jwks_file(tmp)),
+                                                           "audiences": ["billing-agent"], **jwt_extra}]}},
+        "outbound": {"upstreams": {}},
+    }
+
+
+POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "orchestrator", "direction": "inbound", "callers": ["spiffe://sidecar.local/orchestrator"],
+     "paths": ["/tasks/**"], "effect": "allow"},
+]}
+
+
+def client_context(h: SidecarHarness, spiffe_id: str, out: Path) -> ssl.SSLContext:
+    state = h.sidecar.config.state_dir
+    paths = ca_issue(state, spiffe_id, out)
+    ctx = ssl.create_default_context(cafile=str(paths["bundle"]))
+    ctx.check_hostname = False  # SVIDs name SPIFFE IDs, not hosts
+    ctx.load_cert_chain(str(paths["cert"]), str(paths["key"]))
+    return ctx
+
+
+@pytest.fixture
+async def agent():
+    server = await Upstream().start()
+    yield server
+    await server.stop()
+
+
+async def call(h: SidecarHarness, ctx: ssl.SSLContext, path: str, headers: dict | None = None):
+    url = f"https://127.0.0.1:{h.port('inbound')}{path}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, ssl=ctx, headers=headers or {}) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def test_an_svid_caller_reaches_the_agent_with_its_identity(make_sidecar, agent, tmp_path):
+    """A caller with a valid SVID is forwarded; the agent sees XFCC with its SPIFFE ID, not spoofed copies."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    status, _ = await call(h, ctx, "/tasks/1", {"X-Forwarded-Client-Cert": "URI=spiffe://evil/x",
+                                               "X-Sidecar-Task": "forged"})
+    assert status == 200
+    seen = agent.seen[-1]
+    xfcc = seen.header("X-Forwarded-Client-Cert")
+    assert xfcc.startswith(f"By={h.sidecar.runtime.agent.id};Hash=") and xfcc.endswith(
+        ";URI=spiffe://sidecar.local/orchestrator")
+    assert seen.header("X-Sidecar-Task") is None
+    event = (await h.settle())[-1]
+    assert event["caller"] == {"id": "spiffe://sidecar.local/orchestrator"} and event["actor_type"] == "workload"
+
+
+async def test_a_human_token_opens_a_task_and_never_reaches_the_agent(make_sidecar, agent, tmp_path):
+    """A verified human token becomes a task id for the agent; the token itself is removed."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    token = human_token()
+    status, _ = await call(h, ctx, "/tasks/1", {"Authorization": f"Bearer {token}", "X-Task-Trigger": "support"})
+    assert status == 200
+    seen = agent.seen[-1]
+    assert seen.header("Authorization") is None
+    assert token not in json.dumps(seen.headers)
+    task_id = seen.header("X-Sidecar-Task")
+    assert task_id and len(task_id) == 32
+    event = (await h.settle())[-1]
+    assert event["principal"] == {"iss": ISSUER, "sub": "alice@example.com"}
+    assert event["actor_type"] == "human" and event["delegation"] == "delegated"
+    assert event["task"] == {"id": task_id, "trigger": "support"}
+    assert token.encode() not in h.raw_log()
+
+
+async def test_a_task_ends_when_its_inbound_request_completes(make_sidecar, agent, tmp_path):
+    """With tasks.end: response, the agent's later outbound call naming the task gets task_ended."""
+    up = await Upstream().start()
+    try:
+        config = inbound_config(tmp_path, agent)
+        config["outbound"] = {"upstreams": {"crm": {"url": up.url}}}
+        policy = {**POLICY, "rules": [*POLICY["rules"], {"id": "crm", "direction": "outbound", "upstream": "crm",
+                                                          "effect": "allow"}]}
+        h = await make_sidecar(config, policy)
+        ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+        await call(h, ctx, "/tasks/1", {"Authorization": f"Bearer {human_token()}"})
+        task_id = agent.seen[-1].header("X-Sidecar-Task")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/crm/x", headers={"X-Sidecar-Task": task_id}) as r:
+                assert (r.status, (await r.json())["error"]) == (403, "task_ended")
+            async with s.get(f"{h.outbound}/crm/x", headers={"X-Sidecar-Task": "f" * 32}) as r:
+                assert (r.status, (await r.json())["error"]) == (403, "unknown_task")
+        assert up.seen == []
+    finally:
+        await up.stop()
+
+
+@pytest.mark.parametrize("make_token, why", [
+    (lambda: human_token(exp=int(time.time()) - 600), "expired"),
+    (lambda: human_token(aud="someone-else"), "wrong audience"),
+    (lambda: jwt.encode({"iss": ISSUER, "sub": "x", "aud": "billing-agent", "exp": int(time.time()) + 60},
+                        "k" * 32, algorithm="HS256"), "HMAC"),
+    (lambda: "not-a-jwt", "malformed"),
+])
+async def test_a_present_but_invalid_token_is_refused_even_when_not_required(make_sidecar, agent, tmp_path,
+                                                                             make_token, why):
+    """An invalid bearer token is 401 token_invalid, and nothing reaches the agent."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    status, body = await call(h, ctx, "/tasks/1", {"Authorization": f"Bearer {make_token()}"})
+    assert (status, body["error"]) == (401, "token_invalid"), why
+    assert agent.seen == []
+
+
+async def test_a_caller_without_a_matching_rule_is_refused(make_sidecar, agent, tmp_path):
+    """A verified caller that no inbound rule allows gets 403 no_matching_rule."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/somebody-else", tmp_path / "caller")
+    status, body = await call(h, ctx, "/tasks/1")
+    assert (status, body["error"]) == (403, "no_matching_rule")
+    assert agent.seen == []
+
+
+async def test_a_caller_without_a_certificate_is_refused_and_counted(make_sidecar, agent, tmp_path):
+    """No client certificate: refused before HTTP, counted under its reason, nothing forwarded."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = ssl.create_default_context(cafile=str(h.sidecar.config.state_dir / "svid" / "ca.crt"))
+    ctx.check_hostname = False
+    status, body = await call(h, ctx, "/tasks/1")
+    assert (status, body["error"]) == (401, "no_client_cert")
+    assert agent.seen == []
+    metrics = h.sidecar.metrics.exposition().decode()
+    assert 'sidecar_tls_handshake_failures_total{listener="inbound",reason="no_client_cert"} 1.0' in metrics
