@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from sidecar.credentials import static
+from sidecar.credentials import aws, static
 
 PROVIDERS: dict[str, ModuleType] = {
+    aws.TYPE: aws,
     static.TYPE: static,
 }

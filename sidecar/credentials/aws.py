@@ -1,0 +1,394 @@
+"""``aws_sigv4``: sign the agent's AWS calls with keys it never sees.
+
+    credentials:
+      aws-s3:
+        type: aws_sigv4
+        region: eu-west-1
+        service: s3
+        unsigned_payload: false     # s3 services only: sign UNSIGNED-PAYLOAD, not the body's SHA-256
+        source: {type: web_identity, role_arn: ..., sts_url: ..., ca: ..., session_name: ...,
+                 duration: 1h, token_file: ..., audience: sts.amazonaws.com}
+        # or: {type: static, access_key_id: {ref}, secret_access_key: {ref}, session_token: {ref}}
+
+Sources:
+
+- ``web_identity``: STS ``AssumeRoleWithWebIdentity`` (Query API, an unsigned form POST to
+  ``sts_url``) returns temporary keys; the cache refreshes them at ~80 % of ``duration``. The
+  web identity token is a JWT this sidecar signs (``sub`` = the agent's SPIFFE ID, ``aud`` =
+  ``audience``, 5 minutes), or, with ``token_file``, a projected service-account token re-read
+  at each fetch. ``session_name`` defaults to the last segment of the agent's SPIFFE ID,
+  reduced to STS's ``[\\w+=,.@-]`` and 64 characters.
+- ``static``: a fixed access key; the provider is then ``standing`` (an instance attribute
+  here, set from the source, where other providers have a class attribute).
+
+Signing (``apply``, called after every other header rewrite): the agent's ``Authorization``,
+``X-Amz-Date``, ``X-Amz-Security-Token`` and ``X-Amz-Content-Sha256`` are dropped, a query
+carrying a presigned URL's own ``X-Amz-Signature``/``-Credential``/``-Security-Token`` is
+refused. Signed: ``host``, ``content-type``, ``content-md5`` and every ``x-amz-*`` header
+(the agent's ``X-Amz-Target``, ``x-amz-meta-*``, ``x-amz-acl``... are operation parameters:
+kept, and signed, as S3 requires of every ``x-amz-*`` header sent). Not signed: what a proxy
+or HTTP library may rewrite on the way without changing the operation (``content-length``,
+which the pipeline writes after signing, ``via``, ``traceparent``, ``user-agent``,
+``accept-encoding``): fewer signed headers, fewer spurious ``SignatureDoesNotMatch``.
+
+STS answers are parsed with ElementTree after refusing any ``<!`` (DOCTYPE, ENTITY, comment):
+no STS answer has one. STS error codes reach ``CredentialUnavailable.detail`` as
+``sts: AccessDenied``; STS's free-text message, the token and the keys never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import ClassVar, Hashable
+from urllib.parse import unquote, urlencode, urlsplit
+
+import aiohttp
+
+from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.credentials.sigv4 import EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign
+from sidecar.errors import CredentialUnavailable, RequestRefused
+from sidecar.fields import Fields, Secret
+
+TYPE = "aws_sigv4"
+SOURCES = ("web_identity", "static")
+DEFAULT_AUDIENCE = "sts.amazonaws.com"
+MIN_DURATION, MAX_DURATION = 15 * 60, 12 * 3600
+WEB_IDENTITY_TTL = 300.0  # the self-signed token only has to outlive one STS call
+STS_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+MAX_STS_RESPONSE = 64 * 1024
+
+_REGION = re.compile(r"[a-z0-9-]{2,32}")
+_SERVICE = re.compile(r"[a-z0-9-]{2,64}")
+_ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
+_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+_NOT_SESSION_CHARS = re.compile(r"[^\w+=,.@-]+", re.ASCII)
+_STS_CODE = re.compile(r"[A-Za-z0-9.:_-]{1,64}")
+# The agent's own signature, dropped before signing (its other x-amz-* headers are kept).
+_AGENT_AUTH_HEADERS = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+_PRESIGN_PARAMS = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-security-token"})
+_SIGNED_PLAIN = frozenset({"content-type", "content-md5"})
+
+
+@dataclass(frozen=True, slots=True)
+class WebIdentitySource:
+    role_arn: str
+    sts_url: str
+    ca: Path | None
+    session_name: str | None  # None: derived from the agent's SPIFFE ID
+    duration: int  # seconds
+    token_file: Path | None  # None: a JWT signed with identity.signing_key
+    audience: str
+
+
+@dataclass(frozen=True, slots=True)
+class StaticSource:
+    access_key_id: Secret
+    secret_access_key: Secret
+    session_token: Secret | None
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    region: str
+    service: str
+    unsigned_payload: bool
+    source: WebIdentitySource | StaticSource
+
+    @property
+    def needs_signing_key(self) -> bool:
+        """Whether the web identity token is a JWT this sidecar signs (no token_file)."""
+        return isinstance(self.source, WebIdentitySource) and self.source.token_file is None
+
+
+# --- config ----------------------------------------------------------------------------
+
+
+def parse(name: str, f: Fields) -> Spec | None:
+    region = _pattern(f, "region", _REGION, "an AWS region such as eu-west-1")
+    service = _pattern(f, "service", _SERVICE, "an AWS signing name such as s3, sts or dynamodb")
+    unsigned = f.bool("unsigned_payload", False)
+    if unsigned and service is not None and service not in S3_SERVICES:
+        f.error("unsigned_payload", f"is allowed only for s3 services ({', '.join(sorted(S3_SERVICES))})")
+    source = _source(f.sub("source", required=True), region)
+    if region is None or service is None or source is None:
+        return None
+    return Spec(region, service, unsigned, source)
+
+
+def _pattern(f: Fields, key: str, pattern: re.Pattern[str], expected: str) -> str | None:
+    value = f.str(key, required=True)
+    if value is not None and not pattern.fullmatch(value):
+        f.error(key, f"must be {expected}")
+        return None
+    return value
+
+
+def _source(f: Fields, region: str | None) -> WebIdentitySource | StaticSource | None:
+    kind = f.choice("type", SOURCES, required=True) if f.raw else None
+    source = _web_identity(f, region) if kind == "web_identity" else _static(f) if kind == "static" else None
+    f.done()
+    return source
+
+
+def _web_identity(f: Fields, region: str | None) -> WebIdentitySource | None:
+    before = len(f.errors)
+    role_arn = _pattern(f, "role_arn", _ROLE_ARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+    sts_url = f.url("sts_url", https_unless_loopback=True) if f.has("sts_url") else _default_sts(region)
+    ca = f.path_value("ca", must_exist=True)
+    session_name = f.str("session_name")
+    if session_name is not None and not _SESSION_NAME.fullmatch(session_name):
+        f.error("session_name", "must be 2-64 characters of letters, digits and +=,.@_-")
+    duration = f.duration("duration", "1h")
+    if not MIN_DURATION <= duration <= MAX_DURATION:
+        f.error("duration", "must be between 15m and 12h")
+    token_file = f.path_value("token_file")
+    audience = f.str("audience", DEFAULT_AUDIENCE)
+    if role_arn is None or sts_url is None or len(f.errors) > before:
+        return None
+    return WebIdentitySource(role_arn, sts_url, ca, session_name, int(duration), token_file, audience)
+
+
+def _default_sts(region: str | None) -> str | None:
+    if region is None:
+        return None
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://sts.{region}.{suffix}"
+
+
+def _static(f: Fields) -> StaticSource | None:
+    key_id = f.secret("access_key_id", required=True)
+    secret = f.secret("secret_access_key", required=True)
+    token = f.secret("session_token")
+    if key_id is None or secret is None:
+        return None
+    return StaticSource(key_id, secret, token)
+
+
+# --- the provider ----------------------------------------------------------------------
+
+
+class AwsSigV4Provider:
+    type: ClassVar[str] = TYPE
+    needs_body: ClassVar[bool] = True
+    task_bound: ClassVar[bool] = False
+
+    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+        self.name = name
+        self.standing: bool = isinstance(spec.source, StaticSource)  # per instance: set by the source
+        self._spec = spec
+        self._deps = deps
+        self._clock = deps.clock or time.time
+        self._sts = _Sts(name, spec.source, deps) if isinstance(spec.source, WebIdentitySource) else None
+        self._static = _static_credential(name, spec.source, deps) if isinstance(spec.source, StaticSource) else None
+
+    def cache_key(self, req: CredentialRequest) -> Hashable:
+        return self.name
+
+    async def fetch(self, req: CredentialRequest) -> Credential:
+        if self._static is not None:
+            return self._static
+        assert self._sts is not None
+        return await self._sts.assume_role()
+
+    def apply(self, out: OutboundRequest, credential: Credential) -> None:
+        _refuse_presigned(out.query)
+        for header in _AGENT_AUTH_HEADERS:
+            out.headers.popall(header, None)
+        out.headers["Host"] = out.host_header
+        to_sign = [(k, v) for k, v in out.headers.items() if _is_signed(k)]
+        now = datetime.fromtimestamp(self._clock(), timezone.utc)
+        added = sign(out.method, out.host_header, out.path, out.query, to_sign, self._payload_hash(out.body),
+                     credential.material, self._spec.region, self._spec.service, now)
+        for header, value in added:
+            out.headers[header] = value
+
+    def _payload_hash(self, body: bytes | None) -> str:
+        if self._spec.unsigned_payload:
+            return UNSIGNED_PAYLOAD
+        return payload_sha256(body) if body else EMPTY_SHA256
+
+    async def aclose(self) -> None:
+        if self._sts is not None:
+            await self._sts.aclose()
+
+    def __repr__(self) -> str:
+        return f"AwsSigV4Provider({self.name!r}, service={self._spec.service!r}, region={self._spec.region!r})"
+
+
+PROVIDER = AwsSigV4Provider
+
+
+def _is_signed(header: str) -> bool:
+    lower = header.lower()
+    return lower.startswith("x-amz-") or lower in _SIGNED_PLAIN
+
+
+def _refuse_presigned(query: str) -> None:
+    """A presigned URL carries the agent's own key: refused rather than sent beside ours."""
+    if "x-amz-" not in query.lower():
+        return
+    for part in query.split("&"):
+        name = unquote(part.partition("=")[0]).lower()
+        if name in _PRESIGN_PARAMS:
+            raise RequestRefused("bad_request", f"credentials: the query carries its own aws signature "
+                                                f"({name}); expected an unsigned request, the sidecar signs it")
+
+
+def _static_credential(name: str, source: StaticSource, deps: ProviderDeps) -> Credential:
+    key_id = source.access_key_id.reveal()
+    token = source.session_token.reveal() if source.session_token else None
+    material = AwsCredentials(key_id, source.secret_access_key.reveal(), token, None)
+    return Credential(type=TYPE, provider=name, id=keyed_id(deps.id_key, key_id), standing=True,
+                      material=material)
+
+
+# --- STS AssumeRoleWithWebIdentity -----------------------------------------------------
+
+
+class StsError(Exception):
+    """An STS call that gave no credentials; ``detail`` is safe to log (``sts: AccessDenied``)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class _Sts:
+    """One provider's STS client: a lazily created session, one call per fetch."""
+
+    def __init__(self, name: str, source: WebIdentitySource, deps: ProviderDeps) -> None:
+        self._name = name
+        self._source = source
+        self._deps = deps
+        self._clock = deps.clock or time.time
+        self._session_name = source.session_name or session_name_for(deps.agent_id)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def assume_role(self) -> Credential:
+        token = self._web_identity_token()
+        form = {"Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15", "RoleArn": self._source.role_arn,
+                "RoleSessionName": self._session_name, "WebIdentityToken": token,
+                "DurationSeconds": str(self._source.duration)}
+        issued_at = self._clock()
+        try:
+            status, body = await self._post(urlencode(form))
+            creds = parse_sts_response(status, body)
+        except StsError as exc:
+            raise CredentialUnavailable(f"credentials: {self._name}: sts AssumeRoleWithWebIdentity gave no "
+                                        f"credentials", detail=exc.detail) from None
+        if creds.expires_at is not None and creds.expires_at <= self._clock():
+            raise CredentialUnavailable(f"credentials: {self._name}: sts returned credentials that have "
+                                        f"already expired", detail="sts: expired credentials")
+        return Credential(type=TYPE, provider=self._name, id=keyed_id(self._deps.id_key, creds.access_key_id),
+                          expires_at=creds.expires_at, issued_at=issued_at, standing=False, material=creds)
+
+    def _web_identity_token(self) -> str:
+        if self._source.token_file is not None:
+            return self._read_token_file(self._source.token_file)
+        signer = self._deps.signer
+        if signer is None:
+            raise CredentialUnavailable(f"credentials: {self._name}: web identity needs identity.signing_key",
+                                        detail="no signer")
+        claims = {"sub": self._deps.agent_id, "aud": self._source.audience}
+        token, _, _ = signer.sign(claims, ttl=WEB_IDENTITY_TTL)
+        return str(token)
+
+    def _read_token_file(self, path: Path) -> str:
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CredentialUnavailable(f"credentials: {self._name}: cannot read the web identity token_file "
+                                        f"{path}", detail=f"token_file: {type(exc).__name__}") from None
+        if not token:
+            raise CredentialUnavailable(f"credentials: {self._name}: the web identity token_file {path} is "
+                                        f"empty", detail="token_file: empty")
+        return token
+
+    async def _post(self, form: str) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8", "Accept": "text/xml"}
+        try:
+            async with self._client().post(self._source.sts_url, data=form.encode(), headers=headers,
+                                           allow_redirects=False) as response:
+                body = await response.content.read(MAX_STS_RESPONSE + 1)
+                return response.status, body
+        except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            host = urlsplit(self._source.sts_url).hostname
+            raise StsError(f"sts: unreachable ({type(exc).__name__} for {host})") from None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            context = ssl.create_default_context(cafile=str(self._source.ca) if self._source.ca else None)
+            connector = aiohttp.TCPConnector(ssl=context)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=STS_TIMEOUT)
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def session_name_for(agent_id: str) -> str:
+    """STS RoleSessionName from the agent's ID: its last path segment, in STS's charset."""
+    last = agent_id.rstrip("/").rpartition("/")[2]
+    name = _NOT_SESSION_CHARS.sub("-", last).strip("-")[:64]
+    return name if len(name) >= 2 else "sidecar"
+
+
+def parse_sts_response(status: int, body: bytes) -> AwsCredentials:
+    """Credentials from an AssumeRoleWithWebIdentity answer; :class:`StsError` otherwise."""
+    if len(body) > MAX_STS_RESPONSE:
+        raise StsError(f"sts: response over {MAX_STS_RESPONSE} bytes")
+    root = _xml(body, status)
+    if status != 200:
+        code = _text(root, "Code") if root is not None else None
+        raise StsError(f"sts: {code}" if code and _STS_CODE.fullmatch(code) else f"sts: HTTP {status}")
+    if root is None:
+        raise StsError("sts: malformed response")
+    fields = [_text(root, tag) for tag in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")]
+    key_id, secret, token, expiration = fields
+    if not (key_id and secret and token and expiration):
+        raise StsError("sts: malformed response (credentials incomplete)")
+    return AwsCredentials(key_id, secret, token, _expiration(expiration))
+
+
+def _xml(body: bytes, status: int) -> ET.Element | None:
+    """The parsed answer, or ``None`` for an error page that is not plain XML (HTML, a DTD)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "<!" in text:  # DOCTYPE, ENTITY, comment: none belong in an STS answer
+        if status == 200:
+            raise StsError("sts: malformed response (not utf-8, or a DOCTYPE, ENTITY or comment)")
+        return None
+    try:
+        return ET.fromstring(text)  # a str is parsed as utf-8 whatever its declaration says
+    except ET.ParseError:
+        if status == 200:
+            raise StsError("sts: malformed response (not XML)") from None
+        return None
+
+
+def _text(root: ET.Element, local_name: str) -> str | None:
+    for element in root.iter():
+        if element.tag.rpartition("}")[2] == local_name:
+            return (element.text or "").strip()
+    return None
+
+
+def _expiration(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise StsError("sts: malformed response (Expiration)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
