@@ -192,8 +192,16 @@ class Sidecar:
         self.ports["inbound"] = _port(self._servers[-1])
 
     def _tls_rejected(self, reason: str, message: str, peer: str) -> None:
+        """A refused handshake is a refused exchange too: counted, logged and one event."""
+        from sidecar.errors import IdentityRefused
+        from sidecar.exchange import Exchange
+
         self.metrics.tls_handshake_failures.labels("inbound", reason).inc()
         log.warning("tls_handshake_refused", listener="inbound", reason=reason, message=message, peer=peer)
+        code = reason if reason in ("no_client_cert", "foreign_trust_domain") else "peer_unverified"
+        ex = Exchange("inbound")
+        ex.refuse(IdentityRefused(code, message, detail=f"tls: {reason}"))
+        self.runtime.record(ex)
 
     def _parse_error(self, direction: str) -> Any:
         def hook(request: web.BaseRequest, refusal: Any) -> None:
