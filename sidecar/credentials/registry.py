@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from sidecar.credentials import aws, static
+from sidecar.credentials import aws, jwt_assertion, oauth2, static, token_exchange
 
 PROVIDERS: dict[str, ModuleType] = {
     aws.TYPE: aws,
+    jwt_assertion.TYPE: jwt_assertion,
+    oauth2.TYPE: oauth2,
     static.TYPE: static,
+    token_exchange.TYPE: token_exchange,
 }

@@ -1,0 +1,435 @@
+"""``oauth2_client_credentials`` (RFC 6749 §4.4), and the token endpoint client it shares with
+``oauth2_token_exchange``.
+
+Client authentication (``auth``):
+
+- ``client_secret_basic``: RFC 6749 §2.3.1, id and secret form-urlencoded, then HTTP Basic;
+- ``client_secret_post``: the same two values in the form body;
+- ``private_key_jwt``: an RFC 7523 assertion signed with ``identity.signing_key`` when a token
+  is fetched: ``iss`` = ``sub`` = client_id, ``aud`` = ``issuer`` (else ``token_url``), a fresh
+  ``jti``, ``exp`` 60 s;
+- ``tls_client_auth``: RFC 8705 §2, our SVID on the TLS connection to the token endpoint. A
+  certificate-bound token (``cnf.x5t#S256``) is recorded as ``Credential.bound_cert_sha256``
+  (hex, like ``SvidState.cert_sha256``) and sent only over an upstream connection that presents
+  that certificate.
+
+One ``aiohttp.ClientSession`` per provider, made on first use with the configured ``ca``
+(verification is never off), remade when the SVID changes. Per request nothing is fetched or
+signed: the cache calls :meth:`fetch`, ``apply`` sets one header. Token endpoint errors become
+``CredentialUnavailable`` with ``detail="token endpoint: <error> (http <status>)"`` and at most a
+redacted, truncated ``error_description``; never a secret, never the response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Hashable, Mapping
+from urllib.parse import quote_plus, urlsplit
+
+import aiohttp
+import jwt
+import structlog
+
+from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.errors import CredentialUnavailable
+from sidecar.fields import Fields, Secret, format_duration
+from sidecar.forward import client_ssl_context
+from sidecar.observe.decision_log import REDACTOR
+
+TYPE = "oauth2_client_credentials"
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth")
+SECRET_METHODS = frozenset(AUTH_METHODS[:2])
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_TTL = 60
+DEFAULT_LIFETIME = 300.0  # a token response with neither expires_in nor a JWT exp
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_DESCRIPTION = 120
+_SENSITIVE_FORM = ("client_secret", "client_assertion", "subject_token", "actor_token")
+_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_SCOPE_TOKEN = re.compile(r'^[\x21\x23-\x5b\x5d-\x7e]+$')  # RFC 6749 §3.3 scope-token
+
+log = structlog.get_logger("sidecar.credentials")
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where tokens come from and how this client proves who it is."""
+
+    token_url: str
+    client_id: str
+    auth: str
+    issuer: str | None = None
+    ca: Path | None = None
+    client_secret: Secret | None = None
+    timeout: float = 10.0
+
+    @property
+    def assertion_audience(self) -> str:
+        """``aud`` of the JWTs we sign for this server (client assertions, actor tokens)."""
+        return self.issuer or self.token_url
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    endpoint: Endpoint
+    scopes: tuple[str, ...] = ()
+    resource: str | None = None
+    audience: str | None = None
+
+    @property
+    def needs_signing_key(self) -> bool:
+        return self.endpoint.auth == "private_key_jwt"
+
+
+def parse_endpoint(f: Fields) -> Endpoint | None:
+    """``token_url``, ``issuer``, ``ca``, ``client_id``, ``auth``, ``client_secret``, ``timeout``."""
+    token_url = f.url("token_url", required=True, https_unless_loopback=True)
+    issuer = f.url("issuer", https_unless_loopback=True)
+    ca = f.path_value("ca", must_exist=True)
+    client_id = f.str("client_id", required=True)
+    auth = f.choice("auth", AUTH_METHODS) if f.has("auth") else "client_secret_basic"
+    secret = _client_secret(f, auth)
+    timeout = f.duration("timeout", "10s")
+    if not 0 < timeout <= 60:
+        f.error("timeout", "must be more than 0s and at most 60s")
+    if token_url is None or client_id is None or auth is None or (auth in SECRET_METHODS and secret is None):
+        return None
+    return Endpoint(token_url, client_id, auth, issuer, ca, secret, timeout)
+
+
+def _client_secret(f: Fields, auth: str | None) -> Secret | None:
+    if auth in SECRET_METHODS:
+        return f.secret("client_secret", required=True)
+    if f.has("client_secret"):
+        f.raw_value("client_secret")
+        if auth is not None:
+            f.error("client_secret", f"is only used with auth client_secret_basic or client_secret_post, not {auth}")
+    return None
+
+
+def parse_target(f: Fields, *, required: bool) -> tuple[str | None, str | None]:
+    """``resource`` (RFC 8707, an absolute URI) or ``audience``: never both."""
+    resource, audience = f.str("resource"), f.str("audience")
+    if resource is not None and audience is not None:
+        f.error("", "needs at most one of resource: URI or audience: NAME")
+    elif required and resource is None and audience is None:
+        f.error("", "needs one of resource: URI or audience: NAME (the upstream the token is for)")
+    if resource is not None and (not urlsplit(resource).scheme or "#" in resource):
+        f.error("resource", "must be an absolute URI without a fragment (RFC 8707)")
+    return resource, audience
+
+
+def parse_scopes(f: Fields) -> tuple[str, ...]:
+    scopes = f.str_list("scopes")
+    if any(not _SCOPE_TOKEN.match(s) for s in scopes):
+        f.error("scopes", "scope names cannot contain spaces, double quotes or backslashes")
+    return scopes
+
+
+def parse(name: str, f: Fields) -> Spec | None:
+    endpoint = parse_endpoint(f)
+    scopes = parse_scopes(f)
+    resource, audience = parse_target(f, required=False)
+    if endpoint is None:
+        return None
+    return Spec(endpoint, scopes, resource, audience)
+
+
+def target_form(resource: str | None, audience: str | None, scopes: tuple[str, ...]) -> dict[str, str]:
+    form = {"resource": resource} if resource else {"audience": audience} if audience else {}
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    return form
+
+
+def basic_authorization(client_id: str, secret: str) -> str:
+    """RFC 6749 §2.3.1: form-urlencode both values, then base64 ``id:secret``."""
+    pair = f"{quote_plus(client_id, safe='')}:{quote_plus(secret, safe='')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+# -- token responses -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """A successful token response. ``claims`` are the access token's, read without verifying:
+    it came from the issuer itself over verified TLS, and is only described, never trusted."""
+
+    access_token: Secret
+    expires_in: float | None
+    scope: tuple[str, ...] | None
+    claims: Mapping[str, Any] | None
+    cnf_sha256: str | None  # hex SHA-256 of the certificate the token is bound to
+    issued_token_type: str | None
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    if token.count(".") != 2:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def x5t_to_hex(value: Any) -> str | None:
+    """RFC 8705 ``x5t#S256`` (base64url SHA-256) -> lowercase hex; None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        digest = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (ValueError, TypeError):
+        return None
+    return digest.hex() if len(digest) == 32 else None
+
+
+def _bound_to(data: Mapping[str, Any], claims: Mapping[str, Any] | None) -> tuple[bool, str | None]:
+    cnf = (claims or {}).get("cnf") or data.get("cnf")
+    if not isinstance(cnf, Mapping) or "x5t#S256" not in cnf:
+        return False, None
+    return True, x5t_to_hex(cnf["x5t#S256"])
+
+
+def _safe_word(value: Any) -> str:
+    return value if isinstance(value, str) and _ERROR_CODE.match(value) else "unknown"
+
+
+def parse_token_response(name: str, body: bytes) -> TokenResponse:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    token = data.get("access_token") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(token, str) or not token:
+        raise CredentialUnavailable(f"credentials: {name}: token endpoint answered without an access_token",
+                                    detail="token endpoint: malformed token response")
+    token_type = data.get("token_type")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise CredentialUnavailable(f"credentials: {name}: token endpoint issued a {_safe_word(token_type)} token; "
+                                    "only bearer tokens are supported", detail="token endpoint: token_type")
+    claims = jwt_claims(token)
+    bound, cnf = _bound_to(data, claims)
+    if bound and cnf is None:
+        raise CredentialUnavailable(f"credentials: {name}: token endpoint issued a certificate-bound token "
+                                    "with an unreadable cnf.x5t#S256", detail="token endpoint: cnf")
+    expires_in = data.get("expires_in")
+    lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else None
+    scope = data.get("scope")
+    granted = tuple(scope.split()) if isinstance(scope, str) else None
+    issued = data.get("issued_token_type")
+    return TokenResponse(Secret(token, "token endpoint"), lifetime, granted, claims, cnf,
+                         issued if isinstance(issued, str) else None)
+
+
+def error_detail(status: int, body: bytes, sensitive: tuple[str, ...]) -> tuple[str, str | None]:
+    """(detail, error code): the RFC 6749 §5.2 code and a cleaned description; never the body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    code = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(code, str) or not _ERROR_CODE.match(code):
+        return f"token endpoint: http {status}", None
+    detail = f"token endpoint: {code} (http {status})"
+    description = data.get("error_description") if isinstance(data, dict) else None
+    if isinstance(description, str) and description:
+        detail += ": " + _clean(description, sensitive)
+    return detail, code
+
+
+def _clean(text: str, sensitive: tuple[str, ...]) -> str:
+    text = "".join(c if " " <= c <= "~" else " " for c in text)
+    for value in sensitive:
+        if value:
+            text = text.replace(value, "<redacted>")
+    text = REDACTOR.text(text)
+    return text if len(text) <= MAX_DESCRIPTION else text[: MAX_DESCRIPTION - 3] + "..."
+
+
+# -- the token endpoint client ------------------------------------------------------------
+
+class TokenEndpoint:
+    """One provider's client of one token endpoint: a session, client authentication, errors."""
+
+    def __init__(self, name: str, endpoint: Endpoint, deps: ProviderDeps) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self._deps = deps
+        self._clock = deps.clock or time.time
+        self._session: aiohttp.ClientSession | None = None
+        self._session_cert: str | None = None
+        self._retired: list[aiohttp.ClientSession] = []
+
+    def cert_thumbprint(self) -> str | None:
+        """Hex SHA-256 of the SVID a token request presents (tls_client_auth only)."""
+        if self.endpoint.auth != "tls_client_auth" or self._deps.svid is None:
+            return None
+        return str(self._deps.svid.state.cert_sha256)
+
+    def sign(self, claims: dict[str, Any], ttl: int = ASSERTION_TTL) -> str:
+        if self._deps.signer is None:
+            raise CredentialUnavailable(f"credentials: {self.name}: no signing key (identity.signing_key)")
+        token, _, _ = self._deps.signer.sign(claims, ttl=ttl)
+        return str(token)
+
+    def client_assertion(self) -> str:
+        """A fresh RFC 7523 client assertion (signed per token request, never per upstream request)."""
+        cid = self.endpoint.client_id
+        return self.sign({"iss": cid, "sub": cid, "aud": self.endpoint.assertion_audience})
+
+    def _authenticate(self, form: dict[str, str], headers: dict[str, str]) -> None:
+        ep = self.endpoint
+        if ep.auth == "client_secret_basic":
+            assert ep.client_secret is not None
+            headers["Authorization"] = basic_authorization(ep.client_id, ep.client_secret.reveal())
+            return
+        form["client_id"] = ep.client_id
+        if ep.auth == "client_secret_post":
+            assert ep.client_secret is not None
+            form["client_secret"] = ep.client_secret.reveal()
+        elif ep.auth == "private_key_jwt":
+            form["client_assertion_type"] = JWT_BEARER
+            form["client_assertion"] = self.client_assertion()
+
+    async def request(self, form: dict[str, str]) -> TokenResponse:
+        """POST a token request; a TokenResponse, or CredentialUnavailable saying why not."""
+        form, headers = dict(form), {"Accept": "application/json"}
+        self._authenticate(form, headers)
+        status, body = await self._post(form, headers)
+        if status != 200:
+            sensitive = tuple(form[k] for k in _SENSITIVE_FORM if k in form)
+            detail, code = error_detail(status, body, sensitive)
+            log.warning("token_request_refused", provider=self.name, status=status, error=code)
+            raise CredentialUnavailable(f"credentials: {self.name}: token endpoint refused the request",
+                                        detail=detail)
+        return parse_token_response(self.name, body)
+
+    async def _post(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        session = self._http()
+        try:
+            async with session.post(self.endpoint.token_url, data=form, headers=headers,
+                                    allow_redirects=False) as resp:
+                return resp.status, await _read_limited(resp)
+        except asyncio.TimeoutError:
+            why, detail = "timed out", f"timeout after {format_duration(self.endpoint.timeout)}"
+        except aiohttp.ClientConnectorCertificateError:
+            why, detail = "unreachable", "tls certificate verification failed"
+        except (aiohttp.ClientError, OSError) as exc:
+            why, detail = "unreachable", type(exc).__name__
+        log.warning("token_request_failed", provider=self.name, error=detail)
+        raise CredentialUnavailable(f"credentials: {self.name}: token endpoint {why}",
+                                    detail=f"token endpoint: {detail}")
+
+    def _http(self) -> aiohttp.ClientSession:
+        cert = self.cert_thumbprint()
+        if self._session is not None and not self._session.closed and cert == self._session_cert:
+            return self._session
+        if self._session is not None:
+            self._retire(self._session)
+        cert_key: tuple[str | None, str | None] = (None, None)
+        if self.endpoint.auth == "tls_client_auth":
+            if self._deps.svid is None:
+                raise CredentialUnavailable(f"credentials: {self.name}: tls_client_auth needs this sidecar's SVID")
+            cert_key = self._deps.svid.client_files()
+        ca = str(self.endpoint.ca) if self.endpoint.ca else None
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(ca, *cert_key), limit=8, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
+                                              cookie_jar=aiohttp.DummyCookieJar(),
+                                              timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout))
+        self._session_cert = cert
+        return self._session
+
+    def _retire(self, session: aiohttp.ClientSession) -> None:
+        """After an SVID rotation: requests in flight on the old session finish, then it closes."""
+        self._retired.append(session)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.endpoint.timeout + 1, lambda: asyncio.ensure_future(session.close()))
+
+    def credential(self, type_: str, resp: TokenResponse, *, scopes: tuple[str, ...],
+                   audience: str | None) -> Credential:
+        now = self._clock()
+        claims = resp.claims or {}
+        exp = claims.get("exp")
+        lifetime = resp.expires_in or (exp - now if isinstance(exp, (int, float)) and exp > now else DEFAULT_LIFETIME)
+        jti = claims.get("jti")
+        token = resp.access_token.reveal()
+        return Credential(
+            type=type_, provider=self.name,
+            id=jti if isinstance(jti, str) and jti else keyed_id(self._deps.id_key, token),
+            scopes=resp.scope if resp.scope is not None else scopes, audience=audience,
+            expires_at=now + lifetime, issued_at=now, bound_cert_sha256=resp.cnf_sha256,
+            token=resp.access_token, material="Bearer " + token,
+        )
+
+    async def aclose(self) -> None:
+        for session in (*self._retired, self._session):
+            if session is not None and not session.closed:
+                await session.close()
+        self._retired.clear()
+        self._session = None
+
+
+async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(16384):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise aiohttp.ClientPayloadError("token response too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def apply_bearer(name: str, out: OutboundRequest, credential: Credential) -> None:
+    """``Authorization: Bearer``; a certificate-bound token only over a connection presenting it."""
+    bound = credential.bound_cert_sha256
+    if bound is not None and out.client_cert_sha256 != bound:
+        presents = out.client_cert_sha256[:16] if out.client_cert_sha256 else "no certificate"
+        raise CredentialUnavailable(
+            f"credentials: {name}: the token is bound to this sidecar's certificate and the upstream "
+            "connection does not present it (set client_cert: svid on the upstream)",
+            detail=f"bound to certificate {bound[:16]}, connection presents {presents}")
+    out.headers["Authorization"] = credential.material
+
+
+# -- the provider ------------------------------------------------------------------------------
+
+class ClientCredentialsProvider:
+    type: ClassVar[str] = TYPE
+    needs_body: ClassVar[bool] = False
+    standing: ClassVar[bool] = False
+    task_bound: ClassVar[bool] = False
+
+    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+        self.name = name
+        self.spec = spec
+        self.endpoint = TokenEndpoint(name, spec.endpoint, deps)
+
+    def cache_key(self, req: CredentialRequest) -> Hashable:
+        return req.scopes or self.spec.scopes, self.endpoint.cert_thumbprint()
+
+    async def fetch(self, req: CredentialRequest) -> Credential:
+        scopes = req.scopes or self.spec.scopes
+        form = {"grant_type": "client_credentials", **target_form(self.spec.resource, self.spec.audience, scopes)}
+        resp = await self.endpoint.request(form)
+        return self.endpoint.credential(TYPE, resp, scopes=scopes, audience=self.spec.resource or self.spec.audience)
+
+    def apply(self, out: OutboundRequest, credential: Credential) -> None:
+        apply_bearer(self.name, out, credential)
+
+    async def aclose(self) -> None:
+        await self.endpoint.aclose()
+
+    def __repr__(self) -> str:
+        return f"ClientCredentialsProvider({self.name!r}, auth={self.spec.endpoint.auth!r})"
+
+
+PROVIDER = ClientCredentialsProvider
