@@ -1,0 +1,132 @@
+"""Configuration: typed and frozen, every problem at once with its path, secrets masked everywhere."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.config import load_config, parse_config
+from sidecar.errors import ConfigInvalid
+
+ROOT = Path(__file__).parents[1]
+EXAMPLE = ROOT / "config" / "sidecar.example.yaml"
+
+
+def materialize_example(tmp: Path) -> Path:
+    """The full example with every absolute path moved under tmp, and those files created."""
+    text = EXAMPLE.read_text().replace("/var/run/", f"{tmp}/var/run/").replace("/etc/ssl/", f"{tmp}/etc/ssl/")
+    for path in set(re.findall(rf"{re.escape(str(tmp))}/[\w/.-]+", text)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("placeholder\n")
+    text = text.replace("config/policy.example.yaml", str(ROOT / "config" / "policy.example.yaml"))
+    out = tmp / "sidecar.yaml"
+    out.write_text(text)
+    return out
+
+
+def errors_of(raw: dict, tmp: Path) -> list[str]:
+    with pytest.raises(ConfigInvalid) as info:
+        parse_config(raw, base_dir=tmp)
+    return [str(e) for e in info.value.errors]
+
+
+def test_the_embedded_defaults_validate():
+    """config/sidecar.yaml (what `sidecar run` uses with no -c) loads without a problem."""
+    config = load_config(ROOT / "config" / "sidecar.yaml")
+    assert config.outbound.listen.is_loopback and "example-api" in config.outbound.upstreams
+
+
+def test_the_full_reference_example_validates(tmp_path, monkeypatch):
+    """config/sidecar.example.yaml, every key of PRODUCT.md, loads once its files exist."""
+    monkeypatch.setenv("LEGACY_KEY", "legacy-canary-value-31")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-canary")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-canary-77")
+    config = load_config(materialize_example(tmp_path))
+    assert set(config.credentials) >= {"billing-oauth", "on-behalf-of-user", "service-assertion", "aws-s3",
+                                       "legacy-key"}
+    assert config.outbound.upstreams["billing-api"].base_path == "/api"
+    assert config.tasks.ttl == 900 and config.policy.approval_timeout == 300
+    assert "legacy-canary-value-31" not in repr(config)
+
+
+def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
+    """Unknown keys, bad URLs, a non-loopback outbound listener and dangling references come out together."""
+    raw = {
+        "agent": {"name": "a", "colour": "blue"},
+        "outbound": {"listen": "0.0.0.0:17001", "upstreams": {
+            "billing": {"url": "ftp://billing", "credential": "nope"},
+            "crm": {"url": "https://crm.internal", "paths": {"merge_slashes": "yes"}},
+        }},
+        "credentials": {"weird": {"type": "magic"},
+                        "static-one": {"type": "static", "header": "X_Key", "value": {"value": "s3cr3t-canary"}}},
+        "tasks": {"ttl": "2h", "max_ttl": "1h"},
+        "shutdown": {"drain": "soon"},
+    }
+    errors = errors_of(raw, tmp_path)
+    expected = [
+        "agent.colour: unknown key",
+        "outbound.listen: must be a loopback address",
+        "outbound.upstreams.billing.url: must be an absolute http or https URL",
+        "outbound.upstreams.crm.paths.merge_slashes: must be true or false",
+        "credentials.weird.type: unknown credential type 'magic'; valid types:",
+        "credentials.static-one.header: must be an HTTP header name without '_'",
+        "tasks.ttl: must not exceed max_ttl",
+        "shutdown.drain: must be a duration",
+    ]
+    for prefix in expected:
+        assert any(e.startswith(prefix) for e in errors), (prefix, errors)
+    assert not any("s3cr3t-canary" in e for e in errors)
+
+
+@pytest.mark.parametrize("credential, path, message", [
+    # token endpoints must be https except on loopback
+    ({"type": "oauth2_client_credentials", "token_url": "http://login.example.com/token", "client_id": "x",
+      "auth": "client_secret_basic", "client_secret": {"value": "v"}}, "credentials.c.token_url", "https"),
+    # a secret reference names exactly one source
+    ({"type": "static", "header": "X-Key", "value": {"value": "a", "from_env": "B"}}, "credentials.c.value",
+     "exactly one of"),
+    # an unset environment variable is a config error, not an empty secret
+    ({"type": "static", "header": "X-Key", "value": {"from_env": "SIDECAR_TEST_UNSET_VAR"}},
+     "credentials.c.value.from_env", "is not set"),
+])
+def test_credential_errors_name_their_path(tmp_path, credential, path, message):
+    """Credential sections are validated by their provider, with paths and what was expected."""
+    errors = errors_of({"credentials": {"c": credential}}, tmp_path)
+    assert any(e.startswith(path) and message in e for e in errors), errors
+
+
+def test_secrets_are_masked_in_reprs_and_validate_output(tmp_path):
+    """A secret in the config appears in no repr, no validate output and no error message."""
+    secret = "validate-canary-secret-8812"
+    config_file = tmp_path / "sidecar.yaml"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, "default": "deny", "rules": []}))
+    config_file.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"),
+        "outbound": {"upstreams": {"u": {"url": "https://u.example", "credential": "k"}}},
+        "credentials": {"k": {"type": "static", "header": "X-Key", "value": {"value": secret}}},
+        "policy": {"files": [str(policy)]},
+    }))
+    config = load_config(config_file)
+    assert secret not in repr(config) and secret not in str(config.credentials)
+    result = subprocess.run([sys.executable, "-m", "sidecar", "validate", "-c", str(config_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+
+
+def test_validate_exits_1_and_lists_every_problem(tmp_path):
+    """`sidecar validate` prints each problem with its path and exits 1."""
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text(yaml.safe_dump({"outbound": {"listen": "10.0.0.1:17001", "upstreams": {
+        "u": {"url": "nope"}}}, "bogus": 1}))
+    result = subprocess.run([sys.executable, "-m", "sidecar", "validate", "-c", str(config_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    for path in ("outbound.listen:", "outbound.upstreams.u.url:", "bogus: unknown key"):
+        assert path in result.stderr
