@@ -165,7 +165,7 @@ class TokenResponse:
 
     access_token: Secret
     expires_in: float | None
-    scope: tuple[str, ...] | None
+    scope: tuple[str, ...] | None  # as granted: the response's scope, else the JWT's; None: as requested
     claims: Mapping[str, Any] | None
     cnf_sha256: str | None  # hex SHA-256 of the certificate the token is bound to
     issued_token_type: str | None
@@ -223,8 +223,8 @@ def parse_token_response(name: str, body: bytes) -> TokenResponse:
                                     "with an unreadable cnf.x5t#S256", detail="token endpoint: cnf")
     expires_in = data.get("expires_in")
     lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else None
-    scope = data.get("scope")
-    granted = tuple(scope.split()) if isinstance(scope, str) else None
+    scope = data.get("scope", (claims or {}).get("scope", "") if claims is not None else None)
+    granted = tuple(scope.split()) if isinstance(scope, str) else None  # None: as requested (RFC 6749 §5.1)
     issued = data.get("issued_token_type")
     return TokenResponse(Secret(token, "token endpoint"), lifetime, granted, claims, cnf,
                          issued if isinstance(issued, str) else None)

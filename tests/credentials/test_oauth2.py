@@ -1,0 +1,417 @@
+"""oauth2_client_credentials against a real oidc-provider: the four client authentication
+methods, JWT access tokens per resource, certificate-bound tokens, and every refusal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any, AsyncIterator, Callable
+
+import jwt
+import pytest
+from multidict import CIMultiDict
+
+from sidecar.credentials import oauth2
+from sidecar.credentials.base import CredentialRequest, OutboundRequest, ProviderDeps
+from sidecar.errors import ConfigError, CredentialUnavailable
+from sidecar.fields import Fields
+from sidecar.identity.signing import Signer, load_signing_key
+from sidecar.identity.source import IdentitySource
+from sidecar.observe.metrics import Metrics
+from tests.peers.oidc import AGENT_SPIFFE_ID, BILLING, CRM, OidcProvider
+from tests.peers.test_oidc_peer import verify_access_token
+
+pytestmark = pytest.mark.peer("oidc-provider")
+
+ID_KEY = b"test-id-key-0123456789abcdef0123"
+WRONG_SECRET = "wrong-secret-Tq93mXv2Lp8"
+
+
+# ---------------------------------------------------------------- helpers (shared by the other modules)
+
+
+def config_errors(module: ModuleType, raw: dict[str, Any]) -> list[str]:
+    """Parse ``raw`` as credentials.test with ``module``; every problem, with its path."""
+    errors: list[ConfigError] = []
+    f = Fields(raw, "credentials.test", errors)
+    module.parse("test", f)
+    f.done()
+    return [str(e) for e in errors]
+
+
+def parse_spec(module: ModuleType, raw: dict[str, Any]) -> Any:
+    """Parse ``raw`` with ``module`` and insist it is valid."""
+    errors: list[ConfigError] = []
+    f = Fields(raw, "credentials.test", errors)
+    spec = module.parse("test", f)
+    f.done()
+    assert not errors, [str(e) for e in errors]
+    return spec
+
+
+def client_config(peer: OidcProvider, client_id: str, **extra: Any) -> dict[str, Any]:
+    """The config entry for one of the peer's clients, with its registered auth method."""
+    client = peer.clients[client_id]
+    raw: dict[str, Any] = {"token_url": peer.token_url, "issuer": peer.issuer, "ca": str(peer.ca_path),
+                           "client_id": client_id, "auth": client.auth_method}
+    if client.secret:
+        raw["client_secret"] = {"value": client.secret}
+    return {**raw, **extra}
+
+
+def request(scopes: tuple[str, ...] = (), **kwargs: Any) -> CredentialRequest:
+    return CredentialRequest(upstream="billing-api", scopes=scopes, agent_id=AGENT_SPIFFE_ID, **kwargs)
+
+
+def outbound(client_cert_sha256: str | None = None) -> OutboundRequest:
+    return OutboundRequest("GET", "https", "billing.internal", 443, "/v1/invoices", "", CIMultiDict(),
+                           client_cert_sha256=client_cert_sha256)
+
+
+def b64url_to_hex(value: str) -> str:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
+
+
+def svid_copy(peer: OidcProvider, directory: Path) -> IdentitySource:
+    """A real IdentitySource over a copy of the peer's tls_client_auth certificate."""
+    cert, key = directory / "svid.crt", directory / "svid.key"
+    shutil.copy(peer.mtls_cert.cert_path, cert)
+    shutil.copy(peer.mtls_cert.key_path, key)
+    return IdentitySource(cert, key, peer.pki.client_ca_path, {}, Metrics())
+
+
+@pytest.fixture
+def svid(oidc_provider: OidcProvider, tmp_path: Path) -> IdentitySource:
+    return svid_copy(oidc_provider, tmp_path)
+
+
+@pytest.fixture
+def deps(oidc_provider: OidcProvider, svid: IdentitySource) -> ProviderDeps:
+    """svc-jwt's registered key signs client assertions (their iss is the client_id, not ours)."""
+    key = oidc_provider.jwt_client_key
+    signer = Signer(load_signing_key(key.path, key.kid), issuer="https://unused.example")
+    return ProviderDeps(agent_id=AGENT_SPIFFE_ID, signer=signer, svid=svid, id_key=ID_KEY)
+
+
+Make = Callable[..., Any]
+
+
+@pytest.fixture
+async def make(deps: ProviderDeps) -> AsyncIterator[Make]:
+    """Build providers from raw config; close them all afterwards."""
+    built: list[Any] = []
+
+    def build(raw: dict[str, Any], module: ModuleType = oauth2, provider_deps: ProviderDeps | None = None) -> Any:
+        provider = module.PROVIDER("test", parse_spec(module, raw), provider_deps or deps)
+        built.append(provider)
+        return provider
+
+    yield build
+    for provider in built:
+        await provider.aclose()
+
+
+# ---------------------------------------------------------------- every client auth method
+
+
+@pytest.mark.parametrize("client_id", ["svc-basic", "svc-post", "svc-jwt", "svc-mtls"])
+async def test_every_auth_method_gets_a_bearer_token(
+    oidc_provider: OidcProvider, make: Make, svid: IdentitySource, client_id: str
+) -> None:
+    """Each auth method gets a JWT access token for the resource, and apply sends it as Bearer."""
+    provider = make(client_config(oidc_provider, client_id, resource=BILLING, scopes=["invoices.read"]))
+    credential = await provider.fetch(request())
+    token = credential.token.reveal()
+    claims = verify_access_token(oidc_provider, token, BILLING)
+    assert claims["client_id"] == client_id and claims["scope"] == "invoices.read"
+    assert (credential.type, credential.audience, credential.scopes) == (oauth2.TYPE, BILLING, ("invoices.read",))
+    assert credential.id == claims["jti"] and not credential.standing
+    assert credential.expires_at is not None and credential.issued_at is not None
+    assert 250 < credential.expires_at - credential.issued_at <= 300  # the peer issues 300 s tokens
+    out = outbound(svid.state.cert_sha256)
+    provider.apply(out, credential)
+    assert out.headers.getall("Authorization") == [f"Bearer {token}"]
+    assert token not in repr(credential)
+
+
+async def test_tokens_are_minted_per_resource(oidc_provider: OidcProvider, make: Make) -> None:
+    """A provider for CRM gets tokens whose aud is CRM, not BILLING."""
+    provider = make(client_config(oidc_provider, "svc-basic", resource=CRM, scopes=["crm.read"]))
+    credential = await provider.fetch(request())
+    assert verify_access_token(oidc_provider, credential.token.reveal(), CRM)["aud"] == CRM
+    with pytest.raises(jwt.InvalidAudienceError):
+        verify_access_token(oidc_provider, credential.token.reveal(), BILLING)
+
+
+async def test_a_rule_narrows_the_requested_scopes(oidc_provider: OidcProvider, make: Make) -> None:
+    """The rule's scopes replace the configured ones in the request and in the cache key."""
+    provider = make(client_config(oidc_provider, "svc-post", resource=BILLING,
+                                  scopes=["invoices.read", "invoices.write"]))
+    narrowed = request(("invoices.read",))
+    assert provider.cache_key(narrowed) != provider.cache_key(request())
+    credential = await provider.fetch(narrowed)
+    assert credential.scopes == ("invoices.read",)
+    assert verify_access_token(oidc_provider, credential.token.reveal(), BILLING)["scope"] == "invoices.read"
+    wide = await provider.fetch(request())
+    assert wide.scopes == ("invoices.read", "invoices.write")
+
+
+def test_basic_authorization_form_urlencodes_before_base64() -> None:
+    """RFC 6749 §2.3.1: id and secret are form-urlencoded, then joined by ':' and base64-encoded."""
+    header = oauth2.basic_authorization("svc one", "p@ss:w+rd/ü")
+    assert header.startswith("Basic ")
+    assert base64.b64decode(header[6:]).decode() == "svc+one:p%40ss%3Aw%2Brd%2F%C3%BC"
+
+
+# ---------------------------------------------------------------- private_key_jwt
+
+
+async def test_each_fetch_signs_a_fresh_client_assertion(
+    oidc_provider: OidcProvider, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """private_key_jwt: iss = sub = client_id, aud = the issuer, 60 s, and a new jti per fetch."""
+    provider = make(client_config(oidc_provider, "svc-jwt", resource=BILLING))
+    seen: list[str] = []
+    original = provider.endpoint.client_assertion
+    monkeypatch.setattr(provider.endpoint, "client_assertion", lambda: seen.append(original()) or seen[-1])
+    await provider.fetch(request())
+    await provider.fetch(request())
+    public = load_signing_key(oidc_provider.jwt_client_key.path, None).private.public_key()
+    claims = [jwt.decode(a, public, algorithms=["ES256"], audience=oidc_provider.issuer) for a in seen]
+    assert [(c["iss"], c["sub"]) for c in claims] == [("svc-jwt", "svc-jwt")] * 2
+    assert all(c["exp"] - c["iat"] == 60 for c in claims)
+    assert claims[0]["jti"] != claims[1]["jti"]
+
+
+async def test_a_replayed_client_assertion_is_refused_by_the_server(
+    oidc_provider: OidcProvider, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sending the same assertion twice gets invalid_client the second time (the jti is spent)."""
+    provider = make(client_config(oidc_provider, "svc-jwt", resource=BILLING))
+    fixed = provider.endpoint.client_assertion()
+    monkeypatch.setattr(provider.endpoint, "client_assertion", lambda: fixed)
+    await provider.fetch(request())
+    with pytest.raises(CredentialUnavailable) as refused:
+        await provider.fetch(request())
+    assert refused.value.detail is not None and "invalid_client" in refused.value.detail
+    assert fixed not in str(refused.value) + refused.value.detail
+
+
+async def test_assertion_audience_defaults_to_the_token_url(oidc_provider: OidcProvider, make: Make) -> None:
+    """Without issuer: the assertion's aud is the token endpoint, which the server accepts too."""
+    raw = client_config(oidc_provider, "svc-jwt", resource=BILLING)
+    del raw["issuer"]
+    provider = make(raw)
+    claims = jwt.decode(provider.endpoint.client_assertion(), options={"verify_signature": False})
+    assert claims["aud"] == oidc_provider.token_url
+    assert (await provider.fetch(request())).audience == BILLING
+
+
+# ---------------------------------------------------------------- refusals from the token endpoint
+
+
+@pytest.mark.parametrize("client_id", ["svc-basic", "svc-post"])
+async def test_a_wrong_secret_is_invalid_client_and_never_shown(
+    oidc_provider: OidcProvider, make: Make, client_id: str
+) -> None:
+    """A wrong secret is refused with detail invalid_client; the secret is in no message or repr."""
+    provider = make(client_config(oidc_provider, client_id, client_secret={"value": WRONG_SECRET}))
+    with pytest.raises(CredentialUnavailable) as refused:
+        await provider.fetch(request())
+    exc = refused.value
+    assert exc.reason == "credential_unavailable" and exc.status == 503
+    assert exc.detail is not None and exc.detail.startswith("token endpoint: invalid_client (http 401)")
+    assert exc.message == "credentials: test: token endpoint refused the request"
+    for text in (str(exc), repr(exc), exc.detail, repr(provider), repr(provider.spec)):
+        assert WRONG_SECRET not in text
+
+
+async def test_an_unknown_resource_is_invalid_target(oidc_provider: OidcProvider, make: Make) -> None:
+    """RFC 8707 §2: a resource the server does not know is refused, and the code is the detail."""
+    provider = make(client_config(oidc_provider, "svc-basic", resource="https://unknown.internal/"))
+    with pytest.raises(CredentialUnavailable) as refused:
+        await provider.fetch(request())
+    assert refused.value.detail is not None
+    assert refused.value.detail.startswith("token endpoint: invalid_target (http 400)")
+
+
+@pytest.mark.parametrize(
+    ("requested", "granted"),
+    [
+        (("invoices.read", "admin.everything"), ("invoices.read",)),  # the response's scope names what was granted
+        (("crm.read",), ()),  # nothing granted for BILLING: no scope in the response, none in the JWT
+    ],
+)
+async def test_the_credential_records_the_scopes_granted(
+    oidc_provider: OidcProvider, make: Make, requested: tuple[str, ...], granted: tuple[str, ...]
+) -> None:
+    """oidc-provider drops scopes it will not grant; the credential says what was granted, not asked."""
+    provider = make(client_config(oidc_provider, "svc-basic", resource=BILLING))
+    assert (await provider.fetch(request(requested))).scopes == granted
+
+
+async def test_an_outage_is_temporarily_unavailable(oidc_provider: OidcProvider, make: Make) -> None:
+    """While the token endpoint answers 503, fetch says temporarily_unavailable."""
+    provider = make(client_config(oidc_provider, "svc-basic", resource=BILLING))
+    oidc_provider.outage(True, retry_after=1)
+    try:
+        with pytest.raises(CredentialUnavailable) as refused:
+            await provider.fetch(request())
+    finally:
+        oidc_provider.outage(False)
+    assert refused.value.detail is not None
+    assert refused.value.detail.startswith("token endpoint: temporarily_unavailable (http 503)")
+
+
+async def test_an_unreachable_token_endpoint_is_unavailable(
+    oidc_provider: OidcProvider, make: Make, unused_tcp_port: int
+) -> None:
+    """Nothing listening at token_url: credential_unavailable, saying unreachable."""
+    provider = make(client_config(oidc_provider, "svc-basic", token_url=f"https://127.0.0.1:{unused_tcp_port}/token"))
+    with pytest.raises(CredentialUnavailable, match="token endpoint unreachable"):
+        await provider.fetch(request())
+
+
+async def test_a_token_endpoint_with_an_untrusted_certificate_is_refused(
+    oidc_provider: OidcProvider, make: Make
+) -> None:
+    """Without the peer's CA the TLS handshake fails: verification is never off."""
+    raw = client_config(oidc_provider, "svc-basic")
+    del raw["ca"]
+    provider = make(raw)
+    with pytest.raises(CredentialUnavailable) as refused:
+        await provider.fetch(request())
+    assert refused.value.detail == "token endpoint: tls certificate verification failed"
+
+
+# ---------------------------------------------------------------- tls_client_auth and bound tokens
+
+
+async def test_tls_client_auth_token_is_bound_and_refused_elsewhere(
+    oidc_provider: OidcProvider, make: Make, svid: IdentitySource
+) -> None:
+    """A cert-bound token records the SVID thumbprint; apply refuses a connection without it."""
+    provider = make(client_config(oidc_provider, "svc-mtls", resource=BILLING))
+    credential = await provider.fetch(request())
+    claims = verify_access_token(oidc_provider, credential.token.reveal(), BILLING)
+    assert credential.bound_cert_sha256 == b64url_to_hex(claims["cnf"]["x5t#S256"]) == svid.state.cert_sha256
+    for presented in (None, "00" * 32):  # a plain TLS upstream; another certificate
+        out = outbound(presented)
+        with pytest.raises(CredentialUnavailable, match="bound to this sidecar's certificate"):
+            provider.apply(out, credential)
+        assert "Authorization" not in out.headers
+    out = outbound(svid.state.cert_sha256)
+    provider.apply(out, credential)
+    assert out.headers["Authorization"] == "Bearer " + credential.token.reveal()
+
+
+async def test_a_rotated_svid_gets_a_new_token_bound_to_it(
+    oidc_provider: OidcProvider, make: Make, svid: IdentitySource
+) -> None:
+    """After an SVID rotation the cache key changes and the next token is bound to the new cert."""
+    provider = make(client_config(oidc_provider, "svc-mtls", resource=BILLING))
+    before = provider.cache_key(request())
+    first = await provider.fetch(request())
+    rotated = oidc_provider.pki.issue_client_cert("agent-rotated")
+    cert_path, key_path = svid.client_files()
+    shutil.copy(rotated.cert_path, cert_path)
+    shutil.copy(rotated.key_path, key_path)
+    assert svid.check()
+    assert provider.cache_key(request()) != before
+    second = await provider.fetch(request())
+    assert second.bound_cert_sha256 == b64url_to_hex(rotated.thumbprint) != first.bound_cert_sha256
+
+
+async def test_tls_client_auth_without_an_svid_is_unavailable(
+    oidc_provider: OidcProvider, make: Make, deps: ProviderDeps
+) -> None:
+    """No SVID loaded: tls_client_auth cannot authenticate, and says so."""
+    no_svid = ProviderDeps(agent_id=deps.agent_id, signer=deps.signer, svid=None, id_key=ID_KEY)
+    provider = make(client_config(oidc_provider, "svc-mtls"), provider_deps=no_svid)
+    with pytest.raises(CredentialUnavailable, match="tls_client_auth needs this sidecar's SVID"):
+        await provider.fetch(request())
+
+
+# ---------------------------------------------------------------- token responses (pure logic)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"token_type": "Bearer"}, "without an access_token"),  # RFC 6749 §5.1: access_token is required
+        ({"access_token": "abc", "token_type": "DPoP"}, "issued a DPoP token"),  # RFC 9449: not supported here
+        ({"access_token": "abc"}, "issued a unknown token"),  # token_type is required
+        ({"access_token": "abc", "token_type": "bearer", "cnf": {"x5t#S256": "!!"}}, "unreadable cnf"),
+    ],
+)
+def test_unusable_token_responses_are_refused(body: dict[str, Any], message: str) -> None:
+    """A token response without a usable bearer token is refused at fetch, not sent upstream."""
+    with pytest.raises(CredentialUnavailable, match=message):
+        oauth2.parse_token_response("test", json.dumps(body).encode())
+
+
+def test_an_opaque_token_gets_a_keyed_id_and_default_lifetime() -> None:
+    """No jti to use: the id is a keyed hash of the token; lifetime from expires_in, else 300 s."""
+    endpoint = oauth2.TokenEndpoint("test", oauth2.Endpoint("https://as.example/token", "c", "tls_client_auth"),
+                                    ProviderDeps(agent_id=AGENT_SPIFFE_ID, id_key=ID_KEY, clock=lambda: 1000.0))
+    for body, lifetime in (({"expires_in": 60}, 60.0), ({}, oauth2.DEFAULT_LIFETIME)):
+        raw = {"access_token": "opaque-token-value", "token_type": "Bearer", **body}
+        resp = oauth2.parse_token_response("test", json.dumps(raw).encode())
+        credential = endpoint.credential(oauth2.TYPE, resp, scopes=("a",), audience=None)
+        assert credential.id is not None and credential.id.startswith("h:") and "opaque" not in credential.id
+        assert (credential.issued_at, credential.expires_at, credential.scopes) == (1000.0, 1000.0 + lifetime, ("a",))
+
+
+def test_error_details_are_cleaned_and_never_the_body() -> None:
+    """The detail holds the error code and a redacted, truncated description; a non-JSON body, only the status."""
+    secret = "form-secret-Kz81"
+    token = jwt.encode({"sub": "x"}, "k" * 32, algorithm="HS256")
+    body = {"error": "invalid_grant", "error_description": f"bad {secret} and {token} " + "x" * 300}
+    detail, code = oauth2.error_detail(400, json.dumps(body).encode(), (secret,))
+    assert code == "invalid_grant" and detail.startswith("token endpoint: invalid_grant (http 400): bad ")
+    assert secret not in detail and token not in detail and len(detail) < 200
+    assert oauth2.error_detail(502, b"<html>upstream secret</html>", ()) == ("token endpoint: http 502", None)
+    assert oauth2.error_detail(400, b'{"error": "<script>"}', ()) == ("token endpoint: http 400", None)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+BASE = {"token_url": "https://login.example.com/token", "client_id": "billing-agent", "auth": "private_key_jwt"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({**BASE, "token_url": "http://login.example.com/token"},
+         "credentials.test.token_url: must be an https URL (http is allowed only on loopback hosts)"),
+        ({**BASE, "auth": "client_secret_basic"}, "credentials.test.client_secret: is required"),
+        ({**BASE, "client_secret": {"value": "s3cret-value"}},
+         "credentials.test.client_secret: is only used with auth client_secret_basic or client_secret_post, "
+         "not private_key_jwt"),
+        ({**BASE, "resource": "https://a/", "audience": "b"},
+         "credentials.test: needs at most one of resource: URI or audience: NAME"),
+        ({**BASE, "resource": "billing"}, "credentials.test.resource: must be an absolute URI without a fragment (RFC 8707)"),
+        ({**BASE, "scopes": ["a b"]}, "credentials.test.scopes: scope names cannot contain spaces, double quotes or backslashes"),
+        ({**BASE, "auth": "none"}, "credentials.test.auth: must be one of client_secret_basic, client_secret_post, "
+                                   "private_key_jwt, tls_client_auth, got 'none'"),
+        ({**BASE, "timeout": "5m"}, "credentials.test.timeout: must be more than 0s and at most 60s"),
+        ({**BASE, "client_secrett": 1}, "credentials.test.client_secrett: unknown key"),
+    ],
+)
+def test_config_errors_name_their_path(raw: dict[str, Any], expected: str) -> None:
+    """Each invalid entry is refused with its path and what was expected."""
+    assert config_errors(oauth2, raw) == [expected]
+
+
+def test_http_token_url_is_allowed_on_loopback_and_signing_key_only_for_private_key_jwt() -> None:
+    """A loopback token endpoint may be plain http; only private_key_jwt needs identity.signing_key."""
+    spec = parse_spec(oauth2, {**BASE, "token_url": "http://127.0.0.1:9000/token", "scopes": ["a"]})
+    assert spec.needs_signing_key and spec.scopes == ("a",) and spec.endpoint.timeout == 10.0
+    basic = parse_spec(oauth2, {**BASE, "auth": "client_secret_basic", "client_secret": {"value": "s3cret-value"}})
+    assert not basic.needs_signing_key and "s3cret-value" not in repr(basic)
+    assert parse_spec(oauth2, {k: v for k, v in BASE.items() if k != "auth"} | {
+        "client_secret": {"value": "s3cret-value"}}).endpoint.auth == "client_secret_basic"
