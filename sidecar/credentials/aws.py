@@ -232,7 +232,8 @@ def _is_signed(header: str) -> bool:
 
 def _refuse_presigned(query: str) -> None:
     """A presigned URL carries the agent's own key: refused rather than sent beside ours."""
-    if "x-amz-" not in query.lower():
+    lower = query.lower()
+    if "x-amz-" not in lower and "%" not in lower:  # the fast path: no name can decode to one
         return
     for part in query.split("&"):
         name = unquote(part.partition("=")[0]).lower()
