@@ -153,9 +153,12 @@ class Sidecar:
 
     async def _start_listeners(self) -> None:
         from sidecar import admin, health
+        from sidecar.connect import Interceptor
 
         cfg, rt = self.config, self.runtime
         outbound = Outbound(rt)
+        rt.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
+        self._web_servers.append(rt.interceptor.server)  # drained and closed with the listeners
         out_server = SidecarServer(outbound.handle, limits=cfg.outbound.limits,
                                    on_parse_error=self._parse_error("outbound"))
         self._web_servers.append(out_server)

@@ -1,0 +1,277 @@
+"""CONNECT with TLS interception: the agent's ``HTTPS_PROXY`` traffic, decrypted and run through
+the same pipeline as every other outbound request. There are no blind tunnels.
+
+    CONNECT host:port ─ authority form ─ trust boundary ─ agent revoked? ─ host mapped (``hosts``)?
+      ├─ refused: a JSON 4xx on the plain connection, one trust-decision event; no tunnel opens
+      └─ mapped: tunnel slot ─ "200 Connection Established" ─ start_tls(a leaf for host, timeout)
+           ├─ handshake failed: logged, tls_handshake_failures_total{outbound,handshake_failed}
+           └─ each decrypted request: Host must name the CONNECT authority (``host_mismatch``), then
+              route (``for_host(..., "connect")``) -> task -> policy -> credential -> forward -> record
+
+aiohttp's server does not handle CONNECT itself: its parser marks the connection upgraded, and
+once the handler returns it would write the handler's response on the raw transport and parse
+whatever follows as HTTP. So the handler takes the connection over and keeps it until the tunnel
+ends: the raw transport's protocol becomes asyncio's TLS protocol (``loop.start_tls``), the TLS
+transport gets a protocol of a second :class:`SidecarServer`, and when the tunnel has ended the
+aiohttp protocol that parsed the CONNECT is told its connection is gone (``connection_lost``), so
+that it drops its transport: the response it then tries to send fails as a premature disconnect
+and nothing reaches the wire after the TLS stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar.errors import Refusal, RequestRefused
+from sidecar.exchange import Exchange
+from sidecar.identity.ca import CERT_FILE, InterceptionCA
+from sidecar.identity.mtls import _hand_over, _Holding
+from sidecar.pipeline import check_header_limits
+from sidecar.policy.paths import normalize_host
+from sidecar.server import SidecarServer, error_response
+
+if TYPE_CHECKING:
+    from sidecar.pipeline import Outbound
+    from sidecar.runtime import Runtime
+
+log = structlog.get_logger("sidecar.connect")
+
+ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+MAX_TUNNELS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """One intercepted CONNECT: the authority the agent named and the pipeline to run requests on."""
+
+    host: str  # normalized: lowercase, no brackets or trailing dot
+    port: int
+    outbound: Outbound
+
+
+def parse_authority(target: str) -> tuple[str, int]:
+    """``host:port`` (authority form, RFC 9110 9.3.6) -> (normalized host, port); else bad_request."""
+    _, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit():
+        raise RequestRefused("bad_request", "connect: expected an authority-form target host:port")
+    name, number = normalize_host(target, "https")
+    if not 0 < number < 65536:
+        raise RequestRefused("bad_request", "connect: expected a port between 1 and 65535")
+    return name, number
+
+
+def origin_form(raw_target: str) -> tuple[str, str]:
+    """A decrypted request's target -> (raw path, raw query); only origin form is accepted."""
+    if not raw_target.startswith("/"):
+        raise RequestRefused("bad_request", "connect: expected an origin-form target (/path) inside the tunnel")
+    path, _, query = raw_target.partition("?")
+    return path, query
+
+
+def check_host(request: web.BaseRequest, tunnel: Tunnel) -> None:
+    """The decrypted request's Host header must name the authority the tunnel was opened for."""
+    values = request.headers.getall("Host", ())
+    try:
+        agrees = len(values) == 1 and normalize_host(values[0], "https") == (tunnel.host, tunnel.port)
+    except RequestRefused:
+        agrees = False
+    if not agrees:
+        raise RequestRefused("host_mismatch", "connect: the Host header inside the tunnel must name the "
+                                              "CONNECT authority")
+
+
+class _TunnelServer(SidecarServer):
+    """The server behind the TLS transports; reports each connection's end to the interceptor."""
+
+    def __init__(self, interceptor: Interceptor, **kwargs: Any) -> None:
+        super().__init__(interceptor.handle_decrypted, **kwargs)
+        self._interceptor = interceptor
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Idle tunnels close at once (as aiohttp's runner does); requests in flight get ``timeout``."""
+        self.pre_shutdown()
+        await super().shutdown(timeout)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._interceptor.tunnel_ended(handler)
+
+
+class Interceptor:
+    """Answers CONNECT: refuses unmapped hosts, intercepts mapped ones with a minted certificate."""
+
+    def __init__(self, rt: Runtime, ca: InterceptionCA, ca_cert_path: Path, *,
+                 max_tunnels: int = MAX_TUNNELS) -> None:
+        outbound = rt.config.outbound
+        self.rt, self.ca, self.ca_cert_path = rt, ca, ca_cert_path
+        self._handshake_timeout = outbound.timeouts.connect
+        self._max_tunnels, self._open = max_tunnels, 0
+        self._tunnels: dict[RequestHandler, Tunnel] = {}
+        self._ended: dict[RequestHandler, asyncio.Future[None]] = {}
+        self.server = _TunnelServer(self, limits=outbound.limits, on_parse_error=self._parse_error,
+                                    keepalive_timeout=outbound.timeouts.idle)
+
+    @classmethod
+    def from_runtime(cls, rt: Runtime, *, max_tunnels: int = MAX_TUNNELS) -> Interceptor:
+        """The operator's CA (``outbound.intercept``), else one kept in ``state_dir/intercept``."""
+        cfg = rt.config
+        cert, key = cfg.outbound.intercept_ca_cert, cfg.outbound.intercept_ca_key
+        ca = InterceptionCA.load_or_create(cert, key, cfg.state_dir)
+        path = cert if cert is not None else cfg.state_dir / "intercept" / CERT_FILE
+        log.info("intercept_ca_ready", ca_cert=str(path), configured=cert is not None)
+        return cls(rt, ca, path, max_tunnels=max_tunnels)
+
+    @property
+    def open_tunnels(self) -> int:
+        return self._open
+
+    # -- CONNECT on the plain listener ------------------------------------------------------
+    async def handle(self, request: web.BaseRequest, outbound: Outbound) -> web.StreamResponse:
+        ex = Exchange("outbound", protocol="connect", method="CONNECT")
+        try:
+            tunnel, context = self._admit(request, ex, outbound)
+        except Refusal as refusal:
+            return self._refuse(request, ex, refusal)
+        self._open += 1
+        try:
+            await self._run(request, tunnel, context)
+        finally:
+            self._open -= 1
+            _forget(request)
+        return web.Response(status=200)  # never sent: aiohttp no longer has a transport to send it on
+
+    def _admit(self, request: web.BaseRequest, ex: Exchange,
+               outbound: Outbound) -> tuple[Tunnel, ssl.SSLContext]:
+        """Every check before the tunnel opens; raises the refusal that keeps it shut."""
+        rt = self.rt
+        limits = rt.config.outbound.limits
+        check_header_limits(request, limits.max_headers, limits.max_header_bytes)
+        host, port = parse_authority(request.raw_path)
+        ex.host = host
+        rt.router.check_boundary(request.headers)
+        rt.revocations.check_agent(rt.agent.id)
+        upstream = rt.router.upstream_for_host(host)
+        if upstream is None:
+            raise RequestRefused("unknown_upstream", f"connect: host {host} is not mapped to any upstream; "
+                                                     "no tunnel is opened")
+        ex.upstream = upstream.name
+        if self._open >= self._max_tunnels:
+            raise RequestRefused("rate_limited", f"connect: {self._max_tunnels} tunnels are already open",
+                                 retry_after=1)
+        if _early_bytes(request):
+            raise RequestRefused("bad_request", "connect: expected the client to wait for the 200 response "
+                                                "before starting tls")
+        return Tunnel(host, port, outbound), self.ca.context_for(host)
+
+    def _refuse(self, request: web.BaseRequest, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
+        ex.refuse(refusal)
+        self.rt.record(ex)
+        response = error_response(refusal)
+        response.force_close()
+        request.content.feed_eof()  # what follows a refused CONNECT is not a body to linger over
+        return response
+
+    async def _run(self, request: web.BaseRequest, tunnel: Tunnel, context: ssl.SSLContext) -> None:
+        raw = request.transport
+        if raw is None or raw.is_closing():
+            return
+        raw.write(ESTABLISHED)
+        holding = _Holding()
+        tls = await self._handshake(raw, holding, context, tunnel)
+        if tls is None:
+            return
+        ended = self._attach(tls, holding, tunnel)
+        try:
+            await ended
+        finally:
+            if not tls.is_closing():
+                tls.abort()  # cancelled (shutdown, client gone): the tunnel ends with the handler
+
+    async def _handshake(self, raw: asyncio.Transport, holding: _Holding, context: ssl.SSLContext,
+                         tunnel: Tunnel) -> asyncio.Transport | None:
+        """TLS as the server, with the leaf for the tunnel's host; None if it failed (reported)."""
+        loop = asyncio.get_running_loop()
+        timeout = self._handshake_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                tls = await loop.start_tls(raw, holding, context, server_side=True,
+                                           ssl_handshake_timeout=timeout, ssl_shutdown_timeout=timeout)
+        except (OSError, EOFError, TimeoutError) as exc:
+            raw.abort()
+            self._handshake_failed(tunnel, type(exc).__name__, getattr(exc, "reason", None))
+            return None
+        if tls is None:
+            raw.abort()
+            self._handshake_failed(tunnel, "closed", None)
+        return tls
+
+    def _handshake_failed(self, tunnel: Tunnel, error: str, detail: str | None) -> None:
+        self.rt.metrics.tls_handshake_failures.labels("outbound", "handshake_failed").inc()
+        log.warning("tls_handshake_failed", listener="outbound", host=tunnel.host, port=tunnel.port,
+                    error_type=error, detail=detail,
+                    message="connect: tls handshake inside the tunnel failed; expected a client that trusts "
+                            "the interception ca")
+
+    def _attach(self, tls: asyncio.Transport, holding: _Holding, tunnel: Tunnel) -> asyncio.Future[None]:
+        """Hand the TLS transport to a protocol of the tunnel server; the future ends with it."""
+        protocol = self.server()
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tunnels[protocol], self._ended[protocol] = tunnel, ended
+        _hand_over(tls, holding, protocol)
+        return ended
+
+    def tunnel_ended(self, protocol: RequestHandler) -> None:
+        self._tunnels.pop(protocol, None)
+        ended = self._ended.pop(protocol, None)
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+
+    # -- requests inside the tunnel ---------------------------------------------------------
+    async def handle_decrypted(self, request: web.BaseRequest) -> web.StreamResponse:
+        ex = Exchange("outbound", protocol="connect", method=request.method)
+        try:
+            return await self.rt.exchanges.run(ex, self._exchange(request, ex))
+        except Refusal as refusal:
+            ex.refuse(refusal)
+            return error_response(refusal)
+        finally:
+            self.rt.record(ex)
+
+    async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+        rt = self.rt
+        tunnel = self._tunnels.get(request.protocol)  # type: ignore[arg-type]
+        if tunnel is None:
+            raise Refusal("internal_error", "connect: request on a connection that is not a tunnel")
+        ex.host = tunnel.host
+        limits = rt.config.outbound.limits
+        check_header_limits(request, limits.max_headers, limits.max_header_bytes)
+        rt.router.check_boundary(request.headers)
+        raw_path, query = origin_form(request.raw_path)
+        check_host(request, tunnel)
+        route = rt.router.for_host(tunnel.host, raw_path, query, "connect")
+        return await tunnel.outbound.forward_route(request, ex, route)
+
+    def _parse_error(self, request: web.BaseRequest, refusal: Refusal) -> None:
+        ex = Exchange("outbound", protocol="connect")
+        ex.refuse(refusal)
+        self.rt.record(ex)
+
+
+def _early_bytes(request: web.BaseRequest) -> bool:
+    """Bytes after the CONNECT head, read before the 200: asyncio's start_tls cannot be given them."""
+    return bool(getattr(request.protocol, "_message_tail", b""))
+
+
+def _forget(request: web.BaseRequest) -> None:
+    """Tell the protocol that parsed the CONNECT that its connection is gone (it was taken over)."""
+    protocol = request.protocol
+    if protocol.transport is not None:
+        protocol.connection_lost(None)
