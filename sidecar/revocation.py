@@ -10,6 +10,20 @@ disconnected subscribers, hence the keys.
 With Redis down, local revocation still works, ``sidecar_revocation_bus_up`` is 0 and a
 running sidecar stays ready; with ``require_sync`` a starting one is not ready before it
 has read the stored revocations once.
+
+Outages. Every local change (a revocation, or its lifting) goes through an outbox that
+keeps the last change per revocation id until Redis took it. On (re)connect a sidecar, in
+this order: subscribes; writes its outbox (SET + PUBLISH, so revocations made during the
+outage reach the fleet); catches up on the stored keys; re-stores (SET NX, no publish) the
+live revocations it holds that Redis lacks, so a Redis that lost its data is refilled by
+the fleet. Lifting stores a tombstone under the same key for the rest of the revocation's
+TTL, so a sidecar that missed the lift forgets the entry when it catches up, and the
+re-store cannot bring it back. If Redis lost its data *and* missed a lift, the revocation
+comes back (fail closed) until it is lifted again or expires.
+
+``sidecar_revocation_propagation_seconds`` observes entries received live and on
+reconnect catch-ups (a sidecar cut off from the bus was enforcing without them); the first
+sync after start is not observed (the sidecar was not running when they were made).
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ class Revocations:
         self._clock = clock
         self._entries: dict[str, Revocation] = {}
         self._ids: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        self._lifted: dict[str, Revocation] = {}  # rid -> the version that was lifted (until it would expire)
         self._appliers: list[Callable[[Revocation], None]] = []
         self.bus: RedisBus | None = None
 
@@ -104,16 +119,18 @@ class Revocations:
             self.bus.publish(entry)
         return entry
 
-    def apply(self, entry: Revocation, *, received_at: float | None) -> bool:
-        """Apply a revocation (made here or received from the bus); False if already known."""
-        if entry.kind not in KINDS or entry.expires_at <= self._clock():
+    def apply(self, entry: Revocation, *, received_at: float | None, observe: bool = True) -> bool:
+        """Apply a revocation (made here or received from the bus); False if known, lifted or expired."""
+        if entry.kind not in KINDS or entry.expires_at <= self._clock() or self._was_lifted(entry):
             return False
         known = self._entries.get(entry.rid)
+        if known is not None:
+            if entry.created_at >= known.created_at:  # a newer version (say, a longer TTL) replaces it
+                self._entries[entry.rid] = entry
+            return False
         self._entries[entry.rid] = entry
         self._ids[entry.kind].add(entry.id)
-        if known is not None:
-            return False
-        if received_at is not None:
+        if received_at is not None and observe:
             self._metrics.revocation_propagation.observe(max(received_at - entry.created_at, 0.0))
         self._metrics.revocations.labels(entry.kind).inc()
         log.info("revocation_applied", kind=entry.kind, id=entry.id, remote=received_at is not None)
@@ -122,16 +139,37 @@ class Revocations:
         return True
 
     def remove(self, rid: str) -> bool:
-        existed = self._forget(rid)
-        if existed and self.bus is not None:
-            self.bus.delete(rid)
-        return existed
+        """Lift a revocation here, then on the bus (a tombstone for the rest of its TTL)."""
+        entry = self._entries.get(rid)
+        if entry is None or not self.lift(entry):
+            return False
+        if self.bus is not None:
+            self.bus.delete(entry)
+        return True
 
-    def _forget(self, rid: str) -> bool:
+    def lift(self, entry: Revocation) -> bool:
+        """Forget this version of a revocation (and older ones); a stale copy cannot bring it back."""
+        now = self._clock()
+        self._lifted = {rid: e for rid, e in self._lifted.items() if e.expires_at > now}
+        previous = self._lifted.get(entry.rid)
+        if previous is None or entry.created_at > previous.created_at:
+            self._lifted[entry.rid] = entry
+        known = self._entries.get(entry.rid)
+        if known is None or known.created_at > entry.created_at:  # a newer revocation stays in force
+            return False
+        self._forget(entry.rid)
+        log.info("revocation_lifted", kind=entry.kind, id=entry.id)
+        return True
+
+    def _was_lifted(self, entry: Revocation) -> bool:
+        lifted = self._lifted.get(entry.rid)
+        return lifted is not None and entry.created_at <= lifted.created_at
+
+    def _forget(self, rid: str) -> Revocation | None:
         entry = self._entries.pop(rid, None)
         if entry is not None:
             self._ids[entry.kind].discard(entry.id)
-        return entry is not None
+        return entry
 
     def list(self) -> list[Revocation]:
         now = self._clock()
@@ -148,8 +186,10 @@ class RedisBus:
         self._metrics = metrics
         self._clock = clock
         self._client: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[Any]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: dict[str, tuple[Revocation, bool]] = {}  # rid -> (entry, lifted): not yet in Redis
+        self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
         self.synced = asyncio.Event()
         self.up = False
 
@@ -158,8 +198,9 @@ class RedisBus:
 
         self._client = redis.from_url(self._url, socket_connect_timeout=2, socket_timeout=5,
                                       health_check_interval=5)
-        self._task = asyncio.ensure_future(self._run())
+        self._tasks = [asyncio.ensure_future(self._run()), asyncio.ensure_future(self._write_loop())]
 
+    # -- subscribing and catching up -------------------------------------------------------
     async def _run(self) -> None:
         backoff = 0.2
         while True:
@@ -168,33 +209,59 @@ class RedisBus:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any bus failure: mark down, keep serving, reconnect
+                if self.up:  # it was connected: start over with a short delay
+                    backoff = 0.2
                 self._set_up(False)
                 log.warning("revocation_bus_down", error_type=type(exc).__name__, retry_in_s=round(backoff, 2))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.2
 
     async def _subscribe_and_listen(self) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(CHANNEL)
-            await self._catch_up()  # after subscribing: nothing published in between is lost
+            await pubsub.subscribe(CHANNEL)  # first: nothing published from here on is lost
+            await self._write_outbox()  # changes made while disconnected reach the fleet
+            stored = await self._catch_up(observe=self.synced.is_set())
+            await self._restore(stored)
             self._set_up(True)
             self.synced.set()
+            log.info("revocation_bus_synced", stored=len(stored), held=len(self._revocations.list()))
             async for message in pubsub.listen():
                 if message.get("type") == "message":
-                    self._receive(message["data"])
+                    self._receive(message["data"], observe=True)
         finally:
             await pubsub.aclose()
 
-    async def _catch_up(self) -> None:
-        async for key in self._client.scan_iter(match=KEY_PREFIX + "*", count=500):
-            value = await self._client.get(key)
-            if value is not None:
-                self._receive(value)
+    async def _catch_up(self, *, observe: bool) -> set[str]:
+        """Apply every stored revocation and tombstone; the rids Redis holds."""
+        keys = [key async for key in self._client.scan_iter(match=KEY_PREFIX + "*", count=500)]
+        stored: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            for key, value in zip(chunk, await self._client.mget(chunk)):
+                if value is not None:
+                    stored.add(_text(key)[len(KEY_PREFIX):])
+                    self._receive(value, observe=observe)
+        return stored
 
-    def _receive(self, data: bytes) -> None:
+    async def _restore(self, stored: set[str]) -> None:
+        """Store (NX) and publish the live revocations held here that Redis lacks: it lost its data."""
+        missing = [e for e in self._revocations.list() if e.rid not in stored]
+        if not missing:
+            return
+        payloads = [orjson.dumps(e.as_dict()) for e in missing]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry, payload in zip(missing, payloads):
+                pipe.set(KEY_PREFIX + entry.rid, payload, px=max(self._ttl_ms(entry), 1), nx=True)
+            written = await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for was_set, payload in zip(written, payloads):
+                if was_set:  # another sidecar may have stored it (or a tombstone) first
+                    pipe.publish(CHANNEL, payload)
+            await pipe.execute()
+        log.info("revocation_bus_restored", count=sum(1 for w in written if w))
+
+    def _receive(self, data: bytes, *, observe: bool) -> None:
         try:
             raw = orjson.loads(data)
             entry = Revocation(str(raw["kind"]), str(raw["id"]), float(raw["created_at"]), float(raw["expires_at"]))
@@ -202,55 +269,86 @@ class RedisBus:
             log.warning("revocation_message_malformed")
             return
         if raw.get("deleted"):
-            self._revocations._forget(entry.rid)
+            self._revocations.lift(entry)
             return
-        self._revocations.apply(entry, received_at=self._clock())
+        self._revocations.apply(entry, received_at=self._clock(), observe=observe)
 
     def _set_up(self, up: bool) -> None:
         self.up = up
         self._metrics.revocation_bus_up.set(1 if up else 0)
 
+    # -- writing: through the outbox ---------------------------------------------------------
     def publish(self, entry: Revocation) -> None:
-        self._spawn(self._publish(entry))
+        self._outbox[entry.rid] = (entry, False)
+        self._wake.set()
 
-    def delete(self, rid: str) -> None:
-        self._spawn(self._delete(rid))
+    def delete(self, entry: Revocation) -> None:
+        self._outbox[entry.rid] = (entry, True)
+        self._wake.set()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    @property
+    def unsent(self) -> int:
+        """Local changes Redis has not taken yet."""
+        return len(self._outbox)
 
-    async def _publish(self, entry: Revocation) -> None:
-        payload = orjson.dumps(entry.as_dict())
-        ttl_ms = max(int((entry.expires_at - self._clock()) * 1000), 1)
+    async def _write_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._write_outbox()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # local revocation already applied; kept for the next try
+                log.warning("revocation_publish_failed", unsent=len(self._outbox), error_type=type(exc).__name__,
+                            retry_in_s=round(backoff, 2))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wake.set()
+            else:
+                backoff = 0.2
+
+    async def _write_outbox(self) -> None:
+        """Write every pending change in order; raise on the first failure (the rest stay)."""
+        async with self._write_lock:
+            for rid, item in list(self._outbox.items()):
+                await self._write(*item)
+                if self._outbox.get(rid) is item:
+                    del self._outbox[rid]
+
+    async def _write(self, entry: Revocation, lifted: bool) -> None:
+        ttl_ms = self._ttl_ms(entry)
+        if ttl_ms <= 0:
+            return  # expired meanwhile: nothing to store or lift
+        payload = orjson.dumps({**entry.as_dict(), "deleted": True} if lifted else entry.as_dict())
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(KEY_PREFIX + entry.rid, payload, px=ttl_ms)
+            pipe.publish(CHANNEL, payload)
+            await pipe.execute()
+
+    def _ttl_ms(self, entry: Revocation) -> int:
+        return int((entry.expires_at - self._clock()) * 1000)
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Try to write pending changes now (tests and shutdown); True when none are left."""
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(KEY_PREFIX + entry.rid, payload, px=ttl_ms)
-                pipe.publish(CHANNEL, payload)
-                await pipe.execute()
-        except Exception as exc:  # local revocation already applied; the bus is best effort
-            log.warning("revocation_publish_failed", rid=entry.rid, error_type=type(exc).__name__)
-
-    async def _delete(self, rid: str) -> None:
-        kind, _, ident = rid.partition(":")
-        payload = orjson.dumps({"kind": kind, "id": ident, "created_at": self._clock(), "expires_at": 0,
-                                "deleted": True})
-        try:
-            await self._client.delete(KEY_PREFIX + rid)
-            await self._client.publish(CHANNEL, payload)
+            await asyncio.wait_for(self._write_outbox(), timeout)
         except Exception as exc:
-            log.warning("revocation_delete_failed", rid=rid, error_type=type(exc).__name__)
-
-    async def flush(self) -> None:
-        """Wait for pending publishes (tests and shutdown)."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+            log.warning("revocation_flush_failed", unsent=len(self._outbox), error_type=type(exc).__name__)
+        return not self._outbox
 
     async def aclose(self) -> None:
-        await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._client is not None and self.up:
+            await self.flush(timeout=2.0)
+        if self._outbox:
+            log.warning("revocation_unsent_at_shutdown", unsent=len(self._outbox))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+
+
+def _text(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else key
