@@ -1,0 +1,131 @@
+"""Hot policy reload (a bad edit keeps the last good set) and require_approval held for a human."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import jwt
+import yaml
+from aiohttp import web
+
+from tests.core.test_inbound import ISSUER, KEY, jwks_file
+from tests.core.test_outbound import POLICY, config_for
+from tests.harness import Upstream, admin
+
+
+async def get(h, path: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}{path}") as r:
+            return r.status, await r.read()
+
+
+async def test_a_good_edit_applies_and_a_bad_one_keeps_the_last_good_policy(make_sidecar, upstream, tmp_path):
+    """POST /reload applies a valid edit; a truncated or invalid edit is refused whole and counted."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    policy_file = h.sidecar.config.policy.files[0]
+    assert (await get(h, "/billing/v2/x"))[0] == 403
+    widened = {**POLICY, "rules": [*POLICY["rules"], {"id": "v2", "direction": "outbound", "upstream": "billing",
+                                                       "paths": ["/v2/**"], "effect": "allow"}]}
+    policy_file.write_text(yaml.safe_dump(widened))
+    status, body = await admin(h, "POST", "/reload")
+    assert status == 200
+    good_version = body["policy_version"]
+    assert (await get(h, "/billing/v2/x"))[0] == 200
+    for broken in ("version: 1\ndefault: deny\nrules:\n  - id: half\n    direction: outb",  # half-written
+                   yaml.safe_dump({**widened, "rules": [{"id": "x", "direction": "sideways", "effect": "allow"}]})):
+        policy_file.write_text(broken)
+        status, body = await admin(h, "POST", "/reload")
+        assert status == 422 and body["policy_version"] == good_version
+        assert (await get(h, "/billing/v2/x"))[0] == 200
+    metrics = h.sidecar.metrics.exposition().decode()
+    assert 'sidecar_policy_reloads_total{outcome="error"} 2.0' in metrics
+
+
+async def test_requests_in_flight_finish_under_the_policy_they_started_with(make_sidecar, tmp_path):
+    """A reload that would deny a request does not fail it once it is in flight."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(text="ok")
+
+    up = await Upstream(slow).start()
+    try:
+        h = await make_sidecar(config_for(up), POLICY)
+        in_flight = asyncio.ensure_future(get(h, "/billing/v1/slow"))
+        await asyncio.wait_for(started.wait(), 10)
+        h.sidecar.config.policy.files[0].write_text(yaml.safe_dump({**POLICY, "rules": []}))
+        assert (await admin(h, "POST", "/reload"))[0] == 200
+        release.set()
+        assert (await in_flight)[0] == 200
+        assert (await get(h, "/billing/v1/slow"))[0] == 403
+    finally:
+        release.set()
+        await up.stop()
+
+
+def approver_token(sub: str, aud: str = "agent-approvals") -> str:
+    now = int(time.time())
+    return jwt.encode({"iss": ISSUER, "sub": sub, "aud": aud, "iat": now, "exp": now + 300, "client_id": "console"},
+                      KEY, algorithm="ES256", headers={"kid": "k1"})
+
+
+def approval_config(upstream: Upstream, tmp_path, timeout: str = "20s") -> dict:
+    config = config_for(upstream)
+    config["inbound"] = {"forward_to": "http://127.0.0.1:9", "jwt": {"issuers": [
+        {"issuer": ISSUER, "jwks_file": str(jwks_file(tmp_path)), "audiences": ["billing-agent"]}]}}
+    config["admin"] = {"approvers": [{"issuer": ISSUER, "subject": "*@example.com"}]}
+    config["policy"] = {"approval_timeout": timeout}
+    return config
+
+
+APPROVAL_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "refunds-need-a-human", "direction": "outbound", "upstream": "billing", "methods": ["POST"],
+     "paths": ["/v1/refunds"], "effect": "require_approval"}]}
+
+
+async def test_a_held_request_proceeds_when_an_approver_approves(make_sidecar, upstream, tmp_path):
+    """require_approval holds the request until a listed human approves with an approver token."""
+    h = await make_sidecar(approval_config(upstream, tmp_path), APPROVAL_POLICY)
+    async with aiohttp.ClientSession() as s:
+        held = asyncio.ensure_future(s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}"))
+        pending = []
+        for _ in range(100):
+            _, body = await admin(h, "GET", "/approvals")
+            pending = body["approvals"]
+            if pending:
+                break
+            await asyncio.sleep(0.05)
+        assert pending and pending[0]["rule_id"] == "refunds-need-a-human" and upstream.seen == []
+        approval_id = pending[0]["id"]
+        # a token for the wrong audience, and a human who is not an approver, are both refused
+        status, _ = await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
+                                headers={"X-Approver-Token": approver_token("bob@example.com", aud="billing-agent")})
+        assert status == 401
+        status, _ = await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
+                                headers={"X-Approver-Token": approver_token("mallory@evil.test")})
+        assert status == 403
+        status, _ = await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
+                                headers={"X-Approver-Token": approver_token("bob@example.com")})
+        assert status == 200
+        response = await asyncio.wait_for(held, 10)
+        assert response.status == 200
+    event = (await h.settle())[-1]
+    assert event["reason"] == "approved" and event["approval"]["outcome"] == "approved"
+    assert event["approval"]["approver"] == {"iss": ISSUER, "sub": "bob@example.com"}
+
+
+async def test_a_held_request_times_out_with_approval_timeout(make_sidecar, upstream, tmp_path):
+    """Nobody decides: the request is refused with approval_timeout and never forwarded."""
+    h = await make_sidecar(approval_config(upstream, tmp_path, timeout="300ms"), APPROVAL_POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}") as r:
+            assert (r.status, (await r.json())["error"]) == (403, "approval_timeout")
+    assert upstream.seen == []
+    event = (await h.settle())[-1]
+    assert event["decision"] == "approval_required" and event["approval"]["outcome"] == "timeout"
+    assert json.loads(json.dumps(event))["rule_id"] == "refunds-need-a-human"
