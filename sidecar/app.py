@@ -135,7 +135,7 @@ class Sidecar:
         rt = Runtime(cfg, agent, self.metrics, Router(cfg.outbound.upstreams, cfg.outbound.listen), policy,
                      providers, CredentialCache(self.metrics), TaskRegistry(max_ttl=cfg.tasks.max_ttl),
                      Revocations(self.metrics), Sessions(cfg, self.identity.client_files), ActiveExchanges())
-        rt.signer = signer
+        rt.signer, rt.identity = signer, self.identity
         rt.approvals = Approvals(self.metrics, cfg.policy.approval_timeout)
         rt.verifier = await self._verifier()
         return rt

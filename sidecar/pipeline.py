@@ -183,8 +183,9 @@ class Outbound:
         headers["Host"] = up.host_header
         headers["Via"] = VIA
         headers["traceparent"] = traceparent
+        cert = self.rt.identity.state.cert_sha256 if up.client_cert == "svid" and up.scheme == "https" else None
         return OutboundRequest(request.method, up.scheme, up.host, up.port, route.forward_path, route.query,
-                               headers)
+                               headers, client_cert_sha256=cert)
 
     async def _send(self, request: web.BaseRequest, ex: Exchange, route: Route, out: OutboundRequest,
                     body: bytes | None) -> web.StreamResponse:

@@ -123,6 +123,7 @@ class Runtime:
     approvals: Any = None  # sidecar.approvals.Approvals
     signer: Any = None  # sidecar.identity.signing.Signer
     interceptor: Any = None  # sidecar.connect.Interceptor: CONNECT with TLS interception
+    identity: Any = None  # sidecar.identity.source.IdentitySource: our SVID
 
     def __post_init__(self) -> None:
         self.tasks.on_end(self._task_ended)

@@ -138,3 +138,13 @@ async def _wait_ready(session: aiohttp.ClientSession, port: int) -> None:
             pass
         await asyncio.sleep(0.1)
     raise AssertionError("sidecar did not become ready")
+
+
+def test_demo_walks_through_allow_deny_and_revocation():
+    """`sidecar demo` runs self-contained on loopback and shows each kind of decision."""
+    result = sidecar("demo")
+    assert result.returncode == 0, result.stderr
+    for expected in ("reason=allowed", "reason=rule_denied", "reason=unknown_upstream", "reason=browser_origin",
+                     "reason=revoked", "not the agent's key"):
+        assert expected in result.stdout
+    assert "agent-long-lived-key" not in result.stdout
