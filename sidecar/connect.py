@@ -113,7 +113,7 @@ class Interceptor:
         outbound = rt.config.outbound
         self.rt, self.ca, self.ca_cert_path = rt, ca, ca_cert_path
         self._handshake_timeout = outbound.timeouts.connect
-        self._max_tunnels, self._open = max_tunnels, 0
+        self.max_tunnels, self._open = max_tunnels, 0  # a cap on concurrent tunnels
         self._tunnels: dict[RequestHandler, Tunnel] = {}
         self._ended: dict[RequestHandler, asyncio.Future[None]] = {}
         self.server = _TunnelServer(self, limits=outbound.limits, on_parse_error=self._parse_error,
@@ -163,8 +163,8 @@ class Interceptor:
             raise RequestRefused("unknown_upstream", f"connect: host {host} is not mapped to any upstream; "
                                                      "no tunnel is opened")
         ex.upstream = upstream.name
-        if self._open >= self._max_tunnels:
-            raise RequestRefused("rate_limited", f"connect: {self._max_tunnels} tunnels are already open",
+        if self._open >= self.max_tunnels:
+            raise RequestRefused("rate_limited", f"connect: {self.max_tunnels} tunnels are already open",
                                  retry_after=1)
         if _early_bytes(request):
             raise RequestRefused("bad_request", "connect: expected the client to wait for the 200 response "
