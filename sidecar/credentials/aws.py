@@ -45,6 +45,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar, Hashable
 from urllib.parse import unquote, urlencode, urlsplit
@@ -225,6 +226,7 @@ class AwsSigV4Provider:
 PROVIDER = AwsSigV4Provider
 
 
+@lru_cache(maxsize=256)  # header names repeat; bounded against an agent inventing names
 def _is_signed(header: str) -> bool:
     lower = header.lower()
     return lower.startswith("x-amz-") or lower in _SIGNED_PLAIN
