@@ -41,12 +41,15 @@ FUNCTIONS = frozenset({
     "type", "dyn", "timestamp", "duration", "getFullYear", "getMonth", "getDate", "getDayOfMonth",
     "getDayOfWeek", "getDayOfYear", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
 })
-INSTALL_HINT = "cel: CEL conditions need the common-expression-language package (pip install common-expression-language)"
+INSTALL_HINT = ("cel: CEL conditions need the common-expression-language package "
+                "(pip install common-expression-language)")
 
 # String literals are blanked before the source is scanned for names (CEL quoting rules).
-_STRINGS = re.compile(r'''(?:[rRbB]{0,2})("""(?:\\.|[^\\])*?"""|\'\'\'(?:\\.|[^\\])*?\'\'\'|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')''',
-                      re.DOTALL)
-_MACRO_BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,(?:\s*([A-Za-z_]\w*)\s*,)?")
+_STRINGS = re.compile("|".join((
+    r'"""(?:\\.|[^\\])*?"""', r"'''(?:\\.|[^\\])*?'''", r'"(?:\\.|[^"\\\n])*"', r"'(?:\\.|[^'\\\n])*'",
+)), re.DOTALL)
+_MACRO_BOUND = re.compile(
+    r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,(?:\s*([A-Za-z_]\w*)\s*,)?")
 _SELECT = re.compile(r"\s*\.\s*([A-Za-z_]\w*)")
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -85,8 +85,7 @@ class Decision:
     detail: str | None = None  # for reason_detail (what a condition failed on); never a request value
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     effect: str
     reason: str
     rule: Rule | None
@@ -102,7 +101,7 @@ class PolicySet:
     """A loaded, indexed set of rules; :meth:`decide` is the per-request entry point."""
 
     __slots__ = ("rules", "default", "version", "mode", "files", "_limiter", "_clock", "_enforced", "_shadow",
-                 "_default")
+                 "_default", "_decisions")
     _shadow: Index | None
 
     def __init__(self, rules: Sequence[Rule], *, default: str, version: str, mode: str, files: Sequence[Path],
@@ -115,6 +114,7 @@ class PolicySet:
         self._shadow = build_index(shadows) if shadows else None
         reason = "allowed" if default == "allow" else "no_matching_rule"
         self._default = _Outcome(default, reason, None)
+        self._decisions: dict[_Outcome, Decision] = {}  # bounded: at most three outcomes per rule, plus default
 
     @property
     def limiter(self) -> RateLimiter:
@@ -149,19 +149,22 @@ class PolicySet:
         approval: Rule | None = None
         allows: list[Rule] = []
         for rule in _bucket(index, facts.direction, facts.upstream, facts.method):
-            if not rule.matches(facts):
-                continue
-            try:
-                if not rule.holds(facts, now):
-                    continue
-            except ConditionFailed as exc:
-                return _Outcome("deny", "condition_error", rule, str(exc))
-            if rule.effect == "deny":
-                return _Outcome("deny", "rule_denied", rule)
-            if rule.effect == "allow":
-                allows.append(rule)
-            elif approval is None:
-                approval = rule
+            for check in rule.checks:  # Rule.matches, inlined: this loop is the per-request cost
+                if not check(facts):
+                    break
+            else:
+                if rule.conditional:
+                    try:
+                        if not rule.holds(facts, now):
+                            continue
+                    except ConditionFailed as exc:
+                        return _Outcome("deny", "condition_error", rule, str(exc))
+                if rule.effect == "deny":
+                    return _Outcome("deny", "rule_denied", rule)
+                if rule.effect == "allow":
+                    allows.append(rule)
+                elif approval is None:
+                    approval = rule
         if approval is not None:
             return _Outcome("require_approval", "approval_required", approval)
         if not allows:
@@ -178,13 +181,21 @@ class PolicySet:
         return _Outcome("allow", "allowed", allows[0])
 
     def _decision(self, outcome: _Outcome, audit: Mapping[str, str] | None) -> Decision:
+        """Decisions without audit, detail or retry_after are built once per outcome and reused."""
+        plain = audit is None and outcome.detail is None and outcome.retry_after is None
+        if plain and (cached := self._decisions.get(outcome)) is not None:
+            return cached
         rule = outcome.rule
         if rule is None:
-            return Decision(outcome.effect, outcome.reason, "default", None, None, None, audit, None, self.version)
-        grants = outcome.effect != "deny"
-        return Decision(outcome.effect, outcome.reason, rule.id, rule.credential if grants else None,
-                        rule.scopes if grants else None, rule.delegation, audit, outcome.retry_after,
-                        self.version, outcome.detail)
+            decision = Decision(outcome.effect, outcome.reason, "default", None, None, None, audit, None, self.version)
+        else:
+            grants = outcome.effect != "deny"
+            decision = Decision(outcome.effect, outcome.reason, rule.id, rule.credential if grants else None,
+                                rule.scopes if grants else None, rule.delegation, audit, outcome.retry_after,
+                                self.version, outcome.detail)
+        if plain:
+            self._decisions[outcome] = decision
+        return decision
 
 
 def _limit_key(rule: Rule, facts: Facts) -> tuple[str, str, str]:
@@ -337,7 +348,8 @@ def _check_across(loaded: list[_File], errors: list[ConfigError]) -> None:
     for f in loaded:
         for rule_id, where in f.first_ids:
             if rule_id in first:
-                errors.append(ConfigError(f"{where}.id", f"duplicate rule id {rule_id!r}, first used at {first[rule_id]}"))
+                message = f"duplicate rule id {rule_id!r}, first used at {first[rule_id]}"
+                errors.append(ConfigError(f"{where}.id", message))
             else:
                 first[rule_id] = where
     read = [f for f in loaded if f.default is not None]

@@ -256,7 +256,8 @@ def test_first_allow_supplies_credential_and_scopes(tmp_path: Path) -> None:
 def test_default(tmp_path: Path, default: str, effect: str, reason: str) -> None:
     """No matching rule: the files' default applies with rule_id "default" and no credential."""
     decision = load(tmp_path, [rule("other", methods=["POST"])], default=default).decide(facts())
-    assert (decision.effect, decision.reason, decision.rule_id, decision.credential) == (effect, reason, "default", None)
+    assert (decision.effect, decision.reason, decision.rule_id) == (effect, reason, "default")
+    assert decision.credential is None
     assert decision.audit is None and decision.policy_version
 
 
