@@ -1,23 +1,17 @@
 """``oauth2_client_credentials`` (RFC 6749 §4.4), and the token endpoint client it shares with
-``oauth2_token_exchange``.
+``oauth2_token_exchange``. Client authentication (``auth``):
 
-Client authentication (``auth``):
+- ``client_secret_basic`` (RFC 6749 §2.3.1: id and secret form-urlencoded, then Basic), ``client_secret_post``;
+- ``private_key_jwt``: an RFC 7523 assertion signed with ``identity.signing_key`` per token request:
+  ``iss`` = ``sub`` = client_id, ``aud`` = ``issuer`` (else ``token_url``), a fresh ``jti``, 60 s;
+- ``tls_client_auth`` (RFC 8705): our SVID on the TLS connection. A certificate-bound token
+  (``cnf.x5t#S256``) is recorded as ``Credential.bound_cert_sha256`` (hex, like
+  ``SvidState.cert_sha256``) and sent only over an upstream connection presenting that certificate.
 
-- ``client_secret_basic``: RFC 6749 §2.3.1, id and secret form-urlencoded, then HTTP Basic;
-- ``client_secret_post``: the same two values in the form body;
-- ``private_key_jwt``: an RFC 7523 assertion signed with ``identity.signing_key`` when a token
-  is fetched: ``iss`` = ``sub`` = client_id, ``aud`` = ``issuer`` (else ``token_url``), a fresh
-  ``jti``, ``exp`` 60 s;
-- ``tls_client_auth``: RFC 8705 §2, our SVID on the TLS connection to the token endpoint. A
-  certificate-bound token (``cnf.x5t#S256``) is recorded as ``Credential.bound_cert_sha256``
-  (hex, like ``SvidState.cert_sha256``) and sent only over an upstream connection that presents
-  that certificate.
-
-One ``aiohttp.ClientSession`` per provider, made on first use with the configured ``ca``
-(verification is never off), remade when the SVID changes. Per request nothing is fetched or
-signed: the cache calls :meth:`fetch`, ``apply`` sets one header. Token endpoint errors become
-``CredentialUnavailable`` with ``detail="token endpoint: <error> (http <status>)"`` and at most a
-redacted, truncated ``error_description``; never a secret, never the response body.
+One ``aiohttp.ClientSession`` per provider, made on first use with ``ca`` (verification never off),
+remade when the SVID changes. Per request nothing is fetched or signed; ``apply`` sets one header.
+Errors: ``CredentialUnavailable`` with ``detail="token endpoint: <error> (http <status>)"`` plus at
+most a redacted, truncated ``error_description``; never a secret, never the response body.
 """
 
 from __future__ import annotations
@@ -57,12 +51,9 @@ _SCOPE_TOKEN = re.compile(r'^[\x21\x23-\x5b\x5d-\x7e]+$')  # RFC 6749 §3.3 scop
 log = structlog.get_logger("sidecar.credentials")
 
 
-# -- configuration ---------------------------------------------------------------------------
-
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where tokens come from and how this client proves who it is."""
-
     token_url: str
     client_id: str
     auth: str
@@ -90,7 +81,6 @@ class Spec:
 
 
 def parse_endpoint(f: Fields) -> Endpoint | None:
-    """``token_url``, ``issuer``, ``ca``, ``client_id``, ``auth``, ``client_secret``, ``timeout``."""
     token_url = f.url("token_url", required=True, https_unless_loopback=True)
     issuer = f.url("issuer", https_unless_loopback=True)
     ca = f.path_value("ca", must_exist=True)
@@ -138,9 +128,7 @@ def parse(name: str, f: Fields) -> Spec | None:
     endpoint = parse_endpoint(f)
     scopes = parse_scopes(f)
     resource, audience = parse_target(f, required=False)
-    if endpoint is None:
-        return None
-    return Spec(endpoint, scopes, resource, audience)
+    return Spec(endpoint, scopes, resource, audience) if endpoint is not None else None
 
 
 def target_form(resource: str | None, audience: str | None, scopes: tuple[str, ...]) -> dict[str, str]:
@@ -156,8 +144,6 @@ def basic_authorization(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode()).decode()
 
 
-# -- token responses -------------------------------------------------------------------------
-
 @dataclass(frozen=True, slots=True)
 class TokenResponse:
     """A successful token response. ``claims`` are the access token's, read without verifying:
@@ -171,11 +157,17 @@ class TokenResponse:
     issued_token_type: str | None
 
 
-def jwt_claims(token: str) -> dict[str, Any] | None:
-    if token.count(".") != 2:
-        return None
+def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        claims = jwt.decode(token, options={"verify_signature": False})
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False}) if token.count(".") == 2 else None
     except jwt.PyJWTError:
         return None
     return claims if isinstance(claims, dict) else None
@@ -192,33 +184,21 @@ def x5t_to_hex(value: Any) -> str | None:
     return digest.hex() if len(digest) == 32 else None
 
 
-def _bound_to(data: Mapping[str, Any], claims: Mapping[str, Any] | None) -> tuple[bool, str | None]:
-    cnf = (claims or {}).get("cnf") or data.get("cnf")
-    if not isinstance(cnf, Mapping) or "x5t#S256" not in cnf:
-        return False, None
-    return True, x5t_to_hex(cnf["x5t#S256"])
-
-
-def _safe_word(value: Any) -> str:
-    return value if isinstance(value, str) and _ERROR_CODE.match(value) else "unknown"
-
-
 def parse_token_response(name: str, body: bytes) -> TokenResponse:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    token = data.get("access_token") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or not isinstance(token, str) or not token:
+    data = _json_object(body) or {}
+    token = data.get("access_token")
+    if not isinstance(token, str) or not token:
         raise CredentialUnavailable(f"credentials: {name}: token endpoint answered without an access_token",
                                     detail="token endpoint: malformed token response")
     token_type = data.get("token_type")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise CredentialUnavailable(f"credentials: {name}: token endpoint issued a {_safe_word(token_type)} token; "
+        shown = token_type if isinstance(token_type, str) and _ERROR_CODE.match(token_type) else "unknown"
+        raise CredentialUnavailable(f"credentials: {name}: token endpoint issued a {shown} token; "
                                     "only bearer tokens are supported", detail="token endpoint: token_type")
     claims = jwt_claims(token)
-    bound, cnf = _bound_to(data, claims)
-    if bound and cnf is None:
+    bound = (claims or {}).get("cnf") or data.get("cnf")
+    cnf = x5t_to_hex(bound.get("x5t#S256")) if isinstance(bound, Mapping) else None
+    if isinstance(bound, Mapping) and "x5t#S256" in bound and cnf is None:
         raise CredentialUnavailable(f"credentials: {name}: token endpoint issued a certificate-bound token "
                                     "with an unreadable cnf.x5t#S256", detail="token endpoint: cnf")
     expires_in = data.get("expires_in")
@@ -232,15 +212,12 @@ def parse_token_response(name: str, body: bytes) -> TokenResponse:
 
 def error_detail(status: int, body: bytes, sensitive: tuple[str, ...]) -> tuple[str, str | None]:
     """(detail, error code): the RFC 6749 §5.2 code and a cleaned description; never the body."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    code = data.get("error") if isinstance(data, dict) else None
+    data = _json_object(body) or {}
+    code = data.get("error")
     if not isinstance(code, str) or not _ERROR_CODE.match(code):
         return f"token endpoint: http {status}", None
     detail = f"token endpoint: {code} (http {status})"
-    description = data.get("error_description") if isinstance(data, dict) else None
+    description = data.get("error_description")
     if isinstance(description, str) and description:
         detail += ": " + _clean(description, sensitive)
     return detail, code
@@ -248,9 +225,8 @@ def error_detail(status: int, body: bytes, sensitive: tuple[str, ...]) -> tuple[
 
 def _clean(text: str, sensitive: tuple[str, ...]) -> str:
     text = "".join(c if " " <= c <= "~" else " " for c in text)
-    for value in sensitive:
-        if value:
-            text = text.replace(value, "<redacted>")
+    for value in filter(None, sensitive):
+        text = text.replace(value, "<redacted>")
     text = REDACTOR.text(text)
     return text if len(text) <= MAX_DESCRIPTION else text[: MAX_DESCRIPTION - 3] + "..."
 
@@ -278,8 +254,7 @@ class TokenEndpoint:
     def sign(self, claims: dict[str, Any], ttl: int = ASSERTION_TTL) -> str:
         if self._deps.signer is None:
             raise CredentialUnavailable(f"credentials: {self.name}: no signing key (identity.signing_key)")
-        token, _, _ = self._deps.signer.sign(claims, ttl=ttl)
-        return str(token)
+        return str(self._deps.signer.sign(claims, ttl=ttl)[0])
 
     def client_assertion(self) -> str:
         """A fresh RFC 7523 client assertion (signed per token request, never per upstream request)."""
@@ -326,15 +301,16 @@ class TokenEndpoint:
         except (aiohttp.ClientError, OSError) as exc:
             why, detail = "unreachable", type(exc).__name__
         log.warning("token_request_failed", provider=self.name, error=detail)
-        raise CredentialUnavailable(f"credentials: {self.name}: token endpoint {why}",
-                                    detail=f"token endpoint: {detail}")
+        raise CredentialUnavailable(f"credentials: {self.name}: token endpoint {why}", detail=f"token endpoint: {detail}")
 
     def _http(self) -> aiohttp.ClientSession:
         cert = self.cert_thumbprint()
         if self._session is not None and not self._session.closed and cert == self._session_cert:
             return self._session
-        if self._session is not None:
-            self._retire(self._session)
+        if self._session is not None:  # the SVID rotated: requests in flight finish, then it closes
+            old = self._session
+            self._retired.append(old)
+            asyncio.get_running_loop().call_later(self.endpoint.timeout + 1, lambda: asyncio.ensure_future(old.close()))
         cert_key: tuple[str | None, str | None] = (None, None)
         if self.endpoint.auth == "tls_client_auth":
             if self._deps.svid is None:
@@ -348,12 +324,6 @@ class TokenEndpoint:
         self._session_cert = cert
         return self._session
 
-    def _retire(self, session: aiohttp.ClientSession) -> None:
-        """After an SVID rotation: requests in flight on the old session finish, then it closes."""
-        self._retired.append(session)
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.endpoint.timeout + 1, lambda: asyncio.ensure_future(session.close()))
-
     def credential(self, type_: str, resp: TokenResponse, *, scopes: tuple[str, ...],
                    audience: str | None) -> Credential:
         now = self._clock()
@@ -362,13 +332,11 @@ class TokenEndpoint:
         lifetime = resp.expires_in or (exp - now if isinstance(exp, (int, float)) and exp > now else DEFAULT_LIFETIME)
         jti = claims.get("jti")
         token = resp.access_token.reveal()
-        return Credential(
-            type=type_, provider=self.name,
-            id=jti if isinstance(jti, str) and jti else keyed_id(self._deps.id_key, token),
-            scopes=resp.scope if resp.scope is not None else scopes, audience=audience,
-            expires_at=now + lifetime, issued_at=now, bound_cert_sha256=resp.cnf_sha256,
-            token=resp.access_token, material="Bearer " + token,
-        )
+        return Credential(type=type_, provider=self.name,
+                          id=jti if isinstance(jti, str) and jti else keyed_id(self._deps.id_key, token),
+                          scopes=resp.scope if resp.scope is not None else scopes, audience=audience,
+                          expires_at=now + lifetime, issued_at=now, bound_cert_sha256=resp.cnf_sha256,
+                          token=resp.access_token, material="Bearer " + token)
 
     async def aclose(self) -> None:
         for session in (*self._retired, self._session):
@@ -427,9 +395,6 @@ class ClientCredentialsProvider:
 
     async def aclose(self) -> None:
         await self.endpoint.aclose()
-
-    def __repr__(self) -> str:
-        return f"ClientCredentialsProvider({self.name!r}, auth={self.spec.endpoint.auth!r})"
 
 
 PROVIDER = ClientCredentialsProvider

@@ -275,6 +275,20 @@ async def test_an_unreachable_token_endpoint_is_unavailable(
         await provider.fetch(request())
 
 
+async def test_a_token_endpoint_that_does_not_answer_in_time_is_unavailable(
+    oidc_provider: OidcProvider, make: Make
+) -> None:
+    """A token request held at the server beyond timeout: credential_unavailable, saying timed out."""
+    provider = make(client_config(oidc_provider, "svc-basic", timeout="300ms"))
+    oidc_provider.hold(True)
+    try:
+        with pytest.raises(CredentialUnavailable, match="token endpoint timed out") as refused:
+            await provider.fetch(request())
+    finally:
+        oidc_provider.hold(False)
+    assert refused.value.detail == "token endpoint: timeout after 300ms"
+
+
 async def test_a_token_endpoint_with_an_untrusted_certificate_is_refused(
     oidc_provider: OidcProvider, make: Make
 ) -> None:
@@ -394,8 +408,10 @@ BASE = {"token_url": "https://login.example.com/token", "client_id": "billing-ag
          "not private_key_jwt"),
         ({**BASE, "resource": "https://a/", "audience": "b"},
          "credentials.test: needs at most one of resource: URI or audience: NAME"),
-        ({**BASE, "resource": "billing"}, "credentials.test.resource: must be an absolute URI without a fragment (RFC 8707)"),
-        ({**BASE, "scopes": ["a b"]}, "credentials.test.scopes: scope names cannot contain spaces, double quotes or backslashes"),
+        ({**BASE, "resource": "billing"},
+         "credentials.test.resource: must be an absolute URI without a fragment (RFC 8707)"),
+        ({**BASE, "scopes": ["a b"]},
+         "credentials.test.scopes: scope names cannot contain spaces, double quotes or backslashes"),
         ({**BASE, "auth": "none"}, "credentials.test.auth: must be one of client_secret_basic, client_secret_post, "
                                    "private_key_jwt, tls_client_auth, got 'none'"),
         ({**BASE, "timeout": "5m"}, "credentials.test.timeout: must be more than 0s and at most 60s"),
