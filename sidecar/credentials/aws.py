@@ -53,7 +53,9 @@ from urllib.parse import unquote, urlencode, urlsplit
 import aiohttp
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
-from sidecar.credentials.sigv4 import EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign
+from sidecar.credentials.sigv4 import (
+    EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign,
+)
 from sidecar.errors import CredentialUnavailable, RequestRefused
 from sidecar.fields import Fields, Secret
 
@@ -117,7 +119,8 @@ def parse(name: str, f: Fields) -> Spec | None:
     unsigned = f.bool("unsigned_payload", False)
     if unsigned and service is not None and service not in S3_SERVICES:
         f.error("unsigned_payload", f"is allowed only for s3 services ({', '.join(sorted(S3_SERVICES))})")
-    source = _source(f.sub("source", required=True), region)
+    source_fields = f.sub("source", required=True)
+    source = _source(source_fields, region) if f.raw.get("source") is not None else None
     if region is None or service is None or source is None:
         return None
     return Spec(region, service, unsigned, source)
@@ -132,7 +135,7 @@ def _pattern(f: Fields, key: str, pattern: re.Pattern[str], expected: str) -> st
 
 
 def _source(f: Fields, region: str | None) -> WebIdentitySource | StaticSource | None:
-    kind = f.choice("type", SOURCES, required=True) if f.raw else None
+    kind = f.choice("type", SOURCES, required=True)
     source = _web_identity(f, region) if kind == "web_identity" else _static(f) if kind == "static" else None
     f.done()
     return source
@@ -141,7 +144,7 @@ def _source(f: Fields, region: str | None) -> WebIdentitySource | StaticSource |
 def _web_identity(f: Fields, region: str | None) -> WebIdentitySource | None:
     before = len(f.errors)
     role_arn = _pattern(f, "role_arn", _ROLE_ARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-    sts_url = f.url("sts_url", https_unless_loopback=True) if f.has("sts_url") else _default_sts(region)
+    sts_url = f.url("sts_url", https_unless_loopback=True) or _default_sts(region)
     ca = f.path_value("ca", must_exist=True)
     session_name = f.str("session_name")
     if session_name is not None and not _SESSION_NAME.fullmatch(session_name):
@@ -184,7 +187,6 @@ class AwsSigV4Provider:
         self.name = name
         self.standing: bool = isinstance(spec.source, StaticSource)  # per instance: set by the source
         self._spec = spec
-        self._deps = deps
         self._clock = deps.clock or time.time
         self._sts = _Sts(name, spec.source, deps) if isinstance(spec.source, WebIdentitySource) else None
         self._static = _static_credential(name, spec.source, deps) if isinstance(spec.source, StaticSource) else None

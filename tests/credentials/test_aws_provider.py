@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,8 +34,8 @@ from yarl import URL
 
 from sidecar.config import load_config
 from sidecar.credentials import aws
-from sidecar.credentials.cache import CredentialCache
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps
+from sidecar.credentials.cache import CredentialCache
 from sidecar.credentials.registry import PROVIDERS
 from sidecar.credentials.sigv4 import UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign
 from sidecar.errors import ConfigError, ConfigInvalid, CredentialUnavailable, RequestRefused
@@ -51,6 +51,7 @@ AGENT_ID = "spiffe://example.org/ns/agents/sa/billing-agent"
 FORM = "application/x-www-form-urlencoded; charset=utf-8"
 WHOAMI = urlencode({"Action": "GetCallerIdentity", "Version": "2011-06-15"}).encode()
 REQ = CredentialRequest(upstream="aws", scopes=(), agent_id=AGENT_ID)
+MOTO = pytest.mark.peer("moto")
 
 # --- the moto peer -----------------------------------------------------------------------
 
@@ -232,6 +233,7 @@ async def federated(moto: Moto, make: Callable[..., aws.AwsSigV4Provider]) -> Cr
 # --- federation ----------------------------------------------------------------------------
 
 
+@MOTO
 async def test_web_identity_federation_gets_temporary_credentials(federated: Credential) -> None:
     """AssumeRoleWithWebIdentity at moto yields a session key with a parsed expiry, never standing."""
     creds = federated.material
@@ -288,6 +290,7 @@ ACCEPTED: dict[str, tuple[Callable[[Moto], OutboundRequest], str, bool]] = {
 }
 
 
+@MOTO
 @pytest.mark.parametrize(("build", "service", "unsigned"), ACCEPTED.values(), ids=ACCEPTED.keys())
 async def test_signed_call_is_accepted(
     moto: Moto, federated: Credential, make: Callable[..., aws.AwsSigV4Provider], iam_auth: Callable[[], None],
@@ -304,6 +307,7 @@ async def test_signed_call_is_accepted(
         assert out.headers["X-Amz-Content-Sha256"] == UNSIGNED_PAYLOAD
 
 
+@MOTO
 async def test_caller_is_the_assumed_role_with_the_agents_session_name(
     moto: Moto, federated: Credential, make: Callable[..., aws.AwsSigV4Provider], iam_auth: Callable[[], None],
     session: aiohttp.ClientSession,
@@ -317,6 +321,7 @@ async def test_caller_is_the_assumed_role_with_the_agents_session_name(
     assert _xml(text, "Arn") == f"arn:aws:sts::{ACCOUNT}:assumed-role/agent/billing-agent"
 
 
+@MOTO
 async def test_put_object_reads_back(
     moto: Moto, federated: Credential, make: Callable[..., aws.AwsSigV4Provider], iam_auth: Callable[[], None],
     session: aiohttp.ClientSession,
@@ -364,6 +369,7 @@ TAMPERED: dict[str, tuple[Callable[[Moto], OutboundRequest], str, Callable[[Outb
 }
 
 
+@MOTO
 @pytest.mark.parametrize(("build", "service", "alter"), TAMPERED.values(), ids=TAMPERED.keys())
 async def test_request_altered_after_signing_is_refused(
     moto: Moto, federated: Credential, make: Callable[..., aws.AwsSigV4Provider], iam_auth: Callable[[], None],
@@ -380,6 +386,7 @@ async def test_request_altered_after_signing_is_refused(
     assert "<Code>SignatureDoesNotMatch</Code>" in text, text
 
 
+@MOTO
 async def test_unsigned_headers_may_change_on_the_way(
     moto: Moto, federated: Credential, make: Callable[..., aws.AwsSigV4Provider], iam_auth: Callable[[], None],
     session: aiohttp.ClientSession,
@@ -399,6 +406,7 @@ def _signed_headers(out: OutboundRequest) -> str:
     return re.search(r"SignedHeaders=([^,]+)", out.headers["Authorization"]).group(1)  # type: ignore[union-attr]
 
 
+@MOTO
 async def test_agents_own_signature_is_replaced(
     moto: Moto, federated: Credential, make: Callable[..., aws.AwsSigV4Provider], iam_auth: Callable[[], None],
     session: aiohttp.ClientSession,
@@ -458,6 +466,7 @@ def test_presigned_query_is_refused(
 # --- the static source ---------------------------------------------------------------------
 
 
+@MOTO
 async def test_static_source_is_standing_and_signs(
     moto: Moto, make: Callable[..., aws.AwsSigV4Provider], iam_auth: Callable[[], None],
     session: aiohttp.ClientSession,
@@ -739,6 +748,8 @@ CONFIG_ERRORS: dict[str, tuple[dict[str, Any], str, str]] = {
                    "file not found"),
     # no source at all
     "missing-source": ({**S3}, "credentials.aws.source", "is required"),
+    # an empty source
+    "empty-source": ({**S3, "source": {}}, "credentials.aws.source.type", "is required"),
     # a source type that does not exist
     "source-type": ({**S3, "source": {"type": "imds"}}, "credentials.aws.source.type", "must be one of"),
     # a static source without its secret half
