@@ -15,10 +15,18 @@ decision looks at the few rules that could match. Within the bucket, in file ord
 - else ``default`` applies, with ``rule_id: "default"``.
 
 A rule matches when its static matchers accept the request and its ``when`` holds (delegation,
-then hours, then expr). Shadow rules (``mode: audit`` on the rule or its file) are decided the
-same way, separately: their outcome goes into ``audit`` (None when no shadow rule matched) and
-never changes the enforced one. With ``mode="audit"`` every decision allows with the upstream's
-default credential and ``audit`` carries the would-be enforced outcome.
+then hours, then expr: an expression is evaluated only for rules that otherwise match). Shadow
+rules (``mode: audit`` on the rule or its file; a rule cannot opt back out of an audit file) are
+decided the same way, separately: their outcome goes into ``audit`` (None when no shadow rule
+matched) and never changes the enforced one. With ``mode="audit"`` every decision allows with
+``rule_id: "default"`` and the upstream's default credential, and ``audit`` carries the would-be
+enforced outcome (shadow rules are not consulted then).
+
+Choices where PRODUCT.md is silent: the first matching rule of the deciding effect supplies
+credential, scopes and delegation (so an approved request uses its approval rule's credential);
+``rate_limit`` keyed by task falls back to one bucket per agent for requests without a task
+(stricter than per task, never unlimited); a naive ``Facts.now`` is taken as UTC; files without
+``default`` mean ``deny`` and must then agree with the others.
 """
 
 from __future__ import annotations

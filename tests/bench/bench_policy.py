@@ -1,6 +1,6 @@
 """Policy decision time at 10, 1,000 and 10,000 rules, without and with a CEL condition.
 
-Not part of the test run: ``python tests/bench/bench_policy.py``. Rules are spread over many
+Not part of the test run: ``PYTHONPATH=. python tests/bench/bench_policy.py``. Rules are spread over many
 upstreams (20 rules each, four methods, wildcard paths, a few agent and header matchers) plus
 two wildcard rules that land in every bucket; the request matches the last rule of its bucket.
 Also compares the two CEL engines on compile-once/evaluate-many. Target: <= 10 us median at

@@ -362,6 +362,20 @@ def test_hours_across_dst(tmp_path: Path, instant: datetime, inside: bool) -> No
     assert (policy.decide(facts(now=None)).effect == "allow") is inside
 
 
+@pytest.mark.parametrize("window, instant, inside", [
+    (("01:00", "02:00"), datetime(2026, 11, 1, 5, 30, tzinfo=UTC), True),   # 01:30 EDT, the first time round
+    (("01:00", "02:00"), datetime(2026, 11, 1, 6, 30, tzinfo=UTC), True),   # 01:30 EST, the repeated hour
+    (("01:00", "02:00"), datetime(2026, 11, 1, 7, 0, tzinfo=UTC), False),   # 02:00 EST
+    (("02:00", "03:00"), datetime(2026, 3, 8, 6, 59, tzinfo=UTC), False),   # 01:59 EST
+    (("02:00", "03:00"), datetime(2026, 3, 8, 7, 0, tzinfo=UTC), False),    # 03:00 EDT: 02:xx never happens
+])
+def test_hours_in_the_changing_hour(tmp_path: Path, window: tuple[str, str], instant: datetime,
+                                    inside: bool) -> None:
+    """Wall-clock windows: a repeated hour is inside twice, a skipped hour never."""
+    hours = {"from": window[0], "to": window[1], "tz": "America/New_York"}
+    assert (decide(tmp_path, [rule("r", when={"hours": hours})], now=instant).effect == "allow") is inside
+
+
 @pytest.mark.parametrize("instant, inside", [
     (datetime(2026, 3, 9, 13, 30, tzinfo=UTC), True),    # Monday 09:30 EDT
     (datetime(2026, 3, 8, 14, 30, tzinfo=UTC), False),   # Sunday 10:30 EDT: not a listed day
