@@ -9,16 +9,17 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 import trustme
 
-from tests.harness import SidecarHarness, Upstream, raw_http
+from tests.harness import SidecarHarness, Upstream, admin, raw_http
 
 SECRET = "canary-connect-secret-4b1e"
 AGENT_TOKEN = "Bearer agent-own-token"
+CONNECT_BILLING = b"CONNECT billing.internal:443 HTTP/1.1\r\nHost: billing.internal:443\r\n\r\n"
 
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "read-invoices", "direction": "outbound", "upstream": "billing", "methods": ["GET", "POST"],
@@ -26,24 +27,19 @@ POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "no-admin", "direction": "outbound", "upstream": "billing", "paths": ["/v1/admin/**"], "effect": "deny"},
 ]}
 
-# A blocking HTTPS client in its own process: only HTTPS_PROXY and a CA setting from the environment.
-REQUESTS_CLIENT = """
-import json, sys, requests
-session = requests.Session()
+# A blocking HTTPS client in its own process, configured only by the environment (HTTPS_PROXY, a CA variable).
+CLIENT = """
+import json, sys
+if sys.argv[1] == "requests":
+    import requests
+    client = requests.Session()
+else:
+    import httpx
+    client = httpx.Client()
 out = []
-for url in sys.argv[1:]:
-    r = session.get(url, headers={"Authorization": "Bearer agent-own-token"})
-    out.append({"status": r.status_code, "body": r.text, "via": r.headers.get("Via")})
-print(json.dumps(out))
-"""
-
-HTTPX_CLIENT = """
-import json, sys, httpx
-with httpx.Client() as client:
-    out = []
-    for url in sys.argv[1:]:
-        r = client.get(url, headers={"Authorization": "Bearer agent-own-token"})
-        out.append({"status": r.status_code, "body": r.text, "via": r.headers.get("Via")})
+for url in sys.argv[2:]:
+    r = client.get(url, headers={"Authorization": "Bearer agent-own-token"})
+    out.append({"status": r.status_code, "via": r.headers.get("Via")})
 print(json.dumps(out))
 """
 
@@ -107,10 +103,13 @@ async def run(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, 
     return proc.returncode, out.decode(), err.decode()
 
 
-async def python_client(script: str, env: dict[str, str], *urls: str) -> list[dict[str, Any]]:
-    code, out, err = await run(sys.executable, "-c", script, *urls, env=env)
-    assert code == 0, err
-    return json.loads(out)
+async def eventually(check: Callable[[], Awaitable[bool]]) -> bool:
+    """True as soon as check() is; False after a bounded number of tries (no duration asserted)."""
+    for _ in range(200):
+        if await check():
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 async def tunnel(h: SidecarHarness, ca_file: str, authority: str = "billing.internal:443",
@@ -124,6 +123,10 @@ async def tunnel(h: SidecarHarness, ca_file: str, authority: str = "billing.inte
     return reader, writer
 
 
+def get(path: str, host: str = "billing.internal", extra: str = "") -> str:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n"
+
+
 async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    head: str) -> tuple[int, dict[str, str], bytes]:
     """One request on an open tunnel; the response's status, headers and body."""
@@ -132,6 +135,16 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
     body = await reader.readexactly(int(headers.get("content-length", "0")))
     return int(lines[0].split()[1]), headers, body
+
+
+async def through_tunnel(h: SidecarHarness, *heads: str,
+                         ca_file: str | None = None) -> list[tuple[int, dict[str, str], bytes]]:
+    """Open one tunnel, send each request in turn over it, close it; the responses."""
+    reader, writer = await tunnel(h, ca_file or intercept_ca(h))
+    try:
+        return [await exchange(reader, writer, head) for head in heads]
+    finally:
+        writer.close()
 
 
 async def handshake_failures(h: SidecarHarness) -> float:
@@ -144,34 +157,39 @@ async def handshake_failures(h: SidecarHarness) -> float:
     return 0.0
 
 
+async def failures_counted(h: SidecarHarness) -> bool:
+    return await handshake_failures(h) >= 1
+
+
+async def no_tunnels(h: SidecarHarness) -> bool:
+    assert h.sidecar is not None
+    return h.sidecar.runtime.interceptor.open_tunnels == 0
+
+
 def connect_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["protocol"] == "connect"]
 
 
-async def test_requests_with_https_proxy_reaches_the_upstream_with_the_attached_credential(
-        sidecar: SidecarHarness, https_upstream: Upstream) -> None:
-    """requests with HTTPS_PROXY and REQUESTS_CA_BUNDLE gets through; the upstream sees our key, not the agent's."""
-    env = client_env(HTTPS_PROXY=sidecar.outbound, REQUESTS_CA_BUNDLE=intercept_ca(sidecar))
-    [result] = await python_client(REQUESTS_CLIENT, env, "https://billing.internal/api/v1/invoices?x=1")
-    assert result["status"] == 200 and result["via"] == "1.1 sidecar"
-    seen = https_upstream.seen[-1]
-    assert seen.path == "/api/v1/invoices?x=1"
-    assert seen.header("X-API-Key") == SECRET
-    assert not seen.has_header("Authorization")
-    [event] = connect_events(await sidecar.settle())
-    assert event["decision"] == "allow" and event["rule_id"] == "read-invoices"
-    assert event["target"]["path"] == "/v1/invoices" and event["target"]["upstream"] == "billing"
-    assert event["credential"]["source"] == "static" and event["outcome"] == "completed"
-
-
-async def test_httpx_with_https_proxy_and_ssl_cert_file_reaches_the_upstream(
-        sidecar: SidecarHarness, https_upstream: Upstream) -> None:
-    """httpx with HTTPS_PROXY and SSL_CERT_FILE gets through, with the static credential attached."""
-    env = client_env(HTTPS_PROXY=sidecar.outbound, SSL_CERT_FILE=intercept_ca(sidecar))
-    [result] = await python_client(HTTPX_CLIENT, env, "https://billing.internal/api/v1/x")
-    assert result["status"] == 200
-    assert https_upstream.seen[-1].header("X-API-Key") == SECRET
-    assert https_upstream.seen[-1].header("Authorization") is None
+@pytest.mark.parametrize("library, ca_variable", [
+    # requests replaces certifi's bundle with REQUESTS_CA_BUNDLE
+    ("requests", "REQUESTS_CA_BUNDLE"),
+    # httpx (trust_env) loads SSL_CERT_FILE
+    ("httpx", "SSL_CERT_FILE"),
+])
+async def test_python_clients_with_https_proxy_reach_the_upstream_with_the_attached_credential(
+        sidecar: SidecarHarness, https_upstream: Upstream, library: str, ca_variable: str) -> None:
+    """Two calls over one kept-alive tunnel: the upstream sees our key, never the agent's; one event each."""
+    env = client_env(HTTPS_PROXY=sidecar.outbound, **{ca_variable: intercept_ca(sidecar)})
+    urls = ("https://billing.internal/api/v1/invoices?x=1", "https://billing.internal/api/v1/other")
+    code, out, err = await run(sys.executable, "-c", CLIENT, library, *urls, env=env)
+    assert code == 0, err
+    assert json.loads(out) == [{"status": 200, "via": "1.1 sidecar"}] * 2
+    assert [s.path for s in https_upstream.seen] == ["/api/v1/invoices?x=1", "/api/v1/other"]
+    assert all(s.header("X-API-Key") == SECRET and not s.has_header("Authorization") for s in https_upstream.seen)
+    events = connect_events(await sidecar.settle())
+    assert [(e["decision"], e["rule_id"], e["target"]["path"]) for e in events] == [
+        ("allow", "read-invoices", "/v1/invoices"), ("allow", "read-invoices", "/v1/other")]
+    assert all(e["credential"]["source"] == "static" and e["outcome"] == "completed" for e in events)
 
 
 async def test_curl_through_the_proxy_with_the_interception_ca(
@@ -187,13 +205,8 @@ async def test_curl_through_the_proxy_with_the_interception_ca(
 async def test_several_requests_over_one_tunnel_each_get_their_own_event(
         sidecar: SidecarHarness, https_upstream: Upstream) -> None:
     """Keep-alive inside one tunnel: each request is decided, forwarded and recorded on its own."""
-    reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
-    try:
-        for path in ("/api/v1/a", "/api/v1/b", "/api/v1/admin/users"):
-            status, _, _ = await exchange(reader, writer, f"GET {path} HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
-            assert status == (403 if "admin" in path else 200)
-    finally:
-        writer.close()
+    responses = await through_tunnel(sidecar, get("/api/v1/a"), get("/api/v1/b"), get("/api/v1/admin/users"))
+    assert [status for status, _, _ in responses] == [200, 200, 403]
     assert [s.path for s in https_upstream.seen] == ["/api/v1/a", "/api/v1/b"]
     events = connect_events(await sidecar.settle())
     assert [(e["target"]["path"], e["decision"], e["rule_id"]) for e in events] == [
@@ -205,12 +218,7 @@ async def test_several_requests_over_one_tunnel_each_get_their_own_event(
 async def test_a_denied_path_inside_the_tunnel_gets_a_json_403_inside_tls(
         sidecar: SidecarHarness, https_upstream: Upstream) -> None:
     """Policy refusals inside the tunnel are answered over TLS as JSON, with Proxy-Status."""
-    reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
-    try:
-        status, headers, body = await exchange(
-            reader, writer, "GET /api/v1/admin/users HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
-    finally:
-        writer.close()
+    [(status, headers, body)] = await through_tunnel(sidecar, get("/api/v1/admin/users"))
     assert status == 403 and json.loads(body)["error"] == "rule_denied"
     assert 'details="rule_denied"' in headers["proxy-status"]
     assert https_upstream.seen == []
@@ -227,11 +235,7 @@ async def test_a_denied_path_inside_the_tunnel_gets_a_json_403_inside_tls(
 async def test_a_host_header_naming_another_authority_is_refused(
         sidecar: SidecarHarness, https_upstream: Upstream, host: str, reason: str, status: int) -> None:
     """Inside the tunnel, Host must name the CONNECT authority; anything else is refused and not forwarded."""
-    reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
-    try:
-        got, _, body = await exchange(reader, writer, f"GET /api/v1/x HTTP/1.1\r\nHost: {host}\r\n\r\n")
-    finally:
-        writer.close()
+    [(got, _, body)] = await through_tunnel(sidecar, get("/api/v1/x", host))
     assert (got, json.loads(body)["error"]) == (status, reason)
     assert https_upstream.seen == []
     [event] = connect_events(await sidecar.settle())
@@ -241,20 +245,16 @@ async def test_a_host_header_naming_another_authority_is_refused(
 async def test_the_tunnel_applies_the_base_path_and_path_rules_like_forward_proxy_mode(
         sidecar: SidecarHarness, https_upstream: Upstream) -> None:
     """Outside the upstream's base path is unknown_upstream; an encoded slash is bad_request."""
-    reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
-    try:
-        outside, _, _ = await exchange(reader, writer, "GET /other/v1/x HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
-        encoded, _, _ = await exchange(reader, writer, "GET /api/v1/a%2Fb HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
-    finally:
-        writer.close()
-    assert (outside, encoded) == (403, 400)
+    responses = await through_tunnel(sidecar, get("/other/v1/x"), get("/api/v1/a%2Fb"))
+    assert [(status, json.loads(body)["error"]) for status, _, body in responses] == [
+        (403, "unknown_upstream"), (400, "bad_request")]
     assert https_upstream.seen == []
 
 
 @pytest.mark.parametrize("target, headers, reason, status", [
     # a host no upstream lists: there is no blind tunnel
     ("evil.example:443", "", "unknown_upstream", 403),
-    # a mapped name on any port is still that upstream; an IP is not a name it lists
+    # the upstream's own address is not one of its hosts: only listed names open tunnels
     ("127.0.0.1:443", "", "unknown_upstream", 403),
     # authority form needs a port (RFC 9110 9.3.6)
     ("billing.internal", "", "bad_request", 400),
@@ -279,8 +279,7 @@ async def test_refused_connects_get_json_and_no_tunnel(
 
 async def test_bytes_sent_before_the_200_are_refused_not_lost(sidecar: SidecarHarness) -> None:
     """A client that starts TLS before the 200 gets bad_request rather than a tunnel missing its first bytes."""
-    request = b"CONNECT billing.internal:443 HTTP/1.1\r\nHost: billing.internal:443\r\n\r\n\x16\x03\x01early"
-    response = await raw_http(sidecar.port("outbound"), request)
+    response = await raw_http(sidecar.port("outbound"), CONNECT_BILLING + b"\x16\x03\x01early")
     assert response.startswith(b"HTTP/1.1 400") and b'"error":"bad_request"' in response
 
 
@@ -291,14 +290,12 @@ async def test_tunnels_beyond_the_cap_are_refused_with_retry_after(sidecar: Side
     interceptor.max_tunnels = 1
     reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
     try:
-        response = await raw_http(sidecar.port("outbound"), b"CONNECT billing.internal:443 HTTP/1.1\r\n"
-                                                           b"Host: billing.internal:443\r\n\r\n")
-        status, _, _ = await exchange(reader, writer, "GET /api/v1/x HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
+        response = await raw_http(sidecar.port("outbound"), CONNECT_BILLING)
+        status, _, _ = await exchange(reader, writer, get("/api/v1/x"))
     finally:
         writer.close()
     assert response.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in response
     assert status == 200  # the open tunnel is unaffected
-    assert interceptor.open_tunnels <= 1
 
 
 async def test_a_client_silent_after_the_200_is_cut_at_the_handshake_timeout(
@@ -308,14 +305,40 @@ async def test_a_client_silent_after_the_200_is_cut_at_the_handshake_timeout(
     config["outbound"]["timeouts"] = {"connect": "200ms"}
     h = await make_sidecar(config, POLICY)
     reader, writer = await asyncio.open_connection("127.0.0.1", h.port("outbound"))
-    writer.write(b"CONNECT billing.internal:443 HTTP/1.1\r\nHost: billing.internal:443\r\n\r\n")
+    writer.write(CONNECT_BILLING)
     assert await reader.read() == b"HTTP/1.1 200 Connection Established\r\n\r\n"  # then closed, nothing else
     writer.close()
-    for _ in range(200):
-        if await handshake_failures(h) >= 1:
-            break
-        await asyncio.sleep(0.01)
+    assert await eventually(lambda: failures_counted(h))
     assert await handshake_failures(h) == 1
+
+
+async def test_a_revoked_agent_gets_no_new_tunnel_and_no_request_through_an_open_one(
+        sidecar: SidecarHarness, https_upstream: Upstream) -> None:
+    """Agent revocation refuses the CONNECT itself and every later request in a tunnel opened before it."""
+    assert sidecar.sidecar is not None
+    reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
+    status, body = await admin(sidecar, "POST", "/revocations",
+                               json={"kind": "agent", "id": sidecar.sidecar.runtime.agent.id})
+    assert status == 201, body
+    try:
+        inside, _, _ = await exchange(reader, writer, get("/api/v1/x"))
+    finally:
+        writer.close()
+    response = await raw_http(sidecar.port("outbound"), CONNECT_BILLING)
+    assert inside == 403 and response.startswith(b"HTTP/1.1 403") and b'"error":"revoked"' in response
+    assert https_upstream.seen == []
+
+
+async def test_an_idle_tunnel_is_closed_after_the_idle_timeout(
+        make_sidecar: Any, https_upstream: Upstream, upstream_ca: trustme.CA, tmp_path: Path) -> None:
+    """A tunnel carrying no request is closed after outbound.timeouts.idle, and its slot is freed."""
+    config = billing_config(https_upstream, upstream_ca, tmp_path)
+    config["outbound"]["timeouts"] = {"idle": "200ms"}
+    h = await make_sidecar(config, POLICY)
+    reader, writer = await tunnel(h, intercept_ca(h))
+    assert await reader.read() == b""
+    writer.close()
+    assert await eventually(lambda: no_tunnels(h))
 
 
 async def test_curl_to_an_unknown_host_gets_403_from_the_proxy(sidecar: SidecarHarness) -> None:
@@ -334,10 +357,8 @@ async def test_a_client_that_does_not_trust_the_ca_fails_its_handshake_and_nothi
     code, _, err = await run("curl", "-sS", "--proxy", sidecar.outbound, "--cacert", str(other),
                              "https://billing.internal/api/v1/x")
     assert code == 60, err  # peer certificate cannot be authenticated with given CA certificates
-    for _ in range(200):  # the sidecar sees the client's alert a moment after curl exits
-        if await handshake_failures(sidecar) >= 1:
-            break
-        await asyncio.sleep(0.01)
+    # the sidecar sees the client's alert a moment after curl exits
+    assert await eventually(lambda: failures_counted(sidecar))
     assert await handshake_failures(sidecar) == 1
     assert https_upstream.seen == []
     assert connect_events(await sidecar.settle()) == []
@@ -359,17 +380,11 @@ async def test_an_operator_ca_from_config_signs_the_leaves(
     cert, key = tmp_path / "op-ca.crt", tmp_path / "op-ca.key"
     operator.cert_pem.write_to_path(str(cert))
     operator.private_key_pem.write_to_path(str(key))
-    ca_file = tmp_path / "upstream-ca.pem"
-    upstream_ca.cert_pem.write_to_path(str(ca_file))
-    h = await make_sidecar({"outbound": {"intercept": {"ca_cert": str(cert), "ca_key": str(key)}, "upstreams": {
-        "billing": {"url": f"https://127.0.0.1:{https_upstream.port}/api", "hosts": ["billing.internal"],
-                    "ca": str(ca_file)}}}}, POLICY)
+    config = billing_config(https_upstream, upstream_ca, tmp_path)
+    config["outbound"]["intercept"] = {"ca_cert": str(cert), "ca_key": str(key)}
+    h = await make_sidecar(config, POLICY)
     assert intercept_ca(h) == str(cert)
-    reader, writer = await tunnel(h, str(cert))
-    try:
-        status, _, _ = await exchange(reader, writer, "GET /api/v1/x HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
-    finally:
-        writer.close()
+    [(status, _, _)] = await through_tunnel(h, get("/api/v1/x"), ca_file=str(cert))
     assert status == 200
 
 
@@ -377,24 +392,19 @@ async def test_a_connection_close_request_ends_the_tunnel_cleanly(
         sidecar: SidecarHarness, https_upstream: Upstream) -> None:
     """After the last response the tunnel ends with TLS close_notify; no plain byte follows it."""
     reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
-    status, _, _ = await exchange(
-        reader, writer, "GET /api/v1/x HTTP/1.1\r\nHost: billing.internal\r\nConnection: close\r\n\r\n")
+    status, _, _ = await exchange(reader, writer, get("/api/v1/x", extra="Connection: close\r\n"))
     assert status == 200
     assert await reader.read() == b""  # a stray plaintext response here would be an ssl error
     writer.close()
     assert sidecar.sidecar is not None
-    for _ in range(200):
-        if sidecar.sidecar.runtime.interceptor.open_tunnels == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert sidecar.sidecar.runtime.interceptor.open_tunnels == 0
+    assert await eventually(lambda: no_tunnels(sidecar))
     assert len(https_upstream.seen) == 1
 
 
 async def test_stopping_the_sidecar_closes_idle_tunnels(sidecar: SidecarHarness) -> None:
     """An idle kept-alive tunnel does not hold shutdown: the client sees its connection end."""
     reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
-    status, _, _ = await exchange(reader, writer, "GET /api/v1/x HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
+    status, _, _ = await exchange(reader, writer, get("/api/v1/x"))
     assert status == 200
     assert sidecar.sidecar is not None
     await sidecar.sidecar.stop()
@@ -411,11 +421,8 @@ def test_interception_works_on_uvloop(upstream_ca: trustme.CA, tmp_path: Path) -
         up = await start_https_upstream(upstream_ca)
         h = await SidecarHarness(tmp_path, billing_config(up, upstream_ca, tmp_path), POLICY).start()
         try:
-            reader, writer = await tunnel(h, intercept_ca(h))
-            for path, want in (("/api/v1/a", 200), ("/api/v1/admin/x", 403)):
-                status, _, _ = await exchange(reader, writer, f"GET {path} HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
-                assert status == want
-            writer.close()
+            responses = await through_tunnel(h, get("/api/v1/a"), get("/api/v1/admin/x"))
+            assert [status for status, _, _ in responses] == [200, 403]
             assert [s.header("X-API-Key") for s in up.seen] == [SECRET]
             assert [e["rule_id"] for e in connect_events(await h.settle())] == ["read-invoices", "no-admin"]
         finally:
