@@ -271,6 +271,8 @@ class Sidecar:
         for server in self._servers:
             server.close()
         drain = self.config.drain
+        for web_server in self._web_servers:
+            web_server.pre_shutdown()  # idle keep-alive connections close now; busy ones finish
         await asyncio.gather(*(s.shutdown(drain) for s in self._web_servers), return_exceptions=True)
         for runner in self._runners:
             await runner.cleanup()

@@ -33,7 +33,7 @@ from aiohttp.web_protocol import RequestHandler
 from sidecar.errors import Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
-from sidecar.identity.mtls import _hand_over, _Holding
+from sidecar.identity.mtls import hand_over, Holding
 from sidecar.pipeline import check_header_limits
 from sidecar.policy.paths import normalize_host
 from sidecar.server import SidecarServer, error_response
@@ -184,7 +184,7 @@ class Interceptor:
         if raw is None or raw.is_closing():
             return
         raw.write(ESTABLISHED)
-        holding = _Holding()
+        holding = Holding()
         tls = await self._handshake(raw, holding, context, tunnel)
         if tls is None:
             return
@@ -195,7 +195,7 @@ class Interceptor:
             if not tls.is_closing():
                 tls.abort()  # cancelled (shutdown, client gone): the tunnel ends with the handler
 
-    async def _handshake(self, raw: asyncio.Transport, holding: _Holding, context: ssl.SSLContext,
+    async def _handshake(self, raw: asyncio.Transport, holding: Holding, context: ssl.SSLContext,
                          tunnel: Tunnel) -> asyncio.Transport | None:
         """TLS as the server, with the leaf for the tunnel's host; None if it failed (reported)."""
         loop = asyncio.get_running_loop()
@@ -220,12 +220,12 @@ class Interceptor:
                     message="connect: tls handshake inside the tunnel failed; expected a client that trusts "
                             "the interception ca")
 
-    def _attach(self, tls: asyncio.Transport, holding: _Holding, tunnel: Tunnel) -> asyncio.Future[None]:
+    def _attach(self, tls: asyncio.Transport, holding: Holding, tunnel: Tunnel) -> asyncio.Future[None]:
         """Hand the TLS transport to a protocol of the tunnel server; the future ends with it."""
         protocol = self.server()
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tunnels[protocol], self._ended[protocol] = tunnel, ended
-        _hand_over(tls, holding, protocol)
+        hand_over(tls, holding, protocol)
         return ended
 
     def tunnel_ended(self, protocol: RequestHandler) -> None:

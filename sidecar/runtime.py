@@ -215,7 +215,7 @@ class Runtime:
         m.observe_request(ex.direction, ex.decision, upstream, time.perf_counter() - ex.started)
         if ex.rule_id is not None:
             m.policy_decisions.labels(ex.direction, ex.decision, ex.rule_id).inc()
-        if ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
+        if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
             m.delegated_requests.labels(ex.delegation).inc()
         if ex.reason in ("upstream_unreachable", "upstream_timeout"):
             m.upstream_errors.labels(upstream, ex.reason).inc()

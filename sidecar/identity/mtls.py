@@ -127,7 +127,7 @@ class MtlsAcceptor:
 
     async def _accept(self, transport: asyncio.Transport) -> None:
         address = _address(transport)
-        holding = _Holding()
+        holding = Holding()
         try:
             tls = await self._handshake(transport, holding)
         except _HandshakeFailed as failed:
@@ -147,9 +147,9 @@ class MtlsAcceptor:
             tls.abort()
             raise
         self._peers.add(tls, peer)
-        _hand_over(tls, holding, protocol)
+        hand_over(tls, holding, protocol)
 
-    async def _handshake(self, transport: asyncio.Transport, holding: _Holding) -> asyncio.Transport:
+    async def _handshake(self, transport: asyncio.Transport, holding: Holding) -> asyncio.Transport:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._handshake_timeout):
@@ -180,7 +180,7 @@ class MtlsAcceptor:
         return verify_peer(leaf, chain, self._bundles(), self._allowed, self._clock())
 
     async def _refuse(
-        self, tls: asyncio.Transport, holding: _Holding, rejected: PeerRejected, address: str
+        self, tls: asyncio.Transport, holding: Holding, rejected: PeerRejected, address: str
     ) -> None:
         """Report, answer with the refusal and close; the peer's bytes are dropped unparsed.
 
@@ -257,7 +257,7 @@ def _address(transport: asyncio.BaseTransport) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _hand_over(tls: asyncio.Transport, holding: _Holding, protocol: asyncio.BaseProtocol) -> None:
+def hand_over(tls: asyncio.Transport, holding: Holding, protocol: asyncio.BaseProtocol) -> None:
     """Attach ``protocol`` to the TLS transport and replay what arrived while we verified."""
     tls.set_protocol(protocol)
     protocol.connection_made(tls)
@@ -294,7 +294,7 @@ class _Accepted(asyncio.Protocol):
         self._acceptor._spawn(tcp)
 
 
-class _Holding(asyncio.Protocol):
+class Holding(asyncio.Protocol):
     """The TLS transport's protocol until the peer is verified: keeps, never parses, what arrives."""
 
     def __init__(self) -> None:
