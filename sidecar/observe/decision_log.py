@@ -24,7 +24,7 @@ import structlog
 
 REDACTED = "<redacted>"
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
-_BEARER = re.compile(r"(?i)\b(bearer|basic|token|aws4-hmac-sha256)\s+[^\s,;\"']+")
+_BEARER = re.compile(r"(?i)\b(bearer|basic|aws4-hmac-sha256)\s+[^\s,;\"']{8,}")
 _PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
