@@ -130,3 +130,20 @@ def test_validate_exits_1_and_lists_every_problem(tmp_path):
     assert result.returncode == 1
     for path in ("outbound.listen:", "outbound.upstreams.u.url:", "bogus: unknown key"):
         assert path in result.stderr
+
+
+def test_the_config_json_schema_is_in_sync_with_the_loader(tmp_path, monkeypatch):
+    """sidecar/schemas/config.schema.json is what the loader accepts today, and the example configs match it."""
+    import json
+
+    import jsonschema
+
+    from sidecar.config_schema import generate
+
+    committed = json.loads((ROOT / "sidecar" / "schemas" / "config.schema.json").read_text())
+    assert generate() == committed, "regenerate: python -m sidecar.config_schema > sidecar/schemas/config.schema.json"
+    validator = jsonschema.Draft202012Validator(committed)
+    for example in (ROOT / "config" / "sidecar.yaml", EXAMPLE):
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(example.read_text()))]
+        assert not errors, (example.name, errors)
+    assert list(validator.iter_errors({"outbound": {"upstreams": {"u": {"url": "https://u", "colour": "x"}}}}))
