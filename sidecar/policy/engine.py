@@ -44,7 +44,7 @@ import yaml
 
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.fields import Fields
-from sidecar.policy.model import DIRECTIONS, ConditionFailed, LoadContext, Rule, parse_rule, raw_rule_id
+from sidecar.policy.model import DIRECTIONS, ConditionFailed, LoadContext, Rule, parse_rule
 from sidecar.policy.ratelimit import Limit, RateLimiter
 
 Index = dict[str, dict[str | None, dict[str | None, tuple[Rule, ...]]]]
@@ -327,11 +327,21 @@ def _load_file(path: Path, upstreams: Mapping[str, str], credentials: Mapping[st
     for i, raw in enumerate(raw_rules):
         rule_id = raw_rule_id(raw)
         where = f"{name}: rules[{i}]" + (f" ({rule_id})" if rule_id else "")
+        if not isinstance(raw, Mapping):
+            errors.append(ConfigError(where, "must be a mapping (a rule with id, direction and effect)"))
+            continue
         rule = parse_rule(Fields(raw, where, errors, path.parent), first_order + i, ctx)
         rules.append(rule)
         if rule_id:
             ids.append((rule_id, where))
     return _File(name, default, tuple(r for r in rules if r is not None), content, tuple(ids))
+
+
+def raw_rule_id(raw: Any) -> str | None:
+    """The id of a raw rule mapping, for error paths (``rules[2] (billing-update-invoices)``)."""
+    if isinstance(raw, Mapping) and isinstance(raw.get("id"), str):
+        return raw["id"]
+    return None
 
 
 def _read_yaml(path: Path, errors: list[ConfigError]) -> Any:

@@ -398,7 +398,9 @@ def _zone(f: Fields) -> ZoneInfo | None:
 def _credential(f: Fields, direction: str | None, effect: str | None,
                 ctx: LoadContext) -> tuple[str | None, tuple[str, ...] | None]:
     name = f.str("credential")
-    scopes = f.str_list("scopes", None) if f.has("scopes") else None
+    scopes = f.str_list("scopes") or None
+    if f.has("scopes") and scopes is None:
+        f.error("scopes", "must list at least one scope (omit it to use the credential's own scopes)")
     if name is None and scopes is None:
         return None, None
     if direction == "inbound" or effect == "deny":
@@ -431,14 +433,6 @@ def _rate_limit(f: Fields, effect: str | None) -> RateLimit | None:
     if requests is None or not per or per <= 0:
         return None
     return RateLimit(requests, per, key)
-
-
-def raw_rule_id(raw: Any) -> str | None:
-    """The id of a raw rule mapping, for error paths (``rules[2] (billing-update-invoices)``)."""
-    if isinstance(raw, Mapping) and isinstance(raw.get("id"), str):
-        return raw["id"]
-    return None
-
 
 
 def load_policy(*args: Any, **kwargs: Any) -> Any:

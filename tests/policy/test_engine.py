@@ -502,6 +502,21 @@ def test_denied_requests_spend_no_tokens(tmp_path: Path) -> None:
     assert policy.decide(facts()).reason == "allowed"
 
 
+def test_full_buckets_are_forgotten(tmp_path: Path) -> None:
+    """Buckets that have refilled completely are swept, so per-task keys do not accumulate."""
+    clock = FakeClock()
+    limiter = RateLimiter(clock)
+    policy = load(tmp_path, [rule("r", rate_limit={"requests": 2, "per": "1m", "key": "task"})], limiter=limiter)
+    for task in ("t1", "t2"):
+        policy.decide(facts(task_id=task))
+    clock.now += 29
+    limiter.sweep()
+    assert len(limiter) == 2
+    clock.now += 1  # one token was spent: 30 s refill it
+    limiter.sweep()
+    assert len(limiter) == 0
+
+
 # -- version -----------------------------------------------------------------------------------
 
 

@@ -41,6 +41,8 @@ def rule(**fields: Any) -> dict[str, Any]:
     (rule(credential="nope"), "credential", "unknown credential 'nope'"),            # credential must exist
     (rule(credential="billing-oauth", scopes=["admin"]), "scopes", "must be a subset"),  # scopes beyond the credential
     (rule(scopes=["invoices.read"]), "scopes", "needs credential"),                  # scopes narrow a named credential
+    (rule(credential="billing-oauth", scopes=None), "scopes", "at least one scope"),  # scopes: null
+    (rule(credential="billing-oauth", scopes=[]), "scopes", "at least one scope"),    # scopes: []
     (rule(when={"expr": "task.trigger =="}), "when.expr", "cel: cannot compile"),    # CEL syntax
     (rule(when={"expr": "user.id == 'a'"}), "when.expr", "unknown variable 'user'"),  # not a documented variable
     (rule(when={"expr": "request.sise > 1"}), "when.expr", "no field 'sise'"),       # not a field of request
@@ -91,6 +93,7 @@ def test_rule_problem(tmp_path: Path, entry: dict[str, Any], where: str, message
     ({"version": 1, "mode": "loud"}, "mode", "must be one of enforce, audit"),
     ({"version": 1, "rulez": []}, "rulez", "unknown key"),            # unknown top-level key
     ({"version": 1, "rules": {"id": "a"}}, "rules", "must be a list"),
+    ({"version": 1, "rules": ["allow everything"]}, "rules[0]", "must be a mapping"),   # a rule that is not a mapping
 ])
 def test_file_problem(tmp_path: Path, doc: dict[str, Any], where: str, message: str) -> None:
     """File-level keys are checked like rule keys, with the file's path."""
