@@ -82,13 +82,29 @@ class BodyTooLarge(Exception):
     """Raised inside the upload stream; the pipeline turns it into body_too_large."""
 
 
-async def stream_body(request: web.BaseRequest, limits: Limits) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise BodyTooLarge()
-        yield chunk
+class LimitedBody:
+    """The request body as an async iterator that stops at the limit and remembers it did.
+
+    aiohttp wraps exceptions raised by a payload while it is being sent, so the flag, not
+    the exception type, tells a body over the limit from an upstream failure.
+    """
+
+    def __init__(self, request: web.BaseRequest, limits: Limits) -> None:
+        self._request, self._max = request, limits.max_body_bytes
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self._request.content.iter_chunked(CHUNK):
+            size += len(chunk)
+            if size > self._max:
+                self.exceeded = True
+                raise BodyTooLarge()
+            yield chunk
+
+
+def stream_body(request: web.BaseRequest, limits: Limits) -> LimitedBody:
+    return LimitedBody(request, limits)
 
 
 def has_body(request: web.BaseRequest) -> bool:
@@ -121,16 +137,21 @@ async def open_upstream(session: aiohttp.ClientSession, method: str, url: str, h
         async with asyncio.timeout(timeouts.first_byte):
             return await session.request(method, url, headers=headers, data=data, allow_redirects=False,
                                          compress=None, chunked=None, auto_decompress=False)
-    except BodyTooLarge:
-        raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-        raise UpstreamFailed("upstream_timeout", "upstream: no response within the configured timeout") from None
-    except aiohttp.ClientSSLError as exc:
-        raise UpstreamFailed("upstream_unreachable", "upstream: TLS verification of the upstream failed",
-                             detail=type(exc).__name__) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamFailed("upstream_unreachable", "upstream: connection refused, reset or closed",
-                             detail=type(exc).__name__) from None
+    except (BodyTooLarge, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        if isinstance(exc, BodyTooLarge) or getattr(data, "exceeded", False):
+            raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
+        raise _upstream_failure(exc) from None
+
+
+def _upstream_failure(exc: BaseException) -> UpstreamFailed:
+    """The refusal for a failed upstream exchange: timeout, TLS verification, or unreachable."""
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamFailed("upstream_timeout", "upstream: no response within the configured timeout")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return UpstreamFailed("upstream_unreachable", "upstream: TLS verification of the upstream failed",
+                              detail=type(exc).__name__)
+    return UpstreamFailed("upstream_unreachable", "upstream: connection refused, reset or closed",
+                          detail=type(exc).__name__)
 
 
 class UpstreamReset(Exception):

@@ -211,3 +211,28 @@ async def test_what_is_matched_is_what_is_forwarded(make_sidecar, upstream, raw_
         assert upstream.seen == []
     else:
         assert [s.path for s in upstream.seen] == [forwarded]
+
+
+async def test_a_chunked_body_over_the_limit_is_cut_at_the_limit(make_sidecar):
+    """A chunked upload with no declared length is refused with 413 once it passes the limit."""
+    from aiohttp import web
+
+    async def sink(request):
+        await request.read()
+        return web.Response(text="read")
+
+    async def chunks():
+        for _ in range(10):
+            yield b"y" * 1000
+
+    up = await Upstream(sink).start()
+    try:
+        config = config_for(up)
+        config["outbound"]["limits"] = {"max_body_bytes": 2500}
+        h = await make_sidecar(config, POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{h.outbound}/billing/v1/upload", data=chunks()) as r:
+                assert r.status == 413 and (await r.json())["error"] == "body_too_large"
+        assert (await h.settle())[-1]["reason"] == "body_too_large"
+    finally:
+        await up.stop()
