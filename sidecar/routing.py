@@ -57,6 +57,8 @@ class Router:
             raise RequestRefused("browser_origin", "outbound: requests carrying Origin or Sec-Fetch-Site look "
                                                    "browser-made and are refused on the agent's listener")
         check_header_names(headers.keys())
+        if len(headers.getall("Host", ())) > 1:
+            raise RequestRefused("bad_request", "outbound: more than one Host header")
 
     def route(self, raw_target: str, headers: CIMultiDictProxy[str]) -> Route:
         if raw_target.startswith("/"):

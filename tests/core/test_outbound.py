@@ -197,6 +197,8 @@ async def test_slow_upstream_is_504(make_sidecar):
     ("/billing/v1\\admin", 400, "bad_request", None),
     # unreserved escapes are decoded before matching: %61dmin is admin
     ("/billing/v1/%61dmin/users", 403, "rule_denied", None),
+    # a second Host header (request smuggling / routing confusion)
+    ("/billing/v1/x HTTP/1.1\r\nHost: evil.example", 400, "bad_request", None),
 ])
 async def test_what_is_matched_is_what_is_forwarded(make_sidecar, upstream, raw_target, status, reason, forwarded):
     """Bypass inputs are refused or matched on their canonical form, which is exactly what is forwarded."""
