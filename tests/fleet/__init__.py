@@ -10,7 +10,6 @@ found through ``/proc``). :class:`PlainUpstream` is a real HTTP upstream in a th
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -274,7 +273,3 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
