@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog

@@ -17,16 +17,13 @@ on the trust path except to turn it into a refusal.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest
-from sidecar.errors import CredentialUnavailable, PolicyRefused, Refusal, RequestRefused, TaskRefused
+from sidecar.errors import PolicyRefused, Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.forward import (
     VIA, clean_request_headers, declared_length, has_body, is_websocket, open_upstream, proxy_websocket, read_body,
@@ -34,7 +31,7 @@ from sidecar.forward import (
 )
 from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import parse_mcp_request
-from sidecar.policy.paths import canonical_path
+from sidecar.policy.paths import canonical_path, normalize_host
 from sidecar.server import error_response
 from sidecar.tasks import TASK_HEADER
 from sidecar.tracing import traceparent_for
@@ -71,6 +68,8 @@ async def apply_decision(rt: Runtime, ex: Exchange, decision: Decision) -> None:
     """Record the decision; refuse, hold for approval, or let the request on."""
     ex.rule_id, ex.policy_version = decision.rule_id, decision.policy_version
     ex.audit = dict(decision.audit) if decision.audit else None
+    if decision.detail:
+        ex.reason_detail = decision.detail
     if decision.effect == "require_approval":
         await rt.approvals.hold(ex)
         ex.allow("approved")
@@ -247,7 +246,7 @@ class Inbound:
         rt.revocations.check_agent(rt.agent.id)
         rt.revocations.check_subject(ex.principal)
         decision = rt.decide(Facts(
-            direction="inbound", method=request.method, scheme="https", host=request.host.lower(), path=ex.path,
+            direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=_header_tuples(request), size=request.content_length or 0, upstream=None,
             agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
             caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation))
@@ -262,6 +261,14 @@ class Inbound:
         url = URL(inbound.forward_to.rstrip("/") + raw_path + (f"?{query}" if query else ""), encoded=True)
         upstream = await open_upstream(rt.sessions.agent(), request.method, url, headers, data, inbound.timeouts)
         return await rt.relay(request, ex, upstream, "agent")
+
+
+def _inbound_host(request: web.BaseRequest) -> str:
+    """The Host the caller named, normalized and without its port (rules name hosts, not ports)."""
+    try:
+        return normalize_host(request.headers.get("Host", ""), "https")[0]
+    except Refusal:
+        return ""
 
 
 def _opened(ex: Exchange, status: int) -> None:

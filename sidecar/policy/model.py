@@ -433,10 +433,3 @@ def _rate_limit(f: Fields, effect: str | None) -> RateLimit | None:
     if requests is None or not per or per <= 0:
         return None
     return RateLimit(requests, per, key)
-
-
-def load_policy(*args: Any, **kwargs: Any) -> Any:
-    """The loader lives in :mod:`sidecar.policy.engine` (it builds the PolicySet); kept here for importers."""
-    from sidecar.policy.engine import load_policy as load
-
-    return load(*args, **kwargs)

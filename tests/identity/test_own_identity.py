@@ -11,7 +11,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
-from aiohttp import web
 
 from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.spiffe import parse_spiffe_id
