@@ -5,6 +5,8 @@ token file lives on a volume mounted only into the sidecar container.
 
     POST /reload                      re-read policy (and identity) files
     POST /revocations                 {"kind", "id", "ttl"}: effective before it returns
+                                      kind credential: id is a credential id (jti or keyed hash, as
+                                      logged) or a credential name from the config (all of its tokens)
     GET  /revocations                 DELETE /revocations/{rid}
     GET  /inventory                   identities, credentials held, open tasks
     POST /tasks                       {"subject_token" | "principal", "trigger", "ttl"} -> 201 {"id", "expires_at"}
@@ -62,8 +64,11 @@ def _auth_middleware(token: str) -> Any:
             return await handler(request)
         except Refusal as refusal:
             return error_response(refusal)
-        except web.HTTPException:
-            raise
+        except web.HTTPNotFound:
+            return error_response(Refusal("not_found", f"admin: no such endpoint: {request.method} {request.path}"))
+        except web.HTTPMethodNotAllowed:
+            return error_response(Refusal("not_found", f"admin: {request.method} is not supported on "
+                                                       f"{request.path}"))
     return middleware
 
 
@@ -94,7 +99,7 @@ def build(sidecar: Sidecar) -> web.Application:
     app.router.add_post("/reload", routes.reload)
     app.router.add_post("/revocations", routes.revoke)
     app.router.add_get("/revocations", routes.revocations)
-    app.router.add_delete("/revocations/{rid}", routes.unrevoke)
+    app.router.add_delete("/revocations/{rid:.+}", routes.unrevoke)  # agent ids contain "/"
     app.router.add_get("/inventory", routes.inventory)
     app.router.add_post("/tasks", routes.open_task)
     app.router.add_delete("/tasks/{id}", routes.end_task)

@@ -88,6 +88,20 @@ def ensure_identity(config: Config, metrics: Metrics) -> tuple[IdentitySource, b
     return source, paths.created
 
 
+def credential_id_key(config: Config) -> bytes:
+    """The key of credential ids that have no jti (static keys): kept in state_dir so ids survive restarts."""
+    path = config.state_dir / "credential-id.key"
+    if not path.exists():
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    return path.read_bytes()
+
+
 @dataclass
 class Sidecar:
     config: Config
@@ -129,7 +143,7 @@ class Sidecar:
         cfg = self.config
         policy = build_policy(cfg, self._limiter)
         signer = build_signer(cfg.identity.signing_key, cfg.state_dir, cfg.identity.issuer or agent.id)
-        deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=os.urandom(32))
+        deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=credential_id_key(cfg))
         providers = {name: PROVIDERS[c.type].PROVIDER(name, c.spec, deps) for name, c in cfg.credentials.items()}
         rt = Runtime(cfg, agent, self.metrics, Router(cfg.outbound.upstreams, cfg.outbound.listen), policy,
                      providers, CredentialCache(self.metrics), TaskRegistry(max_ttl=cfg.tasks.max_ttl),

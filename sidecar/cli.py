@@ -105,6 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigInvalid as exc:
         _print_errors(exc)
         return 1
+    except OSError as exc:  # a listener that cannot bind, an unreadable identity file
+        print(f"error: sidecar: cannot start: {exc.strerror or exc}"
+              f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}", file=sys.stderr)
+        return 1
 
 
 def _install_uvloop() -> None:

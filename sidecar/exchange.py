@@ -7,7 +7,7 @@ field of PRODUCT.md present (null where it does not apply), emitted once at the 
 
 from __future__ import annotations
 
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +20,8 @@ EVENT_VERSION = 1
 
 
 def new_id() -> str:
-    return os.urandom(12).hex()
+    """A unique decision id (not a secret: a fast PRNG is enough)."""
+    return f"{random.getrandbits(96):024x}"
 
 
 @dataclass(frozen=True, slots=True)

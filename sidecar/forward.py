@@ -42,15 +42,28 @@ def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
     return names
 
 
-def clean_request_headers(headers: CIMultiDictProxy[str], strip: Iterable[str] = ()) -> CIMultiDict[str]:
-    """A copy without hop-by-hop, Connection-listed, sidecar-written and ``strip`` headers."""
-    drop = HOP_BY_HOP | SIDECAR_WRITTEN | connection_listed(headers) | frozenset(strip)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+def request_drop_set(strip: Iterable[str] = ()) -> frozenset[str]:
+    """Headers never forwarded: hop-by-hop, the ones the sidecar writes, and ``strip``."""
+    return HOP_BY_HOP | SIDECAR_WRITTEN | frozenset(h.lower() for h in strip)
+
+
+DEFAULT_DROP = request_drop_set()
+
+
+def clean_request_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] = DEFAULT_DROP) -> CIMultiDict[str]:
+    """A copy without the ``drop`` set and any header named in ``Connection``."""
+    if "Connection" in headers:
+        listed = connection_listed(headers) - {"keep-alive", "close"}
+        if listed:
+            drop = drop | listed
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
 def clean_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | connection_listed(headers) | {"content-length"}
-    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    drop = HOP_BY_HOP | {"content-length"}
+    if "Connection" in headers:
+        drop = drop | connection_listed(headers)
+    out = CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
     if "Content-Length" in headers and "Transfer-Encoding" not in headers:
         out["Content-Length"] = headers["Content-Length"]
     return out
@@ -121,26 +134,29 @@ def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None 
 
 
 def new_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *, limit: int = 256) -> aiohttp.ClientSession:
+    """A kept-alive session; its read timeout is ``first_byte`` until the response headers arrive."""
     connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True, limit=limit,
                                      keepalive_timeout=min(timeouts.idle, 60.0), enable_cleanup_closed=True)
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
                                                                        "Content-Type"),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.idle),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.first_byte),
         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
 
 
-async def open_upstream(session: aiohttp.ClientSession, method: str, url: str, headers: CIMultiDict[str],
+async def open_upstream(session: aiohttp.ClientSession, method: str, url: object, headers: CIMultiDict[str],
                         data: object, timeouts: Timeouts) -> aiohttp.ClientResponse:
-    """Send the request; the response's headers must arrive within ``first_byte``."""
+    """Send the request; headers must come within ``first_byte``, then the body may idle for ``idle``."""
     try:
-        async with asyncio.timeout(timeouts.first_byte):
-            return await session.request(method, url, headers=headers, data=data, allow_redirects=False,
+        response = await session.request(method, url, headers=headers, data=data, allow_redirects=False,
                                          compress=None, chunked=None, auto_decompress=False)
     except (BodyTooLarge, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         if isinstance(exc, BodyTooLarge) or getattr(data, "exceeded", False):
             raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
         raise _upstream_failure(exc) from None
+    if response.connection is not None and response.connection.protocol is not None:
+        response.connection.protocol.read_timeout = timeouts.idle
+    return response
 
 
 def _upstream_failure(exc: BaseException) -> UpstreamFailed:
@@ -152,6 +168,30 @@ def _upstream_failure(exc: BaseException) -> UpstreamFailed:
                               detail=type(exc).__name__)
     return UpstreamFailed("upstream_unreachable", "upstream: connection refused, reset or closed",
                           detail=type(exc).__name__)
+
+
+SMALL_BODY = 64 * 1024
+NO_BODY_STATUS = frozenset({204, 304})
+
+
+def _small(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
+    """A short, length-delimited response: sent in one write (headers and body together)."""
+    length = upstream.content_length
+    return (length is not None and length <= SMALL_BODY and request.method != "HEAD"
+            and upstream.status not in NO_BODY_STATUS and upstream.status >= 200
+            and "Transfer-Encoding" not in upstream.headers)
+
+
+async def _relay_whole(request: web.BaseRequest, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                       on_prepared: Callable[[int], None]) -> web.StreamResponse:
+    try:
+        body = await upstream.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        raise UpstreamReset(False, None) from None
+    headers.popall("Content-Length", None)
+    response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+    on_prepared(upstream.status)
+    return response
 
 
 class UpstreamReset(Exception):
@@ -176,6 +216,8 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, tran
     """Stream the upstream's response to the client as it arrives (SSE-safe)."""
     headers = clean_response_headers(upstream.headers)
     headers.add("Via", VIA)
+    if transform is None and _small(request, upstream):
+        return await _relay_whole(request, upstream, headers, on_prepared)
     if transform is not None:
         headers.popall("Content-Length", None)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)

@@ -17,6 +17,7 @@ on the trust path except to turn it into a refusal.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -34,6 +35,7 @@ from sidecar.policy.mcp import parse_mcp_request
 from sidecar.policy.paths import canonical_path, normalize_host
 from sidecar.server import error_response
 from sidecar.tasks import TASK_HEADER
+from sidecar.runtime import mark_cut
 from sidecar.tracing import traceparent_for
 
 if TYPE_CHECKING:
@@ -90,12 +92,17 @@ class Outbound:
         if request.method == "CONNECT":
             return await self.rt.interceptor.handle(request, self)
         ex = Exchange("outbound", method=request.method)
+        self.rt.exchanges.track(ex)
         try:
-            return await self.rt.exchanges.run(ex, self._exchange(request, ex))
+            return await self._exchange(request, ex)
         except Refusal as refusal:
             ex.refuse(refusal)
             return error_response(refusal)
+        except asyncio.CancelledError:
+            mark_cut(ex)
+            raise
         finally:
+            self.rt.exchanges.untrack(ex)
             self.rt.record(ex)
 
     async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
@@ -169,16 +176,15 @@ class Outbound:
         req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
                                 task=task, impersonation_allowed=decision.delegation == "impersonation_allowed")
         credential, source = await rt.credentials.get(provider, req)
+        ex.credential, ex.credential_source = credential, source  # logged even when refused below
         rt.revocations.check_credential(credential)
-        ex.credential, ex.credential_source = credential, source
         if credential.delegation:
             ex.delegation = credential.delegation
         return credential
 
     def _outbound_request(self, request: web.BaseRequest, route: Route, traceparent: str) -> OutboundRequest:
         up = route.upstream
-        strip = self.rt.config.outbound.strip_headers - up.pass_headers
-        headers = clean_request_headers(request.headers, strip)
+        headers = clean_request_headers(request.headers, self.rt.drop_sets[up.name])
         headers["Host"] = up.host_header
         headers["Via"] = VIA
         headers["traceparent"] = traceparent

@@ -97,8 +97,13 @@ class Revocations:
             raise revoked("revocation: the human this request acts for is revoked")
 
     def check_credential(self, credential: Credential) -> None:
-        if credential.id and credential.id in self._ids["credential"] and self._live(f"credential:{credential.id}"):
-            raise revoked("revocation: this credential is revoked")
+        """A credential is revoked by its id (jti or keyed hash) or by its provider's name (all of them)."""
+        ids = self._ids["credential"]
+        if not ids:
+            return
+        for ident in (credential.id, credential.provider):
+            if ident and ident in ids and self._live(f"credential:{ident}"):
+                raise revoked("revocation: this credential is revoked")
 
     def _live(self, rid: str) -> bool:
         entry = self._entries.get(rid)

@@ -24,7 +24,10 @@ from sidecar.credentials.cache import CredentialCache
 from sidecar.errors import IdentityRefused, UpstreamFailed
 from sidecar.exchange import AgentInfo, Exchange
 from sidecar.mcp_filter import tools_list_filter
-from sidecar.forward import VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, new_session, relay
+from sidecar.forward import (
+    DEFAULT_DROP, VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, new_session, relay,
+    request_drop_set,
+)
 from sidecar.observe.decision_log import emit_event
 from sidecar.observe.metrics import Metrics
 from sidecar.policy.engine import Decision, Facts, PolicySet
@@ -33,7 +36,14 @@ from sidecar.routing import Router
 from sidecar.tasks import Task, TaskRegistry
 
 log = structlog.get_logger("sidecar.runtime")
+INBOUND_DROP = request_drop_set({"authorization"})  # the human's verified token never reaches the agent
 T = TypeVar("T")
+
+
+def mark_cut(ex: Exchange) -> None:
+    """A cancelled exchange: cut by a revocation (already marked) or by the client going away."""
+    if ex.outcome != "cut":
+        ex.outcome, ex.reason_detail = "cut", "client gone"
 
 
 class ActiveExchanges:
@@ -42,18 +52,24 @@ class ActiveExchanges:
     def __init__(self) -> None:
         self._active: dict[int, tuple[Exchange, asyncio.Task[Any]]] = {}
 
-    async def run(self, ex: Exchange, coro: Awaitable[T]) -> T:
+    def track(self, ex: Exchange) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._active[id(ex)] = (ex, task)
+
+    def untrack(self, ex: Exchange) -> None:
+        self._active.pop(id(ex), None)
+
+    async def run(self, ex: Exchange, coro: Awaitable[T]) -> T:
+        """Run one exchange's coroutine as cuttable; a cancellation is recorded as a cut."""
+        self.track(ex)
         try:
             return await coro
         except asyncio.CancelledError:
-            if ex.outcome != "cut":
-                ex.outcome, ex.reason_detail = "cut", "client gone"
+            mark_cut(ex)
             raise
         finally:
-            self._active.pop(id(ex), None)
+            self.untrack(ex)
 
     def cut(self, predicate: Callable[[Exchange], bool], why: str) -> int:
         victims = [(ex, task) for ex, task in self._active.values() if predicate(ex)]
@@ -126,6 +142,9 @@ class Runtime:
     identity: Any = None  # sidecar.identity.source.IdentitySource: our SVID
 
     def __post_init__(self) -> None:
+        out = self.config.outbound
+        self.drop_sets = {name: request_drop_set(out.strip_headers - up.pass_headers)
+                          for name, up in out.upstreams.items()}
         self.tasks.on_end(self._task_ended)
         self.revocations.on_apply(self._enforce_revocation)
 
@@ -157,8 +176,7 @@ class Runtime:
     def agent_headers(self, request: web.BaseRequest, peer: Any, traceparent: str) -> CIMultiDict[str]:
         from sidecar.identity.x509 import xfcc_value
 
-        strip = {"authorization"} if self.verifier is not None else set()
-        headers = clean_request_headers(request.headers, strip)
+        headers = clean_request_headers(request.headers, INBOUND_DROP if self.verifier is not None else DEFAULT_DROP)
         headers["X-Forwarded-Client-Cert"] = xfcc_value(self.agent.id, peer)
         headers["X-Forwarded-For"] = request.remote or ""
         headers["X-Forwarded-Proto"] = "https"
@@ -214,7 +232,7 @@ class Runtime:
             ex.status = 500
         m.observe_request(ex.direction, ex.decision, upstream, time.perf_counter() - ex.started)
         if ex.rule_id is not None:
-            m.policy_decisions.labels(ex.direction, ex.decision, ex.rule_id).inc()
+            m.count_decision(ex.direction, ex.decision, ex.rule_id)
         if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
             m.delegated_requests.labels(ex.delegation).inc()
         if ex.reason in ("upstream_unreachable", "upstream_timeout"):
@@ -236,8 +254,9 @@ class Runtime:
             self.tasks.revoke_subject(ident)
             self.exchanges.cut(lambda ex: ex.principal is not None and ex.principal[1] == ident, "revoked: subject")
         elif kind == "credential":
-            self.credentials.drop_credential(ident)
-            self.exchanges.cut(lambda ex: ex.credential is not None and ex.credential.id == ident,
+            self.credentials.drop_where(lambda c, r: ident in (c.id, c.provider))
+            self.exchanges.cut(lambda ex: ex.credential is not None and ident in (ex.credential.id,
+                                                                                  ex.credential.provider),
                                "revoked: credential")
         elif kind == "agent" and ident == self.agent.id:
             self.credentials.drop_all()

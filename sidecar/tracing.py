@@ -1,8 +1,11 @@
-"""W3C Trace Context: keep the caller's trace id, start a new span for our hop."""
+"""W3C Trace Context: keep the caller's trace id, start a new span for our hop.
+
+Ids are random, not secret: a fast PRNG is enough (never all zeros, as the spec requires).
+"""
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from typing import Mapping
 
@@ -17,5 +20,5 @@ def traceparent_for(headers: Mapping[str, str]) -> tuple[str, str]:
     if m and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
         trace_id, flags = m.group(1), m.group(3)
     else:
-        trace_id, flags = os.urandom(16).hex(), "01"
-    return trace_id, f"00-{trace_id}-{os.urandom(8).hex()}-{flags}"
+        trace_id, flags = f"{random.getrandbits(128) | 1:032x}", "01"
+    return trace_id, f"00-{trace_id}-{random.getrandbits(64) | 1:016x}-{flags}"

@@ -61,9 +61,9 @@ class CredentialCache:
         entry = self._entries.get(key)
         if entry is not None and self._fresh(entry.credential):
             entry.used = True
-            self._metrics.credential_cache.labels(provider.name, "hit").inc()
+            self._metrics.count_cache(provider.name, "hit")
             return entry.credential, "static" if entry.credential.standing else "cache"
-        self._metrics.credential_cache.labels(provider.name, "miss").inc()
+        self._metrics.count_cache(provider.name, "miss")
         credential = await self._single_flight(key, provider, req)
         return credential, "static" if credential.standing else "minted"
 

@@ -66,6 +66,8 @@ class Metrics:
         """Pre-bind the children the hot path uses, and make zero series visible."""
         self._requests: dict[tuple[str, str, str], object] = {}
         self._durations: dict[tuple[str, str], object] = {}
+        self._decisions: dict[tuple[str, str, str], object] = {}  # bounded: rule ids are configured
+        self._cache: dict[tuple[str, str], object] = {}  # bounded: providers are configured
         for direction in ("inbound", "outbound"):
             for upstream in (*self.upstreams, UNKNOWN, "agent"):
                 self._durations[(direction, upstream)] = self.request_duration.labels(direction, upstream)
@@ -87,6 +89,20 @@ class Metrics:
         if hist is None:
             hist = self._durations[(direction, upstream)] = self.request_duration.labels(direction, upstream)
         hist.observe(seconds)  # type: ignore[attr-defined]
+
+    def count_decision(self, direction: str, decision: str, rule: str) -> None:
+        key = (direction, decision, rule)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.policy_decisions.labels(direction, decision, rule)
+        child.inc()  # type: ignore[attr-defined]
+
+    def count_cache(self, provider: str, result: str) -> None:
+        key = (provider, result)
+        child = self._cache.get(key)
+        if child is None:
+            child = self._cache[key] = self.credential_cache.labels(provider, result)
+        child.inc()  # type: ignore[attr-defined]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -433,3 +433,34 @@ async def _stored(redis: RedisServer, rid: str) -> bool:
         return value is not None and b'"deleted"' not in value
     finally:
         await client.aclose()
+
+
+async def test_agent_revocations_lift_by_their_plain_id_and_unknown_admin_routes_are_json(make_sidecar, upstream):
+    """DELETE /revocations/agent:spiffe://... works unencoded; unknown admin paths get a JSON 404."""
+    from tests.core.test_outbound import POLICY as OUT_POLICY, config_for
+    from tests.harness import admin as call_admin
+
+    h = await make_sidecar(config_for(upstream), OUT_POLICY)
+    agent_id = h.sidecar.runtime.agent.id
+    assert (await call_admin(h, "POST", "/revocations", json={"kind": "agent", "id": agent_id}))[0] == 201
+    status, body = await call_admin(h, "DELETE", f"/revocations/agent:{agent_id}")
+    assert status == 200, body
+    status, body = await call_admin(h, "GET", "/no/such/endpoint")
+    assert status == 404 and body["error"] == "not_found"
+
+
+async def test_a_credential_name_revokes_all_of_its_tokens(make_sidecar, upstream):
+    """kind credential with a configured credential name stops every use of it, fleet-wide by name."""
+    import aiohttp
+
+    from tests.core.test_outbound import POLICY as OUT_POLICY, config_for
+    from tests.harness import admin as call_admin
+
+    h = await make_sidecar(config_for(upstream), OUT_POLICY)
+    assert (await call_admin(h, "POST", "/revocations", json={"kind": "credential", "id": "legacy"}))[0] == 201
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/x") as r:
+            assert (r.status, (await r.json())["error"]) == (403, "revoked")
+    assert upstream.seen == []
+    event = (await h.settle())[-1]
+    assert event["credential"]["provider"] == "legacy"  # the refused credential is named in the event

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 LISTENERS = ("outbound", "health", "metrics", "admin")
 READY_POLL_S = 0.1
 READY_POLLS = 900  # bounded: 10 cold Python processes on 2 cores take a while
+MAX_RESTARTS = 3
 
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "billing-all", "direction": "outbound", "upstream": "billing", "paths": ["/v1/**"], "effect": "allow"},
@@ -215,22 +216,30 @@ class Fleet:
 
     def __init__(self, root: Path, redis_url: str, upstream_url: str, size: int) -> None:
         self.root = root
-        policy_file = root / "policy.yaml"
+        self.policy_file = root / "policy.yaml"
         root.mkdir(parents=True, exist_ok=True)
-        policy_file.write_text(yaml.safe_dump(POLICY))
+        self.policy_file.write_text(yaml.safe_dump(POLICY))
         self.members = [Member(i, root / f"m{i:02d}", redis_url, upstream_url) for i in range(size)]
         for member in self.members:
-            member.write_config(policy_file)
+            member.write_config(self.policy_file)
 
     def start(self) -> None:
         """Start every member at once, then wait (bounded) until each is ready."""
         for member in self.members:
             member.start()
         waiting = list(self.members)
+        restarts = 0
         for _ in range(READY_POLLS):
             for member in list(waiting):
                 if member.exited() is not None:
-                    raise RuntimeError(f"fleet: {member.name} exited with {member.exited()}:\n{member.log_tail()}")
+                    # a port picked free may have been taken meanwhile by another test: new ports, once or twice
+                    if restarts >= MAX_RESTARTS or "address already in use" not in member.log_tail().lower():
+                        raise RuntimeError(f"fleet: {member.name} exited with {member.exited()}:\n"
+                                           f"{member.log_tail()}")
+                    restarts += 1
+                    member.write_config(self.policy_file)
+                    member.start()
+                    continue
                 if member.ready():
                     waiting.remove(member)
             if not waiting:
