@@ -18,7 +18,7 @@ on the trust path except to turn it into a refusal.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from aiohttp import web
 from yarl import URL
@@ -66,20 +66,20 @@ def refuse_decision(decision: Decision) -> None:
                         rule_id=decision.rule_id, retry_after=decision.retry_after)
 
 
-async def apply_decision(rt: Runtime, ex: Exchange, decision: Decision) -> None:
-    """Record the decision; refuse, hold for approval, or let the request on."""
+def apply_decision(ex: Exchange, decision: Decision) -> bool:
+    """Record the decision and refuse, or let the request on; True: hold it for approval first."""
     ex.rule_id, ex.policy_version = decision.rule_id, decision.policy_version
     ex.audit = dict(decision.audit) if decision.audit else None
     if decision.detail:
         ex.reason_detail = decision.detail
-    if decision.effect == "require_approval":
-        await rt.approvals.hold(ex)
-        ex.allow("approved")
-    elif decision.effect != "allow":
-        refuse_decision(decision)
-    else:
-        ex.allow()
     ex.credential_scopes = decision.scopes
+    if decision.effect == "allow":
+        ex.allow()
+        return False
+    if decision.effect != "require_approval":
+        refuse_decision(decision)
+    ex.allow("approved")  # holds only if the approval succeeds: hold() raises otherwise
+    return True
 
 
 class Outbound:
@@ -94,7 +94,7 @@ class Outbound:
         ex = Exchange("outbound", method=request.method)
         self.rt.exchanges.track(ex)
         try:
-            return await self._exchange(request, ex)
+            return await self.forward_route(request, ex, self._route(request))
         except Refusal as refusal:
             ex.refuse(refusal)
             return error_response(refusal)
@@ -105,13 +105,13 @@ class Outbound:
             self.rt.exchanges.untrack(ex)
             self.rt.record(ex)
 
-    async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+    def _route(self, request: web.BaseRequest) -> Route:
+        """Limits, the trust boundary, then which upstream and which canonical path."""
         rt = self.rt
         limits = rt.config.outbound.limits
         check_header_limits(request, limits.max_headers, limits.max_header_bytes)
         rt.router.check_boundary(request.headers)
-        route = rt.router.route(request.raw_path, request.headers)
-        return await self.forward_route(request, ex, route)
+        return rt.router.route(request.raw_path, request.headers)
 
     async def forward_route(self, request: web.BaseRequest, ex: Exchange, route: Route) -> web.StreamResponse:
         """From a resolved route on: shared by the plain listener and CONNECT interception."""
@@ -123,7 +123,8 @@ class Outbound:
         body = await self._mcp(request, ex) if up.protocol == "mcp" else None
         ex.facts = self._facts(request, ex, route, body)
         decision = rt.decide(ex.facts)
-        await apply_decision(rt, ex, decision)
+        if apply_decision(ex, decision):
+            await rt.approvals.hold(ex)
         credential = await self._credential(ex, decision, up.credential)
         out = self._outbound_request(request, route, traceparent)
         if credential is not None:
@@ -157,7 +158,7 @@ class Outbound:
 
     def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None) -> Facts:
         rt = self.rt
-        headers = _header_tuples(request)
+        headers = LazyHeaders(request.headers)
         size = len(body) if body is not None else (request.content_length or 0)
         return Facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
                      host=route.upstream.host, path=route.path, query=route.query, headers=headers, size=size,
@@ -175,7 +176,8 @@ class Outbound:
         task = rt.tasks.get(ex.task_id).ref() if ex.task_id else None
         req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
                                 task=task, impersonation_allowed=decision.delegation == "impersonation_allowed")
-        credential, source = await rt.credentials.get(provider, req)
+        hit = rt.credentials.cached(provider, req)
+        credential, source = hit if hit is not None else await rt.credentials.get(provider, req)
         ex.credential, ex.credential_source = credential, source  # logged even when refused below
         rt.revocations.check_credential(credential)
         if credential.delegation:
@@ -253,10 +255,11 @@ class Inbound:
         rt.revocations.check_subject(ex.principal)
         decision = rt.decide(Facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
-            query=query, headers=_header_tuples(request), size=request.content_length or 0, upstream=None,
+            query=query, headers=LazyHeaders(request.headers), size=request.content_length or 0, upstream=None,
             agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
             caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation))
-        await apply_decision(rt, ex, decision)
+        if apply_decision(ex, decision):
+            await rt.approvals.hold(ex)
         headers = rt.agent_headers(request, peer, traceparent)
         if token is not None and token.actor_type == "human":
             task = rt.open_task_for(token, request)
@@ -281,9 +284,31 @@ def _opened(ex: Exchange, status: int) -> None:
     ex.status = ex.upstream_status = status
 
 
-def _header_tuples(request: web.BaseRequest) -> dict[str, tuple[str, ...]]:
-    headers: dict[str, tuple[str, ...]] = {}
-    for name, value in request.headers.items():
-        key = name.lower()
-        headers[key] = (*headers.get(key, ()), value)
-    return headers
+class LazyHeaders(Mapping[str, tuple[str, ...]]):
+    """Lowercase header name -> all its values, built only if a rule or condition looks."""
+
+    __slots__ = ("_raw", "_built")
+
+    def __init__(self, raw: Mapping[str, str]) -> None:
+        self._raw = raw
+        self._built: dict[str, tuple[str, ...]] | None = None
+
+    def _dict(self) -> dict[str, tuple[str, ...]]:
+        if self._built is None:
+            built: dict[str, tuple[str, ...]] = {}
+            for name, value in self._raw.items():
+                key = name.lower()
+                built[key] = (*built.get(key, ()), value)
+            self._built = built
+        return self._built
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return self._dict()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+

@@ -55,6 +55,15 @@ class CredentialCache:
         self._inflight: dict[tuple[str, Hashable], asyncio.Future[Credential]] = {}
 
     # -- the request path ----------------------------------------------------------
+    def cached(self, provider: CredentialProvider, req: CredentialRequest) -> tuple[Credential, str] | None:
+        """A fresh cached credential without awaiting anything (the common case), or None."""
+        entry = self._entries.get((provider.name, provider.cache_key(req)))
+        if entry is None or not self._fresh(entry.credential):
+            return None
+        entry.used = True
+        self._metrics.count_cache(provider.name, "hit")
+        return entry.credential, "static" if entry.credential.standing else "cache"
+
     async def get(self, provider: CredentialProvider, req: CredentialRequest) -> tuple[Credential, str]:
         """A valid credential and where it came from: ``cache``, ``minted`` or ``static``."""
         key = (provider.name, provider.cache_key(req))

@@ -8,9 +8,12 @@ Label values are bounded sets: ``upstream`` is a configured upstream name or ``_
 
 from __future__ import annotations
 
-from typing import Iterable
+from bisect import bisect_left
+from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 UNKNOWN = "_unknown"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -22,16 +25,12 @@ class Metrics:
     def __init__(self, upstreams: Iterable[str] = ()) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.upstreams = frozenset(upstreams)
-        self.requests = Counter("sidecar_requests", "Exchanges handled, by direction, decision and upstream.",
-                                ["direction", "decision", "upstream"], registry=r)
-        self.request_duration = Histogram("sidecar_request_duration_seconds", "Exchange duration.",
-                                          ["direction", "upstream"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.policy_decisions = Counter("sidecar_policy_decisions", "Policy decisions, by rule.",
-                                        ["direction", "decision", "rule"], registry=r)
+        # The per-request families are lock-free children rendered at scrape time (HotPath below):
+        # prometheus_client's own children cost several µs per request in locks and checks.
+        self.hot = HotPath()
+        r.register(self.hot)
         self.credentials_issued = Counter("sidecar_credentials_issued", "Credentials minted or fetched.",
                                           ["provider", "type", "outcome"], registry=r)
-        self.credential_cache = Counter("sidecar_credential_cache", "Credential cache lookups.",
-                                        ["provider", "result"], registry=r)
         self.credential_fetch_duration = Histogram("sidecar_credential_fetch_duration_seconds",
                                                    "Time to mint or fetch a credential.", ["provider"],
                                                    buckets=_LATENCY_BUCKETS, registry=r)
@@ -63,14 +62,10 @@ class Metrics:
         self._bind()
 
     def _bind(self) -> None:
-        """Pre-bind the children the hot path uses, and make zero series visible."""
-        self._requests: dict[tuple[str, str, str], object] = {}
-        self._durations: dict[tuple[str, str], object] = {}
-        self._decisions: dict[tuple[str, str, str], object] = {}  # bounded: rule ids are configured
-        self._cache: dict[tuple[str, str], object] = {}  # bounded: providers are configured
+        """Make the zero series visible from the start."""
         for direction in ("inbound", "outbound"):
             for upstream in (*self.upstreams, UNKNOWN, "agent"):
-                self._durations[(direction, upstream)] = self.request_duration.labels(direction, upstream)
+                self.hot.duration(direction, upstream)
         for outcome in ("ok", "error"):
             self.policy_reloads.labels(outcome)
             self.identity_reloads.labels(outcome)
@@ -80,29 +75,77 @@ class Metrics:
         return name if name in self.upstreams else UNKNOWN
 
     def observe_request(self, direction: str, decision: str, upstream: str, seconds: float) -> None:
-        key = (direction, decision, upstream)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(direction, decision, upstream)
-        child.inc()  # type: ignore[attr-defined]
-        hist = self._durations.get((direction, upstream))
-        if hist is None:
-            hist = self._durations[(direction, upstream)] = self.request_duration.labels(direction, upstream)
-        hist.observe(seconds)  # type: ignore[attr-defined]
+        self.hot.count(REQUESTS, (direction, decision, upstream))
+        self.hot.duration(direction, upstream).observe(seconds)
 
     def count_decision(self, direction: str, decision: str, rule: str) -> None:
-        key = (direction, decision, rule)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = self.policy_decisions.labels(direction, decision, rule)
-        child.inc()  # type: ignore[attr-defined]
+        self.hot.count(DECISIONS, (direction, decision, rule))
 
     def count_cache(self, provider: str, result: str) -> None:
-        key = (provider, result)
-        child = self._cache.get(key)
-        if child is None:
-            child = self._cache[key] = self.credential_cache.labels(provider, result)
-        child.inc()  # type: ignore[attr-defined]
+        self.hot.count(CACHE, (provider, result))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# -- the hot path: plain counters on the event loop, rendered when scraped ----------------------
+
+REQUESTS = ("sidecar_requests", "Exchanges handled, by direction, decision and upstream.",
+            ("direction", "decision", "upstream"))
+DECISIONS = ("sidecar_policy_decisions", "Policy decisions, by rule.", ("direction", "decision", "rule"))
+CACHE = ("sidecar_credential_cache", "Credential cache lookups.", ("provider", "result"))
+DURATION = ("sidecar_request_duration_seconds", "Exchange duration.", ("direction", "upstream"))
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+
+class HotPath:
+    """Counters and a histogram updated without locks (one event loop) and rendered at scrape time.
+
+    Label sets stay bounded: upstreams, rules and providers are configured names.
+    """
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str, tuple[str, ...]], dict[tuple[str, ...], float]] = {
+            family: {} for family in (REQUESTS, DECISIONS, CACHE)}
+        self._durations: dict[tuple[str, str], _Histogram] = {}
+
+    def count(self, family: tuple[str, str, tuple[str, ...]], labels: tuple[str, ...]) -> None:
+        children = self._counters[family]
+        children[labels] = children.get(labels, 0.0) + 1.0
+
+    def duration(self, direction: str, upstream: str) -> _Histogram:
+        key = (direction, upstream)
+        hist = self._durations.get(key)
+        if hist is None:
+            hist = self._durations[key] = _Histogram()
+        return hist
+
+    def collect(self) -> Iterator[Metric]:
+        for (name, text, labels), children in self._counters.items():
+            family = CounterMetricFamily(name, text, labels=labels)
+            for values, count in children.items():
+                family.add_metric(values, count)
+            yield family
+        name, text, labels = DURATION
+        hist_family = HistogramMetricFamily(name, text, labels=labels)
+        for values, hist in self._durations.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), hist.counts):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            hist_family.add_metric(values, buckets, hist.sum)
+        yield hist_family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
