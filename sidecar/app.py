@@ -28,6 +28,7 @@ from sidecar.errors import ConfigInvalid
 from sidecar.fields import ListenAddress
 from sidecar.exchange import AgentInfo
 from sidecar.identity.source import IdentitySource
+from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR
 from sidecar.observe.metrics import Metrics
 from sidecar.pipeline import Inbound, Outbound
@@ -299,6 +300,7 @@ class Sidecar:
             await provider.aclose()
         await self.runtime.sessions.aclose()
         self.runtime.tasks.close()
+        decision_log.WRITER.flush()  # the last events reach stdout before the process exits
 
 
 async def _close(obj: Any) -> None:

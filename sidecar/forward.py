@@ -48,11 +48,13 @@ def request_drop_set(strip: Iterable[str] = ()) -> frozenset[str]:
 
 
 DEFAULT_DROP = request_drop_set()
+RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 
 def clean_request_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] = DEFAULT_DROP) -> CIMultiDict[str]:
     """A copy without the ``drop`` set and any header named in ``Connection``."""
-    if "Connection" in headers:
+    connection = headers.get("Connection")
+    if connection is not None and connection.lower() not in ("keep-alive", "close"):
         listed = connection_listed(headers) - {"keep-alive", "close"}
         if listed:
             drop = drop | listed
@@ -60,8 +62,9 @@ def clean_request_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] =
 
 
 def clean_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | {"content-length"}
-    if "Connection" in headers:
+    drop = RESPONSE_DROP
+    connection = headers.get("Connection")
+    if connection is not None and connection.lower() not in ("keep-alive", "close"):
         drop = drop | connection_listed(headers)
     out = CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
     if "Content-Length" in headers and "Transfer-Encoding" not in headers:

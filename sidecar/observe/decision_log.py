@@ -83,12 +83,20 @@ class _Clock:
 CLOCK = _Clock()
 
 
+FLUSH_AFTER = 0.02  # seconds: at most this much of the log waits in memory
+FLUSH_BYTES = 64 * 1024
+
+
 class BufferedLineWriter:
-    """Lines into a buffer, flushed once per event-loop iteration (or at once outside a loop)."""
+    """Lines into a buffer, flushed every FLUSH_AFTER seconds or FLUSH_BYTES (at once outside a loop).
+
+    One write and flush per batch instead of per line; ``flush()`` is also called on shutdown.
+    """
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
         self._stream = stream
         self._lines: list[bytes] = []
+        self._size = 0
         self._scheduled = False
 
     @property
@@ -97,16 +105,21 @@ class BufferedLineWriter:
 
     def write(self, line: bytes) -> None:
         self._lines.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+            return
         if self._scheduled:
             return
         try:
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
             self._scheduled = True
         except RuntimeError:
             self.flush()
 
     def flush(self) -> None:
         self._scheduled = False
+        self._size = 0
         lines, self._lines = self._lines, []
         if lines:
             stream = self.stream
