@@ -24,7 +24,7 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable
 
 import structlog
 from aiohttp import web
@@ -33,8 +33,8 @@ from aiohttp.web_protocol import RequestHandler
 from sidecar.errors import Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
-from sidecar.identity.mtls import hand_over, Holding
-from sidecar.pipeline import check_header_limits
+from sidecar.identity.mtls import Holding, hand_over
+from sidecar.pipeline import check_header_limits, serve_exchange
 from sidecar.policy.paths import normalize_host
 from sidecar.server import SidecarServer, error_response
 
@@ -235,15 +235,9 @@ class Interceptor:
             ended.set_result(None)
 
     # -- requests inside the tunnel ---------------------------------------------------------
-    async def handle_decrypted(self, request: web.BaseRequest) -> web.StreamResponse:
+    def handle_decrypted(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         ex = Exchange("outbound", protocol="connect", method=request.method)
-        try:
-            return await self.rt.exchanges.run(ex, self._exchange(request, ex))
-        except Refusal as refusal:
-            ex.refuse(refusal)
-            return error_response(refusal)
-        finally:
-            self.rt.record(ex)
+        return serve_exchange(self.rt, ex, lambda: self._exchange(request, ex))
 
     async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
         rt = self.rt

@@ -18,7 +18,7 @@ on the trust path except to turn it into a refusal.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Mapping
 
 from aiohttp import web
 from yarl import URL
@@ -66,6 +66,25 @@ def refuse_decision(decision: Decision) -> None:
                         rule_id=decision.rule_id, retry_after=decision.retry_after)
 
 
+async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[web.StreamResponse]], *,
+                         on_end: Callable[[Exchange], None] | None = None) -> web.StreamResponse:
+    """The envelope of every exchange: cuttable while it runs, refusals answered, recorded once."""
+    rt.exchanges.track(ex)
+    try:
+        return await run()
+    except Refusal as refusal:
+        ex.refuse(refusal)
+        return error_response(refusal)
+    except asyncio.CancelledError:
+        mark_cut(ex)
+        raise
+    finally:
+        rt.exchanges.untrack(ex)
+        if on_end is not None:
+            on_end(ex)
+        rt.record(ex)
+
+
 def apply_decision(ex: Exchange, decision: Decision) -> bool:
     """Record the decision and refuse, or let the request on; True: hold it for approval first."""
     ex.rule_id, ex.policy_version = decision.rule_id, decision.policy_version
@@ -88,22 +107,11 @@ class Outbound:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         if request.method == "CONNECT":
-            return await self.rt.interceptor.handle(request, self)
+            return self.rt.interceptor.handle(request, self)
         ex = Exchange("outbound", method=request.method)
-        self.rt.exchanges.track(ex)
-        try:
-            return await self.forward_route(request, ex, self._route(request))
-        except Refusal as refusal:
-            ex.refuse(refusal)
-            return error_response(refusal)
-        except asyncio.CancelledError:
-            mark_cut(ex)
-            raise
-        finally:
-            self.rt.exchanges.untrack(ex)
-            self.rt.record(ex)
+        return serve_exchange(self.rt, ex, lambda: self.forward_route(request, ex, self._route(request)))
 
     def _route(self, request: web.BaseRequest) -> Route:
         """Limits, the trust boundary, then which upstream and which canonical path."""
@@ -224,16 +232,9 @@ class Inbound:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         ex = Exchange("inbound", method=request.method)
-        try:
-            return await self.rt.exchanges.run(ex, self._exchange(request, ex))
-        except Refusal as refusal:
-            ex.refuse(refusal)
-            return error_response(refusal)
-        finally:
-            self.rt.end_inbound_task(ex)
-            self.rt.record(ex)
+        return serve_exchange(self.rt, ex, lambda: self._exchange(request, ex), on_end=self.rt.end_inbound_task)
 
     async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
         rt = self.rt

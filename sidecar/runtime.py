@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Callable
 
 import aiohttp
 import structlog
@@ -37,7 +37,6 @@ from sidecar.tasks import Task, TaskRegistry
 
 log = structlog.get_logger("sidecar.runtime")
 INBOUND_DROP = request_drop_set({"authorization"})  # the human's verified token never reaches the agent
-T = TypeVar("T")
 
 
 def mark_cut(ex: Exchange) -> None:
@@ -59,17 +58,6 @@ class ActiveExchanges:
 
     def untrack(self, ex: Exchange) -> None:
         self._active.pop(id(ex), None)
-
-    async def run(self, ex: Exchange, coro: Awaitable[T]) -> T:
-        """Run one exchange's coroutine as cuttable; a cancellation is recorded as a cut."""
-        self.track(ex)
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            mark_cut(ex)
-            raise
-        finally:
-            self.untrack(ex)
 
     def cut(self, predicate: Callable[[Exchange], bool], why: str) -> int:
         victims = [(ex, task) for ex, task in self._active.values() if predicate(ex)]
