@@ -34,7 +34,7 @@ from sidecar.errors import Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
 from sidecar.identity.mtls import Holding, hand_over
-from sidecar.pipeline import check_header_limits, serve_exchange
+from sidecar.pipeline import check_headers, serve_exchange
 from sidecar.policy.paths import normalize_host
 from sidecar.server import SidecarServer, error_response
 
@@ -153,7 +153,7 @@ class Interceptor:
         """Every check before the tunnel opens; raises the refusal that keeps it shut."""
         rt = self.rt
         limits = rt.config.outbound.limits
-        check_header_limits(request, limits.max_headers, limits.max_header_bytes)
+        check_headers(request, limits.max_headers, limits.max_header_bytes)
         host, port = parse_authority(request.raw_path)
         ex.host = host
         rt.router.check_boundary(request.headers)
@@ -246,7 +246,7 @@ class Interceptor:
             raise Refusal("internal_error", "connect: request on a connection that is not a tunnel")
         ex.host = tunnel.host
         limits = rt.config.outbound.limits
-        check_header_limits(request, limits.max_headers, limits.max_header_bytes)
+        check_headers(request, limits.max_headers, limits.max_header_bytes)
         rt.router.check_boundary(request.headers)
         raw_path, query = origin_form(request.raw_path)
         check_host(request, tunnel)

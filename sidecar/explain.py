@@ -20,7 +20,7 @@ from sidecar.config import Config, config_path, load_config
 from sidecar.errors import ConfigInvalid, Refusal
 from sidecar.policy.engine import Decision, Facts, PolicySet
 from sidecar.policy.mcp import parse_mcp_request
-from sidecar.policy.paths import canonical_path
+from sidecar.policy.paths import canonical_path, check_header_names
 from sidecar.routing import Route, Router
 
 EXIT = {"allow": 0, "deny": 3, "require_approval": 4}
@@ -58,6 +58,7 @@ def _route(config: Config, url: str, headers: CIMultiDict[str]) -> Route:
     else:
         headers.setdefault("Host", url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0])
     proxy = CIMultiDictProxy(headers)
+    check_header_names(proxy.keys())
     router.check_boundary(proxy)
     return router.route(url, proxy)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -214,13 +214,19 @@ class ClientGone(Exception):
 ChunkFilter = Callable[[bytes, bool], bytes]  # (chunk, final) -> bytes to send
 
 
-async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, transform: ChunkFilter | None,
-                on_prepared: Callable[[int], None]) -> web.StreamResponse:
-    """Stream the upstream's response to the client as it arrives (SSE-safe)."""
+def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, transform: ChunkFilter | None,
+          on_prepared: Callable[[int], None]) -> Awaitable[web.StreamResponse]:
+    """The upstream's response to the client: short ones in one write, the rest streamed as they arrive."""
     headers = clean_response_headers(upstream.headers)
     headers.add("Via", VIA)
     if transform is None and _small(request, upstream):
-        return await _relay_whole(request, upstream, headers, on_prepared)
+        return _relay_whole(request, upstream, headers, on_prepared)
+    return _relay_stream(request, upstream, headers, transform, on_prepared)
+
+
+async def _relay_stream(request: web.BaseRequest, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                        transform: ChunkFilter | None, on_prepared: Callable[[int], None]) -> web.StreamResponse:
+    """Stream as the upstream sends (SSE-safe), through the transform when there is one."""
     if transform is not None:
         headers.popall("Content-Length", None)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)

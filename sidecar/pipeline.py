@@ -32,7 +32,7 @@ from sidecar.forward import (
 )
 from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import parse_mcp_request
-from sidecar.policy.paths import canonical_path, normalize_host
+from sidecar.policy.paths import canonical_path, check_header_names, normalize_host
 from sidecar.server import error_response
 from sidecar.tasks import TASK_HEADER
 from sidecar.runtime import mark_cut
@@ -50,11 +50,16 @@ DENY_MESSAGES = {
 }
 
 
-def check_header_limits(request: web.BaseRequest, max_headers: int, max_bytes: int) -> None:
+def check_headers(request: web.BaseRequest, max_headers: int, max_bytes: int) -> None:
+    """One pass over the raw headers: the configured limits, and no '_' in a name (either direction)."""
     raw = request.raw_headers
     if len(raw) > max_headers:
         raise RequestRefused("headers_too_large", f"request: more than {max_headers} headers")
-    size = sum(len(k) + len(v) + 4 for k, v in raw)
+    size = 0
+    for name, value in raw:
+        size += len(name) + len(value) + 4
+        if b"_" in name:
+            check_header_names((name.decode("latin-1"),))
     if size > max_bytes:
         raise RequestRefused("headers_too_large", f"request: headers exceed {max_bytes} bytes")
 
@@ -117,7 +122,7 @@ class Outbound:
         """Limits, the trust boundary, then which upstream and which canonical path."""
         rt = self.rt
         limits = rt.config.outbound.limits
-        check_header_limits(request, limits.max_headers, limits.max_header_bytes)
+        check_headers(request, limits.max_headers, limits.max_header_bytes)
         rt.router.check_boundary(request.headers)
         return rt.router.route(request.raw_path, request.headers)
 
@@ -240,7 +245,7 @@ class Inbound:
         rt = self.rt
         inbound = rt.config.inbound
         assert inbound is not None
-        check_header_limits(request, inbound.limits.max_headers, inbound.limits.max_header_bytes)
+        check_headers(request, inbound.limits.max_headers, inbound.limits.max_header_bytes)
         peer = rt.peer_of(request)
         ex.caller_id = peer.spiffe_id
         ex.trace_id, traceparent = traceparent_for(request.headers)

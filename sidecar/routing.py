@@ -25,7 +25,7 @@ from sidecar.config import Upstream
 from sidecar.errors import RequestRefused
 from sidecar.fields import ListenAddress
 from sidecar.policy.paths import (
-    canonical_path, check_header_names, check_query, join_base, normalize_host, split_route_prefix, strip_base,
+    canonical_path, check_query, join_base, normalize_host, split_route_prefix, strip_base,
 )
 
 
@@ -52,11 +52,10 @@ class Router:
         self._own_hosts = _own_authorities(listen)
 
     def check_boundary(self, headers: CIMultiDictProxy[str]) -> None:
-        """The trust-boundary checks that apply to every outbound request."""
+        """The trust-boundary checks that apply to every outbound request (header names: check_headers)."""
         if "Origin" in headers or "Sec-Fetch-Site" in headers:
             raise RequestRefused("browser_origin", "outbound: requests carrying Origin or Sec-Fetch-Site look "
                                                    "browser-made and are refused on the agent's listener")
-        check_header_names(headers.keys())
         if len(headers.getall("Host", ())) > 1:
             raise RequestRefused("bad_request", "outbound: more than one Host header")
 
