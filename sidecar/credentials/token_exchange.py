@@ -90,8 +90,10 @@ class TokenExchangeProvider:
         self.endpoint = TokenEndpoint(name, spec.endpoint, deps)
 
     def cache_key(self, req: CredentialRequest) -> Hashable:
+        """Per task, scopes and certificate; and whether this request may impersonate, so that a
+        request whose rule does not allow it never reaches an impersonation token from the cache."""
         task_id = req.task.id if req.task is not None else None
-        return task_id, req.scopes or self.spec.scopes, self.endpoint.cert_thumbprint()
+        return task_id, req.scopes or self.spec.scopes, self.endpoint.cert_thumbprint(), req.impersonation_allowed
 
     async def fetch(self, req: CredentialRequest) -> Credential:
         task = _verified_task(req)

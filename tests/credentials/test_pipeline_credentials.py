@@ -133,3 +133,37 @@ async def test_an_idp_outage_with_nothing_cached_is_credential_unavailable(make_
     assert_valid(events)
     assert oidc_provider.secret("svc-basic").encode() not in h.raw_log()
     assert json.dumps(events).count("Bearer") == 0
+
+
+async def test_impersonation_only_where_a_rule_allows_it(make_sidecar, upstream, oidc_provider, tmp_path):
+    """With impersonate: true and a rule saying impersonation_allowed, the token names only alice; counted apart."""
+    agent = await Upstream().start()
+    config = base_config(oidc_provider, upstream, tmp_path)
+    config["tasks"] = {"end": "ttl"}
+    config["inbound"]["forward_to"] = agent.url
+    config["credentials"]["on-behalf"]["impersonate"] = True
+    policy = {**POLICY, "rules": [
+        {"id": "crm-as-the-user", "direction": "outbound", "upstream": "crm", "paths": ["/as-user/**"],
+         "when": {"delegation": "impersonation_allowed"}, "effect": "allow"},
+        {"id": "crm-delegated-only", "direction": "outbound", "upstream": "crm", "paths": ["/delegated/**"],
+         "when": {"delegation": "required"}, "effect": "allow"},
+        {"id": "callers", "direction": "inbound", "effect": "allow"}]}
+    h = await make_sidecar(config, policy)
+    try:
+        task_id = await inbound_task(h, oidc_provider, agent, tmp_path)
+    finally:
+        await agent.stop()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/crm/as-user/contacts", headers={"X-Sidecar-Task": task_id}) as r:
+            assert r.status == 200
+        async with s.get(f"{h.outbound}/crm/delegated/contacts", headers={"X-Sidecar-Task": task_id}) as r:
+            # this rule does not allow impersonation, and the credential only impersonates: refused
+            assert (r.status, (await r.json())["error"]) == (503, "credential_unavailable")
+    claims = claims_of(upstream.seen[-1].header("Authorization").removeprefix("Bearer "))
+    assert claims["sub"] == "alice@example.com" and "act" not in claims
+    events = await h.settle()
+    assert_valid(events)
+    impersonated = next(e for e in events if e["target"] and e["target"]["path"] == "/as-user/contacts")
+    assert impersonated["delegation"] == "impersonated"
+    metrics = h.sidecar.metrics.exposition().decode()
+    assert 'sidecar_delegated_requests_total{delegation="impersonated"} 1.0' in metrics

@@ -108,3 +108,42 @@ async def test_secrets_appear_in_no_log_line_or_metric(make_sidecar, upstream):
     for canary in canaries:
         assert canary.encode() not in exposed, canary
     assert upstream.seen[0].header("X-API-Key") == SECRET  # it did reach the upstream, where it belongs
+
+
+POLICY_KINDS = {"version": 1, "default": "deny", "rules": [
+    {"id": "shadow-deny-v1", "direction": "outbound", "upstream": "billing", "paths": ["/v1/**"], "effect": "deny",
+     "mode": "audit"},
+    {"id": "v1", "direction": "outbound", "upstream": "billing", "paths": ["/v1/**"], "effect": "allow"},
+    {"id": "limited", "direction": "outbound", "upstream": "billing", "paths": ["/limited"], "effect": "allow",
+     "rate_limit": {"requests": 1, "per": "1m"}},
+    {"id": "needs-a-task", "direction": "outbound", "upstream": "billing", "paths": ["/conditional"],
+     "when": {"expr": 'task.trigger == "support"'}, "effect": "allow"},
+    {"id": "ask-a-human", "direction": "outbound", "upstream": "billing", "paths": ["/approve"],
+     "effect": "require_approval"},
+]}
+
+
+async def test_audit_rate_limit_condition_error_and_approval_events_match_the_schema(make_sidecar, upstream):
+    """Shadow rules, 429s with Retry-After, condition errors and approval timeouts are each one valid event."""
+    config = config_for(upstream)
+    config["policy"] = {"approval_timeout": "200ms"}
+    h = await make_sidecar(config, POLICY_KINDS)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/x") as r:
+            assert r.status == 200
+        for expected in (200, 429):
+            async with s.get(f"{h.outbound}/billing/limited") as r:
+                assert r.status == expected
+        assert int(r.headers["Retry-After"]) >= 1
+        async with s.get(f"{h.outbound}/billing/conditional") as r:  # task is null: the condition cannot be evaluated
+            assert (r.status, (await r.json())["error"]) == (403, "condition_error")
+        async with s.get(f"{h.outbound}/billing/approve") as r:
+            assert (r.status, (await r.json())["error"]) == (403, "approval_timeout")
+    events = await h.settle()
+    assert_valid(events)
+    by_reason = {e["reason"]: e for e in events}
+    assert events[0]["audit"] == {"decision": "deny", "rule_id": "shadow-deny-v1", "reason": "rule_denied"}
+    assert events[0]["decision"] == "allow"
+    assert by_reason["rate_limited"]["status"] == 429 and by_reason["rate_limited"]["rule_id"] == "limited"
+    assert by_reason["condition_error"]["rule_id"] == "needs-a-task"
+    assert by_reason["approval_timeout"]["decision"] == "approval_required"
