@@ -12,6 +12,7 @@ texts someone passed in).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import re
 import sys
@@ -162,6 +163,7 @@ def configure_logging(level: str = "info", stream: IO[bytes] | None = None) -> N
     """Configure structlog: JSON lines, redacted, buffered, on stdout (or ``stream``)."""
     global WRITER
     WRITER = BufferedLineWriter(stream)
+    atexit.register(WRITER.flush)  # the last lines (sidecar_stopped) reach stdout
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
