@@ -124,3 +124,89 @@ async def test_f2_inbound_forwards_the_path_policy_matched(make_sidecar, tmp_pat
         assert agent.seen[-1].path == "/tasks/x", f"agent received {agent.seen[-1].path!r}, resolved {resolved}"
     finally:
         await agent.stop()
+
+
+# -- F3: request.size is 0 for a chunked body ------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="F3")
+async def test_f3_a_chunked_body_cannot_evade_a_request_size_condition(make_sidecar, upstream):
+    """A rule limited by request.size must not let a chunked (length-less) body of any size through."""
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "small-posts", "direction": "outbound", "upstream": "billing", "methods": ["POST"],
+         "paths": ["/v1/**"], "when": {"expr": "request.size < 100"}, "effect": "allow"},
+    ]}
+    h = await make_sidecar(out_config(upstream), policy)
+    big = b"x" * 5000
+
+    async def chunks():
+        yield big
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{h.outbound}/billing/v1/upload", data=b"y" * 5000) as r:
+            assert r.status == 403  # the declared length is checked
+        async with s.post(f"{h.outbound}/billing/v1/upload", data=chunks()) as r:
+            status = r.status
+    delivered = [len(seen.body) for seen in upstream.seen]
+    assert status == 403 and delivered == [], f"status {status}; upstream received bodies of {delivered} bytes"
+
+
+# -- F4: a task-bound credential fetched while its task ends outlives the task ---------------
+
+class _SlowTaskBoundProvider:
+    """A task-bound provider whose fetch waits for the test, recording what it was given."""
+
+    type = "oauth2_token_exchange"
+    needs_body = False
+    standing = False
+    task_bound = True
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.name = "on-behalf"
+        self.release = asyncio.Event()
+        self.fetched_with: list[str | None] = []
+
+    def cache_key(self, req):
+        return req.task.id if req.task else None, req.scopes
+
+    async def fetch(self, req):
+        import time
+
+        from sidecar.credentials.base import Credential
+
+        await self.release.wait()
+        self.fetched_with.append(req.task.subject_token.reveal() if req.task and req.task.subject_token else None)
+        now = time.time()
+        return Credential(type=self.type, provider=self.name, id=f"jti-{len(self.fetched_with)}",
+                          expires_at=now + 600, issued_at=now)
+
+    def apply(self, out, credential) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.xfail(strict=True, reason="F4")
+async def test_f4_a_credential_fetched_for_a_task_that_ended_meanwhile_is_not_kept():
+    """A task-bound credential whose fetch completes after its task ended must not stay cached under that task."""
+    import asyncio
+
+    from sidecar.credentials.base import CredentialRequest, TaskRef
+    from sidecar.credentials.cache import CredentialCache
+    from sidecar.fields import Secret
+    from sidecar.observe.metrics import Metrics
+
+    cache = CredentialCache(Metrics())
+    provider = _SlowTaskBoundProvider()
+    task = TaskRef("t1", "https://idp", "alice", Secret("human-token-alice", "bearer"), "delegated")
+    req = CredentialRequest(upstream="crm", scopes=("crm.read",), agent_id="spiffe://x/agent", task=task)
+    pending = asyncio.ensure_future(cache.get(provider, req))
+    await asyncio.sleep(0)
+    cache.drop_task("t1")  # the task ends (response done, TTL, revoked) while the exchange is in flight
+    provider.release.set()
+    await pending
+    held = [(c.id, r.task.id) for c, r in cache.held() if r.task is not None]
+    await cache.aclose()
+    assert held == [], f"credential kept (and refreshed with the human's token) after its task ended: {held}"
