@@ -210,3 +210,72 @@ async def test_f4_a_credential_fetched_for_a_task_that_ended_meanwhile_is_not_ke
     held = [(c.id, r.task.id) for c, r in cache.held() if r.task is not None]
     await cache.aclose()
     assert held == [], f"credential kept (and refreshed with the human's token) after its task ended: {held}"
+
+
+# -- defences that held ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", [
+    # CL.TE smuggling: both framings on one request
+    b"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n",
+    # two Content-Length headers that disagree
+    b"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\nContent-Length: 40\r\n",
+    # a lowercase method would dodge an uppercase methods: [...] rule and be re-uppercased by the client
+    b"delete /billing/v1/admin/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n",
+])
+async def test_ambiguous_framing_and_methods_are_refused_before_anything_is_forwarded(make_sidecar, upstream, head):
+    """Requests whose framing or method two parsers could read differently are refused with 400."""
+    h = await make_sidecar(out_config(upstream), OUT_POLICY)
+    port = h.port("outbound")
+    smuggled = b"ab" + b"GET /api/v1/admin/users HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+    response = await raw_http(port, (head % port) + b"Connection: close\r\n\r\n" + body)
+    assert response.startswith(b"HTTP/1.0 400") or response.startswith(b"HTTP/1.1 400")
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("target, host, reason", [
+    ("http://billing.internal@127.0.0.1/api/v1/x", "billing.internal@127.0.0.1", "bad_request"),  # userinfo
+    ("http://billing.internal/api/v1/x", "evil.example", "host_mismatch"),  # Host disagrees with authority
+    ("http://billing.internal/other/v1/x", "billing.internal", "unknown_upstream"),  # outside the base path
+    ("http://billing.internal/api/../other", "billing.internal", "unknown_upstream"),  # dot segments out of it
+    ("http://billing.internal/api/v1/%61dmin/users", "billing.internal", "rule_denied"),  # encoded unreserved
+    ("http://billing.internal/api/v1/x//..//admin/users", "billing.internal", "rule_denied"),
+])
+async def test_forward_proxy_tricks_are_refused(make_sidecar, upstream, target, host, reason):
+    """Absolute-URI tricks (userinfo, Host mismatch, base-path escape, encodings) never reach the upstream."""
+    h = await make_sidecar(out_config(upstream), OUT_POLICY)
+    port = h.port("outbound")
+    request = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target.encode(), host.encode())
+    response = await raw_http(port, request)
+    assert f'"error":"{reason}"'.encode() in response.replace(b'": "', b'":"')
+    assert upstream.seen == []
+
+
+async def test_agent_credentials_and_task_header_never_reach_the_upstream(make_sidecar, upstream):
+    """Authorization, Cookie, Proxy-Authorization and X-Sidecar-Task from the agent are stripped or refused."""
+    h = await make_sidecar(out_config(upstream), OUT_POLICY)
+    headers = {"Authorization": "Bearer agent-own", "Cookie": "s=1", "Proxy-Authorization": "Basic eDp5",
+               "X-API-Key": "agent-chosen-key"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/x", headers=headers) as r:
+            assert r.status == 200
+        async with s.get(f"{h.outbound}/billing/v1/x", headers={"X-Sidecar-Task": "forged"}) as r:
+            assert r.status == 403 and (await r.json())["error"] == "unknown_task"
+    assert len(upstream.seen) == 1
+    seen = upstream.seen[0]
+    for name in ("Authorization", "Cookie", "Proxy-Authorization", "X-Sidecar-Task"):
+        assert not seen.has_header(name), name
+    assert [v for k, v in seen.headers if k.lower() == "x-api-key"] == [SECRET]
+
+
+async def test_the_static_secret_reaches_no_log_line_or_error_body(make_sidecar, upstream):
+    """The configured secret value never appears in the sidecar's output, even when a request echoes it."""
+    h = await make_sidecar(out_config(upstream), OUT_POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/{SECRET}") as r:
+            assert r.status == 200
+        async with s.get(f"{h.outbound}/billing/v1/admin/x", headers={"X-Echo": SECRET}) as r:
+            body = await r.text()
+    assert SECRET not in body
+    await h.settle()
+    assert SECRET.encode() not in h.raw_log()
