@@ -268,14 +268,16 @@ async def test_agent_credentials_and_task_header_never_reach_the_upstream(make_s
     assert [v for k, v in seen.headers if k.lower() == "x-api-key"] == [SECRET]
 
 
-async def test_the_static_secret_reaches_no_log_line_or_error_body(make_sidecar, upstream):
-    """The configured secret value never appears in the sidecar's output, even when a request echoes it."""
+@pytest.mark.xfail(strict=True, reason="F5")
+async def test_f5_credential_shaped_text_in_a_request_is_redacted_in_the_trust_decision_event(make_sidecar, upstream):
+    """A JWT (or a configured secret) in the request path is masked in the trust-decision event as in every other log line."""
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
     h = await make_sidecar(out_config(upstream), OUT_POLICY)
     async with aiohttp.ClientSession() as s:
-        async with s.get(f"{h.outbound}/billing/v1/{SECRET}") as r:
+        async with s.get(f"{h.outbound}/billing/v1/session/{token}") as r:
             assert r.status == 200
-        async with s.get(f"{h.outbound}/billing/v1/admin/x", headers={"X-Echo": SECRET}) as r:
-            body = await r.text()
-    assert SECRET not in body
+        async with s.get(f"{h.outbound}/billing/v1/admin/{SECRET}") as r:
+            assert r.status == 403 and SECRET not in await r.text()
     await h.settle()
-    assert SECRET.encode() not in h.raw_log()
+    log = h.raw_log()
+    assert token.encode() not in log and SECRET.encode() not in log
