@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from contextvars import ContextVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -124,7 +125,13 @@ def stream_body(request: web.BaseRequest, limits: Limits) -> LimitedBody:
 
 
 def has_body(request: web.BaseRequest) -> bool:
-    return bool(request.content_length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    """A body follows: declared, or chunked. Other transfer codings are refused, never half-forwarded."""
+    coding = request.headers.get("Transfer-Encoding")
+    if coding is None:
+        return bool(request.content_length)
+    if coding.strip().lower() != "chunked":
+        raise RequestRefused("bad_request", "request: only Transfer-Encoding: chunked is accepted")
+    return True
 
 
 def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
@@ -136,6 +143,25 @@ def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None 
     return ctx
 
 
+_SENT_TO: ContextVar[object | None] = ContextVar("sidecar_sent_to", default=None)
+
+
+class RedirectRefused(aiohttp.ClientError):
+    """An upstream answered a WebSocket handshake with a redirect: never followed."""
+
+
+async def _no_redirect_hops(request: aiohttp.ClientRequest, handler: Any) -> aiohttp.ClientResponse:
+    """Session middleware: a request to any URL other than the one the pipeline sent is a redirect hop.
+
+    Plain requests pass ``allow_redirects=False``; ``ws_connect`` cannot, so its hops stop here,
+    before a credential or our client certificate reaches another origin or a path policy never saw.
+    """
+    expected = _SENT_TO.get()
+    if expected is not None and request.url != expected:
+        raise RedirectRefused("upstream: redirects are not followed")
+    return await handler(request)
+
+
 def new_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *, limit: int = 256) -> aiohttp.ClientSession:
     """A kept-alive session; its read timeout is ``first_byte`` until the response headers arrive."""
     connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True, limit=limit,
@@ -144,7 +170,7 @@ def new_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *, limit
         connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
                                                                        "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.first_byte),
-        cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+        cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, middlewares=(_no_redirect_hops,))
 
 
 async def open_upstream(session: aiohttp.ClientSession, method: str, url: object, headers: CIMultiDict[str],
@@ -274,14 +300,20 @@ async def proxy_websocket(request: web.BaseRequest, session: aiohttp.ClientSessi
     for name in list(headers.keys()):
         if name.lower() in WS_HANDSHAKE:
             headers.popall(name, None)
+    sent_to = _SENT_TO.set(url)
     try:
         async with asyncio.timeout(timeouts.first_byte):
             upstream = await session.ws_connect(url, headers=headers, protocols=protocols, autoping=True)
+    except RedirectRefused:
+        raise UpstreamFailed("upstream_unreachable", "upstream: the WebSocket handshake was redirected; "
+                             "redirects are not followed", detail="redirect") from None
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamFailed("upstream_timeout", "upstream: WebSocket handshake timed out") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamFailed("upstream_unreachable", "upstream: WebSocket handshake failed",
                              detail=type(exc).__name__) from None
+    finally:
+        _SENT_TO.reset(sent_to)
     client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
     await client.prepare(request)
     on_open(101)

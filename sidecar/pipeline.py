@@ -64,6 +64,16 @@ def check_headers(request: web.BaseRequest, max_headers: int, max_bytes: int) ->
         raise RequestRefused("headers_too_large", f"request: headers exceed {max_bytes} bytes")
 
 
+def body_size(request: web.BaseRequest, body: bytes | None) -> int | None:
+    """The body size for policy: known when buffered or declared; None (unknown) for a chunked body,
+    so that a condition on ``request.size`` cannot be evaded by leaving Content-Length out."""
+    if body is not None:
+        return len(body)
+    if request.content_length is not None:
+        return request.content_length
+    return None if has_body(request) else 0
+
+
 def refuse_decision(decision: Decision) -> None:
     """Raise the refusal a non-allow decision stands for."""
     template = DENY_MESSAGES.get(decision.reason, "policy: denied ({reason})")
@@ -172,7 +182,7 @@ class Outbound:
     def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None) -> Facts:
         rt = self.rt
         headers = LazyHeaders(request.headers)
-        size = len(body) if body is not None else (request.content_length or 0)
+        size = body_size(request, body)
         return Facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
                      host=route.upstream.host, path=route.path, query=route.query, headers=headers, size=size,
                      upstream=route.upstream.name, agent_id=rt.agent.id, agent_name=rt.agent.name,
@@ -261,7 +271,7 @@ class Inbound:
         rt.revocations.check_subject(ex.principal)
         decision = rt.decide(Facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
-            query=query, headers=LazyHeaders(request.headers), size=request.content_length or 0, upstream=None,
+            query=query, headers=LazyHeaders(request.headers), size=body_size(request, None), upstream=None,
             agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
             caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation))
         if apply_decision(ex, decision):
@@ -273,7 +283,7 @@ class Inbound:
             headers[TASK_HEADER] = task.id
         declared_length(request, inbound.limits)
         data = stream_body(request, inbound.limits) if has_body(request) else None
-        url = URL(inbound.forward_to.rstrip("/") + raw_path + (f"?{query}" if query else ""), encoded=True)
+        url = URL(inbound.forward_to.rstrip("/") + ex.path + (f"?{query}" if query else ""), encoded=True)
         upstream = await open_upstream(rt.sessions.agent(), request.method, url, headers, data, inbound.timeouts)
         return await rt.relay(request, ex, upstream, "agent")
 

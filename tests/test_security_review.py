@@ -1,7 +1,8 @@
 """Security review: attacker-driven proofs against the running sidecar (loopback only).
 
-Tests marked ``xfail(strict=True)`` demonstrate a vulnerability: they fail today and will
-pass once the finding named in ``reason`` is fixed. Unmarked tests confirm a defence holds.
+Tests named ``test_f<N>_...`` reproduce findings F1-F5 of the first review (each failed before its
+fix: WebSocket redirects, inbound path, chunked size, task-bound cache, event redaction); the
+others confirm a defence holds.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ OUT_POLICY = {"version": 1, "default": "deny", "rules": [
 
 # -- F1: WebSocket handshakes follow redirects ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="F1")
 async def test_f1_websocket_redirect_does_not_carry_the_credential_to_another_origin(make_sidecar):
     """A WebSocket upgrade answered with a redirect must not deliver the injected credential to another origin."""
     evil = await Upstream().start()
@@ -58,7 +58,6 @@ async def test_f1_websocket_redirect_does_not_carry_the_credential_to_another_or
         await evil.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="F1")
 async def test_f1_websocket_redirect_does_not_reach_a_path_policy_denies(make_sidecar):
     """A same-origin redirect of a WebSocket upgrade must not carry the credential to a path a deny rule covers."""
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -102,7 +101,6 @@ def caller_context(h: SidecarHarness, spiffe_id: str, out: Path) -> ssl.SSLConte
     return ctx
 
 
-@pytest.mark.xfail(strict=True, reason="F2")
 async def test_f2_inbound_forwards_the_path_policy_matched(make_sidecar, tmp_path):
     """The agent must receive the canonical path the inbound rule matched, not the caller's raw path."""
     resolved: list[str] = []
@@ -128,7 +126,6 @@ async def test_f2_inbound_forwards_the_path_policy_matched(make_sidecar, tmp_pat
 
 # -- F3: request.size is 0 for a chunked body ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="F3")
 async def test_f3_a_chunked_body_cannot_evade_a_request_size_condition(make_sidecar, upstream):
     """A rule limited by request.size must not let a chunked (length-less) body of any size through."""
     policy = {"version": 1, "default": "deny", "rules": [
@@ -188,7 +185,6 @@ class _SlowTaskBoundProvider:
         return None
 
 
-@pytest.mark.xfail(strict=True, reason="F4")
 async def test_f4_a_credential_fetched_for_a_task_that_ended_meanwhile_is_not_kept():
     """A task-bound credential whose fetch completes after its task ended must not stay cached under that task."""
     import asyncio
@@ -268,7 +264,6 @@ async def test_agent_credentials_and_task_header_never_reach_the_upstream(make_s
     assert [v for k, v in seen.headers if k.lower() == "x-api-key"] == [SECRET]
 
 
-@pytest.mark.xfail(strict=True, reason="F5")
 async def test_f5_credential_shaped_text_in_a_request_is_redacted_in_the_trust_decision_event(make_sidecar, upstream):
     """A JWT (or a configured secret) in the request path is masked in the trust-decision event as in every other log line."""
     token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
@@ -281,3 +276,17 @@ async def test_f5_credential_shaped_text_in_a_request_is_redacted_in_the_trust_d
     await h.settle()
     log = h.raw_log()
     assert token.encode() not in log and SECRET.encode() not in log
+
+
+async def test_a_transfer_coding_other_than_chunked_is_refused_not_half_forwarded(make_sidecar, upstream):
+    """Transfer-Encoding: gzip, chunked is refused with 400 rather than forwarded without its body."""
+    from tests.core.test_outbound import POLICY as OUT_POLICY, config_for
+    from tests.harness import raw_http
+
+    h = await make_sidecar(config_for(upstream), OUT_POLICY)
+    port = h.port("outbound")
+    response = await raw_http(port, (f"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                     "Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n"
+                                     "5\r\nhello\r\n0\r\n\r\n").encode())
+    assert response.split(b" ")[1] == b"400"
+    assert upstream.seen == []

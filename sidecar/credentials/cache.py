@@ -53,6 +53,7 @@ class CredentialCache:
         self._clock = clock
         self._entries: OrderedDict[tuple[str, Hashable], _Entry] = OrderedDict()
         self._inflight: dict[tuple[str, Hashable], asyncio.Future[Credential]] = {}
+        self._ended_tasks: OrderedDict[str, None] = OrderedDict()  # bounded like the entries
 
     # -- the request path ----------------------------------------------------------
     def cached(self, provider: CredentialProvider, req: CredentialRequest) -> tuple[Credential, str] | None:
@@ -121,6 +122,8 @@ class CredentialCache:
     # -- storage and background refresh ---------------------------------------------
     def _store(self, key: tuple[str, Hashable], provider: CredentialProvider, req: CredentialRequest,
                credential: Credential) -> None:
+        if req.task is not None and req.task.id in self._ended_tasks:
+            return  # fetched while its task ended: handed to the waiting request, never kept or refreshed
         old = self._entries.pop(key, None)
         if old is not None and old.refresher is not None:
             old.refresher.cancel()
@@ -201,6 +204,9 @@ class CredentialCache:
         return len(keys)
 
     def drop_task(self, task_id: str) -> int:
+        self._ended_tasks[task_id] = None
+        while len(self._ended_tasks) > self._max:
+            self._ended_tasks.popitem(last=False)
         return self.drop_where(lambda c, r: r.task is not None and r.task.id == task_id)
 
     def drop_credential(self, credential_id: str) -> int:

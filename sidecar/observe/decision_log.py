@@ -189,8 +189,16 @@ def _quiet_stdlib() -> None:
 
 
 def emit_event(event: dict[str, Any]) -> None:
-    """Write one trust-decision event (already shaped; free-text fields redacted here)."""
+    """Write one trust-decision event; every field that carries request-derived text is redacted."""
     detail = event.get("reason_detail")
     if detail:
         event["reason_detail"] = REDACTOR.text(detail)
+    target = event.get("target")
+    if target is not None:
+        for key in ("path", "mcp_tool", "mcp_method"):
+            if target[key]:
+                target[key] = REDACTOR.text(target[key])
+    task = event.get("task")
+    if task is not None and task["trigger"]:
+        task["trigger"] = REDACTOR.text(task["trigger"])
     WRITER.write(orjson.dumps(event) + b"\n")

@@ -62,7 +62,7 @@ class Facts:
     path: str  # canonical path (upstream base path removed)
     query: str  # raw query
     headers: Mapping[str, tuple[str, ...]]  # lowercase name -> all values in order
-    size: int  # request body size (0 if none)
+    size: int | None  # request body size (0 if none; None: a body of undeclared length, not buffered)
     upstream: str | None  # configured upstream name (outbound)
     agent_id: str
     agent_name: str
