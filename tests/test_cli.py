@@ -42,6 +42,8 @@ def free_port() -> int:
     (["--url", "/example-api/a%2Fb"], 3, "reason: bad_request"),
     # inbound, with a caller
     (["--direction", "inbound", "--url", "/tasks/7", "--caller", "spiffe://sidecar.local/o"], 0, "rule: callers"),
+    # underscore header names are refused, as on the listener
+    (["--url", "/example-api/x", "--header", "X_Forwarded_User=admin"], 3, "reason: bad_request"),
     # usage error
     (["--url", "/example-api/x", "--header", "no-equals-sign"], 2, ""),
 ])
