@@ -45,6 +45,12 @@ def ensure_token(path: Path) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
+    if path.stat().st_mode & 0o077:  # readable by others: tighten it, or say so where it cannot be
+        try:
+            path.chmod(0o600)
+        except OSError:
+            log.warning("admin_token_file_readable", path=str(path), mode=oct(path.stat().st_mode & 0o777),
+                        expected="0600, on a volume mounted only into the sidecar container")
     token = path.read_text().strip()
     if len(token) < 16:
         raise ValueError(f"admin: token file {path} holds a token shorter than 16 characters")

@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.errors import IdentityRefused, PolicyRefused, Refusal, RequestRefused
+from sidecar.observe.decision_log import REDACTOR
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -75,9 +76,14 @@ class Approvals:
 
 
 def _summary(ex: Exchange) -> dict[str, Any]:
-    return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream, "method": ex.method,
-            "path": ex.path, "mcp_tool": ex.mcp_tool, "task_id": ex.task_id,
-            "principal": list(ex.principal) if ex.principal else None}
+    """What an approver needs to tell one request from another (query included, secrets masked)."""
+    facts = ex.facts
+    return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream, "host": ex.host,
+            "method": ex.method, "path": REDACTOR.text(ex.path or ""),
+            "query": REDACTOR.text(facts.query) if facts is not None and facts.query else None,
+            "body_size": facts.size if facts is not None else None, "caller": ex.caller_id,
+            "mcp_method": ex.mcp_method, "mcp_tool": ex.mcp_tool, "task_id": ex.task_id,
+            "task_trigger": ex.task_trigger, "principal": list(ex.principal) if ex.principal else None}
 
 
 async def approver_of(sidecar: Sidecar, request: web.Request) -> dict[str, str]:

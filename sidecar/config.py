@@ -231,6 +231,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     shutdown.done()
     root.done()
     _check_references(errors, identity, outbound, credentials, admin, inbound)
+    _check_loops(errors, inbound, outbound, admin, (health_listen, metrics_listen))
     if errors:
         raise ConfigInvalid(errors)
     return Config(agent_name, environment, state_dir, identity, inbound, outbound, credentials, policy, tasks,
@@ -472,6 +473,38 @@ def _check_references(errors: list[ConfigError], identity: IdentityConfig, outbo
             errors.append(ConfigError(f"admin.approvers[{i}].issuer",
                                       "must be one of the inbound.jwt.issuers (approver tokens are verified "
                                       "like inbound tokens)"))
+
+
+def _own_ports(inbound: InboundConfig | None, outbound: OutboundConfig, admin: AdminConfig,
+               others: tuple[ListenAddress, ...]) -> dict[int, str]:
+    listeners = {"outbound": outbound.listen, "admin": admin.listen, "health": others[0], "metrics": others[1]}
+    if inbound is not None:
+        listeners["inbound"] = inbound.listen
+    return {address.port: name for name, address in listeners.items() if address.port}
+
+
+def _check_loops(errors: list[ConfigError], inbound: InboundConfig | None, outbound: OutboundConfig,
+                 admin: AdminConfig, others: tuple[ListenAddress, ...]) -> None:
+    """Configs that validate but would turn the sidecar on itself: the agent or an upstream that is one
+    of the sidecar's own listeners (a caller's request would re-enter as the agent's, with its
+    credentials), and approver tokens that are ordinary inbound tokens."""
+    own = _own_ports(inbound, outbound, admin, others)
+
+    def loops(url: str) -> str | None:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return own.get(port) if is_loopback_host(parts.hostname) else None
+
+    if inbound is not None and (name := loops(inbound.forward_to)):
+        errors.append(ConfigError("inbound.forward_to", f"is the sidecar's own {name} listener; expected the "
+                                                        "agent's loopback address"))
+    for up in outbound.upstreams.values():
+        if name := loops(up.url):
+            errors.append(ConfigError(f"outbound.upstreams.{up.name}.url", f"is the sidecar's own {name} listener"))
+    audiences = {a for i in (inbound.jwt_issuers if inbound else ()) for a in i.audiences}
+    if admin.approvers and admin.approval_audience in audiences:
+        errors.append(ConfigError("admin.approval_audience", "must differ from every inbound.jwt audience: "
+                                                             "otherwise any inbound token could approve requests"))
 
 
 def _yaml_where(exc: yaml.YAMLError) -> str:

@@ -261,7 +261,7 @@ class Inbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         raw_path, _, query = request.raw_path.partition("?")
         ex.path = canonical_path(raw_path)
-        token = await rt.inbound_token(request)
+        token = await rt.inbound_token(request, peer)
         if token is not None:
             ex.principal, ex.actor_type, ex.act_chain = (token.issuer, token.subject), token.actor_type, token.act_chain
             ex.delegation = "delegated" if token.actor_type == "human" else "none"
@@ -269,11 +269,12 @@ class Inbound:
             ex.actor_type = "workload"
         rt.revocations.check_agent(rt.agent.id)
         rt.revocations.check_subject(ex.principal)
-        decision = rt.decide(Facts(
+        ex.facts = facts = Facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=LazyHeaders(request.headers), size=body_size(request, None), upstream=None,
             agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
-            caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation))
+            caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation)
+        decision = rt.decide(facts)
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
         headers = rt.agent_headers(request, peer, traceparent)

@@ -29,6 +29,7 @@ sync after start is not observed (the sidecar was not running when they were mad
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -119,6 +120,7 @@ class Revocations:
         """Apply a revocation made here: effective on return, then stored and published."""
         now = self._clock()
         entry = Revocation(kind, ident, created_at or now, now + ttl)
+        self._lifted.pop(entry.rid, None)  # an operator's revocation here always applies, whatever was lifted
         self.apply(entry, received_at=None)
         if self.bus is not None:
             self.bus.publish(entry)
@@ -179,6 +181,32 @@ class Revocations:
     def list(self) -> list[Revocation]:
         now = self._clock()
         return [e for e in self._entries.values() if e.expires_at > now]
+
+
+MAX_TTL = 30 * 86400.0
+MAX_ID = 2048
+
+
+def parse_message(data: bytes, now: float) -> tuple[Revocation | None, dict[str, Any]]:
+    """A bus message as a Revocation, or None when malformed.
+
+    Times must be finite JSON numbers, the TTL at most MAX_TTL, ids bounded; a publisher's clock
+    ahead of ours is clamped to now, so a message "from the future" cannot outrank what comes later
+    (a tombstone dated ahead would otherwise silence every later revocation of that id).
+    """
+    try:
+        raw = orjson.loads(data)
+        kind, ident, created, expires = raw["kind"], raw["id"], raw["created_at"], raw["expires_at"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None, {}
+    if not (isinstance(kind, str) and isinstance(ident, str) and 0 < len(ident) <= MAX_ID):
+        return None, raw
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in (created, expires)):
+        return None, raw
+    created = min(float(created), now)
+    if expires - created > MAX_TTL:
+        return None, raw
+    return Revocation(kind, ident, created, float(expires)), raw
 
 
 class RedisBus:
@@ -267,16 +295,15 @@ class RedisBus:
         log.info("revocation_bus_restored", count=sum(1 for w in written if w))
 
     def _receive(self, data: bytes, *, observe: bool) -> None:
-        try:
-            raw = orjson.loads(data)
-            entry = Revocation(str(raw["kind"]), str(raw["id"]), float(raw["created_at"]), float(raw["expires_at"]))
-        except (ValueError, KeyError, TypeError):
+        now = self._clock()
+        entry, raw = parse_message(data, now)
+        if entry is None:
             log.warning("revocation_message_malformed")
             return
         if raw.get("deleted"):
             self._revocations.lift(entry)
             return
-        self._revocations.apply(entry, received_at=self._clock(), observe=observe)
+        self._revocations.apply(entry, received_at=now, observe=observe)
 
     def _set_up(self, up: bool) -> None:
         self.up = up

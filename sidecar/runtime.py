@@ -9,6 +9,8 @@ cut them), the relay of responses, and ``record``, the one exit of every exchang
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,7 +27,7 @@ from sidecar.errors import IdentityRefused, UpstreamFailed
 from sidecar.exchange import AgentInfo, Exchange
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.forward import (
-    DEFAULT_DROP, VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, new_session, relay,
+    VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, new_session, relay,
     request_drop_set,
 )
 from sidecar.observe.decision_log import emit_event
@@ -36,7 +38,8 @@ from sidecar.routing import Router
 from sidecar.tasks import Task, TaskRegistry
 
 log = structlog.get_logger("sidecar.runtime")
-INBOUND_DROP = request_drop_set({"authorization"})  # the human's verified token never reaches the agent
+# A caller's Authorization never reaches the agent, verified or not: the agent gets a task id instead.
+INBOUND_DROP = request_drop_set({"authorization"})
 
 
 def mark_cut(ex: Exchange) -> None:
@@ -146,7 +149,7 @@ class Runtime:
             raise IdentityRefused("peer_unverified", "identity: no verified client certificate on this connection")
         return peer
 
-    async def inbound_token(self, request: web.BaseRequest) -> Any:
+    async def inbound_token(self, request: web.BaseRequest, peer: Any) -> Any:
         from sidecar.identity.jwt import bearer_token
 
         inbound = self.config.inbound
@@ -159,12 +162,14 @@ class Runtime:
             if inbound.jwt_required:
                 raise IdentityRefused("token_invalid", "identity: a bearer token is required on this listener")
             return None
-        return await self.verifier.verify(token)
+        verified = await self.verifier.verify(token)
+        check_certificate_binding(verified.claims, peer.cert_sha256)
+        return verified
 
     def agent_headers(self, request: web.BaseRequest, peer: Any, traceparent: str) -> CIMultiDict[str]:
         from sidecar.identity.x509 import xfcc_value
 
-        headers = clean_request_headers(request.headers, INBOUND_DROP if self.verifier is not None else DEFAULT_DROP)
+        headers = clean_request_headers(request.headers, INBOUND_DROP)
         headers["X-Forwarded-Client-Cert"] = xfcc_value(self.agent.id, peer)
         headers["X-Forwarded-For"] = request.remote or ""
         headers["X-Forwarded-Proto"] = "https"
@@ -249,6 +254,17 @@ class Runtime:
         elif kind == "agent" and ident == self.agent.id:
             self.credentials.drop_all()
             self.exchanges.cut(lambda ex: True, "revoked: agent")
+
+
+def check_certificate_binding(claims: Any, cert_sha256_hex: str) -> None:
+    """RFC 8705: a token bound to a certificate is only good from a caller presenting that certificate."""
+    cnf = claims.get("cnf")
+    if not isinstance(cnf, dict) or "x5t#S256" not in cnf:
+        return
+    presented = base64.urlsafe_b64encode(bytes.fromhex(cert_sha256_hex)).rstrip(b"=").decode()
+    if not hmac.compare_digest(str(cnf["x5t#S256"]), presented):
+        raise IdentityRefused("token_invalid", "identity: the token is bound to another client certificate "
+                                               "(cnf.x5t#S256)")
 
 
 def _set_status(ex: Exchange, status: int) -> None:

@@ -1,8 +1,9 @@
 """Security review, round 2: the inbound path, approvals, the revocation bus, CONNECT, the injection
 webhook and configs that validate but are unsafe.
 
-Tests marked ``xfail(strict=True, reason="G<n>")`` demonstrate an open finding (they assert the safe
-behaviour and fail today); the others confirm a defence that held.
+Tests marked ``xfail(strict=True, reason="G<n>")`` demonstrate an open finding: they assert the safe
+behaviour and fail today (G9, G10). G1-G8 are fixed; their tests assert the fix. The others confirm a
+defence that held.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ def _bus() -> tuple[Revocations, RedisBus]:
     return revocations, RedisBus("redis://127.0.0.1:1/0", revocations, Metrics())  # never started
 
 
-@pytest.mark.xfail(strict=True, reason="G1")
 def test_g1_a_future_dated_tombstone_on_the_bus_makes_later_admin_revocations_silently_ineffective():
     """A bus tombstone whose created_at lies in the future (a skewed sidecar's clock, or anyone who can
     write to Redis) suppresses every later local revocation of that id, although POST /revocations says 201."""
@@ -83,7 +83,6 @@ def test_g1_a_future_dated_tombstone_on_the_bus_makes_later_admin_revocations_si
         revocations.check_task(SimpleNamespace(id="t-1", principal=None))
 
 
-@pytest.mark.xfail(strict=True, reason="G2")
 def test_g2_bus_messages_with_non_finite_or_unbounded_times_are_refused():
     """A bus message's times are not range-checked: "inf"/"nan" strings and TTLs far beyond the admin API's
     30-day maximum are applied (a revocation that never expires, and a NaN version that a lift cannot retire)."""
@@ -122,7 +121,6 @@ def test_a_stale_bus_tombstone_cannot_lift_a_newer_revocation():
 
 # ====================================================================== inbound: identity and headers
 
-@pytest.mark.xfail(strict=True, reason="G3")
 async def test_g3_a_client_credentials_token_is_not_treated_as_a_human(make_sidecar, agent, tmp_path):
     """With the default actor: auto, an Auth0-style machine token (sub "<client>@clients", azp "<client>";
     Keycloak and Entra service tokens look alike) counts as a human and opens a delegated task."""
@@ -136,7 +134,6 @@ async def test_g3_a_client_credentials_token_is_not_treated_as_a_human(make_side
     assert agent.seen[-1].header("X-Sidecar-Task") is None
 
 
-@pytest.mark.xfail(strict=True, reason="G4")
 async def test_g4_a_certificate_bound_token_presented_by_another_client_is_refused(make_sidecar, agent, tmp_path):
     """A token bound to a client certificate (RFC 8705 cnf x5t#S256) is accepted from an mTLS peer holding a
     different certificate: a stolen sender-constrained token replays from any caller the policy admits."""
@@ -149,7 +146,6 @@ async def test_g4_a_certificate_bound_token_presented_by_another_client_is_refus
     assert agent.seen == []
 
 
-@pytest.mark.xfail(strict=True, reason="G5")
 async def test_g5_without_inbound_jwt_the_callers_bearer_token_does_not_reach_the_agent(make_sidecar, agent, tmp_path):
     """With no inbound.jwt issuers, a caller's Authorization header (a human's token) is forwarded to the agent
     unverified, although the agent is to get a task id and never the human's token."""
@@ -235,7 +231,6 @@ async def _held(h, path: str) -> tuple[asyncio.Task, list[dict]]:
     raise AssertionError("no approval appeared")
 
 
-@pytest.mark.xfail(strict=True, reason="G6")
 async def test_g6_the_approver_sees_the_query_of_the_request_they_approve(make_sidecar, upstream, tmp_path):
     """GET /approvals shows method and path but not the query string (nor body or host): an approver cannot
     tell a harmless held request from one whose effect is carried in the query."""
@@ -279,7 +274,6 @@ async def test_an_approval_is_decided_once_by_a_listed_human_and_ids_are_unguess
     assert event["approval"]["approver"]["sub"] == "bob@example.com"
 
 
-@pytest.mark.xfail(strict=True, reason="G7")
 def test_g7_an_existing_admin_token_file_readable_by_others_is_refused(tmp_path):
     """ensure_token makes a new file 0600 but accepts an existing token file that is group/world readable
     (for example a ConfigMap or a shared volume), without a warning."""
@@ -300,7 +294,6 @@ def _inbound_raw(tmp_path: Path, forward_to: str, **extra: Any) -> dict:
             "inbound": {"forward_to": forward_to}, "outbound": {"upstreams": {}}, **extra}
 
 
-@pytest.mark.xfail(strict=True, reason="G8")
 @pytest.mark.parametrize("case", ["forward_to-outbound", "forward_to-admin", "upstream-outbound",
                                   "approval-audience-is-inbound"])
 def test_g8_configs_that_point_the_sidecar_at_itself_are_refused(tmp_path, case):
@@ -322,7 +315,6 @@ def test_g8_configs_that_point_the_sidecar_at_itself_are_refused(tmp_path, case)
         parse_config(raw, base_dir=tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="G8")
 async def test_g8_forward_to_the_outbound_listener_lets_a_caller_spend_the_agents_credential(
         make_sidecar, upstream, tmp_path):
     """End to end: with inbound.forward_to set to the outbound listener (valid config), an mTLS caller's
@@ -334,10 +326,9 @@ async def test_g8_forward_to_the_outbound_listener_lets_a_caller_spend_the_agent
     policy = {**OUTBOUND_POLICY, "rules": [*OUTBOUND_POLICY["rules"], {
         "id": "orchestrator-anything", "direction": "inbound", "callers": [ORCHESTRATOR], "paths": ["/**"],
         "effect": "allow"}]}
-    h = await make_sidecar(config, policy)
-    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
-    await call(h, ctx, "/billing/v1/invoices")
-    assert not any(seen.header("X-API-Key") == SECRET for seen in upstream.seen)
+    with pytest.raises(ConfigInvalid):  # refused at load: the loop never runs
+        await make_sidecar(config, policy)
+    assert upstream.seen == []
 
 
 # ====================================================================== CONNECT interception

@@ -232,10 +232,21 @@ def _act_chain(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(chain)
 
 
-def _actor_type(mode: str, subject: str, client_id: str | None) -> str:
+MACHINE_GRANTS = frozenset({"client-credentials", "client_credentials", "urn:ietf:params:oauth:grant-type:jwt-bearer"})
+
+
+def _actor_type(mode: str, subject: str, client_id: str | None, claims: Mapping[str, Any]) -> str:
+    """``auto``: human only when client_id/azp is present and differs from sub, and nothing marks the
+    token as a machine's: Auth0's ``gty: client-credentials`` or ``@clients`` subjects (whose azp also
+    differs from sub) would otherwise pass for a human and satisfy ``delegation: required``.
+    Set ``actor:`` explicitly per issuer where the IdP's tokens say more."""
     if mode in ("human", "workload"):
         return mode
-    return "human" if client_id is not None and client_id != subject else "workload"
+    if client_id is None or client_id == subject:
+        return "workload"
+    if claims.get("gty") in MACHINE_GRANTS or subject.endswith("@clients"):
+        return "workload"
+    return "human"
 
 
 def _verified(token: str, claims: dict[str, Any], issuer: _Issuer, audience: str | None,
@@ -246,7 +257,7 @@ def _verified(token: str, claims: dict[str, Any], issuer: _Issuer, audience: str
     auds = _audiences(claims, frozenset((audience,)) if audience is not None else issuer.audiences)
     subject: str = _string_claim(claims, "sub", required=True)  # type: ignore[assignment]
     client_id = _string_claim(claims, "client_id") or _string_claim(claims, "azp")
-    return VerifiedToken(cfg.issuer, subject, _actor_type(cfg.actor, subject, client_id), client_id, auds,
+    return VerifiedToken(cfg.issuer, subject, _actor_type(cfg.actor, subject, client_id, claims), client_id, auds,
                          exp, _act_chain(claims), MappingProxyType(claims), Secret(token, "bearer"))
 
 
