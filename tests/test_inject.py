@@ -37,6 +37,8 @@ Json = dict[str, Any]
 
 # ---------------------------------------------------------------- helpers
 
+OTHER_IMAGE = "registry.internal/sidecar:0.2.0"  # in the webhook's allowed_images
+
 def _unescape(token: str) -> str:
     return token.replace("~1", "/").replace("~0", "~")
 
@@ -146,7 +148,7 @@ async def webhook(ca: trustme.CA) -> AsyncIterator[Any]:
     """The webhook app on 127.0.0.1 (port 0) over TLS, and a client that trusts its CA."""
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    runner = web.AppRunner(inject.build_app(inject.InjectSettings()))
+    runner = web.AppRunner(inject.build_app(inject.InjectSettings(allowed_images=(OTHER_IMAGE,))))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
     await site.start()
@@ -279,7 +281,7 @@ async def test_sidecar_goes_before_the_pods_own_init_containers(webhook: Client)
 async def test_annotations_override_the_defaults(webhook: Client) -> None:
     """agent-sidecar.io/config, /policy, /image, /svid-secret and /signing-key-secret apply per pod."""
     pod = annotated(agent_pod(), config="billing-sidecar", policy="billing-policy",
-                    image="registry.internal/sidecar:0.2.0", svid_secret="billing-svid",
+                    image=OTHER_IMAGE, svid_secret="billing-svid",
                     signing_key_secret="billing-signing-key", token_audience="api://AzureADTokenExchange")
     _, ops = await webhook.mutate(pod)
     patched = apply_patch(pod, ops)
@@ -292,7 +294,7 @@ async def test_annotations_override_the_defaults(webhook: Client) -> None:
     audience = volumes["agent-sidecar-token"]["projected"]["sources"][0]["serviceAccountToken"]["audience"]
     assert audience == "api://AzureADTokenExchange"
     init = by_name(patched["spec"]["initContainers"])
-    assert init["agent-sidecar"]["image"] == init["agent-sidecar-ca"]["image"] == "registry.internal/sidecar:0.2.0"
+    assert init["agent-sidecar"]["image"] == init["agent-sidecar-ca"]["image"] == OTHER_IMAGE
     assert "/var/run/keys" in {m["mountPath"] for m in init["agent-sidecar"]["volumeMounts"]}
 
 
@@ -489,3 +491,11 @@ def test_run_refuses_bad_settings_with_paths(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert "egress_lockdown.imgae: unknown key" in err
+
+
+async def test_an_image_annotation_outside_allowed_images_is_refused(webhook: Client) -> None:
+    """agent-sidecar.io/image may only pick an image the operator allowed: it runs as the sidecar's UID."""
+    pod = annotated(agent_pod(), image="ghcr.io/somebody/else:1")
+    response, ops = await webhook.mutate(pod)
+    assert response["allowed"] is False and ops is None
+    assert "allowed_images" in response["status"]["message"]

@@ -1,9 +1,8 @@
 """Security review, round 2: the inbound path, approvals, the revocation bus, CONNECT, the injection
 webhook and configs that validate but are unsafe.
 
-Tests marked ``xfail(strict=True, reason="G<n>")`` demonstrate an open finding: they assert the safe
-behaviour and fail today (G9, G10). G1-G8 are fixed; their tests assert the fix. The others confirm a
-defence that held.
+Tests named ``test_g<N>_...`` reproduce findings G1-G10 of the second review; each failed before
+its fix and now asserts it. The others confirm a defence that held.
 """
 
 from __future__ import annotations
@@ -370,7 +369,6 @@ def _images(response: dict) -> set[str]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="G9")
 @pytest.mark.parametrize("annotation, value", [("egress-lockdown", "false"), ("image", "ghcr.io/evil/open-proxy:1")])
 def test_g9_a_pod_annotation_cannot_undo_the_operators_egress_lockdown(annotation, value):
     """With egress_lockdown enabled in the webhook settings, the pod's author can turn it off per pod, or run
@@ -385,7 +383,6 @@ def test_g9_a_pod_annotation_cannot_undo_the_operators_egress_lockdown(annotatio
     assert _images(response) <= {settings.image, settings.lockdown_image}
 
 
-@pytest.mark.xfail(strict=True, reason="G10")
 def test_g10_a_pod_cannot_escape_injection_by_naming_a_container_agent_sidecar():
     """A labelled pod with its own container called agent-sidecar (any image) is admitted unchanged: no
     sidecar, no proxy variables, no lock-down, although the operator's settings require it."""

@@ -38,9 +38,17 @@ def wants_injection(pod: Json) -> bool:
 
 
 def already_injected(pod: Json) -> bool:
-    """Whether a container named ``agent-sidecar`` is already there."""
+    """Whether this webhook injected the pod already: its annotation, and our sidecar as a native sidecar.
+
+    A pod that merely names one of its own containers ``agent-sidecar`` is not injected; it is refused
+    (:func:`_check_names`), so that nobody escapes injection by picking that name.
+    """
+    meta = pod.get("metadata") or {}
+    if A_INJECTED not in (meta.get("annotations") or {}):
+        return False
     spec = pod.get("spec") or {}
-    return any(c.get("name") == SIDECAR for c in _containers(spec, "initContainers") + _containers(spec, "containers"))
+    return any(c.get("name") == SIDECAR and c.get("restartPolicy") == "Always"
+               for c in _containers(spec, "initContainers"))
 
 
 def _containers(spec: Json, key: str) -> list[Json]:
@@ -61,7 +69,18 @@ def pod_options(settings: InjectSettings, annotations: dict[str, str]) -> PodOpt
         get(A_LOCKDOWN, settings.egress_lockdown, _one_of("true", "false")) in (True, "true"))
     if errors:
         raise InjectRefused(f"inject: annotation {errors[0]}")
+    _only_tightens(settings, options)
     return options
+
+
+def _only_tightens(settings: InjectSettings, options: PodOptions) -> None:
+    """A pod's annotations may tighten what the operator set, never loosen it."""
+    if settings.egress_lockdown and not options.lockdown:
+        raise InjectRefused(f"inject: {A_LOCKDOWN}: the webhook's settings require egress lock-down; "
+                            "a pod annotation cannot turn it off")
+    if options.image != settings.image and options.image not in settings.allowed_images:
+        raise InjectRefused(f"inject: {A_IMAGE}: image {options.image!r} is not in the webhook's "
+                            "allowed_images (it would run as the sidecar's UID)")
 
 
 def check_lockdown(spec: Json, uid: int) -> None:

@@ -73,6 +73,7 @@ class InjectSettings:
     resources: Json = field(default_factory=_default_resources)
     egress_lockdown: bool = False
     lockdown_image: str = "ghcr.io/agent-sidecar/egress-init:0.1.0"
+    allowed_images: tuple[str, ...] = ()            # images a pod may pick with agent-sidecar.io/image
 
 
 def _fail(errors: list[ConfigError], path: str, message: str) -> None:
@@ -137,6 +138,13 @@ def _mapping(table: dict[str, Check]) -> Check:
     return check
 
 
+def _image_list(value: object, path: str, errors: list[ConfigError]) -> Any:
+    if not isinstance(value, list):
+        _fail(errors, path, "must be a list of image references")
+        return ()
+    return tuple(_image(item, f"{path}[{i}]", errors) for i, item in enumerate(value))
+
+
 _QUANTITIES = _mapping({"cpu": _quantity, "memory": _quantity, "ephemeral-storage": _quantity})
 _SCHEMA = _mapping({
     "image": _image, "image_pull_policy": _one_of("Always", "IfNotPresent", "Never"), "uid": _uid,
@@ -144,6 +152,7 @@ _SCHEMA = _mapping({
     "signing_key_secret": _optional(_name), "token_audience": _optional(_audience),
     "resources": _mapping({"requests": _QUANTITIES, "limits": _QUANTITIES}),
     "egress_lockdown": _mapping({"enabled": _one_of(True, False), "image": _image}),
+    "allowed_images": _image_list,
 })
 
 
