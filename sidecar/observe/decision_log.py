@@ -46,7 +46,8 @@ class Redactor:
             value = _JWT.sub(REDACTED, value)
         if "PRIVATE KEY" in value:
             value = _PEM.sub(REDACTED, value)
-        value = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
+        if " " in value or "\t" in value:  # "Bearer <token>" needs whitespace; paths and names have none
+            value = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
         for secret in self._secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
