@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +39,7 @@ from sidecar.errors import ConfigError, ConfigInvalid, CredentialUnavailable, Re
 from sidecar.fields import Fields
 from sidecar.identity.signing import Signer, SigningKey
 from sidecar.observe.metrics import Metrics
+from tests.peers.moto import free_port, moto_server
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -63,25 +61,6 @@ class Moto:
     base: str
     port: int
     user: AwsCredentials
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"moto_server exited with {proc.returncode} before answering")
-        try:
-            requests.get(f"{base}/moto-api/", timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    pytest.fail("moto_server did not answer within 30 s")
 
 
 def _setup_call(base: str, port: int, service: str, method: str, path: str, body: bytes = b"") -> str:
@@ -126,18 +105,8 @@ def _provision(base: str, port: int) -> AwsCredentials:
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
     """A provisioned moto server on a free loopback port, IAM authentication off."""
-    if shutil.which("moto_server") is None:
-        pytest.skip("moto_server not on PATH (pip install 'moto[server]')")
-    port = _free_port()
-    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_ready(base, proc)
+    with moto_server() as (base, port):
         yield Moto(base, port, _provision(base, port))
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _set_auth(moto: Moto, count: str) -> None:
@@ -645,7 +614,7 @@ async def test_sts_failure_is_credential_unavailable(
 async def test_unreachable_sts_is_credential_unavailable(make: Callable[..., aws.AwsSigV4Provider]) -> None:
     """An sts_url on a closed loopback port fails closed with a clear detail."""
     with pytest.raises(CredentialUnavailable) as caught:
-        await make(web_identity(f"http://127.0.0.1:{_free_port()}/")).fetch(REQ)
+        await make(web_identity(f"http://127.0.0.1:{free_port()}/")).fetch(REQ)
     assert caught.value.detail == "sts: unreachable (ClientConnectorError for 127.0.0.1)"
 
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -26,6 +22,7 @@ import requests
 from yarl import URL
 
 from sidecar.credentials.sigv4 import UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign
+from tests.peers.moto import moto_server
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -96,25 +93,6 @@ def _send_sync(base: str, wire: Wire) -> str:
 # --- the moto peer ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"moto_server exited with {proc.returncode} before answering")
-        try:
-            requests.get(f"{base}/moto-api/", timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    pytest.fail("moto_server did not answer within 30 s")
-
-
 def _query_api(moto: Moto, service: str, **params: str) -> str:
     """Call an AWS query-protocol API (IAM, STS) during setup; return the XML answer."""
     body = urlencode(params).encode()
@@ -163,24 +141,11 @@ def _provision(moto: Moto) -> Moto:
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
     """A moto server on a free loopback port, provisioned, with IAM authentication on."""
-    if shutil.which("moto_server") is None:
-        pytest.skip("moto_server not on PATH (pip install 'moto[server]')")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_ready(base, proc)
+    with moto_server() as (base, port):
         bootstrap = AwsCredentials("AKIDBOOTSTRAP", "unchecked-while-auth-is-off", None, None)
         peer = _provision(Moto(base, f"127.0.0.1:{port}", bootstrap, bootstrap))
         requests.post(f"{base}/moto-api/reset-auth", data=b"0").raise_for_status()
         yield peer
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
