@@ -238,7 +238,7 @@ class Outbound:
             ex.outcome = "completed"
             return response
         upstream = await open_upstream(session, out.method, url, out.headers, data, up.timeouts)
-        return await self.rt.relay(request, ex, upstream, up.name)
+        return await self.rt.relay(request, ex, upstream)
 
 
 class Inbound:
@@ -286,7 +286,7 @@ class Inbound:
         data = stream_body(request, inbound.limits) if has_body(request) else None
         url = URL(inbound.forward_to.rstrip("/") + ex.path + (f"?{query}" if query else ""), encoded=True)
         upstream = await open_upstream(rt.sessions.agent(), request.method, url, headers, data, inbound.timeouts)
-        return await rt.relay(request, ex, upstream, "agent")
+        return await rt.relay(request, ex, upstream)
 
 
 def _inbound_host(request: web.BaseRequest) -> str:

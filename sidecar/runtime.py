@@ -191,8 +191,8 @@ class Runtime:
         if ex.task_id and self.config.tasks.end == "response":
             self.tasks.end(ex.task_id)
 
-    async def relay(self, request: web.BaseRequest, ex: Exchange, upstream: aiohttp.ClientResponse,
-                    label: str) -> web.StreamResponse:
+    async def relay(self, request: web.BaseRequest, ex: Exchange,
+                    upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         ex.upstream_status = upstream.status
         try:
             transform = self._response_filter(ex, upstream)
