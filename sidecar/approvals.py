@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from sidecar.exchange import Exchange
 
 log = structlog.get_logger("sidecar.approvals")
+MAX_PENDING = 1000
 
 
 @dataclass
@@ -43,7 +44,13 @@ class Approvals:
         self._pending: dict[str, Pending] = {}
 
     async def hold(self, ex: Exchange) -> dict[str, Any]:
-        """Wait for a decision; returns the event's approval record or raises the refusal."""
+        """Wait for a decision; returns the event's approval record or raises the refusal.
+
+        At most MAX_PENDING requests wait at once: beyond that, new ones are refused at once (an
+        agent flooding approvers gets ``rate_limited``, and memory stays bounded)."""
+        if len(self._pending) >= MAX_PENDING:
+            raise PolicyRefused("rate_limited", "policy: too many requests are waiting for approval",
+                                rule_id=ex.rule_id, retry_after=int(self._timeout))
         pending = Pending(secrets.token_hex(12), _summary(ex), time.time() + self._timeout,
                           asyncio.get_running_loop().create_future())
         self._pending[pending.id] = pending

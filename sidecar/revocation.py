@@ -87,6 +87,11 @@ class Revocations:
         if agent_id in self._ids["agent"] and self._live(f"agent:{agent_id}"):
             raise revoked("revocation: this agent is revoked")
 
+    def check_caller(self, spiffe_id: str) -> None:
+        """A caller is revoked by an ``agent`` revocation of its SPIFFE ID: agents call each other."""
+        if spiffe_id in self._ids["agent"] and self._live(f"agent:{spiffe_id}"):
+            raise revoked("revocation: this caller's SPIFFE ID is revoked")
+
     def check_task(self, task: Any) -> None:
         if task.id in self._ids["task"] and self._live(f"task:{task.id}"):
             raise revoked("revocation: this task is revoked")

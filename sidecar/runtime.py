@@ -147,6 +147,10 @@ class Runtime:
         peer = self.acceptor.peer_of(request.transport) if self.acceptor is not None else None
         if peer is None:
             raise IdentityRefused("peer_unverified", "identity: no verified client certificate on this connection")
+        if peer.not_after.timestamp() <= time.time():  # a kept-alive connection does not outlive the SVID
+            raise IdentityRefused("peer_unverified", "identity: the caller's certificate has expired since the "
+                                                     "handshake; reconnect with a current SVID")
+        self.revocations.check_caller(peer.spiffe_id)
         return peer
 
     async def inbound_token(self, request: web.BaseRequest, peer: Any) -> Any:
@@ -254,6 +258,8 @@ class Runtime:
         elif kind == "agent" and ident == self.agent.id:
             self.credentials.drop_all()
             self.exchanges.cut(lambda ex: True, "revoked: agent")
+        elif kind == "agent":  # another agent: cut its calls into ours
+            self.exchanges.cut(lambda ex: ex.caller_id == ident, "revoked: caller")
 
 
 def check_certificate_binding(claims: Any, cert_sha256_hex: str) -> None:

@@ -166,3 +166,51 @@ async def test_a_caller_without_a_certificate_is_refused_and_counted(make_sideca
     assert agent.seen == []
     metrics = h.sidecar.metrics.exposition().decode()
     assert 'sidecar_tls_handshake_failures_total{listener="inbound",reason="no_client_cert"} 1.0' in metrics
+
+
+async def test_an_agent_revocation_of_a_callers_id_refuses_that_caller(make_sidecar, agent, tmp_path):
+    """Agents call each other: revoking a caller's SPIFFE ID (kind agent) refuses it on the inbound listener."""
+    from tests.harness import admin
+
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    assert (await call(h, ctx, "/tasks/1"))[0] == 200
+    status, _ = await admin(h, "POST", "/revocations", json={"kind": "agent",
+                                                             "id": "spiffe://sidecar.local/orchestrator"})
+    assert status == 201
+    status, body = await call(h, ctx, "/tasks/2")
+    assert (status, body["error"]) == (403, "revoked")
+    assert len(agent.seen) == 1
+
+
+async def test_a_kept_alive_connection_does_not_outlive_the_callers_certificate(make_sidecar, agent, tmp_path):
+    """Once the caller's SVID expires, its open connection is refused (peer_unverified), not trusted on."""
+    import asyncio
+    from datetime import timedelta
+
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    paths = ca_issue(h.sidecar.config.state_dir, "spiffe://sidecar.local/orchestrator", tmp_path / "short",
+                     timedelta(seconds=2))
+    ctx = ssl.create_default_context(cafile=str(paths["bundle"]))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(paths["cert"]), str(paths["key"]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port("inbound"), ssl=ctx)
+
+    async def get() -> int:
+        writer.write(b"GET /tasks/1 HTTP/1.1\r\nHost: agent\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        return int(head.split(b" ")[1])
+
+    try:
+        assert await get() == 200
+        status = 200
+        for _ in range(100):  # bounded: until the certificate's notAfter has passed, on the same connection
+            await asyncio.sleep(0.1)
+            status = await get()
+            if status != 200:
+                break
+        assert status == 401
+    finally:
+        writer.close()

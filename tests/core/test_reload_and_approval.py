@@ -129,3 +129,21 @@ async def test_a_held_request_times_out_with_approval_timeout(make_sidecar, upst
     event = (await h.settle())[-1]
     assert event["decision"] == "approval_required" and event["approval"]["outcome"] == "timeout"
     assert json.loads(json.dumps(event))["rule_id"] == "refunds-need-a-human"
+
+
+async def test_requests_waiting_for_approval_are_bounded(make_sidecar, upstream, tmp_path, monkeypatch):
+    """Beyond the cap of held requests, new ones are refused at once (rate_limited), never queued."""
+    from sidecar import approvals
+
+    monkeypatch.setattr(approvals, "MAX_PENDING", 1)
+    h = await make_sidecar(approval_config(upstream, tmp_path, timeout="5s"), APPROVAL_POLICY)
+    async with aiohttp.ClientSession() as s:
+        held = asyncio.ensure_future(s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}"))
+        for _ in range(100):
+            if (await admin(h, "GET", "/approvals"))[1]["approvals"]:
+                break
+            await asyncio.sleep(0.05)
+        async with s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}") as r:
+            assert (r.status, (await r.json())["error"]) == (429, "rate_limited")
+        held.cancel()
+    assert upstream.seen == []
