@@ -1,4 +1,4 @@
-"""``sidecar.yaml`` -> typed, validated, frozen configuration.
+"""``sidecar.yaml`` -> typed, validated, frozen configuration (the model: ``sidecar.config_model``).
 
 Every problem is collected with its path (``outbound.upstreams.billing-api.url: must be an
 absolute http or https URL``) and reported at once through :class:`ConfigInvalid`; warnings
@@ -13,7 +13,6 @@ files by ``sidecar.policy``. Only references between sections are checked here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -21,169 +20,15 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.errors import ConfigError, ConfigInvalid
+from sidecar.config_model import (
+    AdminConfig, Approver, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RevocationConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
+)
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
 from sidecar.policy.paths import PathOptions
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 DEFAULT_STRIP = ("authorization", "proxy-authorization", "cookie")
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    max_body_bytes: int = 10 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 5.0
-    first_byte: float = 60.0
-    idle: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    name: str
-    url: str
-    scheme: str
-    host: str
-    port: int
-    base_path: str  # "" or "/api": no trailing slash
-    hosts: tuple[str, ...]
-    ca: Path | None
-    client_cert: str | None  # "svid" or None
-    credential: str | None
-    protocol: str  # http | mcp
-    paths: PathOptions
-    pass_headers: frozenset[str]
-    timeouts: Timeouts
-
-    @property
-    def host_header(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class SvidFiles:
-    cert: Path
-    key: Path
-    bundle: Path
-
-
-@dataclass(frozen=True, slots=True)
-class SigningKeyConfig:
-    file: Path
-    kid: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityConfig:
-    svid: SvidFiles | None = None
-    federated_bundles: Mapping[str, Path] = field(default_factory=dict)
-    signing_key: SigningKeyConfig | None = None
-    issuer: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class JwtIssuerConfig:
-    issuer: str
-    jwks_uri: str | None
-    jwks_file: Path | None
-    ca: Path | None
-    audiences: tuple[str, ...]
-    algorithms: tuple[str, ...]
-    typ: str | None
-    leeway: float
-    max_lifetime: float
-    actor: str  # human | workload | auto
-
-
-@dataclass(frozen=True, slots=True)
-class InboundConfig:
-    listen: ListenAddress
-    forward_to: str
-    trust_domains: tuple[str, ...]
-    jwt_required: bool
-    jwt_issuers: tuple[JwtIssuerConfig, ...]
-    task_trigger_header: str
-    limits: Limits
-    timeouts: Timeouts
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundConfig:
-    listen: ListenAddress
-    strip_headers: frozenset[str]
-    intercept_ca_cert: Path | None
-    intercept_ca_key: Path | None
-    limits: Limits
-    timeouts: Timeouts
-    upstreams: Mapping[str, Upstream]
-
-
-@dataclass(frozen=True, slots=True)
-class CredentialConfig:
-    name: str
-    type: str
-    spec: Any  # the provider module's frozen Spec
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    files: tuple[Path, ...]
-    mode: str = "enforce"
-    approval_timeout: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class TasksConfig:
-    end: str = "response"
-    ttl: float = 900.0
-    max_ttl: float = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class RevocationConfig:
-    redis_url: Secret | None = None
-    require_sync: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Approver:
-    issuer: str
-    subject: str  # a glob: "*@example.com"
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    listen: ListenAddress
-    token_file: Path
-    approval_audience: str
-    approvers: tuple[Approver, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    agent_name: str
-    environment: str
-    state_dir: Path
-    identity: IdentityConfig
-    inbound: InboundConfig | None
-    outbound: OutboundConfig
-    credentials: Mapping[str, CredentialConfig]
-    policy: PolicyConfig
-    tasks: TasksConfig
-    revocation: RevocationConfig
-    admin: AdminConfig
-    health_listen: ListenAddress
-    metrics_listen: ListenAddress
-    log_level: str
-    drain: float
-    source: Path | None = None
-    warnings: tuple[str, ...] = ()
 
 
 # -- loading ------------------------------------------------------------------------

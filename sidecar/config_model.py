@@ -1,0 +1,171 @@
+"""The typed, frozen configuration model: what ``sidecar.config`` builds from ``sidecar.yaml``.
+
+Every value is parsed and checked once, at load; the rest of the sidecar only reads these.
+Secret values are :class:`~sidecar.fields.Secret` (masked in every repr).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sidecar.fields import ListenAddress, Secret
+from sidecar.policy.paths import PathOptions
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    max_body_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # "" or "/api": no trailing slash
+    hosts: tuple[str, ...]
+    ca: Path | None
+    client_cert: str | None  # "svid" or None
+    credential: str | None
+    protocol: str  # http | mcp
+    paths: PathOptions
+    pass_headers: frozenset[str]
+    timeouts: Timeouts
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SvidFiles:
+    cert: Path
+    key: Path
+    bundle: Path
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKeyConfig:
+    file: Path
+    kid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    svid: SvidFiles | None = None
+    federated_bundles: Mapping[str, Path] = field(default_factory=dict)
+    signing_key: SigningKeyConfig | None = None
+    issuer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIssuerConfig:
+    issuer: str
+    jwks_uri: str | None
+    jwks_file: Path | None
+    ca: Path | None
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    typ: str | None
+    leeway: float
+    max_lifetime: float
+    actor: str  # human | workload | auto
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig:
+    listen: ListenAddress
+    forward_to: str
+    trust_domains: tuple[str, ...]
+    jwt_required: bool
+    jwt_issuers: tuple[JwtIssuerConfig, ...]
+    task_trigger_header: str
+    limits: Limits
+    timeouts: Timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    listen: ListenAddress
+    strip_headers: frozenset[str]
+    intercept_ca_cert: Path | None
+    intercept_ca_key: Path | None
+    limits: Limits
+    timeouts: Timeouts
+    upstreams: Mapping[str, Upstream]
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialConfig:
+    name: str
+    type: str
+    spec: Any  # the provider module's frozen Spec
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    files: tuple[Path, ...]
+    mode: str = "enforce"
+    approval_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class TasksConfig:
+    end: str = "response"
+    ttl: float = 900.0
+    max_ttl: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationConfig:
+    redis_url: Secret | None = None
+    require_sync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Approver:
+    issuer: str
+    subject: str  # a glob: "*@example.com"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: ListenAddress
+    token_file: Path
+    approval_audience: str
+    approvers: tuple[Approver, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    agent_name: str
+    environment: str
+    state_dir: Path
+    identity: IdentityConfig
+    inbound: InboundConfig | None
+    outbound: OutboundConfig
+    credentials: Mapping[str, CredentialConfig]
+    policy: PolicyConfig
+    tasks: TasksConfig
+    revocation: RevocationConfig
+    admin: AdminConfig
+    health_listen: ListenAddress
+    metrics_listen: ListenAddress
+    log_level: str
+    drain: float
+    source: Path | None = None
+    warnings: tuple[str, ...] = ()
