@@ -67,6 +67,15 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(config_path(getattr(args, "config", None), os.environ))
 
 
+def _load_or_report(args: argparse.Namespace) -> Config | None:
+    """The config, or None after printing every problem with its path."""
+    try:
+        return _load(args)
+    except ConfigInvalid as exc:
+        _print_errors(exc)
+        return None
+
+
 def _print_errors(exc: ConfigInvalid) -> None:
     for error in exc.errors:
         print(f"error: {error}", file=sys.stderr)
@@ -93,10 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sidecar.app import serve
     from sidecar.observe.decision_log import configure_logging
 
-    try:
-        config = _load(args)
-    except ConfigInvalid as exc:
-        _print_errors(exc)
+    config = _load_or_report(args)
+    if config is None:
         return 1
     configure_logging(config.log_level)
     _install_uvloop()
@@ -149,10 +156,8 @@ def _state_dir(args: argparse.Namespace) -> Path:
 def cmd_admin(args: argparse.Namespace) -> int:
     from sidecar.admin_client import inventory, revoke
 
-    try:
-        config = _load(args)
-    except ConfigInvalid as exc:
-        _print_errors(exc)
+    config = _load_or_report(args)
+    if config is None:
         return 1
     if args.command == "inventory":
         return inventory(config)

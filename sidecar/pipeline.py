@@ -34,7 +34,7 @@ from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import parse_mcp_request
 from sidecar.policy.paths import canonical_path, check_header_names, normalize_host
 from sidecar.server import error_response
-from sidecar.tasks import TASK_HEADER
+from sidecar.tasks import TASK_HEADER, Task
 from sidecar.runtime import mark_cut
 from sidecar.tracing import traceparent_for
 
@@ -142,13 +142,13 @@ class Outbound:
         ex.upstream, ex.host, ex.path = up.name, up.host, route.path
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
-        self._task(request, ex)
+        task = self._task(request, ex)
         body = await self._mcp(request, ex) if up.protocol == "mcp" else None
         ex.facts = self._facts(request, ex, route, body)
         decision = rt.decide(ex.facts)
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
-        credential = await self._credential(ex, decision, up.credential)
+        credential = await self._credential(ex, decision, up.credential, task)
         out = self._outbound_request(request, route, traceparent)
         if credential is not None:
             provider = rt.providers[credential.provider]
@@ -158,10 +158,10 @@ class Outbound:
             provider.apply(out, credential)
         return await self._send(request, ex, route, out, body)
 
-    def _task(self, request: web.BaseRequest, ex: Exchange) -> None:
+    def _task(self, request: web.BaseRequest, ex: Exchange) -> Task | None:
         values = request.headers.getall(TASK_HEADER, ())
         if not values:
-            return
+            return None
         if len(values) > 1:
             raise RequestRefused("bad_request", "tasks: more than one X-Sidecar-Task header")
         ex.task_id = values[0]
@@ -169,6 +169,7 @@ class Outbound:
         self.rt.revocations.check_task(task)
         ex.task_trigger, ex.principal, ex.actor_type = task.trigger, task.principal, task.actor_type
         ex.delegation, ex.act_chain = task.delegation, task.act_chain
+        return task
 
     async def _mcp(self, request: web.BaseRequest, ex: Exchange) -> bytes | None:
         ex.protocol = "mcp"
@@ -190,15 +191,16 @@ class Outbound:
                      task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
                      mcp_tool=ex.mcp_tool)
 
-    async def _credential(self, ex: Exchange, decision: Decision, default: str | None) -> Credential | None:
+    async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
+                          task: Task | None) -> Credential | None:
         rt = self.rt
         name = decision.credential or default
         if name is None:
             return None
         provider = rt.providers[name]
-        task = rt.tasks.get(ex.task_id).ref() if ex.task_id else None
         req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
-                                task=task, impersonation_allowed=decision.delegation == "impersonation_allowed")
+                                task=task.ref() if task else None,
+                                impersonation_allowed=decision.delegation == "impersonation_allowed")
         hit = rt.credentials.cached(provider, req)
         credential, source = hit if hit is not None else await rt.credentials.get(provider, req)
         ex.credential, ex.credential_source = credential, source  # logged even when refused below
