@@ -5,8 +5,9 @@
 - Bodies stream without buffering (chunked uploads, server-sent events reach the client as
   the upstream sends them); a provider that signs the body gets it buffered, within the
   body limit.
-- One ``ClientSession`` per upstream, kept alive, with its own TLS context: verification
-  is never off. Redirects are passed back, never followed.
+- Requests go out through ``sidecar.upstream`` (kept-alive connections per upstream, each
+  with its own TLS context: verification is never off); WebSocket handshakes through a
+  ``ClientSession`` that refuses redirect hops. Redirects are passed back, never followed.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Limits, Timeouts
 from sidecar.errors import RequestRefused, UpstreamFailed
+from sidecar.upstream import BodyTooLarge, ConnectionPool, UpstreamResponse, failure, send
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te",
@@ -95,10 +98,6 @@ async def read_body(request: web.BaseRequest, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-class BodyTooLarge(Exception):
-    """Raised inside the upload stream; the pipeline turns it into body_too_large."""
-
-
 class LimitedBody:
     """The request body as an async iterator that stops at the limit and remembers it did.
 
@@ -162,9 +161,9 @@ async def _no_redirect_hops(request: aiohttp.ClientRequest, handler: Any) -> aio
     return await handler(request)
 
 
-def new_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *, limit: int = 256) -> aiohttp.ClientSession:
-    """A kept-alive session; its read timeout is ``first_byte`` until the response headers arrive."""
-    connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True, limit=limit,
+def websocket_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts) -> aiohttp.ClientSession:
+    """A session for WebSocket handshakes only (plain requests go through ``sidecar.upstream``)."""
+    connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True, limit=256,
                                      keepalive_timeout=min(timeouts.idle, 60.0), enable_cleanup_closed=True)
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
@@ -173,37 +172,23 @@ def new_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *, limit
         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, middlewares=(_no_redirect_hops,))
 
 
-async def open_upstream(session: aiohttp.ClientSession, method: str, url: object, headers: CIMultiDict[str],
-                        data: object, timeouts: Timeouts) -> aiohttp.ClientResponse:
+async def open_upstream(pool: ConnectionPool, method: str, target: str, headers: CIMultiDict[str],
+                        data: bytes | LimitedBody | None) -> UpstreamResponse:
     """Send the request; headers must come within ``first_byte``, then the body may idle for ``idle``."""
     try:
-        response = await session.request(method, url, headers=headers, data=data, allow_redirects=False,
-                                         compress=None, chunked=None, auto_decompress=False)
-    except (BodyTooLarge, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        return await send(pool, method, target, headers, data)
+    except (BodyTooLarge, aiohttp.ClientError, HttpProcessingError, OSError,
+            asyncio.TimeoutError) as exc:
         if isinstance(exc, BodyTooLarge) or getattr(data, "exceeded", False):
             raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
-        raise _upstream_failure(exc) from None
-    if response.connection is not None and response.connection.protocol is not None:
-        response.connection.protocol.read_timeout = timeouts.idle
-    return response
-
-
-def _upstream_failure(exc: BaseException) -> UpstreamFailed:
-    """The refusal for a failed upstream exchange: timeout, TLS verification, or unreachable."""
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return UpstreamFailed("upstream_timeout", "upstream: no response within the configured timeout")
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return UpstreamFailed("upstream_unreachable", "upstream: TLS verification of the upstream failed",
-                              detail=type(exc).__name__)
-    return UpstreamFailed("upstream_unreachable", "upstream: connection refused, reset or closed",
-                          detail=type(exc).__name__)
+        raise failure(exc) from None
 
 
 SMALL_BODY = 64 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
 
 
-def _small(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
+def _small(request: web.BaseRequest, upstream: UpstreamResponse) -> bool:
     """A short, length-delimited response: sent in one write (headers and body together)."""
     length = upstream.content_length
     return (length is not None and length <= SMALL_BODY and request.method != "HEAD"
@@ -211,7 +196,7 @@ def _small(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
             and "Transfer-Encoding" not in upstream.headers)
 
 
-async def _relay_whole(request: web.BaseRequest, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+async def _relay_whole(request: web.BaseRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
                        on_prepared: Callable[[int], None]) -> web.StreamResponse:
     try:
         body = await upstream.read()
@@ -240,7 +225,7 @@ class ClientGone(Exception):
 ChunkFilter = Callable[[bytes, bool], bytes]  # (chunk, final) -> bytes to send
 
 
-def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, transform: ChunkFilter | None,
+def relay(request: web.BaseRequest, upstream: UpstreamResponse, transform: ChunkFilter | None,
           on_prepared: Callable[[int], None]) -> Awaitable[web.StreamResponse]:
     """The upstream's response to the client: short ones in one write, the rest streamed as they arrive."""
     headers = clean_response_headers(upstream.headers)
@@ -250,7 +235,7 @@ def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, transform:
     return _relay_stream(request, upstream, headers, transform, on_prepared)
 
 
-async def _relay_stream(request: web.BaseRequest, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+async def _relay_stream(request: web.BaseRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
                         transform: ChunkFilter | None, on_prepared: Callable[[int], None]) -> web.StreamResponse:
     """Stream as the upstream sends (SSE-safe), through the transform when there is one."""
     if transform is not None:

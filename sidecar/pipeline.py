@@ -230,16 +230,16 @@ class Outbound:
             data = body
             out.headers["Content-Length"] = str(len(body))
             out.headers.popall("Transfer-Encoding", None)
-        url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
-                  encoded=True)
-        session = self.rt.sessions.get(up.name)
         if is_websocket(request):
             ex.protocol = "websocket"
-            response = await proxy_websocket(request, session, url, out.headers, up.timeouts,
-                                             lambda status: _opened(ex, status))
+            url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
+                      encoded=True)
+            response = await proxy_websocket(request, self.rt.sessions.websocket(up.name), url, out.headers,
+                                             up.timeouts, lambda status: _opened(ex, status))
             ex.outcome = "completed"
             return response
-        upstream = await open_upstream(session, out.method, url, out.headers, data, up.timeouts)
+        target = f"{out.path}?{out.query}" if out.query else out.path
+        upstream = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
         return await self.rt.relay(request, ex, upstream)
 
 
@@ -286,8 +286,10 @@ class Inbound:
             headers[TASK_HEADER] = task.id
         declared_length(request, inbound.limits)
         data = stream_body(request, inbound.limits) if has_body(request) else None
-        url = URL(inbound.forward_to.rstrip("/") + ex.path + (f"?{query}" if query else ""), encoded=True)
-        upstream = await open_upstream(rt.sessions.agent(), request.method, url, headers, data, inbound.timeouts)
+        pool = rt.sessions.agent()
+        headers["Host"] = pool.host_header
+        target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
+        upstream = await open_upstream(pool, request.method, target, headers, data)
         return await rt.relay(request, ex, upstream)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,6 +20,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from sidecar.config import Config
 from sidecar.credentials.base import CredentialProvider
@@ -27,8 +29,8 @@ from sidecar.errors import IdentityRefused, UpstreamFailed
 from sidecar.exchange import AgentInfo, Exchange
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.forward import (
-    VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, new_session, relay,
-    request_drop_set,
+    VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, relay, request_drop_set,
+    websocket_session,
 )
 from sidecar.observe.decision_log import emit_event
 from sidecar.observe.metrics import Metrics
@@ -36,6 +38,7 @@ from sidecar.policy.engine import Decision, Facts, PolicySet
 from sidecar.revocation import Revocation, Revocations
 from sidecar.routing import Router
 from sidecar.tasks import Task, TaskRegistry
+from sidecar.upstream import ConnectionPool, UpstreamResponse
 
 log = structlog.get_logger("sidecar.runtime")
 # A caller's Authorization never reaches the agent, verified or not: the agent gets a task id instead.
@@ -74,42 +77,65 @@ class ActiveExchanges:
 
 
 class Sessions:
-    """One pooled, kept-alive client session per upstream, and one to the agent."""
+    """Kept-alive connections per upstream and to the agent; a ClientSession per upstream for WebSockets."""
 
     def __init__(self, config: Config, svid_files: Callable[[], tuple[str, str] | None]) -> None:
         self._config = config
         self._svid_files = svid_files
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._agent: aiohttp.ClientSession | None = None
+        self._pools: dict[str, ConnectionPool] = {}
+        self._websockets: dict[str, aiohttp.ClientSession] = {}
+        self._agent: ConnectionPool | None = None
+        self.agent_base_path = ""  # forward_to's path, before the caller's
 
-    def get(self, name: str) -> aiohttp.ClientSession:
-        session = self._sessions.get(name)
+    def get(self, name: str) -> ConnectionPool:
+        pool = self._pools.get(name)
+        if pool is None or pool.closed:
+            up = self._config.outbound.upstreams[name]
+            pool = self._pools[name] = ConnectionPool(up.host, up.port, self._ssl_context(name), up.timeouts)
+        return pool
+
+    def websocket(self, name: str) -> aiohttp.ClientSession:
+        session = self._websockets.get(name)
         if session is None or session.closed:
             up = self._config.outbound.upstreams[name]
-            ctx = None
-            if up.scheme == "https":
-                cert_key = self._svid_files() if up.client_cert == "svid" else None
-                ctx = client_ssl_context(str(up.ca) if up.ca else None, *(cert_key or (None, None)))
-            session = self._sessions[name] = new_session(ctx, up.timeouts)
+            session = self._websockets[name] = websocket_session(self._ssl_context(name), up.timeouts)
         return session
 
-    def agent(self) -> aiohttp.ClientSession:
+    def _ssl_context(self, name: str) -> ssl.SSLContext | None:
+        up = self._config.outbound.upstreams[name]
+        if up.scheme != "https":
+            return None
+        cert_key = self._svid_files() if up.client_cert == "svid" else None
+        return client_ssl_context(str(up.ca) if up.ca else None, *(cert_key or (None, None)))
+
+    def agent(self) -> ConnectionPool:
         if self._agent is None or self._agent.closed:
-            assert self._config.inbound is not None
-            self._agent = new_session(None, self._config.inbound.timeouts)
+            inbound = self._config.inbound
+            assert inbound is not None
+            url = URL(inbound.forward_to)
+            ctx = client_ssl_context(None) if url.scheme == "https" else None
+            self._agent = ConnectionPool(url.host or "127.0.0.1", url.port or 80, ctx, inbound.timeouts)
+            self.agent_base_path = url.raw_path.rstrip("/")
         return self._agent
 
     def renew_client_certs(self) -> None:
-        """After an SVID rotation: new sessions for mTLS upstreams; old ones finish, then close."""
+        """After an SVID rotation: new connections for mTLS upstreams; the ones in use finish, then close."""
+        loop = asyncio.get_running_loop()
         for name, up in self._config.outbound.upstreams.items():
-            old = self._sessions.pop(name, None) if up.client_cert == "svid" else None
-            if old is not None:
-                asyncio.get_running_loop().call_later(self._config.drain, asyncio.ensure_future, old.close())
+            if up.client_cert != "svid":
+                continue
+            pool, session = self._pools.pop(name, None), self._websockets.pop(name, None)
+            if pool is not None:
+                pool.close()
+            if session is not None:
+                loop.call_later(self._config.drain, asyncio.ensure_future, session.close())
 
     async def aclose(self) -> None:
-        for session in (*self._sessions.values(), self._agent):
-            if session is not None:
-                await session.close()
+        for pool in (*self._pools.values(), self._agent):
+            if pool is not None:
+                pool.close()
+        for session in self._websockets.values():
+            await session.close()
 
 
 @dataclass
@@ -196,7 +222,7 @@ class Runtime:
             self.tasks.end(ex.task_id)
 
     async def relay(self, request: web.BaseRequest, ex: Exchange,
-                    upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+                    upstream: UpstreamResponse) -> web.StreamResponse:
         ex.upstream_status = upstream.status
         try:
             transform = self._response_filter(ex, upstream)
@@ -216,7 +242,7 @@ class Runtime:
         finally:
             upstream.release()
 
-    def _response_filter(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> Any:
+    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse) -> Any:
         if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
             return None
         return tools_list_filter(self, ex, upstream.headers)
