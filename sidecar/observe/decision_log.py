@@ -92,7 +92,10 @@ FLUSH_BYTES = 64 * 1024
 class BufferedLineWriter:
     """Lines into a buffer, flushed every FLUSH_AFTER seconds or FLUSH_BYTES (at once outside a loop).
 
-    One write and flush per batch instead of per line; ``flush()`` is also called on shutdown.
+    Under load: one write and flush per batch instead of per line. A line after a quiet spell
+    (nothing flushed for FLUSH_AFTER) is written at once: at an agent's sporadic pace a timer
+    per line would cost a wake-up of its own, and the line would wait for nothing.
+    ``flush()`` is also called on shutdown.
     """
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
@@ -100,6 +103,7 @@ class BufferedLineWriter:
         self._lines: list[bytes] = []
         self._size = 0
         self._scheduled = False
+        self._flushed = 0.0  # time.monotonic() of the last flush
 
     @property
     def stream(self) -> IO[bytes]:
@@ -113,6 +117,9 @@ class BufferedLineWriter:
             return
         if self._scheduled:
             return
+        if time.monotonic() - self._flushed >= FLUSH_AFTER:
+            self.flush()
+            return
         try:
             asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
             self._scheduled = True
@@ -121,6 +128,7 @@ class BufferedLineWriter:
 
     def flush(self) -> None:
         self._scheduled = False
+        self._flushed = time.monotonic()
         self._size = 0
         lines, self._lines = self._lines, []
         if lines:
