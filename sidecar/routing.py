@@ -16,8 +16,8 @@ first (``browser_origin``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+import re
+from typing import Mapping, NamedTuple
 
 from multidict import CIMultiDictProxy
 
@@ -25,12 +25,18 @@ from sidecar.config import Upstream
 from sidecar.errors import RequestRefused
 from sidecar.fields import ListenAddress
 from sidecar.policy.paths import (
-    canonical_path, check_query, join_base, normalize_host, split_route_prefix, strip_base,
+    canonical_path, check_query, has_dot_segment, join_base, normalize_host, split_route_prefix, strip_base,
 )
 
+# The common route-prefix target in one match: a plain upstream name (not '.' or '..'), a path of
+# unreserved and sub-delim characters only (nothing to decode), a query of printable ASCII without
+# '#'. Anything else takes the general path (split_route_prefix + canonical_path), which decides the
+# same way on these targets: tests/policy/test_paths.py compares the two.
+_CLEAN_PREFIX = re.compile(r"/([A-Za-z0-9\-_~][A-Za-z0-9\-._~]*)(/[A-Za-z0-9\-._~!$&'()*+,=:@/]*)?"
+                           r"(?:\?([\x21\x22\x24-\x7e]*))?")
 
-@dataclass(frozen=True, slots=True)
-class Route:
+
+class Route(NamedTuple):
     upstream: Upstream
     mode: str  # prefix | proxy | connect
     path: str  # canonical, without the upstream's base path: what rules match
@@ -76,6 +82,13 @@ class Router:
         if not own:
             raise RequestRefused("host_mismatch", "outbound: the Host header must be this listener's own "
                                                   "address in route-prefix mode")
+        clean = _CLEAN_PREFIX.fullmatch(raw_target)
+        if clean is not None:
+            name, path, query = clean.group(1, 2, 3)
+            path = path or "/"
+            upstream = self._by_name.get(name)
+            if upstream is not None and "//" not in path and not has_dot_segment(path):
+                return Route(upstream, "prefix", path, upstream.base_path.rstrip("/") + path, query or "")
         name, raw_rest, query = split_route_prefix(raw_target)
         upstream = self._by_name.get(name)
         if upstream is None:

@@ -165,7 +165,7 @@ def _check_hidden_dots(path: str, raw_path: str) -> None:
             raise _refuse(f"dot segment next to an encoded slash (%2F) in path {_show(raw_path)}")
 
 
-def _has_dot_segment(path: str) -> bool:
+def has_dot_segment(path: str) -> bool:
     """Whether '.' or '..' appears as a whole segment ('/.well-known' does not count)."""
     if "/." not in path:
         return False
@@ -174,7 +174,7 @@ def _has_dot_segment(path: str) -> bool:
 
 def canonical_path(raw_path: str, opts: PathOptions = DEFAULT_OPTIONS) -> str:
     """The canonical form of a raw request path (no query), or RequestRefused(bad_request)."""
-    if _CLEAN.fullmatch(raw_path) and "//" not in raw_path and not _has_dot_segment(raw_path):
+    if _CLEAN.fullmatch(raw_path) and "//" not in raw_path and not has_dot_segment(raw_path):
         return raw_path
     if not raw_path.startswith("/"):
         raise _refuse(f"a path must start with '/', got {_show(raw_path)}")
