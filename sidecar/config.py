@@ -13,6 +13,7 @@ files by ``sidecar.policy``. Only references between sections are checked here.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -196,12 +197,22 @@ def _outbound(f: Fields, warnings: list[str]) -> OutboundConfig:
     return cfg
 
 
+def _loads_as_ca(path: Path) -> bool:
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+    return True
+
+
 def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str]) -> Upstream | None:
     if not name or "/" in name or "%" in name or name in (".", ".."):
         f.error("", "upstream names must be non-empty and contain no '/', '%', or dot segments")
     url = f.url("url", required=True)
     hosts = tuple(h.lower().rstrip(".") for h in f.str_list("hosts", ()))
     ca = f.path_value("ca", must_exist=True)
+    if ca is not None and not _loads_as_ca(ca):
+        f.error("ca", "expected a PEM file of CA certificates; none could be loaded from it")
     client_cert = f.choice("client_cert", ("svid",))
     credential = f.str("credential")
     protocol = f.choice("protocol", ("http", "mcp"), "http")

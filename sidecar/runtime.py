@@ -86,6 +86,8 @@ class Sessions:
         self._websockets: dict[str, aiohttp.ClientSession] = {}
         self._agent: ConnectionPool | None = None
         self.agent_base_path = ""  # forward_to's path, before the caller's
+        for name in config.outbound.upstreams:  # TLS contexts (CA files, our SVID) load now, not on a request
+            self.get(name)
 
     def get(self, name: str) -> ConnectionPool:
         pool = self._pools.get(name)

@@ -12,6 +12,7 @@ import yaml
 
 from sidecar.config import load_config, parse_config
 from sidecar.errors import ConfigInvalid
+from sidecar.identity.ca import ca_init
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "config" / "sidecar.example.yaml"
@@ -20,9 +21,10 @@ EXAMPLE = ROOT / "config" / "sidecar.example.yaml"
 def materialize_example(tmp: Path) -> Path:
     """The full example with every absolute path moved under tmp, and those files created."""
     text = EXAMPLE.read_text().replace("/var/run/", f"{tmp}/var/run/").replace("/etc/ssl/", f"{tmp}/etc/ssl/")
+    ca_pem = ca_init(tmp / "example-ca").read_text()
     for path in set(re.findall(rf"{re.escape(str(tmp))}/[\w/.-]+", text)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text("placeholder\n")
+        Path(path).write_text(ca_pem if path.endswith("-ca.pem") else "placeholder\n")  # upstream CAs are loaded
     text = text.replace("config/policy.example.yaml", str(ROOT / "config" / "policy.example.yaml"))
     out = tmp / "sidecar.yaml"
     out.write_text(text)
@@ -56,11 +58,13 @@ def test_the_full_reference_example_validates(tmp_path, monkeypatch):
 
 def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
     """Unknown keys, bad URLs, a non-loopback outbound listener and dangling references come out together."""
+    (tmp_path / "not-a-ca.pem").write_text("not a certificate\n")
     raw = {
         "agent": {"name": "a", "colour": "blue"},
         "outbound": {"listen": "0.0.0.0:17001", "upstreams": {
             "billing": {"url": "ftp://billing", "credential": "nope"},
             "crm": {"url": "https://crm.internal", "paths": {"merge_slashes": "yes"}},
+            "erp": {"url": "https://erp.internal", "ca": str(tmp_path / "not-a-ca.pem")},
         }},
         "credentials": {"weird": {"type": "magic"},
                         "static-one": {"type": "static", "header": "X_Key", "value": {"value": "s3cr3t-canary"}}},
@@ -73,6 +77,7 @@ def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
         "outbound.listen: must be a loopback address",
         "outbound.upstreams.billing.url: must be an absolute http or https URL",
         "outbound.upstreams.crm.paths.merge_slashes: must be true or false",
+        "outbound.upstreams.erp.ca: expected a PEM file of CA certificates",
         "credentials.weird.type: unknown credential type 'magic'; valid types:",
         "credentials.static-one.header: must be an HTTP header name without '_'",
         "tasks.ttl: must not exceed max_ttl",
