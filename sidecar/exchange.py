@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.credentials.base import Credential
@@ -34,13 +34,14 @@ class AgentInfo:
         return {"id": self.id, "name": self.name, "environment": self.environment}
 
 
-@dataclass(slots=True)
 class Exchange:
-    direction: str
+    """One exchange's facts, filled in by the stages; unset fields read their class default.
+
+    A plain class rather than a dataclass: creating one per request sets four attributes,
+    not the thirty-five a generated ``__init__`` would.
+    """
+
     protocol: str = "http"
-    started: float = field(default_factory=time.perf_counter)
-    ts: str = field(default_factory=CLOCK.now)
-    decision_id: str = field(default_factory=new_id)
     decision: str = "deny"
     reason: str = "internal_error"
     rule_id: str | None = None
@@ -69,6 +70,16 @@ class Exchange:
     upstream_status: int | None = None
     trace_id: str | None = None
     facts: Any = None  # the policy facts, kept for response filtering; not part of the event
+
+    def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
+        self.direction = direction
+        self.started = time.perf_counter()
+        self.ts = CLOCK.now()
+        self.decision_id = new_id()
+        if protocol != "http":
+            self.protocol = protocol
+        if method is not None:
+            self.method = method
 
     def allow(self, reason: str = "allowed") -> None:
         self.decision, self.reason = "allow", reason

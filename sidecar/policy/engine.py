@@ -113,7 +113,7 @@ class PolicySet:
     """A loaded, indexed set of rules; :meth:`decide` is the per-request entry point."""
 
     __slots__ = ("rules", "default", "version", "mode", "files", "_limiter", "_clock", "_enforced", "_shadow",
-                 "_default", "_decisions")
+                 "_default", "_decisions", "_needs_clock")
     _shadow: Index | None
 
     def __init__(self, rules: Sequence[Rule], *, default: str, version: str, mode: str, files: Sequence[Path],
@@ -127,13 +127,14 @@ class PolicySet:
         reason = "allowed" if default == "allow" else "no_matching_rule"
         self._default = _Outcome(default, reason, None)
         self._decisions: dict[_Outcome, Decision] = {}  # bounded: at most three outcomes per rule, plus default
+        self._needs_clock = any(r.conditional for r in self.rules)  # only conditions and hours read the time
 
     @property
     def limiter(self) -> RateLimiter:
         return self._limiter
 
     def decide(self, facts: Facts) -> Decision:
-        now = self._now(facts)
+        now = self._now(facts) if self._needs_clock else _NO_CLOCK
         enforced = self._evaluate(self._enforced, facts, now, limits=True) or self._default
         if self.mode == "audit":
             return Decision("allow", "allowed", "default", None, None, None, enforced.audit(), None, self.version)
@@ -277,6 +278,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _s
 
 
 _UNREADABLE: Any = object()
+_NO_CLOCK = datetime.min.replace(tzinfo=timezone.utc)  # passed when no rule reads the time
 
 
 @dataclass(frozen=True, slots=True)
