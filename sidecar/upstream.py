@@ -10,7 +10,10 @@ followed: there is no code that would), and the response is read by aiohttp's ow
 credential providers' token requests still use ``ClientSession``.
 
 A connection goes back to its pool only when its response was read to the end, the upload
-finished and neither side asked to close; anything else (cut, error, early answer) closes it.
+had finished before the response began and neither side asked to close; anything else (cut,
+error, early answer) closes it. A byte the upstream sends while the connection is idle closes
+it too: no answer can be taken for the next request's. A body without a length is read to the
+close (RFC 9112 §6.3).
 A request that fails on a reused connection before any response byte is retried once on a
 new one when it is idempotent and its body can be sent again (RFC 9112 §9.3.1), as aiohttp does.
 """
@@ -21,10 +24,11 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import AsyncIterable
+from typing import Any, AsyncIterable
 
 from aiohttp import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Timeouts
@@ -41,6 +45,18 @@ class BodyTooLarge(Exception):
     """Raised inside the upload stream; the pipeline turns it into body_too_large."""
 
 
+class Connection(ResponseHandler):
+    """aiohttp's response reader, closed on any byte the upstream sends while no request is out."""
+
+    idle = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:  # an answer nobody asked for (desync, or a body longer than framed)
+            self.close()
+            return
+        super().data_received(data)
+
+
 class ConnectionPool:
     """Kept-alive connections to one origin (newest reused first), at most ``limit`` open at once."""
 
@@ -51,18 +67,19 @@ class ConnectionPool:
         self.host_header = host if port == default_port else f"{host}:{port}"
         self.keepalive = min(timeouts.idle, 60.0)
         self._limit = limit
-        self._idle: list[tuple[ResponseHandler, float]] = []
+        self._idle: list[tuple[Connection, float]] = []
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
-    async def acquire(self) -> tuple[ResponseHandler, bool]:
+    async def acquire(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused; a new one within ``timeouts.connect``."""
         now = time.monotonic()
         while self._idle:
             proto, since = self._idle.pop()
-            if proto.is_connected() and now - since <= self.keepalive:
+            if proto.is_connected() and not proto.should_close and now - since <= self.keepalive:
+                proto.idle = False
                 return proto, True
             self._discard(proto)
         while self._open >= self._limit:
@@ -78,13 +95,13 @@ class ConnectionPool:
                 return await self.acquire()
         return await self._connect(), False
 
-    async def _connect(self) -> ResponseHandler:
+    async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         self._open += 1
         try:
             async with asyncio.timeout(self.timeouts.connect):
                 _, proto = await loop.create_connection(
-                    lambda: ResponseHandler(loop), self.host, self.port, ssl=self.ssl,
+                    lambda: Connection(loop), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl is not None else None)
         except BaseException:
             self._open -= 1
@@ -92,8 +109,9 @@ class ConnectionPool:
             raise
         return proto
 
-    def release(self, proto: ResponseHandler, reusable: bool) -> None:
+    def release(self, proto: Connection, reusable: bool) -> None:
         if reusable and not self.closed and proto.is_connected() and not proto.should_close:
+            proto.idle = True
             self._idle.append((proto, time.monotonic()))
             if self._sweep is None:
                 self._sweep = asyncio.get_running_loop().call_later(self.keepalive, self._expire)
@@ -101,7 +119,7 @@ class ConnectionPool:
         else:
             self._discard(proto)
 
-    def _discard(self, proto: ResponseHandler) -> None:
+    def _discard(self, proto: Connection) -> None:
         proto.close()
         self._open -= 1
         self._wake()
@@ -134,15 +152,17 @@ class ConnectionPool:
 class UpstreamResponse:
     """The upstream's response head, its body as a stream, and the connection it came on."""
 
-    __slots__ = ("status", "reason", "headers", "content", "_pool", "_proto", "_upload")
+    __slots__ = ("status", "reason", "headers", "content", "_pool", "_proto", "_upload", "_early")
 
-    def __init__(self, pool: ConnectionPool, proto: ResponseHandler, message: object, payload: object,
+    def __init__(self, pool: ConnectionPool, proto: Connection, message: object, payload: object,
                  upload: asyncio.Task[None] | None) -> None:
         self.status: int = message.code  # type: ignore[attr-defined]
         self.reason: str = message.reason  # type: ignore[attr-defined]
         self.headers: CIMultiDictProxy[str] = message.headers  # type: ignore[attr-defined]
         self.content = payload
         self._pool, self._proto, self._upload = pool, proto, upload
+        # answered before the body was all sent: the upstream may read the rest as another request
+        self._early = upload is not None and not upload.done()
 
     @property
     def content_length(self) -> int | None:
@@ -153,12 +173,11 @@ class UpstreamResponse:
         return await self.content.read()  # type: ignore[attr-defined, no-any-return]
 
     def release(self) -> None:
-        """Back to the pool if read to the end with the upload done; closed otherwise."""
+        """Back to the pool if read to the end with the upload done first; closed otherwise."""
         upload = self._upload
-        done = upload is None or upload.done()
-        if not done:
-            upload.cancel()  # type: ignore[union-attr]
-        self._pool.release(self._proto, done and self.content.is_eof())  # type: ignore[attr-defined]
+        if upload is not None and not upload.done():
+            upload.cancel()
+        self._pool.release(self._proto, not self._early and self.content.is_eof())  # type: ignore[attr-defined]
 
 
 async def send(pool: ConnectionPool, method: str, target: str, headers: CIMultiDict[str],
@@ -182,10 +201,10 @@ async def send(pool: ConnectionPool, method: str, target: str, headers: CIMultiD
             raise
 
 
-async def _exchange(pool: ConnectionPool, proto: ResponseHandler, method: str, head: bytes,
+async def _exchange(pool: ConnectionPool, proto: Connection, method: str, head: bytes,
                     body: bytes | AsyncIterable[bytes] | None, chunked: bool) -> UpstreamResponse:
     timeouts = pool.timeouts
-    proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=False, auto_decompress=False,
+    proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
                               read_timeout=timeouts.first_byte, read_bufsize=READ_CHUNK,
                               max_line_size=MAX_RESPONSE_LINE, max_field_size=MAX_RESPONSE_FIELD,
                               max_headers=MAX_RESPONSE_HEADERS)
@@ -199,12 +218,7 @@ async def _exchange(pool: ConnectionPool, proto: ResponseHandler, method: str, h
         transport.write(head)
         upload = asyncio.ensure_future(_upload(proto, body, chunked))
     try:
-        while True:
-            message, payload = await proto.read()
-            if not 100 <= message.code < 200:
-                break
-            if message.code == 101:
-                raise ServerDisconnectedError("upstream: switched protocols without being asked")
+        message, payload = await _final_head(proto, upload, timeouts.first_byte)
     except BaseException:
         if upload is not None and not upload.done():
             upload.cancel()
@@ -213,7 +227,24 @@ async def _exchange(pool: ConnectionPool, proto: ResponseHandler, method: str, h
     return UpstreamResponse(pool, proto, message, payload, upload)
 
 
-async def _upload(proto: ResponseHandler, body: AsyncIterable[bytes], chunked: bool) -> None:
+async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, first_byte: float) -> tuple[Any, Any]:
+    """The final response head, past any 1xx; once the request is all sent, 1xx or not, it is due within
+    ``first_byte`` of the first interim answer (aiohttp stops its read timer at every head it parses)."""
+    deadline: float | None = None
+    while True:
+        async with asyncio.timeout_at(deadline):
+            message, payload = await proto.read()
+        if not 100 <= message.code <= 599:
+            raise HttpProcessingError(message=f"upstream: status {message.code} is outside 100-599")
+        if message.code >= 200:
+            return message, payload
+        if message.code == 101:
+            raise ServerDisconnectedError("upstream: switched protocols without being asked")
+        if deadline is None and (upload is None or upload.done()):
+            deadline = asyncio.get_running_loop().time() + first_byte
+
+
+async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
     """Stream the body (chunked unless the head declared its length), minding the socket's backpressure.
 
     A failure is put on the connection (the response read raises it; the connection is not
@@ -253,7 +284,10 @@ def serialize_head(method: str, target: str, headers: CIMultiDict[str],
     if text.count("\n") != breaks or text.count("\r") != breaks or "\x00" in text or " " in target \
             or not target.startswith("/"):
         raise RequestRefused("bad_request", "request: a header or the path would split the upstream request")
-    return (text + "\r\n\r\n").encode("utf-8")
+    try:
+        return (text + "\r\n\r\n").encode("utf-8")
+    except UnicodeEncodeError:  # a raw byte the listener's parser kept (surrogate-escaped): not text
+        raise RequestRefused("bad_request", "request: a header or the path is not valid UTF-8 text") from None
 
 
 def failure(exc: BaseException) -> UpstreamFailed:
