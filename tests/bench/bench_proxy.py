@@ -1,12 +1,16 @@
 """What the sidecar's outbound path costs, against nginx direct and a bare aiohttp proxy.
 
-Run: ``python -m tests.bench.bench_proxy`` (about 6 minutes; ``--quick`` about 1; ``--rounds N``).
+Run: ``python -m tests.bench.bench_proxy`` (about 8 minutes; ``--quick`` about 2; ``--rounds N``).
 Not part of the test run. Needs ``nginx``, ``wrk`` and ``taskset`` on the PATH, and 2 cores.
 
-Three subjects, all on 127.0.0.1, measured alternately (the order rotates every round):
+Four subjects, all on 127.0.0.1, measured alternately (the order rotates every round):
 
 - ``direct``: nginx itself (``worker_processes 1``, keep-alive, a fixed 67-byte body);
-- ``bare``: ``tests/bench/bare_proxy.py`` in front of that nginx (the baseline);
+- ``bare``: ``tests/bench/bare_proxy.py`` in front of that nginx (the baseline the target names:
+  aiohttp's server and ``ClientSession``);
+- ``lean``: ``tests/bench/lean_proxy.py``, the same pass-through on the sidecar's own forwarding
+  leg (``sidecar.upstream``) instead of ``ClientSession``: sidecar/lean is the cost of the
+  sidecar's own work over an equally lean forwarder;
 - ``sidecar``: ``python -m sidecar run`` in front of it, route-prefix mode (``/bench/...``), a
   static credential, one allow rule, one trust-decision line and the metrics per request.
 
@@ -45,14 +49,14 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 PROXY_CPU, LOAD_CPU = "1", "0"
 BODY = '{"ok":true,"service":"bench","items":[1,2,3],"note":"fixed body."}\n'
 assert len(BODY) == 67, len(BODY)
 SECRET = "bench-static-secret-3c9e1f"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SUBJECTS = ("direct", "bare", "sidecar")
+SUBJECTS = ("direct", "bare", "lean", "sidecar")
 TARGET_RATIO = 1.3
 
 
@@ -241,6 +245,15 @@ def start_bare(tmp: Path, port: int, upstream: int, profile: Path | None = None)
                              "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{upstream}"],
                             stdout=open(tmp / "bare.out", "wb"), stderr=subprocess.STDOUT)
     wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v1/bench"), 15, "bare_proxy", proc)
+    return proc
+
+
+def start_lean(tmp: Path, port: int, upstream: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["taskset", "-c", PROXY_CPU, *_python("tests.bench.lean_proxy", None),
+                             "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{upstream}"],
+                            stdout=open(tmp / "lean.out", "wb"), stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[2])
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v1/bench"), 15, "lean_proxy", proc)
     return proc
 
 
@@ -437,11 +450,13 @@ def report(results: Results, s: Settings) -> str:
               "sporadic": f"sporadic (one request every {1000 / s.sporadic_rate:g} ms for {s.sporadic_s:g} s)"}
     for mode in MODES:
         lines += [f"### {labels[mode]}", "",
-                  "| metric | direct (nginx) | bare aiohttp | sidecar | sidecar/bare | bare/direct |",
-                  "|---|---|---|---|---|---|"]
+                  "| metric | direct (nginx) | bare aiohttp | lean | sidecar | sidecar/bare | sidecar/lean "
+                  "| bare/direct |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, key, fmt in METRICS[mode]:
             cells = [_cell(results.values(mode, name, key), fmt) for name in SUBJECTS]
             cells += [_cell(results.ratios(mode, key, "sidecar", "bare"), ".2f"),
+                      _cell(results.ratios(mode, key, "sidecar", "lean"), ".2f"),
                       _cell(results.ratios(mode, key, "bare", "direct"), ".2f")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -465,7 +480,9 @@ def _checks(results: Results, s: Settings) -> list[str]:
     for mode in MODES:
         ratio = statistics.median(results.ratios(mode, "cpu_us", "sidecar", "bare"))
         verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
-        out.append(f"target CPU/req sidecar <= {TARGET_RATIO}x bare, {mode}: {ratio:.2f}x -> {verdict}")
+        lean = statistics.median(results.ratios(mode, "cpu_us", "sidecar", "lean"))
+        out.append(f"target CPU/req sidecar <= {TARGET_RATIO}x bare, {mode}: {ratio:.2f}x -> {verdict} "
+                   f"(sidecar/lean {lean:.2f}x: the sidecar's own work over the same forwarding leg)")
     return out
 
 
@@ -531,10 +548,13 @@ def _subjects(tmp: Path, fleet: Fleet, nginx_port: int) -> dict[str, Subject]:
         raise RuntimeError(f"bench: expected one nginx worker, found {workers}")
     bare_port = free_port()
     bare = fleet.add(start_bare(tmp, bare_port, nginx_port))
+    lean_port = free_port()
+    lean = fleet.add(start_lean(tmp, lean_port, nginx_port))
     sidecar, ports = start_sidecar(tmp, nginx_port)
     fleet.add(sidecar)
     return {"direct": Subject("direct", f"http://127.0.0.1:{nginx_port}/v1/bench", workers[0]),
             "bare": Subject("bare", f"http://127.0.0.1:{bare_port}/v1/bench", bare.pid),
+            "lean": Subject("lean", f"http://127.0.0.1:{lean_port}/v1/bench", lean.pid),
             "sidecar": Subject("sidecar", f"http://127.0.0.1:{ports['outbound']}/bench/v1/bench", sidecar.pid,
                                tmp / "sidecar.out")}
 
