@@ -216,7 +216,7 @@ async def _exchange(pool: ConnectionPool, proto: Connection, method: str, head: 
         proto.start_timeout()
     else:
         transport.write(head)
-        upload = asyncio.ensure_future(_upload(proto, body, chunked))
+        upload = asyncio.ensure_future(_upload(proto, body, chunked, timeouts.idle))
     try:
         message, payload = await _final_head(proto, upload, timeouts.first_byte)
     except BaseException:
@@ -244,8 +244,9 @@ async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, firs
             deadline = asyncio.get_running_loop().time() + first_byte
 
 
-async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
-    """Stream the body (chunked unless the head declared its length), minding the socket's backpressure.
+async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, idle: float) -> None:
+    """Stream the body (chunked unless the head declared its length), minding the socket's backpressure:
+    an upstream that reads nothing of it for ``idle`` fails the exchange (a timeout).
 
     A failure is put on the connection (the response read raises it; the connection is not
     reused), not raised here: nobody awaits this task.
@@ -257,14 +258,16 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool) 
                 continue
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             if proto.writing_paused:
-                await proto._drain_helper()
+                async with asyncio.timeout(idle):
+                    await proto._drain_helper()
         if chunked and transport is not None and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
         proto.start_timeout()
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # the agent's upload broke off or passed the limit: fail the exchange
-        proto.set_exception(exc if isinstance(exc, BodyTooLarge) else ClientOSError(type(exc).__name__))
+    except Exception as exc:  # the agent's upload broke off, passed the limit or stalled: fail the exchange
+        kept = isinstance(exc, (BodyTooLarge, TimeoutError))
+        proto.set_exception(exc if kept else ClientOSError(type(exc).__name__))
 
 
 def serialize_head(method: str, target: str, headers: CIMultiDict[str],

@@ -1,6 +1,6 @@
 """Security review, round 3: the forwarding leg's own HTTP/1.1 client (``sidecar.upstream``).
 
-Tests named ``test_h<N>_...`` reproduce findings H1-H6 of the third review; each failed before its
+Tests named ``test_h<N>_...`` reproduce findings H1-H7 of the third review; each failed before its
 fix and now asserts it. The others confirm a defence that held. The upstreams here are raw asyncio
 servers on loopback whose every byte the test writes, so that framing and reuse are seen on the wire.
 """
@@ -227,6 +227,28 @@ async def test_h6_a_status_outside_100_to_599_is_an_upstream_failure(make_sideca
     response = await raw_http(out, b"GET /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
                                    % out)
     assert response.split(b" ")[1] == b"502"
+
+
+# -- H7: an upstream that stops reading the upload holds the exchange forever ------------------
+
+async def test_h7_an_upload_the_upstream_stops_reading_is_timed_out_by_idle(raw_server):
+    """An upstream that takes the head, never reads the body and never answers stalls the upload on
+    backpressure: the exchange fails after ``idle`` without progress instead of holding its slot forever."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)
+
+    pool = pool_at(await raw_server(handler), first_byte=0.1, idle=0.2)
+    chunk, count = b"x" * 65536, 2048  # 128 MiB: far beyond what loopback socket buffers hold
+
+    async def body():
+        for _ in range(count):
+            yield chunk
+
+    headers = CIMultiDict({"Host": pool.host_header, "Content-Length": str(len(chunk) * count)})
+    assert isinstance(await hang_or_raise(send(pool, "POST", "/x", headers, body())), asyncio.TimeoutError)
+    assert pool._open == 0
+    pool.close()
 
 
 # -- defences that held --------------------------------------------------------------------
