@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sidecar.fields import ListenAddress, Secret
-from sidecar.policy.paths import PathOptions
+from sidecar.policy.paths import PathOptions, format_authority
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +47,7 @@ class Upstream:
 
     @property
     def host_header(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        return format_authority(self.host, self.port, self.scheme)
 
 
 @dataclass(frozen=True, slots=True)

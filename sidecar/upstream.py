@@ -13,7 +13,9 @@ A connection goes back to its pool only when its response was read to the end, t
 had finished before the response began and neither side asked to close; anything else (cut,
 error, early answer) closes it. A byte the upstream sends while the connection is idle closes
 it too: no answer can be taken for the next request's. A body without a length is read to the
-close (RFC 9112 §6.3).
+close (RFC 9112 §6.3). At most ``limit`` connections per upstream; a request finding them all
+busy waits for one at most ``first_byte`` (then ``upstream_timeout``).
+
 A request that fails on a reused connection before any response byte is retried once on a
 new one when it is idempotent and its body can be sent again (RFC 9112 §9.3.1), as aiohttp does.
 """
@@ -33,6 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Timeouts
 from sidecar.errors import RequestRefused, UpstreamFailed
+from sidecar.policy.paths import format_authority
 
 READ_CHUNK = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -63,8 +66,7 @@ class ConnectionPool:
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *,
                  limit: int = 256) -> None:
         self.host, self.port, self.ssl, self.timeouts = host, port, ssl_context, timeouts
-        default_port = 443 if ssl_context is not None else 80
-        self.host_header = host if port == default_port else f"{host}:{port}"
+        self.host_header = format_authority(host, port, "https" if ssl_context is not None else "http")
         self.keepalive = min(timeouts.idle, 60.0)
         self._limit = limit
         self._idle: list[tuple[Connection, float]] = []
@@ -85,11 +87,13 @@ class ConnectionPool:
         while self._open >= self._limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
+            try:  # every connection busy: wait for one, as long as a response may take to start
+                async with asyncio.timeout(self.timeouts.first_byte):
+                    await waiter
+            except BaseException:  # cut, or timed out (upstream_timeout)
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # woken but gone: pass the turn on
+                waiter.cancel()
                 raise
             if self._idle:
                 return await self.acquire()
@@ -239,7 +243,7 @@ async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, firs
         if message.code >= 200:
             return message, payload
         if message.code == 101:
-            raise ServerDisconnectedError("upstream: switched protocols without being asked")
+            raise HttpProcessingError(message="upstream: switched protocols without being asked")  # not retried
         if deadline is None and (upload is None or upload.done()):
             deadline = asyncio.get_running_loop().time() + first_byte
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar, Hashable, Protocol
 from multidict import CIMultiDict
 
 from sidecar.fields import Secret
+from sidecar.policy.paths import format_authority
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +88,7 @@ class OutboundRequest:
 
     @property
     def host_header(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        return format_authority(self.host, self.port, self.scheme)
 
 
 class CredentialProvider(Protocol):

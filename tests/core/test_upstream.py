@@ -7,6 +7,7 @@ keep-alive, framing and failure behaviour are observed on the wire, not assumed.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Callable
 
 import aiohttp
@@ -189,14 +190,15 @@ async def test_an_interim_100_continue_is_skipped(wire_factory):
 
 
 async def test_an_unsolicited_101_is_a_failure_and_the_connection_closed(wire_factory):
-    """A plain request never asked to switch protocols: the upstream's 101 is refused, not relayed."""
-    wire = await wire_factory(lambda head, no: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
-                                               b"Connection: upgrade\r\n\r\n")
+    """A plain request never asked to switch protocols: the 101 is refused, not relayed, and not retried."""
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+    wire = await wire_factory(lambda head, no: switch if len(wire.requests) == 2 else OK)
     pool = pool_for(wire)
-    with pytest.raises(aiohttp.ServerDisconnectedError):
-        await get(pool)
+    assert await get(pool) == (200, b"ok")
+    with pytest.raises(aiohttp.http_exceptions.HttpProcessingError):
+        await get(pool)  # on the kept-alive connection: an answer came, so no second attempt
     await asyncio.sleep(0.05)
-    assert wire.closed == 1
+    assert wire.closed == 1 and len(wire.requests) == 2
 
 
 async def test_a_malformed_response_fails_the_exchange(wire_factory):
@@ -299,3 +301,29 @@ def test_a_head_that_would_split_the_request_is_refused(name, value, target):
     with pytest.raises(RequestRefused) as caught:
         serialize_head("GET", target, CIMultiDict({name: value}), None, False)
     assert caught.value.reason == "bad_request"
+
+
+async def test_waiting_for_a_busy_pool_is_bounded_by_first_byte(wire_factory):
+    """Every connection busy (long streams): a queued request times out instead of waiting for ever."""
+    wire = await wire_factory(lambda head, no: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345" if no == 1 else OK)
+    pool = ConnectionPool("127.0.0.1", wire.port, None, Timeouts(first_byte=0.2), limit=1)
+    streaming = await send(pool, "GET", "/x", CIMultiDict(), None)  # holds the one connection
+    with pytest.raises(asyncio.TimeoutError):
+        async with asyncio.timeout(5) as guard:  # the test's own bound, in case the pool's is missing
+            await send(pool, "GET", "/x", CIMultiDict(), None)
+    assert not guard.expired()
+    streaming.release()  # not read to the end: closed, and its slot is free again
+    assert await get(pool) == (200, b"ok")
+    assert wire.connections == 2
+
+
+@pytest.mark.parametrize("host, port, tls, expected", [
+    ("api.example", 443, True, "api.example"),  # the scheme's default port is left out
+    ("api.example", 8443, True, "api.example:8443"),
+    ("127.0.0.1", 80, False, "127.0.0.1"),
+    ("::1", 8080, False, "[::1]:8080"),  # an IPv6 literal is bracketed (RFC 9110 §7.2)
+])
+def test_the_host_header_names_the_origin(host, port, tls, expected):
+    """What the pool writes as Host: the authority as a URI would, never an ambiguous IPv6 form."""
+    ctx = ssl.create_default_context() if tls else None
+    assert ConnectionPool(host, port, ctx, Timeouts()).host_header == expected
