@@ -227,6 +227,10 @@ async def _exchange(pool: ConnectionPool, proto: Connection, method: str, head: 
         if upload is not None and not upload.done():
             upload.cancel()
         raise
+    if upload is not None and not upload.done() and message.code >= 300:
+        # refused before the body was read: send no more of it, so that no byte of it can be taken
+        # for another request by an upstream that keeps the connection (the connection is not reused)
+        upload.cancel()
     proto.read_timeout = timeouts.idle
     return UpstreamResponse(pool, proto, message, payload, upload)
 
@@ -236,8 +240,11 @@ async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, firs
     ``first_byte`` of the first interim answer (aiohttp stops its read timer at every head it parses)."""
     deadline: float | None = None
     while True:
-        async with asyncio.timeout_at(deadline):
+        if deadline is None:
             message, payload = await proto.read()
+        else:
+            async with asyncio.timeout_at(deadline):
+                message, payload = await proto.read()
         if not 100 <= message.code <= 599:
             raise HttpProcessingError(message=f"upstream: status {message.code} is outside 100-599")
         if message.code >= 200:

@@ -286,6 +286,24 @@ async def test_a_streamed_body_is_chunked_unless_its_length_was_declared(wire_fa
     assert b"Transfer-Encoding: chunked\r\n" in wire.requests[1]
 
 
+async def test_an_early_refusal_stops_the_upload(wire_factory):
+    """Refused before it read the body, an upstream never gets the rest: none of it can pass for a request."""
+    wire = await wire_factory(lambda head, no: b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+    more = asyncio.Event()
+
+    async def body():
+        yield b"first"
+        await more.wait()
+        yield b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    response = await send(pool_for(wire), "POST", "/x", CIMultiDict(), body())
+    assert response.status == 401
+    more.set()
+    await asyncio.sleep(0.1)
+    response.release()
+    assert not any(b"smuggled" in request for request in wire.requests)
+
+
 @pytest.mark.parametrize("name, value, target", [
     ("X-Token", "a\r\nX-Injected: 1", "/x"),  # CRLF in a value (a token from a hostile IdP)
     ("X-Token", "a\nX-Injected: 1", "/x"),  # a bare LF: some servers split on it
