@@ -13,8 +13,13 @@ is refused with ``bad_request`` instead of guessed at:
 - batches (arrays), non-object bodies, members other than jsonrpc/id/method/params;
 - ``NaN``/``Infinity``/overflowing numbers, nesting deeper than ``max_depth``;
 - an ``id`` that is not a string or integer (MCP forbids null ids);
-- JSON-RPC responses from the agent (answers to server-initiated sampling/elicitation):
-  not supported yet.
+- methods in the ``rpc.`` namespace, which JSON-RPC 2.0 (section 4) reserves.
+
+A JSON-RPC response from the agent (its answer to a server's own request: sampling,
+elicitation, roots) is accepted with exactly ``jsonrpc``, ``id`` and one of ``result`` or a
+well-formed ``error``; policy sees it as the method ``rpc.response`` (reserved, so no server
+method can be mistaken for it). Allow rules with ``mcp.tools`` pass it like the lifecycle:
+it answers a request the server made within a session the policy let the agent open.
 
 :func:`filter_tools_list` fails closed: a response it cannot read raises ``RequestRefused``
 and the caller refuses the exchange rather than pass an unfiltered tool list to the agent.
@@ -33,10 +38,12 @@ from typing import Any
 from sidecar.errors import RequestRefused
 
 MAX_DEPTH = 64
-LIFECYCLE_METHODS = frozenset({"initialize", "ping", "tools/list"})
+RESPONSE_METHOD = "rpc.response"  # what policy sees for the agent's answers to server requests
+LIFECYCLE_METHODS = frozenset({"initialize", "ping", "tools/list", RESPONSE_METHOD})
 _NOTIFICATIONS = "notifications/"
 _COMMON_JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
+_RESPONSE_MEMBERS = (frozenset({"jsonrpc", "id", "result"}), frozenset({"jsonrpc", "id", "error"}))
 # Tokens that change nesting depth, with strings skipped (so brackets inside them do not count).
 _DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 
@@ -52,7 +59,8 @@ class McpCall:
 
 
 def is_lifecycle(method: str) -> bool:
-    """True for calls every MCP rule lets through: initialize, ping, tools/list, notifications/*."""
+    """True for what allow rules with tools let through: initialize, ping, tools/list, notifications/*,
+    and the agent's answers to server requests (rpc.response)."""
     return method in LIFECYCLE_METHODS or method.startswith(_NOTIFICATIONS)
 
 
@@ -162,9 +170,31 @@ def _check_envelope(obj: Any) -> dict[str, Any]:
 def _refuse_members(obj: dict[str, Any]) -> None:
     """Why a request object with members beyond jsonrpc/id/method/params is refused."""
     _check_case_variants(obj, "the request object")
-    if "method" not in obj and ("result" in obj or "error" in obj):
-        raise _refuse("JSON-RPC responses from the agent are not supported")
     raise _refuse("expected only jsonrpc, id, method and params in the request object")
+
+
+def _response(obj: dict[str, Any]) -> McpCall:
+    """The agent's answer to a server request: jsonrpc, id and exactly one of result or error."""
+    _check_case_variants(obj, "the response object")
+    if frozenset(obj) not in _RESPONSE_MEMBERS:
+        raise _refuse("a JSON-RPC response has exactly jsonrpc, id and one of result or error")
+    if obj["jsonrpc"] != "2.0":
+        raise _refuse('jsonrpc must be exactly "2.0"')
+    ident = obj["id"]
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        raise _refuse("id must be a string or an integer")
+    if "result" in obj and not isinstance(obj["result"], dict):
+        raise _refuse("result must be a JSON object")
+    if "error" in obj:
+        error = obj["error"]
+        if not isinstance(error, dict) or not {"code", "message"} <= set(error) \
+                or not set(error) <= {"code", "message", "data"}:
+            raise _refuse("error must be an object with code, message and optional data")
+        _check_case_variants(error, "the error object")
+        if isinstance(error["code"], bool) or not isinstance(error["code"], int) \
+                or not isinstance(error["message"], str):
+            raise _refuse("error.code must be an integer and error.message a string")
+    return McpCall(method=RESPONSE_METHOD, tool=None, id=ident, is_notification=False)
 
 
 def _tool_name(method: str, params: Any) -> str | None:
@@ -190,8 +220,13 @@ def parse_mcp_request(
     check_media_type(content_type)
     if len(body) > max_bytes:
         raise RequestRefused("body_too_large", f"mcp: body larger than {max_bytes} bytes")
-    obj = _check_envelope(loads_strict(body, max_depth))
+    obj = loads_strict(body, max_depth)
+    if isinstance(obj, dict) and "method" not in obj and ("result" in obj or "error" in obj):
+        return _response(obj)
+    obj = _check_envelope(obj)
     method = _text(obj.get("method"), "method")
+    if method.startswith("rpc."):
+        raise _refuse("methods starting with 'rpc.' are reserved by JSON-RPC 2.0")
     if "params" in obj and obj["params"] is None:
         raise _refuse("params must be a JSON object")
     tool = _tool_name(method, obj.get("params"))

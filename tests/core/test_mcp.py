@@ -15,6 +15,8 @@ TOOLS = [{"name": "search_tickets"}, {"name": "draft_reply"}, {"name": "delete_a
 
 async def mcp_server(request: web.Request) -> web.StreamResponse:
     call = json.loads(await request.read())
+    if "method" not in call:  # the client's answer to one of our requests (MCP: 202, no body)
+        return web.Response(status=202)
     if call["method"] == "tools/list":
         result = {"jsonrpc": "2.0", "id": call["id"], "result": {"tools": TOOLS}}
         if request.headers.get("Accept") == "text/event-stream":
@@ -73,6 +75,34 @@ async def test_tools_calls_are_decided_by_rule(h, tools, body, status):
     event = (await h.settle())[-1]
     assert event["protocol"] == "mcp" and event["target"]["mcp_method"] == json.loads(body)["method"]
     assert (len(tools.seen) == 1) == (status == 200)
+
+
+@pytest.mark.parametrize("body", [
+    # the agent answers the server's sampling/createMessage request
+    json.dumps({"jsonrpc": "2.0", "id": "srv-1", "result": {"role": "assistant", "model": "m",
+                                                              "content": {"type": "text", "text": "ok"}}}).encode(),
+    # the user declined an elicitation: an error answer
+    json.dumps({"jsonrpc": "2.0", "id": 9, "error": {"code": -32600, "message": "declined"}}).encode(),
+])
+async def test_the_agents_answers_to_server_requests_pass_as_rpc_response(h, tools, body):
+    """Sampling/elicitation answers are forwarded under a rule naming tools, seen by policy as rpc.response."""
+    assert (await rpc(h, body))[0] == 202
+    event = (await h.settle())[-1]
+    assert event["decision"] == "allow" and event["target"]["mcp_method"] == "rpc.response"
+    assert len(tools.seen) == 1
+
+
+async def test_an_answer_is_refused_where_no_rule_allows_it(make_sidecar, tools):
+    """A rule that names only methods does not pass answers: rpc.response must be listed to be allowed."""
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "calls-only", "direction": "outbound", "upstream": "tools", "mcp": {"methods": ["tools/call"]},
+         "effect": "allow"}]}
+    h = await make_sidecar({"outbound": {"upstreams": {"tools": {"url": tools.url + "/mcp", "protocol": "mcp"}}}},
+                           policy)
+    answer = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}}).encode()
+    assert (await rpc(h, answer))[0] == 403
+    assert (await h.settle())[-1]["target"]["mcp_method"] == "rpc.response"
+    assert tools.seen == []
 
 
 @pytest.mark.parametrize("body, content_type", [

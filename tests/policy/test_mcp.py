@@ -50,6 +50,11 @@ PARSED = [
      McpCall("tools/call", "t", 1, False)),
     # a tools/call without id is still a tool call (the server may run it)
     ('{"jsonrpc":"2.0","method":"tools/call","params":{"name":"t"}}', McpCall("tools/call", "t", None, True)),
+    # the agent's answers to server requests (sampling, elicitation, roots): rpc.response
+    ('{"jsonrpc":"2.0","id":3,"result":{"role":"assistant","content":{"type":"text","text":"hi"}}}',
+     McpCall("rpc.response", None, 3, False)),
+    ('{"jsonrpc":"2.0","id":"s-1","error":{"code":-1,"message":"user declined"}}',
+     McpCall("rpc.response", None, "s-1", False)),
     # non-ASCII tool names survive intact
     ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r\\u00e9sum\\u00e9"}}',
      McpCall("tools/call", "r\u00e9sum\u00e9", 1, False)),
@@ -154,8 +159,21 @@ REFUSED = [
      "not valid JSON"),
     ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"x":1e999}}}',
      "out of range"),
-    # responses from the agent (sampling/elicitation answers) are not supported
-    ('{"jsonrpc":"2.0","id":1,"result":{}}', "responses"),
+    # the agent's responses: exactly jsonrpc, id and one of result/error, well formed
+    ('{"jsonrpc":"2.0","id":1,"result":{},"error":{"code":1,"message":"x"}}', "exactly jsonrpc, id and one"),
+    ('{"jsonrpc":"2.0","result":{}}', "exactly jsonrpc, id and one"),  # no id: answers nothing
+    ('{"jsonrpc":"2.0","id":1,"result":{},"extra":1}', "exactly jsonrpc, id and one"),
+    ('{"jsonrpc":"2.0","id":1,"result":{},"Result":{}}', "differing only in case"),
+    ('{"jsonrpc":"1.0","id":1,"result":{}}', '"2.0"'),
+    ('{"jsonrpc":"2.0","id":null,"result":{}}', "id must be"),
+    ('{"jsonrpc":"2.0","id":1,"result":[1]}', "result must be"),
+    ('{"jsonrpc":"2.0","id":1,"error":"no"}', "error must be"),
+    ('{"jsonrpc":"2.0","id":1,"error":{"code":1}}', "error must be"),
+    ('{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x","extra":1}}', "error must be"),
+    ('{"jsonrpc":"2.0","id":1,"error":{"code":"1","message":"x"}}', "error.code"),
+    ('{"jsonrpc":"2.0","id":1,"error":{"code":true,"message":"x"}}', "error.code"),
+    # a request in JSON-RPC's reserved namespace (so none can pass for the agent's responses)
+    ('{"jsonrpc":"2.0","id":1,"method":"rpc.response"}', "reserved"),
     # syntax errors, trailing garbage, two objects
     ('{"jsonrpc":"2.0",', "not valid JSON"),
     ('{"jsonrpc":"2.0","id":1,"method":"ping"} {}', "not valid JSON"),
@@ -224,6 +242,7 @@ def test_nesting_at_the_bound_is_accepted() -> None:
         ("tools/list", True),  # lifecycle (the response is filtered)
         ("notifications/initialized", True),  # any notification
         ("notifications/cancelled", True),  # any notification
+        ("rpc.response", True),  # the agent's answer to a server request
         ("tools/call", False),  # needs a rule naming the tool
         ("resources/read", False),  # not lifecycle
         ("notifications", False),  # no slash: not the notifications namespace
@@ -231,7 +250,7 @@ def test_nesting_at_the_bound_is_accepted() -> None:
     ],
 )
 def test_is_lifecycle(method: str, expected: bool) -> None:
-    """Only initialize, ping, tools/list and notifications/* count as lifecycle."""
+    """Only initialize, ping, tools/list, notifications/* and the agent's answers count as lifecycle."""
     assert is_lifecycle(method) is expected
     assert ("tools/list" in LIFECYCLE_METHODS) is True
 
