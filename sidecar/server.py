@@ -8,6 +8,10 @@ listener (so it gets its trust-decision event and metrics) and logs only the err
 
 The parser's own limits are raised above the configured ones, so that the configured
 limits (checked by the pipeline) decide, with 431 rather than aiohttp's 400.
+
+A client that goes away cancels its handler (aiohttp's ``handler_cancellation``): the exchange
+is recorded as cut and its upstream connection closed at once, not held until the upstream
+next writes (a quiet stream: up to the idle timeout).
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class SidecarServer(web.Server):
         kwargs.update(parser_limits(limits))
         kwargs.setdefault("auto_decompress", False)  # a proxy passes bodies as they are
         kwargs.setdefault("access_log", None)
+        kwargs.setdefault("handler_cancellation", True)  # client gone: the exchange is cut, not left running
         super().__init__(handler, **kwargs)
         self.on_parse_error = on_parse_error
 
