@@ -2,6 +2,8 @@
 
 - Hop-by-hop headers (RFC 9110 §7.6.1) are removed both ways, with every header named in
   ``Connection``; ``Via`` and ``X-Forwarded-*`` are written here, never trusted from a client.
+- ``Expect: 100-continue`` is answered here, once the request is let on and its body is
+  read (a refused request gets its refusal, never ``100 Continue``), and is not forwarded.
 - Bodies stream without buffering (chunked uploads, server-sent events reach the client as
   the upstream sends them); a provider that signs the body gets it buffered, within the
   body limit.
@@ -18,13 +20,13 @@ from contextvars import ContextVar
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Limits, Timeouts
 from sidecar.errors import RequestRefused, UpstreamFailed
-from sidecar.upstream import BodyTooLarge, ConnectionPool, UpstreamResponse, failure, send
+from sidecar.upstream import BodyStalled, BodyTooLarge, ConnectionPool, UpstreamResponse, failure, send
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te",
@@ -35,7 +37,10 @@ SIDECAR_WRITTEN = frozenset({
     "via", "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
     "x-forwarded-client-cert", "x-sidecar-task", "host", "traceparent", "tracestate",
 })
+# Expectations the sidecar answers itself (as Envoy does): never forwarded.
+ANSWERED_HERE = frozenset({"expect"})
 VIA = "1.1 sidecar"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK = 64 * 1024
 
 
@@ -47,8 +52,8 @@ def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
 
 
 def request_drop_set(strip: Iterable[str] = ()) -> frozenset[str]:
-    """Headers never forwarded: hop-by-hop, the ones the sidecar writes, and ``strip``."""
-    return HOP_BY_HOP | SIDECAR_WRITTEN | frozenset(h.lower() for h in strip)
+    """Headers never forwarded: hop-by-hop, the ones the sidecar writes or answers, and ``strip``."""
+    return HOP_BY_HOP | SIDECAR_WRITTEN | ANSWERED_HERE | frozenset(h.lower() for h in strip)
 
 
 DEFAULT_DROP = request_drop_set()
@@ -85,9 +90,17 @@ def declared_length(request: web.BaseRequest, limits: Limits) -> int:
     return length
 
 
+async def continue_if_expected(request: web.BaseRequest) -> None:
+    """Send ``100 Continue`` to a client that waits for it before its body (RFC 9110 §10.1.1)."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(CONTINUE)
+        request.writer.output_size = 0  # the response has not started (as aiohttp's own expect handler)
+
+
 async def read_body(request: web.BaseRequest, limits: Limits) -> bytes:
     """The whole body (for signing or MCP parsing), refused once it passes the limit."""
     declared_length(request, limits)
+    await continue_if_expected(request)
     chunks, size = [], 0
     async for chunk in request.content.iter_chunked(CHUNK):
         size += len(chunk)
@@ -110,6 +123,7 @@ class LimitedBody:
         self.exceeded = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        await continue_if_expected(self._request)
         size = 0
         async for chunk in self._request.content.iter_chunked(CHUNK):
             size += len(chunk)
@@ -177,10 +191,13 @@ async def open_upstream(pool: ConnectionPool, method: str, target: str, headers:
     """Send the request; headers must come within ``first_byte``, then the body may idle for ``idle``."""
     try:
         return await send(pool, method, target, headers, data)
-    except (BodyTooLarge, aiohttp.ClientError, HttpProcessingError, OSError,
+    except (BodyTooLarge, BodyStalled, aiohttp.ClientError, HttpProcessingError, OSError,
             asyncio.TimeoutError) as exc:
         if isinstance(exc, BodyTooLarge) or getattr(data, "exceeded", False):
             raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
+        if isinstance(exc, BodyStalled):
+            raise RequestRefused("request_timeout", "request: no body byte arrived within the idle timeout; "
+                                                    "expected the rest of the declared body") from None
         raise failure(exc) from None
 
 
@@ -200,7 +217,9 @@ async def _relay_whole(request: web.BaseRequest, upstream: UpstreamResponse, hea
                        on_prepared: Callable[[int], None]) -> web.StreamResponse:
     try:
         body = await upstream.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except asyncio.TimeoutError as exc:  # the body stalled past the idle timeout: not a reset
+        raise failure(exc) from None
+    except (aiohttp.ClientError, OSError):
         raise UpstreamReset(False, None) from None
     headers.popall("Content-Length", None)
     response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)

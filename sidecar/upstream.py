@@ -14,7 +14,9 @@ had finished before the response began and neither side asked to close; anything
 error, early answer) closes it. A byte the upstream sends while the connection is idle closes
 it too: no answer can be taken for the next request's. A body without a length is read to the
 close (RFC 9112 §6.3). At most ``limit`` connections per upstream; a request finding them all
-busy waits for one at most ``first_byte`` (then ``upstream_timeout``).
+busy waits for one at most ``first_byte`` (then ``upstream_timeout``). An upload whose sender
+(the agent, or a caller of the agent) sends nothing for ``idle`` fails with :class:`BodyStalled`,
+so that a stalled client cannot hold a connection for as long as it keeps its socket open.
 
 A request that fails on a reused connection before any response byte is retried once on a
 new one when it is idempotent and its body can be sent again (RFC 9112 §9.3.1), as aiohttp does.
@@ -26,7 +28,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Any, AsyncIterable
+from typing import Any, AsyncIterable, AsyncIterator
 
 from aiohttp import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
@@ -46,6 +48,10 @@ MAX_RESPONSE_HEADERS = 128
 
 class BodyTooLarge(Exception):
     """Raised inside the upload stream; the pipeline turns it into body_too_large."""
+
+
+class BodyStalled(Exception):
+    """The request's sender sent no body byte for ``idle``; the pipeline turns it into request_timeout."""
 
 
 class Connection(ResponseHandler):
@@ -257,14 +263,16 @@ async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, firs
 
 async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, idle: float) -> None:
     """Stream the body (chunked unless the head declared its length), minding the socket's backpressure:
-    an upstream that reads nothing of it for ``idle`` fails the exchange (a timeout).
+    an upstream that reads nothing of it for ``idle`` fails the exchange (a timeout), and so does a
+    sender that sends nothing more of it for ``idle`` (:class:`BodyStalled`).
 
     A failure is put on the connection (the response read raises it; the connection is not
     reused), not raised here: nobody awaits this task.
     """
     transport = proto.transport
+    chunks = aiter(body)
     try:
-        async for chunk in body:
+        while (chunk := await _next_chunk(chunks, idle)) is not None:
             if not chunk or transport is None or transport.is_closing():
                 continue
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
@@ -277,8 +285,19 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the agent's upload broke off, passed the limit or stalled: fail the exchange
-        kept = isinstance(exc, (BodyTooLarge, TimeoutError))
+        kept = isinstance(exc, (BodyTooLarge, BodyStalled, TimeoutError))
         proto.set_exception(exc if kept else ClientOSError(type(exc).__name__))
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes], idle: float) -> bytes | None:
+    """The sender's next piece of the body (None at its end), due within ``idle``."""
+    try:
+        async with asyncio.timeout(idle):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise BodyStalled() from None
 
 
 def serialize_head(method: str, target: str, headers: CIMultiDict[str],
