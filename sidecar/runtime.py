@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -241,6 +243,9 @@ class Runtime:
         except ClientGone as exc:
             ex.outcome, ex.reason_detail = "cut", "client gone"
             return exc.response  # type: ignore[return-value]
+        except asyncio.CancelledError:  # cut (a revocation, the end of the drain): never a short "whole" response
+            _abort(request)
+            raise
         finally:
             upstream.release()
 
@@ -305,7 +310,21 @@ def _set_status(ex: Exchange, status: int) -> None:
     ex.status = status
 
 
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
+
+
 def _abort(request: web.BaseRequest) -> None:
-    """The upstream broke mid-response: the client must see a broken response, not a short one."""
-    if request.transport is not None:
-        request.transport.abort()
+    """The response broke off (upstream reset, or cut): the client must see a broken response, not a short one.
+
+    A reset, not an orderly close: a response framed by the connection's close (an HTTP/1.0 client)
+    would otherwise end as if whole."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")  # under TLS too: the TCP socket
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        except OSError:  # already closed by the peer: nothing left to tell it
+            pass
+    transport.abort()
