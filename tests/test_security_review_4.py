@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.core.test_inbound import POLICY as INBOUND_POLICY
 from tests.core.test_inbound import client_context, human_token, inbound_config
@@ -253,3 +254,32 @@ async def test_the_agent_gets_the_base_path_its_own_host_and_never_the_callers_t
     for absent in ("authorization", "x-forwarded-host", "forwarded", "x-hidden", "connection"):
         assert absent not in got
     assert token.encode() not in heads[0]
+
+
+# -- held: the same fixes inside a CONNECT tunnel -------------------------------------------------
+
+async def test_inside_a_tunnel_100_continue_is_answered_over_tls_and_the_tunnel_stays_usable(
+        make_sidecar, tmp_path):
+    """Held (with I3): a decrypted request expecting ``100 Continue`` gets it inside the tunnel, its
+    upstream gets the body without the expectation, and the next request on the tunnel is answered."""
+    from tests.core.test_connect import POLICY as CONNECT_POLICY
+    from tests.core.test_connect import billing_config, intercept_ca, start_https_upstream, tunnel
+
+    ca = trustme.CA()
+    upstream = await start_https_upstream(ca)
+    try:
+        h = await make_sidecar(billing_config(upstream, ca, tmp_path), CONNECT_POLICY)
+        reader, writer = await tunnel(h, intercept_ca(h))
+        writer.write(b"POST /api/v1/up HTTP/1.1\r\nHost: billing.internal\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert await read_until(reader, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        assert (await read_until(reader, b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await read_until(reader, b"}")  # the upstream's JSON body
+        writer.write(b"GET /api/v1/next HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
+        assert (await read_until(reader, b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        posted = upstream.seen[0]
+        assert posted.body == b"hello" and not posted.has_header("Expect")
+    finally:
+        await upstream.stop()
