@@ -289,7 +289,12 @@ class Sidecar:
         drain = self.config.drain
         for web_server in self._web_servers:
             web_server.pre_shutdown()  # idle keep-alive connections close now; busy ones finish
-        await asyncio.gather(*(s.shutdown(drain) for s in self._web_servers), return_exceptions=True)
+        shutdowns = asyncio.gather(*(s.shutdown(drain) for s in self._web_servers), return_exceptions=True)
+        done, _ = await asyncio.wait({shutdowns}, timeout=drain)
+        runtime = getattr(self, "runtime", None)  # None when start() failed before building it
+        if not done and runtime is not None:  # drain is over: cut what still runs (aiohttp would wait again)
+            runtime.exchanges.cut(lambda ex: True, "shutdown: drain time over")
+        await shutdowns
         for runner in self._runners:
             await runner.cleanup()
         for closable in self._closables:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.core.test_outbound import POLICY, config_for
@@ -119,6 +120,34 @@ async def test_sigterm_drain_finishes_requests_in_flight_and_stops_readiness(mak
             response = await asyncio.wait_for(in_flight, 10)
             assert response.status == 200 and await response.text() == "done"
             await stopping
+        h.sidecar = None  # already stopped
+    finally:
+        release.set()
+        await up.stop()
+
+
+async def test_a_stream_still_running_when_the_drain_ends_is_cut(make_sidecar):
+    """shutdown.drain bounds the stop: a stream that outlives it is cut (and says so), not waited on again."""
+    release = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await release.wait()
+        return response
+
+    up = await Upstream(endless).start()
+    try:
+        h = await make_sidecar({**config_for(up), "shutdown": {"drain": "300ms"}}, POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/billing/v1/stream") as r:
+                assert await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10) == b"data: first\n\n"
+                await asyncio.wait_for(h.sidecar.stop(), 10)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.content.read()
+        event = [e for e in h.events() if e.get("target") and e["target"]["path"] == "/v1/stream"][-1]
+        assert event["outcome"] == "cut" and event["reason_detail"] == "shutdown: drain time over"
         h.sidecar = None  # already stopped
     finally:
         release.set()
