@@ -77,12 +77,17 @@ class ConnectionPool:
         self._limit = limit
         self._idle: list[tuple[Connection, float]] = []
         self._open = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
     async def acquire(self) -> tuple[Connection, bool]:
-        """A connection and whether it was reused; a new one within ``timeouts.connect``."""
+        """A connection and whether it was reused; a new one within ``timeouts.connect``.
+
+        With every connection busy, requests queue in arrival order: a released connection, or the
+        slot of a closed one, goes to the longest waiter, never to a newcomer. The wait is bounded
+        by ``first_byte`` (then ``upstream_timeout``).
+        """
         now = time.monotonic()
         while self._idle:
             proto, since = self._idle.pop()
@@ -90,56 +95,79 @@ class ConnectionPool:
                 proto.idle = False
                 return proto, True
             self._discard(proto)
-        while self._open >= self._limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:  # every connection busy: wait for one, as long as a response may take to start
-                async with asyncio.timeout(self.timeouts.first_byte):
-                    await waiter
-            except BaseException:  # cut, or timed out (upstream_timeout)
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken but gone: pass the turn on
-                waiter.cancel()
-                raise
-            if self._idle:
-                return await self.acquire()
-        return await self._connect(), False
+        while self._waiters and self._waiters[0].done():  # gone (cut, timed out) while waiting
+            self._waiters.popleft()
+        if self._open < self._limit and not self._waiters:
+            self._open += 1
+            return await self._connect(), False
+        handed = await self._wait_turn()
+        if handed is not None:
+            if handed.is_connected() and not handed.should_close:
+                handed.idle = False
+                return handed, True
+            handed.close()  # closed (or spoke unasked) while handed over: a new one in its slot
+        return await self._connect(), False  # a slot reserved for us
+
+    async def _wait_turn(self) -> Connection | None:
+        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.timeouts.first_byte):
+                return await waiter
+        except BaseException:  # cut, or timed out (upstream_timeout): pass on what was handed to us
+            if waiter.done() and not waiter.cancelled():
+                handed = waiter.result()
+                if handed is not None:
+                    self.release(handed, True)
+                else:
+                    self._free_slot()
+            waiter.cancel()
+            raise
 
     async def _connect(self) -> Connection:
+        """A new connection in a slot already counted in ``_open``; the slot is freed if it fails."""
         loop = asyncio.get_running_loop()
-        self._open += 1
         try:
             async with asyncio.timeout(self.timeouts.connect):
                 _, proto = await loop.create_connection(
                     lambda: Connection(loop), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl is not None else None)
         except BaseException:
-            self._open -= 1
-            self._wake()
+            self._free_slot()
             raise
         return proto
 
     def release(self, proto: Connection, reusable: bool) -> None:
         if reusable and not self.closed and proto.is_connected() and not proto.should_close:
-            proto.idle = True
+            proto.idle = True  # until a request is out on it again: any byte it sends closes it
+            waiter = self._next_waiter()
+            if waiter is not None:  # straight to the longest waiter
+                waiter.set_result(proto)
+                return
             self._idle.append((proto, time.monotonic()))
             if self._sweep is None:
                 self._sweep = asyncio.get_running_loop().call_later(self.keepalive, self._expire)
-            self._wake()
         else:
             self._discard(proto)
 
     def _discard(self, proto: Connection) -> None:
         proto.close()
-        self._open -= 1
-        self._wake()
+        self._free_slot()
 
-    def _wake(self) -> None:
+    def _free_slot(self) -> None:
+        """A connection slot is free: it passes to the longest waiter (who connects), or back to the pool."""
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(None)
+        else:
+            self._open -= 1
+
+    def _next_waiter(self) -> asyncio.Future[Connection | None] | None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                return waiter
+        return None
 
     def _expire(self) -> None:
         """Close connections idle past the keep-alive time (oldest first), so none lingers unused."""

@@ -335,6 +335,21 @@ async def test_waiting_for_a_busy_pool_is_bounded_by_first_byte(wire_factory):
     assert wire.connections == 2
 
 
+async def test_a_released_connection_goes_to_the_longest_waiter_not_a_newcomer(wire_factory):
+    """Queued requests are served in arrival order: one arriving as a connection frees up waits its turn."""
+    wire = await wire_factory(lambda head, no: OK)
+    pool = ConnectionPool("127.0.0.1", wire.port, None, Timeouts(first_byte=5), limit=1)
+    first = await send(pool, "GET", "/a", CIMultiDict(), None)
+    assert await first.read() == b"ok"
+    queued = asyncio.ensure_future(get(pool))
+    await asyncio.sleep(0.05)  # queued for the one connection
+    first.release()
+    proto, reused = await pool.acquire()  # a newcomer, arriving as the connection is released
+    assert queued.done() and queued.result() == (200, b"ok") and reused
+    pool.release(proto, True)
+    assert wire.connections == 1
+
+
 @pytest.mark.parametrize("host, port, tls, expected", [
     ("api.example", 443, True, "api.example"),  # the scheme's default port is left out
     ("api.example", 8443, True, "api.example:8443"),
