@@ -26,7 +26,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Limits, Timeouts
 from sidecar.errors import RequestRefused, UpstreamFailed
-from sidecar.upstream import BodyStalled, BodyTooLarge, ConnectionPool, UpstreamResponse, failure, send
+from sidecar.upstream import (
+    BodyStalled, BodyTooLarge, ConnectionPool, UpstreamResponse, failure, next_chunk, send, stalled,
+)
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te",
@@ -97,17 +99,21 @@ async def continue_if_expected(request: web.BaseRequest) -> None:
         request.writer.output_size = 0  # the response has not started (as aiohttp's own expect handler)
 
 
-async def read_body(request: web.BaseRequest, limits: Limits) -> bytes:
-    """The whole body (for signing or MCP parsing), refused once it passes the limit."""
+async def read_body(request: web.BaseRequest, limits: Limits, idle: float) -> bytes:
+    """The whole body (for signing or MCP parsing), refused once it passes the limit or stalls for ``idle``."""
     declared_length(request, limits)
     await continue_if_expected(request)
     chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise RequestRefused("body_too_large", f"request: body exceeds the limit of "
-                                                   f"{limits.max_body_bytes} bytes")
-        chunks.append(chunk)
+    stream = aiter(request.content.iter_chunked(CHUNK))
+    try:
+        while (chunk := await next_chunk(stream, idle)) is not None:
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise RequestRefused("body_too_large", f"request: body exceeds the limit of "
+                                                       f"{limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+    except BodyStalled:
+        raise stalled() from None
     return b"".join(chunks)
 
 
@@ -196,8 +202,7 @@ async def open_upstream(pool: ConnectionPool, method: str, target: str, headers:
         if isinstance(exc, BodyTooLarge) or getattr(data, "exceeded", False):
             raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
         if isinstance(exc, BodyStalled):
-            raise RequestRefused("request_timeout", "request: no body byte arrived within the idle timeout; "
-                                                    "expected the rest of the declared body") from None
+            raise stalled() from None
         raise failure(exc) from None
 
 
@@ -228,10 +233,10 @@ async def _relay_whole(request: web.BaseRequest, upstream: UpstreamResponse, hea
 
 
 class UpstreamReset(Exception):
-    """The upstream broke off while its response was being relayed."""
+    """The upstream broke off while its response was being relayed (or went quiet past ``idle``)."""
 
-    def __init__(self, started: bool, response: web.StreamResponse | None) -> None:
-        self.started, self.response = started, response
+    def __init__(self, started: bool, response: web.StreamResponse | None, *, timed_out: bool = False) -> None:
+        self.started, self.response, self.timed_out = started, response, timed_out
 
 
 class ClientGone(Exception):
@@ -268,7 +273,9 @@ async def _relay_stream(request: web.BaseRequest, upstream: UpstreamResponse, he
     while True:
         try:
             chunk = await upstream.content.readany()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except asyncio.TimeoutError:
+            raise UpstreamReset(True, response, timed_out=True) from None
+        except (aiohttp.ClientError, OSError):
             raise UpstreamReset(True, response) from None
         final = not chunk
         try:

@@ -143,7 +143,7 @@ class Outbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
-        body = await self._mcp(request, ex) if up.protocol == "mcp" else None
+        body = await self._mcp(request, ex, up.timeouts.idle) if up.protocol == "mcp" else None
         ex.facts = self._facts(request, ex, route, body)
         decision = rt.decide(ex.facts)
         if apply_decision(ex, decision):
@@ -153,7 +153,7 @@ class Outbound:
         if credential is not None:
             provider = rt.providers[credential.provider]
             if provider.needs_body and body is None:
-                body = await read_body(request, rt.config.outbound.limits)
+                body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
             out.body = body
             provider.apply(out, credential)
         return await self._send(request, ex, route, out, body)
@@ -171,11 +171,11 @@ class Outbound:
         ex.delegation, ex.act_chain = task.delegation, task.act_chain
         return task
 
-    async def _mcp(self, request: web.BaseRequest, ex: Exchange) -> bytes | None:
+    async def _mcp(self, request: web.BaseRequest, ex: Exchange, idle: float) -> bytes | None:
         ex.protocol = "mcp"
         if request.method != "POST":
             return None
-        body = await read_body(request, self.rt.config.outbound.limits)
+        body = await read_body(request, self.rt.config.outbound.limits, idle)
         call = parse_mcp_request(body, request.headers.get("Content-Type"), self.rt.config.outbound.limits.max_body_bytes)
         ex.mcp_method, ex.mcp_tool = call.method, call.tool
         return body

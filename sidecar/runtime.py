@@ -234,8 +234,11 @@ class Runtime:
             ex.outcome = "completed"
             return response
         except UpstreamReset as exc:
-            ex.outcome, ex.reason_detail = "upstream_reset", "upstream reset the connection mid-response"
-            self.metrics.upstream_errors.labels(self.metrics.upstream_label(ex.upstream), "reset").inc()
+            ex.outcome = "upstream_reset"
+            ex.reason_detail = ("upstream sent nothing for the idle timeout mid-response" if exc.timed_out
+                                else "upstream reset the connection mid-response")
+            self.metrics.upstream_errors.labels(self.metrics.upstream_label(ex.upstream),
+                                                "idle_timeout" if exc.timed_out else "reset").inc()
             if not exc.started:
                 raise UpstreamFailed("upstream_unreachable", "upstream: connection reset before the response") from None
             _abort(request)

@@ -266,6 +266,8 @@ async def _exchange(pool: ConnectionPool, proto: Connection, method: str, head: 
         # for another request by an upstream that keeps the connection (the connection is not reused)
         upload.cancel()
     proto.read_timeout = timeouts.idle
+    if not payload.is_eof():  # the body's clock is idle from now (the timer armed with the head ran on first_byte)
+        proto.start_timeout()
     return UpstreamResponse(pool, proto, message, payload, upload)
 
 
@@ -300,7 +302,7 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
     transport = proto.transport
     chunks = aiter(body)
     try:
-        while (chunk := await _next_chunk(chunks, idle)) is not None:
+        while (chunk := await next_chunk(chunks, idle)) is not None:
             if not chunk or transport is None or transport.is_closing():
                 continue
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
@@ -317,8 +319,8 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
         proto.set_exception(exc if kept else ClientOSError(type(exc).__name__))
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes], idle: float) -> bytes | None:
-    """The sender's next piece of the body (None at its end), due within ``idle``."""
+async def next_chunk(chunks: AsyncIterator[bytes], idle: float) -> bytes | None:
+    """The sender's next piece of the body (None at its end), due within ``idle`` (else BodyStalled)."""
     try:
         async with asyncio.timeout(idle):
             return await anext(chunks)
@@ -326,6 +328,12 @@ async def _next_chunk(chunks: AsyncIterator[bytes], idle: float) -> bytes | None
         return None
     except TimeoutError:
         raise BodyStalled() from None
+
+
+def stalled() -> RequestRefused:
+    """The refusal for a body whose sender stopped sending."""
+    return RequestRefused("request_timeout", "request: no body byte arrived within the idle timeout; "
+                                             "expected the rest of the declared body")
 
 
 def serialize_head(method: str, target: str, headers: CIMultiDict[str],

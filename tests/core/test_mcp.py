@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -133,3 +134,22 @@ async def test_tools_list_is_filtered_to_the_tools_the_agent_may_call(h, accept)
     text = body.decode()
     payload = json.loads(text.split("data: ", 1)[1]) if accept == "text/event-stream" else json.loads(text)
     assert [t["name"] for t in payload["result"]["tools"]] == ["search_tickets", "draft_reply"]
+
+
+async def test_an_mcp_body_whose_sender_stalls_is_refused_408(make_sidecar, tools):
+    """The body policy must read (MCP) is due within the idle timeout: a stalled sender gets request_timeout."""
+    h = await make_sidecar({"outbound": {"upstreams": {"tools": {"url": tools.url + "/mcp", "protocol": "mcp",
+                                                                 "timeouts": {"idle": "300ms"}}}}}, POLICY)
+    port = h.port("outbound")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /tools HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"jsonrpc\":" % port)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ")
+    finally:
+        writer.close()
+    event = (await h.settle())[-1]
+    assert event["reason"] == "request_timeout" and event["status"] == 408
+    assert tools.seen == []

@@ -152,3 +152,30 @@ async def test_a_stream_still_running_when_the_drain_ends_is_cut(make_sidecar):
     finally:
         release.set()
         await up.stop()
+
+
+async def test_a_stream_the_upstream_leaves_quiet_past_idle_is_broken_off_and_says_why(make_sidecar):
+    """An upstream silent mid-stream for the idle timeout: the client's response breaks, the event names the timeout."""
+    release = asyncio.Event()
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await release.wait()
+        return response
+
+    up = await Upstream(stalls).start()
+    try:
+        h = await make_sidecar(config_for(up, timeouts={"idle": "300ms"}), POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/billing/v1/stream") as r:
+                assert await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10) == b"data: first\n\n"
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await asyncio.wait_for(r.content.read(), 10)
+        event = (await h.settle())[-1]
+        assert event["outcome"] == "upstream_reset"
+        assert event["reason_detail"] == "upstream sent nothing for the idle timeout mid-response"
+    finally:
+        release.set()
+        await up.stop()
