@@ -126,18 +126,22 @@ async def test_sigterm_drain_finishes_requests_in_flight_and_stops_readiness(mak
         await up.stop()
 
 
-async def test_a_stream_still_running_when_the_drain_ends_is_cut(make_sidecar):
-    """shutdown.drain bounds the stop: a stream that outlives it is cut (and says so), not waited on again."""
-    release = asyncio.Event()
-
-    async def endless(request: web.Request) -> web.StreamResponse:
+def first_event_then_wait(release: asyncio.Event):
+    """An SSE upstream that sends one event, then nothing until ``release`` is set."""
+    async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: first\n\n")
         await release.wait()
         return response
 
-    up = await Upstream(endless).start()
+    return handler
+
+
+async def test_a_stream_still_running_when_the_drain_ends_is_cut(make_sidecar):
+    """shutdown.drain bounds the stop: a stream that outlives it is cut (and says so), not waited on again."""
+    release = asyncio.Event()
+    up = await Upstream(first_event_then_wait(release)).start()
     try:
         h = await make_sidecar({**config_for(up), "shutdown": {"drain": "300ms"}}, POLICY)
         async with aiohttp.ClientSession() as s:
@@ -157,15 +161,7 @@ async def test_a_stream_still_running_when_the_drain_ends_is_cut(make_sidecar):
 async def test_a_stream_the_upstream_leaves_quiet_past_idle_is_broken_off_and_says_why(make_sidecar):
     """An upstream silent mid-stream for the idle timeout: the client's response breaks, the event names the timeout."""
     release = asyncio.Event()
-
-    async def stalls(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: first\n\n")
-        await release.wait()
-        return response
-
-    up = await Upstream(stalls).start()
+    up = await Upstream(first_event_then_wait(release)).start()
     try:
         h = await make_sidecar(config_for(up, timeouts={"idle": "300ms"}), POLICY)
         async with aiohttp.ClientSession() as s:
