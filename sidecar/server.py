@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -31,6 +31,10 @@ from sidecar.errors import PROXY_STATUS_ERROR, Refusal, RequestRefused
 log = structlog.get_logger("sidecar.server")
 
 PROXY_NAME = "sidecar"
+# aiohttp writes "Server: Python/3.x aiohttp/3.x" on every response that has no Server header
+# (our refusals, and forwarded responses whose upstream sent none): whoever calls us could read
+# our stack and its versions from it. One name instead, as in Via and Proxy-Status.
+web_response.SERVER_SOFTWARE = PROXY_NAME
 ParseErrorHook = Callable[[web.BaseRequest, Refusal], None]
 
 

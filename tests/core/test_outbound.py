@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 
@@ -238,3 +240,28 @@ async def test_a_chunked_body_over_the_limit_is_cut_at_the_limit(make_sidecar):
         assert (await h.settle())[-1]["reason"] == "body_too_large"
     finally:
         await up.stop()
+
+
+async def test_no_response_names_the_sidecars_stack(make_sidecar):
+    """A refusal, and a forwarded response whose upstream sent no Server, never say 'Python/… aiohttp/…'."""
+    async def bare_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(bare_upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        h = await make_sidecar({"outbound": {"upstreams": {"bare": {"url": f"http://127.0.0.1:{port}"}}}},
+                               {"version": 1, "default": "deny", "rules": [
+                                   {"id": "all", "direction": "outbound", "upstream": "bare", "effect": "allow"}]})
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/bare/x") as forwarded:
+                assert forwarded.status == 200
+                assert forwarded.headers.get("Server") == "sidecar"
+            async with s.get(f"{h.outbound}/nope/x") as refused:
+                assert refused.status == 403
+                assert refused.headers.get("Server") == "sidecar"
+    finally:
+        server.close()
