@@ -128,9 +128,9 @@ class Sessions:
         for name, up in self._config.outbound.upstreams.items():
             if up.client_cert != "svid":
                 continue
-            pool, session = self._pools.pop(name, None), self._websockets.pop(name, None)
+            pool, session = self._pools.get(name), self._websockets.pop(name, None)
             if pool is not None:
-                pool.close()
+                pool.renew(self._ssl_context(name))
             if session is not None:
                 loop.call_later(self._config.drain, asyncio.ensure_future, session.close())
 

@@ -58,6 +58,7 @@ class Connection(ResponseHandler):
     """aiohttp's response reader, closed on any byte the upstream sends while no request is out."""
 
     idle = False
+    generation = 0  # the pool's TLS generation it was opened under (see ConnectionPool.renew)
 
     def data_received(self, data: bytes) -> None:
         if self.idle:  # an answer nobody asked for (desync, or a body longer than framed)
@@ -79,6 +80,7 @@ class ConnectionPool:
         self._open = 0
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
+        self._generation = 0
         self.closed = False
 
     async def acquire(self) -> tuple[Connection, bool]:
@@ -135,10 +137,12 @@ class ConnectionPool:
         except BaseException:
             self._free_slot()
             raise
+        proto.generation = self._generation
         return proto
 
     def release(self, proto: Connection, reusable: bool) -> None:
-        if reusable and not self.closed and proto.is_connected() and not proto.should_close:
+        if reusable and not self.closed and proto.generation == self._generation and proto.is_connected() \
+                and not proto.should_close:
             proto.idle = True  # until a request is out on it again: any byte it sends closes it
             waiter = self._next_waiter()
             if waiter is not None:  # straight to the longest waiter
@@ -177,6 +181,17 @@ class ConnectionPool:
             self._discard(self._idle.pop(0)[0])
         if self._idle:
             self._sweep = asyncio.get_running_loop().call_later(self.keepalive, self._expire)
+
+    def renew(self, ssl_context: ssl.SSLContext | None) -> None:
+        """A new TLS context (our rotated SVID): new connections use it; older ones are not used again.
+
+        Idle connections close now, the ones in use when released; requests queued for a slot
+        connect with the new context.
+        """
+        self.ssl = ssl_context
+        self._generation += 1
+        while self._idle:
+            self._discard(self._idle.pop()[0])
 
     def close(self) -> None:
         """Close the idle connections now; the ones in use close when released."""

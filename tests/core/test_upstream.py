@@ -360,3 +360,18 @@ def test_the_host_header_names_the_origin(host, port, tls, expected):
     """What the pool writes as Host: the authority as a URI would, never an ambiguous IPv6 form."""
     ctx = ssl.create_default_context() if tls else None
     assert ConnectionPool(host, port, ctx, Timeouts()).host_header == expected
+
+
+async def test_after_a_renewal_no_connection_opened_before_it_is_used_again(wire_factory):
+    """An SVID rotation renews the pool: idle connections close now, busy ones when released, new ones use it."""
+    wire = await wire_factory(lambda head, no: OK)
+    pool = pool_for(wire)
+    assert await get(pool) == (200, b"ok")  # connection 1, now idle
+    busy = await send(pool, "GET", "/x", CIMultiDict(), None)  # connection 1 again, in use
+    assert await get(pool) == (200, b"ok")  # connection 2, now idle
+    pool.renew(None)  # plain TCP here: the new context is None
+    assert await busy.read() == b"ok"
+    busy.release()
+    assert await get(pool) == (200, b"ok")
+    await asyncio.sleep(0.05)
+    assert wire.connections == 3 and wire.closed == 2  # 1 and 2 closed, 3 opened after the renewal

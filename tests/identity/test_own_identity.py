@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 import pytest
 import trustme
 
@@ -142,5 +143,39 @@ async def test_our_svid_is_presented_to_an_mtls_upstream(make_sidecar, tmp_path,
             async with s.get(f"{h.outbound}/anonymous/x") as r:
                 assert r.status == 502
         assert len(up.seen) == 1
+    finally:
+        await up.stop()
+
+
+async def test_after_an_svid_rotation_an_mtls_upstream_sees_the_new_certificate(make_sidecar, tmp_path, upstream_ca):
+    """Rotation renews the upstream's connections: the next request presents the new SVID, not the old one."""
+    live = tmp_path / "live"
+    first = issue(tmp_path / "ca", live)
+    second = issue(tmp_path / "ca", tmp_path / "second")
+    first_der, second_der = (ssl.PEM_cert_to_DER_cert(svid["cert"].read_text()) for svid in (first, second))
+    presented: list[bytes] = []
+
+    async def record_peer(request: web.Request) -> web.Response:
+        presented.append(request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True))
+        return web.Response(text="ok")
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    upstream_ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(first["bundle"]))
+    up = await Upstream(record_peer).start(ssl_context=ctx)
+    try:
+        config = https_config(tmp_path, upstream_ca, up.port, client_cert="svid")
+        config["identity"] = {"svid": {"cert": str(live / "tls.crt"), "key": str(live / "tls.key"),
+                                       "bundle": str(live / "ca.crt")}}
+        h = await make_sidecar(config, POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/api/a") as r:
+                assert r.status == 200
+            swap_in(second, live)
+            assert h.sidecar.identity.check()
+            async with s.get(f"{h.outbound}/api/b") as r:
+                assert r.status == 200
+        assert presented == [first_der, second_der]
     finally:
         await up.stop()
