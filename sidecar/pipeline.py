@@ -173,6 +173,9 @@ class Outbound:
 
     async def _mcp(self, request: web.BaseRequest, ex: Exchange, idle: float) -> bytes | None:
         ex.protocol = "mcp"
+        if is_websocket(request):  # frames would pass unparsed, past every tool rule: fail closed
+            raise RequestRefused("bad_request", "mcp: WebSocket upgrades to an MCP upstream are refused; its "
+                                                "messages could not be checked against tool rules")
         if request.method != "POST":
             return None
         body = await read_body(request, self.rt.config.outbound.limits, idle)

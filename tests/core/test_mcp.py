@@ -153,3 +153,18 @@ async def test_an_mcp_body_whose_sender_stalls_is_refused_408(make_sidecar, tool
     event = (await h.settle())[-1]
     assert event["reason"] == "request_timeout" and event["status"] == 408
     assert tools.seen == []
+
+
+async def test_a_websocket_upgrade_to_an_mcp_upstream_is_refused(make_sidecar, tools):
+    """Frames are not parsed for tool rules: even where a rule allows GET, an upgrade to an MCP upstream is 400."""
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "sse-stream", "direction": "outbound", "upstream": "tools", "methods": ["GET"], "effect": "allow"}]}
+    h = await make_sidecar({"outbound": {"upstreams": {"tools": {"url": tools.url + "/mcp", "protocol": "mcp"}}}},
+                           policy)
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(f"{h.outbound}/tools")
+    assert refused.value.status == 400
+    event = (await h.settle())[-1]
+    assert event["reason"] == "bad_request" and event["status"] == 400 and event["protocol"] == "mcp"
+    assert tools.seen == []
