@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import Callable, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -55,8 +56,14 @@ class BareProxy:
             await self.session.close()
 
 
-async def serve(host: str, port: int, upstream: str) -> None:
-    proxy = BareProxy(upstream)
+class Proxy(Protocol):
+    async def start(self) -> None: ...
+    async def handle(self, request: web.BaseRequest) -> web.Response: ...
+    async def close(self) -> None: ...
+
+
+async def serve(proxy: Proxy, name: str, host: str, port: int, upstream: str) -> None:
+    """Run ``proxy`` on aiohttp's low-level server until SIGTERM or SIGINT."""
     await proxy.start()
     server = web.Server(proxy.handle, access_log=None, auto_decompress=False)
     loop = asyncio.get_running_loop()
@@ -64,16 +71,16 @@ async def serve(host: str, port: int, upstream: str) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"bare_proxy: listening on {host}:{port} -> {upstream}", flush=True)
+    print(f"{name}: listening on {host}:{port} -> {upstream}", flush=True)
     await stop.wait()
     listener.close()
     await server.shutdown(1.0)
     await proxy.close()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--listen", default="127.0.0.1:18080", help="HOST:PORT to listen on")
+def main(make: Callable[[str], Proxy] = BareProxy, name: str = "bare_proxy", doc: str = __doc__) -> None:
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--listen", required=True, help="HOST:PORT to listen on, e.g. 127.0.0.1:18080")
     p.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:18081")
     args = p.parse_args()
     host, _, port = args.listen.rpartition(":")
@@ -82,7 +89,7 @@ def main() -> None:
     except ImportError:
         uvloop = None
     run = uvloop.run if uvloop is not None else asyncio.run
-    run(serve(host, int(port), args.upstream))
+    run(serve(make(args.upstream), name, host, int(port), args.upstream))
 
 
 if __name__ == "__main__":
