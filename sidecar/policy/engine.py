@@ -44,7 +44,8 @@ import yaml
 
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.fields import Fields
-from sidecar.policy.model import DIRECTIONS, ConditionFailed, LoadContext, Rule, parse_rule
+from sidecar.policy.cel import ConditionFailed
+from sidecar.policy.model import DIRECTIONS, LoadContext, Rule, parse_rule
 from sidecar.policy.ratelimit import Limit, RateLimiter
 
 Index = dict[str, dict[str | None, dict[str | None, tuple[Rule, ...]]]]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sidecar.fields import Fields
-from sidecar.policy.cel import CelCompileError, Condition, ConditionFailed, compile_condition
+from sidecar.policy.cel import CelCompileError, Condition, compile_condition
 from sidecar.policy.mcp import is_lifecycle
 
 if TYPE_CHECKING:
