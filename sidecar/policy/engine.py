@@ -130,10 +130,6 @@ class PolicySet:
         self._decisions: dict[_Outcome, Decision] = {}  # bounded: at most three outcomes per rule, plus default
         self._needs_clock = any(r.conditional for r in self.rules)  # only conditions and hours read the time
 
-    @property
-    def limiter(self) -> RateLimiter:
-        return self._limiter
-
     def decide(self, facts: Facts) -> Decision:
         now = self._now(facts) if self._needs_clock else _NO_CLOCK
         enforced = self._evaluate(self._enforced, facts, now, limits=True) or self._default
@@ -163,7 +159,7 @@ class PolicySet:
         approval: Rule | None = None
         allows: list[Rule] = []
         for rule in _bucket(index, facts.direction, facts.upstream, facts.method):
-            for check in rule.checks:  # Rule.matches, inlined: this loop is the per-request cost
+            for check in rule.checks:  # the static matchers; this loop is the per-request cost
                 if not check(facts):
                     break
             else:

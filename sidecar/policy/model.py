@@ -2,8 +2,8 @@
 
 One :class:`Rule` per ``rules[i]`` entry. Everything a request is compared with is compiled
 here, once: glob patterns become regexes or sets, ``hours`` a zone and minute window, ``expr`` a
-CEL program. Per request, :meth:`Rule.matches` runs a tuple of precompiled checks (the static
-part: agents, callers, hosts, paths, headers, mcp) and :meth:`Rule.holds` the ``when`` part.
+CEL program. Per request, the engine runs :attr:`Rule.checks`, a tuple of precompiled checks (the
+static part: agents, callers, hosts, paths, headers, mcp), and :meth:`Rule.holds` the ``when`` part.
 
 Glob patterns (``paths``, ``agents``, ``callers``, ``mcp``): ``*`` matches within one
 ``/``-separated segment (a whole-segment ``*`` needs a non-empty segment), ``**`` as a whole
@@ -104,13 +104,6 @@ class Rule:
     def __post_init__(self) -> None:
         has_when = self.delegation is not None or self.hours is not None or self.condition is not None
         object.__setattr__(self, "conditional", has_when)
-
-    def matches(self, facts: Facts) -> bool:
-        """The static part: every configured matcher accepts the request."""
-        for check in self.checks:
-            if not check(facts):
-                return False
-        return True
 
     def holds(self, facts: Facts, now: datetime) -> bool:
         """The ``when`` part, in order; raises ConditionFailed when ``expr`` cannot be evaluated."""
