@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from sidecar.credentials.aws import PROVIDER, Spec, WebIdentitySource
 from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps
 from sidecar.credentials.sigv4 import AwsCredentials, payload_sha256, sign
+from tests.bench.timing import per_call_us
 
 CREDS = AwsCredentials("ASIAEXAMPLEEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "FwoGZXIvYXdz" * 30,
                        time.time() + 3600)
@@ -69,16 +70,6 @@ def _sha256_64k() -> None:
     hashlib.sha256(BODY).hexdigest()
 
 
-def _per_call_us(fn: Callable[[], object], n: int) -> float:
-    """Best of five runs of n calls, in µs per call."""
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, time.perf_counter() - start)
-    return best / n * 1e6
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -86,14 +77,14 @@ def main() -> None:
     n = parser.parse_args().n
     get = _request("GET", "/reports/2026/a.json", "", HEADERS, None)
     put = _request("PUT", "/reports/2026/big%20file.bin", "x-id=PutObject", PUT_HEADERS, BODY)
-    build = _per_call_us(get, n)
+    build = per_call_us(get, n)
     rows = {
         "build request only": (build, False),
-        "sign() only, small GET": (_per_call_us(_sign_only, n), False),
-        "sha256 of 64 KiB": (_per_call_us(_sha256_64k, max(n // 10, 100)), False),
-        "apply, small GET": (_per_call_us(_apply(_provider(False), get), n), True),
-        "apply, 64 KiB PUT": (_per_call_us(_apply(_provider(False), put), max(n // 10, 100)), True),
-        "apply, 64 KiB PUT, unsigned payload": (_per_call_us(_apply(_provider(True), put), n), True),
+        "sign() only, small GET": (per_call_us(_sign_only, n), False),
+        "sha256 of 64 KiB": (per_call_us(_sha256_64k, max(n // 10, 100)), False),
+        "apply, small GET": (per_call_us(_apply(_provider(False), get), n), True),
+        "apply, 64 KiB PUT": (per_call_us(_apply(_provider(False), put), max(n // 10, 100)), True),
+        "apply, 64 KiB PUT, unsigned payload": (per_call_us(_apply(_provider(True), put), n), True),
     }
     for name, (us, minus_build) in rows.items():
         net = f"  ({us - build:7.2f} µs without building the request)" if minus_build else ""

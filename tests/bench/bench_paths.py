@@ -6,7 +6,6 @@ The machine is noisy (PERFORMANCE.md): compare figures within one run only.
 
 from __future__ import annotations
 
-import timeit
 from collections.abc import Callable
 
 from sidecar.policy.mcp import parse_mcp_request
@@ -17,6 +16,7 @@ from sidecar.policy.paths import (
     normalize_host,
     split_route_prefix,
 )
+from tests.bench.timing import per_call_us
 
 OPTS = PathOptions()
 PATHS = {
@@ -34,10 +34,6 @@ HEADERS = ["Host", "User-Agent", "Accept", "Content-Type", "Content-Length", "tr
 MCP_BODY = (b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search_tickets",'
             b'"arguments":{"query":"refund","limit":10,"filters":{"status":["open","pending"]}}}}')
 
-
-def per_call_us(fn: Callable[[], object], number: int = 100_000) -> float:
-    """Best of five runs, in microseconds per call."""
-    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -24,6 +23,7 @@ from sidecar.credentials.sigv4 import (
     sign,
     signing_key,
 )
+from tests.bench.timing import per_call_us
 
 CREDS = AwsCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "token", None)
 NOW = datetime(2015, 8, 30, 12, 36, tzinfo=timezone.utc)
@@ -55,27 +55,17 @@ def _baseline(text: bytes) -> Callable[[], None]:
     return run
 
 
-def _per_call_us(fn: Callable[[], object], n: int) -> float:
-    """Best of five runs of n calls, in µs per call."""
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, time.perf_counter() - start)
-    return best / n * 1e6
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="calls per timed run")
     n = parser.parse_args().n
-    base = _per_call_us(_baseline(_canonical()[0].encode()), n)
+    base = per_call_us(_baseline(_canonical()[0].encode()), n)
     rows = {
         "baseline: sha256 of canonical request": base,
-        "canonical request only": _per_call_us(_canonical, n),
-        "sign, cached key": _per_call_us(_sign, n),
-        "sign, cold key": _per_call_us(_sign_cold, max(n // 10, 100)),
+        "canonical request only": per_call_us(_canonical, n),
+        "sign, cached key": per_call_us(_sign, n),
+        "sign, cold key": per_call_us(_sign_cold, max(n // 10, 100)),
     }
     for name, us in rows.items():
         print(f"{name:40s} {us:8.2f} µs  {us / base:6.1f}x baseline")
