@@ -49,7 +49,7 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, limits: Iterable[Limit], *, consume: bool = True) -> tuple[Limit, int] | None:
+    def take(self, limits: Iterable[Limit]) -> tuple[Limit, int] | None:
         """Charge one token to every bucket, or none of them if any is empty.
 
         Returns ``None`` when the request may pass; otherwise the first exhausted limit and the
@@ -62,9 +62,8 @@ class RateLimiter:
         if exhausted:
             wait = max(_seconds_to_token(limit, bucket) for limit, bucket in exhausted)
             return exhausted[0][0], wait
-        if consume:
-            for limit, bucket in pending:
-                _settle(bucket, limit, max(0.0, bucket.tokens - 1.0), now)
+        for limit, bucket in pending:
+            _settle(bucket, limit, max(0.0, bucket.tokens - 1.0), now)
         return None
 
     def _refilled(self, limit: Limit, now: float) -> _Bucket:
