@@ -18,7 +18,6 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -28,6 +27,7 @@ from aiohttp import web
 
 from sidecar.errors import Refusal, RequestRefused
 from sidecar.fields import format_duration, parse_duration
+from sidecar.inventory import inventory, iso_utc
 from sidecar.revocation import KINDS
 from sidecar.server import error_response
 
@@ -145,8 +145,6 @@ class AdminRoutes:
         return web.json_response({"status": "deleted"})
 
     async def inventory(self, request: web.Request) -> web.Response:
-        from sidecar.inventory import inventory
-
         return web.json_response(inventory(self.sidecar))
 
     async def open_task(self, request: web.Request) -> web.Response:
@@ -172,7 +170,7 @@ class AdminRoutes:
             raise RequestRefused("bad_request", "admin: expected subject_token (a JWT) or principal (a subject)")
         rt.metrics.active_tasks.set(rt.tasks.open_count)
         log.info("task_opened", task_id=task.id, delegation=task.delegation, trigger=trigger, via="admin")
-        return web.json_response({"id": task.id, "expires_at": _iso(task.expires_at),
+        return web.json_response({"id": task.id, "expires_at": iso_utc(task.expires_at),
                                   "delegation": task.delegation}, status=201)
 
     async def end_task(self, request: web.Request) -> web.Response:
@@ -180,7 +178,3 @@ class AdminRoutes:
         if task is None:
             raise Refusal("not_found", "admin: no such task")
         return web.json_response({"status": "ended"})
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -9,7 +9,8 @@ if TYPE_CHECKING:
     from sidecar.app import Sidecar
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_utc(ts: float | None) -> str | None:
+    """A Unix time as RFC 3339 UTC to the second (``2026-01-31T12:00:00Z``)."""
     return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
@@ -17,16 +18,16 @@ def inventory(sidecar: Sidecar) -> dict[str, Any]:
     rt, state = sidecar.runtime, sidecar.identity.state
     credentials = [{
         "provider": c.provider, "type": c.type, "id": c.id, "scopes": list(c.scopes), "audience": c.audience,
-        "expires_at": _iso(c.expires_at), "standing": c.standing, "task": r.task.id if r.task else None,
+        "expires_at": iso_utc(c.expires_at), "standing": c.standing, "task": r.task.id if r.task else None,
         "upstream": r.upstream,
     } for c, r in rt.credentials.held()]
     configured = [{"provider": name, "type": p.type, "standing": p.standing} for name, p in rt.providers.items()]
     tasks = [{"id": t.id, "principal": list(t.principal) if t.principal else None, "delegation": t.delegation,
-              "trigger": t.trigger, "expires_at": _iso(t.expires_at)} for t in rt.tasks.open_tasks()]
+              "trigger": t.trigger, "expires_at": iso_utc(t.expires_at)} for t in rt.tasks.open_tasks()]
     return {
         "agent": rt.agent.as_dict(),
         "identities": [{"spiffe_id": str(state.spiffe_id), "cert_sha256": state.cert_sha256,
-                        "expires_at": _iso(state.not_after), "trust_domains": sorted(state.bundles.domains)}],
+                        "expires_at": iso_utc(state.not_after), "trust_domains": sorted(state.bundles.domains)}],
         "signing_key": {"kid": rt.signer.key.kid, "alg": rt.signer.key.algorithm} if rt.signer else None,
         "credentials_held": credentials,
         "credentials_configured": configured,
