@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from sidecar.identity.mtls import build_server_context
-from sidecar.identity.spiffe import SpiffeId, spiffe_id_from_certificate
+from sidecar.identity.spiffe import LeafRejected, SpiffeId, spiffe_id_from_certificate
 from sidecar.identity.x509 import TrustBundles
 from sidecar.observe.metrics import Metrics
 
@@ -47,7 +47,11 @@ def load_state(cert: Path, key: Path, bundle: Path, federated: dict[str, Path]) 
         leaf = x509.load_pem_x509_certificate(cert.read_bytes())
     except (OSError, ValueError) as exc:
         raise ValueError(f"identity: cannot read SVID certificate {cert}: {type(exc).__name__}") from None
-    spiffe_id = spiffe_id_from_certificate(leaf)
+    try:
+        spiffe_id = spiffe_id_from_certificate(leaf)
+    except LeafRejected as exc:  # not a ValueError: it would escape the watch and end it
+        expected = exc.message.removeprefix("identity: peer certificate ")
+        raise ValueError(f"identity: SVID certificate {cert} {expected}") from None
     bundles = TrustBundles.load(bundle, spiffe_id.trust_domain, federated)
     try:
         context = build_server_context(str(cert), str(key), bundles.ca_pems())

@@ -14,7 +14,9 @@ import pytest
 import trustme
 
 from sidecar.identity.ca import DevCA, write_svid
+from sidecar.identity.source import IdentitySource
 from sidecar.identity.spiffe import parse_spiffe_id
+from sidecar.observe.metrics import Metrics
 from tests.harness import Upstream
 
 AGENT = "spiffe://example.org/agent/billing"
@@ -77,6 +79,20 @@ async def test_svid_rotation_keeps_old_connections_and_ignores_a_corrupt_file(ma
         assert 'sidecar_identity_reloads_total{outcome="error"} 1.0' in metrics
     finally:
         await agent.stop()
+
+
+def test_a_rotated_certificate_without_a_spiffe_id_is_refused_and_the_watch_goes_on(tmp_path):
+    """A web certificate swapped in for the SVID is a failed reload (old identity kept), not the end of the watch."""
+    live = issue(tmp_path / "ca", tmp_path / "live")
+    second = issue(tmp_path / "ca", tmp_path / "second")
+    source = IdentitySource(live["cert"], live["key"], live["bundle"], {}, Metrics())
+    kept = source.state
+    trustme.CA().issue_cert("example.com").cert_chain_pems[0].write_to_path(str(live["cert"]))
+    assert not source.check()
+    assert source.state is kept
+    swap_in(second, tmp_path / "live")
+    assert source.check()
+    assert source.state.cert_sha256 != kept.cert_sha256
 
 
 @pytest.fixture(scope="module")
