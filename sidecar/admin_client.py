@@ -18,8 +18,8 @@ def _call(config: Config, method: str, path: str, body: dict[str, Any] | None = 
         print(f"error: cannot read admin token file {config.admin.token_file}: {exc.strerror}", file=sys.stderr)
         return 1, None
     listen = config.admin.listen
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
-    request = urllib.request.Request(f"http://{host}:{listen.port}{path}", method=method,
+    address = f"127.0.0.1:{listen.port}" if listen.host in ("0.0.0.0", "") else str(listen)  # [::1]:port for IPv6
+    request = urllib.request.Request(f"http://{address}{path}", method=method,
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
@@ -28,7 +28,7 @@ def _call(config: Config, method: str, path: str, body: dict[str, Any] | None = 
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
     except (urllib.error.URLError, OSError) as exc:
-        print(f"error: admin API at {host}:{listen.port} unreachable: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        print(f"error: admin API at {address} unreachable: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1, None
 
 
