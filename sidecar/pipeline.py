@@ -230,9 +230,7 @@ class Outbound:
             declared_length(request, limits)
             data = stream_body(request, limits) if has_body(request) else None
         else:
-            data = body
-            out.headers["Content-Length"] = str(len(body))
-            out.headers.popall("Transfer-Encoding", None)
+            data = body  # framed (Content-Length) where the head is written: upstream.serialize_head
         if is_websocket(request):
             ex.protocol = "websocket"
             url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
