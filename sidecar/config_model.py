@@ -44,10 +44,10 @@ class Upstream:
     paths: PathOptions
     pass_headers: frozenset[str]
     timeouts: Timeouts
+    host_header: str = field(init=False)  # the Host sent upstream, formatted once here, not per request
 
-    @property
-    def host_header(self) -> str:
-        return format_authority(self.host, self.port, self.scheme)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host_header", format_authority(self.host, self.port, self.scheme))
 
 
 @dataclass(frozen=True, slots=True)
