@@ -367,11 +367,14 @@ def serialize_head(method: str, target: str, headers: CIMultiDict[str],
     breaks = len(lines) - 1
     if text.count("\n") != breaks or text.count("\r") != breaks or "\x00" in text or " " in target \
             or not target.startswith("/"):
-        raise RequestRefused("bad_request", "request: a header or the path would split the upstream request")
+        raise RequestRefused("bad_request", "request: a header or the path would split the upstream request; "
+                                            "expected header names and values without CR, LF or NUL and an "
+                                            "origin-form path without spaces")
     try:
         return (text + "\r\n\r\n").encode("utf-8")
     except UnicodeEncodeError:  # a raw byte the listener's parser kept (surrogate-escaped): not text
-        raise RequestRefused("bad_request", "request: a header or the path is not valid UTF-8 text") from None
+        raise RequestRefused("bad_request", "request: a header or the path is not valid UTF-8 text; "
+                                            "expected ASCII or UTF-8 (percent-encode other bytes)") from None
 
 
 def failure(exc: BaseException) -> UpstreamFailed:
