@@ -281,7 +281,8 @@ class TokenEndpoint:
         self._authenticate(form, headers)
         status, body = await self._post(form, headers)
         if status != 200:
-            sensitive = tuple(form[k] for k in _SENSITIVE_FORM if k in form)
+            secret = self.endpoint.client_secret  # in the form, or (client_secret_basic) in a header
+            sensitive = (*(form[k] for k in _SENSITIVE_FORM if k in form), secret.reveal() if secret else "")
             detail, code = error_detail(status, body, sensitive)
             log.warning("token_request_refused", provider=self.name, status=status, error=code)
             raise CredentialUnavailable(f"credentials: {self.name}: token endpoint refused the request",

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable
 
 import jwt
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.credentials import oauth2
@@ -21,6 +22,7 @@ from sidecar.fields import Fields
 from sidecar.identity.signing import Signer, load_signing_key
 from sidecar.identity.source import IdentitySource
 from sidecar.observe.metrics import Metrics
+from tests.harness import Upstream
 from tests.peers.oidc import AGENT_SPIFFE_ID, BILLING, CRM, OidcProvider
 from tests.peers.test_oidc_peer import verify_access_token
 
@@ -389,6 +391,26 @@ def test_error_details_are_cleaned_and_never_the_body() -> None:
     assert secret not in detail and token not in detail and len(detail) < 200
     assert oauth2.error_detail(502, b"<html>upstream secret</html>", ()) == ("token endpoint: http 502", None)
     assert oauth2.error_detail(400, b'{"error": "<script>"}', ()) == ("token endpoint: http 400", None)
+
+
+@pytest.mark.parametrize("auth", ["client_secret_basic", "client_secret_post"])
+async def test_an_error_description_repeating_the_client_secret_never_shows_it(auth: str) -> None:
+    """A token endpoint that echoes the secret it was sent: redacted whether it came in the form or the header."""
+    async def echo(req: web.Request) -> web.Response:
+        basic = base64.b64decode(req.headers.get("Authorization", "Basic Og==").removeprefix("Basic ")).decode()
+        sent = (await req.post()).get("client_secret") or basic.partition(":")[2]
+        return web.json_response({"error": "invalid_client", "error_description": f"bad secret {sent}"}, status=401)
+
+    server = await Upstream(echo).start()
+    raw = {"token_url": f"{server.url}/token", "client_id": "c", "auth": auth, "client_secret": {"value": "s3cr"}}
+    provider = oauth2.PROVIDER("test", parse_spec(oauth2, raw), ProviderDeps(agent_id=AGENT_SPIFFE_ID, id_key=ID_KEY))
+    try:
+        with pytest.raises(CredentialUnavailable) as refused:
+            await provider.fetch(request())
+    finally:
+        await provider.aclose()
+        await server.stop()
+    assert refused.value.detail == "token endpoint: invalid_client (http 401): bad secret <redacted>"
 
 
 # ---------------------------------------------------------------- configuration
