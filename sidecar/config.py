@@ -25,7 +25,7 @@ from sidecar.config_model import (
     AdminConfig, Approver, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RevocationConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
 )
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
-from sidecar.policy.paths import PathOptions
+from sidecar.policy.paths import DEFAULT_PORTS, PathOptions
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -229,7 +229,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str]) -> 
         f.error("url", "must not carry a query, fragment or user info")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         warnings.append(f"{f.at('url')}: plain http upstream: traffic and credentials are not encrypted")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = parts.port or DEFAULT_PORTS[parts.scheme]
     host = (parts.hostname or "").lower().rstrip(".")
     return Upstream(name, url, parts.scheme, host, port, parts.path.rstrip("/"), hosts, ca, client_cert,
                     credential, protocol, paths, pass_headers, up_timeouts)
@@ -346,16 +346,15 @@ def _check_loops(errors: list[ConfigError], inbound: InboundConfig | None, outbo
     credentials), and approver tokens that are ordinary inbound tokens."""
     own = _own_ports(inbound, outbound, admin, others)
 
-    def loops(url: str) -> str | None:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return own.get(port) if is_loopback_host(parts.hostname) else None
+    def loops(host: str | None, port: int) -> str | None:
+        return own.get(port) if is_loopback_host(host) else None
 
-    if inbound is not None and (name := loops(inbound.forward_to)):
+    forward = urlsplit(inbound.forward_to) if inbound is not None else None
+    if forward is not None and (name := loops(forward.hostname, forward.port or DEFAULT_PORTS[forward.scheme])):
         errors.append(ConfigError("inbound.forward_to", f"is the sidecar's own {name} listener; expected the "
                                                         "agent's loopback address"))
     for up in outbound.upstreams.values():
-        if name := loops(up.url):
+        if name := loops(up.host, up.port):
             errors.append(ConfigError(f"outbound.upstreams.{up.name}.url", f"is the sidecar's own {name} listener"))
     audiences = {a for i in (inbound.jwt_issuers if inbound else ()) for a in i.audiences}
     if admin.approvers and admin.approval_audience in audiences:
