@@ -201,7 +201,7 @@ class Fields:
             return None
         parts = urlsplit(text)
         if parts.scheme not in schemes or not parts.hostname:
-            self.error(key, f"must be an absolute {' or '.join(schemes)} URL, got {text!r}")
+            self.error(key, f"must be an absolute {' or '.join(schemes)} URL, got {_without_userinfo(text)!r}")
             return None
         if https_unless_loopback and parts.scheme != "https" and not is_loopback_host(parts.hostname):
             self.error(key, "must be an https URL (http is allowed only on loopback hosts)")
@@ -277,6 +277,14 @@ def read_secret(value: Any, path: str, errors: list[ConfigError], base_dir: Path
     except OSError as exc:
         f.error("from_file", f"cannot read secret file {ref}: {exc.strerror or 'unreadable'}")
         return None
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL for a message, with any user info (it may hold a password) masked."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="<redacted>@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _kind(value: Any) -> str:

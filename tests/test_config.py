@@ -88,6 +88,14 @@ def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
     assert not any("s3cr3t-canary" in e for e in errors)
 
 
+def test_a_rejected_url_is_echoed_without_its_password(tmp_path):
+    """A URL refused for its scheme is shown in the message, but not the user info it may carry."""
+    errors = errors_of({"outbound": {"upstreams": {"u": {"url": "ftp://bob:url-canary-pw@files.example/x"}}}},
+                       tmp_path)
+    assert "outbound.upstreams.u.url: must be an absolute http or https URL, got 'ftp://<redacted>@files.example/x'" \
+        in errors, errors
+
+
 @pytest.mark.parametrize("credential, path, message", [
     # token endpoints must be https except on loopback
     ({"type": "oauth2_client_credentials", "token_url": "http://login.example.com/token", "client_id": "x",
