@@ -58,6 +58,7 @@ from sidecar.credentials.sigv4 import (
 )
 from sidecar.errors import CredentialUnavailable, RequestRefused
 from sidecar.fields import Fields, Secret
+from sidecar.forward import client_ssl_context
 
 TYPE = "aws_sigv4"
 SOURCES = ("web_identity", "static")
@@ -329,7 +330,7 @@ class _Sts:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            context = ssl.create_default_context(cafile=str(self._source.ca) if self._source.ca else None)
+            context = client_ssl_context(str(self._source.ca) if self._source.ca else None)
             connector = aiohttp.TCPConnector(ssl=context)
             self._session = aiohttp.ClientSession(connector=connector, timeout=STS_TIMEOUT)
         return self._session

@@ -20,7 +20,6 @@ import asyncio
 import ssl
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import aiohttp
@@ -31,6 +30,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
 from sidecar.config import JwtIssuerConfig
+from sidecar.forward import client_ssl_context
 
 if TYPE_CHECKING:
     from sidecar.observe.metrics import Metrics
@@ -150,11 +150,6 @@ def _key_object(jwk: dict[str, Any]) -> tuple[Any, str | None]:
     return key, None
 
 
-def client_ssl_context(ca: Path | None) -> ssl.SSLContext:
-    """Verifying TLS for a JWKS fetch: the configured CA, else the system's."""
-    return ssl.create_default_context(cafile=str(ca) if ca else None)
-
-
 class KeySource:
     """One issuer's key set: loaded, refreshed single-flight, last good one kept on failure."""
 
@@ -167,7 +162,7 @@ class KeySource:
         self._clock = clock
         self._min_interval = min_refresh_interval
         self._failures = metrics.jwks_fetch_failures.labels(config.issuer) if metrics else None
-        self._ssl = client_ssl_context(config.ca) if config.jwks_uri else None
+        self._ssl = client_ssl_context(str(config.ca) if config.ca else None) if config.jwks_uri else None
         self._session: aiohttp.ClientSession | None = None
         self._last_raw: bytes | None = None
         self._last_token_refresh: float | None = None  # refreshes a token caused are rate-limited
