@@ -45,7 +45,7 @@ def free_port() -> int:
     # underscore header names are refused, as on the listener
     (["--url", "/example-api/x", "--header", "X_Forwarded_User=admin"], 3, "reason: bad_request"),
     # usage error
-    (["--url", "/example-api/x", "--header", "no-equals-sign"], 2, ""),
+    (["--url", "/example-api/x", "--header", "no-equals-sign"], 2, "--header must be K=V"),
 ])
 def test_explain_prints_the_decision_and_exits_by_it(args, code, expect):
     """explain resolves, normalizes and decides exactly like the pipeline, and its exit code says the outcome."""
