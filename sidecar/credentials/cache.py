@@ -67,14 +67,11 @@ class CredentialCache:
 
     async def get(self, provider: CredentialProvider, req: CredentialRequest) -> tuple[Credential, str]:
         """A valid credential and where it came from: ``cache``, ``minted`` or ``static``."""
-        key = (provider.name, provider.cache_key(req))
-        entry = self._entries.get(key)
-        if entry is not None and self._fresh(entry.credential):
-            entry.used = True
-            self._metrics.count_cache(provider.name, "hit")
-            return entry.credential, "static" if entry.credential.standing else "cache"
+        hit = self.cached(provider, req)
+        if hit is not None:
+            return hit
         self._metrics.count_cache(provider.name, "miss")
-        credential = await self._single_flight(key, provider, req)
+        credential = await self._single_flight((provider.name, provider.cache_key(req)), provider, req)
         return credential, "static" if credential.standing else "minted"
 
     def _fresh(self, credential: Credential) -> bool:
