@@ -131,8 +131,7 @@ def _b64_json(segment: str, what: str) -> dict[str, Any]:
 
 
 def _parse(token: str) -> _Parsed:
-    if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
-        raise _refused(f"bearer token must be a string of at most {MAX_TOKEN_BYTES} bytes")
+    """Split and decode a token whose type and size :meth:`JwtVerifier.verify` has checked."""
     if not _TOKEN.fullmatch(token):
         raise _refused("bearer token must be a JWS of exactly three base64url segments")
     header_b64, claims_b64, signature_b64 = token.split(".")
