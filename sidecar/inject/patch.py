@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from sidecar.errors import ConfigError
 from sidecar.inject.settings import (
     AGENT_ENV, A_AUDIENCE, A_CONFIG, A_IMAGE, A_INJECTED, A_KEY, A_LOCKDOWN, A_POLICY, A_SVID, CA_CERT, CA_DIR, CA_INIT,
-    CONFIG_DIR, INJECT_LABEL, KNOWN_ANNOTATIONS, LOCKDOWN, LOCKDOWN_SCRIPT, POLICY_DIR, PORTS, PREFIX, SIDECAR, SMALL,
-    STATE_DIR, V_CA, V_CONFIG, V_KEY, V_POLICY, V_STATE, V_SVID, V_TOKEN, V_XTABLES, InjectSettings, Json, _audience,
-    _image, _name, _one_of,
+    CONFIG_DIR, INJECT_LABEL, KNOWN_ANNOTATIONS, LOCKDOWN, LOCKDOWN_SCRIPT, POD_ANNOTATIONS, POLICY_DIR, PORTS,
+    PREFIX, SIDECAR, SMALL, STATE_DIR, V_CA, V_CONFIG, V_KEY, V_POLICY, V_STATE, V_SVID, V_TOKEN, V_XTABLES,
+    InjectSettings, Json, _audience, _image, _name, _one_of,
 )
 
 
@@ -59,7 +59,7 @@ def pod_options(settings: InjectSettings, annotations: dict[str, str]) -> PodOpt
     """The settings as this pod's annotations override them; a bad annotation is refused."""
     unknown = sorted(k for k in annotations if k.startswith(PREFIX) and k not in KNOWN_ANNOTATIONS)
     if unknown:
-        raise InjectRefused(f"inject: unknown annotation {unknown[0]}; expected one of {', '.join(KNOWN_ANNOTATIONS[:7])}")
+        raise InjectRefused(f"inject: unknown annotation {unknown[0]}; expected one of {', '.join(POD_ANNOTATIONS)}")
     errors: list[ConfigError] = []
     get = lambda key, default, check: default if key not in annotations else check(annotations[key], key, errors)  # noqa: E731
     options = PodOptions(
