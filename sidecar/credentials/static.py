@@ -46,6 +46,7 @@ class StaticProvider:
             type=TYPE, provider=name, id=keyed_id(deps.id_key, spec.value.reveal()), standing=True,
             token=spec.value,
         )
+        self._header_value = spec.scheme + spec.value.reveal()  # built once; apply() only sets it
         self._query_pair = (
             f"{quote(spec.query, safe='')}={quote(spec.value.reveal(), safe='')}" if spec.query else ""
         )
@@ -58,7 +59,7 @@ class StaticProvider:
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
         if self._spec.header:
-            out.headers[self._spec.header] = self._spec.scheme + self._spec.value.reveal()
+            out.headers[self._spec.header] = self._header_value
         else:
             out.query = f"{out.query}&{self._query_pair}" if out.query else self._query_pair
 
