@@ -310,7 +310,7 @@ class TokenEndpoint:
             return self._session
         if self._session is not None:  # the SVID rotated: requests in flight finish, then it closes
             old = self._session
-            self._retired.append(old)
+            self._retired = [s for s in self._retired if not s.closed] + [old]  # bounded across rotations
             asyncio.get_running_loop().call_later(self.endpoint.timeout + 1, lambda: asyncio.ensure_future(old.close()))
         cert_key: tuple[str | None, str | None] = (None, None)
         if self.endpoint.auth == "tls_client_auth":
