@@ -47,7 +47,8 @@ def load_signing_key(path: Path, kid: str | None) -> SigningKey:
     try:
         private = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise SigningKeyError(f"identity: cannot load signing key {path}: {type(exc).__name__}") from None
+        raise SigningKeyError(f"identity: cannot load signing key {path}: expected an unencrypted pem "
+                              f"private key ({type(exc).__name__})") from None
     if isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP256R1):
         algorithm = "ES256"
     elif isinstance(private, ed25519.Ed25519PrivateKey):
