@@ -175,15 +175,16 @@ class CredentialCache:
     def _remove_if(self, key: tuple[str, Hashable], entry: _Entry) -> None:
         if self._entries.get(key) is entry:
             self._remove(key)
+            self._count_ephemeral()
 
     def _remove(self, key: tuple[str, Hashable]) -> None:
+        """Drop one entry and its timers; the caller recounts once (a count is O(entries))."""
         entry = self._entries.pop(key, None)
         if entry is not None:
             if entry.refresher is not None:
                 entry.refresher.cancel()
             if entry.refreshing is not None:
                 entry.refreshing.cancel()
-        self._count_ephemeral()
 
     def _evict(self) -> None:
         while len(self._entries) > self._max:
@@ -198,6 +199,8 @@ class CredentialCache:
         keys = [k for k, e in self._entries.items() if predicate(e.credential, e.request)]
         for key in keys:
             self._remove(key)
+        if keys:
+            self._count_ephemeral()
         return len(keys)
 
     def drop_task(self, task_id: str) -> int:
@@ -219,3 +222,4 @@ class CredentialCache:
     async def aclose(self) -> None:
         for key in list(self._entries):
             self._remove(key)
+        self._count_ephemeral()

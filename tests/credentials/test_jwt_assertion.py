@@ -127,6 +127,25 @@ async def test_one_signature_serves_many_requests_through_the_cache(signer: Sign
     assert len(signed) == 1 and sources[0] == "minted" and set(sources[1:]) == {"cache"}
 
 
+async def test_the_ephemeral_gauge_follows_what_the_cache_holds(tmp_path: Path) -> None:
+    """sidecar_ephemeral_credentials: one per task's token held, recounted after each drop."""
+    provider = provider_for(signer_for(tmp_path, "ES256"))
+    metrics = Metrics()
+    cache = CredentialCache(metrics)
+
+    def held() -> float | None:
+        return metrics.registry.get_sample_value("sidecar_ephemeral_credentials")
+
+    try:
+        for n in range(3):
+            await cache.get(provider, req(TaskRef(f"task-{n}", None, None, None, "asserted")))
+        assert held() == 3
+        assert cache.drop_task("task-0") == 1 and held() == 2
+        assert cache.drop_all() == 2 and held() == 0
+    finally:
+        await cache.aclose()
+
+
 async def test_without_a_signing_key_it_is_unavailable() -> None:
     """No signer: credential_unavailable, not an unsigned token."""
     with pytest.raises(CredentialUnavailable, match="no signing key"):
