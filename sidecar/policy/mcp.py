@@ -159,12 +159,17 @@ def _check_envelope(obj: Any) -> dict[str, Any]:
         raise _refuse("body must be a JSON-RPC request object")
     if not _REQUEST_MEMBERS.issuperset(obj):
         _refuse_members(obj)  # the known members are distinct lowercase: no case variants
+    _check_version_and_id(obj)
+    return obj
+
+
+def _check_version_and_id(obj: dict[str, Any]) -> None:
+    """jsonrpc exactly "2.0"; an id, when present, a string or an integer (MCP forbids null ids)."""
     if obj.get("jsonrpc") != "2.0":
         raise _refuse('jsonrpc must be exactly "2.0"')
     ident = obj.get("id")
     if "id" in obj and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
         raise _refuse("id must be a string or an integer")
-    return obj
 
 
 def _refuse_members(obj: dict[str, Any]) -> None:
@@ -178,11 +183,8 @@ def _response(obj: dict[str, Any]) -> McpCall:
     _check_case_variants(obj, "the response object")
     if frozenset(obj) not in _RESPONSE_MEMBERS:
         raise _refuse("a JSON-RPC response has exactly jsonrpc, id and one of result or error")
-    if obj["jsonrpc"] != "2.0":
-        raise _refuse('jsonrpc must be exactly "2.0"')
+    _check_version_and_id(obj)
     ident = obj["id"]
-    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
-        raise _refuse("id must be a string or an integer")
     if "result" in obj and not isinstance(obj["result"], dict):
         raise _refuse("result must be a JSON object")
     if "error" in obj:
