@@ -2,9 +2,12 @@
 
 Why not ``create_server(ssl=...)``: a listening ``SSLContext`` is fixed when the server is
 created, and asyncio reports server-side handshake failures only in debug mode. Instead the
-listener accepts plain TCP and upgrades each connection with ``loop.start_tls`` using the context
-current at that moment, so SVID and bundle rotation applies to every new handshake while
-established connections keep the context they were made with.
+listener accepts plain TCP, waits (in the lobby) until the connection has sent its first bytes, and
+then runs TLS on the accepted socket with ``loop.connect_accepted_socket`` and the context current
+at that moment, so SVID and bundle rotation applies to every new handshake while established
+connections keep the context they were made with. Nothing is read before TLS takes the socket, so
+the ClientHello cannot be lost on the way (it was, under uvloop, when the first bytes reached a
+protocol that had asked to pause).
 
 Python's ``ssl`` has no verification callback, so the client certificate is requested with
 ``CERT_OPTIONAL`` (a missing certificate is reported as ``no_client_cert`` rather than as an
@@ -14,7 +17,8 @@ OpenSSL cannot verify aborts the handshake with an alert; its verify code is map
 by :func:`sidecar.identity.x509.verify_peer` against the bundle of the leaf's own trust domain
 only, which is the check that binds bundles to domains.
 
-    accept TCP ─ pause reading ─ (slot, timeout) start_tls(current context) ─ verify_peer
+    accept TCP ─ lobby (sidecar.identity.accept: until the ClientHello, no slot held)
+      ─ (slot, timeout) TLS on the accepted socket (current context) ─ verify_peer
       ├─ refused: on_reject(reason, message, peer); a 401/403 JSON response; close (nothing parsed)
       └─ accepted: peer recorded for peer_of(transport); handler protocol attached to the TLS transport
 
@@ -25,15 +29,14 @@ Refusal reasons passed to ``on_reject`` are :data:`REJECT_REASONS`: those of ``P
 from __future__ import annotations
 
 import asyncio
-import json
+import socket
 import ssl
 from _ssl import ENCODING_DER  # CPython's; ssl.SSLObject of 3.11 has no public chain accessor
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import cast
 
-from sidecar.errors import PROXY_STATUS_ERROR, status_for
+from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, Listener, Lobby, refusal_response
 from sidecar.identity.x509 import (
     PEER_REJECT_REASONS,
     PeerIdentity,
@@ -68,7 +71,7 @@ def build_server_context(cert_path: str, key_path: str, ca_pems: list[bytes]) ->
 
 
 class MtlsAcceptor:
-    """Accepts TCP, upgrades to TLS with the current context, verifies the peer, hands over."""
+    """Accepts TCP, waits for a ClientHello, upgrades to TLS, verifies the peer, hands over."""
 
     def __init__(
         self,
@@ -83,6 +86,9 @@ class MtlsAcceptor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         respond_on_reject: bool = True,
         refusal_grace: float = 1.0,
+        hello_timeout: float | None = None,
+        max_waiting: int = MAX_WAITING,
+        max_waiting_per_source: int = MAX_WAITING_PER_SOURCE,
     ) -> None:
         self._context = context
         self._bundles = bundles
@@ -96,22 +102,23 @@ class MtlsAcceptor:
         self._refusal_grace = refusal_grace
         self._peers = _PeerTable()
         self._pending: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
+        self._lobby = Lobby(self._admitted, self._dismissed, timeout=hello_timeout or handshake_timeout,
+                            limit=max_waiting, per_source=max_waiting_per_source)
+        self._listener: Listener | None = None
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        """Listen on ``host:port`` (port 0 picks one; read it from the returned server's sockets)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Accepted(self), host, port)
-        return self._server
+    async def start(self, host: str, port: int) -> Listener:
+        """Listen on ``host:port`` (port 0 picks one; read it from the returned listener's sockets)."""
+        self._listener = Listener.bind(host, port, self._lobby.arrive)
+        return self._listener
 
     async def close(self) -> None:
-        """Stop accepting and drop handshakes in progress.
+        """Stop accepting and drop waiting connections and handshakes in progress.
 
-        Established connections belong to the handler (aiohttp: ``web.Server.shutdown()``). This
-        does not await ``Server.wait_closed()``, which from Python 3.12 waits for them too.
+        Established connections belong to the handler (aiohttp: ``web.Server.shutdown()``).
         """
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
+        self._lobby.close()
         for task in list(self._pending):
             task.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
@@ -120,22 +127,24 @@ class MtlsAcceptor:
         """The verified peer of an accepted TLS transport (aiohttp: ``request.transport``)."""
         return self._peers.get(transport) if transport is not None else None
 
-    def _spawn(self, transport: asyncio.Transport) -> None:
-        task = asyncio.get_running_loop().create_task(self._accept(transport))
+    def _dismissed(self, address: str, message: str) -> None:
+        self._on_reject("handshake_failed", message, address)
+
+    def _admitted(self, sock: socket.socket, address: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._accept(sock, address))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _accept(self, transport: asyncio.Transport) -> None:
-        address = _address(transport)
+    async def _accept(self, sock: socket.socket, address: str) -> None:
         holding = Holding()
         try:
-            tls = await self._handshake(transport, holding)
+            tls = await self._handshake(sock, holding)
         except _HandshakeFailed as failed:
-            transport.abort()
+            sock.close()
             self._on_reject(failed.reason, failed.message, address)
             return
         except BaseException:  # cancelled by close(), or a broken context callable: fail closed
-            transport.abort()
+            sock.close()
             raise
         try:
             peer = self._verify(tls)
@@ -149,16 +158,20 @@ class MtlsAcceptor:
         self._peers.add(tls, peer)
         hand_over(tls, holding, protocol)
 
-    async def _handshake(self, transport: asyncio.Transport, holding: Holding) -> asyncio.Transport:
+    async def _handshake(self, sock: socket.socket, holding: Holding) -> asyncio.Transport:
+        """TLS over the accepted socket, with at most ``max_handshakes`` running at once.
+
+        Nothing was read from the socket before (the lobby only waited for it to be readable), so
+        the ClientHello is all there for the TLS layer, on every event loop.
+        """
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 async with self._slots:
-                    tls = await loop.start_tls(
-                        transport,
-                        holding,
-                        self._context(),
-                        server_side=True,
+                    tls, _ = await loop.connect_accepted_socket(
+                        lambda: holding,
+                        sock,
+                        ssl=self._context(),
                         ssl_handshake_timeout=self._handshake_timeout,
                         ssl_shutdown_timeout=self._handshake_timeout,  # bounds a refused peer's close
                     )
@@ -169,9 +182,9 @@ class MtlsAcceptor:
             ) from None
         except (OSError, EOFError) as exc:
             raise _handshake_error(exc) from None
-        if tls is None:  # the peer closed the connection during the handshake
+        if tls is None or tls.is_closing():  # the peer closed the connection during the handshake
             raise _HandshakeFailed("handshake_failed", "mtls: peer closed during the tls handshake")
-        return tls
+        return cast(asyncio.Transport, tls)
 
     def _verify(self, tls: asyncio.Transport) -> PeerIdentity:
         ssl_object = tls.get_extra_info("ssl_object")
@@ -195,21 +208,6 @@ class MtlsAcceptor:
                     tls.write(refusal_response(rejected.request_reason, rejected.message))
             finally:
                 tls.close()
-
-
-def refusal_response(reason: str, message: str) -> bytes:
-    """A complete ``Connection: close`` HTTP/1.1 response carrying the reason code and message."""
-    status = status_for(reason)
-    body = json.dumps({"error": reason, "message": message}).encode()
-    error = PROXY_STATUS_ERROR.get(reason, "http_request_denied")
-    head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f'Proxy-Status: sidecar; error={error}; details="{reason}"\r\n'
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
 
 
 class _HandshakeFailed(Exception):
@@ -249,14 +247,6 @@ def _der(cert: object) -> bytes:
     return cert.public_bytes(ENCODING_DER)  # type: ignore[attr-defined]
 
 
-def _address(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    if not peer:
-        return "unknown"
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def hand_over(tls: asyncio.Transport, holding: Holding, protocol: asyncio.BaseProtocol) -> None:
     """Attach ``protocol`` to the TLS transport and replay what arrived while we verified."""
     tls.set_protocol(protocol)
@@ -280,18 +270,6 @@ def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
             view = view[size:]
     else:
         protocol.data_received(data)  # type: ignore[attr-defined]
-
-
-class _Accepted(asyncio.Protocol):
-    """A freshly accepted TCP connection: reading stays paused until ``start_tls`` takes over."""
-
-    def __init__(self, acceptor: MtlsAcceptor) -> None:
-        self._acceptor = acceptor
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tcp = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        tcp.pause_reading()
-        self._acceptor._spawn(tcp)
 
 
 class Holding(asyncio.Protocol):

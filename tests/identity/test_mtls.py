@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ async def _start(
     handler_factory: Callable[[], asyncio.BaseProtocol] | None = None,
     handshake_timeout: float = SAFETY,
     max_handshakes: int = 16,
+    **lobby: float,
 ) -> tuple[Harness, web.Server]:
     bundles = pki.bundles()
     current = Current(_server_context(pki.ours, tmp_path, bundles, "server"), bundles)
@@ -95,6 +97,7 @@ async def _start(
         on_reject=lambda *args: harness.on_reject(*args),
         handshake_timeout=handshake_timeout,
         max_handshakes=max_handshakes,
+        **lobby,  # type: ignore[arg-type]
     )
     listening = await acceptor.start("127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
@@ -272,12 +275,16 @@ async def test_refused_peer_gets_its_reason_and_never_reaches_the_handler(
 
 
 async def test_plain_http_on_the_tls_port_is_a_handshake_failure(harness: Harness) -> None:
-    """Speaking plain HTTP to the mTLS listener is counted as handshake_failed."""
+    """Speaking plain HTTP to the mTLS listener is counted as handshake_failed and answered in plain text
+    with a 400 that says the port speaks TLS (nothing of the request is parsed or served)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     reason, message, _ = await harness.next_reject()
     assert reason == "handshake_failed" and message.startswith("mtls: tls handshake failed")
-    assert await asyncio.wait_for(reader.read(), SAFETY) == b""
+    answer = await asyncio.wait_for(reader.read(), SAFETY)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["error"] == "bad_request"
+    assert b"client certificates" in body
     writer.close()
     assert harness.served == []
 
@@ -288,7 +295,7 @@ async def test_silent_peer_is_dropped_at_the_handshake_timeout(pki: Pki, tmp_pat
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
         reason, message, _ = await running.next_reject()
-        assert (reason, message) == ("handshake_failed", "mtls: tls handshake did not complete within 0.2s")
+        assert (reason, message) == ("handshake_failed", "mtls: no tls clienthello arrived within 0.2s")
         assert await asyncio.wait_for(reader.read(), SAFETY) == b""
         writer.close()
     finally:
@@ -297,11 +304,12 @@ async def test_silent_peer_is_dropped_at_the_handshake_timeout(pki: Pki, tmp_pat
 
 
 async def test_handshakes_beyond_the_bound_wait_for_a_slot(pki: Pki, tmp_path: Path) -> None:
-    """With one handshake slot, a caller waits while a silent peer holds it, then is served."""
+    """With one handshake slot, a caller waits while a stalled handshake holds it, then is served."""
     running, server = await _start(pki, tmp_path, max_handshakes=1)
     try:
         _, silent = await asyncio.open_connection("127.0.0.1", running.port)
-        while not running.acceptor._slots.locked():  # the silent peer takes the one slot
+        silent.write(b"\x16\x03\x01")  # the start of a TLS record, then nothing more
+        while not running.acceptor._slots.locked():  # the stalled handshake takes the one slot
             await asyncio.sleep(0.01)
         cert = pki.ours.issue(CALLER_ID).write(tmp_path, "caller")
         caller = asyncio.ensure_future(_attempt(running.port, _client_context(running.ca_file, cert)))
@@ -312,6 +320,109 @@ async def test_handshakes_beyond_the_bound_wait_for_a_slot(pki: Pki, tmp_path: P
     finally:
         await running.acceptor.close()
         await server.shutdown(1.0)
+
+
+# --- many new callers, and connections that never speak (issue 11 items 1, 2) ---------------------
+
+
+def _blocking_get(port: int, context: ssl.SSLContext) -> tuple[int, str]:
+    """One GET over a new connection from a blocking Python ``ssl`` socket (Nagle on, as by default)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+async def test_every_new_python_ssl_caller_is_served(harness: Harness, pki: Pki, tmp_path: Path) -> None:
+    """100 new connections from Python's ssl, 50 one after another and 50 sixteen at a time, are all served
+    on the loop under test (under uvloop a ClientHello that arrived early was lost: issue 11 item 1)."""
+    cert = pki.ours.issue(CALLER_ID).write(tmp_path, "caller")
+    context = _client_context(harness.ca_file, cert)
+    sequential = [await asyncio.to_thread(_blocking_get, harness.port, context) for _ in range(50)]
+    gate = asyncio.Semaphore(16)
+
+    async def one() -> tuple[int, str]:
+        async with gate:
+            return await asyncio.to_thread(_blocking_get, harness.port, context)
+
+    concurrent = await asyncio.gather(*(one() for _ in range(50)))
+    assert sequential + list(concurrent) == [(200, CALLER_ID)] * 100
+    assert harness.rejects == []
+
+
+async def _idle(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` TCP connections that connect and say nothing."""
+    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+
+
+async def _still_open(reader: asyncio.StreamReader) -> bool:
+    try:
+        await asyncio.wait_for(reader.read(1), 0.05)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_silent_connections_hold_no_handshake_slot(pki: Pki, tmp_path: Path) -> None:
+    """Connections that never send a byte do not take the handshake slots: with two slots and eight silent
+    connections open, a caller is served at once and every silent one is still waiting (issue 11 item 2)."""
+    running, server = await _start(pki, tmp_path, max_handshakes=2)
+    try:
+        silent = await _idle(running.port, 8)
+        cert = pki.ours.issue(CALLER_ID).write(tmp_path, "caller")
+        assert await _attempt(running.port, _client_context(running.ca_file, cert)) == (200, CALLER_ID)
+        assert [await _still_open(reader) for reader, _ in silent] == [True] * 8
+        assert running.rejects == []
+        for _, writer in silent:
+            writer.close()
+    finally:
+        await running.acceptor.close()
+        await server.shutdown(1.0)
+
+
+@pytest.mark.parametrize(
+    ("bound", "expected"),
+    [
+        # six silent connections from one address, four allowed per address: the two oldest go
+        ({"max_waiting_per_source": 4}, "more than 4 connections from 127.0.0.1 were waiting"),
+        # the same with the bound on all waiting connections
+        ({"max_waiting": 4}, "more than 4 connections were waiting"),
+    ],
+)
+async def test_a_flood_of_silent_connections_evicts_its_own_oldest(
+    pki: Pki, tmp_path: Path, bound: dict[str, int], expected: str
+) -> None:
+    """Past the lobby's bound the oldest silent connection is closed, never the newcomer, so a real caller
+    from the same address is still served (issue 11 item 2)."""
+    running, server = await _start(pki, tmp_path, **bound)
+    try:
+        silent = await _idle(running.port, 6)
+        assert [await _still_open(reader) for reader, _ in silent] == [False, False] + [True] * 4
+        assert len(running.rejects) == 2
+        assert all(r[0] == "handshake_failed" and expected in r[1] for r in running.rejects)
+        cert = pki.ours.issue(CALLER_ID).write(tmp_path, "caller")
+        assert await _attempt(running.port, _client_context(running.ca_file, cert)) == (200, CALLER_ID)
+        for _, writer in silent:
+            writer.close()
+    finally:
+        await running.acceptor.close()
+        await server.shutdown(1.0)
+
+
+async def test_a_connection_closed_without_a_byte_is_not_a_refusal(harness: Harness, pki: Pki,
+                                                                   tmp_path: Path) -> None:
+    """A TCP probe (connect, then close) is closed quietly: no handshake_failed event for it."""
+    for _ in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.close()
+        await writer.wait_closed()
+    cert = pki.ours.issue(CALLER_ID).write(tmp_path, "caller")
+    assert await _attempt(harness.port, _client_context(harness.ca_file, cert)) == (200, CALLER_ID)
+    assert harness.rejects == []
 
 
 # --- curl and openssl s_client ----------------------------------------------------------------
