@@ -61,8 +61,8 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     state_dir = root.path_value("state_dir") or root.base_dir / ".sidecar"
     identity = _identity(root.sub("identity"))
     inbound = _inbound(root.sub("inbound")) if root.has("inbound") else None
-    outbound = _outbound(root.sub("outbound"), warnings)
     credentials = _credentials(root.sub("credentials"))
+    outbound = _outbound(root.sub("outbound"), warnings, credentials)
     policy = _policy(root.sub("policy"))
     tasks = _tasks(root.sub("tasks"))
     revocation = _revocation(root.sub("revocation"))
@@ -172,7 +172,7 @@ def _inbound(f: Fields) -> InboundConfig:
     return cfg
 
 
-def _outbound(f: Fields, warnings: list[str]) -> OutboundConfig:
+def _outbound(f: Fields, warnings: list[str], credentials: Mapping[str, CredentialConfig]) -> OutboundConfig:
     listen = f.listen("listen", "127.0.0.1:17001")
     if not listen.is_loopback:
         f.error("listen", "must be a loopback address (127.0.0.1 or ::1): everything reaching the outbound "
@@ -188,7 +188,7 @@ def _outbound(f: Fields, warnings: list[str]) -> OutboundConfig:
     ups = f.sub("upstreams")
     upstreams = {}
     for name in ups.keys():
-        upstream = _upstream(name, ups.sub(name), timeouts, warnings)
+        upstream = _upstream(name, ups.sub(name), timeouts, warnings, credentials)
         if upstream is not None:
             upstreams[name] = upstream
     _check_unique_hosts(upstreams, ups)
@@ -205,16 +205,20 @@ def _loads_as_ca(path: Path) -> bool:
     return True
 
 
-def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str]) -> Upstream | None:
+def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
+              credentials: Mapping[str, CredentialConfig]) -> Upstream | None:
+    """One upstream; every problem of the entry is reported, those of a bad ``url`` included."""
     if not name or "/" in name or "%" in name or name in (".", ".."):
         f.error("", "upstream names must be non-empty and contain no '/', '%', or dot segments")
     url = f.url("url", required=True)
     hosts = tuple(h.lower().rstrip(".") for h in f.str_list("hosts", ()))
     ca = f.path_value("ca", must_exist=True)
-    if ca is not None and not _loads_as_ca(ca):
+    if ca is not None and ca.is_file() and not _loads_as_ca(ca):  # a missing file is reported once
         f.error("ca", "expected a PEM file of CA certificates; none could be loaded from it")
     client_cert = f.choice("client_cert", ("svid",))
     credential = f.str("credential")
+    if credential and credential not in credentials:
+        f.error("credential", f"credential {credential!r} is not defined under credentials")
     protocol = f.choice("protocol", ("http", "mcp"), "http")
     p = f.sub("paths")
     paths = PathOptions(p.bool("allow_encoded_slash", False), p.bool("merge_slashes", True))
@@ -313,10 +317,6 @@ def _admin(f: Fields, state_dir: Path) -> AdminConfig:
 def _check_references(errors: list[ConfigError], identity: IdentityConfig, outbound: OutboundConfig,
                       credentials: Mapping[str, CredentialConfig], admin: AdminConfig,
                       inbound: InboundConfig | None) -> None:
-    for up in outbound.upstreams.values():
-        if up.credential and up.credential not in credentials:
-            errors.append(ConfigError(f"outbound.upstreams.{up.name}.credential",
-                                      f"credential {up.credential!r} is not defined under credentials"))
     needs_key = [c.name for c in credentials.values() if getattr(c.spec, "needs_signing_key", False)]
     if needs_key and identity.signing_key is None:
         errors.append(ConfigError("identity.signing_key", "is required: credentials "

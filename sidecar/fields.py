@@ -254,10 +254,14 @@ def read_secret(value: Any, path: str, errors: list[ConfigError], base_dir: Path
     (for example ``revocation.redis_url``); here it is an error, so that secrets are
     never pasted into config by accident.
     """
+    expected = "must be exactly one of {value: ...}, {from_env: NAME}, {from_file: PATH}"
+    if not isinstance(value, dict):  # one problem, said once (the value itself is never echoed)
+        errors.append(ConfigError(path, f"{expected}, got {_kind(value)}"))
+        return None
     f = Fields(value, path, errors, base_dir)
     kinds = [k for k in ("value", "from_env", "from_file") if f.has(k)]
     if len(kinds) != 1:
-        f.error("", "must be exactly one of {value: ...}, {from_env: NAME}, {from_file: PATH}")
+        f.error("", expected)
         return None
     kind = kinds[0]
     ref = f.str(kind, required=True)

@@ -88,6 +88,25 @@ def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
     assert not any("s3cr3t-canary" in e for e in errors)
 
 
+@pytest.mark.parametrize(("upstream", "credentials", "expected"), [
+    # a bad url does not hide the entry's other problems (its undefined credential)
+    ({"url": "ftp://billing", "credential": "nope"}, {},
+     ["outbound.upstreams.u.url: must be an absolute http or https URL, got 'ftp://billing'",
+      "outbound.upstreams.u.credential: credential 'nope' is not defined under credentials"]),
+    # a missing CA file is one problem, not also "no certificates could be loaded"
+    ({"url": "https://billing.internal", "ca": "missing-ca.pem"}, {},
+     ["outbound.upstreams.u.ca: file not found or not readable: missing-ca.pem"]),
+    # a secret given as a plain string is one problem, not also "must be a mapping"
+    ({"url": "https://billing.internal"}, {"k": {"type": "static", "header": "X-Key", "value": "s3cr3t-canary"}},
+     ["credentials.k.value: must be exactly one of {value: ...}, {from_env: NAME}, {from_file: PATH}, "
+      "got a string"]),
+])
+def test_every_independent_problem_is_reported_exactly_once(tmp_path, upstream, credentials, expected):
+    """validate lists each independent problem of an entry once, none hidden by another (issue 11 item 18)."""
+    raw = {"outbound": {"upstreams": {"u": upstream}}, "credentials": credentials}
+    assert errors_of(raw, tmp_path) == expected
+
+
 def test_a_rejected_url_is_echoed_without_its_password(tmp_path):
     """A URL refused for its scheme is shown in the message, but not the user info it may carry."""
     errors = errors_of({"outbound": {"upstreams": {"u": {"url": "ftp://bob:url-canary-pw@files.example/x"}}}},
