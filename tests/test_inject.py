@@ -29,6 +29,7 @@ from cryptography import x509
 
 from sidecar import inject
 from sidecar.errors import ConfigInvalid
+from sidecar.inject.settings import AGENT_ENV
 
 K8S_VERSION = "1.29.0"
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,6 +216,20 @@ async def test_agent_gets_proxy_env_and_read_only_ca(webhook: Client) -> None:
     mounts = by_name(agent["volumeMounts"])
     assert mounts["agent-sidecar-ca"] == {"name": "agent-sidecar-ca", "mountPath": "/var/run/intercept", "readOnly": True}
     assert "agent-sidecar-state" not in mounts, "the admin token and CA key stay out of the agent"
+
+
+async def test_the_deploy_guide_says_which_agent_variables_are_replaced(webhook: Client) -> None:
+    """Every variable the webhook replaces on an agent that already set it is named in deploy/README.md's
+    paragraph on replacement, NO_PROXY first among them (issue 11 item 19)."""
+    own = {"name": "NO_PROXY", "value": ".svc,.cluster.local"}
+    pod = agent_pod()
+    pod["spec"]["containers"][0]["env"] = [own]
+    _, ops = await webhook.mutate(pod)
+    env = env_of(apply_patch(pod, ops)["spec"]["containers"][0])
+    assert env["NO_PROXY"] == "localhost,127.0.0.1", "replaced, not merged"
+    guide = (ROOT / "deploy" / "README.md").read_text()
+    paragraph = guide[guide.index("**The agent's own proxy and CA variables are replaced"):].split("\n\n")[0]
+    assert [var["name"] for var in AGENT_ENV if f"`{var['name']}`" not in paragraph] == []
 
 
 async def test_volumes_and_prometheus_annotations(webhook: Client) -> None:

@@ -137,6 +137,26 @@ def test_callers(tmp_path: Path, caller: str | None, matched: bool) -> None:
     assert (decision.effect == "allow") is matched
 
 
+def product_policy_example() -> list[dict[str, Any]]:
+    """The rules of docs/PRODUCT.md's policy example, as written there."""
+    text = (Path(__file__).parents[2] / "docs" / "PRODUCT.md").read_text()
+    block = next(b for b in text.split("```yaml")[1:] if "orchestrator-calls-agent" in b).split("```")[0]
+    return yaml.safe_load(block)["rules"]
+
+
+@pytest.mark.parametrize("caller, matched", [
+    ("spiffe://example.org/ns/orchestrator/sa/main", True),      # a service account of the namespace
+    ("spiffe://example.org/ns/orchestrator/sa/batch", True),     # another one
+    ("spiffe://example.org/ns/other/sa/main", False),            # another namespace
+])
+def test_the_documented_inbound_example_matches_kubernetes_workload_ids(tmp_path: Path, caller: str,
+                                                                       matched: bool) -> None:
+    """PRODUCT.md's inbound rule admits the Kubernetes service-account IDs it is meant for (issue 11 item 19)."""
+    rules = [r for r in product_policy_example() if r["id"] == "orchestrator-calls-agent"]
+    decision = decide(tmp_path, rules, direction="inbound", upstream=None, path="/tasks/1", caller_id=caller)
+    assert (decision.effect == "allow") is matched
+
+
 def test_direction(tmp_path: Path) -> None:
     """An inbound rule never decides an outbound request, and the other way round."""
     rules = [{"id": "in", "direction": "inbound", "effect": "allow"}]
