@@ -727,7 +727,8 @@ CONFIG_ERRORS: dict[str, tuple[dict[str, Any], str, str]] = {
     # a static key pasted as a plain string
     "static-plain-string": ({**S3, "source": {"type": "static", "access_key_id": "AKIAEXAMPLE",
                                               "secret_access_key": {"value": "s3cr3t"}}},
-                            "credentials.aws.source.access_key_id", "must be a mapping"),
+                            "credentials.aws.source.access_key_id", "must be exactly one of {value: ...}, "
+                                                                    "{from_env: NAME}, {from_file: PATH}, got a string"),
     # a region that is not a region
     "region": ({"region": "EU West", "service": "s3", "source": WEB}, "credentials.aws.region", "AWS region"),
     # no service to sign for
