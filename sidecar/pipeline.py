@@ -200,6 +200,7 @@ class Outbound:
         name = decision.credential or default
         if name is None:
             return None
+        rt.check_credential_for(name, ex.upstream or "")
         provider = rt.providers[name]
         req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
                                 task=task.ref() if task else None,

@@ -27,7 +27,7 @@ from yarl import URL
 from sidecar.config import Config
 from sidecar.credentials.base import CredentialProvider
 from sidecar.credentials.cache import CredentialCache
-from sidecar.errors import IdentityRefused, UpstreamFailed
+from sidecar.errors import CredentialUnavailable, IdentityRefused, UpstreamFailed
 from sidecar.exchange import AgentInfo, Exchange
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.forward import (
@@ -166,12 +166,22 @@ class Runtime:
         out = self.config.outbound
         self.drop_sets = {name: request_drop_set(out.strip_headers - up.pass_headers)
                           for name, up in out.upstreams.items()}
+        self.upstream_credentials = frozenset((up.credential, name) for name, up in out.upstreams.items()
+                                              if up.credential)
         self.tasks.on_end(self._task_ended)
         self.revocations.on_apply(self._enforce_revocation)
 
     # -- stages ---------------------------------------------------------------------------
     def decide(self, facts: Facts) -> Decision:
         return self.policy.decide(facts)
+
+    def check_credential_for(self, credential: str, upstream: str) -> None:
+        """A credential goes only to an upstream it is configured for: the upstream's own
+        ``credential:``, or a rule that names both (a check of its own, after policy's)."""
+        pair = (credential, upstream)
+        if pair not in self.upstream_credentials and pair not in self.policy.credential_upstreams:
+            raise CredentialUnavailable(f"credentials: {credential} is not configured for upstream {upstream}; "
+                                        "it is never sent there", detail="credential not configured for upstream")
 
     def peer_of(self, request: web.BaseRequest) -> Any:
         peer = self.acceptor.peer_of(request.transport) if self.acceptor is not None else None

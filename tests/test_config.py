@@ -164,6 +164,26 @@ def test_validate_exits_1_and_lists_every_problem(tmp_path):
         assert path in result.stderr
 
 
+def test_validate_refuses_a_rule_credential_without_its_upstream(tmp_path):
+    """validate lists a rule credential without upstream (sent everywhere) beside other problems (issue 11 item 6)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, "default": "deny", "rules": [
+        {"id": "key-everywhere", "direction": "outbound", "credential": "k", "effect": "allow"},
+        {"id": "bad-path", "direction": "outbound", "upstream": "u", "paths": ["v1"], "effect": "allow"}]}))
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"),
+        "outbound": {"upstreams": {"u": {"url": "https://u.example"}, "other": {"url": "https://other.example"}}},
+        "credentials": {"k": {"type": "static", "header": "X-Key", "value": {"value": "validate-canary-77"}}},
+        "policy": {"files": [str(policy)]}}))
+    result = subprocess.run([sys.executable, "-m", "sidecar", "validate", "-c", str(config_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"{policy}: rules[0] (key-everywhere).credential: needs upstream" in result.stderr
+    assert f"{policy}: rules[1] (bad-path).paths[0]: must start with '/'" in result.stderr
+    assert "validate-canary-77" not in result.stdout + result.stderr
+
+
 def test_the_config_json_schema_is_in_sync_with_the_loader(tmp_path, monkeypatch):
     """sidecar/schemas/config.schema.json is what the loader accepts today, and the example configs match it."""
     import json

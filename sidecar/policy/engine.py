@@ -113,8 +113,8 @@ class _Outcome(NamedTuple):
 class PolicySet:
     """A loaded, indexed set of rules; :meth:`decide` is the per-request entry point."""
 
-    __slots__ = ("rules", "default", "version", "mode", "files", "_limiter", "_clock", "_enforced", "_shadow",
-                 "_default", "_decisions", "_needs_clock")
+    __slots__ = ("rules", "default", "version", "mode", "files", "credential_upstreams", "_limiter", "_clock",
+                 "_enforced", "_shadow", "_default", "_decisions", "_needs_clock")
     _shadow: Index | None
 
     def __init__(self, rules: Sequence[Rule], *, default: str, version: str, mode: str, files: Sequence[Path],
@@ -122,6 +122,8 @@ class PolicySet:
         self.rules = tuple(rules)
         self.default, self.version, self.mode, self.files = default, version, mode, tuple(files)
         self._limiter, self._clock = limiter, clock
+        # (credential, upstream) of every rule that names a credential: what the rules configure
+        self.credential_upstreams = frozenset((r.credential, r.upstream) for r in self.rules if r.credential)
         self._enforced = build_index([r for r in self.rules if not r.shadow])
         shadows = [r for r in self.rules if r.shadow]
         self._shadow = build_index(shadows) if shadows else None

@@ -214,7 +214,7 @@ def parse_rule(f: Fields, order: int, ctx: LoadContext) -> Rule | None:
     methods = _methods(f)
     checks = _checks(f, direction, effect, upstream, ctx)
     delegation, hours, condition = _when(f.sub("when"))
-    credential, scopes = _credential(f, direction, effect, ctx)
+    credential, scopes = _credential(f, direction, effect, upstream, ctx)
     rate_limit = _rate_limit(f, effect)
     description = f.str("description", "")
     f.done()
@@ -388,7 +388,7 @@ def _zone(f: Fields) -> ZoneInfo | None:
         return None
 
 
-def _credential(f: Fields, direction: str | None, effect: str | None,
+def _credential(f: Fields, direction: str | None, effect: str | None, upstream: str | None,
                 ctx: LoadContext) -> tuple[str | None, tuple[str, ...] | None]:
     name = f.str("credential")
     scopes = f.str_list("scopes") or None
@@ -408,6 +408,9 @@ def _credential(f: Fields, direction: str | None, effect: str | None,
         if extra:
             have = ", ".join(ctx.credentials[name]) or "none"
             f.error("scopes", f"must be a subset of credential {name}'s scopes ({have}); not there: {', '.join(extra)}")
+    if name is not None and upstream is None and direction == "outbound" and effect != "deny":
+        f.error("credential", "needs upstream: a credential goes only to the upstream its rule names "
+                              "(without one, every upstream the rule matches would receive it)")
     return name, scopes
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from datetime import datetime, timezone
 
 import aiohttp
 import pytest
 
+from sidecar.policy.engine import PolicySet
+from sidecar.policy.ratelimit import RateLimiter
 from tests.harness import Upstream, raw_http
 
 SECRET = "canary-static-secret-9f3a7c"
@@ -265,3 +269,39 @@ async def test_no_response_names_the_sidecars_stack(make_sidecar):
                 assert refused.headers.get("Server") == "sidecar"
     finally:
         server.close()
+
+
+# -- credentials that must not reach the wrong upstream (issue 11 item 6) ------------------------
+
+def two_upstreams(upstream: Upstream, other: Upstream) -> dict:
+    return {"outbound": {"upstreams": {"billing": {"url": upstream.url, "credential": "legacy"},
+                                       "third-party": {"url": other.url}}},
+            "credentials": {"legacy": {"type": "static", "header": "X-API-Key", "value": {"value": SECRET}}}}
+
+
+async def test_a_credential_never_reaches_an_upstream_it_is_not_configured_for(make_sidecar, upstream):
+    """Should a rule without upstream slip past the loader, its credential still goes nowhere else (issue 11 item 6)."""
+    other = await Upstream().start()
+    try:
+        h = await make_sidecar(two_upstreams(upstream, other), {"version": 1, "default": "deny", "rules": [
+            {"id": "billing-key", "direction": "outbound", "upstream": "billing", "credential": "legacy",
+             "effect": "allow"}]})
+        runtime = h.sidecar.runtime
+        loaded = runtime.policy
+        everywhere = replace(loaded.rules[0], upstream=None)  # what the loader now refuses
+        runtime.policy = PolicySet([everywhere], default="deny", version="v-any", mode="enforce", files=[],
+                                   limiter=RateLimiter(), clock=lambda: datetime.now(timezone.utc))
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/third-party/v1/x") as r:
+                status, body = r.status, await r.json()
+            async with s.get(f"{h.outbound}/billing/v1/x") as ok:
+                assert ok.status == 200
+        assert (status, body["error"]) == (503, "credential_unavailable")
+        assert "legacy is not configured for upstream third-party" in body["message"]
+        assert other.seen == [] and upstream.seen[-1].header("X-API-Key") == SECRET
+        refused, allowed = await h.settle()
+        assert (refused["reason"], refused["target"]["upstream"], refused["credential"]) == (
+            "credential_unavailable", "third-party", None)
+        assert allowed["decision"] == "allow" and SECRET not in h.raw_log().decode()
+    finally:
+        await other.stop()

@@ -251,7 +251,7 @@ def test_deny_wins_over_allow(tmp_path: Path, order: list[str]) -> None:
 
 def test_approval_over_allow(tmp_path: Path) -> None:
     """A matching require_approval holds the request even when an allow rule matches first."""
-    rules = [rule("allow"), rule("hold", effect="require_approval", credential="billing-oauth",
+    rules = [rule("allow"), rule("hold", effect="require_approval", upstream="billing-api", credential="billing-oauth",
                                  scopes=["invoices.write"])]
     decision = decide(tmp_path, rules)
     assert (decision.effect, decision.reason, decision.rule_id) == ("require_approval", "approval_required", "hold")
@@ -260,10 +260,10 @@ def test_approval_over_allow(tmp_path: Path) -> None:
 
 def test_first_allow_supplies_credential_and_scopes(tmp_path: Path) -> None:
     """The first matching allow rule in file order supplies credential, scopes and delegation."""
-    rules = [rule("skipped", methods=["POST"], credential="on-behalf-of-user"),
-             rule("first", credential="billing-oauth", scopes=["invoices.read"],
+    rules = [rule("skipped", methods=["POST"], upstream="billing-api", credential="on-behalf-of-user"),
+             rule("first", upstream="billing-api", credential="billing-oauth", scopes=["invoices.read"],
                   when={"delegation": "impersonation_allowed"}),
-             rule("second", credential="billing-oauth", scopes=["invoices.write"])]
+             rule("second", upstream="billing-api", credential="billing-oauth", scopes=["invoices.write"])]
     decision = decide(tmp_path, rules, delegation="delegated")
     assert (decision.rule_id, decision.credential, decision.scopes) == ("first", "billing-oauth", ("invoices.read",))
     assert decision.delegation == "impersonation_allowed"
@@ -283,12 +283,11 @@ def test_default(tmp_path: Path, default: str, effect: str, reason: str) -> None
 
 def test_rules_in_other_buckets_still_merge_in_file_order(tmp_path: Path) -> None:
     """Wildcard rules (no upstream, no methods) are merged with upstream rules in file order."""
-    rules = [rule("wild", credential="on-behalf-of-user"), rule("specific", upstream="billing-api", methods=["GET"],
-                                                                credential="billing-oauth")]
+    rules = [rule("wild"), rule("specific", upstream="billing-api", methods=["GET"], credential="billing-oauth")]
     policy = load(tmp_path, rules)
     assert [r.id for r in policy.rules_for("outbound", "billing-api", "GET")] == ["wild", "specific"]
     assert [r.id for r in policy.rules_for("outbound", "crm-api", "GET")] == ["wild"]
-    assert policy.decide(facts()).credential == "on-behalf-of-user"
+    assert (policy.decide(facts()).rule_id, policy.decide(facts()).credential) == ("wild", None)
 
 
 # -- conditions --------------------------------------------------------------------------------
@@ -436,7 +435,7 @@ def test_hours_overnight(tmp_path: Path, local: datetime, inside: bool) -> None:
 ])
 def test_shadow_rules(tmp_path: Path, shadow: dict[str, Any], audit: dict[str, str] | None) -> None:
     """A mode: audit rule records its would-be outcome in audit and never changes the enforced one."""
-    decision = decide(tmp_path, [shadow, rule("allow", credential="billing-oauth")])
+    decision = decide(tmp_path, [shadow, rule("allow", upstream="billing-api", credential="billing-oauth")])
     assert (decision.effect, decision.rule_id, decision.credential) == ("allow", "allow", "billing-oauth")
     assert decision.audit == audit
 
@@ -455,7 +454,8 @@ def test_audit_file_makes_every_rule_a_shadow(tmp_path: Path) -> None:
      {"decision": "approval_required", "rule_id": "hold", "reason": "approval_required"}),
     ([rule("broken", when={"expr": "task.id == 'x'"})],
      {"decision": "deny", "rule_id": "broken", "reason": "condition_error"}),
-    ([rule("allow", credential="billing-oauth")], {"decision": "allow", "rule_id": "allow", "reason": "allowed"}),
+    ([rule("allow", upstream="billing-api", credential="billing-oauth")],
+     {"decision": "allow", "rule_id": "allow", "reason": "allowed"}),
 ])
 def test_global_audit_mode(tmp_path: Path, rules: list[dict[str, Any]], audit: dict[str, str]) -> None:
     """policy.mode audit: nothing is blocked or held, the upstream's default credential is used."""
@@ -506,7 +506,7 @@ def test_rate_limit_survives_reload(tmp_path: Path) -> None:
 
 def test_rate_limit_of_every_matching_allow_rule(tmp_path: Path) -> None:
     """A broad limited rule caps requests that a narrower rule above it allows first."""
-    rules = [rule("narrow", paths=["/v1/invoices/*"], credential="billing-oauth"),
+    rules = [rule("narrow", upstream="billing-api", paths=["/v1/invoices/*"], credential="billing-oauth"),
              rule("broad", rate_limit={"requests": 1, "per": "1m"})]
     policy = load(tmp_path, rules, limiter=RateLimiter(FakeClock()))
     assert policy.decide(facts()).rule_id == "narrow"

@@ -39,6 +39,9 @@ def rule(**fields: Any) -> dict[str, Any]:
     (rule(when={"expr": "true", "hour": 1}), "when.hour", "unknown key"),           # unknown nested key
     (rule(upstream="nope"), "upstream", "unknown upstream 'nope'"),                  # upstream must exist
     (rule(credential="nope"), "credential", "unknown credential 'nope'"),            # credential must exist
+    # a credential goes only to the upstream its rule names, never to every upstream (issue 11 item 6)
+    (rule(credential="billing-oauth"), "credential", "needs upstream"),
+    (rule(effect="require_approval", credential="billing-oauth"), "credential", "needs upstream"),
     (rule(credential="billing-oauth", scopes=["admin"]), "scopes", "must be a subset"),  # scopes beyond the credential
     (rule(scopes=["invoices.read"]), "scopes", "needs credential"),                  # scopes narrow a named credential
     (rule(credential="billing-oauth", scopes=None), "scopes", "at least one scope"),  # scopes: null
