@@ -224,6 +224,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     paths = PathOptions(p.bool("allow_encoded_slash", False), p.bool("merge_slashes", True))
     p.done()
     pass_headers = frozenset(h.lower() for h in f.str_list("pass_headers", ()))
+    allow_trace = f.bool("allow_trace", False)
     up_timeouts = _timeouts(f.sub("timeouts"), timeouts)
     f.done()
     if url is None:
@@ -236,7 +237,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     port = parts.port or DEFAULT_PORTS[parts.scheme]
     host = (parts.hostname or "").lower().rstrip(".")
     return Upstream(name, url, parts.scheme, host, port, parts.path.rstrip("/"), hosts, ca, client_cert,
-                    credential, protocol, paths, pass_headers, up_timeouts)
+                    credential, protocol, paths, pass_headers, up_timeouts, allow_trace)
 
 
 def _check_unique_hosts(upstreams: Mapping[str, Upstream], f: Fields) -> None:

@@ -44,6 +44,7 @@ class Upstream:
     paths: PathOptions
     pass_headers: frozenset[str]
     timeouts: Timeouts
+    allow_trace: bool = False  # TRACE/TRACK forwarded (never with a credential); refused otherwise
     host_header: str = field(init=False)  # the Host sent upstream, formatted once here, not per request
 
     def __post_init__(self) -> None:

@@ -46,6 +46,7 @@ STATUS: dict[str, int] = {
     "body_too_large": 413,
     "request_timeout": 408,
     "bad_request": 400,
+    "method_not_allowed": 405,
     "not_found": 404,
     "unauthorized": 401,
     "internal_error": 500,

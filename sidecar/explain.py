@@ -18,6 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config, config_path, load_config
 from sidecar.errors import ConfigInvalid, Refusal
+from sidecar.forward import echo_method
 from sidecar.policy.engine import Decision, Facts, PolicySet
 from sidecar.policy.mcp import parse_mcp_request
 from sidecar.policy.paths import canonical_path, check_header_names
@@ -77,10 +78,12 @@ def _facts(args: argparse.Namespace, config: Config, headers: CIMultiDict[str]) 
     if args.direction == "inbound":
         raw_path, _, query = args.url.partition("?")
         path = canonical_path(raw_path)
+        echo_method(base["method"], False)
         shown.update(upstream=None, path=path)
         return Facts(direction="inbound", scheme="https", host="", path=path, upstream=None, caller_id=args.caller,
                      **{**base, "query": query}), shown
     route = _route(config, args.url, headers)
+    echo_method(base["method"], route.upstream.allow_trace)
     mcp = parse_mcp_request(body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
         if route.upstream.protocol == "mcp" and base["method"] == "POST" else None
     shown.update(upstream=route.upstream.name, path=route.path, forwarded_path=route.forward_path,

@@ -41,6 +41,9 @@ SIDECAR_WRITTEN = frozenset({
 })
 # Expectations the sidecar answers itself (as Envoy does): never forwarded.
 ANSWERED_HERE = frozenset({"expect"})
+# Methods whose answer is the request as received, credentials included (TRACK: IIS's TRACE; aiohttp's
+# C parser refuses it and a lowercase trace, its pure-Python parser does not).
+ECHO_METHODS = frozenset({"TRACE", "TRACK"})
 VIA = "1.1 sidecar"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK = 64 * 1024
@@ -150,6 +153,17 @@ def has_body(request: web.BaseRequest) -> bool:
         return bool(request.content_length)
     if coding.strip().lower() != "chunked":
         raise RequestRefused("bad_request", "request: only Transfer-Encoding: chunked is accepted")
+    return True
+
+
+def echo_method(method: str, allowed: bool) -> bool:
+    """True for TRACE and TRACK, refused unless ``allowed`` (an upstream's ``allow_trace``); the
+    pipeline then attaches no credential, so that the echo has none to hand back."""
+    if method.upper() not in ECHO_METHODS:
+        return False
+    if not allowed:
+        raise RequestRefused("method_not_allowed", f"request: {method.upper()} is refused: its answer echoes the "
+                                                   "request with the credentials it carries (allow_trace opts in)")
     return True
 
 

@@ -27,8 +27,8 @@ from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequ
 from sidecar.errors import PolicyRefused, Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.forward import (
-    VIA, clean_request_headers, declared_length, has_body, is_websocket, open_upstream, proxy_websocket, read_body,
-    stream_body,
+    VIA, clean_request_headers, declared_length, echo_method, has_body, is_websocket, open_upstream, proxy_websocket,
+    read_body, stream_body,
 )
 from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import parse_mcp_request
@@ -140,6 +140,7 @@ class Outbound:
         """From a resolved route on: shared by the plain listener and CONNECT interception."""
         rt, up = self.rt, route.upstream
         ex.upstream, ex.host, ex.path = up.name, up.host, route.path
+        echo = echo_method(request.method, up.allow_trace)
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
@@ -148,7 +149,7 @@ class Outbound:
         decision = rt.decide(ex.facts)
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
-        credential = await self._credential(ex, decision, up.credential, task)
+        credential = await self._credential(ex, decision, up.credential, task) if not echo else None
         out = self._outbound_request(request, route, traceparent)
         if credential is not None:
             provider = rt.providers[credential.provider]
@@ -265,6 +266,7 @@ class Inbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         raw_path, _, query = request.raw_path.partition("?")
         ex.path = canonical_path(raw_path)
+        echo_method(request.method, False)
         token = await rt.inbound_token(request, peer)
         if token is not None:
             ex.principal, ex.actor_type, ex.act_chain = (token.issuer, token.subject), token.actor_type, token.act_chain

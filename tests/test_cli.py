@@ -40,6 +40,8 @@ def free_port() -> int:
     # refused before policy
     (["--url", "/unknown/x"], 3, "reason: unknown_upstream"),
     (["--url", "/example-api/a%2Fb"], 3, "reason: bad_request"),
+    # TRACE would echo the credential: refused before policy, as on the listeners (issue 11 item 4)
+    (["--url", "/example-api/v1/items", "--method", "TRACE"], 3, "reason: method_not_allowed"),
     # inbound, with a caller
     (["--direction", "inbound", "--url", "/tasks/7", "--caller", "spiffe://sidecar.local/o"], 0, "rule: callers"),
     # underscore header names are refused, as on the listener

@@ -89,6 +89,22 @@ async def test_an_svid_caller_reaches_the_agent_with_its_identity(make_sidecar, 
     assert event["caller"] == {"id": "spiffe://sidecar.local/orchestrator"} and event["actor_type"] == "workload"
 
 
+async def test_trace_is_refused_before_the_agent_could_echo_the_callers_token(make_sidecar, agent, tmp_path):
+    """An inbound TRACE, which would echo the caller's token, never reaches the agent (issue 11 item 4)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    token = human_token()
+    async with aiohttp.ClientSession() as s:
+        async with s.request("TRACE", f"https://127.0.0.1:{h.port('inbound')}/tasks/1", ssl=ctx,
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+            status, body = r.status, await r.json()
+    assert (status, body["error"]) == (405, "method_not_allowed")
+    assert agent.seen == [] and token not in json.dumps(body)
+    [event] = await h.settle()
+    assert (event["direction"], event["reason"], event["status"]) == ("inbound", "method_not_allowed", 405)
+    assert event["caller"] == {"id": "spiffe://sidecar.local/orchestrator"} and event["task"] is None
+
+
 async def test_a_human_token_opens_a_task_and_never_reaches_the_agent(make_sidecar, agent, tmp_path):
     """A verified human token becomes a task id for the agent; the token itself is removed."""
     h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)

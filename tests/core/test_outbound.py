@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.ratelimit import RateLimiter
 from tests.harness import Upstream, raw_http
+from tests.peers.apache import Apache as ApacheServer, apache  # noqa: F401
 
 SECRET = "canary-static-secret-9f3a7c"
 
@@ -271,7 +274,58 @@ async def test_no_response_names_the_sidecars_stack(make_sidecar):
         server.close()
 
 
-# -- credentials that must not reach the wrong upstream (issue 11 item 6) ------------------------
+# -- secrets that must not come back, or reach the wrong upstream (issue 11 items 4, 5, 6) ------
+
+ODD_SECRET = "canary/static+secret=9f3a7c"  # percent-encoded in a query: canary%2Fstatic%2Bsecret%3D9f3a7c
+CREDENTIALS = {"as-header": {"type": "static", "header": "X-API-Key", "value": {"value": ODD_SECRET}},
+               "as-query": {"type": "static", "query": "api_key", "value": {"value": ODD_SECRET}}}
+ANY_METHOD = {"version": 1, "default": "deny", "rules": [  # no methods: any verb, TRACE included
+    {"id": "apache-all", "direction": "outbound", "upstream": "apache", "paths": ["/v1/**"], "effect": "allow"}]}
+
+
+def apache_config(apache: ApacheServer, credential: str, **upstream: object) -> dict:
+    return {"outbound": {"upstreams": {"apache": {"url": apache.url, "credential": credential, **upstream}}},
+            "credentials": CREDENTIALS}
+
+
+def leaks(text: str) -> bool:
+    """The secret in text: raw, or percent-encoded in either case."""
+    encoded = quote(ODD_SECRET, safe="")
+    return ODD_SECRET in text or encoded.lower() in text.lower()
+
+
+async def whole_response(s: aiohttp.ClientSession, method: str, url: str) -> tuple[int, str, str]:
+    async with s.request(method, url, allow_redirects=False) as r:
+        return r.status, "\n".join(f"{k}: {v}" for k, v in r.headers.items()), await r.text()
+
+
+@pytest.mark.peer("apache")
+async def test_trace_is_refused_before_it_can_echo_the_credential(make_sidecar, apache):
+    """TRACE, which Apache answers with the request it received, reaches no upstream by default (issue 11 item 4)."""
+    h = await make_sidecar(apache_config(apache, "as-header"), ANY_METHOD)
+    async with aiohttp.ClientSession() as s:
+        status, head, body = await whole_response(s, "TRACE", f"{h.outbound}/apache/v1/x")
+    assert (status, json.loads(body)["error"]) == (405, "method_not_allowed")
+    assert "allow_trace" in json.loads(body)["message"] and 'details="method_not_allowed"' in head
+    assert apache.requests() == [] and not leaks(head + body)
+    [event] = await h.settle()
+    assert (event["reason"], event["status"], event["target"]["method"]) == ("method_not_allowed", 405, "TRACE")
+    assert event["credential"] is None
+
+
+@pytest.mark.peer("apache")
+@pytest.mark.parametrize("credential", ["as-header", "as-query"])
+async def test_an_upstream_that_allows_trace_gets_it_without_a_credential(make_sidecar, apache, credential):
+    """allow_trace forwards TRACE to Apache, whose echo then holds no credential to hand back (issue 11 item 4)."""
+    h = await make_sidecar(apache_config(apache, credential, allow_trace=True), ANY_METHOD)
+    async with aiohttp.ClientSession() as s:
+        status, head, body = await whole_response(s, "TRACE", f"{h.outbound}/apache/v1/x?page=2")
+    assert status == 200 and "message/http" in head
+    assert body.startswith("TRACE /v1/x?page=2 HTTP/1.1") and "Via: 1.1 sidecar" in body
+    assert not leaks(head + body) and apache.requests(1) == ["TRACE /v1/x?page=2"]
+    [event] = await h.settle()
+    assert (event["decision"], event["credential"], event["outcome"]) == ("allow", None, "completed")
+
 
 def two_upstreams(upstream: Upstream, other: Upstream) -> dict:
     return {"outbound": {"upstreams": {"billing": {"url": upstream.url, "credential": "legacy"},
