@@ -246,6 +246,16 @@ async def _relay_whole(request: web.BaseRequest, upstream: UpstreamResponse, hea
     return response
 
 
+async def _relay_bodiless(upstream: UpstreamResponse, headers: CIMultiDict[str],
+                          on_prepared: Callable[[int], None]) -> web.StreamResponse:
+    for name in ("Content-Length", "Content-Type", "Content-Encoding"):
+        headers.popall(name, None)
+    headers.add("Via", VIA)
+    response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers)
+    on_prepared(upstream.status)
+    return response
+
+
 class UpstreamReset(Exception):
     """The upstream broke off while its response was being relayed (or went quiet past ``idle``)."""
 
@@ -261,12 +271,20 @@ class ClientGone(Exception):
 
 
 ChunkFilter = Callable[[bytes, bool], bytes]  # (chunk, final) -> bytes to send
+HeaderFilter = Callable[[CIMultiDict[str]], CIMultiDict[str]]  # the same object back when it changed nothing
 
 
 def relay(request: web.BaseRequest, upstream: UpstreamResponse, transform: ChunkFilter | None,
-          on_prepared: Callable[[int], None]) -> Awaitable[web.StreamResponse]:
-    """The upstream's response to the client: short ones in one write, the rest streamed as they arrive."""
+          on_prepared: Callable[[int], None], scrub: HeaderFilter | None = None) -> Awaitable[web.StreamResponse]:
+    """The upstream's response to the client: short ones in one write, the rest streamed as they arrive.
+
+    ``scrub`` removes what the headers echo of the attached credential; a redirect it changed goes
+    without its body (which repeats the URL it had)."""
     headers = clean_response_headers(upstream.headers)
+    if scrub is not None and (scrubbed := scrub(headers)) is not headers:
+        headers = scrubbed
+        if 300 <= upstream.status < 400:
+            return _relay_bodiless(upstream, scrubbed, on_prepared)
     headers.add("Via", VIA)
     if transform is None and _small(request, upstream):
         return _relay_whole(request, upstream, headers, on_prepared)

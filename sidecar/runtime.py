@@ -31,7 +31,7 @@ from sidecar.errors import CredentialUnavailable, IdentityRefused, UpstreamFaile
 from sidecar.exchange import AgentInfo, Exchange
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.forward import (
-    VIA, ClientGone, UpstreamReset, clean_request_headers, client_ssl_context, relay, request_drop_set,
+    VIA, ClientGone, HeaderFilter, UpstreamReset, clean_request_headers, client_ssl_context, relay, request_drop_set,
     websocket_session,
 )
 from sidecar.observe.decision_log import emit_event
@@ -240,7 +240,8 @@ class Runtime:
         ex.upstream_status = upstream.status
         try:
             transform = self._response_filter(ex, upstream)
-            response = await relay(request, upstream, transform, on_prepared=lambda s: _set_status(ex, s))
+            response = await relay(request, upstream, transform, on_prepared=lambda s: _set_status(ex, s),
+                                   scrub=_echo_scrub(ex))
             ex.outcome = "completed"
             return response
         except UpstreamReset as exc:
@@ -317,6 +318,22 @@ def check_certificate_binding(claims: Any, cert_sha256_hex: str) -> None:
     if not hmac.compare_digest(str(cnf["x5t#S256"]), presented):
         raise IdentityRefused("token_invalid", "identity: the token is bound to another client certificate "
                                                "(cnf.x5t#S256)")
+
+
+def _echo_scrub(ex: Exchange) -> HeaderFilter | None:
+    """Response headers never hand the agent the credential attached to its request; the event says what went."""
+    guard = ex.credential.echo if ex.credential is not None else None
+    if guard is None:
+        return None
+
+    def scrub(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        kept, done = guard.scrub(headers)
+        if done:
+            note = "response headers echoed the attached credential: " + "; ".join(done)
+            ex.reason_detail = f"{ex.reason_detail}; {note}" if ex.reason_detail else note
+        return kept
+
+    return scrub
 
 
 def _set_status(ex: Exchange, status: int) -> None:

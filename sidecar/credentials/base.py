@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar, Hashable, Protocol
 
 from multidict import CIMultiDict
 
+from sidecar.credentials.echo import EchoGuard, guard_for
 from sidecar.fields import Secret
 from sidecar.policy.paths import format_authority
 
@@ -55,7 +56,11 @@ class CredentialRequest:
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """A proof for one upstream. ``token`` and ``material`` never appear in a repr."""
+    """A proof for one upstream. ``token`` and ``material`` never appear in a repr.
+
+    ``echo`` guards the responses to requests that carry it (``sidecar.credentials.echo``):
+    built here, once per credential, from ``token`` unless the provider passes its own.
+    """
 
     type: str
     provider: str
@@ -70,6 +75,11 @@ class Credential:
     bound_cert_sha256: str | None = None  # RFC 8705 cnf.x5t#S256: only over a connection presenting it
     token: Secret | None = field(default=None, repr=False)
     material: Any = field(default=None, repr=False)
+    echo: EchoGuard | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.echo is None and self.token is not None:
+            object.__setattr__(self, "echo", guard_for(self.token.reveal()))
 
 
 @dataclass(slots=True)

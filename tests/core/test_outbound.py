@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import replace
 from datetime import datetime, timezone
 from urllib.parse import quote
@@ -325,6 +326,41 @@ async def test_an_upstream_that_allows_trace_gets_it_without_a_credential(make_s
     assert not leaks(head + body) and apache.requests(1) == ["TRACE /v1/x?page=2"]
     [event] = await h.settle()
     assert (event["decision"], event["credential"], event["outcome"]) == ("allow", None, "completed")
+
+
+@pytest.mark.peer("apache")
+@pytest.mark.parametrize("credential, target, header, cleaned", [
+    # Apache's DirectorySlash: /v1/files -> /v1/files/ with the query kept, credential and all
+    ("as-query", "/v1/files?x=1", "Location", r"http://127\.0\.0\.1:\d+/v1/files/\?x=1$"),
+    # URLs repeated in Link, Content-Location and Refresh: the parameter goes, the rest stays
+    ("as-query", "/v1/page?x=1", "Link", r'^</v1/page\?x=1>; rel="next"$'),
+    ("as-query", "/v1/page?x=1", "Content-Location", r"^/v1/page\?x=1$"),
+    ("as-query", "/v1/page?x=1", "Refresh", r"^0; url=/v1/page\?x=1$"),
+    # a header credential that Apache's "Header always echo" repeats: that header goes
+    ("as-header", "/v1/files?x=1", "X-API-Key", None),
+    ("as-header", "/v1/page", "X-API-Key", None),
+])
+async def test_response_headers_never_hand_back_the_attached_credential(make_sidecar, apache, credential, target,
+                                                                         header, cleaned):
+    """What Apache echoes of the attached credential leaves the headers, and the event says so (issue 11 item 5)."""
+    h = await make_sidecar(apache_config(apache, credential), ANY_METHOD)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/apache{target}", allow_redirects=False) as r:
+            head, body = r.headers, await r.text()
+    assert not leaks("\n".join(f"{k}: {v}" for k, v in head.items()) + body)
+    if cleaned is None:
+        assert header not in head
+    else:
+        assert re.search(cleaned, head[header]), head[header]
+    if head.get("Location"):  # a redirect's body repeats its URL for humans: it is not relayed
+        assert body == "" and head["Content-Length"] == "0"
+    [sent] = apache.requests(1)
+    assert leaks(sent) if credential == "as-query" else not leaks(sent)  # it was attached, and only there
+    [event] = await h.settle()
+    assert event["decision"] == "allow" and event["outcome"] == "completed"
+    done = "dropped" if cleaned is None else "query parameter removed"
+    assert f"{header.lower()}: {done}" in event["reason_detail"]
+    assert not leaks(json.dumps(event))
 
 
 def two_upstreams(upstream: Upstream, other: Upstream) -> dict:
