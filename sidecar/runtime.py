@@ -268,7 +268,7 @@ class Runtime:
             m.count_decision(ex.direction, ex.decision, ex.rule_id)
         if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
             m.delegated_requests.labels(ex.delegation).inc()
-        if ex.reason in ("upstream_unreachable", "upstream_timeout"):
+        if ex.reason in ("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"):
             m.upstream_errors.labels(upstream, ex.reason).inc()
         emit_event(ex.event(self.agent))
 
