@@ -236,8 +236,10 @@ class Outbound:
             url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
                       encoded=True)
             response = await proxy_websocket(request, self.rt.sessions.websocket(up.name), url, out.headers,
-                                             up.timeouts, lambda status: _opened(ex, status))
-            ex.outcome = "completed"
+                                             up.timeouts, lambda status: _opened(ex, status),
+                                             lambda: _ws_closed(ex))
+            if ex.outcome != "completed":
+                ex.outcome, ex.reason_detail = "cut", "websocket: a side went away without a close frame"
             return response
         target = f"{out.path}?{out.query}" if out.query else out.path
         upstream = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
@@ -304,6 +306,10 @@ def _inbound_host(request: web.BaseRequest) -> str:
 
 def _opened(ex: Exchange, status: int) -> None:
     ex.status = ex.upstream_status = status
+
+
+def _ws_closed(ex: Exchange) -> None:
+    ex.outcome = "completed"
 
 
 class LazyHeaders(Mapping[str, tuple[str, ...]]):

@@ -48,8 +48,11 @@ INBOUND_DROP = request_drop_set({"authorization"})
 
 
 def mark_cut(ex: Exchange) -> None:
-    """A cancelled exchange: cut by a revocation (already marked) or by the client going away."""
-    if ex.outcome != "cut":
+    """A cancelled exchange: cut by a revocation (already marked) or by the client going away.
+
+    One already completed stays so: a WebSocket closed normally whose client then went away before
+    the closing handshake had finished on the other side."""
+    if ex.outcome not in ("cut", "completed"):
         ex.outcome, ex.reason_detail = "cut", "client gone"
 
 
