@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.errors import IdentityRefused, PolicyRefused, Refusal, RequestRefused
-from sidecar.observe.decision_log import REDACTOR
+from sidecar.observe.decision_log import EVENT_BOUNDS, clean
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -83,14 +83,23 @@ class Approvals:
 
 
 def _summary(ex: Exchange) -> dict[str, Any]:
-    """What an approver needs to tell one request from another (query included, secrets masked)."""
+    """What an approver needs to tell one request from another (query included, secrets masked, the
+    strings the agent chose bounded as in the trust-decision event)."""
     facts = ex.facts
-    return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream, "host": ex.host,
-            "method": ex.method, "path": REDACTOR.text(ex.path or ""),
-            "query": REDACTOR.text(facts.query) if facts is not None and facts.query else None,
+    target, task = EVENT_BOUNDS["target"], EVENT_BOUNDS["task"]
+    return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream,
+            "host": _bounded(ex.host, target["host"]), "method": _bounded(ex.method, target["method"]),
+            "path": clean(ex.path or "", target["path"]),
+            "query": _bounded(facts.query if facts is not None else None, target["path"]),
             "body_size": facts.size if facts is not None else None, "caller": ex.caller_id,
-            "mcp_method": ex.mcp_method, "mcp_tool": ex.mcp_tool, "task_id": ex.task_id,
-            "task_trigger": ex.task_trigger, "principal": list(ex.principal) if ex.principal else None}
+            "mcp_method": _bounded(ex.mcp_method, target["mcp_method"]),
+            "mcp_tool": _bounded(ex.mcp_tool, target["mcp_tool"]), "task_id": _bounded(ex.task_id, task["id"]),
+            "task_trigger": _bounded(ex.task_trigger, task["trigger"]),
+            "principal": list(ex.principal) if ex.principal else None}
+
+
+def _bounded(value: str | None, limit: int) -> str | None:
+    return clean(value, limit) if value else None
 
 
 async def approver_of(sidecar: Sidecar, request: web.Request) -> dict[str, str]:
