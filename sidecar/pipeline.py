@@ -146,8 +146,10 @@ class Outbound:
         body = await self._mcp(request, ex, up.timeouts.idle) if up.protocol == "mcp" else None
         ex.facts = self._facts(request, ex, route, body)
         decision = rt.decide(ex.facts)
-        if apply_decision(ex, decision):
-            await rt.approvals.hold(ex)
+        if apply_decision(ex, decision):  # the approver sees the digest of the very body that is then sent
+            if body is None and has_body(request):
+                body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
+            await rt.approvals.hold(ex, body)
         credential = await self._credential(ex, decision, up.credential, task)
         out = self._outbound_request(request, route, traceparent)
         if credential is not None:
@@ -180,7 +182,7 @@ class Outbound:
             return None
         body = await read_body(request, self.rt.config.outbound.limits, idle)
         call = parse_mcp_request(body, request.headers.get("Content-Type"), self.rt.config.outbound.limits.max_body_bytes)
-        ex.mcp_method, ex.mcp_tool = call.method, call.tool
+        ex.mcp_method, ex.mcp_tool, ex.mcp_arguments = call.method, call.tool, call.arguments
         return body
 
     def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None) -> Facts:

@@ -34,7 +34,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import RequestRefused
@@ -59,6 +59,7 @@ class McpCall:
     tool: str | None
     id: object | None
     is_notification: bool
+    arguments: dict[str, Any] | None = field(default=None, compare=False)  # tools/call params.arguments
 
 
 def is_lifecycle(method: str) -> bool:
@@ -236,8 +237,10 @@ def parse_mcp_request(
         raise _refuse("methods starting with 'rpc.' are reserved by JSON-RPC 2.0")
     if "params" in obj and obj["params"] is None:
         raise _refuse("params must be a JSON object")
-    tool = _tool_name(method, obj.get("params"))
-    return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj)
+    params = obj.get("params")
+    tool = _tool_name(method, params)
+    arguments = params.get("arguments") if tool is not None else None
+    return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj, arguments=arguments)
 
 
 # --- tools/list responses ------------------------------------------------------------------
