@@ -149,7 +149,7 @@ class Sidecar:
         deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=credential_id_key(cfg))
         providers = {name: PROVIDERS[c.type].PROVIDER(name, c.spec, deps) for name, c in cfg.credentials.items()}
         rt = Runtime(cfg, agent, self.metrics, Router(cfg.outbound.upstreams, cfg.outbound.listen), policy,
-                     providers, CredentialCache(self.metrics), TaskRegistry(max_ttl=cfg.tasks.max_ttl),
+                     providers, CredentialCache(self.metrics), TaskRegistry.from_config(cfg.tasks),
                      Revocations(self.metrics), Sessions(cfg, self.identity.client_files), ActiveExchanges())
         rt.signer, rt.identity = signer, self.identity
         rt.approvals = Approvals(self.metrics, cfg.policy.approval_timeout)

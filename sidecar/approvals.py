@@ -1,15 +1,24 @@
 """``require_approval``: hold a request until a human approver decides, or time runs out.
 
 The held request waits (``policy.approval_timeout``); ``GET /approvals`` lists it and
-``POST /approvals/{id}`` decides it. The approver proves who they are with an
-``X-Approver-Token`` JWT from a configured inbound issuer, of actor type human, with ``aud``
-= ``admin.approval_audience``, whose issuer and subject match an ``admin.approvers`` entry.
+``POST /approvals/{id}`` decides it. The listing shows what the approver is asked to let through:
+an MCP ``tools/call``'s arguments (values under secret-looking keys masked, other strings redacted,
+the whole capped at :data:`ARGUMENTS_MAX` characters with a marker) and the SHA-256 of the exact
+body that is forwarded if they approve (the pipeline buffers a held outbound request's body first;
+the bytes hashed are the bytes sent). The digest is also in the event's ``approval`` record.
+
+The approver proves who they are with an ``X-Approver-Token`` JWT from a configured inbound
+issuer, of actor type human, with ``aud`` = ``admin.approval_audience``, whose issuer and subject
+match an ``admin.approvers`` entry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
+import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -19,7 +28,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.errors import IdentityRefused, PolicyRefused, Refusal, RequestRefused
-from sidecar.observe.decision_log import REDACTOR
+from sidecar.observe.decision_log import EVENT_BOUNDS, REDACTED, REDACTOR, bounded, clean
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -27,6 +36,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("sidecar.approvals")
 MAX_PENDING = 1000
+ARGUMENTS_MAX = 4096  # characters of a tools/call's arguments shown to an approver
+# Argument names whose values are masked whatever they hold (compared lowercase, without - and _).
+_SECRET_KEY = re.compile(r"password|passwd|passphrase|secret|token|apikey|accesskey|privatekey|credential|"
+                         r"authorization|cookie|session|signature|^auth$")
 
 
 @dataclass
@@ -43,29 +56,32 @@ class Approvals:
         self._timeout = timeout
         self._pending: dict[str, Pending] = {}
 
-    async def hold(self, ex: Exchange) -> dict[str, Any]:
-        """Wait for a decision; returns the event's approval record or raises the refusal.
+    async def hold(self, ex: Exchange, body: bytes | None = None) -> dict[str, Any]:
+        """Wait for a decision on the request and ``body`` (the bytes forwarded if it is approved);
+        returns the event's approval record or raises the refusal.
 
         At most MAX_PENDING requests wait at once: beyond that, new ones are refused at once (an
         agent flooding approvers gets ``rate_limited``, and memory stays bounded)."""
         if len(self._pending) >= MAX_PENDING:
             raise PolicyRefused("rate_limited", "policy: too many requests are waiting for approval",
                                 rule_id=ex.rule_id, retry_after=int(self._timeout))
-        pending = Pending(secrets.token_hex(12), _summary(ex), time.time() + self._timeout,
-                          asyncio.get_running_loop().create_future())
+        digest = hashlib.sha256(body).hexdigest() if body is not None else None
+        pending = Pending(secrets.token_hex(12), {**_summary(ex), "body_sha256": digest},
+                          time.time() + self._timeout, asyncio.get_running_loop().create_future())
         self._pending[pending.id] = pending
         self._metrics.approvals_pending.set(len(self._pending))
         log.info("approval_requested", approval_id=pending.id, **pending.summary)
         try:
             approved, approver = await asyncio.wait_for(asyncio.shield(pending.future), self._timeout)
         except asyncio.TimeoutError:
-            ex.approval = {"id": pending.id, "approver": None, "outcome": "timeout"}
+            ex.approval = {"id": pending.id, "approver": None, "outcome": "timeout", "body_sha256": digest}
             raise PolicyRefused("approval_timeout", "policy: no approver decided within the approval timeout",
                                 rule_id=ex.rule_id) from None
         finally:
             self._pending.pop(pending.id, None)
             self._metrics.approvals_pending.set(len(self._pending))
-        ex.approval = {"id": pending.id, "approver": approver, "outcome": "approved" if approved else "denied"}
+        ex.approval = {"id": pending.id, "approver": approver, "outcome": "approved" if approved else "denied",
+                       "body_sha256": digest}
         if not approved:
             raise PolicyRefused("approval_denied", "policy: an approver denied this request", rule_id=ex.rule_id)
         return ex.approval
@@ -83,14 +99,45 @@ class Approvals:
 
 
 def _summary(ex: Exchange) -> dict[str, Any]:
-    """What an approver needs to tell one request from another (query included, secrets masked)."""
+    """What an approver needs to tell one request from another (query included, secrets masked, the
+    strings the agent chose bounded as in the trust-decision event)."""
     facts = ex.facts
-    return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream, "host": ex.host,
-            "method": ex.method, "path": REDACTOR.text(ex.path or ""),
-            "query": REDACTOR.text(facts.query) if facts is not None and facts.query else None,
+    target, task = EVENT_BOUNDS["target"], EVENT_BOUNDS["task"]
+    return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream,
+            "host": _bounded(ex.host, target["host"]), "method": _bounded(ex.method, target["method"]),
+            "path": clean(ex.path or "", target["path"]),
+            "query": _bounded(facts.query if facts is not None else None, target["path"]),
             "body_size": facts.size if facts is not None else None, "caller": ex.caller_id,
-            "mcp_method": ex.mcp_method, "mcp_tool": ex.mcp_tool, "task_id": ex.task_id,
-            "task_trigger": ex.task_trigger, "principal": list(ex.principal) if ex.principal else None}
+            "mcp_method": _bounded(ex.mcp_method, target["mcp_method"]),
+            "mcp_tool": _bounded(ex.mcp_tool, target["mcp_tool"]), "task_id": _bounded(ex.task_id, task["id"]),
+            "task_trigger": _bounded(ex.task_trigger, task["trigger"]),
+            "principal": list(ex.principal) if ex.principal else None, **_arguments(ex.mcp_arguments)}
+
+
+def _arguments(arguments: dict[str, Any] | None) -> dict[str, Any]:
+    """tools/call arguments as an approver reads them: compact JSON, secrets masked, capped with a marker."""
+    if arguments is None:
+        return {"mcp_arguments": None, "mcp_arguments_truncated": False}
+    text = json.dumps(_masked(arguments), ensure_ascii=False, separators=(",", ":"))
+    shown = bounded(text, ARGUMENTS_MAX)
+    return {"mcp_arguments": shown, "mcp_arguments_truncated": shown is not text}
+
+
+def _masked(value: Any) -> Any:
+    """The value with secret-looking keys' values masked and every string redacted."""
+    if isinstance(value, dict):
+        return {key: REDACTED if _secret_key(key) else _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return REDACTOR.text(value) if isinstance(value, str) else value
+
+
+def _secret_key(key: str) -> bool:
+    return _SECRET_KEY.search(key.lower().replace("-", "").replace("_", "")) is not None
+
+
+def _bounded(value: str | None, limit: int) -> str | None:
+    return clean(value, limit) if value else None
 
 
 async def approver_of(sidecar: Sidecar, request: web.Request) -> dict[str, str]:

@@ -279,7 +279,8 @@ def _policy(f: Fields) -> PolicyConfig:
 
 def _tasks(f: Fields) -> TasksConfig:
     cfg = TasksConfig(f.choice("end", ("response", "ttl"), "response"), f.duration("ttl", "15m"),
-                      f.duration("max_ttl", "1h"))
+                      f.duration("max_ttl", "1h"), f.int("max_open_per_principal", 100, minimum=1),
+                      f.int("max_tombstones", 10000, minimum=0))
     if cfg.ttl > cfg.max_ttl:
         f.error("ttl", "must not exceed max_ttl")
     f.done()

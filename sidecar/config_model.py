@@ -128,6 +128,8 @@ class TasksConfig:
     end: str = "response"
     ttl: float = 900.0
     max_ttl: float = 3600.0
+    max_open_per_principal: int = 100  # open tasks per (issuer, subject); one more is rate_limited
+    max_tombstones: int = 10000  # ended tasks remembered (for max_ttl after their end), oldest forgotten first
 
 
 @dataclass(frozen=True, slots=True)

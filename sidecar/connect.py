@@ -4,7 +4,8 @@ the same pipeline as every other outbound request. There are no blind tunnels.
     CONNECT host:port ─ authority form ─ trust boundary ─ agent revoked? ─ host mapped (``hosts``)?
       ├─ refused: a JSON 4xx on the plain connection, one trust-decision event; no tunnel opens
       └─ mapped: tunnel slot ─ "200 Connection Established" ─ start_tls(a leaf for host, timeout)
-           ├─ handshake failed: logged, tls_handshake_failures_total{outbound,handshake_failed}
+           ├─ handshake failed: logged, tls_handshake_failures_total{outbound,handshake_failed}, one event
+           │  (reason handshake_failed, outcome cut: the agent got its 200, then no TLS came up)
            └─ each decrypted request: Host must name the CONNECT authority (``host_mismatch``), then
               route (``for_host(..., "connect")``) -> task -> policy -> credential -> forward -> record
 
@@ -46,6 +47,7 @@ log = structlog.get_logger("sidecar.connect")
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 MAX_TUNNELS = 256
+HANDSHAKE_FAILED = "connect: tls handshake inside the tunnel failed; expected a client that trusts the interception ca"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ class Tunnel:
 
     host: str  # normalized: lowercase, no brackets or trailing dot
     port: int
+    upstream: str
     outbound: Outbound
 
 
@@ -169,7 +172,7 @@ class Interceptor:
         if _early_bytes(request):
             raise RequestRefused("bad_request", "connect: expected the client to wait for the 200 response "
                                                 "before starting tls")
-        return Tunnel(host, port, outbound), self.ca.context_for(host)
+        return Tunnel(host, port, upstream.name, outbound), self.ca.context_for(host)
 
     def _refuse(self, request: web.BaseRequest, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
         ex.refuse(refusal)
@@ -182,6 +185,7 @@ class Interceptor:
     async def _run(self, request: web.BaseRequest, tunnel: Tunnel, context: ssl.SSLContext) -> None:
         raw = request.transport
         if raw is None or raw.is_closing():
+            self._handshake_failed(tunnel, "closed", "before the 200")
             return
         raw.write(ESTABLISHED)
         holding = Holding()
@@ -214,11 +218,11 @@ class Interceptor:
         return tls
 
     def _handshake_failed(self, tunnel: Tunnel, error: str, detail: str | None) -> None:
+        """Counted, logged and one event: a tunnel whose TLS never came up is an exchange too."""
         self.rt.metrics.tls_handshake_failures.labels("outbound", "handshake_failed").inc()
         log.warning("tls_handshake_failed", listener="outbound", host=tunnel.host, port=tunnel.port,
-                    error_type=error, detail=detail,
-                    message="connect: tls handshake inside the tunnel failed; expected a client that trusts "
-                            "the interception ca")
+                    error_type=error, detail=detail, message=HANDSHAKE_FAILED)
+        self.rt.record(failed_tunnel(tunnel, f"{error}: {detail}" if detail else error))
 
     def _attach(self, tls: asyncio.Transport, holding: Holding, tunnel: Tunnel) -> asyncio.Future[None]:
         """Hand the TLS transport to a protocol of the tunnel server; the future ends with it."""
@@ -257,6 +261,15 @@ class Interceptor:
         ex = Exchange("outbound", protocol="connect")
         ex.refuse(refusal)
         self.rt.record(ex)
+
+
+def failed_tunnel(tunnel: Tunnel, why: str) -> Exchange:
+    """The event of a tunnel whose TLS handshake failed: no request ran in it, no HTTP status was sent in it."""
+    ex = Exchange("outbound", protocol="connect", method="CONNECT")
+    ex.host, ex.upstream = tunnel.host, tunnel.upstream
+    ex.reason, ex.outcome = "handshake_failed", "cut"
+    ex.reason_detail = f"{HANDSHAKE_FAILED} ({why})"
+    return ex
 
 
 def _early_bytes(request: web.BaseRequest) -> bool:

@@ -41,6 +41,7 @@ STATUS: dict[str, int] = {
     "revoked": 403,
     "credential_unavailable": 503,
     "upstream_unreachable": 502,
+    "upstream_protocol_error": 502,
     "upstream_timeout": 504,
     "headers_too_large": 431,
     "body_too_large": 413,
@@ -55,6 +56,7 @@ STATUS: dict[str, int] = {
 # RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
 PROXY_STATUS_ERROR: dict[str, str] = {
     "upstream_unreachable": "connection_refused",
+    "upstream_protocol_error": "http_protocol_error",
     "upstream_timeout": "connection_timeout",
     "headers_too_large": "http_request_error",
     "body_too_large": "http_request_error",

@@ -70,6 +70,7 @@ class Exchange:
     upstream_status: int | None = None
     trace_id: str | None = None
     facts: Any = None  # the policy facts, kept for response filtering; not part of the event
+    mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers; not part of the event
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
         self.direction = direction

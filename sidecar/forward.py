@@ -336,9 +336,13 @@ def is_websocket(request: web.BaseRequest) -> bool:
 
 
 async def proxy_websocket(request: web.BaseRequest, session: aiohttp.ClientSession, url: object,
-                          headers: CIMultiDict[str], timeouts: Timeouts,
-                          on_open: Callable[[int], None]) -> web.WebSocketResponse:
-    """Open the upstream WebSocket first (so a refusal is a plain HTTP error), then relay frames."""
+                          headers: CIMultiDict[str], timeouts: Timeouts, on_open: Callable[[int], None],
+                          on_closed: Callable[[], None]) -> web.WebSocketResponse:
+    """Open the upstream WebSocket first (so a refusal is a plain HTTP error), then relay frames.
+
+    ``on_closed`` is called as soon as either side sends a close frame (RFC 6455 §5.5.1): the session
+    ended normally, even if the client's connection goes while the closing handshake finishes. A side
+    that goes away without one leaves it uncalled (the session was broken off)."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     for name in list(headers.keys()):
         if name.lower() in WS_HANDSHAKE:
@@ -361,19 +365,26 @@ async def proxy_websocket(request: web.BaseRequest, session: aiohttp.ClientSessi
     await client.prepare(request)
     on_open(101)
     try:
-        await asyncio.gather(_pump(client, upstream), _pump(upstream, client))
+        await asyncio.gather(_pump(client, upstream, on_closed), _pump(upstream, client, on_closed))
     finally:
         await upstream.close()
         await client.close()
     return client
 
 
-async def _pump(source: object, sink: object) -> None:
-    async for message in source:  # type: ignore[attr-defined]
-        if message.type == aiohttp.WSMsgType.TEXT:
-            await sink.send_str(message.data)  # type: ignore[attr-defined]
-        elif message.type == aiohttp.WSMsgType.BINARY:
-            await sink.send_bytes(message.data)  # type: ignore[attr-defined]
-        else:
-            break
-    await sink.close()  # type: ignore[attr-defined]
+async def _pump(source: Any, sink: Any, on_closed: Callable[[], None]) -> None:
+    """Data frames from source to sink until source ends: a close frame, an error, or its connection gone."""
+    try:
+        while True:
+            message = await source.receive()
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            else:
+                if message.type == aiohttp.WSMsgType.CLOSE:
+                    on_closed()
+                break
+    except (ConnectionError, aiohttp.ClientError):  # the sink went away mid-relay: broken off
+        pass
+    await sink.close()

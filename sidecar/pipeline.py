@@ -147,8 +147,10 @@ class Outbound:
         body = await self._mcp(request, ex, up.timeouts.idle) if up.protocol == "mcp" else None
         ex.facts = self._facts(request, ex, route, body)
         decision = rt.decide(ex.facts)
-        if apply_decision(ex, decision):
-            await rt.approvals.hold(ex)
+        if apply_decision(ex, decision):  # the approver sees the digest of the very body that is then sent
+            if body is None and has_body(request):
+                body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
+            await rt.approvals.hold(ex, body)
         credential = await self._credential(ex, decision, up.credential, task) if not echo else None
         out = self._outbound_request(request, route, traceparent)
         if credential is not None:
@@ -181,7 +183,7 @@ class Outbound:
             return None
         body = await read_body(request, self.rt.config.outbound.limits, idle)
         call = parse_mcp_request(body, request.headers.get("Content-Type"), self.rt.config.outbound.limits.max_body_bytes)
-        ex.mcp_method, ex.mcp_tool = call.method, call.tool
+        ex.mcp_method, ex.mcp_tool, ex.mcp_arguments = call.method, call.tool, call.arguments
         return body
 
     def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None) -> Facts:
@@ -238,8 +240,10 @@ class Outbound:
             url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
                       encoded=True)
             response = await proxy_websocket(request, self.rt.sessions.websocket(up.name), url, out.headers,
-                                             up.timeouts, lambda status: _opened(ex, status))
-            ex.outcome = "completed"
+                                             up.timeouts, lambda status: _opened(ex, status),
+                                             lambda: _ws_closed(ex))
+            if ex.outcome != "completed":
+                ex.outcome, ex.reason_detail = "cut", "websocket: a side went away without a close frame"
             return response
         target = f"{out.path}?{out.query}" if out.query else out.path
         upstream = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
@@ -307,6 +311,10 @@ def _inbound_host(request: web.BaseRequest) -> str:
 
 def _opened(ex: Exchange, status: int) -> None:
     ex.status = ex.upstream_status = status
+
+
+def _ws_closed(ex: Exchange) -> None:
+    ex.outcome = "completed"
 
 
 class LazyHeaders(Mapping[str, tuple[str, ...]]):

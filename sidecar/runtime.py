@@ -48,8 +48,11 @@ INBOUND_DROP = request_drop_set({"authorization"})
 
 
 def mark_cut(ex: Exchange) -> None:
-    """A cancelled exchange: cut by a revocation (already marked) or by the client going away."""
-    if ex.outcome != "cut":
+    """A cancelled exchange: cut by a revocation (already marked) or by the client going away.
+
+    One already completed stays so: a WebSocket closed normally whose client then went away before
+    the closing handshake had finished on the other side."""
+    if ex.outcome not in ("cut", "completed"):
         ex.outcome, ex.reason_detail = "cut", "client gone"
 
 
@@ -279,7 +282,7 @@ class Runtime:
             m.count_decision(ex.direction, ex.decision, ex.rule_id)
         if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
             m.delegated_requests.labels(ex.delegation).inc()
-        if ex.reason in ("upstream_unreachable", "upstream_timeout"):
+        if ex.reason in ("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"):
             m.upstream_errors.labels(upstream, ex.reason).inc()
         emit_event(ex.event(self.agent))
 

@@ -13,10 +13,14 @@ A connection goes back to its pool only when its response was read to the end, t
 had finished before the response began and neither side asked to close; anything else (cut,
 error, early answer) closes it. A byte the upstream sends while the connection is idle closes
 it too: no answer can be taken for the next request's. A body without a length is read to the
-close (RFC 9112 §6.3). At most ``limit`` connections per upstream; a request finding them all
-busy waits for one at most ``first_byte`` (then ``upstream_timeout``). An upload whose sender
-(the agent, or a caller of the agent) sends nothing for ``idle`` fails with :class:`BodyStalled`,
-so that a stalled client cannot hold a connection for as long as it keeps its socket open.
+close (RFC 9112 §6.3). A response head with a header name that is not an RFC 9110 token or a value
+with a control character (other than HTAB) fails the exchange (``upstream_protocol_error``): llhttp's
+lenient client parser would pass ``Content-Length : 2`` on next to the framing we write.
+
+At most ``limit`` connections per upstream; a request finding them all busy waits for one at most
+``first_byte`` (then ``upstream_timeout``). An upload whose sender (the agent, or a caller of the
+agent) sends nothing for ``idle`` fails with :class:`BodyStalled`, so that a stalled client cannot
+hold a connection for as long as it keeps its socket open.
 
 A request that fails on a reused connection before any response byte is retried once on a
 new one when it is idempotent and its body can be sent again (RFC 9112 §9.3.1), as aiohttp does.
@@ -44,6 +48,25 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 MAX_RESPONSE_LINE = MAX_RESPONSE_FIELD = 8190  # aiohttp's client defaults
 MAX_RESPONSE_HEADERS = 128
+
+
+# RFC 9110 §5.1 token characters, §5.5 field values: a name with anything else, or a value with a control
+# character other than HTAB, is refused (llhttp's lenient client parser lets "Content-Length : 2" through).
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_NOT_CTL = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b != 0x7F)
+
+
+class MalformedResponse(HttpProcessingError):
+    """The upstream's response head is not valid HTTP (names that are not tokens, control characters)."""
+
+
+def check_response_head(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    """Refuse a response header whose name is not a token or whose value holds a control character."""
+    for name, value in raw_headers:
+        if not name or name.translate(None, _TCHAR):
+            raise MalformedResponse(message="upstream: a response header name is not an RFC 9110 token")
+        if value.translate(None, _NOT_CTL):
+            raise MalformedResponse(message="upstream: a response header value contains a control character")
 
 
 class BodyTooLarge(Exception):
@@ -298,6 +321,7 @@ async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, firs
                 message, payload = await proto.read()
         if not 100 <= message.code <= 599:
             raise HttpProcessingError(message=f"upstream: status {message.code} is outside 100-599")
+        check_response_head(message.raw_headers)
         if message.code >= 200:
             return message, payload
         if message.code == 101:
@@ -381,6 +405,10 @@ def failure(exc: BaseException) -> UpstreamFailed:
     """The refusal for a failed upstream exchange: timeout, TLS verification, or unreachable."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return UpstreamFailed("upstream_timeout", "upstream: no response within the configured timeout")
+    if isinstance(exc, HttpProcessingError):
+        return UpstreamFailed("upstream_protocol_error", "upstream: the response is not valid HTTP/1.1; nothing "
+                              "of it was relayed", detail=exc.message if isinstance(exc, MalformedResponse)
+                              else type(exc).__name__)
     if isinstance(exc, ssl.SSLError):
         return UpstreamFailed("upstream_unreachable", "upstream: TLS verification of the upstream failed",
                               detail=f"ClientConnectorCertificateError: {type(exc).__name__}")

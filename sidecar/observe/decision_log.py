@@ -7,6 +7,12 @@ forwarding itself, PERFORMANCE.md). Timestamps are formatted once per second.
 Redaction: every line passes :func:`redact`, which masks JWTs, bearer credentials, PEM
 private keys and every configured secret value, wherever they appear (including exception
 texts someone passed in).
+
+Bounds: strings an agent or a caller chose (a path, a host, a task id, an MCP tool name...) are
+cut to a fixed number of characters in the trust-decision event (:data:`EVENT_BOUNDS`, stated in
+``schemas/trust_decision.schema.json`` as ``maxLength``) and to :data:`LOG_STRING_MAX` in every
+other line, ending with a marker that says how long they were: a 2 MiB tool name cannot make a
+2 MiB line.
 """
 
 from __future__ import annotations
@@ -28,6 +34,26 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer|basic|aws4-hmac-sha256)\s+[^\s,;\"']{8,}")
 _PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+LOG_STRING_MAX = 4096
+# Per event section, the request-derived strings and their bounds in characters (marker included).
+EVENT_BOUNDS: dict[str, dict[str, int]] = {
+    "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256},
+    "task": {"id": 64, "trigger": 256},
+    "caller": {"id": 2048},
+    "principal": {"iss": 1024, "sub": 1024},
+}
+REASON_DETAIL_MAX = 1024
+ACT_CHAIN_ITEM_MAX = 1024
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its start and a marker saying it was cut."""
+    if len(text) <= limit:
+        return text
+    marker = f"...[truncated from {len(text)} chars]"
+    return text[:max(limit - len(marker), 0)] + marker
 
 
 class Redactor:
@@ -55,7 +81,7 @@ class Redactor:
 
     def value(self, value: Any) -> Any:
         if isinstance(value, str):
-            return self.text(value)
+            return bounded(self.text(value), LOG_STRING_MAX)
         if isinstance(value, dict):
             return {k: self.value(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -197,17 +223,24 @@ def _quiet_stdlib() -> None:
         logger.propagate = False
 
 
+def clean(text: str, limit: int) -> str:
+    """Request-derived text as it may be written: redacted, then bounded."""
+    return bounded(REDACTOR.text(text), limit)
+
+
 def emit_event(event: dict[str, Any]) -> None:
-    """Write one trust-decision event; every field that carries request-derived text is redacted."""
+    """Write one trust-decision event; every field that carries request-derived text is redacted and bounded."""
     detail = event.get("reason_detail")
     if detail:
-        event["reason_detail"] = REDACTOR.text(detail)
-    target = event.get("target")
-    if target is not None:
-        for key in ("path", "mcp_tool", "mcp_method"):
-            if target[key]:
-                target[key] = REDACTOR.text(target[key])
-    task = event.get("task")
-    if task is not None and task["trigger"]:
-        task["trigger"] = REDACTOR.text(task["trigger"])
+        event["reason_detail"] = clean(detail, REASON_DETAIL_MAX)
+    for section, bounds in EVENT_BOUNDS.items():
+        fields = event.get(section)
+        if fields is None:
+            continue
+        for key, limit in bounds.items():
+            value = fields.get(key)
+            if value:
+                fields[key] = clean(value, limit)
+    if event.get("act_chain"):
+        event["act_chain"] = [clean(actor, ACT_CHAIN_ITEM_MAX) for actor in event["act_chain"]]
     WRITER.write(orjson.dumps(event) + b"\n")

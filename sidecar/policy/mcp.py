@@ -13,7 +13,9 @@ is refused with ``bad_request`` instead of guessed at:
 - batches (arrays), non-object bodies, members other than jsonrpc/id/method/params;
 - ``NaN``/``Infinity``/overflowing numbers, nesting deeper than ``max_depth``;
 - an ``id`` that is not a string or integer (MCP forbids null ids);
-- methods in the ``rpc.`` namespace, which JSON-RPC 2.0 (section 4) reserves.
+- methods in the ``rpc.`` namespace, which JSON-RPC 2.0 (section 4) reserves;
+- a ``method`` or tool name longer than :data:`MAX_NAME_CHARS` (MCP asks tool names to be at most
+  128 characters): such a name would otherwise be written whole into events and approval listings.
 
 A JSON-RPC response from the agent (its answer to a server's own request: sampling,
 elicitation, roots) is accepted with exactly ``jsonrpc``, ``id`` and one of ``result`` or a
@@ -32,12 +34,13 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import RequestRefused
 
 MAX_DEPTH = 64
+MAX_NAME_CHARS = 256  # method and params.name of a request
 RESPONSE_METHOD = "rpc.response"  # what policy sees for the agent's answers to server requests
 LIFECYCLE_METHODS = frozenset({"initialize", "ping", "tools/list", RESPONSE_METHOD})
 _NOTIFICATIONS = "notifications/"
@@ -56,6 +59,7 @@ class McpCall:
     tool: str | None
     id: object | None
     is_notification: bool
+    arguments: dict[str, Any] | None = field(default=None, compare=False)  # tools/call params.arguments
 
 
 def is_lifecycle(method: str) -> bool:
@@ -140,10 +144,12 @@ def _check_case_variants(obj: dict[str, Any], where: str) -> None:
         raise _refuse(f"keys differing only in case in {where}")
 
 
-def _text(value: Any, what: str) -> str:
-    """A non-empty, well-formed string (no lone surrogates), else refused."""
+def _text(value: Any, what: str, max_chars: int | None = None) -> str:
+    """A non-empty, well-formed string (no lone surrogates) of at most ``max_chars``, else refused."""
     if not isinstance(value, str) or not value:
         raise _refuse(f"{what} must be a non-empty string")
+    if max_chars is not None and len(value) > max_chars:
+        raise _refuse(f"{what} must be at most {max_chars} characters")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -212,7 +218,7 @@ def _tool_name(method: str, params: Any) -> str | None:
     arguments = params.get("arguments")
     if arguments is not None and not isinstance(arguments, dict):
         raise _refuse("tools/call params.arguments must be a JSON object")
-    return _text(params.get("name"), "tools/call params.name")
+    return _text(params.get("name"), "tools/call params.name", MAX_NAME_CHARS)
 
 
 def parse_mcp_request(
@@ -226,13 +232,15 @@ def parse_mcp_request(
     if isinstance(obj, dict) and "method" not in obj and ("result" in obj or "error" in obj):
         return _response(obj)
     obj = _check_envelope(obj)
-    method = _text(obj.get("method"), "method")
+    method = _text(obj.get("method"), "method", MAX_NAME_CHARS)
     if method.startswith("rpc."):
         raise _refuse("methods starting with 'rpc.' are reserved by JSON-RPC 2.0")
     if "params" in obj and obj["params"] is None:
         raise _refuse("params must be a JSON object")
-    tool = _tool_name(method, obj.get("params"))
-    return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj)
+    params = obj.get("params")
+    tool = _tool_name(method, params)
+    arguments = params.get("arguments") if tool is not None else None
+    return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj, arguments=arguments)
 
 
 # --- tools/list responses ------------------------------------------------------------------

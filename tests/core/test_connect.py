@@ -310,6 +310,7 @@ async def test_a_client_silent_after_the_200_is_cut_at_the_handshake_timeout(
     writer.close()
     assert await eventually(lambda: failures_counted(h))
     assert await handshake_failures(h) == 1
+    assert_one_handshake_event(await h.settle(), "TimeoutError")
 
 
 async def test_a_revoked_agent_gets_no_new_tunnel_and_no_request_through_an_open_one(
@@ -361,7 +362,49 @@ async def test_a_client_that_does_not_trust_the_ca_fails_its_handshake_and_nothi
     assert await eventually(lambda: failures_counted(sidecar))
     assert await handshake_failures(sidecar) == 1
     assert https_upstream.seen == []
-    assert connect_events(await sidecar.settle()) == []
+    assert_one_handshake_event(await sidecar.settle(), "TLSV1_ALERT_UNKNOWN_CA")
+
+
+def assert_one_handshake_event(events: list[dict[str, Any]], detail: str) -> None:
+    """Exactly one event for the failed tunnel: handshake_failed, cut, naming the host and the TLS error."""
+    from tests.observe.test_evidence import assert_valid
+
+    [event] = connect_events(events)
+    assert_valid([event])
+    assert (event["decision"], event["reason"], event["outcome"], event["status"]) == (
+        "deny", "handshake_failed", "cut", None)
+    assert event["target"]["method"] == "CONNECT" and event["target"]["host"] == "billing.internal"
+    assert event["target"]["upstream"] == "billing" and detail in event["reason_detail"]
+
+
+async def python_ssl_through_connect(h: SidecarHarness, ending: str) -> None:
+    """A Python ssl client after its 200: one that trusts only the system store, or one that closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port("outbound"))
+    try:
+        writer.write(CONNECT_BILLING)
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+        if ending == "untrusted":
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await writer.start_tls(ssl.create_default_context(), server_hostname="billing.internal")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("ending", [
+    # the agent's Python does not trust the interception CA: it sends an alert and closes
+    "untrusted",
+    # the agent closes after the 200 without a ClientHello
+    "closed",
+])
+async def test_a_tunnel_whose_tls_handshake_fails_writes_one_event(
+        sidecar: SidecarHarness, https_upstream: Upstream, ending: str) -> None:
+    """A CONNECT whose TLS handshake with the agent fails ends in exactly one trust-decision event, and
+    nothing is forwarded (issue 11 item 16)."""
+    await python_ssl_through_connect(sidecar, ending)
+    assert await eventually(lambda: failures_counted(sidecar))
+    await asyncio.sleep(0.05)
+    assert_one_handshake_event(await sidecar.settle(), "Error")  # as Python's socket reports it: reset or EOF
+    assert https_upstream.seen == []
 
 
 async def test_the_interception_ca_is_written_to_state_dir(sidecar: SidecarHarness) -> None:

@@ -230,3 +230,115 @@ async def test_a_kept_alive_connection_does_not_outlive_the_callers_certificate(
         assert status == 401
     finally:
         writer.close()
+
+
+async def test_a_replayed_human_token_opens_at_most_the_principals_cap_of_tasks(make_sidecar, agent, tmp_path):
+    """One human token replayed opens at most tasks.max_open_per_principal tasks; the next call is
+    refused rate_limited with Retry-After, reaches no agent, and is one event (issue 11 item 3)."""
+    config = inbound_config(tmp_path, agent)
+    config["tasks"] = {"end": "ttl", "max_open_per_principal": 2}
+    h = await make_sidecar(config, POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    token = human_token()
+    url = f"https://127.0.0.1:{h.port('inbound')}/tasks/1"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.get(url, ssl=ctx, headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+        async with s.get(url, ssl=ctx, headers={"Authorization": f"Bearer {token}"}) as r:
+            body = await r.json()
+            assert (r.status, body["error"]) == (429, "rate_limited")
+            assert "tasks.max_open_per_principal" in body["message"]
+            assert int(r.headers["Retry-After"]) >= 1
+        async with s.get(url, ssl=ctx, headers={"Authorization": f"Bearer {human_token('bob@example.com')}"}) as r:
+            assert r.status == 200  # another principal has caps of its own
+    assert len(agent.seen) == 3 and token not in json.dumps([seen.headers for seen in agent.seen])
+    refused = [e for e in await h.settle() if e["reason"] == "rate_limited"]
+    assert len(refused) == 1 and refused[0]["status"] == 429 and refused[0]["task"] is None
+    assert refused[0]["principal"] == {"iss": ISSUER, "sub": "alice@example.com"}
+    assert h.sidecar.runtime.tasks.open_count == 3
+    assert token.encode() not in h.raw_log()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry(clock: Clock, **overrides: object):
+    from sidecar.config_model import TasksConfig
+    from sidecar.tasks import TaskRegistry
+
+    return TaskRegistry.from_config(TasksConfig(**{"max_ttl": 3600.0, **overrides}), clock=clock)
+
+
+def open_task(tasks, sub: str = "alice@example.com", ttl: float = 900.0):
+    return tasks.open(principal=(ISSUER, sub), subject_token=None, delegation="delegated", actor_type="human",
+                      trigger=None, ttl=ttl)
+
+
+def test_an_hour_of_replayed_tasks_keeps_at_most_max_tombstones(tmp_path):
+    """50 tasks a second opened and ended for an hour leave at most max_tombstones tombstones, the newest
+    kept (task_ended), the oldest forgotten (unknown_task) (issue 11 item 3)."""
+    from sidecar.errors import TaskRefused
+
+    clock = Clock()
+    tasks = registry(clock, max_tombstones=1000)
+    first = last = None
+    for _ in range(50 * 3600):
+        task = open_task(tasks)
+        tasks.end(task.id)
+        first, last = first or task, task
+        clock.now += 0.02
+    assert tasks.tombstone_count == 1000 and tasks.open_count == 0
+    with pytest.raises(TaskRefused) as newest:
+        tasks.get(last.id)
+    with pytest.raises(TaskRefused) as oldest:
+        tasks.get(first.id)
+    assert (newest.value.reason, oldest.value.reason) == ("task_ended", "unknown_task")
+
+
+@pytest.mark.parametrize("how, after_end, reason", [
+    # within max_ttl of its end: a late call learns why the task is gone
+    ("task_ended", 3599.0, "task_ended"),
+    ("revoked", 3599.0, "revoked"),
+    # past max_ttl since its end (not since it opened): forgotten
+    ("task_ended", 3601.0, "unknown_task"),
+    ("revoked", 3601.0, "unknown_task"),
+])
+def test_a_tombstone_expires_max_ttl_after_the_task_ended(how, after_end, reason):
+    """A tombstone is kept for max_ttl from the task's end, not from its opening (issue 11 item 3)."""
+    from sidecar.errors import TaskRefused
+
+    clock = Clock()
+    tasks = registry(clock)
+    task = open_task(tasks, ttl=900.0)
+    clock.now += 600.0  # ended well before its TTL
+    tasks.end(task.id, how)
+    clock.now += after_end
+    open_task(tasks, sub="someone-else")  # any later activity sweeps
+    with pytest.raises(TaskRefused) as refused:
+        tasks.get(task.id)
+    assert refused.value.reason == reason
+
+
+def test_the_open_task_cap_frees_a_slot_when_a_task_ends_or_expires():
+    """At the cap a principal's next task is refused with Retry-After until the earliest ends; an ended or
+    expired task frees its slot (issue 11 item 3)."""
+    from sidecar.errors import TaskRefused
+
+    clock = Clock()
+    tasks = registry(clock, max_open_per_principal=2)
+    early, _ = open_task(tasks, ttl=60.0), open_task(tasks, ttl=900.0)
+    with pytest.raises(TaskRefused) as refused:
+        open_task(tasks)
+    assert (refused.value.reason, refused.value.status, refused.value.retry_after) == ("rate_limited", 429, 60)
+    open_task(tasks, sub="bob@example.com")  # other principals are not affected
+    clock.now += 61.0  # the early one is past its TTL (no event loop ran its timer)
+    replacement = open_task(tasks)
+    tasks.end(replacement.id)
+    open_task(tasks)
+    assert tasks.open_count == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 
@@ -88,18 +89,30 @@ APPROVAL_POLICY = {"version": 1, "default": "deny", "rules": [
      "paths": ["/v1/refunds"], "effect": "require_approval"}]}
 
 
+async def listed(h) -> list[dict]:
+    """The pending approvals, as soon as there is one (a bounded number of looks)."""
+    pending = []
+    for _ in range(100):
+        _, body = await admin(h, "GET", "/approvals")
+        pending = body["approvals"]
+        if pending:
+            break
+        await asyncio.sleep(0.05)
+    return pending
+
+
+async def approve(h, approval_id: str) -> None:
+    status, _ = await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
+                            headers={"X-Approver-Token": approver_token("bob@example.com")})
+    assert status == 200
+
+
 async def test_a_held_request_proceeds_when_an_approver_approves(make_sidecar, upstream, tmp_path):
     """require_approval holds the request until a listed human approves with an approver token."""
     h = await make_sidecar(approval_config(upstream, tmp_path), APPROVAL_POLICY)
     async with aiohttp.ClientSession() as s:
         held = asyncio.ensure_future(s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}"))
-        pending = []
-        for _ in range(100):
-            _, body = await admin(h, "GET", "/approvals")
-            pending = body["approvals"]
-            if pending:
-                break
-            await asyncio.sleep(0.05)
+        pending = await listed(h)
         assert pending and pending[0]["rule_id"] == "refunds-need-a-human" and upstream.seen == []
         approval_id = pending[0]["id"]
         # a token for the wrong audience, and a human who is not an approver, are both refused
@@ -109,9 +122,7 @@ async def test_a_held_request_proceeds_when_an_approver_approves(make_sidecar, u
         status, _ = await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
                                 headers={"X-Approver-Token": approver_token("mallory@evil.test")})
         assert status == 403
-        status, _ = await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
-                                headers={"X-Approver-Token": approver_token("bob@example.com")})
-        assert status == 200
+        await approve(h, approval_id)
         response = await asyncio.wait_for(held, 10)
         assert response.status == 200
     event = (await h.settle())[-1]
@@ -139,11 +150,62 @@ async def test_requests_waiting_for_approval_are_bounded(make_sidecar, upstream,
     h = await make_sidecar(approval_config(upstream, tmp_path, timeout="5s"), APPROVAL_POLICY)
     async with aiohttp.ClientSession() as s:
         held = asyncio.ensure_future(s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}"))
-        for _ in range(100):
-            if (await admin(h, "GET", "/approvals"))[1]["approvals"]:
-                break
-            await asyncio.sleep(0.05)
+        assert await listed(h)
         async with s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}") as r:
             assert (r.status, (await r.json())["error"]) == (429, "rate_limited")
         held.cancel()
     assert upstream.seen == []
+
+
+ARG_SECRET = "canary-argument-secret-7f1d"
+TOOL_APPROVAL_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "refunds-need-a-human", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["refund"]},
+     "effect": "require_approval"}]}
+
+
+async def test_an_approver_sees_a_held_tool_calls_arguments_and_the_digest_of_what_is_sent(
+        make_sidecar, upstream, tmp_path):
+    """A held tools/call lists its arguments (secret-looking values masked, capped with a marker) and the
+    SHA-256 of its body; the upstream receives exactly that body (issue 11 item 13)."""
+    config = approval_config(upstream, tmp_path)
+    config["outbound"]["upstreams"]["tools"] = {"url": upstream.url + "/mcp", "protocol": "mcp"}
+    h = await make_sidecar(config, TOOL_APPROVAL_POLICY)
+    arguments = {"invoice": "INV-7", "amount": 120, "api_key": ARG_SECRET, "note": "n" * 10000}
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "refund", "arguments": arguments}}).encode()
+    async with aiohttp.ClientSession() as s:
+        held = asyncio.ensure_future(s.post(f"{h.outbound}/tools", data=body,
+                                            headers={"Content-Type": "application/json"}))
+        [pending] = await listed(h)
+        assert upstream.seen == []
+        shown = pending["mcp_arguments"]
+        assert pending["mcp_tool"] == "refund" and '"invoice":"INV-7","amount":120' in shown
+        assert '"api_key":"<redacted>"' in shown and ARG_SECRET not in shown
+        assert pending["mcp_arguments_truncated"] is True and len(shown) == 4096
+        assert shown.endswith(" chars]") and "...[truncated from " in shown
+        assert pending["body_sha256"] == hashlib.sha256(body).hexdigest()
+        await approve(h, pending["id"])
+        assert (await asyncio.wait_for(held, 10)).status == 200
+    assert upstream.seen[0].body == body
+    event = (await h.settle())[-1]
+    assert event["approval"]["body_sha256"] == pending["body_sha256"] and event["reason"] == "approved"
+    assert ARG_SECRET.encode() not in h.raw_log()
+
+
+async def test_a_held_chunked_body_is_read_first_so_its_digest_is_what_is_sent(make_sidecar, upstream, tmp_path):
+    """A held request's streamed body is buffered before the approver looks: the listed digest is of the
+    bytes then forwarded (issue 11 item 13)."""
+    h = await make_sidecar(approval_config(upstream, tmp_path), APPROVAL_POLICY)
+
+    async def chunks():
+        for piece in (b'{"amount":', b"120}"):
+            yield piece
+
+    async with aiohttp.ClientSession() as s:
+        held = asyncio.ensure_future(s.post(f"{h.outbound}/billing/v1/refunds", data=chunks()))
+        [pending] = await listed(h)
+        assert pending["body_sha256"] == hashlib.sha256(b'{"amount":120}').hexdigest()
+        assert pending["mcp_arguments"] is None
+        await approve(h, pending["id"])
+        assert (await asyncio.wait_for(held, 10)).status == 200
+    assert upstream.seen[0].body == b'{"amount":120}'

@@ -66,18 +66,25 @@ async def test_a_chunked_upload_streams_through(make_sidecar):
         await up.stop()
 
 
+async def echo(request: web.Request) -> web.WebSocketResponse:
+    """An upstream WebSocket: text echoed, binary reversed; on "close" it closes normally, on "drop" its
+    connection goes without a close frame."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        if message.data == "close":
+            await ws.close()
+        elif message.data == "drop":
+            request.transport.abort()  # no close frame: broken off
+        elif message.type == aiohttp.WSMsgType.TEXT:
+            await ws.send_str("echo:" + message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await ws.send_bytes(message.data[::-1])
+    return ws
+
+
 async def test_a_websocket_echo_works_through_the_proxy(make_sidecar):
     """A WebSocket upgrade passes through: text and binary frames echo both ways."""
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for message in ws:
-            if message.type == aiohttp.WSMsgType.TEXT:
-                await ws.send_str("echo:" + message.data)
-            elif message.type == aiohttp.WSMsgType.BINARY:
-                await ws.send_bytes(message.data[::-1])
-        return ws
-
     up = await Upstream(echo).start()
     try:
         h = await make_sidecar(config_for(up), POLICY)
@@ -91,6 +98,53 @@ async def test_a_websocket_echo_works_through_the_proxy(make_sidecar):
         assert seen.header("X-API-Key") is not None  # the credential is attached to the upgrade too
         event = next(e for e in await h.settle() if e["protocol"] == "websocket")
         assert event["decision"] == "allow" and event["status"] == 101
+    finally:
+        await up.stop()
+
+
+def drop_connection(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """The client's TCP connection goes, no close frame sent (a crashed agent)."""
+    import os
+    import socket
+
+    fd = os.dup(ws.get_extra_info("socket").fileno())  # uvloop's socket object offers no shutdown()
+    with socket.socket(fileno=fd) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("side, ending, outcome", [
+    # the agent closes with a close frame (RFC 6455 5.5.1)
+    ("agent", "close", "completed"),
+    # the upstream closes with a close frame
+    ("upstream", "close", "completed"),
+    # the upstream's connection goes without a close frame
+    ("upstream", "drop", "cut"),
+    # the agent's connection goes without a close frame
+    ("agent", "drop", "cut"),
+])
+async def test_a_websocket_session_ends_in_one_event_with_its_outcome(make_sidecar, side, ending, outcome):
+    """A WebSocket closed normally by either side is recorded completed, one broken off is cut, each in
+    exactly one event (issue 11 item 16)."""
+    up = await Upstream(echo).start()
+    try:
+        h = await make_sidecar(config_for(up), POLICY)
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"{h.outbound}/billing/v1/ws") as ws:
+                await ws.send_str("hello")
+                assert (await ws.receive(timeout=10)).data == "echo:hello"
+                if side == "upstream":
+                    await ws.send_str(ending)
+                    assert (await ws.receive(timeout=10)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                elif ending == "close":
+                    await ws.close()
+                else:
+                    drop_connection(ws)
+        for _ in range(200):  # bounded: until the sidecar has recorded the session
+            if any(e["protocol"] == "websocket" for e in await h.settle()):
+                break
+        await asyncio.sleep(0.05)
+        [event] = [e for e in h.events() if e["protocol"] == "websocket"]
+        assert (event["outcome"], event["status"], event["decision"]) == (outcome, 101, "allow")
     finally:
         await up.stop()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from types import SimpleNamespace
 from typing import Callable
 
 import aiohttp
@@ -17,6 +18,7 @@ from multidict import CIMultiDict
 from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
 from sidecar.upstream import ConnectionPool, send, serialize_head
+from tests.harness import raw_http
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -375,3 +377,79 @@ async def test_after_a_renewal_no_connection_opened_before_it_is_used_again(wire
     assert await get(pool) == (200, b"ok")
     await asyncio.sleep(0.05)
     assert wire.connections == 3 and wire.closed == 2  # 1 and 2 closed, 3 opened after the renewal
+
+
+MALFORMED_HEADS = [
+    # a space before the colon: llhttp keeps "Content-Length " as a header, next to our own framing
+    b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
+    # a name that is not an RFC 9110 token
+    b"HTTP/1.1 200 OK\r\nX-A\x01: 1\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX(A): 1\r\nContent-Length: 2\r\n\r\nok",
+    # control characters in a value (HTAB is the one allowed, RFC 9110 5.5)
+    b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+]
+
+
+@pytest.mark.parametrize("response", MALFORMED_HEADS, ids=["space-before-colon", "ctl-in-name", "paren-in-name",
+                                                         "ctl-in-value", "del-in-value", "nul-in-value"])
+async def test_a_malformed_response_header_fails_the_exchange_and_closes_the_connection(wire_factory, response):
+    """A header name that is not a token, or a value with a control character, fails the exchange as a
+    protocol error and its connection is not reused (issue 11 item 15)."""
+    from sidecar.upstream import failure
+
+    wire = await wire_factory(lambda head, no: response)
+    pool = pool_for(wire)
+    with pytest.raises(aiohttp.http_exceptions.HttpProcessingError) as caught:
+        await get(pool)
+    refusal = failure(caught.value)
+    assert (refusal.reason, refusal.status) == ("upstream_protocol_error", 502)
+    await asyncio.sleep(0.05)
+    assert wire.closed == 1
+
+
+async def test_a_tab_in_a_response_header_value_is_relayed(wire_factory):
+    """HTAB is a valid field-value character (RFC 9110 5.5): such a response passes (issue 11 item 15)."""
+    wire = await wire_factory(lambda head, no: b"HTTP/1.1 200 OK\r\nX-A: a\tb\r\nContent-Length: 2\r\n\r\nok")
+    assert await get(pool_for(wire)) == (200, b"ok")
+
+
+def assert_malformed_refused(h, answer: bytes, events: list[dict]) -> None:
+    """The sidecar's own 502, with none of the malformed response in it, and one event for it."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert b"Content-Length : " not in answer and not body.endswith(b"ok")
+    assert b'"error":"upstream_protocol_error"' in body and b"error=http_protocol_error" in head
+    refused = [e for e in events if e["reason"] == "upstream_protocol_error"]
+    assert len(refused) == 1 and refused[0]["status"] == 502 and refused[0]["outcome"] == "refused"
+    assert "token" in refused[0]["reason_detail"]
+
+
+async def test_an_upstreams_malformed_response_never_reaches_the_agent(make_sidecar, wire_factory):
+    """Outbound: "Content-Length : 2" from an upstream is a 502 of the sidecar's own (issue 11 item 15)."""
+    wire = await wire_factory(lambda head, no: MALFORMED_HEADS[0])
+    h = await make_sidecar({"outbound": {"upstreams": {"raw": {"url": f"http://127.0.0.1:{wire.port}"}}}},
+                           {"version": 1, "default": "deny", "rules": [
+                               {"id": "raw", "direction": "outbound", "upstream": "raw", "effect": "allow"}]})
+    out = h.port("outbound")
+    answer = await raw_http(out, b"GET /raw/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % out)
+    assert_malformed_refused(h, answer, await h.settle())
+    assert len(wire.requests) == 1  # not retried on another connection
+
+
+async def test_the_agents_malformed_response_never_reaches_the_caller(make_sidecar, wire_factory, tmp_path):
+    """Inbound: the agent's "Content-Length : 2" is a 502 to the mTLS caller, nothing of it relayed
+    (issue 11 item 15)."""
+    from tests.core.test_inbound import POLICY, client_context, inbound_config
+
+    wire = await wire_factory(lambda head, no: MALFORMED_HEADS[0])
+    h = await make_sidecar(inbound_config(tmp_path, SimpleNamespace(url=f"http://127.0.0.1:{wire.port}")), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port("inbound"), ssl=ctx)
+    try:
+        writer.write(b"GET /tasks/1 HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert_malformed_refused(h, answer, await h.settle())

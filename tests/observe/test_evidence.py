@@ -147,3 +147,79 @@ async def test_audit_rate_limit_condition_error_and_approval_events_match_the_sc
     assert by_reason["rate_limited"]["status"] == 429 and by_reason["rate_limited"]["rule_id"] == "limited"
     assert by_reason["condition_error"]["rule_id"] == "needs-a-task"
     assert by_reason["approval_timeout"]["decision"] == "approval_required"
+
+
+async def test_a_huge_mcp_tool_name_is_refused_and_writes_a_small_line(make_sidecar, upstream):
+    """A 2 MiB tools/call name is 400 bad_request: nothing forwarded, one event, and no line carries the
+    name (issue 11 item 14)."""
+    config = {"outbound": {"upstreams": {"tools": {"url": upstream.url, "protocol": "mcp"}},
+                           "limits": {"max_body_bytes": 4 << 20}}}
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "tools", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search"]}, "effect": "allow"}]}
+    h = await make_sidecar(config, policy)
+    name = "x" * (2 << 20)
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{h.outbound}/tools", data=body, headers={"Content-Type": "application/json"}) as r:
+            refusal = await r.json()
+            assert (r.status, refusal["error"]) == (400, "bad_request")
+            assert "at most 256 characters" in refusal["message"]
+    assert upstream.seen == []
+    [event] = await h.settle()
+    assert_valid([event])
+    assert event["target"]["mcp_tool"] is None and event["protocol"] == "mcp"
+    assert max(len(line) for line in h.raw_log().splitlines()) < 8192
+
+
+@pytest.mark.parametrize("request_head, field, limit", [
+    # a 20 000-character path
+    (b"GET /billing/v1/" + b"p" * 20000 + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n", ("target", "path"), 2048),
+    # a 20 000-character task id the agent made up
+    (b"GET /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Sidecar-Task: " + b"t" * 20000 + b"\r\n",
+     ("task", "id"), 64),
+], ids=["path", "task-id"])
+async def test_agent_chosen_strings_are_bounded_in_the_event(make_sidecar, upstream, request_head, field, limit):
+    """Agent-chosen strings are cut to the schema's maxLength with a marker saying how long they were
+    (issue 11 item 14)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    out = h.port("outbound")
+    await raw_http(out, request_head % out + b"Connection: close\r\n\r\n")
+    [event] = await h.settle()
+    assert_valid([event])
+    section, key = field
+    value = event[section][key]
+    assert len(value) == limit and value.endswith(" chars]") and "...[truncated from " in value
+    assert len(h.raw_log()) < 16384
+
+
+def test_every_request_derived_string_of_an_event_is_bounded(monkeypatch):
+    """Each agent- or caller-chosen field, however long, is written within the schema's bounds
+    (issue 11 item 14)."""
+    import io
+
+    from sidecar.exchange import AgentInfo, Exchange
+    from sidecar.observe import decision_log
+
+    long = "z" * 100_000
+    ex = Exchange("inbound", method=long)
+    ex.host, ex.path, ex.mcp_method, ex.mcp_tool = long, "/" + long, long, long
+    ex.task_id, ex.task_trigger, ex.caller_id = long, long, "spiffe://example.org/" + long
+    ex.principal, ex.act_chain, ex.reason_detail = (long, long), (long, long), long
+    out = io.BytesIO()
+    monkeypatch.setattr(decision_log, "WRITER", decision_log.BufferedLineWriter(out))
+    decision_log.emit_event(ex.event(AgentInfo("spiffe://example.org/agent", "a", "test")))
+    decision_log.WRITER.flush()
+    assert len(out.getvalue()) < 16384
+    assert_valid([json.loads(out.getvalue())])
+
+
+def test_the_schema_states_the_bounds_the_log_applies():
+    """trust_decision.schema.json's maxLength are the bounds emit_event applies (issue 11 item 14)."""
+    from sidecar.observe.decision_log import ACT_CHAIN_ITEM_MAX, EVENT_BOUNDS, REASON_DETAIL_MAX
+
+    props = SCHEMA["properties"]
+    for section, bounds in EVENT_BOUNDS.items():
+        fields = next(o for o in props[section]["oneOf"] if o["type"] == "object")["properties"]
+        assert {key: fields[key]["maxLength"] for key in bounds} == bounds
+    assert props["reason_detail"]["maxLength"] == REASON_DETAIL_MAX
+    assert props["act_chain"]["items"]["maxLength"] == ACT_CHAIN_ITEM_MAX

@@ -55,6 +55,9 @@ PARSED = [
      McpCall("rpc.response", None, 3, False)),
     ('{"jsonrpc":"2.0","id":"s-1","error":{"code":-1,"message":"user declined"}}',
      McpCall("rpc.response", None, "s-1", False)),
+    # a tool name of MAX_NAME_CHARS passes (issue 11 item 14)
+    ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"%s"}}' % ("t" * 256),
+     McpCall("tools/call", "t" * 256, 1, False)),
     # non-ASCII tool names survive intact
     ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r\\u00e9sum\\u00e9"}}',
      McpCall("tools/call", "r\u00e9sum\u00e9", 1, False)),
@@ -178,6 +181,9 @@ REFUSED = [
     ('{"jsonrpc":"2.0",', "not valid JSON"),
     ('{"jsonrpc":"2.0","id":1,"method":"ping"} {}', "not valid JSON"),
     ("", "not valid JSON"),
+    # names longer than MAX_NAME_CHARS would be written whole into events and approvals (issue 11 item 14)
+    ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"%s"}}' % ("t" * 257), "at most 256"),
+    ('{"jsonrpc":"2.0","id":1,"method":"%s"}' % ("m" * 257), "at most 256"),
 ]
 
 
