@@ -265,3 +265,39 @@ async def test_no_response_names_the_sidecars_stack(make_sidecar):
                 assert refused.headers.get("Server") == "sidecar"
     finally:
         server.close()
+
+
+# -- what is matched is what is forwarded (issue 11) -------------------------------------------
+
+def refused_once(events: list[dict], reason: str) -> dict:
+    """The one trust-decision event of a refused exchange."""
+    assert len(events) == 1 and events[0]["reason"] == reason and events[0]["outcome"] == "refused"
+    return events[0]
+
+
+SPELLING_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "all", "direction": "outbound", "upstream": "billing", "effect": "allow"},
+    {"id": "no-eu", "direction": "outbound", "upstream": "billing", "headers": {"x-region": ["EU"]},
+     "effect": "deny"},
+    {"id": "no-admin", "direction": "outbound", "upstream": "billing", "paths": ["/v1/admin"], "effect": "deny"},
+]}
+
+
+@pytest.mark.parametrize("raw_target, headers", [
+    ("/billing/v1/x", "X-Region: US, EU\r\n"),        # one field, two values (RFC 9110 §5.3)
+    ("/billing/v1/x", 'X-Region: "EU"\r\n'),          # a quoted-string element
+    ("/billing/v1/x", "X-Region: US\r\nX-Region: ,EU\r\n"),  # repeated, with an empty element
+    ("/billing/v1/admin/", ""),                        # a trailing slash names the same resource
+    ("/billing/v1//admin/", ""),                       # merged slashes, then the trailing slash
+    ("/billing/v1/%61dmin/", ""),                      # an unreserved escape, then the trailing slash
+])
+async def test_deny_rules_match_every_equivalent_spelling(make_sidecar, upstream, raw_target, headers):
+    """A deny on x-region EU or on /v1/admin also matches the spellings an upstream reads the same way
+    (issue 11 item 11)."""
+    h = await make_sidecar(config_for(upstream), SPELLING_POLICY)
+    port = h.port("outbound")
+    response = await raw_http(port, f"GET {raw_target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}"
+                                    "Connection: close\r\n\r\n".encode())
+    assert response.split(b" ")[1] == b"403" and b'"error":"rule_denied"' in response
+    assert upstream.seen == []
+    assert refused_once(await h.settle(), "rule_denied")["rule_id"] in ("no-eu", "no-admin")
