@@ -96,6 +96,7 @@ class InboundConfig:
     task_trigger_header: str
     limits: Limits
     timeouts: Timeouts
+    pass_headers: frozenset[str] = frozenset()  # caller headers the agent may receive despite the strip set
 
 
 @dataclass(frozen=True, slots=True)

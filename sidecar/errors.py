@@ -46,6 +46,8 @@ STATUS: dict[str, int] = {
     "body_too_large": 413,
     "request_timeout": 408,
     "bad_request": 400,
+    "request_override": 400,
+    "credential_parameter": 400,
     "not_found": 404,
     "unauthorized": 401,
     "internal_error": 500,

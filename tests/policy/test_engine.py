@@ -577,6 +577,41 @@ def test_full_buckets_are_forgotten(tmp_path: Path) -> None:
     assert len(limiter) == 0
 
 
+# -- other readings of one request (a passed method override) ---------------------------------
+
+
+@pytest.mark.parametrize("rules, reason, rule_id", [
+    # the overriding method is denied: the request is refused
+    ([rule("posts", methods=["POST"]), rule("no-deletes", effect="deny", methods=["DELETE"])],
+     "rule_denied", "no-deletes"),
+    # the overriding method matches no rule: default deny
+    ([rule("posts", methods=["POST"])], "no_matching_rule", "default"),
+    # the overriding method needs approval: held
+    ([rule("posts", methods=["POST"]), rule("deletes", effect="require_approval", methods=["DELETE"])],
+     "approval_required", "deletes"),
+    # both allowed: the request line's rule supplies credential and scopes
+    ([rule("posts", methods=["POST"], credential="billing-oauth"), rule("deletes", methods=["DELETE"])],
+     "allowed", "posts"),
+])
+def test_every_reading_of_a_request_must_be_allowed(tmp_path: Path, rules: list[dict[str, Any]], reason: str,
+                                                    rule_id: str) -> None:
+    """A request that an upstream may read as another method is decided on both; the strictest
+    outcome wins (issue 11 item 9)."""
+    request = facts(method="POST")
+    decision = load(tmp_path, rules).decide(request, facts(method="DELETE"))
+    assert (decision.reason, decision.rule_id) == (reason, rule_id)
+
+
+def test_every_reading_is_charged_its_rate_limit(tmp_path: Path) -> None:
+    """The overriding method's rate limit is charged too: an override cannot evade it (issue 11 item 9)."""
+    rules = [rule("posts", methods=["POST"]), rule("deletes", methods=["DELETE"],
+                                                    rate_limit={"requests": 1, "per": "1m"})]
+    policy = load(tmp_path, rules, limiter=RateLimiter(FakeClock()))
+    assert policy.decide(facts(method="POST"), facts(method="DELETE")).reason == "allowed"
+    refused = policy.decide(facts(method="POST"), facts(method="DELETE"))
+    assert (refused.reason, refused.rule_id) == ("rate_limited", "deletes")
+
+
 # -- version -----------------------------------------------------------------------------------
 
 
