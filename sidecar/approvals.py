@@ -15,7 +15,6 @@ match an ``admin.approvers`` entry.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import hashlib
 import json
 import re
@@ -150,7 +149,7 @@ async def approver_of(sidecar: Sidecar, request: web.Request) -> dict[str, str]:
     if verified.actor_type != "human":
         raise Refusal("rule_denied", "approvals: approver tokens must be a human's")
     for entry in sidecar.config.admin.approvers:
-        if entry.issuer == verified.issuer and fnmatch.fnmatchcase(verified.subject, entry.subject):
+        if entry.matches(verified.issuer, verified.subject):
             return {"iss": verified.issuer, "sub": verified.subject}
     raise Refusal("rule_denied", "approvals: this human is not an approver (admin.approvers)")
 

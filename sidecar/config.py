@@ -167,7 +167,7 @@ def _inbound(f: Fields) -> InboundConfig:
         f.error("jwt.issuers", "at least one issuer is needed when jwt.required is true")
     cfg = InboundConfig(listen, forward_to, trust_domains, required, tuple(issuers),
                         f.str("task_trigger_header", "X-Task-Trigger"), _limits(f.sub("limits")),
-                        _timeouts(f.sub("timeouts")))
+                        _timeouts(f.sub("timeouts")), _pass_headers(f))
     f.done()
     return cfg
 
@@ -223,7 +223,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     p = f.sub("paths")
     paths = PathOptions(p.bool("allow_encoded_slash", False), p.bool("merge_slashes", True))
     p.done()
-    pass_headers = frozenset(h.lower() for h in f.str_list("pass_headers", ()))
+    pass_headers = _pass_headers(f)
     allow_trace = f.bool("allow_trace", False)
     up_timeouts = _timeouts(f.sub("timeouts"), timeouts)
     f.done()
@@ -238,6 +238,11 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     host = (parts.hostname or "").lower().rstrip(".")
     return Upstream(name, url, parts.scheme, host, port, parts.path.rstrip("/"), hosts, ca, client_cert,
                     credential, protocol, paths, pass_headers, up_timeouts, allow_trace)
+
+
+def _pass_headers(f: Fields) -> frozenset[str]:
+    """Headers (and the parameters ``_method``, ``access_token``) let through despite the strip set."""
+    return frozenset(h.lower() for h in f.str_list("pass_headers", ()))
 
 
 def _check_unique_hosts(upstreams: Mapping[str, Upstream], f: Fields) -> None:

@@ -6,6 +6,7 @@ Secret values are :class:`~sidecar.fields.Secret` (masked in every repr).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -96,6 +97,7 @@ class InboundConfig:
     task_trigger_header: str
     limits: Limits
     timeouts: Timeouts
+    pass_headers: frozenset[str] = frozenset()  # caller headers the agent may receive despite the strip set
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +142,25 @@ class RevocationConfig:
 
 @dataclass(frozen=True, slots=True)
 class Approver:
+    """An ``admin.approvers`` entry. ``subject`` is exact, or a pattern whose ``*`` matches one or more
+    characters other than ``@``: ``*@example.com`` never matches ``mallory@evil.test@example.com``."""
+
     issuer: str
-    subject: str  # a glob: "*@example.com"
+    subject: str
+    _pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pattern = None
+        if "*" in self.subject:
+            pattern = re.compile("[^@]+".join(re.escape(part) for part in self.subject.split("*")))
+        object.__setattr__(self, "_pattern", pattern)
+
+    def matches(self, issuer: str, subject: str) -> bool:
+        if issuer != self.issuer:
+            return False
+        if self._pattern is None:
+            return subject == self.subject
+        return self._pattern.fullmatch(subject) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,8 @@ STATUS: dict[str, int] = {
     "request_timeout": 408,
     "bad_request": 400,
     "method_not_allowed": 405,
+    "request_override": 400,
+    "credential_parameter": 400,
     "not_found": 404,
     "unauthorized": 401,
     "internal_error": 500,

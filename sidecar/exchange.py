@@ -60,6 +60,7 @@ class Exchange:
     path: str | None = None
     mcp_method: str | None = None
     mcp_tool: str | None = None
+    override: dict[str, str | None] | None = None  # a passed method/URL override: the other reading decided
     credential: Credential | None = None
     credential_source: str | None = None
     credential_scopes: tuple[str, ...] | None = None
@@ -130,7 +131,7 @@ class Exchange:
         if self.method is None:
             return None
         return {"upstream": self.upstream, "method": self.method, "host": self.host, "path": self.path,
-                "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool}
+                "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool, "override": self.override}
 
     def _credential(self) -> dict[str, Any] | None:
         c = self.credential

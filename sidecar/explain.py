@@ -13,15 +13,19 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config, config_path, load_config
 from sidecar.errors import ConfigInvalid, Refusal
-from sidecar.forward import echo_method
+from sidecar.forward import (
+    DropSet, clean_request_headers, echo_method, inbound_drop_set, is_form_type, request_drop_set,
+)
 from sidecar.policy.engine import Decision, Facts, PolicySet
 from sidecar.policy.mcp import parse_mcp_request
-from sidecar.policy.paths import canonical_path, check_header_names
+from sidecar.policy.paths import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
+from sidecar.policy.readings import Reading, screen
 from sidecar.routing import Route, Router
 
 EXIT = {"allow": 0, "deny": 3, "require_approval": 4}
@@ -64,13 +68,22 @@ def _route(config: Config, url: str, headers: CIMultiDict[str]) -> Route:
     return router.route(url, proxy)
 
 
-def _facts(args: argparse.Namespace, config: Config, headers: CIMultiDict[str]) -> tuple[Facts, dict[str, Any]]:
+def _forwarded(headers: CIMultiDict[str], drop: DropSet, query: str, body: bytes, passed: frozenset[str],
+               paths: PathOptions, base_path: str) -> tuple[dict[str, tuple[str, ...]], Reading]:
+    """The headers policy sees (the forwarded ones) and the other reading, as the pipeline has them."""
+    forwarded = clean_request_headers(CIMultiDictProxy(headers), drop)
+    form = body if is_form_type(headers.get("Content-Type", "")) else None
+    reading = screen(forwarded, query, form, passed, paths, base_path)
+    return {k.lower(): tuple(forwarded.getall(k)) for k in forwarded}, reading
+
+
+def _facts(args: argparse.Namespace, config: Config,
+           headers: CIMultiDict[str]) -> tuple[Facts, dict[str, Any], Reading]:
     body = Path(args.body).read_bytes() if args.body else b""
     now = datetime.fromisoformat(args.at.replace("Z", "+00:00")) if args.at else datetime.now(timezone.utc)
     base: dict[str, Any] = dict(
         method=args.method.upper(), query="", size=len(body), agent_id=_agent_id(config, args.agent),
         agent_name=config.agent_name, agent_environment=config.environment, now=now,
-        headers={k.lower(): tuple(headers.getall(k)) for k in headers},
         principal=("explain", args.task_principal) if args.task_principal else None,
         delegation="delegated" if args.task_principal else "none",
         task_id="explain-task" if args.task_principal or args.task_trigger else None, task_trigger=args.task_trigger)
@@ -79,18 +92,25 @@ def _facts(args: argparse.Namespace, config: Config, headers: CIMultiDict[str]) 
         raw_path, _, query = args.url.partition("?")
         path = canonical_path(raw_path)
         echo_method(base["method"], False)
-        shown.update(upstream=None, path=path)
+        passed = config.inbound.pass_headers if config.inbound else frozenset()
+        agent_base = urlsplit(config.inbound.forward_to).path.rstrip("/") if config.inbound else ""
+        seen, reading = _forwarded(headers, inbound_drop_set(passed), query, body, passed, DEFAULT_OPTIONS, agent_base)
+        shown.update(upstream=None, path=path, override=reading.event())
         return Facts(direction="inbound", scheme="https", host="", path=path, upstream=None, caller_id=args.caller,
-                     **{**base, "query": query}), shown
+                     headers=seen, **{**base, "query": query}), shown, reading
     route = _route(config, args.url, headers)
     echo_method(base["method"], route.upstream.allow_trace)
+    up = route.upstream
+    seen, reading = _forwarded(headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
+                               route.query, body, up.pass_headers, up.paths, up.base_path)
     mcp = parse_mcp_request(body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
         if route.upstream.protocol == "mcp" and base["method"] == "POST" else None
     shown.update(upstream=route.upstream.name, path=route.path, forwarded_path=route.forward_path,
-                 mcp_method=mcp.method if mcp else None, mcp_tool=mcp.tool if mcp else None)
+                 mcp_method=mcp.method if mcp else None, mcp_tool=mcp.tool if mcp else None,
+                 override=reading.event())
     return Facts(direction="outbound", scheme=route.upstream.scheme, host=route.upstream.host, path=route.path,
                  upstream=route.upstream.name, mcp_method=shown["mcp_method"], mcp_tool=shown["mcp_tool"],
-                 **{**base, "query": route.query}), shown
+                 headers=seen, **{**base, "query": route.query}), shown, reading
 
 
 def _print(shown: dict[str, Any], decision: Decision | None, refusal: Refusal | None, config: Config) -> None:
@@ -126,13 +146,13 @@ def explain(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        facts, shown = _facts(args, config, headers)
+        facts, shown, reading = _facts(args, config, headers)
     except Refusal as refusal:
         _print({}, None, refusal, config)
         return 3
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    decision = policy.decide(facts)
+    decision = policy.decide(facts, *reading.alternatives(facts))
     _print(shown, decision, None, config)
     return EXIT.get(decision.effect, 3)

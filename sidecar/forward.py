@@ -1,7 +1,10 @@
 """The forwarding leg: header hygiene, streaming both ways, pooled upstream sessions.
 
 - Hop-by-hop headers (RFC 9110 §7.6.1) are removed both ways, with every header named in
-  ``Connection``; ``Via`` and ``X-Forwarded-*`` are written here, never trusted from a client.
+  ``Connection``; ``Via`` and ``X-Forwarded-*`` are written here, never trusted from a client;
+  identity headers a fronting proxy would set (``X-Forwarded-User``, ``X-Auth-Request-*``, ...)
+  are removed from requests both ways unless ``pass_headers`` lists them. What is left is
+  what policy sees (:func:`clean_request_headers`).
 - ``Expect: 100-continue`` is answered here, once the request is let on and its body is
   read (a refused request gets its refusal, never ``100 Continue``), and is not forwarded.
 - Bodies stream without buffering (chunked uploads, server-sent events reach the client as
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
@@ -49,6 +53,18 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK = 64 * 1024
 
 
+# Identity that upstreams trust from a fronting proxy (oauth2-proxy, Authelia, Kubernetes' front proxy,
+# Grafana's auth proxy, cloud identity-aware proxies): asserted by no agent and no caller, either way.
+IDENTITY_HEADERS = frozenset({
+    "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-groups",
+    "x-forwarded-access-token", "x-remote-user", "x-remote-group", "x-remote-email", "remote-user",
+    "remote-groups", "remote-email", "remote-name", "x-webauth-user", "x-authenticated-user",
+    "x-authenticated-userid", "x-consumer-id", "x-consumer-username", "x-credential-identifier",
+})
+IDENTITY_PREFIXES = ("x-auth-request-", "x-remote-extra-", "x-amzn-oidc-", "x-ms-client-principal",
+                     "x-goog-authenticated-user-", "cf-access-")
+
+
 def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     names: set[str] = set()
     for value in headers.getall("Connection", ()):
@@ -56,23 +72,44 @@ def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
     return names
 
 
-def request_drop_set(strip: Iterable[str] = ()) -> frozenset[str]:
-    """Headers never forwarded: hop-by-hop, the ones the sidecar writes or answers, and ``strip``."""
-    return HOP_BY_HOP | SIDECAR_WRITTEN | ANSWERED_HERE | frozenset(h.lower() for h in strip)
+@dataclass(frozen=True, slots=True)
+class DropSet:
+    """Request headers never forwarded: lowercase ``names``, and names starting with one of
+    ``prefixes`` unless listed in ``keep`` (an upstream's ``pass_headers``)."""
+
+    names: frozenset[str]
+    prefixes: tuple[str, ...] = ()
+    keep: frozenset[str] = frozenset()
+
+
+def request_drop_set(strip: Iterable[str] = (), keep: Iterable[str] = ()) -> DropSet:
+    """Hop-by-hop, the headers the sidecar writes or answers, and ``strip`` plus the identity
+    headers less ``keep``: an upstream may be passed a stripped header, never a hop-by-hop one."""
+    kept = frozenset(h.lower() for h in keep)
+    removable = (frozenset(h.lower() for h in strip) | IDENTITY_HEADERS) - kept
+    return DropSet(HOP_BY_HOP | SIDECAR_WRITTEN | ANSWERED_HERE | removable, IDENTITY_PREFIXES, kept)
+
+
+def inbound_drop_set(pass_headers: Iterable[str] = ()) -> DropSet:
+    """A caller's Authorization never reaches the agent, verified or not: the agent gets a task id instead."""
+    return request_drop_set({"authorization"}, pass_headers)
 
 
 DEFAULT_DROP = request_drop_set()
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 
-def clean_request_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] = DEFAULT_DROP) -> CIMultiDict[str]:
-    """A copy without the ``drop`` set and any header named in ``Connection``."""
+def clean_request_headers(headers: CIMultiDictProxy[str], drop: DropSet = DEFAULT_DROP) -> CIMultiDict[str]:
+    """A copy without the ``drop`` set and any header named in ``Connection``: the headers that are
+    forwarded, and the only ones policy sees (what is matched is what is forwarded)."""
+    names, prefixes, keep = drop.names, drop.prefixes, drop.keep
     connection = headers.get("Connection")
     if connection is not None and connection.lower() not in ("keep-alive", "close"):
         listed = connection_listed(headers) - {"keep-alive", "close"}
         if listed:
-            drop = drop | listed
-    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
+            names = names | listed
+    return CIMultiDict([(k, v) for k, v in headers.items()
+                        if (n := k.lower()) not in names and not (n.startswith(prefixes) and n not in keep)])
 
 
 def clean_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -165,6 +202,15 @@ def echo_method(method: str, allowed: bool) -> bool:
         raise RequestRefused("method_not_allowed", f"request: {method.upper()} is refused: its answer echoes the "
                                                    "request with the credentials it carries (allow_trace opts in)")
     return True
+
+
+def is_form_type(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+
+
+def is_form(request: web.BaseRequest) -> bool:
+    """A form body follows: its fields are read like query parameters (method overrides, tokens)."""
+    return is_form_type(request.headers.get("Content-Type", "")) and has_body(request)
 
 
 def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:

@@ -3,12 +3,17 @@
 Outbound (the agent calling out)::
 
     limits -> trust boundary -> route (upstream, canonical path) -> task -> revocation
-           -> MCP body -> policy -> credential -> strip + attach -> forward -> record
+           -> MCP or form body -> strip (the forwarded headers) -> overrides -> policy -> credential
+           -> attach -> forward -> record
 
 Inbound (callers of the agent)::
 
-    limits -> peer (mTLS, verified at the handshake) -> bearer token -> revocation -> policy
-           -> open task -> strip the human's token -> forward to the agent -> record
+    limits -> peer (mTLS, verified at the handshake) -> bearer token -> revocation -> form body
+           -> strip (the human's token, identity headers) -> overrides -> policy -> open task
+           -> forward to the agent -> record
+
+Policy decides on the headers that will be forwarded (computed once, shared with the forwarder),
+and on every other reading of the request a passed method or URL override gives it.
 
 Every exit, refused or not, passes through ``record`` exactly once: one trust-decision
 event, the metrics. Stages raise :class:`~sidecar.errors.Refusal`; nothing else is caught
@@ -21,18 +26,21 @@ import asyncio
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Mapping
 
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest
 from sidecar.errors import PolicyRefused, Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.forward import (
-    VIA, clean_request_headers, declared_length, echo_method, has_body, is_websocket, open_upstream, proxy_websocket,
+    VIA, clean_request_headers, declared_length, echo_method, has_body, is_form, is_websocket, open_upstream,
+    proxy_websocket,
     read_body, stream_body,
 )
 from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import parse_mcp_request
-from sidecar.policy.paths import canonical_path, check_header_names, normalize_host
+from sidecar.policy.paths import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
+from sidecar.policy.readings import screen
 from sidecar.server import error_response
 from sidecar.tasks import TASK_HEADER, Task
 from sidecar.runtime import mark_cut
@@ -145,14 +153,20 @@ class Outbound:
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
         body = await self._mcp(request, ex, up.timeouts.idle) if up.protocol == "mcp" else None
-        ex.facts = self._facts(request, ex, route, body)
-        decision = rt.decide(ex.facts)
+        form = is_form(request)
+        if form and body is None:
+            body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
+        forwarded = clean_request_headers(request.headers, rt.drop_sets[up.name])
+        reading = screen(forwarded, route.query, body if form else None, up.pass_headers, up.paths, up.base_path)
+        ex.override = reading.event()
+        ex.facts = self._facts(request, ex, route, body, forwarded)
+        decision = rt.decide(ex.facts, *reading.alternatives(ex.facts))
         if apply_decision(ex, decision):  # the approver sees the digest of the very body that is then sent
             if body is None and has_body(request):
                 body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
             await rt.approvals.hold(ex, body)
         credential = await self._credential(ex, decision, up.credential, task) if not echo else None
-        out = self._outbound_request(request, route, traceparent)
+        out = self._outbound_request(request, route, traceparent, forwarded)
         if credential is not None:
             provider = rt.providers[credential.provider]
             if provider.needs_body and body is None:
@@ -186,9 +200,11 @@ class Outbound:
         ex.mcp_method, ex.mcp_tool, ex.mcp_arguments = call.method, call.tool, call.arguments
         return body
 
-    def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None) -> Facts:
+    def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None,
+               forwarded: CIMultiDict[str]) -> Facts:
+        """What policy decides on: the headers are the ones that will be forwarded, nothing else."""
         rt = self.rt
-        headers = LazyHeaders(request.headers)
+        headers = LazyHeaders(forwarded)
         size = body_size(request, body)
         return Facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
                      host=route.upstream.host, path=route.path, query=route.query, headers=headers, size=size,
@@ -216,9 +232,10 @@ class Outbound:
             ex.delegation = credential.delegation
         return credential
 
-    def _outbound_request(self, request: web.BaseRequest, route: Route, traceparent: str) -> OutboundRequest:
+    def _outbound_request(self, request: web.BaseRequest, route: Route, traceparent: str,
+                          forwarded: CIMultiDict[str]) -> OutboundRequest:
         up = route.upstream
-        headers = clean_request_headers(request.headers, self.rt.drop_sets[up.name])
+        headers = forwarded.copy()  # policy's view stays as it decided; the sidecar's own headers go here
         headers["Host"] = up.host_header
         headers["Via"] = VIA
         headers["traceparent"] = traceparent
@@ -279,21 +296,25 @@ class Inbound:
             ex.actor_type = "workload"
         rt.revocations.check_agent(rt.agent.id)
         rt.revocations.check_subject(ex.principal)
+        body = await read_body(request, inbound.limits, inbound.timeouts.idle) if is_form(request) else None
+        forwarded = clean_request_headers(request.headers, rt.inbound_drop)
+        reading = screen(forwarded, query, body, inbound.pass_headers, DEFAULT_OPTIONS, rt.sessions.agent_base_path)
+        ex.override = reading.event()
         ex.facts = facts = Facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
-            query=query, headers=LazyHeaders(request.headers), size=body_size(request, None), upstream=None,
+            query=query, headers=LazyHeaders(forwarded), size=body_size(request, body), upstream=None,
             agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
             caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation)
-        decision = rt.decide(facts)
+        decision = rt.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
-        headers = rt.agent_headers(request, peer, traceparent)
+        headers = rt.agent_headers(forwarded, request, peer, traceparent)
         if token is not None and token.actor_type == "human":
             task = rt.open_task_for(token, request)
             ex.task_id, ex.task_trigger = task.id, task.trigger
             headers[TASK_HEADER] = task.id
         declared_length(request, inbound.limits)
-        data = stream_body(request, inbound.limits) if has_body(request) else None
+        data = body if body is not None else stream_body(request, inbound.limits) if has_body(request) else None
         pool = rt.sessions.agent()
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")

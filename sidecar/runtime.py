@@ -31,7 +31,7 @@ from sidecar.errors import CredentialUnavailable, IdentityRefused, UpstreamFaile
 from sidecar.exchange import AgentInfo, Exchange
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.forward import (
-    VIA, ClientGone, HeaderFilter, UpstreamReset, clean_request_headers, client_ssl_context, relay, request_drop_set,
+    VIA, ClientGone, HeaderFilter, UpstreamReset, client_ssl_context, inbound_drop_set, relay, request_drop_set,
     websocket_session,
 )
 from sidecar.observe.decision_log import emit_event
@@ -43,8 +43,6 @@ from sidecar.tasks import Task, TaskRegistry
 from sidecar.upstream import ConnectionPool, UpstreamResponse
 
 log = structlog.get_logger("sidecar.runtime")
-# A caller's Authorization never reaches the agent, verified or not: the agent gets a task id instead.
-INBOUND_DROP = request_drop_set({"authorization"})
 
 
 def mark_cut(ex: Exchange) -> None:
@@ -167,16 +165,18 @@ class Runtime:
 
     def __post_init__(self) -> None:
         out = self.config.outbound
-        self.drop_sets = {name: request_drop_set(out.strip_headers - up.pass_headers)
+        self.drop_sets = {name: request_drop_set(out.strip_headers, up.pass_headers)
                           for name, up in out.upstreams.items()}
         self.upstream_credentials = frozenset((up.credential, name) for name, up in out.upstreams.items()
                                               if up.credential)
+        inbound = self.config.inbound
+        self.inbound_drop = inbound_drop_set(inbound.pass_headers if inbound else ())
         self.tasks.on_end(self._task_ended)
         self.revocations.on_apply(self._enforce_revocation)
 
     # -- stages ---------------------------------------------------------------------------
-    def decide(self, facts: Facts) -> Decision:
-        return self.policy.decide(facts)
+    def decide(self, facts: Facts, *others: Facts) -> Decision:
+        return self.policy.decide(facts, *others)
 
     def check_credential_for(self, credential: str, upstream: str) -> None:
         """A credential goes only to an upstream it is configured for: the upstream's own
@@ -213,10 +213,12 @@ class Runtime:
         check_certificate_binding(verified.claims, peer.cert_sha256)
         return verified
 
-    def agent_headers(self, request: web.BaseRequest, peer: Any, traceparent: str) -> CIMultiDict[str]:
+    def agent_headers(self, forwarded: CIMultiDict[str], request: web.BaseRequest, peer: Any,
+                      traceparent: str) -> CIMultiDict[str]:
+        """The caller's forwarded headers (a copy: policy decided on them) plus the ones the sidecar writes."""
         from sidecar.identity.x509 import xfcc_value
 
-        headers = clean_request_headers(request.headers, INBOUND_DROP)
+        headers = forwarded.copy()
         headers["X-Forwarded-Client-Cert"] = xfcc_value(self.agent.id, peer)
         headers["X-Forwarded-For"] = request.remote or ""
         headers["X-Forwarded-Proto"] = "https"

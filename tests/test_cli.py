@@ -48,6 +48,9 @@ def free_port() -> int:
     (["--url", "/example-api/x", "--header", "X_Forwarded_User=admin"], 3, "reason: bad_request"),
     # usage error
     (["--url", "/example-api/x", "--header", "no-equals-sign"], 2, "--header must be K=V"),
+    # a method override and an access_token parameter are refused, as on the listener (issue 11 items 9, 12)
+    (["--url", "/example-api/v1/items", "--header", "X-HTTP-Method-Override=DELETE"], 3, "reason: request_override"),
+    (["--url", "/example-api/v1/items?access_token=t"], 3, "reason: credential_parameter"),
 ])
 def test_explain_prints_the_decision_and_exits_by_it(args, code, expect):
     """explain resolves, normalizes and decides exactly like the pipeline, and its exit code says the outcome."""

@@ -199,3 +199,22 @@ def test_the_config_json_schema_is_in_sync_with_the_loader(tmp_path, monkeypatch
         errors = [e.message for e in validator.iter_errors(yaml.safe_load(example.read_text()))]
         assert not errors, (example.name, errors)
     assert list(validator.iter_errors({"outbound": {"upstreams": {"u": {"url": "https://u", "colour": "x"}}}}))
+
+
+@pytest.mark.parametrize("pattern, subject, matched", [
+    ("*@example.com", "bob@example.com", True),                    # the documented example
+    ("*@example.com", "mallory@evil.test@example.com", False),     # * never crosses an @
+    ("*@example.com", "@example.com", False),                      # * is one or more characters
+    ("*@example.com", "bob@example.com.evil.test", False),         # the whole subject must match
+    ("admin-*@example.com", "admin-bob@example.com", True),        # * inside a part
+    ("bob@example.com", "bob@example.com", True),                  # no *: exact
+    ("bob@example.com", "bob@example.comx", False),
+    ("b?b@example.com", "bob@example.com", False),                 # ? and [] are literal, not globs
+])
+def test_approver_subjects_match_exactly_or_within_at_signs(pattern, subject, matched):
+    """admin.approvers subjects are exact, or patterns whose * cannot cross '@' (issue 11 item 12)."""
+    from sidecar.config_model import Approver
+
+    approver = Approver("https://login.example.com", pattern)
+    assert approver.matches("https://login.example.com", subject) is matched
+    assert approver.matches("https://other.example.com", subject) is False

@@ -132,12 +132,14 @@ class PolicySet:
         self._decisions: dict[_Outcome, Decision] = {}  # bounded: at most three outcomes per rule, plus default
         self._needs_clock = any(r.conditional for r in self.rules)  # only conditions and hours read the time
 
-    def decide(self, facts: Facts) -> Decision:
+    def decide(self, facts: Facts, *others: Facts) -> Decision:
+        """The decision on ``facts``; ``others`` are other readings of the same request (a passed
+        method override): every reading must be allowed, and the strictest outcome decides."""
         now = self._now(facts) if self._needs_clock else _NO_CLOCK
-        enforced = self._evaluate(self._enforced, facts, now, limits=True) or self._default
+        enforced = self._enforce(self._enforced, (facts, *others), now, self._default) or self._default
         if self.mode == "audit":
             return Decision("allow", "allowed", "default", None, None, None, enforced.audit(), None, self.version)
-        shadow = self._evaluate(self._shadow, facts, now, limits=True) if self._shadow is not None else None
+        shadow = self._enforce(self._shadow, (facts,), now, None) if self._shadow is not None else None
         return self._decision(enforced, shadow.audit() if shadow else None)
 
     def mcp_tool_allowed(self, facts: Facts, tool: str) -> bool:
@@ -145,7 +147,7 @@ class PolicySet:
         if self.mode == "audit":
             return True
         call = replace(facts, mcp_method="tools/call", mcp_tool=tool)
-        outcome = self._evaluate(self._enforced, call, self._now(call), limits=False) or self._default
+        outcome = self._evaluate(self._enforced, call, self._now(call)) or self._default
         return outcome.effect in ("allow", "require_approval")
 
     def rules_for(self, direction: str, upstream: str | None, method: str, *, shadow: bool = False) -> tuple[Rule, ...]:
@@ -157,7 +159,8 @@ class PolicySet:
         now = facts.now or self._clock()
         return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
 
-    def _evaluate(self, index: Index, facts: Facts, now: datetime, *, limits: bool) -> _Outcome | None:
+    def _match(self, index: Index, facts: Facts, now: datetime) -> tuple[_Outcome | None, list[Rule]]:
+        """A deny, condition error or approval that decides, else None; and the matching allow rules."""
         approval: Rule | None = None
         allows: list[Rule] = []
         for rule in _bucket(index, facts.direction, facts.upstream, facts.method):
@@ -170,27 +173,55 @@ class PolicySet:
                         if not rule.holds(facts, now):
                             continue
                     except ConditionFailed as exc:
-                        return _Outcome("deny", "condition_error", rule, str(exc))
+                        return _Outcome("deny", "condition_error", rule, str(exc)), allows
                 if rule.effect == "deny":
-                    return _Outcome("deny", "rule_denied", rule)
+                    return _Outcome("deny", "rule_denied", rule), allows
                 if rule.effect == "allow":
                     allows.append(rule)
                 elif approval is None:
                     approval = rule
         if approval is not None:
-            return _Outcome("require_approval", "approval_required", approval)
-        if not allows:
-            return None
-        return self._charge(allows, facts) if limits else _Outcome("allow", "allowed", allows[0])
+            return _Outcome("require_approval", "approval_required", approval), allows
+        return None, allows
 
-    def _charge(self, allows: list[Rule], facts: Facts) -> _Outcome:
-        limited = {_limit_key(r, facts): r for r in allows if r.rate_limit is not None}
-        if limited:
-            hit = self._limiter.take(Limit(k, r.rate_limit.requests, r.rate_limit.per)  # type: ignore[union-attr]
-                                     for k, r in limited.items())
-            if hit is not None:
-                return _Outcome("deny", "rate_limited", limited[hit[0].key], retry_after=hit[1])
-        return _Outcome("allow", "allowed", allows[0])
+    def _evaluate(self, index: Index, facts: Facts, now: datetime) -> _Outcome | None:
+        """The outcome of the rules alone, rate limits not charged; None when no rule matched."""
+        outcome, allows = self._match(index, facts, now)
+        if outcome is None and allows:
+            return _Outcome("allow", "allowed", allows[0])
+        return outcome
+
+    def _enforce(self, index: Index, readings: tuple[Facts, ...], now: datetime,
+                 default: _Outcome | None) -> _Outcome | None:
+        """Deny if any reading is denied, else hold if any needs approval, else charge the rate limits
+        of every allowing rule once; the first reading's allow supplies credential and scopes.
+        A reading no rule matches takes ``default`` (None: the whole outcome is None)."""
+        held: _Outcome | None = None
+        allowed: _Outcome | None = None
+        limited: dict[tuple[str, str, str], Rule] = {}
+        for facts in readings:
+            outcome, allows = self._match(index, facts, now)
+            if outcome is None:
+                outcome = _Outcome("allow", "allowed", allows[0]) if allows else default
+                if outcome is None:
+                    return None
+                limited.update((_limit_key(r, facts), r) for r in allows if r.rate_limit is not None)
+            if outcome.effect == "deny":
+                return outcome
+            if outcome.effect == "require_approval":
+                held = held or outcome
+            allowed = allowed or outcome
+        return held or self._charge(limited) or allowed
+
+    def _charge(self, limited: dict[tuple[str, str, str], Rule]) -> _Outcome | None:
+        """Take one token from each rate-limit bucket; the outcome of the first exhausted one, if any."""
+        if not limited:
+            return None
+        hit = self._limiter.take(Limit(k, r.rate_limit.requests, r.rate_limit.per)  # type: ignore[union-attr]
+                                 for k, r in limited.items())
+        if hit is None:
+            return None
+        return _Outcome("deny", "rate_limited", limited[hit[0].key], retry_after=hit[1])
 
     def _decision(self, outcome: _Outcome, audit: Mapping[str, str] | None) -> Decision:
         """Decisions without audit, detail or retry_after are built once per outcome and reused."""

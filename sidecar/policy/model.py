@@ -10,6 +10,11 @@ Glob patterns (``paths``, ``agents``, ``callers``, ``mcp``): ``*`` matches withi
 segment matches any number of segments, including none: ``/tasks/**`` matches ``/tasks``,
 ``/tasks/`` and ``/tasks/a/b``. Matching is case-sensitive. ``hosts`` are lowercased names,
 optionally ``*.example.com`` (any name below ``example.com``, not the name itself).
+
+Deny and require_approval rules match every equivalent spelling: their ``paths`` also match the
+path with its trailing slash toggled, ``//`` merged and a kept ``%2F`` decoded
+(:func:`~sidecar.policy.paths.equivalent_paths`), their ``headers`` every element of a
+comma-separated field (:func:`~sidecar.policy.paths.header_elements`). Allow rules stay strict.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sidecar.fields import Fields
 from sidecar.policy.cel import CelCompileError, Condition, compile_condition
 from sidecar.policy.mcp import is_lifecycle
+from sidecar.policy.paths import equivalent_paths, header_elements
 
 if TYPE_CHECKING:
     from sidecar.policy.engine import Facts
@@ -258,9 +264,19 @@ def _checks(f: Fields, direction: str | None, effect: str | None, upstream: str 
             f.error("callers", "applies only to inbound rules")
         checks.append(glob_check(callers, "caller_id"))
     if paths := _patterns(f, "paths", must_start="/"):
-        checks.append(glob_check(paths, "path"))
+        checks.append(glob_check(paths, "path") if effect == "allow" else _any_spelling(paths))
     checks.extend(c for c in (_headers(f, effect), _mcp(f, direction, effect, upstream, ctx)) if c is not None)
     return tuple(checks)
+
+
+def _any_spelling(patterns: tuple[str, ...]) -> Check:
+    """Deny and approval paths: the canonical path or any equivalent spelling of it matches."""
+    match = compile_globs(patterns)
+
+    def check(facts: Facts) -> bool:
+        return match(facts.path) or any(match(p) for p in equivalent_paths(facts.path))
+
+    return check
 
 
 def _hosts(f: Fields) -> Check | None:
@@ -278,7 +294,8 @@ def _hosts(f: Fields) -> Check | None:
 
 
 def _headers(f: Fields, effect: str | None) -> Check | None:
-    """Allow: every value of the header must be listed. Deny, require_approval: any value."""
+    """Allow: every value of the header must be listed, as sent. Deny, require_approval: any value,
+    or any element of a comma-separated list (``X-Region: US, EU`` is the two values US and EU)."""
     wanted: dict[str, frozenset[str]] = {}
     for name, values in f.mapping("headers").items():
         where = f"headers.{name}"
@@ -294,11 +311,14 @@ def _headers(f: Fields, effect: str | None) -> Check | None:
     items = tuple(wanted.items())
 
     def check(facts: Facts) -> bool:
-        for name, allowed in items:
+        for name, listed in items:
             values = facts.headers.get(name)
             if not values:
                 return False
-            if not allowed.issuperset(values) if every else allowed.isdisjoint(values):
+            if every:
+                if not listed.issuperset(values):
+                    return False
+            elif listed.isdisjoint(values) and listed.isdisjoint(header_elements(values)):
                 return False
         return True
 

@@ -184,6 +184,25 @@ def canonical_path(raw_path: str, opts: PathOptions = DEFAULT_OPTIONS) -> str:
     return _remove_dot_segments(decoded, opts.merge_slashes)
 
 
+_SLASHES = re.compile(r"//+")
+_QUOTED_PAIR = re.compile(r"\\(.)")  # RFC 9110 §5.6.4: a backslash quotes the next character
+
+
+def equivalent_paths(path: str) -> tuple[str, ...]:
+    """Other spellings of a canonical path that an upstream may serve as the same resource: with
+    the trailing slash toggled, ``//`` merged (where the upstream keeps them), a kept ``%2F``
+    decoded. Deny and approval rules match these too; allow rules match the path as it is."""
+    forms = [path]
+    if "%2F" in path:
+        forms.append(_SLASHES.sub("/", path.replace("%2F", "/")))
+    if "//" in path:
+        forms.append(_SLASHES.sub("/", path))
+    for form in tuple(forms):
+        if form != "/":
+            forms.append(form[:-1] if form.endswith("/") else form + "/")
+    return tuple(dict.fromkeys(f for f in forms if f != path))
+
+
 def check_query(raw_query: str) -> None:
     """Refuse a raw query with control characters, whitespace, '#' or non-ASCII characters."""
     if _QUERY_BAD.search(raw_query):
@@ -310,6 +329,38 @@ def format_authority(host: str, port: int, scheme: str) -> str:
 def authority_matches(host_header: str, uri_authority: str, scheme: str) -> bool:
     """Forward-proxy mode: do the Host header and the absolute URI's authority agree?"""
     return normalize_host(host_header, scheme) == normalize_host(uri_authority, scheme)
+
+
+# --- header values ---------------------------------------------------------------------
+
+def header_elements(values: Iterable[str]) -> set[str]:
+    """The elements of list-valued fields (RFC 9110 §5.6.1): split on commas outside quoted
+    strings, whitespace trimmed, empty elements dropped; a quoted element also unquoted. With the
+    values themselves and their combination (RFC 9110 §5.3: ``a`` and ``b`` are ``a, b``)."""
+    values = tuple(values)
+    out = set(values)
+    out.add(", ".join(values))
+    for value in values:
+        if "," in value or '"' in value:
+            out.update(_list_elements(value))
+    return out
+
+
+def _list_elements(value: str) -> set[str]:
+    elements, start, quoted, escaped = set(), 0, False, False
+    for i, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            elements.add(value[start:i].strip(" \t"))
+            start = i + 1
+    elements.add(value[start:].strip(" \t"))
+    elements.discard("")
+    return elements | {_QUOTED_PAIR.sub(r"\1", e[1:-1]) for e in elements if len(e) >= 2 and e[0] == e[-1] == '"'}
 
 
 # --- header names ----------------------------------------------------------------------

@@ -342,3 +342,55 @@ def test_the_open_task_cap_frees_a_slot_when_a_task_ends_or_expires():
     tasks.end(replacement.id)
     open_task(tasks)
     assert tasks.open_count == 3
+
+
+async def test_callers_cannot_assert_identity_to_the_agent(make_sidecar, agent, tmp_path):
+    """Identity headers a fronting proxy would set (X-Forwarded-User, X-Auth-Request-*, Remote-User...)
+    are removed from callers' requests too (issue 11 item 12)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    spoofed = {"X-Forwarded-User": "admin", "X-Forwarded-Email": "admin@example.com", "X-Remote-User": "admin",
+               "X-Remote-Group": "admins", "X-Auth-Request-User": "admin", "Remote-User": "admin"}
+    status, _ = await call(h, ctx, "/tasks/1", spoofed)
+    assert status == 200
+    assert [name for name in spoofed if agent.seen[-1].has_header(name)] == []
+
+
+DRY_RUN_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "dry-runs", "direction": "inbound", "callers": ["spiffe://sidecar.local/orchestrator"],
+     "paths": ["/tasks/**"], "headers": {"x-dry-run": ["true"]}, "effect": "allow"},
+    {"id": "dry-runs-cel", "direction": "inbound", "paths": ["/jobs/**"],
+     "when": {"expr": '"x-dry-run" in request.headers'}, "effect": "allow"},
+]}
+
+
+@pytest.mark.parametrize("path", ["/tasks/1", "/jobs/1"])
+async def test_inbound_header_conditions_see_only_forwarded_headers(make_sidecar, agent, tmp_path, path):
+    """A caller's header named in Connection never reaches the agent, so it satisfies neither a header
+    condition nor a CEL request.headers test (issue 11 item 10)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), DRY_RUN_POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    status, body = await call(h, ctx, path, {"X-Dry-Run": "true", "Connection": "keep-alive, X-Dry-Run"})
+    assert (status, body["error"]) == (403, "no_matching_rule")
+    assert agent.seen == []
+    assert [e["reason"] for e in await h.settle()] == ["no_matching_rule"]
+    assert (await call(h, ctx, path, {"X-Dry-Run": "true"}))[0] == 200
+
+
+@pytest.mark.parametrize("path, headers, reason", [
+    ("/tasks/1", {"X-HTTP-Method-Override": "DELETE"}, "request_override"),   # issue 11 item 9
+    ("/tasks/1", {"X-Original-URL": "/admin"}, "request_override"),           # issue 11 item 9
+    ("/tasks/1?_method=DELETE", {}, "request_override"),                      # issue 11 item 9
+    ("/tasks/1?access_token=human-token-canary", {}, "credential_parameter"),  # issue 11 item 12
+])
+async def test_callers_cannot_override_the_request_or_hand_the_agent_a_token(make_sidecar, agent, tmp_path, path,
+                                                                             headers, reason):
+    """Inbound, an override or an access_token parameter is refused with 400 before the agent sees
+    anything (issue 11 items 9 and 12)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    status, body = await call(h, ctx, path, headers)
+    assert (status, body["error"]) == (400, reason)
+    assert agent.seen == []
+    assert [e["reason"] for e in await h.settle()] == [reason]
+    assert b"canary" not in h.raw_log()

@@ -395,3 +395,164 @@ async def test_a_credential_never_reaches_an_upstream_it_is_not_configured_for(m
         assert allowed["decision"] == "allow" and SECRET not in h.raw_log().decode()
     finally:
         await other.stop()
+
+
+# -- what is matched is what is forwarded: overrides, headers, spellings, smuggled identity (issue 11) --
+
+OVERRIDE_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "write-invoices", "direction": "outbound", "upstream": "billing", "methods": ["GET", "POST"],
+     "paths": ["/v1/**"], "effect": "allow"},
+    {"id": "no-deletes", "direction": "outbound", "upstream": "billing", "methods": ["DELETE"], "effect": "deny"},
+    {"id": "no-admin", "direction": "outbound", "upstream": "billing", "paths": ["/v1/admin/**"], "effect": "deny"},
+]}
+
+
+async def post(h, target: str, **kwargs: object) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{h.outbound}{target}", **kwargs) as r:
+            return r.status, await r.json(content_type=None)
+
+
+def refused_once(events: list[dict], reason: str) -> dict:
+    """The one trust-decision event of a refused exchange."""
+    assert len(events) == 1 and events[0]["reason"] == reason and events[0]["outcome"] == "refused"
+    return events[0]
+
+
+@pytest.mark.parametrize("target, kwargs, named", [
+    # header overrides that Symfony, Laravel, Express method-override and Google APIs honour
+    ("/billing/v1/x", {"headers": {"X-HTTP-Method-Override": "DELETE"}}, "X-HTTP-Method-Override"),
+    ("/billing/v1/x", {"headers": {"X-HTTP-Method": "DELETE"}}, "X-HTTP-Method"),
+    ("/billing/v1/x", {"headers": {"X-Method-Override": "DELETE"}}, "X-Method-Override"),
+    # path overrides (IIS URL Rewrite, Symfony): the upstream serves another path than policy saw
+    ("/billing/v1/x", {"headers": {"X-Original-URL": "/api/v1/admin/users"}}, "X-Original-URL"),
+    ("/billing/v1/x", {"headers": {"X-Rewrite-URL": "/api/v1/admin/users"}}, "X-Rewrite-URL"),
+    # the _method parameter, in the query or in a form body, also percent-encoded
+    ("/billing/v1/x?_method=DELETE", {}, "_method query"),
+    ("/billing/v1/x?%5Fmethod=DELETE", {}, "_method query"),
+    ("/billing/v1/x", {"data": {"_method": "DELETE", "id": "7"}}, "_method form"),
+])
+async def test_method_and_url_overrides_are_refused_unless_passed(make_sidecar, upstream, target, kwargs, named):
+    """An override that turns an allowed POST into another request is refused with request_override,
+    naming the header or field, and nothing is forwarded (issue 11 item 9)."""
+    h = await make_sidecar(config_for(upstream), OVERRIDE_POLICY)
+    status, body = await post(h, target, **kwargs)
+    assert (status, body["error"]) == (400, "request_override")
+    assert named in body["message"] and "DELETE" not in body["message"]
+    assert upstream.seen == []
+    refused_once(await h.settle(), "request_override")
+
+
+@pytest.mark.parametrize("headers, target, status, reason, override", [
+    # the overriding method is denied: refused although POST alone is allowed
+    ({"X-HTTP-Method-Override": "delete"}, "/billing/v1/x", 403, "rule_denied", {"method": "DELETE", "path": None}),
+    # the overriding path is denied
+    ({"X-Original-URL": "/api/v1/admin/users"}, "/billing/v1/x", 403, "rule_denied",
+     {"method": None, "path": "/v1/admin/users"}),
+    # both readings allowed: forwarded with the header, the event names the override
+    ({"X-HTTP-Method-Override": "GET"}, "/billing/v1/x", 200, "allowed", {"method": "GET", "path": None}),
+    # two overrides that disagree are ambiguous: which one the upstream honours is unknown
+    ({"X-HTTP-Method-Override": "GET", "X-HTTP-Method": "DELETE"}, "/billing/v1/x", 400, "request_override", None),
+])
+async def test_a_passed_override_is_decided_as_both_requests(make_sidecar, upstream, headers, target, status,
+                                                             reason, override):
+    """With the override in pass_headers, policy must allow the request as sent and as overridden;
+    the event records both (issue 11 item 9)."""
+    passed = ["x-http-method-override", "x-http-method", "x-original-url"]
+    h = await make_sidecar(config_for(upstream, pass_headers=passed), OVERRIDE_POLICY)
+    got, body = await post(h, target, headers=headers)
+    event = (await h.settle())[-1]
+    assert (got, event["reason"]) == (status, reason)
+    assert event["target"]["method"] == "POST" and event["target"]["override"] == override
+    if status == 200:
+        assert [s.header("X-HTTP-Method-Override") for s in upstream.seen] == ["GET"]
+    else:
+        assert body["error"] == reason and upstream.seen == []
+
+
+DRY_RUN_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "delete-only-as-dry-run", "direction": "outbound", "upstream": "billing", "methods": ["DELETE"],
+     "headers": {"x-dry-run": ["true"]}, "effect": "allow"},
+    {"id": "delete-only-as-dry-run-cel", "direction": "outbound", "upstream": "billing", "methods": ["PUT"],
+     "when": {"expr": '"x-dry-run" in request.headers'}, "effect": "allow"},
+]}
+
+
+@pytest.mark.parametrize("method, rule", [("DELETE", "headers"), ("PUT", "expr")])
+async def test_header_conditions_see_only_headers_that_are_forwarded(make_sidecar, upstream, method, rule):
+    """A header named in Connection is not forwarded, so it cannot satisfy a header condition or a
+    CEL request.headers test (issue 11 item 10)."""
+    h = await make_sidecar(config_for(upstream), DRY_RUN_POLICY)
+    port = h.port("outbound")
+    head = (f"{method} /billing/v1/invoices/7 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Dry-Run: true\r\n"
+            "Connection: close, X-Dry-Run\r\n\r\n")
+    response = await raw_http(port, head.encode())
+    assert response.split(b" ")[1] == b"403" and b'"error":"no_matching_rule"' in response
+    assert upstream.seen == []
+    refused_once(await h.settle(), "no_matching_rule")
+    # the same request with the header forwarded is allowed, and the upstream receives it
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, f"{h.outbound}/billing/v1/invoices/7", headers={"X-Dry-Run": "true"}) as r:
+            assert r.status == 200
+    assert [s.header("X-Dry-Run") for s in upstream.seen] == ["true"]
+
+
+SPELLING_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "all", "direction": "outbound", "upstream": "billing", "effect": "allow"},
+    {"id": "no-eu", "direction": "outbound", "upstream": "billing", "headers": {"x-region": ["EU"]},
+     "effect": "deny"},
+    {"id": "no-admin", "direction": "outbound", "upstream": "billing", "paths": ["/v1/admin"], "effect": "deny"},
+]}
+
+
+@pytest.mark.parametrize("raw_target, headers", [
+    ("/billing/v1/x", "X-Region: US, EU\r\n"),        # one field, two values (RFC 9110 §5.3)
+    ("/billing/v1/x", 'X-Region: "EU"\r\n'),          # a quoted-string element
+    ("/billing/v1/x", "X-Region: US\r\nX-Region: ,EU\r\n"),  # repeated, with an empty element
+    ("/billing/v1/admin/", ""),                        # a trailing slash names the same resource
+    ("/billing/v1//admin/", ""),                       # merged slashes, then the trailing slash
+    ("/billing/v1/%61dmin/", ""),                      # an unreserved escape, then the trailing slash
+])
+async def test_deny_rules_match_every_equivalent_spelling(make_sidecar, upstream, raw_target, headers):
+    """A deny on x-region EU or on /v1/admin also matches the spellings an upstream reads the same way
+    (issue 11 item 11)."""
+    h = await make_sidecar(config_for(upstream), SPELLING_POLICY)
+    port = h.port("outbound")
+    response = await raw_http(port, f"GET {raw_target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}"
+                                    "Connection: close\r\n\r\n".encode())
+    assert response.split(b" ")[1] == b"403" and b'"error":"rule_denied"' in response
+    assert upstream.seen == []
+    assert refused_once(await h.settle(), "rule_denied")["rule_id"] in ("no-eu", "no-admin")
+
+
+@pytest.mark.parametrize("target, kwargs, where", [
+    ("/billing/v1/x?access_token=agent-own-token-canary", {}, "query"),       # RFC 6750 §2.3
+    ("/billing/v1/x?a=1&access%5Ftoken=agent-own-token-canary", {}, "query"),  # percent-encoded name
+    ("/billing/v1/x", {"data": {"access_token": "agent-own-token-canary"}}, "form"),  # RFC 6750 §2.2
+])
+async def test_an_access_token_parameter_is_refused(make_sidecar, upstream, target, kwargs, where):
+    """The agent's own bearer token in a query or form parameter is refused with credential_parameter,
+    and the token reaches neither the upstream, the response nor the log (issue 11 item 12)."""
+    h = await make_sidecar(config_for(upstream), OVERRIDE_POLICY)
+    status, body = await post(h, target, **kwargs)
+    assert (status, body["error"]) == (400, "credential_parameter")
+    assert f"access_token {where}" in body["message"] and "canary" not in json.dumps(body)
+    assert upstream.seen == []
+    refused_once(await h.settle(), "credential_parameter")
+    assert b"canary" not in h.raw_log()
+
+
+IDENTITY = {"X-Forwarded-User": "admin", "X-Forwarded-Email": "admin@example.com", "X-Forwarded-Groups": "admins",
+            "X-Forwarded-Preferred-Username": "admin", "X-Remote-User": "admin", "X-Remote-Group": "admins",
+            "X-Auth-Request-Email": "admin@example.com", "Remote-User": "admin"}
+
+
+async def test_identity_headers_never_reach_the_upstream_unless_passed(make_sidecar, upstream):
+    """Headers that upstreams trust from a fronting proxy to say who the user is are stripped; an
+    upstream's pass_headers lets one through (issue 11 item 12)."""
+    h = await make_sidecar(config_for(upstream, pass_headers=["x-auth-request-email"]), OVERRIDE_POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/x", headers=IDENTITY) as r:
+            assert r.status == 200
+    seen = upstream.seen[-1]
+    assert [name for name in IDENTITY if seen.has_header(name)] == ["X-Auth-Request-Email"]

@@ -130,6 +130,38 @@ async def test_a_held_request_proceeds_when_an_approver_approves(make_sidecar, u
     assert event["approval"]["approver"] == {"iss": ISSUER, "sub": "bob@example.com"}
 
 
+async def pending_approvals(h) -> list[dict]:
+    for _ in range(100):
+        _, body = await admin(h, "GET", "/approvals")
+        if body["approvals"]:
+            return body["approvals"]
+        await asyncio.sleep(0.05)
+    return []
+
+
+async def test_an_approver_pattern_does_not_cross_an_at_sign(make_sidecar, upstream, tmp_path):
+    """``*@example.com`` is not matched by ``mallory@evil.test@example.com``: her decision is refused and
+    the request stays held until a real approver decides (issue 11 item 12)."""
+    h = await make_sidecar(approval_config(upstream, tmp_path), APPROVAL_POLICY)
+    async with aiohttp.ClientSession() as s:
+        held = asyncio.ensure_future(s.post(f"{h.outbound}/billing/v1/refunds", data=b"{}"))
+        pending = await pending_approvals(h)
+        assert pending, "the request was not held"
+        decide = f"/approvals/{pending[0]['id']}"
+        status, body = await admin(h, "POST", decide, json={"approve": True},
+                                   headers={"X-Approver-Token": approver_token("mallory@evil.test@example.com")})
+        assert (status, body["error"]) == (403, "rule_denied")
+        assert [p["id"] for p in (await admin(h, "GET", "/approvals"))[1]["approvals"]] == [pending[0]["id"]]
+        status, _ = await admin(h, "POST", decide, json={"approve": False},
+                                headers={"X-Approver-Token": approver_token("bob@example.com")})
+        assert status == 200
+        response = await asyncio.wait_for(held, 10)
+        assert (response.status, (await response.json())["error"]) == (403, "approval_denied")
+    assert upstream.seen == []
+    event = (await h.settle())[-1]
+    assert event["approval"]["approver"] == {"iss": ISSUER, "sub": "bob@example.com"}
+
+
 async def test_a_held_request_times_out_with_approval_timeout(make_sidecar, upstream, tmp_path):
     """Nobody decides: the request is refused with approval_timeout and never forwarded."""
     h = await make_sidecar(approval_config(upstream, tmp_path, timeout="300ms"), APPROVAL_POLICY)

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.policy.engine import Decision, Facts, PolicySet, load_policy
 from sidecar.policy.ratelimit import RateLimiter
@@ -108,6 +110,44 @@ def test_headers(tmp_path: Path, effect: str, values: tuple[str, ...] | None, ma
     headers = {"x-region": values} if values else {}
     decision = decide(tmp_path, rules, headers=headers)
     assert (decision.rule_id == "r") is matched
+
+
+@pytest.mark.parametrize("effect, values, matched", [
+    ("deny", ("US, EU",), True),             # one field, two values (RFC 9110 §5.3)
+    ("deny", ("US,EU",), True),              # ... without whitespace
+    ("deny", ('"EU"',), True),               # a quoted-string element is its content
+    ("deny", ('"US, EU"',), False),          # a comma inside a quoted string does not split
+    ("deny", ("US", " , EU"), True),         # empty elements are dropped
+    ("deny", ("EURO",), False),              # elements are compared whole
+    ("require_approval", ("US, EU",), True),  # approval rules match like deny rules
+    ("allow", ("US, EU",), False),           # allow stays strict: the field as sent must be listed
+    ("allow", ("EU, EU",), False),           # ... even when each element is listed
+])
+def test_deny_header_values_match_every_list_element(tmp_path: Path, effect: str, values: tuple[str, ...],
+                                                     matched: bool) -> None:
+    """Deny and approval header conditions split list fields on commas outside quoted strings; allow
+    conditions do not (issue 11 item 11)."""
+    rules = [rule("r", effect=effect, headers={"X-Region": ["EU"]}), rule("fallback")]
+    decision = decide(tmp_path, rules, headers={"x-region": values})
+    assert (decision.rule_id == "r") is matched
+
+
+@pytest.mark.parametrize("effect, pattern, path, matched", [
+    ("deny", "/v1/admin", "/v1/admin/", True),                 # a trailing slash is the same resource
+    ("deny", "/v1/admin/", "/v1/admin", True),                 # ... either way round
+    ("deny", "/v1/admin/*", "/v1/admin/users/", True),         # ... under a wildcard too
+    ("deny", "/v1/admin", "/v1//admin", True),                 # kept // (merge_slashes: false) merged
+    ("deny", "/v1/admin/users", "/v1/admin%2Fusers", True),    # kept %2F (allow_encoded_slash) decoded
+    ("deny", "/v1/admin", "/v1/administrator", False),         # not a prefix match
+    ("require_approval", "/v1/admin", "/v1/admin/", True),     # approval rules match like deny rules
+    ("allow", "/v1/admin", "/v1/admin/", False),               # allow stays exact
+])
+def test_deny_paths_match_every_equivalent_spelling(tmp_path: Path, effect: str, pattern: str, path: str,
+                                                    matched: bool) -> None:
+    """Deny and approval path patterns match equivalent spellings of the canonical path; allow
+    patterns match it as it is (issue 11 item 11)."""
+    rules = [rule("r", effect=effect, paths=[pattern]), rule("fallback")]
+    assert (decide(tmp_path, rules, path=path).rule_id == "r") is matched
 
 
 @pytest.mark.parametrize("pattern, agent_id, matched", [
@@ -537,6 +577,41 @@ def test_full_buckets_are_forgotten(tmp_path: Path) -> None:
     assert len(limiter) == 0
 
 
+# -- other readings of one request (a passed method override) ---------------------------------
+
+
+@pytest.mark.parametrize("rules, reason, rule_id", [
+    # the overriding method is denied: the request is refused
+    ([rule("posts", methods=["POST"]), rule("no-deletes", effect="deny", methods=["DELETE"])],
+     "rule_denied", "no-deletes"),
+    # the overriding method matches no rule: default deny
+    ([rule("posts", methods=["POST"])], "no_matching_rule", "default"),
+    # the overriding method needs approval: held
+    ([rule("posts", methods=["POST"]), rule("deletes", effect="require_approval", methods=["DELETE"])],
+     "approval_required", "deletes"),
+    # both allowed: the request line's rule supplies credential and scopes
+    ([rule("posts", methods=["POST"], upstream="billing-api", credential="billing-oauth"), rule("deletes", methods=["DELETE"])],
+     "allowed", "posts"),
+])
+def test_every_reading_of_a_request_must_be_allowed(tmp_path: Path, rules: list[dict[str, Any]], reason: str,
+                                                    rule_id: str) -> None:
+    """A request that an upstream may read as another method is decided on both; the strictest
+    outcome wins (issue 11 item 9)."""
+    request = facts(method="POST")
+    decision = load(tmp_path, rules).decide(request, facts(method="DELETE"))
+    assert (decision.reason, decision.rule_id) == (reason, rule_id)
+
+
+def test_every_reading_is_charged_its_rate_limit(tmp_path: Path) -> None:
+    """The overriding method's rate limit is charged too: an override cannot evade it (issue 11 item 9)."""
+    rules = [rule("posts", methods=["POST"]), rule("deletes", methods=["DELETE"],
+                                                    rate_limit={"requests": 1, "per": "1m"})]
+    policy = load(tmp_path, rules, limiter=RateLimiter(FakeClock()))
+    assert policy.decide(facts(method="POST"), facts(method="DELETE")).reason == "allowed"
+    refused = policy.decide(facts(method="POST"), facts(method="DELETE"))
+    assert (refused.reason, refused.rule_id) == ("rate_limited", "deletes")
+
+
 # -- version -----------------------------------------------------------------------------------
 
 
@@ -560,3 +635,57 @@ def test_example_policy(tmp_path: Path) -> None:
     decision = policy.decide(request)
     assert (decision.rule_id, decision.credential, decision.scopes) == (
         "billing-update-invoices", "billing-oauth", ("invoices.write",))
+
+
+# -- equivalent spellings, as properties (issue 11 item 11) ------------------------------------
+
+DENIED_PATH = ("v1", "admin", "users")
+
+
+def _escaped(char: str, upper: bool) -> str:
+    return f"%{ord(char):02X}" if upper else f"%{ord(char):02x}"
+
+
+@st.composite
+def spellings_of_denied_path(draw: st.DrawFn) -> str:
+    """/v1/admin/users as a client may spell it: escapes in either case, //, ./ and x/../, a trailing /."""
+    out = ""
+    for segment in DENIED_PATH:
+        out += draw(st.sampled_from(["/", "//", "/./", "/x/../"]))
+        out += "".join(_escaped(c, draw(st.booleans())) if draw(st.booleans()) else c for c in segment)
+    return out + draw(st.sampled_from(["", "/", "//", "/."]))
+
+
+def test_every_spelling_of_a_denied_path_is_denied(tmp_path: Path) -> None:
+    """Whatever spelling reaches the canonicalizer, a deny on /v1/admin/users refuses it."""
+    from sidecar.policy.paths import canonical_path
+
+    policy = load(tmp_path, [rule("all"), rule("no-users", effect="deny", paths=["/" + "/".join(DENIED_PATH)])])
+
+    @settings(max_examples=300, database=None, deadline=None)
+    @given(spellings_of_denied_path())
+    def check(raw: str) -> None:
+        assert policy.decide(facts(path=canonical_path(raw))).rule_id == "no-users", raw
+
+    check()
+
+
+TOKEN = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ-0123456789", min_size=1, max_size=6)
+
+
+def test_a_denied_value_is_found_in_any_list(tmp_path: Path) -> None:
+    """However a denied value is placed among others (one field or many, any whitespace, empty
+    elements), a deny on it matches, before an allow rule that lists it."""
+    policy = load(tmp_path, [rule("no-eu", effect="deny", headers={"x-region": ["EU"]}),
+                             rule("only-eu", headers={"x-region": ["EU"]})])
+
+    @settings(max_examples=300, database=None, deadline=None)
+    @given(st.lists(TOKEN, max_size=4), st.lists(TOKEN, max_size=4), st.sampled_from([",", ", ", " ,", ",,", ", ,"]),
+           st.booleans())
+    def check(before: list[str], after: list[str], comma: str, split: bool) -> None:
+        elements = [*before, "EU", *after]
+        fields = tuple(elements) if split else (comma.join(elements),)
+        decision = policy.decide(facts(headers={"x-region": fields}))
+        assert decision.rule_id == "no-eu", fields
+
+    check()
