@@ -10,6 +10,7 @@ The same code appears in the response body, the trust-decision event and the met
       TaskRefused                 unknown, ended or revoked tasks
       CredentialUnavailable       no valid credential could be had for the upstream
       UpstreamFailed              the upstream could not be reached or did not answer
+    RecordedFailure               a defect inside an exchange, already recorded as internal_error
     ConfigError                   one problem in a config or policy file, with its path
 
 Messages are lowercase, prefixed by the component and say what was expected. They never
@@ -131,6 +132,14 @@ class UpstreamFailed(Refusal):
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedFailure(Exception):
+    """A defect inside an exchange that was already recorded (``internal_error``, one event).
+
+    The server answers it with a 500 refusal, or ends the connection when the response had begun,
+    and writes no second event for it.
+    """
+
+
 class ConfigError:
     """One problem in a config or policy file: where it is, and what was expected."""
 

@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest
-from sidecar.errors import PolicyRefused, Refusal, RequestRefused
+from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.forward import (
     VIA, clean_request_headers, declared_length, echo_method, has_body, is_form, is_websocket, open_upstream,
@@ -101,11 +101,23 @@ async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[
     except asyncio.CancelledError:
         mark_cut(ex)
         raise
+    except Exception as exc:  # a defect, not a decision: fail closed, one event, never a traceback
+        mark_failed(ex, exc)
+        raise RecordedFailure() from exc
     finally:
         rt.exchanges.untrack(ex)
         if on_end is not None:
             on_end(ex)
         rt.record(ex)
+
+
+def mark_failed(ex: Exchange, exc: Exception) -> None:
+    """An exchange ended by a defect: refused as internal_error, or cut if its response had begun."""
+    detail = f"internal error ({type(exc).__name__})"
+    if ex.status is not None and ex.outcome != "refused":
+        ex.outcome, ex.reason_detail = "cut", detail
+        return
+    ex.refuse(Refusal("internal_error", "sidecar: internal error", detail=detail))
 
 
 def apply_decision(ex: Exchange, decision: Decision) -> bool:

@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.config import Limits
-from sidecar.errors import PROXY_STATUS_ERROR, Refusal, RequestRefused
+from sidecar.errors import PROXY_STATUS_ERROR, RecordedFailure, Refusal, RequestRefused
 
 log = structlog.get_logger("sidecar.server")
 
@@ -73,7 +73,7 @@ class SafeRequestHandler(RequestHandler):
                     error_type=type(exc).__name__ if exc else None)
         manager = self._manager
         hook = getattr(manager, "on_parse_error", None)
-        if hook is not None:
+        if hook is not None and not isinstance(exc, RecordedFailure):  # recorded once, by its exchange
             hook(request, refusal)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")

@@ -94,6 +94,27 @@ async def test_refusals_carry_reason_status_and_forward_nothing(make_sidecar, up
     assert event["reason"] == reason and event["decision"] == "deny" and event["status"] == status
 
 
+async def test_a_defect_inside_an_exchange_is_one_internal_error_event_and_a_json_500(make_sidecar, upstream):
+    """A stage that raises something other than a refusal fails closed: a JSON 500 without a traceback,
+    nothing forwarded, exactly one event (it was two: the exchange's and the server's error hook)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+
+    def broken(*facts: object) -> None:
+        raise RuntimeError("boom: a defect with a detail the agent must not read")
+
+    h.sidecar.runtime.decide = broken  # type: ignore[method-assign]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/invoices") as r:
+            status, body = r.status, await r.text()
+    assert (status, json.loads(body)["error"]) == (500, "internal_error")
+    assert "boom" not in body and "Traceback" not in body
+    assert upstream.seen == []
+    events = await h.settle()
+    assert [(e["reason"], e["outcome"], e["status"]) for e in events] == [("internal_error", "refused", 500)]
+    assert events[0]["reason_detail"] == "internal error (RuntimeError)"
+    assert b"boom" not in h.raw_log()
+
+
 async def test_hop_by_hop_and_connection_listed_headers_never_reach_the_upstream(make_sidecar, upstream):
     """Hop-by-hop headers, and any header named in Connection, are removed (RFC 9110 7.6.1)."""
     h = await make_sidecar(config_for(upstream), POLICY)
