@@ -131,7 +131,6 @@ class UpstreamFailed(Refusal):
     """The upstream could not be reached, reset the connection or timed out."""
 
 
-@dataclass(frozen=True, slots=True)
 class RecordedFailure(Exception):
     """A defect inside an exchange that was already recorded (``internal_error``, one event).
 
@@ -140,6 +139,7 @@ class RecordedFailure(Exception):
     """
 
 
+@dataclass(frozen=True, slots=True)
 class ConfigError:
     """One problem in a config or policy file: where it is, and what was expected."""
 
