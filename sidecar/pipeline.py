@@ -29,7 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest
+from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.forward import (
@@ -181,7 +181,7 @@ class Outbound:
         out = self._outbound_request(request, route, traceparent, forwarded)
         if credential is not None:
             provider = rt.providers[credential.provider]
-            if provider.needs_body and body is None:
+            if body is None and body_needed(provider, request.headers):
                 body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
             out.body = body
             provider.apply(out, credential)

@@ -5,7 +5,7 @@
         type: aws_sigv4
         region: eu-west-1
         service: s3
-        unsigned_payload: false     # s3 services only: sign UNSIGNED-PAYLOAD, not the body's SHA-256
+        unsigned_payload: false     # s3 services only: sign UNSIGNED-PAYLOAD, not a whole body's SHA-256
         source: {type: web_identity, role_arn: ..., sts_url: ..., ca: ..., session_name: ...,
                  duration: 1h, token_file: ..., audience: sts.amazonaws.com}
         # or: {type: static, access_key_id: {ref}, secret_access_key: {ref}, session_token: {ref}}
@@ -24,12 +24,15 @@ Sources:
 Signing (``apply``, called after every other header rewrite): the agent's ``Authorization``,
 ``X-Amz-Date``, ``X-Amz-Security-Token`` and ``X-Amz-Content-Sha256`` are dropped, a query
 carrying a presigned URL's own ``X-Amz-Signature``/``-Credential``/``-Security-Token`` is
-refused. Signed: ``host``, ``content-type``, ``content-md5`` and every ``x-amz-*`` header
-(the agent's ``X-Amz-Target``, ``x-amz-meta-*``, ``x-amz-acl``... are operation parameters:
-kept, and signed, as S3 requires of every ``x-amz-*`` header sent). Not signed: what a proxy
-or HTTP library may rewrite on the way without changing the operation (``content-length``,
-which the pipeline writes after signing, ``via``, ``traceparent``, ``user-agent``,
-``accept-encoding``): fewer signed headers, fewer spurious ``SignatureDoesNotMatch``.
+refused. Signed: ``host``, ``content-type``, ``content-md5``, ``content-encoding`` and every
+``x-amz-*`` header (the agent's ``X-Amz-Target``, ``x-amz-meta-*``, ``x-amz-acl``... are operation
+parameters: kept, and signed, as S3 requires of every ``x-amz-*`` header sent); the payload is
+signed in the body mode the agent declared, or refused when it cannot be signed as sent
+(``sidecar.credentials.aws_request``).
+Not signed: what a proxy or HTTP library may rewrite on the way without changing the operation
+(``content-length``, which the pipeline writes after signing, ``via``, ``traceparent``,
+``user-agent``, ``accept-encoding``): fewer signed headers, fewer spurious ``SignatureDoesNotMatch``.
+A streaming upload is signed without reading its body (``needs_body_for``).
 
 STS answers are parsed with ElementTree after refusing any ``<!`` (DOCTYPE, ENTITY, comment):
 no STS answer has one. STS error codes reach ``CredentialUnavailable.detail`` as
@@ -45,18 +48,20 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar, Hashable
-from urllib.parse import unquote, urlencode, urlsplit
+from typing import ClassVar, Hashable, Mapping
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
+from sidecar.credentials.aws_request import (
+    AGENT_SIGNATURE, declares_streaming, is_signed, refuse_presigned, streaming_payload,
+)
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
 from sidecar.credentials.sigv4 import (
     EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign,
 )
-from sidecar.errors import CredentialUnavailable, RequestRefused
+from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Fields, Secret
 from sidecar.forward import client_ssl_context
 
@@ -74,10 +79,6 @@ _ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re
 _SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
 _NOT_SESSION_CHARS = re.compile(r"[^\w+=,.@-]+", re.ASCII)
 _STS_CODE = re.compile(r"[A-Za-z0-9.:_-]{1,64}")
-# The agent's own signature, dropped before signing (its other x-amz-* headers are kept).
-_AGENT_AUTH_HEADERS = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
-_PRESIGN_PARAMS = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-security-token"})
-_SIGNED_PLAIN = frozenset({"content-type", "content-md5"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +189,7 @@ class AwsSigV4Provider:
         self.name = name
         self.standing: bool = isinstance(spec.source, StaticSource)  # per instance: set by the source
         self._spec = spec
+        self._s3 = spec.service in S3_SERVICES
         self._clock = deps.clock or time.time
         self._sts = _Sts(name, spec.source, deps) if isinstance(spec.source, WebIdentitySource) else None
         self._static = _static_credential(name, spec.source, deps) if isinstance(spec.source, StaticSource) else None
@@ -201,14 +203,19 @@ class AwsSigV4Provider:
         assert self._sts is not None
         return await self._sts.assume_role()
 
+    def needs_body_for(self, headers: Mapping[str, str]) -> bool:
+        """A streaming upload is signed as declared (or refused) without reading its body."""
+        return not declares_streaming(headers)
+
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
-        _refuse_presigned(out.query)
-        for header in _AGENT_AUTH_HEADERS:
+        refuse_presigned(out.query)
+        payload_hash = streaming_payload(out.headers, s3=self._s3) or self._payload_hash(out.body)
+        for header in AGENT_SIGNATURE:
             out.headers.popall(header, None)
         out.headers["Host"] = out.host_header
-        to_sign = [(k, v) for k, v in out.headers.items() if _is_signed(k)]
+        to_sign = [(k, v) for k, v in out.headers.items() if is_signed(k)]
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
-        added = sign(out.method, out.host_header, out.path, out.query, to_sign, self._payload_hash(out.body),
+        added = sign(out.method, out.host_header, out.path, out.query, to_sign, payload_hash,
                      credential.material, self._spec.region, self._spec.service, now)
         for header, value in added:
             out.headers[header] = value
@@ -227,24 +234,6 @@ class AwsSigV4Provider:
 
 
 PROVIDER = AwsSigV4Provider
-
-
-@lru_cache(maxsize=256)  # header names repeat; bounded against an agent inventing names
-def _is_signed(header: str) -> bool:
-    lower = header.lower()
-    return lower.startswith("x-amz-") or lower in _SIGNED_PLAIN
-
-
-def _refuse_presigned(query: str) -> None:
-    """A presigned URL carries the agent's own key: refused rather than sent beside ours."""
-    lower = query.lower()
-    if "x-amz-" not in lower and "%" not in lower:  # the fast path: no name can decode to one
-        return
-    for part in query.split("&"):
-        name = unquote(part.partition("=")[0]).lower()
-        if name in _PRESIGN_PARAMS:
-            raise RequestRefused("bad_request", f"credentials: the query carries its own aws signature "
-                                                f"({name}); expected an unsigned request, the sidecar signs it")
 
 
 def _static_credential(name: str, source: StaticSource, deps: ProviderDeps) -> Credential:

@@ -10,8 +10,9 @@ A provider is three things (STYLE.md example 1):
   parameter, a signature).
 
 Providers declare what they need as class attributes: ``needs_body`` (request signing
-buffers the body), ``standing`` (a static secret), ``task_bound`` (cached under the task,
-dropped when it ends).
+buffers the body; a provider that can sign some requests unread also has
+``needs_body_for(headers)``, see :func:`body_needed`), ``standing`` (a static secret),
+``task_bound`` (cached under the task, dropped when it ends).
 
 Every provider module exposes ``TYPE``, a frozen ``Spec``, ``parse(name, fields) -> Spec``
 and a provider class built from ``(name, spec, deps)``; ``sidecar.credentials.registry``
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Hashable, Protocol
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Protocol
 
 from multidict import CIMultiDict
 
@@ -115,6 +116,13 @@ class CredentialProvider(Protocol):
     def apply(self, out: OutboundRequest, credential: Credential) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+def body_needed(provider: CredentialProvider, headers: Mapping[str, str]) -> bool:
+    """Whether to buffer the request body before ``apply``: ``needs_body``, or the provider's own
+    ``needs_body_for(headers)`` where it can sign some requests unread (an S3 streaming upload)."""
+    per_request = getattr(provider, "needs_body_for", None)
+    return provider.needs_body if per_request is None else bool(per_request(headers))
 
 
 @dataclass(slots=True)

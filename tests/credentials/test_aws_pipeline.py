@@ -1,11 +1,25 @@
-"""SigV4 through the whole pipeline against moto: signed after every header rewrite, accepted with IAM auth on."""
+"""SigV4 through the whole pipeline: against moto, signed after every header rewrite and accepted with IAM auth
+on (also from boto3 at its defaults, behind HTTPS_PROXY); against a recording upstream, what is forwarded and
+that a refusal forwards nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
 import aiohttp
+import boto3
 import pytest
+from aiohttp import web
+from botocore.config import Config
 
 from tests.credentials.test_aws_provider import BUCKET, REGION, iam_auth, moto  # noqa: F401  (fixtures)
+from tests.harness import Seen, Upstream, raw_http
 
 pytestmark = pytest.mark.peer("moto")
 POLICY = {"version": 1, "default": "deny", "rules": [
@@ -52,3 +66,207 @@ async def test_a_wrong_secret_is_refused_by_the_service(make_sidecar, moto, iam_
         async with s.get(f"{h.outbound}/s3/{BUCKET}/reports/q3.json") as r:
             assert r.status == 403 and "SignatureDoesNotMatch" in await r.text()
     assert b"wrong-secret-canary" not in h.raw_log()
+
+
+# --- boto3 at its defaults, through CONNECT interception (HTTPS_PROXY), to moto ------------------------------
+
+BOTO3_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "reports", "direction": "outbound", "upstream": "s3", "methods": ["GET", "HEAD", "PUT", "POST", "DELETE"],
+     "paths": [f"/{BUCKET}/reports/**"], "effect": "allow"},
+    {"id": "inbox-write-only", "direction": "outbound", "upstream": "s3", "methods": ["PUT", "POST"],
+     "paths": [f"/{BUCKET}/inbox/**"], "effect": "allow"},
+    {"id": "list", "direction": "outbound", "upstream": "s3", "methods": ["GET", "POST"], "paths": [f"/{BUCKET}"],
+     "effect": "allow"},
+    {"id": "no-secret-reads", "direction": "outbound", "upstream": "s3", "methods": ["GET"],
+     "paths": [f"/{BUCKET}/reports/secret/**"], "effect": "deny"},
+    {"id": "held-reads", "direction": "outbound", "upstream": "s3", "methods": ["GET"],
+     "paths": [f"/{BUCKET}/reports/held/**"], "effect": "require_approval"}]}
+S3_HOST = "s3.sidecar.test"
+MIB = 1024 * 1024
+
+
+def connect_config(moto) -> dict:
+    """moto behind the host name boto3 is pointed at, reached through CONNECT interception."""
+    config = s3_config(moto)
+    config["outbound"]["upstreams"]["s3"]["hosts"] = [S3_HOST]
+    return config
+
+
+@dataclass
+class Boto3:
+    """A boto3 S3 client with its defaults, configured the way an agent behind HTTPS_PROXY would be."""
+
+    client: Any
+    sent: list[dict[str, str]]  # the headers of each request boto3 sent, names lowercased
+
+    async def __call__(self, operation: str, **params: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.client, operation), **params)
+
+    def sent_header(self, name: str) -> list[str]:
+        return [headers[name] for headers in self.sent if name in headers]
+
+
+def boto3_s3(h) -> Boto3:
+    """Only the endpoint, the proxy and the CA are set (path-style addressing, no retries): checksums keep boto3's
+    defaults. The agent's key is a dummy: the sidecar drops its signature and signs with its own key."""
+    sent: list[dict[str, str]] = []
+    client = boto3.client(
+        "s3", endpoint_url=f"https://{S3_HOST}", region_name=REGION, aws_access_key_id="AKIDAGENTHASNOKEY",
+        aws_secret_access_key="agent-has-no-secret", verify=str(h.sidecar.runtime.interceptor.ca_cert_path),
+        config=Config(proxies={"https": h.outbound}, s3={"addressing_style": "path"},
+                      retries={"total_max_attempts": 1}))
+    client.meta.events.register("before-send.s3", lambda request, **_: sent.append(
+        {k.lower(): v if isinstance(v, str) else v.decode() for k, v in request.headers.items()}))
+    return Boto3(client, sent)
+
+
+async def read_back(s3: Boto3, key: str) -> bytes:
+    response = await s3("get_object", Bucket=BUCKET, Key=key)
+    return await asyncio.to_thread(response["Body"].read)
+
+
+async def put_object(s3: Boto3, key: str, data: bytes) -> None:
+    await s3("put_object", Bucket=BUCKET, Key=key, Body=data, ContentType="application/octet-stream",
+             Metadata={"owner": "billing"})
+
+
+async def upload_fileobj(s3: Boto3, key: str, data: bytes) -> None:
+    await s3("upload_fileobj", Fileobj=io.BytesIO(data), Bucket=BUCKET, Key=key)
+
+
+async def upload_part(s3: Boto3, key: str, data: bytes) -> None:
+    upload = await s3("create_multipart_upload", Bucket=BUCKET, Key=key)
+    part = await s3("upload_part", Bucket=BUCKET, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=data)
+    await s3("complete_multipart_upload", Bucket=BUCKET, Key=key, UploadId=upload["UploadId"],
+             MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+
+
+UPLOADS = {
+    # PutObject, small: one aws-chunked PUT with a CRC32 trailer
+    "put-object": (put_object, b"\x00\xff" + b"small object " * 40),
+    # upload_fileobj over the 8 MiB threshold: CreateMultipartUpload, two aws-chunked UploadParts, Complete
+    "upload-fileobj-multipart": (upload_fileobj, bytes(range(256)) * (9 * MIB // 256) + b"tail"),
+    # UploadPart called directly
+    "upload-part": (upload_part, b"one part " * 1000),
+}
+
+
+@pytest.mark.parametrize(("upload", "data"), UPLOADS.values(), ids=UPLOADS.keys())
+async def test_boto3_uploads_read_back_byte_for_byte(make_sidecar, moto, iam_auth, upload, data):  # noqa: F811
+    """boto3's default aws-chunked uploads are signed as declared and S3 stores the object, not the framing
+    (issue 11 item 8)."""
+    h = await make_sidecar(connect_config(moto), BOTO3_POLICY)
+    s3 = boto3_s3(h)
+    iam_auth()
+    key = f"reports/{upload.__name__}.bin"
+    await upload(s3, key, data)
+    assert "aws-chunked" in s3.sent_header("content-encoding")  # boto3's default body mode was exercised
+    assert await read_back(s3, key) == data
+    events = await h.settle()
+    assert {e["decision"] for e in events} == {"allow"} and {e["status"] for e in events} == {200}
+
+
+# --- what reaches the upstream: a recording loopback server ------------------------------------------------
+
+def recording_config(upstream: Upstream, **extra: Any) -> dict:
+    """The S3 upstream is a recording server: it shows what the sidecar forwards, and that a refusal sends nothing."""
+    return {"outbound": {"upstreams": {"s3": {"url": upstream.url, "credential": "aws", **extra}}},
+            "credentials": {"aws": {"type": "aws_sigv4", "region": REGION, "service": "s3", "source": {
+                "type": "static", "access_key_id": {"value": "AKIDSIDECAR"},
+                "secret_access_key": {"value": "sidecar-secret-canary"}}}}}
+
+
+def signed_headers(seen: Seen) -> list[str]:
+    return (seen.header("Authorization") or "").partition("SignedHeaders=")[2].partition(",")[0].split(";")
+
+
+async def only_event(h) -> dict:
+    [event] = await h.settle()
+    return event
+
+
+# --- S3 body modes --------------------------------------------------------------------------------------
+
+def aws_chunked(data: bytes, chunk: int = 64 * 1024) -> bytes:
+    """The aws-chunked framing of an unsigned-trailer upload, as boto3 writes it (CRC32 trailer)."""
+    frames = b"".join(b"%x\r\n%b\r\n" % (len(data[i:i + chunk]), data[i:i + chunk]) for i in range(0, len(data), chunk))
+    crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big"))
+    return frames + b"0\r\nx-amz-checksum-crc32:" + crc + b"\r\n\r\n"
+
+
+def streaming_head(framed_length: int, decoded_length: int, *, mode: str = "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                   encoding: str = "aws-chunked", port: int) -> bytes:
+    return (f"PUT /s3/{BUCKET}/reports/streamed.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+            f"Content-Length: {framed_length}\r\nContent-Encoding: {encoding}\r\nX-Amz-Content-Sha256: {mode}\r\n"
+            f"X-Amz-Decoded-Content-Length: {decoded_length}\r\nX-Amz-Trailer: x-amz-checksum-crc32\r\n"
+            f"x-amz-sdk-checksum-algorithm: CRC32\r\n\r\n").encode()
+
+
+async def test_an_unsigned_trailer_upload_is_streamed_as_sent(make_sidecar):
+    """STREAMING-UNSIGNED-PAYLOAD-TRAILER is signed as the literal declared, its framing forwarded untouched,
+    and the body streamed: the upstream reads the first frame before the agent has sent the rest (issue 11 item 8)."""
+    first_frame_seen = asyncio.Event()
+    received: list[bytes] = []
+
+    async def s3(request: web.Request) -> web.Response:
+        received.append(await request.content.readexactly(64))
+        first_frame_seen.set()
+        received.append(await request.read())
+        return web.Response(headers={"ETag": '"e"'})
+
+    upstream = await Upstream(s3).start()
+    try:
+        h = await make_sidecar(recording_config(upstream), BOTO3_POLICY)
+        data = bytes(range(256)) * 1024
+        framed = aws_chunked(data)
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port("outbound"))
+        writer.write(streaming_head(len(framed), len(data), port=h.port("outbound")) + framed[:100])
+        await asyncio.wait_for(first_frame_seen.wait(), 10)  # the sidecar did not wait for the whole body
+        writer.write(framed[100:])
+        response = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+    finally:
+        await upstream.stop()
+    assert response.startswith(b"HTTP/1.1 200")
+    assert b"".join(received) == framed
+    [seen] = upstream.seen
+    assert seen.header("X-Amz-Content-Sha256") == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+    assert (seen.header("Content-Encoding"), seen.header("X-Amz-Decoded-Content-Length")) == ("aws-chunked",
+                                                                                            str(len(data)))
+    assert {"content-encoding", "x-amz-content-sha256", "x-amz-decoded-content-length",
+            "x-amz-trailer"} <= set(signed_headers(seen))
+
+
+BODY_MODES_REFUSED = {
+    # chunk signatures chain from the agent's own seed signature: the sidecar cannot re-sign them
+    "signed-chunks": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "aws-chunked", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"),
+    # the same with a signed trailer
+    "signed-chunks-trailer": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER", "aws-chunked",
+                              "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"),
+    # SigV4a chunk signatures
+    "sigv4a-chunks": ("STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD", "aws-chunked",
+                      "STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD"),
+    # aws-chunked framing declared with a whole-body hash: S3 would store the framing
+    "framing-with-body-hash": ("0" * 64, "aws-chunked", "aws-chunked"),
+    # aws-chunked framing with no payload declaration at all
+    "framing-undeclared": ("UNSIGNED-PAYLOAD", "gzip, aws-chunked", "aws-chunked"),
+    # a streaming payload whose framing is not declared
+    "streaming-without-framing": ("STREAMING-UNSIGNED-PAYLOAD-TRAILER", "identity", "aws-chunked"),
+}
+
+
+@pytest.mark.parametrize("mode, encoding, named", BODY_MODES_REFUSED.values(), ids=BODY_MODES_REFUSED.keys())
+async def test_a_body_mode_the_sidecar_cannot_sign_as_sent_is_refused(make_sidecar, upstream, mode, encoding, named):
+    """An upload whose declared body mode the sidecar cannot sign faithfully, or whose declared encoding and
+    payload disagree, is refused with a 400 naming it; nothing is forwarded (issue 11 item 8)."""
+    h = await make_sidecar(recording_config(upstream), BOTO3_POLICY)
+    framed = aws_chunked(b"payload")
+    answer = await raw_http(h.port("outbound"), streaming_head(len(framed), 7, mode=mode, encoding=encoding,
+                                                               port=h.port("outbound")) + framed)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    refusal = json.loads(body)
+    assert refusal["error"] == "bad_request" and named in refusal["message"]
+    assert upstream.seen == []
+    event = await only_event(h)
+    assert (event["decision"], event["reason"], event["status"]) == ("deny", "bad_request", 400)
