@@ -61,6 +61,7 @@ class Exchange:
     mcp_method: str | None = None
     mcp_tool: str | None = None
     override: dict[str, str | None] | None = None  # a passed method/URL override: the other reading decided
+    copy_source: str | None = None  # the object an S3 copy reads (x-amz-copy-source), canonical
     credential: Credential | None = None
     credential_source: str | None = None
     credential_scopes: tuple[str, ...] | None = None
@@ -131,7 +132,8 @@ class Exchange:
         if self.method is None:
             return None
         return {"upstream": self.upstream, "method": self.method, "host": self.host, "path": self.path,
-                "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool, "override": self.override}
+                "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool, "override": self.override,
+                "copy_source": self.copy_source}
 
     def _credential(self) -> dict[str, Any] | None:
         c = self.credential

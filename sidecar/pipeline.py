@@ -3,8 +3,8 @@
 Outbound (the agent calling out)::
 
     limits -> trust boundary -> route (upstream, canonical path) -> task -> revocation
-           -> MCP or form body -> strip (the forwarded headers) -> overrides -> policy -> credential
-           -> attach -> forward -> record
+           -> MCP or form body -> strip (the forwarded headers) -> overrides -> policy (and an S3 copy's
+           source, as a read) -> credential -> attach -> forward -> record
 
 Inbound (callers of the agent)::
 
@@ -23,12 +23,14 @@ on the trust path except to turn it into a refusal.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange
@@ -87,6 +89,20 @@ def refuse_decision(decision: Decision) -> None:
     template = DENY_MESSAGES.get(decision.reason, "policy: denied ({reason})")
     raise PolicyRefused(decision.reason, template.format(rule=decision.rule_id, reason=decision.reason),
                         rule_id=decision.rule_id, retry_after=decision.retry_after)
+
+
+def authorize_copy_source(rt: Runtime, facts: Facts, source: CopySource) -> None:
+    """An S3 copy reads its source: refused unless policy allows a GET of it (a copy is never held for approval)."""
+    read = rt.decide(replace(facts, method="GET", path=source.path, query=source.query, size=0))
+    if read.effect == "allow":
+        return
+    about = f"policy: reading the copy source {source.shown}"
+    if read.effect == "require_approval":
+        raise PolicyRefused("rule_denied", f"{about} needs an approval (rule {read.rule_id}); a copy is not held "
+                                           f"for one", rule_id=read.rule_id)
+    template = DENY_MESSAGES.get(read.reason, "policy: denied ({reason})").removeprefix("policy: ")
+    raise PolicyRefused(read.reason, f"{about}: " + template.format(rule=read.rule_id, reason=read.reason),
+                        rule_id=read.rule_id, retry_after=read.retry_after)
 
 
 async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[web.StreamResponse]], *,
@@ -172,13 +188,19 @@ class Outbound:
         reading = screen(forwarded, route.query, body if form else None, up.pass_headers, up.paths, up.base_path)
         ex.override = reading.event()
         ex.facts = self._facts(request, ex, route, body, forwarded)
+        source = self._copy_source(forwarded, ex, route)
         decision = rt.decide(ex.facts, *reading.alternatives(ex.facts))
-        if apply_decision(ex, decision):  # the approver sees the digest of the very body that is then sent
+        held = apply_decision(ex, decision)
+        if source is not None:
+            authorize_copy_source(rt, ex.facts, source)
+        if held:  # the approver sees the digest of the very body that is then sent
             if body is None and has_body(request):
                 body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
             await rt.approvals.hold(ex, body)
         credential = await self._credential(ex, decision, up.credential, task) if not echo else None
         out = self._outbound_request(request, route, traceparent, forwarded)
+        if source is not None:
+            out.headers[COPY_SOURCE] = source.header  # what policy decided on is what S3 reads
         if credential is not None:
             provider = rt.providers[credential.provider]
             if body is None and body_needed(provider, request.headers):
@@ -199,6 +221,15 @@ class Outbound:
         ex.task_trigger, ex.principal, ex.actor_type = task.trigger, task.principal, task.actor_type
         ex.delegation, ex.act_chain = task.delegation, task.act_chain
         return task
+
+    def _copy_source(self, forwarded: CIMultiDict[str], ex: Exchange, route: Route) -> CopySource | None:
+        """S3 CopyObject and UploadPartCopy name a second object they read (recorded in the event)."""
+        values = forwarded.getall(COPY_SOURCE, ())
+        if not values:
+            return None
+        source = copy_source(values, route.upstream.paths, route.upstream.host)
+        ex.copy_source = source.shown
+        return source
 
     async def _mcp(self, request: web.BaseRequest, ex: Exchange, idle: float) -> bytes | None:
         ex.protocol = "mcp"
@@ -253,7 +284,7 @@ class Outbound:
         headers["traceparent"] = traceparent
         cert = self.rt.identity.state.cert_sha256 if up.client_cert == "svid" and up.scheme == "https" else None
         return OutboundRequest(request.method, up.scheme, up.host, up.port, route.forward_path, route.query,
-                               headers, client_cert_sha256=cert)
+                               headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: web.BaseRequest, ex: Exchange, route: Route, out: OutboundRequest,
                     body: bytes | None) -> web.StreamResponse:

@@ -24,11 +24,10 @@ Sources:
 Signing (``apply``, called after every other header rewrite): the agent's ``Authorization``,
 ``X-Amz-Date``, ``X-Amz-Security-Token`` and ``X-Amz-Content-Sha256`` are dropped, a query
 carrying a presigned URL's own ``X-Amz-Signature``/``-Credential``/``-Security-Token`` is
-refused. Signed: ``host``, ``content-type``, ``content-md5``, ``content-encoding`` and every
-``x-amz-*`` header (the agent's ``X-Amz-Target``, ``x-amz-meta-*``, ``x-amz-acl``... are operation
-parameters: kept, and signed, as S3 requires of every ``x-amz-*`` header sent); the payload is
-signed in the body mode the agent declared, or refused when it cannot be signed as sent
-(``sidecar.credentials.aws_request``).
+refused. Signed: ``host``, ``content-type``, ``content-md5``, ``content-encoding`` and the
+agent's ``x-amz-*`` headers, each of which must be one the sidecar signs by default or one the
+upstream lists in ``pass_headers`` (else 400); the payload is signed in the body mode the
+agent declared, or refused when it cannot be signed as sent (``sidecar.credentials.aws_request``).
 Not signed: what a proxy or HTTP library may rewrite on the way without changing the operation
 (``content-length``, which the pipeline writes after signing, ``via``, ``traceparent``,
 ``user-agent``, ``accept-encoding``): fewer signed headers, fewer spurious ``SignatureDoesNotMatch``.
@@ -55,7 +54,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 
 from sidecar.credentials.aws_request import (
-    AGENT_SIGNATURE, declares_streaming, is_signed, refuse_presigned, streaming_payload,
+    AGENT_SIGNATURE, check_agent_headers, declares_streaming, is_signed, refuse_presigned, streaming_payload,
 )
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
 from sidecar.credentials.sigv4 import (
@@ -209,6 +208,7 @@ class AwsSigV4Provider:
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
         refuse_presigned(out.query)
+        check_agent_headers(out.headers, out.pass_headers)
         payload_hash = streaming_payload(out.headers, s3=self._s3) or self._payload_hash(out.body)
         for header in AGENT_SIGNATURE:
             out.headers.popall(header, None)

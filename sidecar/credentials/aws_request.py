@@ -1,9 +1,18 @@
-"""What of the agent's AWS request is signed, and how its body is.
+"""What of the agent's AWS request is signed, and what an S3 request reads besides its target.
 
-**Agent headers.** The agent's own signature (``Authorization``, ``X-Amz-Date``,
-``X-Amz-Security-Token``, ``X-Amz-Content-Sha256``) is dropped; its payload declaration is read
-first (body modes). Signed: ``content-type``, ``content-md5``, ``content-encoding`` and every
-``x-amz-*`` header.
+**Agent headers.** S3 acts on every ``x-amz-*`` header it receives, and SigV4 signs them all:
+each one the sidecar signs is a power it hands the agent, beyond what policy saw.
+
+- The agent's own signature (``Authorization``, ``X-Amz-Date``, ``X-Amz-Security-Token``,
+  ``X-Amz-Content-Sha256``) is dropped; its payload declaration is read first (body modes).
+- Signed and forwarded: ``content-type``, ``content-md5``, ``content-encoding`` and the
+  ``x-amz-*`` headers boto3's ordinary calls send (:data:`AGENT_HEADERS`,
+  :data:`AGENT_PREFIXES`: checksums, object metadata, storage class, encryption, the JSON
+  protocols' ``X-Amz-Target``, copy parameters, whose source policy decides on).
+- Any other agent ``x-amz-*`` header (``x-amz-acl``, ``x-amz-grant-*``, ``x-amz-tagging``,
+  ``x-amz-object-lock-*``, ``x-amz-website-redirect-location``, ...) is refused with a 400
+  naming it, unless the upstream lists it in ``pass_headers``: never signed unseen, never
+  dropped in a way that changes what the request does.
 
 **Body modes** (S3, ``X-Amz-Content-Sha256`` as the agent declared it):
 
@@ -16,11 +25,19 @@ first (body modes). Signed: ``content-type``, ``content-md5``, ``content-encodin
   (``Content-Encoding: aws-chunked``, ``X-Amz-Decoded-Content-Length``, ``X-Amz-Trailer``):
   refused, 400: S3 would store the framing as the object;
 - otherwise the body is whole: its SHA-256 is signed (or ``UNSIGNED-PAYLOAD`` where configured).
+
+**Copy source.** ``x-amz-copy-source`` (CopyObject, UploadPartCopy) names a second object the
+request reads: :func:`copy_source` gives the path policy decides a GET of on the same upstream,
+and the header value forwarded in its place (what is decided is what is sent). The path is
+``/<bucket>/<key>`` (path-style), or ``/<key>`` when the upstream's host is one bucket's
+virtual-hosted AWS endpoint (``<bucket>.s3.<region>.amazonaws.com``), which a source in any other
+bucket cannot be read through.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping
 from urllib.parse import unquote
@@ -28,9 +45,25 @@ from urllib.parse import unquote
 from multidict import CIMultiDict
 
 from sidecar.errors import RequestRefused
+from sidecar.policy.paths import PathOptions, canonical_path
 
 # The agent's own signature: dropped before signing (X-Amz-Content-Sha256 is read first).
 AGENT_SIGNATURE = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+AGENT_HEADERS = frozenset({
+    "x-amz-sdk-checksum-algorithm", "x-amz-trailer", "x-amz-decoded-content-length",  # checksums, streaming
+    "x-amz-storage-class", "x-amz-expected-bucket-owner", "x-amz-source-expected-bucket-owner",
+    "x-amz-metadata-directive",  # CopyObject: keep or replace the metadata
+    "x-amz-object-attributes", "x-amz-max-parts", "x-amz-part-number-marker",  # GetObjectAttributes
+    "x-amz-optional-object-attributes",  # ListObjectsV2
+    "x-amz-target",  # the operation of JSON-protocol services (DynamoDB, KMS, ...)
+    "x-amz-user-agent",  # the JavaScript SDK's user agent
+})
+AGENT_PREFIXES = (
+    "x-amz-meta-",  # object metadata
+    "x-amz-checksum-",  # x-amz-checksum-crc32, -mode, -algorithm, -type, ...
+    "x-amz-server-side-encryption",  # SSE-S3, SSE-KMS, SSE-C
+    "x-amz-copy-source",  # the source (decided by policy), its range and conditions
+)
 _SIGNED_PLAIN = frozenset({"content-type", "content-md5", "content-encoding"})
 _PRESIGN_PARAMS = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-security-token"})
 _SHOW_MAX = 64
@@ -38,6 +71,12 @@ _SHOW_MAX = 64
 STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
 _FRAMING_HEADERS = ("x-amz-decoded-content-length", "x-amz-trailer")
 _DIGITS = re.compile(r"[0-9]{1,19}")
+
+COPY_SOURCE = "x-amz-copy-source"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+_VERSION_ID = re.compile(r"versionId=([A-Za-z0-9._\-~]{1,1024})")
+_VIRTUAL_HOST = re.compile(r"([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])\.s3(?:[.\-][a-z0-9\-]+)*\.amazonaws\.com(?:\.cn)?")
+_KEEP_IN_HEADER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/%")
 
 
 # --- agent headers ---------------------------------------------------------------------
@@ -48,6 +87,24 @@ def is_signed(header: str) -> bool:
     """Whether a header that goes upstream is signed: ``x-amz-*`` and the content headers S3 acts on."""
     lower = header.lower()
     return lower.startswith("x-amz-") or lower in _SIGNED_PLAIN
+
+
+@lru_cache(maxsize=256)
+def _sent_by_default(lower: str) -> bool:
+    """Not an ``x-amz-*`` header, one the sidecar signs by default, or the agent's signature (dropped)."""
+    if not lower.startswith("x-amz-"):
+        return True
+    return lower in AGENT_HEADERS or lower.startswith(AGENT_PREFIXES) or lower in AGENT_SIGNATURE
+
+
+def check_agent_headers(headers: CIMultiDict[str], passed: frozenset[str]) -> None:
+    """Refuse an agent ``x-amz-*`` header outside the signed set and the upstream's ``pass_headers``."""
+    for name in headers:
+        lower = name.lower()
+        if not _sent_by_default(lower) and lower not in passed:
+            raise RequestRefused("bad_request", f"credentials: the agent header {_show(lower)} is not one the "
+                                                f"sidecar signs; expected it listed in the upstream's pass_headers "
+                                                f"(an S3 operation parameter policy does not see)")
 
 
 def refuse_presigned(query: str) -> None:
@@ -107,3 +164,55 @@ def _body_refused(what: str) -> RequestRefused:
     return RequestRefused("bad_request", f"credentials: the upload declares {what}; expected a whole body or "
                                          f"{STREAMING_UNSIGNED_TRAILER} with aws-chunked framing")
 
+
+# --- copy source -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CopySource:
+    """The object an S3 copy reads, as policy decides on it and as it is forwarded."""
+
+    path: str  # canonical /<bucket>/<key> (or /<key>): what a GET of the source would be matched on
+    query: str  # "" or "versionId=<id>"
+    header: str  # the x-amz-copy-source value forwarded: the same object, escaped for S3
+
+    @property
+    def shown(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+def copy_source(values: list[str], paths: PathOptions, host: str) -> CopySource:
+    """The canonical copy source of ``x-amz-copy-source`` values sent to ``host``, or RequestRefused."""
+    if len(values) != 1:
+        raise _copy_refused("more than one x-amz-copy-source header")
+    raw_path, question, query = values[0].strip().partition("?")
+    if question and not _VERSION_ID.fullmatch(query):
+        raise _copy_refused("expected nothing but ?versionId=<id> after the object")
+    try:
+        path = canonical_path(raw_path if raw_path.startswith("/") else "/" + raw_path, paths)
+    except RequestRefused as refused:
+        raise _copy_refused(refused.message.removeprefix("paths: ")) from None
+    bucket, _, key = path[1:].partition("/")
+    if not _BUCKET.fullmatch(bucket) or not key:
+        raise _copy_refused("expected /<bucket>/<key> with an S3 bucket name and a key (an access point "
+                            "ARN names no path on this upstream)")
+    header = "".join(c if c in _KEEP_IN_HEADER else f"%{ord(c):02X}" for c in path)
+    header = f"{header}?{query}" if query else header
+    hosted = virtual_hosted_bucket(host)
+    if hosted is None:
+        return CopySource(path, query, header)
+    if bucket != hosted:
+        raise _copy_refused(f"expected an object of bucket {hosted}, the one this upstream's host serves")
+    return CopySource(path[len(bucket) + 1:], query, header)
+
+
+@lru_cache(maxsize=64)  # upstream hosts: a configured, bounded set
+def virtual_hosted_bucket(host: str) -> str | None:
+    """The bucket a virtual-hosted AWS S3 host serves (``reports.s3.eu-west-1.amazonaws.com``), else None."""
+    match = _VIRTUAL_HOST.fullmatch(host)
+    return match.group(1) if match else None
+
+
+def _copy_refused(problem: str) -> RequestRefused:
+    return RequestRefused("bad_request", f"s3: x-amz-copy-source: {problem}; the copy source is decided as a "
+                                         f"read of /<bucket>/<key>[?versionId=<id>]")

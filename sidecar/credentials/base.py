@@ -96,6 +96,7 @@ class OutboundRequest:
     headers: CIMultiDict[str]
     body: bytes | None = None  # only when the provider needs_body
     client_cert_sha256: str | None = None  # the certificate our upstream connection presents
+    pass_headers: frozenset[str] = frozenset()  # the upstream's pass_headers: agent headers it may receive
 
     @property
     def host_header(self) -> str:

@@ -39,7 +39,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 LOG_STRING_MAX = 4096
 # Per event section, the request-derived strings and their bounds in characters (marker included).
 EVENT_BOUNDS: dict[str, dict[str, int]] = {
-    "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256},
+    "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256, "copy_source": 2048},
     "task": {"id": 64, "trigger": 256},
     "caller": {"id": 2048},
     "principal": {"iss": 1024, "sub": 1024},

@@ -17,6 +17,7 @@ import boto3
 import pytest
 from aiohttp import web
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from tests.credentials.test_aws_provider import BUCKET, REGION, iam_auth, moto  # noqa: F401  (fixtures)
 from tests.harness import Seen, Upstream, raw_http
@@ -166,6 +167,54 @@ async def test_boto3_uploads_read_back_byte_for_byte(make_sidecar, moto, iam_aut
     assert {e["decision"] for e in events} == {"allow"} and {e["status"] for e in events} == {200}
 
 
+async def test_boto3_ordinary_calls_pass_the_signed_header_set(make_sidecar, moto, iam_auth):  # noqa: F811
+    """Every x-amz-* header boto3's ordinary S3 calls send at their defaults is signed and accepted
+    (issue 11 item 7)."""
+    h = await make_sidecar(connect_config(moto), BOTO3_POLICY)
+    s3 = boto3_s3(h)
+    iam_auth()
+    await s3("put_object", Bucket=BUCKET, Key="reports/ordinary.txt", Body=b"ordinary", StorageClass="STANDARD",
+             ServerSideEncryption="AES256", ChecksumAlgorithm="SHA256", ExpectedBucketOwner="123456789012")
+    assert (await s3("head_object", Bucket=BUCKET, Key="reports/ordinary.txt"))["ContentLength"] == 8
+    assert await read_back(s3, "reports/ordinary.txt") == b"ordinary"
+    listed = await s3("list_objects_v2", Bucket=BUCKET, Prefix="reports/ordinary")
+    assert [o["Key"] for o in listed["Contents"]] == ["reports/ordinary.txt"]
+    await s3("delete_objects", Bucket=BUCKET, Delete={"Objects": [{"Key": "reports/ordinary.txt"}]})
+    await s3("delete_object", Bucket=BUCKET, Key="reports/ordinary.txt")
+    sent = {name for headers in s3.sent for name in headers if name.startswith("x-amz-")}
+    assert {"x-amz-checksum-mode", "x-amz-sdk-checksum-algorithm", "x-amz-storage-class",
+            "x-amz-server-side-encryption", "x-amz-expected-bucket-owner", "x-amz-trailer"} <= sent
+    assert {e["status"] for e in await h.settle()} == {200, 204}
+
+
+async def test_boto3_copies_only_from_a_source_policy_lets_it_read(make_sidecar, moto, iam_auth):  # noqa: F811
+    """CopyObject and UploadPartCopy into an allowed prefix need a rule that allows reading the source
+    (issue 11 item 7)."""
+    h = await make_sidecar(connect_config(moto), BOTO3_POLICY)
+    s3 = boto3_s3(h)
+    iam_auth()
+    await s3("put_object", Bucket=BUCKET, Key="reports/source.txt", Body=b"readable")
+    await s3("put_object", Bucket=BUCKET, Key="inbox/dropped.txt", Body=b"write-only prefix")
+    await s3("copy_object", Bucket=BUCKET, Key="reports/copy.txt", CopySource=f"{BUCKET}/reports/source.txt")
+    assert await read_back(s3, "reports/copy.txt") == b"readable"
+    with pytest.raises(ClientError) as refused:  # inbox/ may be written, never read: copying out of it is a read
+        await s3("copy_object", Bucket=BUCKET, Key="reports/stolen.txt", CopySource=f"{BUCKET}/inbox/dropped.txt")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    upload = await s3("create_multipart_upload", Bucket=BUCKET, Key="reports/stolen-part.txt")
+    with pytest.raises(ClientError):
+        await s3("upload_part_copy", Bucket=BUCKET, Key="reports/stolen-part.txt", UploadId=upload["UploadId"],
+                 PartNumber=1, CopySource={"Bucket": BUCKET, "Key": "inbox/dropped.txt"})
+    with pytest.raises(ClientError) as missing:
+        await s3("head_object", Bucket=BUCKET, Key="reports/stolen.txt")
+    assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    events = await h.settle()
+    copies = [e for e in events if e["target"]["copy_source"]]
+    assert [(e["target"]["copy_source"], e["decision"], e["reason"]) for e in copies] == [
+        (f"/{BUCKET}/reports/source.txt", "allow", "allowed"),
+        (f"/{BUCKET}/inbox/dropped.txt", "deny", "no_matching_rule"),
+        (f"/{BUCKET}/inbox/dropped.txt", "deny", "no_matching_rule")]
+
+
 # --- what reaches the upstream: a recording loopback server ------------------------------------------------
 
 def recording_config(upstream: Upstream, **extra: Any) -> dict:
@@ -176,6 +225,12 @@ def recording_config(upstream: Upstream, **extra: Any) -> dict:
                 "secret_access_key": {"value": "sidecar-secret-canary"}}}}}
 
 
+async def put(h, key: str, headers: list[tuple[str, str]], body: bytes = b"") -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{h.outbound}/s3/{BUCKET}/{key}", data=body, headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+
 def signed_headers(seen: Seen) -> list[str]:
     return (seen.header("Authorization") or "").partition("SignedHeaders=")[2].partition(",")[0].split(";")
 
@@ -183,6 +238,110 @@ def signed_headers(seen: Seen) -> list[str]:
 async def only_event(h) -> dict:
     [event] = await h.settle()
     return event
+
+
+@pytest.mark.parametrize("name, value", [
+    ("x-amz-acl", "public-read"),                            # makes the written object world-readable
+    ("X-Amz-Grant-Read", 'uri="http://acs.amazonaws.com/groups/global/AllUsers"'),  # the same, as a grant
+    ("x-amz-website-redirect-location", "https://evil.test/"),  # turns the object into a redirect
+    ("x-amz-object-lock-mode", "COMPLIANCE"),                # locks the object against deletion for years
+    ("x-amz-bypass-governance-retention", "true"),           # deletes through a governance lock
+    ("x-amz-tagging", "classification=public"),              # tags that tag-based IAM conditions trust
+    ("x-amz-rename-source", f"/{BUCKET}/inbox/x"),           # RenameObject: another object, moved
+    ("x-amz-future-operation-parameter", "1"),               # a header nobody has reviewed yet
+])
+async def test_an_amz_header_outside_the_signed_set_is_refused(make_sidecar, upstream, name, value):
+    """An agent x-amz-* header the operator did not allow is refused with a 400 naming it, never signed
+    (issue 11 item 7)."""
+    h = await make_sidecar(recording_config(upstream), BOTO3_POLICY)
+    status, body = await put(h, "reports/x.txt", [(name, value)], b"x")
+    assert (status, body["error"]) == (400, "bad_request")
+    assert name.lower() in body["message"] and "pass_headers" in body["message"]
+    assert upstream.seen == []
+    event = await only_event(h)
+    assert (event["decision"], event["reason"], event["status"]) == ("deny", "bad_request", 400)
+
+
+async def test_an_upstream_lists_the_amz_headers_it_may_receive(make_sidecar, upstream):
+    """An x-amz-* header the upstream lists in pass_headers is signed and forwarded (issue 11 item 7)."""
+    h = await make_sidecar(recording_config(upstream, pass_headers=["x-amz-acl"]), BOTO3_POLICY)
+    status, _ = await put(h, "reports/x.txt", [("x-amz-acl", "bucket-owner-full-control")], b"x")
+    assert status == 200
+    assert upstream.seen[0].header("x-amz-acl") == "bucket-owner-full-control"
+    assert "x-amz-acl" in signed_headers(upstream.seen[0])
+
+
+VERSION = "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY"
+COPY_ALLOWED = {  # header sent -> (the copy source policy decided on, the header forwarded)
+    # the canonical spelling, as boto3 sends it: no leading slash
+    "plain": (f"{BUCKET}/reports/a.txt", f"/{BUCKET}/reports/a.txt", f"/{BUCKET}/reports/a.txt"),
+    # a version is part of what is read
+    "version": (f"/{BUCKET}/reports/a.txt?versionId={VERSION}", f"/{BUCKET}/reports/a.txt?versionId={VERSION}",
+                f"/{BUCKET}/reports/a.txt?versionId={VERSION}"),
+    # escapes stay escapes (uppercase hex); a raw '+' goes out escaped, so S3 cannot read it as a space
+    "escapes": (f"{BUCKET}/reports/a%2bb%20c+d.txt", f"/{BUCKET}/reports/a%2Bb%20c+d.txt",
+                f"/{BUCKET}/reports/a%2Bb%20c%2Bd.txt"),
+    # dot segments are removed before deciding, and what was decided on is what is forwarded
+    "dot-segments": (f"/{BUCKET}/inbox/../reports/a.txt", f"/{BUCKET}/reports/a.txt", f"/{BUCKET}/reports/a.txt"),
+}
+
+
+@pytest.mark.parametrize("value, decided, forwarded", COPY_ALLOWED.values(), ids=COPY_ALLOWED.keys())
+async def test_a_copy_source_policy_may_read_is_forwarded_as_decided(make_sidecar, upstream, value, decided,
+                                                                     forwarded):
+    """A copy source a GET rule allows is forwarded in the canonical form policy decided on, signed, and
+    recorded in the event (issue 11 item 7)."""
+    h = await make_sidecar(recording_config(upstream), BOTO3_POLICY)
+    status, _ = await put(h, "inbox/copy.txt", [("x-amz-copy-source", value), ("x-amz-metadata-directive", "COPY")])
+    assert status == 200
+    [seen] = upstream.seen
+    assert seen.header("x-amz-copy-source") == forwarded
+    assert "x-amz-copy-source" in signed_headers(seen)
+    event = await only_event(h)
+    assert (event["decision"], event["rule_id"], event["target"]["copy_source"]) == ("allow", "inbox-write-only",
+                                                                                     decided)
+
+
+COPY_REFUSED = {
+    # a prefix the agent may write but not read: the copy is a read of it
+    "write-only-source": ([f"/{BUCKET}/inbox/x"], 403, "no_matching_rule", "/inbox/x"),
+    # the same, spelled with dot segments
+    "dot-segments": ([f"/{BUCKET}/reports/../inbox/x"], 403, "no_matching_rule", "/inbox/x"),
+    # the same, with an escaped unreserved character
+    "escaped-letter": ([f"{BUCKET}/%69nbox/x?versionId=1"], 403, "no_matching_rule", "/inbox/x"),
+    # a deny rule on reads wins even though the destination is writable
+    "denied-read": ([f"/{BUCKET}/reports/secret/k"], 403, "rule_denied", "/reports/secret/k"),
+    # a read that needs an approval: a copy is not held for one
+    "held-read": ([f"/{BUCKET}/reports/held/k"], 403, "rule_denied", "/reports/held/k"),
+    # another bucket: no rule names it
+    "other-bucket": (["/other-bucket/reports/a.txt"], 403, "no_matching_rule", "other-bucket"),
+    # escaped slashes would hide the structure policy decides on
+    "escaped-slashes": ([f"%2F{BUCKET}%2Freports%2Fa.txt"], 400, "bad_request", "%2F"),
+    # an access point ARN names no path on this upstream
+    "access-point": (["arn:aws:s3:us-east-1:123456789012:accesspoint/ap/object/reports/a.txt"], 400,
+                     "bad_request", "bucket"),
+    # anything but versionId after the '?'
+    "extra-parameter": ([f"/{BUCKET}/reports/a.txt?versionId=1&acl"], 400, "bad_request", "versionId"),
+    # a bucket without a key
+    "no-key": ([f"/{BUCKET}/"], 400, "bad_request", "key"),
+    # two copy sources: which one S3 reads is not for the sidecar to guess
+    "two-headers": ([f"/{BUCKET}/reports/a.txt", f"/{BUCKET}/inbox/x"], 400, "bad_request", "more than one"),
+}
+
+
+@pytest.mark.parametrize("values, status, reason, shown", COPY_REFUSED.values(), ids=COPY_REFUSED.keys())
+async def test_a_copy_source_policy_may_not_read_is_refused(make_sidecar, upstream, values, status, reason, shown):
+    """CopyObject into an allowed prefix is refused unless policy allows a GET of its source; nothing is sent
+    (issue 11 item 7)."""
+    h = await make_sidecar(recording_config(upstream), BOTO3_POLICY)
+    got, body = await put(h, "reports/copy.txt", [("x-amz-copy-source", value) for value in values])
+    assert (got, body["error"]) == (status, reason)
+    assert shown in body["message"] and "copy source" in body["message"]
+    assert upstream.seen == []
+    event = await only_event(h)
+    assert (event["decision"], event["reason"], event["status"]) == ("deny", reason, status)
+    if status == 403:
+        assert shown in event["target"]["copy_source"]
 
 
 # --- S3 body modes --------------------------------------------------------------------------------------

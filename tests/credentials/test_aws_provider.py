@@ -31,6 +31,7 @@ from yarl import URL
 
 from sidecar.config import load_config
 from sidecar.credentials import aws
+from sidecar.credentials.aws_request import copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps
 from sidecar.credentials.cache import CredentialCache
 from sidecar.credentials.registry import PROVIDERS
@@ -39,6 +40,7 @@ from sidecar.errors import ConfigError, ConfigInvalid, CredentialUnavailable, Re
 from sidecar.fields import Fields
 from sidecar.identity.signing import Signer, SigningKey
 from sidecar.observe.metrics import Metrics
+from sidecar.policy.paths import PathOptions
 from tests.peers.moto import free_port, moto_server
 
 REGION = "us-east-1"
@@ -398,11 +400,13 @@ async def test_agents_own_signature_is_replaced(
 
 
 def test_signed_header_set(make: Callable[..., aws.AwsSigV4Provider], federated_offline: Credential) -> None:
-    """host, content-type, content-md5 and x-amz-* are signed; hop-by-hop-ish and tracing headers are not."""
+    """host, content-type, content-md5 and the allowed x-amz-* are signed; hop-by-hop-ish and tracing headers
+    are not."""
     headers = (("Content-Type", "text/plain"), ("Content-MD5", "1B2M2Y8AsgTpgAmY7PhCfg=="),
                ("Content-Length", "0"), ("User-Agent", "agent/1"), ("Accept-Encoding", "gzip"),
                ("X-Amz-Acl", "private"), ("X-Request-Id", "r-1"))
     out = outbound(Moto("http://127.0.0.1:9", 9, federated_offline.material), "PUT", "/b/k", headers=headers)
+    out.pass_headers = frozenset({"x-amz-acl"})  # not signed by default: the upstream lists it (issue 11 item 7)
     make(web_identity("https://sts.example.test", "s3")).apply(out, federated_offline)
     assert _signed_headers(out) == ("content-md5;content-type;host;x-amz-acl;x-amz-content-sha256;"
                                     "x-amz-date;x-amz-security-token")
@@ -430,6 +434,33 @@ def test_presigned_query_is_refused(
         make(web_identity("https://sts.example.test", "s3")).apply(out, federated_offline)
     assert caught.value.reason == "bad_request"
     assert "Authorization" not in out.headers
+
+
+COPY_SOURCES = [  # (upstream host, x-amz-copy-source, path policy decides a GET of, header forwarded)
+    # a path-style endpoint: the bucket is the first segment
+    ("s3.eu-west-1.amazonaws.com", "b-1/k", "/b-1/k", "/b-1/k"),
+    # one bucket's virtual-hosted endpoint: its key, as a GET through this upstream is matched
+    ("b-1.s3.eu-west-1.amazonaws.com", "b-1/reports/a.txt?versionId=v", "/reports/a.txt",
+     "/b-1/reports/a.txt?versionId=v"),
+    # the same with a dotted bucket name and the dual-stack endpoint
+    ("my.bucket.s3.dualstack.eu-west-1.amazonaws.com", "/my.bucket/k", "/k", "/my.bucket/k"),
+    # an S3-compatible server under another name is read path-style
+    ("minio.internal", "b-1/k", "/b-1/k", "/b-1/k"),
+]
+
+
+@pytest.mark.parametrize("host, value, path, header", COPY_SOURCES)
+def test_a_copy_source_is_read_as_a_path_on_the_same_upstream(host: str, value: str, path: str, header: str) -> None:
+    """A copy source is decided as the path a GET of it through the same upstream has (issue 11 item 7)."""
+    source = copy_source([value], PathOptions(), host)
+    assert (source.path, source.header) == (path, header)
+
+
+def test_a_virtual_hosted_upstream_copies_only_from_its_own_bucket() -> None:
+    """Through one bucket's virtual-hosted endpoint, a source in another bucket is refused (issue 11 item 7)."""
+    with pytest.raises(RequestRefused) as refused:
+        copy_source(["other/reports/a.txt"], PathOptions(), "b-1.s3.eu-west-1.amazonaws.com")
+    assert refused.value.reason == "bad_request" and "bucket b-1" in refused.value.message
 
 
 # --- the static source ---------------------------------------------------------------------
