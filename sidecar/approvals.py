@@ -109,6 +109,7 @@ def _summary(ex: Exchange) -> dict[str, Any]:
             "body_size": facts.size if facts is not None else None, "caller": ex.caller_id,
             "mcp_method": _bounded(ex.mcp_method, target["mcp_method"]),
             "mcp_tool": _bounded(ex.mcp_tool, target["mcp_tool"]), "task_id": _bounded(ex.task_id, task["id"]),
+            "copy_source": _bounded(ex.copy_source, target["copy_source"]),
             "task_trigger": _bounded(ex.task_trigger, task["trigger"]),
             "principal": list(ex.principal) if ex.principal else None, **_arguments(ex.mcp_arguments)}
 

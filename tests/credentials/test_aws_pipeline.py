@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.credentials.test_aws_provider import BUCKET, REGION, iam_auth, moto  # noqa: F401  (fixtures)
+from tests.core.test_reload_and_approval import approval_config, approve, listed
 from tests.harness import Seen, Upstream, raw_http
 
 pytestmark = pytest.mark.peer("moto")
@@ -300,6 +301,22 @@ async def test_a_copy_source_policy_may_read_is_forwarded_as_decided(make_sideca
     event = await only_event(h)
     assert (event["decision"], event["rule_id"], event["target"]["copy_source"]) == ("allow", "inbox-write-only",
                                                                                      decided)
+
+
+async def test_an_approver_sees_the_copy_source_of_a_held_copy(make_sidecar, upstream, tmp_path):
+    """A copy held for approval lists the object it reads, and what the approver saw is what is sent
+    (issue 11 item 7)."""
+    config = {**approval_config(upstream, tmp_path), **recording_config(upstream)}
+    policy = {**BOTO3_POLICY, "rules": [*BOTO3_POLICY["rules"], {
+        "id": "held-writes", "direction": "outbound", "upstream": "s3", "methods": ["PUT"],
+        "paths": [f"/{BUCKET}/held-writes/**"], "effect": "require_approval"}]}
+    h = await make_sidecar(config, policy)
+    held = asyncio.ensure_future(put(h, "held-writes/copy.txt", [("x-amz-copy-source", f"{BUCKET}/reports/a+b")]))
+    [pending] = await listed(h)
+    assert pending["copy_source"] == f"/{BUCKET}/reports/a+b" and upstream.seen == []
+    await approve(h, pending["id"])
+    assert (await asyncio.wait_for(held, 10))[0] == 200
+    assert upstream.seen[0].header("x-amz-copy-source") == f"/{BUCKET}/reports/a%2Bb"
 
 
 COPY_REFUSED = {
