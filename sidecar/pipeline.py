@@ -203,7 +203,7 @@ class Outbound:
             out.headers[COPY_SOURCE] = source.header  # what policy decided on is what S3 reads
         if credential is not None:
             provider = rt.providers[credential.provider]
-            if body is None and body_needed(provider, request.headers):
+            if body is None and body_needed(provider, out.headers):
                 body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
             out.body = body
             provider.apply(out, credential)

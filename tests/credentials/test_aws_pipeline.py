@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import zlib
@@ -371,8 +372,8 @@ def aws_chunked(data: bytes, chunk: int = 64 * 1024) -> bytes:
 
 
 def streaming_head(framed_length: int, decoded_length: int, *, mode: str = "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
-                   encoding: str = "aws-chunked", port: int) -> bytes:
-    return (f"PUT /s3/{BUCKET}/reports/streamed.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+                   encoding: str = "aws-chunked", port: int, connection: str = "close") -> bytes:
+    return (f"PUT /s3/{BUCKET}/reports/streamed.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: {connection}\r\n"
             f"Content-Length: {framed_length}\r\nContent-Encoding: {encoding}\r\nX-Amz-Content-Sha256: {mode}\r\n"
             f"X-Amz-Decoded-Content-Length: {decoded_length}\r\nX-Amz-Trailer: x-amz-checksum-crc32\r\n"
             f"x-amz-sdk-checksum-algorithm: CRC32\r\n\r\n").encode()
@@ -411,6 +412,20 @@ async def test_an_unsigned_trailer_upload_is_streamed_as_sent(make_sidecar):
                                                                                             str(len(data)))
     assert {"content-encoding", "x-amz-content-sha256", "x-amz-decoded-content-length",
             "x-amz-trailer"} <= set(signed_headers(seen))
+
+
+async def test_a_body_is_signed_by_the_headers_that_are_forwarded(make_sidecar, upstream):
+    """A streaming declaration the agent drops through Connection is not forwarded, so the body goes whole
+    with its own SHA-256 signed, not unread under a hash of nothing (issue 11 item 8)."""
+    h = await make_sidecar(recording_config(upstream), BOTO3_POLICY)
+    framed = aws_chunked(b"payload")
+    hidden = "close, X-Amz-Content-Sha256, Content-Encoding, X-Amz-Decoded-Content-Length, X-Amz-Trailer"
+    answer = await raw_http(h.port("outbound"), streaming_head(len(framed), 7, port=h.port("outbound"),
+                                                               connection=hidden) + framed)
+    assert answer.startswith(b"HTTP/1.1 200")
+    [seen] = upstream.seen
+    assert not seen.has_header("Content-Encoding") and seen.body == framed
+    assert seen.header("X-Amz-Content-Sha256") == hashlib.sha256(framed).hexdigest()
 
 
 BODY_MODES_REFUSED = {
