@@ -223,7 +223,7 @@ class Sidecar:
         self.runtime.record(ex)
 
     def _parse_error(self, direction: str) -> Any:
-        def hook(request: web.BaseRequest, refusal: Any) -> None:
+        def hook(request: web.BaseRequest | None, refusal: Any) -> None:
             from sidecar.exchange import Exchange
 
             ex = Exchange(direction)

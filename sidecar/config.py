@@ -91,11 +91,19 @@ def _single_listen(root: Fields, key: str, default: str) -> ListenAddress:
     return value
 
 
-def _limits(f: Fields) -> Limits:
+INBOUND_PER_SOURCE = 256  # connections from one caller address; the outbound listener has only the agent
+
+
+def _limits(f: Fields, *, per_source: int | None = None) -> Limits:
+    """A listener's limits; ``per_source`` is its default cap of connections from one address (None: none,
+    as on the outbound listener, where every connection is the agent's)."""
     d = Limits()
     limits = Limits(f.int("max_header_bytes", d.max_header_bytes, minimum=1024),
                     f.int("max_headers", d.max_headers, minimum=1),
-                    f.int("max_body_bytes", d.max_body_bytes, minimum=0))
+                    f.int("max_body_bytes", d.max_body_bytes, minimum=0),
+                    f.int("max_connections", d.max_connections, minimum=1),
+                    f.int("max_in_flight", d.max_in_flight, minimum=1),
+                    f.int("max_connections_per_source", per_source, minimum=1))
     f.done()
     return limits
 
@@ -166,7 +174,8 @@ def _inbound(f: Fields) -> InboundConfig:
     if required and not issuers:
         f.error("jwt.issuers", "at least one issuer is needed when jwt.required is true")
     cfg = InboundConfig(listen, forward_to, trust_domains, required, tuple(issuers),
-                        f.str("task_trigger_header", "X-Task-Trigger"), _limits(f.sub("limits")),
+                        f.str("task_trigger_header", "X-Task-Trigger"),
+                        _limits(f.sub("limits"), per_source=INBOUND_PER_SOURCE),
                         _timeouts(f.sub("timeouts")), _pass_headers(f))
     f.done()
     return cfg

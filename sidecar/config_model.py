@@ -20,6 +20,9 @@ class Limits:
     max_header_bytes: int = 32768
     max_headers: int = 100
     max_body_bytes: int = 10 * 1024 * 1024
+    max_connections: int = 4096  # open client connections on the listener; one more is answered overloaded
+    max_in_flight: int = 1024  # requests being served at once (CONNECT tunnels included)
+    max_connections_per_source: int | None = None  # open connections from one address (inbound: 256)
 
 
 @dataclass(frozen=True, slots=True)

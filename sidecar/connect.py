@@ -257,7 +257,7 @@ class Interceptor:
         route = rt.router.for_host(tunnel.host, raw_path, query, "connect")
         return await tunnel.outbound.forward_route(request, ex, route)
 
-    def _parse_error(self, request: web.BaseRequest, refusal: Refusal) -> None:
+    def _parse_error(self, request: web.BaseRequest | None, refusal: Refusal) -> None:
         ex = Exchange("outbound", protocol="connect")
         ex.refuse(refusal)
         self.rt.record(ex)

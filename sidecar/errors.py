@@ -19,7 +19,9 @@ contain a secret: callers pass names and reasons, never values.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from http import HTTPStatus
 
 STATUS: dict[str, int] = {
     "allowed": 200,
@@ -54,6 +56,7 @@ STATUS: dict[str, int] = {
     "not_found": 404,
     "unauthorized": 401,
     "internal_error": 500,
+    "overloaded": 503,
 }
 
 # RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
@@ -73,6 +76,23 @@ PROXY_STATUS_ERROR: dict[str, str] = {
 def status_for(reason: str) -> int:
     """The HTTP status of a reason code; an unknown code is an internal error."""
     return STATUS.get(reason, 500)
+
+
+def refusal_response(reason: str, message: str, *, retry_after: int | None = None) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 refusal as bytes, for where no HTTP server runs yet
+    (before or instead of one): the same body and Proxy-Status as every other refusal."""
+    status = status_for(reason)
+    body = json.dumps({"error": reason, "message": message}).encode()
+    error = PROXY_STATUS_ERROR.get(reason, "http_request_denied")
+    retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f'Proxy-Status: sidecar; error={error}; details="{reason}"\r\n'
+        f"{retry}Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 class Refusal(Exception):

@@ -12,12 +12,18 @@ limits (checked by the pipeline) decide, with 431 rather than aiohttp's 400.
 A client that goes away cancels its handler (aiohttp's ``handler_cancellation``): the exchange
 is recorded as cut and its upstream connection closed at once, not held until the upstream
 next writes (a quiet stream: up to the idle timeout).
+
+Overload degrades into refusals, never into hung clients: past ``limits.max_connections`` open
+connections (or ``max_connections_per_source`` from one address) a new connection gets one
+``503 overloaded`` with ``Retry-After`` and is closed before anything it sends is parsed; past
+``max_in_flight`` requests being served, a request is answered the same way at once. Each refusal
+is reported to the listener (one trust-decision event, the metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
 import orjson
 import structlog
@@ -26,7 +32,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.config import Limits
-from sidecar.errors import PROXY_STATUS_ERROR, RecordedFailure, Refusal, RequestRefused
+from sidecar.errors import PROXY_STATUS_ERROR, RecordedFailure, Refusal, RequestRefused, refusal_response
 
 log = structlog.get_logger("sidecar.server")
 
@@ -35,7 +41,9 @@ PROXY_NAME = "sidecar"
 # (our refusals, and forwarded responses whose upstream sent none): whoever calls us could read
 # our stack and its versions from it. One name instead, as in Via and Proxy-Status.
 web_response.SERVER_SOFTWARE = PROXY_NAME
-ParseErrorHook = Callable[[web.BaseRequest, Refusal], None]
+ParseErrorHook = Callable[[web.BaseRequest | None, Refusal], None]
+"""``on_parse_error(request, refusal)``: a refusal made outside any exchange (request None: a connection)."""
+RETRY_AFTER_OVERLOAD = 1  # seconds
 
 
 def error_response(refusal: Refusal) -> web.Response:
@@ -63,8 +71,37 @@ def parse_refusal(exc: BaseException | None, status: int) -> Refusal:
     return Refusal("internal_error", "sidecar: internal error")
 
 
+def overloaded(what: str) -> Refusal:
+    return Refusal("overloaded", f"sidecar: {what}; try again shortly", retry_after=RETRY_AFTER_OVERLOAD)
+
+
+def source_of(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+
 class SafeRequestHandler(RequestHandler):
     """aiohttp's protocol, with errors answered as JSON refusals and logged without content."""
+
+    _refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        refusal = cast(SidecarServer, self._manager).admit(transport)
+        if refusal is None:
+            super().connection_made(transport)
+            return
+        self._refused = True  # never parsed, never handled: one answer, then closed
+        cast(asyncio.Transport, transport).write(refusal_response(refusal.reason, refusal.message,
+                                                                  retry_after=refusal.retry_after))
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._refused:
+            super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -95,11 +132,60 @@ class SidecarServer(web.Server):
         kwargs.setdefault("auto_decompress", False)  # a proxy passes bodies as they are
         kwargs.setdefault("access_log", None)
         kwargs.setdefault("handler_cancellation", True)  # client gone: the exchange is cut, not left running
-        super().__init__(handler, **kwargs)
+        super().__init__(self._gated, **kwargs)
         self.on_parse_error = on_parse_error
+        self._serve = handler
+        self._limits = limits
+        self._by_source: dict[str, int] = {}
+        self.in_flight = 0
 
     def __call__(self) -> RequestHandler:
         return SafeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def admit(self, transport: asyncio.BaseTransport) -> Refusal | None:
+        """A new connection's admission: None, or the overload refusal it gets (reported here)."""
+        limits = self._limits
+        refusal = None
+        if len(self._connections) >= limits.max_connections:
+            refusal = overloaded(f"{limits.max_connections} connections are open on this listener")
+        elif (limits.max_connections_per_source is not None
+              and self._by_source.get(source := source_of(transport), 0) >= limits.max_connections_per_source):
+            refusal = overloaded(f"{limits.max_connections_per_source} connections from {source} are open")
+        if refusal is not None and self.on_parse_error is not None:
+            self.on_parse_error(None, refusal)
+        return refusal
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        source = source_of(transport)
+        self._by_source[source] = self._by_source.get(source, 0) + 1
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        transport = self._connections.get(handler)
+        super().connection_lost(handler, exc)
+        if transport is None:
+            return
+        source = source_of(transport)
+        left = self._by_source.get(source, 1) - 1
+        if left > 0:
+            self._by_source[source] = left
+        else:
+            self._by_source.pop(source, None)
+
+    async def _gated(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The listener's handler, with at most ``max_in_flight`` requests served at once."""
+        if self.in_flight >= self._limits.max_in_flight:
+            refusal = overloaded(f"{self._limits.max_in_flight} requests are in flight on this listener")
+            if self.on_parse_error is not None:
+                self.on_parse_error(request, refusal)
+            response = error_response(refusal)
+            response.force_close()
+            return response
+        self.in_flight += 1
+        try:
+            return await self._serve(request)
+        finally:
+            self.in_flight -= 1
 
 
 def parser_limits(limits: Limits) -> dict[str, int]:

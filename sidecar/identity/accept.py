@@ -23,15 +23,13 @@ loses it on uvloop, which still delivers the first bytes there.)
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 
 import structlog
 
-from sidecar.errors import PROXY_STATUS_ERROR, status_for
+from sidecar.errors import refusal_response
 
 log = structlog.get_logger("sidecar.identity.accept")
 
@@ -131,22 +129,6 @@ def _listening_socket(family: int, kind: int, proto: int, address: tuple, backlo
         sock.close()
         raise
     return sock
-
-
-def refusal_response(reason: str, message: str) -> bytes:
-    """A complete ``Connection: close`` HTTP/1.1 response carrying the reason code and message."""
-    status = status_for(reason)
-    body = json.dumps({"error": reason, "message": message}).encode()
-    error = PROXY_STATUS_ERROR.get(reason, "http_request_denied")
-    head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f'Proxy-Status: sidecar; error={error}; details="{reason}"\r\n'
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
 
 
 @dataclass(slots=True)

@@ -36,7 +36,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import cast
 
-from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, Listener, Lobby, refusal_response
+from sidecar.errors import refusal_response
+from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, Listener, Lobby
 from sidecar.identity.x509 import (
     PEER_REJECT_REASONS,
     PeerIdentity,

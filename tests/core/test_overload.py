@@ -1,0 +1,154 @@
+"""Overload degrades into refusals: connection and in-flight caps per listener, per-source caps inbound.
+
+Every refused connection or request gets one ``503 overloaded`` with ``Retry-After`` and one event;
+nothing of it is forwarded; the listener serves again as soon as there is room (issue 12 item 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+from aiohttp import web
+
+from tests.core.test_inbound import POLICY as INBOUND_POLICY
+from tests.core.test_inbound import agent, client_context, inbound_config  # noqa: F401
+from tests.core.test_outbound import POLICY, config_for
+from sidecar.server import SidecarServer
+from tests.harness import SidecarHarness, Upstream
+
+SAFETY = 20.0  # bounds every wait so a broken build fails instead of hanging; never asserted on
+
+
+class Gate:
+    """An upstream handler that holds every request until released."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        self.arrived += 1
+        await self.release.wait()
+        return web.Response(text="done")
+
+
+async def until(predicate, what: str) -> None:
+    async with asyncio.timeout(SAFETY):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def outbound_server(h: SidecarHarness) -> SidecarServer:
+    """The outbound listener's server (the CONNECT tunnels' server is a subclass)."""
+    return next(s for s in h.sidecar._web_servers if type(s) is SidecarServer)
+
+
+def overload_events(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["reason"] == "overloaded"]
+
+
+async def test_requests_past_max_in_flight_are_refused_at_once(make_sidecar):
+    """With two requests being served, a third is answered 503 overloaded with Retry-After, is not
+    forwarded, and is one event; once they finish, the listener serves again."""
+    gate = Gate()
+    upstream = await Upstream(gate).start()
+    try:
+        config = config_for(upstream)
+        config["outbound"]["limits"] = {"max_in_flight": 2}
+        h = await make_sidecar(config, POLICY)
+        url = f"{h.outbound}/billing/v1/invoices"
+        async with aiohttp.ClientSession() as s:
+            held = [asyncio.ensure_future(s.get(url)) for _ in range(2)]
+            await until(lambda: gate.arrived == 2, "two requests at the upstream")
+            async with s.get(url) as r:
+                body = await r.json()
+                assert (r.status, body["error"], r.headers["Retry-After"]) == (503, "overloaded", "1")
+                assert "2 requests are in flight" in body["message"]
+                assert 'details="overloaded"' in r.headers["Proxy-Status"]
+            assert gate.arrived == 2
+            gate.release.set()
+            assert [(await f).status for f in held] == [200, 200]
+            async with s.get(url) as r:
+                assert r.status == 200
+        [refused] = overload_events(await h.settle())
+        assert (refused["direction"], refused["status"], refused["outcome"]) == ("outbound", 503, "refused")
+    finally:
+        gate.release.set()
+        await upstream.stop()
+
+
+async def test_connections_past_max_connections_get_one_answer_and_are_closed(make_sidecar, upstream):
+    """With the listener's connections all open, the next one is answered 503 overloaded before it sends
+    anything, and closed; when one closes, a new connection is served."""
+    config = config_for(upstream)
+    config["outbound"]["limits"] = {"max_connections": 2}
+    h = await make_sidecar(config, POLICY)
+    port = h.port("outbound")
+    open_ = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = await asyncio.wait_for(reader.read(), SAFETY)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head
+    assert json.loads(body)["error"] == "overloaded"
+    writer.close()
+    _, first = open_.pop(0)
+    first.close()
+    await first.wait_closed()
+    await until(lambda: len(outbound_server(h).connections) < 2, "the closed connection gone")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/invoices") as r:
+            assert r.status == 200
+    assert upstream.seen and all(seen.path.startswith("/api/v1/invoices") for seen in upstream.seen)
+    assert len(overload_events(await h.settle())) == 1
+    for _, w in open_:
+        w.close()
+
+
+async def test_an_inbound_caller_past_its_per_source_cap_is_refused_over_tls(make_sidecar, agent, tmp_path):  # noqa: F811
+    """Inbound, one address may hold max_connections_per_source connections; the next one from it is
+    answered 503 overloaded over TLS (the caller can read why), never reaching the agent."""
+    config = inbound_config(tmp_path, agent)
+    config["inbound"]["limits"] = {"max_connections_per_source": 1}
+    h = await make_sidecar(config, INBOUND_POLICY)
+    ctx = client_context(h, "spiffe://sidecar.local/orchestrator", tmp_path / "caller")
+    url = f"https://127.0.0.1:{h.port('inbound')}/tasks/1"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1)) as kept:
+        async with kept.get(url) as r:
+            assert r.status == 200  # this connection stays open in the pool
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)) as other:
+            async with other.get(url) as r:
+                assert (r.status, (await r.json())["error"]) == (503, "overloaded")
+    assert len(agent.seen) == 1
+    [refused] = overload_events(await h.settle())
+    assert refused["direction"] == "inbound"
+
+
+async def test_a_burst_of_connections_is_answered_or_refused_never_hung(make_sidecar, upstream):
+    """300 concurrent connections against a listener capped at 50 connections and 20 in flight: every
+    one gets 200 or 503 overloaded, and health answers meanwhile."""
+    config = config_for(upstream)
+    config["outbound"]["limits"] = {"max_connections": 50, "max_in_flight": 20}
+    h = await make_sidecar(config, POLICY)
+
+    port = h.port("outbound")
+    request = f"GET /billing/v1/invoices HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+
+    async def one() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request.encode())
+        try:
+            answer = await asyncio.wait_for(reader.read(), SAFETY)
+        finally:
+            writer.close()
+        return int(answer.split(b" ", 2)[1]) if answer else 0
+
+    burst = asyncio.gather(*(one() for _ in range(300)))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{h.port('health')}/readyz") as r:
+            assert r.status == 200
+    statuses = await burst
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 1
+    events = await h.settle()
+    assert len(overload_events(events)) == statuses.count(503)
