@@ -13,7 +13,10 @@ bound to ``0.0.0.0``) therefore never delays a real caller's handshake.
 The lobby is bounded per source address and in all. When either bound is reached the *oldest*
 waiting connection is evicted, never the newcomer: a real caller sends its ClientHello within
 a round trip of connecting, so it leaves the lobby long before a flood from its own address could
-push it out, while the flood only ever evicts itself.
+push it out, while the flood only ever evicts itself. The per-source bound spares connections
+younger than ``YOUNG``: a client that opens a pool of hundreds at once connects them all before it
+says a word on any, and such a burst is bounded by the lobby's total instead. A connection about to
+be evicted whose bytes have in fact arrived is admitted instead.
 
 Nothing is read from a socket here (the first byte is peeked): the TLS layer gets the whole
 ClientHello on every event loop. (Reading through a protocol that paused in ``connection_made``
@@ -33,8 +36,9 @@ from sidecar.errors import refusal_response
 
 log = structlog.get_logger("sidecar.identity.accept")
 
-MAX_WAITING = 1024  # connections that have not yet sent a byte, from all sources
-MAX_WAITING_PER_SOURCE = 64  # of those, from one source address
+MAX_WAITING = 4096  # connections that have not yet sent a byte, from all sources
+MAX_WAITING_PER_SOURCE = 512  # of those, from one source address, once they are no longer young
+YOUNG = 1.0  # seconds: a connection this new may still be on its way to speaking (a client opening a pool)
 ACCEPT_BATCH = 64  # accepts per readiness callback: a burst is taken without starving the loop
 ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS (as asyncio's own servers)
 PLAIN_DRAIN = 64 * 1024  # what is read (and dropped) of a plain-text request before answering it
@@ -136,18 +140,20 @@ class _Waiting:
     address: str
     source: str
     timer: asyncio.TimerHandle
+    since: float  # loop time of arrival
 
 
 class Lobby:
     """Accepted connections waiting for their first byte; each is admitted, refused or dismissed once."""
 
     def __init__(self, admit: Arrive, dismiss: Callable[[str, str], None], *, timeout: float,
-                 limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE) -> None:
+                 limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE, young: float = YOUNG) -> None:
         self._admit = admit
         self._dismiss = dismiss  # (address, message): a connection closed before its handshake
         self._timeout = timeout
         self._limit = max(1, limit)
         self._per_source = max(1, per_source)
+        self._young = young
         self._waiting: dict[socket.socket, _Waiting] = {}  # insertion order: the oldest first
         self._by_source: dict[str, dict[socket.socket, None]] = {}
 
@@ -158,14 +164,14 @@ class Lobby:
         loop = asyncio.get_running_loop()
         source = source_of(address)
         crowd = self._by_source.setdefault(source, {})
-        if len(crowd) >= self._per_source:
-            self._evict(next(iter(crowd)), f"mtls: more than {self._per_source} connections from {source} "
-                                           "were waiting for a tls clienthello; the oldest was closed")
+        if len(crowd) >= self._per_source and loop.time() - self._waiting[next(iter(crowd))].since >= self._young:
+            self._make_room(crowd, f"mtls: more than {self._per_source} connections from {source} were "
+                                   "waiting for a tls clienthello; the oldest was closed")
         if len(self._waiting) >= self._limit:
-            self._evict(next(iter(self._waiting)), f"mtls: more than {self._limit} connections were waiting "
-                                                   "for a tls clienthello; the oldest was closed")
+            self._make_room(self._waiting, f"mtls: more than {self._limit} connections were waiting for a "
+                                           "tls clienthello; the oldest was closed")
         timer = loop.call_later(self._timeout, self._expire, sock)
-        self._waiting[sock] = _Waiting(address, source, timer)
+        self._waiting[sock] = _Waiting(address, source, timer, loop.time())
         self._by_source.setdefault(source, {})[sock] = None
         loop.add_reader(sock.fileno(), self._stirred, sock)
 
@@ -217,6 +223,14 @@ class Lobby:
         waiting = self._leave(sock)
         sock.close()
         self._dismiss(waiting.address, f"mtls: no tls clienthello arrived within {self._timeout:g}s")
+
+    def _make_room(self, waiting: dict[socket.socket, object], message: str) -> None:
+        """Take the oldest out of ``waiting``: admitted if its bytes are already there (a burst can arrive
+        faster than readiness is reported), else evicted."""
+        oldest = next(iter(waiting))
+        self._stirred(oldest)
+        if oldest in self._waiting:  # still silent
+            self._evict(oldest, message)
 
     def _evict(self, sock: socket.socket, message: str) -> None:
         waiting = self._leave(sock)

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from sidecar.errors import refusal_response
-from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, Listener, Lobby
+from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, YOUNG, Listener, Lobby
 from sidecar.identity.x509 import (
     PEER_REJECT_REASONS,
     PeerIdentity,
@@ -47,6 +47,11 @@ from sidecar.identity.x509 import (
 )
 
 REJECT_REASONS = PEER_REJECT_REASONS | {"handshake_failed"}
+
+# Handshakes in progress at once. A handshake is CPU-bound (about 1-2 ms of one core each, PERFORMANCE.md):
+# more at once buys no throughput, only a longer loop iteration in a burst, which every request and the
+# health endpoint then wait out. 16 kept /readyz near 100 ms under a burst of 200 new mTLS callers.
+MAX_HANDSHAKES = 16
 
 RejectHook = Callable[[str, str, str], None]
 """``on_reject(reason, message, peer_address)``; must not raise."""
@@ -83,13 +88,14 @@ class MtlsAcceptor:
         handler_factory: Callable[[], asyncio.BaseProtocol],
         on_reject: RejectHook,
         handshake_timeout: float = 10.0,
-        max_handshakes: int = 128,
+        max_handshakes: int = MAX_HANDSHAKES,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         respond_on_reject: bool = True,
         refusal_grace: float = 1.0,
         hello_timeout: float | None = None,
         max_waiting: int = MAX_WAITING,
         max_waiting_per_source: int = MAX_WAITING_PER_SOURCE,
+        waiting_young: float = YOUNG,
     ) -> None:
         self._context = context
         self._bundles = bundles
@@ -104,7 +110,7 @@ class MtlsAcceptor:
         self._peers = _PeerTable()
         self._pending: set[asyncio.Task[None]] = set()
         self._lobby = Lobby(self._admitted, self._dismissed, timeout=hello_timeout or handshake_timeout,
-                            limit=max_waiting, per_source=max_waiting_per_source)
+                            limit=max_waiting, per_source=max_waiting_per_source, young=waiting_young)
         self._listener: Listener | None = None
 
     async def start(self, host: str, port: int) -> Listener:

@@ -63,18 +63,19 @@ def free_port() -> int:
 class Sidecar:
     """A ``sidecar run`` process with an inbound listener, in a temporary directory."""
 
-    def __init__(self, tmp: Path, agent_port: int) -> None:
+    def __init__(self, tmp: Path, agent_port: int, *, upstreams: dict | None = None,
+                 rules: list[dict] | None = None) -> None:
         self.tmp = tmp
         self.ports = {name: free_port() for name in ("inbound", "outbound", "health", "metrics", "admin")}
         policy = tmp / "policy.yaml"
         policy.write_text(yaml.safe_dump({"version": 1, "default": "deny", "rules": [
-            {"id": "caller", "direction": "inbound", "callers": [CALLER], "effect": "allow"}]}))
+            {"id": "caller", "direction": "inbound", "callers": [CALLER], "effect": "allow"}, *(rules or [])]}))
         self.config = tmp / "sidecar.yaml"
         self.config.write_text(yaml.safe_dump({
             "state_dir": str(tmp / "state"), "policy": {"files": [str(policy)]},
             "inbound": {"listen": f"127.0.0.1:{self.ports['inbound']}", "forward_to": f"http://127.0.0.1:{agent_port}",
                         "trust_domains": ["sidecar.local"]},
-            "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}", "upstreams": {}},
+            "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}", "upstreams": upstreams or {}},
             **{name: {"listen": f"127.0.0.1:{self.ports[name]}"} for name in ("health", "metrics", "admin")}}))
         self.process: subprocess.Popen[bytes] | None = None
 
