@@ -137,6 +137,7 @@ class SidecarServer(web.Server):
         self._serve = handler
         self._limits = limits
         self._by_source: dict[str, int] = {}
+        self._sources: dict[RequestHandler, str] = {}
         self.in_flight = 0
 
     def __call__(self) -> RequestHandler:
@@ -157,15 +158,14 @@ class SidecarServer(web.Server):
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        source = source_of(transport)
+        source = self._sources[handler] = source_of(transport)  # a closed transport may no longer say
         self._by_source[source] = self._by_source.get(source, 0) + 1
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        transport = self._connections.get(handler)
         super().connection_lost(handler, exc)
-        if transport is None:
+        source = self._sources.pop(handler, None)
+        if source is None:
             return
-        source = source_of(transport)
         left = self._by_source.get(source, 1) - 1
         if left > 0:
             self._by_source[source] = left
