@@ -1,0 +1,102 @@
+"""Peers that misbehave on command, for the chaos harness: an upstream, a token endpoint, the agent.
+
+Each is a real aiohttp server on 127.0.0.1 whose ``mode`` the harness switches while traffic runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from aiohttp import web
+
+UPSTREAM_MODES = ("normal", "reset", "slow", "cut")
+TOKEN_MODES = ("normal", "down", "slow", "garbage", "error")
+
+
+class Switchable:
+    """A loopback server with a behaviour switch and a count of what reached it."""
+
+    def __init__(self) -> None:
+        self.mode = "normal"
+        self.hits = 0
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> Switchable:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class Upstream(Switchable):
+    """normal: 200 ``ok``; reset: the connection is aborted before a byte of answer; slow: the answer
+    comes after ``slow_seconds`` (past the sidecar's first_byte); cut: the head and half the body,
+    then the connection is aborted."""
+
+    slow_seconds = 3.0
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        await request.read()
+        if self.mode == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if self.mode == "slow":
+            await asyncio.sleep(self.slow_seconds)
+        if self.mode == "cut":
+            response = web.StreamResponse(headers={"Content-Length": "1000"})
+            await response.prepare(request)
+            await response.write(b"x" * 500)
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        return web.Response(text="ok")
+
+
+class TokenEndpoint(Switchable):
+    """An OAuth 2.0 token endpoint (client credentials) whose tokens live ``lifetime`` seconds.
+    down: 503; slow: no answer within the client's timeout; garbage: 200 with a body that is not JSON;
+    error: 400 invalid_client."""
+
+    lifetime = 8
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        await request.read()
+        if self.mode == "down":
+            return web.Response(status=503, text="maintenance")
+        if self.mode == "slow":
+            await asyncio.sleep(30)
+        if self.mode == "garbage":
+            return web.Response(text="<html>not json</html>", content_type="text/html")
+        if self.mode == "error":
+            return web.json_response({"error": "invalid_client"}, status=400)
+        return web.json_response({"access_token": secrets.token_urlsafe(24), "token_type": "Bearer",
+                                  "expires_in": self.lifetime})
+
+
+class Agent(Switchable):
+    """The agent behind the inbound listener: always 200."""
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        await request.read()
+        return web.Response(text="agent ok")
