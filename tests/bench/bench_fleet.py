@@ -100,7 +100,7 @@ async def bench(size: int, rounds: int, interval: float) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         redis = RedisServer(shutil.which("redis-server") or "redis-server", free_port()).start()
         upstream = PlainUpstream()
-        fleet = Fleet(Path(tmp), redis.url, upstream.url, size)
+        fleet = Fleet(Path(tmp), {"redis_url": redis.url}, upstream.url, size)
         started = time.perf_counter()
         try:
             fleet.start()
