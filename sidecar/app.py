@@ -233,10 +233,9 @@ class Sidecar:
         return hook
 
     async def _start_bus(self) -> None:
-        url = self.config.revocation.redis_url
-        if url is None:
+        if not self.config.revocation.has_bus:
             return
-        self._bus = RedisBus(url.reveal(), self.runtime.revocations, self.metrics)
+        self._bus = RedisBus(self.config.revocation, self.runtime.revocations, self.metrics)
         self.runtime.revocations.bus = self._bus
         await self._bus.start()
 

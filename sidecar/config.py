@@ -16,13 +16,13 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
 
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.config_model import (
-    AdminConfig, Approver, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RevocationConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
+    AdminConfig, Approver, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
 )
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
 from sidecar.policy.paths import DEFAULT_PORTS, PathOptions
@@ -302,16 +302,80 @@ def _tasks(f: Fields) -> TasksConfig:
 
 
 def _revocation(f: Fields) -> RevocationConfig:
-    url = None
-    if f.has("redis_url"):
-        raw = f.raw_value("redis_url")
-        url = Secret(raw, "value") if isinstance(raw, str) else read_secret(raw, f.at("redis_url"), f.errors,
-                                                                             f.base_dir)
-        if url is not None and urlsplit(url.reveal()).scheme not in ("redis", "rediss", "unix"):
-            f.error("redis_url", "must be a redis://, rediss:// or unix:// URL")
-    cfg = RevocationConfig(url, f.bool("require_sync", True))
+    """The bus: one Redis (``redis_url``) or the primary named by Redis Sentinel (``sentinel``), with
+    ACL credentials and TLS for either; every problem with its path, no value echoed."""
+    given = {key for key in ("redis_url", "sentinel", "username", "password", "tls") if f.raw.get(key) is not None}
+    url = _redis_url(f)
+    sentinel_fields, tls_fields = f.sub("sentinel"), f.sub("tls")
+    sentinel = _sentinel(sentinel_fields) if "sentinel" in given else None
+    tls = _redis_tls(tls_fields) if "tls" in given else None
+    username, password = _redis_auth(f)
+    if {"redis_url", "sentinel"} <= given:
+        f.error("", "needs at most one of redis_url or sentinel")
+    elif given & {"username", "password", "tls"} and not given & {"redis_url", "sentinel"}:
+        f.error("", "username, password and tls need redis_url or sentinel")
+    if url is not None:
+        _check_redis_url(f, urlsplit(url.reveal()), tls, bool(given & {"username", "password"}))
+    cfg = RevocationConfig(url, f.bool("require_sync", True), sentinel, username, password, tls)
     f.done()
     return cfg
+
+
+def _redis_auth(f: Fields) -> tuple[Secret | None, Secret | None]:
+    """An ACL user's username and password, both secret references; a username alone is an error."""
+    username, password = f.secret("username"), f.secret("password")
+    if f.raw.get("username") is not None and f.raw.get("password") is None:
+        f.error("username", "needs a password too (Redis ACL: AUTH username password)")
+    return username, password
+
+
+def _redis_url(f: Fields) -> Secret | None:
+    raw = f.raw_value("redis_url")  # a plain string, or a secret reference
+    if isinstance(raw, str):
+        return Secret(raw, "value")
+    return None if raw is None else read_secret(raw, f.at("redis_url"), f.errors, f.base_dir)
+
+
+def _check_redis_url(f: Fields, url: SplitResult, tls: RedisTls | None, credentials: bool) -> None:
+    """Checks that name the URL's parts, never its text (it may hold a password)."""
+    if url.scheme not in ("redis", "rediss", "unix"):
+        f.error("redis_url", "must be a redis://, rediss:// or unix:// URL")
+    elif tls is not None and url.scheme != "rediss":
+        f.error("tls", "needs a rediss:// redis_url")
+    if credentials and "@" in url.netloc:
+        f.error("redis_url", "carries credentials: give them in the URL or as username/password, not both")
+    if options := sorted(key for key in parse_qs(url.query) if key.startswith("ssl")):
+        f.error("redis_url", f"must not set {', '.join(options)}: TLS is always verified; give the CA as tls.ca")
+
+
+def _sentinel(f: Fields) -> SentinelConfig:
+    texts = f.str_list("sentinels", required=True)
+    if f.raw.get("sentinels") == []:
+        f.error("sentinels", "needs at least one HOST:PORT")
+    addresses = (_sentinel_address(f, i, text) for i, text in enumerate(texts))
+    cfg = SentinelConfig(tuple(a for a in addresses if a is not None), f.str("service_name", "", required=True),
+                         f.int("db", 0), *_redis_auth(f))
+    f.done()
+    return cfg
+
+
+def _sentinel_address(f: Fields, index: int, text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
+        f.error(f"sentinels[{index}]", "must be HOST:PORT with a port from 1 to 65535, for example 10.0.0.11:26379")
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _redis_tls(f: Fields) -> RedisTls:
+    ca = f.path_value("ca", must_exist=True)
+    if ca is not None and ca.is_file() and not _loads_as_ca(ca):
+        f.error("ca", "expected a PEM file of CA certificates; none could be loaded from it")
+    cert, key = f.path_value("cert", must_exist=True), f.path_value("key", must_exist=True)
+    if (cert is None) != (key is None):
+        f.error("", "cert and key go together")
+    f.done()
+    return RedisTls(ca, cert, key)
 
 
 def _admin(f: Fields, state_dir: Path) -> AdminConfig:

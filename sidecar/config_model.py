@@ -138,9 +138,37 @@ class TasksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisTls:
+    """TLS to Redis (and to its sentinels): the CA that signs their certificates, a client certificate."""
+
+    ca: Path | None = None  # None: the system's CAs
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    """Redis Sentinel: the bus follows the primary that these sentinels name for ``service_name``."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int = 0
+    username: Secret | None = None  # the sentinels' own ACL, if they have one
+    password: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RevocationConfig:
     redis_url: Secret | None = None
     require_sync: bool = True
+    sentinel: SentinelConfig | None = None
+    username: Secret | None = None  # Redis ACL (AUTH username password)
+    password: Secret | None = None
+    tls: RedisTls | None = None
+
+    @property
+    def has_bus(self) -> bool:
+        return self.redis_url is not None or self.sentinel is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,12 @@ sidecar that was disconnected catches up when it reconnects) and published (pub/
 that connected sidecars apply it within milliseconds). Pub/sub loses messages for
 disconnected subscribers, hence the keys.
 
+Redis is one server (``redis_url``, ``rediss://`` for TLS) or the primary that Redis Sentinel names
+(``sentinel``), both through redis-py's own support (:func:`redis_client`), with ACL credentials
+and a CA for TLS. A failover is an outage like any other to the bus: the reconnect below lands on
+the primary the sentinels name by then, and the outbox, the catch-up and the re-store make up for
+what the dead primary took with it or never replicated.
+
 With Redis down, local revocation still works, ``sidecar_revocation_bus_up`` is 0 and a
 running sidecar stays ready; with ``require_sync`` a starting one is not ready before it
 has read the stored revocations once.
@@ -14,9 +20,9 @@ has read the stored revocations once.
 Outages. Every local change (a revocation, or its lifting) goes through an outbox that
 keeps the last change per revocation id until Redis took it. On (re)connect a sidecar, in
 this order: subscribes; writes its outbox (SET + PUBLISH, so revocations made during the
-outage reach the fleet); catches up on the stored keys; re-stores (SET NX, no publish) the
-live revocations it holds that Redis lacks, so a Redis that lost its data is refilled by
-the fleet. Lifting stores a tombstone under the same key for the rest of the revocation's
+outage reach the fleet); catches up on the stored keys; re-stores (SET NX, then PUBLISH of
+those it set) the live revocations it holds that Redis lacks, so a Redis that lost its data
+is refilled by the fleet. Lifting stores a tombstone under the same key for the rest of the revocation's
 TTL, so a sidecar that missed the lift forgets the entry when it catches up, and the
 re-store cannot bring it back. If Redis lost its data *and* missed a lift, the revocation
 comes back (fail closed) until it is lifted again or expires.
@@ -37,8 +43,10 @@ from typing import Any, Callable
 import orjson
 import structlog
 
+from sidecar.config_model import RedisTls, RevocationConfig
 from sidecar.credentials.base import Credential
 from sidecar.errors import Refusal, TaskRefused
+from sidecar.fields import Secret
 from sidecar.observe.metrics import Metrics
 
 log = structlog.get_logger("sidecar.revocation")
@@ -214,16 +222,61 @@ def parse_message(data: bytes, now: float) -> tuple[Revocation | None, dict[str,
     return Revocation(kind, ident, created, float(expires)), raw
 
 
+TIMEOUTS = {"socket_connect_timeout": 2, "socket_timeout": 5}
+
+
+def redis_client(config: RevocationConfig) -> tuple[Any, Any]:
+    """The bus's client, through redis-py's own support, and the Sentinel manager to close (or None).
+
+    With ``sentinel`` it is ``Sentinel.master_for``: every new connection asks the sentinels for the
+    current primary, so the bus's reconnect after a failover lands on the new one. redis-py retries
+    nothing itself (``Retry(NoBackoff(), 0)``): a subscription it reconnected on its own would skip
+    the catch-up the bus does on every reconnect.
+    """
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    options = {**TIMEOUTS, "health_check_interval": 5, "retry": Retry(NoBackoff(), 0),
+               **_auth(config.username, config.password)}
+    if config.sentinel is None:
+        assert config.redis_url is not None
+        url = config.redis_url.reveal()
+        return redis.from_url(url, **options, **_tls(config.tls, url.startswith("rediss:"))), None
+    from redis.asyncio.sentinel import Sentinel
+
+    s = config.sentinel
+    tls = {"ssl": True, **_tls(config.tls, True)} if config.tls is not None else {}
+    manager = Sentinel(list(s.sentinels), sentinel_kwargs={**TIMEOUTS, **_auth(s.username, s.password), **tls},
+                       db=s.db, **options, **tls)
+    return manager.master_for(s.service_name), manager
+
+
+def _auth(username: Secret | None, password: Secret | None) -> dict[str, str]:
+    named = {"username": username, "password": password}
+    return {key: secret.reveal() for key, secret in named.items() if secret is not None}
+
+
+def _tls(tls: RedisTls | None, enabled: bool) -> dict[str, Any]:
+    """redis-py's TLS options, checks spelled out (redis-py 5 did not check host names by default)."""
+    if not enabled:
+        return {}
+    files = {"ssl_ca_certs": tls.ca, "ssl_certfile": tls.cert, "ssl_keyfile": tls.key} if tls else {}
+    return {"ssl_cert_reqs": "required", "ssl_check_hostname": True,
+            **{key: str(path) for key, path in files.items() if path is not None}}
+
+
 class RedisBus:
     """Publishes and stores revocations in Redis; subscribes and catches up on (re)connect."""
 
-    def __init__(self, url: str, revocations: Revocations, metrics: Metrics,
+    def __init__(self, config: RevocationConfig, revocations: Revocations, metrics: Metrics,
                  clock: Callable[[], float] = time.time) -> None:
-        self._url = url
+        self._config = config
         self._revocations = revocations
         self._metrics = metrics
         self._clock = clock
         self._client: Any = None
+        self._sentinel: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: dict[str, tuple[Revocation, bool]] = {}  # rid -> (entry, lifted): not yet in Redis
         self._wake = asyncio.Event()
@@ -232,10 +285,7 @@ class RedisBus:
         self.up = False
 
     async def start(self) -> None:
-        import redis.asyncio as redis
-
-        self._client = redis.from_url(self._url, socket_connect_timeout=2, socket_timeout=5,
-                                      health_check_interval=5)
+        self._client, self._sentinel = redis_client(self._config)
         self._tasks = [asyncio.ensure_future(self._run()), asyncio.ensure_future(self._write_loop())]
 
     # -- subscribing and catching up -------------------------------------------------------
@@ -385,6 +435,8 @@ class RedisBus:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+        for node in self._sentinel.sentinels if self._sentinel is not None else ():
+            await node.aclose()
 
 
 def _text(key: bytes | str) -> str:

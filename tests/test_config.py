@@ -218,3 +218,77 @@ def test_approver_subjects_match_exactly_or_within_at_signs(pattern, subject, ma
     approver = Approver("https://login.example.com", pattern)
     assert approver.matches("https://login.example.com", subject) is matched
     assert approver.matches("https://other.example.com", subject) is False
+
+
+# -- revocation: Redis Sentinel, TLS and ACL credentials -------------------------------------------
+
+def test_revocation_reads_sentinels_tls_and_acl_passwords_as_typed_masked_values(tmp_path, monkeypatch):
+    """A sentinel section, an ACL user and TLS files load as typed values, every password a masked Secret
+    (issue 12 item 2)."""
+    monkeypatch.setenv("REDIS_ACL_PASSWORD", "acl-canary-pw-4410")
+    ca = ca_init(tmp_path / "redis-ca")
+    config = parse_config({"revocation": {
+        "sentinel": {"sentinels": ["10.0.0.11:26379", "[fd00::12]:26380"], "service_name": "sidecar-bus", "db": 2,
+                     "username": {"value": "watcher"}, "password": {"value": "sentinel-canary-pw-4411"}},
+        "username": {"value": "sidecar"}, "password": {"from_env": "REDIS_ACL_PASSWORD"}, "tls": {"ca": str(ca)},
+    }}, base_dir=tmp_path)
+    bus = config.revocation
+    assert bus.has_bus and bus.redis_url is None and bus.tls is not None and bus.tls.ca == ca
+    assert bus.sentinel is not None and bus.sentinel.sentinels == (("10.0.0.11", 26379), ("fd00::12", 26380))
+    assert (bus.sentinel.service_name, bus.sentinel.db) == ("sidecar-bus", 2)
+    assert bus.password is not None and bus.password.reveal() == "acl-canary-pw-4410"
+    assert bus.password.source == "env:REDIS_ACL_PASSWORD"
+    for secret in ("acl-canary-pw-4410", "sentinel-canary-pw-4411", "watcher"):
+        assert secret not in repr(config)
+
+
+def test_every_revocation_problem_is_reported_at_once_and_no_redis_secret_is_echoed(tmp_path):
+    """`sidecar validate` lists each problem of the revocation section with its path, and neither the URL's
+    password nor the ACL password appears in its output (issue 12 item 2)."""
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(yaml.safe_dump({"revocation": {
+        "redis_url": "redis://bob:url-canary-pw-5520@redis.internal:6379/0",
+        "sentinel": {"sentinels": ["10.0.0.11:26379", "no-port", "10.0.0.13:99999"], "username": {"value": "s"}},
+        "username": {"value": "sidecar"}, "password": {"value": "acl-canary-pw-5521"},
+        "tls": {"ca": "missing-ca.pem", "cert": "client.crt"},
+    }}))
+    result = subprocess.run([sys.executable, "-m", "sidecar", "validate", "-c", str(config_file)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    for line in (
+        "revocation.sentinel.sentinels[1]: must be HOST:PORT with a port from 1 to 65535",
+        "revocation.sentinel.sentinels[2]: must be HOST:PORT with a port from 1 to 65535",
+        "revocation.sentinel.service_name: is required",
+        "revocation.sentinel.username: needs a password too",
+        "revocation.tls.ca: file not found or not readable: missing-ca.pem",
+        "revocation.tls.cert: file not found or not readable: client.crt",
+        "revocation.tls: cert and key go together",
+        "revocation: needs at most one of redis_url or sentinel",
+        "revocation.tls: needs a rediss:// redis_url",
+        "revocation.redis_url: carries credentials: give them in the URL or as username/password, not both",
+    ):
+        assert line in result.stderr, (line, result.stderr)
+    for secret in ("url-canary-pw-5520", "acl-canary-pw-5521"):
+        assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("revocation, expected", [
+    # credentials and TLS without a Redis to use them for
+    ({"password": {"value": "p"}}, ["revocation: username, password and tls need redis_url or sentinel"]),
+    # an empty list of sentinels is one problem
+    ({"sentinel": {"sentinels": [], "service_name": "bus"}},
+     ["revocation.sentinel.sentinels: needs at least one HOST:PORT"]),
+    # a URL of another scheme, named by its path only (it may hold a password)
+    ({"redis_url": "http://user:pw-canary@redis:6379"}, ["revocation.redis_url: must be a redis://, rediss:// or "
+                                                          "unix:// URL"]),
+    # redis-py would take TLS options from the query, verification off included
+    ({"redis_url": "rediss://redis:6380/0?ssl_cert_reqs=none&db=1"},
+     ["revocation.redis_url: must not set ssl_cert_reqs: TLS is always verified; give the CA as tls.ca"]),
+    # a username alone cannot authenticate
+    ({"redis_url": "rediss://redis:6380/0", "username": {"value": "sidecar"}},
+     ["revocation.username: needs a password too (Redis ACL: AUTH username password)"]),
+])
+def test_each_revocation_problem_is_reported_once(tmp_path, revocation, expected):
+    """The revocation section's problems are each reported once, with the path and what was expected
+    (issue 12 item 2)."""
+    assert errors_of({"revocation": revocation}, tmp_path) == expected

@@ -29,7 +29,9 @@ from sidecar import inject
 from sidecar.inject.settings import LOCKDOWN
 from sidecar.admin import ensure_token
 from sidecar.config import parse_config
+from sidecar.config_model import RevocationConfig
 from sidecar.errors import ConfigInvalid, Refusal
+from sidecar.fields import Secret
 from sidecar.observe.metrics import Metrics
 from sidecar.revocation import RedisBus, Revocations
 from tests.core.test_inbound import ISSUER, KEY, call, client_context, human_token, inbound_config, jwks_file
@@ -66,7 +68,7 @@ def _free_port() -> int:
 
 def _bus() -> tuple[Revocations, RedisBus]:
     revocations = Revocations(Metrics())
-    return revocations, RedisBus("redis://127.0.0.1:1/0", revocations, Metrics())  # never started
+    return revocations, RedisBus(RevocationConfig(Secret("redis://127.0.0.1:1/0")), revocations, Metrics())  # never started
 
 
 def test_g1_a_future_dated_tombstone_on_the_bus_makes_later_admin_revocations_silently_ineffective():

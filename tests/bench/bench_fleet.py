@@ -10,6 +10,14 @@ member refuses" for member 0 (in force before the admin call returns) and for th
 members (over Redis), and the fleet-wide ``sidecar_revocation_propagation_seconds``
 histogram (receive time minus the publisher's timestamp) summed over the members' /metrics.
 Target: p99 <= 1 s for the other members. Polling adds up to one call plus ``--interval-ms``.
+
+``--sentinel`` (issue 12 item 2): the fleet uses a Redis Sentinel group instead (one primary,
+one replica, three sentinels, ``tests/peers/redis.py``), and each round ``kill -9``s the
+primary and revokes the subject on member 0 right after, while no primary is reachable. Per
+round it reports the failover (kill -> every sentinel names the replica), revoke -> enforced by
+every member, and how much of that came after the failover (the bus's reconnect: its backoff
+doubles from 0.2 s to at most 5 s while Redis is unreachable). Then the killed node is restarted
+as the new primary's replica for the next round.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.fleet import Fleet, Member, PlainUpstream, metric_samples
-from tests.peers.redis import RedisServer, free_port
+from tests.peers.redis import DOWN_AFTER_MS, FAILOVER_TIMEOUT_MS, SERVICE, RedisServer, SentinelGroup, free_port
 
 TARGET_P99_S = 1.0
 MAX_POLLS = 20_000  # per member and round: bounded even if a member never refuses
@@ -100,7 +108,7 @@ async def bench(size: int, rounds: int, interval: float) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         redis = RedisServer(shutil.which("redis-server") or "redis-server", free_port()).start()
         upstream = PlainUpstream()
-        fleet = Fleet(Path(tmp), redis.url, upstream.url, size)
+        fleet = Fleet(Path(tmp), {"redis_url": redis.url}, upstream.url, size)
         started = time.perf_counter()
         try:
             fleet.start()
@@ -133,16 +141,82 @@ async def bench(size: int, rounds: int, interval: float) -> int:
     return 0
 
 
+async def failover_round(session: aiohttp.ClientSession, fleet: Fleet, group: SentinelGroup,
+                         interval: float) -> tuple[float, list[float]]:
+    """kill -9 the primary, revoke on member 0 at once: (seconds until the sentinels name the new primary,
+    seconds from the revoke call until each member refuses), both from the revoke call."""
+    members = fleet.members
+    subject = f"failover-{secrets.token_hex(4)}@example.com"
+    tasks = await asyncio.gather(*(m.open_task(session, subject) for m in members))
+    old = group.kill_primary()
+    t0 = time.perf_counter()
+
+    async def failover() -> float:
+        await asyncio.to_thread(group.wait_for_failover, old)
+        return time.perf_counter() - t0
+
+    revoke = members[0].admin(session, "POST", "/revocations", {"kind": "subject", "id": subject, "ttl": "10m"})
+    pollers = [time_to_refusal(session, m, t, t0, interval) for m, t in zip(members, tasks)]
+    switched, (status, body), *results = await asyncio.gather(failover(), revoke, *pollers)
+    assert status == 201, body
+    return switched, [t for t, _ in results]
+
+
+async def bus_up_everywhere(session: aiohttp.ClientSession, fleet: Fleet) -> None:
+    """Wait (bounded) until every member's bus is connected again."""
+    for _ in range(600):
+        texts = await asyncio.gather(*(m.metrics(session) for m in fleet.members))
+        if all("sidecar_revocation_bus_up 1.0" in t for t in texts):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("bench_fleet: a member's bus did not come back")
+
+
+async def bench_sentinel(size: int, rounds: int, interval: float) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-sentinel-") as tmp:
+        group = SentinelGroup(shutil.which("redis-server") or "redis-server", Path(tmp)).start()
+        upstream = PlainUpstream()
+        bus = {"sentinel": {"sentinels": group.addresses, "service_name": SERVICE}}
+        fleet = Fleet(Path(tmp) / "fleet", bus, upstream.url, size)
+        try:
+            fleet.start()
+            print(f"fleet: {size} sidecar processes over 3 sentinels (down-after {DOWN_AFTER_MS} ms, "
+                  f"failover-timeout {FAILOVER_TIMEOUT_MS} ms); {rounds} failovers; poll interval "
+                  f"{interval * 1000:.0f} ms")
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                switched: list[float] = []
+                fleet_wide: list[float] = []
+                for n in range(rounds):
+                    await bus_up_everywhere(session, fleet)
+                    failover, times = await failover_round(session, fleet, group, interval)
+                    switched.append(failover)
+                    fleet_wide.append(max(times))
+                    print(f"  round {n + 1}: failover {failover:5.2f} s, revoke -> fleet-wide {max(times):5.2f} s "
+                          f"(member 0 {times[0] * 1000:.1f} ms), after the failover {max(times) - failover:5.2f} s")
+                    await asyncio.to_thread(group.revive)
+                print(summary("failover (kill -> new primary)", switched))
+                print(summary("revoke -> enforced fleet-wide", fleet_wide))
+                print(summary("of which after the failover", [f - s for f, s in zip(fleet_wide, switched)]))
+                print(f"never refused: {sum(1 for t in fleet_wide if t == float('inf'))}")
+        finally:
+            fleet.stop()
+            upstream.stop()
+            group.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=10)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--interval-ms", type=float, default=5.0)
+    p.add_argument("--sentinel", action="store_true", help="revoke during a kill -9 failover of a Sentinel group")
     args = p.parse_args(argv)
     if shutil.which("redis-server") is None:
         print("bench_fleet: redis-server is not installed (apt-get install -y redis-server)", file=sys.stderr)
         return 2
-    return asyncio.run(bench(args.size, args.rounds, args.interval_ms / 1000))
+    run = bench_sentinel if args.sentinel else bench
+    return asyncio.run(run(args.size, args.rounds, args.interval_ms / 1000))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A fleet of real ``sidecar run`` processes sharing one real Redis, for the fleet test and benchmark.
 
-:class:`Fleet` writes one config per member (its own ``state_dir``, admin token file and free
+:class:`Fleet` takes the members' ``revocation`` section (``{"redis_url": ...}``, or ``{"sentinel":
+...}`` for a Sentinel group), writes one config per member (its own ``state_dir``, admin token file and free
 loopback ports), starts every process at once (``python -m sidecar run -c FILE``), waits until
 each answers ``/readyz`` 200, and stops them with SIGTERM. :class:`Member` offers the admin
 API, outbound calls naming a task, ``/metrics``, and ways to cut a member off: ``pause()``
@@ -88,7 +89,7 @@ class PlainUpstream:
 class Member:
     index: int
     dir: Path
-    redis_url: str
+    revocation: dict[str, Any]
     upstream_url: str
     ports: dict[str, int] = field(default_factory=dict)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
@@ -121,7 +122,7 @@ class Member:
             "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}",
                          "upstreams": {"billing": {"url": self.upstream_url + "/api"}}},
             "policy": {"files": [str(policy_file)]},
-            "revocation": {"redis_url": self.redis_url, "require_sync": True},
+            "revocation": {**self.revocation, "require_sync": True},
             "admin": {"listen": f"127.0.0.1:{self.ports['admin']}", "token_file": str(token_file)},
             "health": {"listen": f"127.0.0.1:{self.ports['health']}"},
             "metrics": {"listen": f"127.0.0.1:{self.ports['metrics']}"},
@@ -212,14 +213,14 @@ class Member:
 
 
 class Fleet:
-    """N sidecar processes sharing one Redis and one upstream."""
+    """N sidecar processes sharing one Redis (or one Sentinel group) and one upstream."""
 
-    def __init__(self, root: Path, redis_url: str, upstream_url: str, size: int) -> None:
+    def __init__(self, root: Path, revocation: dict[str, Any], upstream_url: str, size: int) -> None:
         self.root = root
         self.policy_file = root / "policy.yaml"
         root.mkdir(parents=True, exist_ok=True)
         self.policy_file.write_text(yaml.safe_dump(POLICY))
-        self.members = [Member(i, root / f"m{i:02d}", redis_url, upstream_url) for i in range(size)]
+        self.members = [Member(i, root / f"m{i:02d}", revocation, upstream_url) for i in range(size)]
         for member in self.members:
             member.write_config(self.policy_file)
 
