@@ -10,7 +10,8 @@ misbehaving token endpoint), a revocation bus on a real ``redis-server`` when on
 policy file it watches. Traffic: about 40 requests a second, round robin: an allowed GET on each
 upstream, a GET policy denies, and an allowed inbound mTLS call.
 
-Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
+Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID and Redis
+down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
 kind of request succeeds again. Printed per fault, and the exit status 1 if any promise broke:
 - **lost**: requests that got no HTTP answer at all (must be 0; a refusal with its reason is an answer);
 - **wrong**: decisions other than policy's (an allowed request refused by policy, a denied one served: 0);
@@ -289,7 +290,22 @@ def faults(world: World) -> list[Fault]:
     ]
     if world.redis is not None:
         table.append(Fault("redis-down", redis_down, redis_up))
+    table.append(together("together", [table[i] for i in (1, 3, 9)] + table[-1:] * (world.redis is not None)))
     return table
+
+
+def together(name: str, several: list[Fault]) -> Fault:
+    """Several faults at once: injected in order, cleared in reverse."""
+    async def inject() -> None:
+        for fault in several:
+            await maybe(fault.inject())
+
+    async def clear() -> None:
+        for fault in reversed(several):
+            await maybe(fault.clear())
+
+    return Fault(f"{name}({'+'.join(f.name for f in several)})", inject, clear,
+                 frozenset().union(*(f.expect for f in several)), any(f.cut_ok for f in several))
 
 
 async def maybe(result: Awaitable[None] | None) -> None:
@@ -348,13 +364,14 @@ def judge(fault: Fault, outcomes: list[Outcome], began: float, cleared: float, r
 
 
 def show(rows: list[Row]) -> None:
-    print(f"{'fault':<22}{'sent':>6}{'lost':>6}{'wrong':>7}{'recovery':>10}{'events':>8}  refusals (unexpected)")
+    width = max(22, *(len(r.fault) + 2 for r in rows))
+    print(f"{'fault':<{width}}{'sent':>6}{'lost':>6}{'wrong':>7}{'recovery':>10}{'events':>8}  refusals (unexpected)")
     for r in rows:
         recovery = f"{r.recovery:.1f}s" if r.recovery is not None else "never"
         refusals = ", ".join(f"{k} {v}" for k, v in r.refusals.most_common()) or "-"
         unexpected = ", ".join(f"{k} {v}" for k, v in r.unexpected.most_common())
         mark = "" if r.held else "   <-- BROKEN"
-        print(f"{r.fault:<22}{r.sent:>6}{r.lost:>6}{r.wrong:>7}{recovery:>10}{r.events:>5}/{r.sent:<4} {refusals}"
+        print(f"{r.fault:<{width}}{r.sent:>6}{r.lost:>6}{r.wrong:>7}{recovery:>10}{r.events:>5}/{r.sent:<4} {refusals}"
               f"{f' ({unexpected})' if unexpected else ''}{mark}")
 
 
@@ -363,7 +380,7 @@ async def main_async(args: argparse.Namespace) -> int:
         world = World(Path(tmp))
         await world.start()
         try:
-            chosen = [f for f in faults(world) if not args.only or f.name in args.only.split(",")]
+            chosen = [f for f in faults(world) if not args.only or f.name.split("(")[0] in args.only.split(",")]
             rows = [await run_fault(world, fault, args.fault_seconds) for fault in chosen]
             alive = world.sidecar is not None and world.sidecar.poll() is None
         finally:
