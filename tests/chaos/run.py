@@ -364,7 +364,7 @@ def judge(fault: Fault, outcomes: list[Outcome], began: float, cleared: float, r
 
 
 def show(rows: list[Row]) -> None:
-    width = max(22, *(len(r.fault) + 2 for r in rows))
+    width = max([22, *(len(r.fault) + 2 for r in rows)])
     print(f"{'fault':<{width}}{'sent':>6}{'lost':>6}{'wrong':>7}{'recovery':>10}{'events':>8}  refusals (unexpected)")
     for r in rows:
         recovery = f"{r.recovery:.1f}s" if r.recovery is not None else "never"
