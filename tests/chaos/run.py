@@ -159,9 +159,18 @@ class World:
         self.good_svid = {name: path.read_bytes() for name, path in self.svid.items()}
         self.write_policy()
         (self.tmp / "sidecar.yaml").write_text(yaml.safe_dump(self.config(state)))
-        self.sidecar = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(self.tmp / "sidecar.yaml")],
-                                        stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        self.sidecar = self.spawn([sys.executable, "-m", "sidecar", "run", "-c", str(self.tmp / "sidecar.yaml")])
         await self.wait_ready()
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        """The sidecar process, its output (events included) to ``self.log``."""
+        return subprocess.Popen(argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+
+    def rotate_svid(self) -> None:
+        """A new SVID for the same ID, written over the watched files (as cert-manager renews one)."""
+        from sidecar.identity.ca import ca_issue
+
+        ca_issue(self.tmp / "state", OURS, self.svid_dir)
 
     def config(self, state: Path) -> dict:
         up = self.upstream.url
