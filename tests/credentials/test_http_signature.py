@@ -238,7 +238,8 @@ def signing_config(upstream: Upstream, algorithm: str, **extra: Any) -> dict[str
     credential = {"type": "http_signature", "algorithm": algorithm, "key": {"from_file": str(key_file(KEYS[algorithm]))},
                   "keyid": KEYS[algorithm], "components": COVERED, "content_digest": "sha-512", "expires": "5m",
                   "nonce": True, "tag": "partner-api", "alg": True, **extra}
-    return {"outbound": {"upstreams": {"partner": {"url": upstream.url + "/api", "credential": "partner-sig"}}},
+    return {"outbound": {"upstreams": {"partner": {"url": upstream.url + "/api", "hosts": ["partner.internal"],
+                                                   "credential": "partner-sig"}}},
             "credentials": {"partner-sig": credential}}
 
 
@@ -305,6 +306,20 @@ async def test_the_upstream_verifies_what_it_received_with_an_independent_verifi
         "allow", "http_signature", "static")
     log = h.raw_log().decode()
     assert SHARED_SECRET not in log and "PRIVATE KEY" not in log
+
+
+async def test_a_forward_proxy_request_is_signed_as_it_is_forwarded(make_sidecar, upstream):
+    """An absolute-URI request for a mapped host is signed with the Host and base path the upstream receives,
+    not the agent's, and verifies there (issue 14 item 6)."""
+    h = await make_sidecar(signing_config(upstream, "rsa-v1_5-sha256"), POLICY)
+    headers = {"Content-Type": "application/json", "X-Request-Id": "req-7"}
+    async with aiohttp.ClientSession() as s:
+        async with s.put("http://partner.internal/api/v1/items?b=2", data=BODY, headers=headers,
+                         proxy=h.outbound) as r:
+            assert r.status == 200
+    [seen] = upstream.seen
+    assert (seen.header("Host"), seen.path) == (f"127.0.0.1:{upstream.port}", "/api/v1/items?b=2")
+    assert verify_received("rsa-v1_5-sha256", received(seen), seen.body).covered_components['"@method"'] == "PUT"
 
 
 def _altered(message: Received, **changes: Any) -> Received:
