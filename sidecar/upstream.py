@@ -375,14 +375,22 @@ def stalled() -> RequestRefused:
                                              "expected the rest of the declared body")
 
 
+def framed_length(method: str, body: bytes | None) -> str | None:
+    """The Content-Length a whole (or absent) body is written with; None: none is written.
+
+    Signers that cover ``content-length`` sign this value (``sidecar.credentials.http_signature``)."""
+    return str(len(body or b"")) if body or method in BODY_METHODS else None
+
+
 def serialize_head(method: str, target: str, headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None, chunked: bool) -> bytes:
     """The request line and headers, refused if anything in them would split the message."""
     if chunked:
         headers["Transfer-Encoding"] = "chunked"
     elif body is None or isinstance(body, bytes):
-        if body or method in BODY_METHODS:
-            headers["Content-Length"] = str(len(body or b""))
+        length = framed_length(method, body)
+        if length is not None:
+            headers["Content-Length"] = length
         else:
             headers.popall("Content-Length", None)
     lines = [f"{method} {target} HTTP/1.1"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from sidecar.config import load_config, parse_config
 from sidecar.errors import ConfigInvalid
@@ -22,9 +24,12 @@ def materialize_example(tmp: Path) -> Path:
     """The full example with every absolute path moved under tmp, and those files created."""
     text = EXAMPLE.read_text().replace("/var/run/", f"{tmp}/var/run/").replace("/etc/ssl/", f"{tmp}/etc/ssl/")
     ca_pem = ca_init(tmp / "example-ca").read_text()
+    signing_pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
     for path in set(re.findall(rf"{re.escape(str(tmp))}/[\w/.-]+", text)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(ca_pem if path.endswith("-ca.pem") else "placeholder\n")  # upstream CAs are loaded
+        loaded = ca_pem if path.endswith("-ca.pem") else signing_pem if path.endswith("-ed25519.pem") else None
+        Path(path).write_text(loaded or "placeholder\n")  # upstream CAs and http_signature keys are loaded
     text = text.replace("config/policy.example.yaml", str(ROOT / "config" / "policy.example.yaml"))
     out = tmp / "sidecar.yaml"
     out.write_text(text)
@@ -50,7 +55,7 @@ def test_the_full_reference_example_validates(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-canary-77")
     config = load_config(materialize_example(tmp_path))
     assert set(config.credentials) >= {"billing-oauth", "on-behalf-of-user", "service-assertion", "aws-s3",
-                                       "legacy-key"}
+                                       "partner-signed", "legacy-key"}
     assert config.outbound.upstreams["billing-api"].base_path == "/api"
     assert config.tasks.ttl == 900 and config.policy.approval_timeout == 300
     assert "legacy-canary-value-31" not in repr(config)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from sidecar.credentials import aws, jwt_assertion, oauth2, static, token_exchange
+from sidecar.credentials import aws, http_signature, jwt_assertion, oauth2, static, token_exchange
 
 PROVIDERS: dict[str, ModuleType] = {
     aws.TYPE: aws,
+    http_signature.TYPE: http_signature,
     jwt_assertion.TYPE: jwt_assertion,
     oauth2.TYPE: oauth2,
     static.TYPE: static,

@@ -9,6 +9,10 @@ signed locally, shaped like oidc-provider's), so no token endpoint is needed: in
 state none is called. Rows: ``get+apply`` is ``await cache.get(...)`` then ``apply``; ``key``
 is ``cache_key`` alone; ``apply`` is ``apply`` alone. Most of ``get+apply`` is the cache's own
 work (a dict lookup, a freshness check and a labelled counter increment), the same for every row.
+
+``http_signature`` rows sign a POST of the size named (``@method``, ``@target-uri``,
+``content-type``, ``content-length`` and, with a digest, a ``Content-Digest`` over the body);
+rows with 1 MiB bodies or RSA keys run ``n / 20`` times.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from multidict import CIMultiDict
 
-from sidecar.credentials import jwt_assertion, oauth2, static, token_exchange
+from sidecar.credentials import http_signature, jwt_assertion, oauth2, static, token_exchange
 from sidecar.credentials.base import CredentialRequest, OutboundRequest, ProviderDeps, TaskRef
 from sidecar.credentials.cache import CredentialCache
 from sidecar.errors import ConfigError
@@ -51,6 +55,32 @@ CONFIGS: dict[str, tuple[ModuleType, dict[str, Any]]] = {
     "jwt_assertion": (jwt_assertion, {"audience": RESOURCE}),
     "jwt_assertion (task)": (jwt_assertion, {"audience": RESOURCE}),
 }
+KIB, MIB = 1024, 1024 * 1024
+SIGNED = ["@method", "@target-uri", "content-type", "content-length"]
+BODIES: dict[str, int] = {}  # label -> body size, for the http_signature rows
+
+
+def _pem(key: Any) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def _signature_rows() -> None:
+    keys = {"hmac-sha256": "c" * 44, "ed25519": _pem(ed25519.Ed25519PrivateKey.generate()),
+            "ecdsa-p256-sha256": _pem(ec.generate_private_key(ec.SECP256R1())),
+            "rsa-pss-sha512": _pem(rsa.generate_private_key(65537, 2048))}
+    keys["rsa-v1_5-sha256"] = keys["rsa-pss-sha512"]
+    rows = [(alg, 4 * KIB, "sha-256") for alg in keys] + [
+        ("ed25519", 4 * KIB, None), ("ed25519", MIB, "sha-256"), ("ed25519", MIB, "sha-512"), ("hmac-sha256", MIB, "sha-256")]
+    for alg, size, digest in rows:
+        raw = {"algorithm": alg, "key": {"value": keys[alg]}, "keyid": "bench", "nonce": True, "expires": "5m",
+               "components": SIGNED + (["content-digest"] if digest else [])}
+        label = f"http_signature {alg} {'1 MiB' if size == MIB else '4 KiB'} {digest or 'no digest'}"
+        CONFIGS[label] = (http_signature, {**raw, **({"content_digest": digest} if digest else {})})
+        BODIES[label] = size
+
+
+_signature_rows()
 
 
 def _signer(directory: Path) -> Signer:
@@ -122,6 +152,10 @@ async def _measure(label: str, deps: ProviderDeps, signer: Signer, n: int) -> tu
     await _prime(provider, req, cache, signer)
     out = OutboundRequest("GET", "https", "billing.internal", 443, "/v1/invoices", "", CIMultiDict(),
                           client_cert_sha256=CERT_SHA256)
+    if label in BODIES:
+        out.method, out.body = "POST", bytes(BODIES[label])
+        out.headers["Content-Type"] = "application/json"
+        n = n // 20 if BODIES[label] >= MIB or "rsa" in label else n
     credential, source = await cache.get(provider, req)
     assert source in ("cache", "static"), source
 
@@ -146,9 +180,9 @@ async def main(n: int) -> None:
             await _measure(label, deps, signer, max(n // 10, 1))
         rows = {label: await _measure(label, deps, signer, n) for label in CONFIGS}
     base = rows["static"][0]
-    print(f"{'provider':34} {'get+apply µs':>13} {'ratio':>7} {'key µs':>8} {'apply µs':>9}")
+    print(f"{'provider':52} {'get+apply µs':>13} {'ratio':>8} {'key µs':>8} {'apply µs':>9}")
     for label, (total, key, apply) in rows.items():
-        print(f"{label:34} {total:13.2f} {total / base:7.2f} {key:8.2f} {apply:9.2f}")
+        print(f"{label:52} {total:13.2f} {total / base:8.2f} {key:8.2f} {apply:9.2f}")
 
 
 if __name__ == "__main__":
