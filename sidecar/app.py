@@ -131,7 +131,8 @@ class Sidecar:
             log.warning("dev_identity_created", state_dir=str(cfg.state_dir),
                         spiffe_id=str(self.identity.state.spiffe_id),
                         note="no identity configured: a development CA and SVID were created")
-        agent = AgentInfo(str(self.identity.state.spiffe_id), cfg.agent_name, cfg.environment)
+        agent = AgentInfo(str(self.identity.state.spiffe_id), cfg.agent_name, cfg.environment, cfg.agent)
+        self.metrics.describe_agent(agent.as_dict())
         self.runtime = await self._build_runtime(agent)
         await self._start_listeners()
         self.identity.on_change(lambda state: self.runtime.sessions.renew_client_certs())

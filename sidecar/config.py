@@ -20,6 +20,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
 
+from sidecar.agent_meta import parse_agent
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.config_model import (
     AdminConfig, Approver, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
@@ -54,10 +55,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     errors: list[ConfigError] = []
     warnings: list[str] = []
     root = Fields(raw, "", errors, base_dir or Path.cwd())
-    agent = root.sub("agent")
-    agent_name = agent.str("name", "agent")
-    environment = agent.str("environment", "development")
-    agent.done()
+    agent_name, environment, agent = parse_agent(root.sub("agent"))
     state_dir = root.path_value("state_dir") or root.base_dir / ".sidecar"
     identity = _identity(root.sub("identity"))
     inbound = _inbound(root.sub("inbound")) if root.has("inbound") else None
@@ -81,7 +79,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     if errors:
         raise ConfigInvalid(errors)
     return Config(agent_name, environment, state_dir, identity, inbound, outbound, credentials, policy, tasks,
-                  revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings))
+                  revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings), agent)
 
 
 def _single_listen(root: Fields, key: str, default: str) -> ListenAddress:

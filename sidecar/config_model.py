@@ -202,6 +202,29 @@ class AdminConfig:
     approvers: tuple[Approver, ...]
 
 
+DEFAULT_TRUST_LEVELS = ("sandbox", "internal", "production")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentMeta:
+    """What an operator declares about the agent (``agent.*`` besides name and environment).
+
+    ``trust_levels`` is the declared order, lowest first; ``trust_rank`` is ``trust_level``'s
+    position in it (None without a level), what ordering comparisons in policy use.
+    """
+
+    owner: str | None = None
+    purpose: str | None = None
+    trust_level: str | None = None
+    trust_levels: tuple[str, ...] = DEFAULT_TRUST_LEVELS
+    data_classes: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
+
+    @property
+    def trust_rank(self) -> int | None:
+        return None if self.trust_level is None else self.trust_levels.index(self.trust_level)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     agent_name: str
@@ -221,3 +244,4 @@ class Config:
     drain: float
     source: Path | None = None
     warnings: tuple[str, ...] = ()
+    agent: AgentMeta = AgentMeta()

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.config_model import AgentMeta
 from sidecar.credentials.base import Credential
 from sidecar.errors import Refusal
 from sidecar.observe.decision_log import CLOCK
 
-EVENT_VERSION = 1
+EVENT_VERSION = 2  # 2: agent metadata; target.scheme, query, size (replay re-decides from them)
 
 
 def new_id() -> str:
@@ -29,9 +30,19 @@ class AgentInfo:
     id: str
     name: str
     environment: str
+    meta: AgentMeta = AgentMeta()
+    _dict: dict[str, Any] = field(init=False, repr=False, compare=False)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"id": self.id, "name": self.name, "environment": self.environment}
+    def __post_init__(self) -> None:
+        m = self.meta
+        object.__setattr__(self, "_dict", {
+            "id": self.id, "name": self.name, "environment": self.environment, "owner": m.owner,
+            "purpose": m.purpose, "trust_level": m.trust_level, "data_classes": list(m.data_classes),
+            "labels": dict(m.labels)})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event's and the inventory's ``agent`` object (built once: nothing writes into it)."""
+        return self._dict
 
 
 class Exchange:
@@ -48,7 +59,7 @@ class Exchange:
     policy_version: str | None = None
     audit: dict[str, Any] | None = None
     caller_id: str | None = None
-    actor_type: str | None = None
+    actor_type: str | None = None  # the event says "workload" unless a human's token or task drives it
     principal: tuple[str, str] | None = None
     delegation: str = "none"
     act_chain: tuple[str, ...] = ()
@@ -112,7 +123,7 @@ class Exchange:
             "audit": self.audit,
             "agent": agent.as_dict(),
             "caller": {"id": self.caller_id} if self.caller_id else None,
-            "actor_type": self.actor_type,
+            "actor_type": self.actor_type or "workload",
             "principal": {"iss": self.principal[0], "sub": self.principal[1]} if self.principal else None,
             "delegation": self.delegation,
             "act_chain": list(self.act_chain),
@@ -131,9 +142,12 @@ class Exchange:
     def _target(self) -> dict[str, Any] | None:
         if self.method is None:
             return None
-        return {"upstream": self.upstream, "method": self.method, "host": self.host, "path": self.path,
-                "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool, "override": self.override,
-                "copy_source": self.copy_source}
+        facts = self.facts
+        return {"upstream": self.upstream, "method": self.method, "host": self.host or (facts and facts.host) or None,
+                "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool,
+                "override": self.override, "copy_source": self.copy_source,
+                "scheme": facts.scheme if facts else None, "query": facts.query if facts else None,
+                "size": facts.size if facts else None}
 
     def _credential(self) -> dict[str, Any] | None:
         c = self.credential

@@ -252,7 +252,8 @@ class Outbound:
         return Facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
                      host=route.upstream.host, path=route.path, query=route.query, headers=headers, size=size,
                      upstream=route.upstream.name, agent_id=rt.agent.id, agent_name=rt.agent.name,
-                     agent_environment=rt.agent.environment, principal=ex.principal, delegation=ex.delegation,
+                     agent_environment=rt.agent.environment, agent_meta=rt.agent.meta, principal=ex.principal,
+                     delegation=ex.delegation,
                      task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
                      mcp_tool=ex.mcp_tool)
 
@@ -347,7 +348,7 @@ class Inbound:
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=LazyHeaders(forwarded), size=body_size(request, body), upstream=None,
             agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
-            caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation)
+            agent_meta=rt.agent.meta, caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation)
         decision = rt.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)

@@ -297,3 +297,34 @@ def test_each_revocation_problem_is_reported_once(tmp_path, revocation, expected
     """The revocation section's problems are each reported once, with the path and what was expected
     (issue 12 item 2)."""
     assert errors_of({"revocation": revocation}, tmp_path) == expected
+
+
+def test_agent_metadata_is_read_typed_and_ranked(tmp_path):
+    """owner, purpose, a trust level from the declared order, data classes and labels are read once,
+    typed and frozen (issue 18 item 1)."""
+    agent = {"name": "a", "owner": "team@example.com", "purpose": "triage", "trust_levels": ["low", "mid", "high"],
+             "trust_level": "mid", "data_classes": ["pii"], "labels": {"team": "ops", "app.kubernetes.io/part-of": "x"}}
+    meta = parse_config({"agent": agent}, base_dir=tmp_path).agent
+    assert (meta.owner, meta.purpose, meta.trust_level, meta.trust_rank) == ("team@example.com", "triage", "mid", 1)
+    assert meta.data_classes == ("pii",) and dict(meta.labels) == {"team": "ops", "app.kubernetes.io/part-of": "x"}
+    assert parse_config({}, base_dir=tmp_path).agent.trust_levels == ("sandbox", "internal", "production")
+
+
+@pytest.mark.parametrize("agent, path, message", [
+    # a level that is not declared
+    ({"trust_level": "root"}, "agent.trust_level", "must be one of the declared trust_levels (sandbox, internal"),
+    ({"trust_levels": ["a", "a"]}, "agent.trust_levels", "must not repeat a name"),
+    ({"trust_levels": ["Prod"]}, "agent.trust_levels", "names must be lowercase"),
+    ({"data_classes": ["PII data"]}, "agent.data_classes", "names must be lowercase"),
+    # labels are bounded: keys, values and how many
+    ({"labels": {"Team": "x"}}, "agent.labels.Team", "label keys must be 1-63 lowercase"),
+    ({"labels": {"team": "a b"}}, "agent.labels.team", "label values must be strings of at most 63"),
+    ({"labels": {"team": 7}}, "agent.labels.team", "label values must be strings"),
+    ({"labels": {f"k{i}": "v" for i in range(33)}}, "agent.labels", "must have at most 32 entries, got 33"),
+    ({"owner": "o" * 257}, "agent.owner", "must be at most 256 characters"),
+    ({"tier": 1}, "agent.tier", "unknown key"),
+])
+def test_agent_metadata_errors_name_their_path(tmp_path, agent, path, message):
+    """Each malformed agent metadata value is one error at its path, saying what was expected (issue 18 item 1)."""
+    errors = errors_of({"agent": agent}, tmp_path)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}: {message}"), errors

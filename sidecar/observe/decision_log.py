@@ -39,7 +39,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 LOG_STRING_MAX = 4096
 # Per event section, the request-derived strings and their bounds in characters (marker included).
 EVENT_BOUNDS: dict[str, dict[str, int]] = {
-    "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256, "copy_source": 2048},
+    "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256, "copy_source": 2048,
+               "query": 2048},
     "task": {"id": 64, "trigger": 256},
     "caller": {"id": 2048},
     "principal": {"iss": 1024, "sub": 1024},
@@ -228,8 +229,20 @@ def clean(text: str, limit: int) -> str:
     return bounded(REDACTOR.text(text), limit)
 
 
+_SECRET_PARAM = re.compile(r"(?i)(^|[&;])([^=&;]*(?:token|key|secret|passw|signature|sig|credential|auth)[^=&;]*=)"
+                           r"[^&;]*")
+
+
+def redact_query(query: str) -> str:
+    """``target.query``: the value of every parameter named like a secret (``api_key=``, ``X-Amz-Signature=``) masked."""
+    return _SECRET_PARAM.sub(lambda m: m.group(1) + m.group(2) + REDACTED, query) if "=" in query else query
+
+
 def emit_event(event: dict[str, Any]) -> None:
     """Write one trust-decision event; every field that carries request-derived text is redacted and bounded."""
+    target = event.get("target")
+    if target is not None and target.get("query"):
+        target["query"] = redact_query(target["query"])
     detail = event.get("reason_detail")
     if detail:
         event["reason_detail"] = clean(detail, REASON_DETAIL_MAX)

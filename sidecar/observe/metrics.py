@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.utils import floatToGoString
 
 UNKNOWN = "_unknown"
+AGENT_INFO_LABELS = ("name", "environment", "owner", "trust_level")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -59,6 +60,8 @@ class Metrics:
                                               registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures.", ["upstream", "reason"],
                                        registry=r)
+        self.agent_info = Gauge("sidecar_agent_info", "1, labelled with the agent's declared metadata (one series "
+                                "per process; free labels are not exported).", AGENT_INFO_LABELS, registry=r)
         self._bind()
 
     def _bind(self) -> None:
@@ -70,6 +73,11 @@ class Metrics:
             self.policy_reloads.labels(outcome)
             self.identity_reloads.labels(outcome)
         self.revocation_bus_up.set(0)
+
+    def describe_agent(self, values: dict[str, str | None]) -> None:
+        """The one ``sidecar_agent_info`` series: name, environment, owner, trust level (bounded: one per process)."""
+        self.agent_info.clear()
+        self.agent_info.labels(*(values.get(k) or "" for k in AGENT_INFO_LABELS)).set(1)
 
     def upstream_label(self, name: str | None) -> str:
         return name if name in self.upstreams else UNKNOWN

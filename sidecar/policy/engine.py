@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from sidecar.config_model import AgentMeta
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.fields import Fields
 from sidecar.policy.cel import ConditionFailed
@@ -72,6 +73,7 @@ class Facts:
     agent_id: str
     agent_name: str
     agent_environment: str
+    agent_meta: AgentMeta = AgentMeta()  # owner, trust level, labels... (shared, never copied per request)
     caller_id: str | None = None  # inbound caller SPIFFE ID
     principal: tuple[str, str] | None = None  # (iss, sub) of the human/workload token
     delegation: str = "none"  # "delegated" | "impersonated" | "asserted" | "none"

@@ -223,3 +223,34 @@ def test_the_schema_states_the_bounds_the_log_applies():
         assert {key: fields[key]["maxLength"] for key in bounds} == bounds
     assert props["reason_detail"]["maxLength"] == REASON_DETAIL_MAX
     assert props["act_chain"]["items"]["maxLength"] == ACT_CHAIN_ITEM_MAX
+
+
+AGENT_META = {"name": "billing-agent", "environment": "test", "owner": "payments@example.com",
+              "purpose": "answers billing questions", "trust_level": "internal", "data_classes": ["pii", "financial"],
+              "labels": {"team": "payments", "tier": "2"}}
+
+
+async def test_agent_metadata_is_in_every_event_the_inventory_and_one_info_metric(make_sidecar, upstream):
+    """Declared owner, purpose, trust level, data classes and labels appear in every event's agent object
+    and the inventory, a bounded info series carries all but the free labels, and an exchange no human
+    drives says actor_type workload (issue 18 item 1)."""
+    h = await make_sidecar({**config_for(upstream), "agent": AGENT_META}, POLICY)
+    async with aiohttp.ClientSession() as s:
+        for path in ("/billing/v1/ok?page=2&api_key=query-canary-77", "/billing/v1/admin/x", "/nowhere/x"):
+            async with s.get(f"{h.outbound}{path}") as r:
+                await r.read()
+        async with s.get(f"http://127.0.0.1:{h.port('metrics')}/metrics") as r:
+            metrics = await r.text()
+    events = await h.settle()
+    assert_valid(events)
+    expected = {k: v for k, v in AGENT_META.items()}
+    assert all({k: e["agent"][k] for k in expected} == expected for e in events) and len(events) == 3
+    assert {e["actor_type"] for e in events} == {"workload"}
+    allowed = events[0]["target"]
+    assert (allowed["scheme"], allowed["query"], allowed["size"]) == ("http", "page=2&api_key=<redacted>", 0)
+    assert "query-canary-77" not in h.raw_log().decode()
+    _, inventory = await admin(h, "GET", "/inventory")
+    assert inventory["agent"]["trust_level"] == "internal" and inventory["agent"]["labels"] == AGENT_META["labels"]
+    assert ('sidecar_agent_info{environment="test",name="billing-agent",owner="payments@example.com",'
+            'trust_level="internal"} 1.0') in metrics
+    assert "payments" not in metrics.replace("payments@example.com", "")  # free labels stay out of metrics

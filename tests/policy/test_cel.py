@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.config_model import AgentMeta
 from sidecar.policy.cel import CelCompileError, ConditionFailed, compile_condition
 from sidecar.policy.engine import Facts
 
@@ -110,3 +111,37 @@ def test_only_needed_values_are_built() -> None:
     assert condition.evaluate(facts(headers=ExplodingHeaders()), NOW) is True
     with pytest.raises(AssertionError, match="headers were read"):
         compile_condition("size(request) > 0").evaluate(facts(headers=ExplodingHeaders()), NOW)
+
+
+META = AgentMeta(owner="payments@example.com", purpose="billing", trust_level="internal",
+                 data_classes=("pii",), labels=(("team", "payments"),))
+
+
+@pytest.mark.parametrize("source, meta, expected", [
+    # ordering by the declared trust levels, not by spelling ("internal" > "production" as strings)
+    ("agent.trust_rank >= trust_levels.internal", META, True),
+    ("agent.trust_rank >= trust_levels.production", META, False),
+    ("agent.trust_level == 'internal' && agent.trust_rank == 1", META, True),
+    # labels, data classes and owner are plain values
+    ("agent.labels.team == 'payments'", META, True),
+    ("'team' in agent.labels && !('tier' in agent.labels)", META, True),
+    ("'pii' in agent.data_classes", META, True),
+    ("agent.owner.endsWith('@example.com')", META, True),
+    # nothing declared: empty labels and data classes, null owner
+    ("size(agent.labels) == 0 && size(agent.data_classes) == 0 && agent.owner == null", AgentMeta(), True),
+])
+def test_agent_metadata_in_conditions(source: str, meta: AgentMeta, expected: bool) -> None:
+    """agent.trust_level, trust_rank, labels, data_classes and owner are CEL values; trust levels
+    compare by their declared rank (issue 18 item 1)."""
+    assert compile_condition(source).evaluate(facts(agent_meta=meta), NOW) is expected
+
+
+@pytest.mark.parametrize("source, meta", [
+    ("agent.trust_rank >= trust_levels.internal", AgentMeta()),     # no level declared: null rank
+    ("agent.trust_rank >= trust_levels.root", META),               # a level no one declared
+])
+def test_trust_comparisons_without_a_rank_fail_closed(source: str, meta: AgentMeta) -> None:
+    """A rank comparison on an agent without a level, or with an undeclared level, is a condition error
+    (issue 18 item 1)."""
+    with pytest.raises(ConditionFailed):
+        compile_condition(source).evaluate(facts(agent_meta=meta), NOW)
