@@ -1,7 +1,7 @@
-"""``sidecar``: run, validate, explain, ca, demo, revoke, inventory, inject.
+"""``sidecar``: run, validate, explain, test, ca, demo, revoke, inventory, inject.
 
-Exit codes: 0 success (explain: allow), 1 invalid config or input, 2 usage or config error
-(explain), 3 deny, 4 approval required.
+Exit codes: 0 success (explain: allow), 1 invalid config or input (test: a case failed), 2 usage
+or config error (explain), 3 deny, 4 approval required.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--task-principal")
     e.add_argument("--task-trigger")
     e.add_argument("--at")
+    t = sub.add_parser("test", help="policy unit tests: described requests and the decisions they expect")
+    t.add_argument("policy", nargs="+", metavar="POLICY_DIR_OR_FILE")
+    t.add_argument("--cases", action="append", required=True, metavar="CASES.yaml")
+    t.add_argument("-c", "--config")
+    t.add_argument("--junit", metavar="FILE")
     ca = sub.add_parser("ca", help="development CA").add_subparsers(dest="ca_command", required=True)
     init = ca.add_parser("init")
     init.add_argument("-c", "--config")
@@ -171,6 +176,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return explain(args)
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from sidecar.policytest import policy_test
+
+    return policy_test(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import demo
 
@@ -185,7 +196,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Any] = {
     "run": cmd_run, "validate": cmd_validate, "explain": cmd_explain, "ca": cmd_ca, "demo": cmd_demo,
-    "revoke": cmd_admin, "inventory": cmd_admin, "inject": cmd_inject,
+    "revoke": cmd_admin, "inventory": cmd_admin, "inject": cmd_inject, "test": cmd_test,
 }
 
 

@@ -1,7 +1,8 @@
 """``sidecar explain``: the decision the config would make for one request, sending nothing.
 
 It runs the same routing, canonical path, MCP parsing and policy as the pipeline, so what
-it prints is what the sidecar would do. Exit codes: 0 allow, 3 deny (also refusals before
+it prints is what the sidecar would do. :func:`decide` on a :class:`Described` request is
+also what ``sidecar test`` (policy unit tests) and ``sidecar replay`` (logged requests) use. Exit codes: 0 allow, 3 deny (also refusals before
 policy, such as ``unknown_upstream``), 4 approval required, 2 usage or config error.
 """
 
@@ -10,25 +11,80 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config, config_path, load_config
-from sidecar.errors import ConfigInvalid, Refusal
+from sidecar.config_model import AgentMeta
+from sidecar.errors import ConfigError, ConfigInvalid, Refusal
 from sidecar.forward import (
     DropSet, clean_request_headers, echo_method, inbound_drop_set, is_form_type, request_drop_set,
 )
 from sidecar.policy.engine import Decision, Facts, PolicySet
 from sidecar.policy.mcp import parse_mcp_request
 from sidecar.policy.paths import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
+from sidecar.policy.ratelimit import Limit, RateLimiter
 from sidecar.policy.readings import Reading, screen
 from sidecar.routing import Route, Router
 
 EXIT = {"allow": 0, "deny": 3, "require_approval": 4}
+
+
+@dataclass(frozen=True)
+class Described:
+    """A request described rather than received: what ``explain``, ``test`` and ``replay`` decide on.
+
+    ``None`` fields take this sidecar's own values (agent id, name, environment and metadata from
+    the config) or the pipeline's (size: the body's length). ``reading`` stands in for the
+    override headers a logged request carried (replay); without it the headers are screened.
+    """
+
+    url: str
+    direction: str = "outbound"
+    method: str = "GET"
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    agent_id: str | None = None
+    agent_name: str | None = None
+    agent_environment: str | None = None
+    agent_meta: AgentMeta | None = None
+    caller: str | None = None
+    principal: tuple[str, str] | None = None
+    delegation: str | None = None  # default: delegated with a principal, else none
+    task_id: str | None = None
+    task_trigger: str | None = None
+    at: datetime | None = None
+    size: int | None = -1  # -1: the body's length
+    reading: Reading | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the sidecar would do: a policy decision, or a refusal before policy."""
+
+    shown: dict[str, Any]
+    decision: Decision | None = None
+    refusal: Refusal | None = None
+
+    @property
+    def effect(self) -> str:
+        return self.decision.effect if self.decision is not None else "deny"
+
+    @property
+    def rule_id(self) -> str | None:
+        return self.decision.rule_id if self.decision is not None else None
+
+    @property
+    def reason(self) -> str:
+        if self.decision is not None:
+            return self.decision.reason
+        assert self.refusal is not None
+        return self.refusal.reason
 
 
 def _agent_id(config: Config, override: str | None) -> str:
@@ -46,18 +102,23 @@ def _agent_id(config: Config, override: str | None) -> str:
     return f"spiffe://sidecar.local{DEV_AGENT_PATH.format(name=config.agent_name)}"
 
 
-def _headers(pairs: list[str]) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
+def header_pairs(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--header K=V`` values as (name, value) pairs."""
+    out = []
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise ValueError(f"--header must be K=V, got {pair!r}")
-        headers.add(name.strip(), value)
-    return headers
+        out.append((name.strip(), value))
+    return tuple(out)
 
 
-def _route(config: Config, url: str, headers: CIMultiDict[str]) -> Route:
-    router = Router(config.outbound.upstreams, config.outbound.listen)
+def router_for(config: Config) -> Router:
+    """The router ``sidecar run`` builds from this config (build it once to decide many requests)."""
+    return Router(config.outbound.upstreams, config.outbound.listen)
+
+
+def _route(config: Config, router: Router, url: str, headers: CIMultiDict[str]) -> Route:
     if url.startswith("/"):
         headers.setdefault("Host", str(config.outbound.listen))
     else:
@@ -68,49 +129,73 @@ def _route(config: Config, url: str, headers: CIMultiDict[str]) -> Route:
     return router.route(url, proxy)
 
 
-def _forwarded(headers: CIMultiDict[str], drop: DropSet, query: str, body: bytes, passed: frozenset[str],
+def _forwarded(d: Described, headers: CIMultiDict[str], drop: DropSet, query: str, passed: frozenset[str],
                paths: PathOptions, base_path: str) -> tuple[dict[str, tuple[str, ...]], Reading]:
     """The headers policy sees (the forwarded ones) and the other reading, as the pipeline has them."""
     forwarded = clean_request_headers(CIMultiDictProxy(headers), drop)
-    form = body if is_form_type(headers.get("Content-Type", "")) else None
-    reading = screen(forwarded, query, form, passed, paths, base_path)
+    form = d.body if is_form_type(headers.get("Content-Type", "")) else None
+    reading = d.reading if d.reading is not None else screen(forwarded, query, form, passed, paths, base_path)
     return {k.lower(): tuple(forwarded.getall(k)) for k in forwarded}, reading
 
 
-def _facts(args: argparse.Namespace, config: Config,
-           headers: CIMultiDict[str]) -> tuple[Facts, dict[str, Any], Reading]:
-    body = Path(args.body).read_bytes() if args.body else b""
-    now = datetime.fromisoformat(args.at.replace("Z", "+00:00")) if args.at else datetime.now(timezone.utc)
-    base: dict[str, Any] = dict(
-        method=args.method.upper(), query="", size=len(body), agent_id=_agent_id(config, args.agent),
-        agent_name=config.agent_name, agent_environment=config.environment, now=now,
-        principal=("explain", args.task_principal) if args.task_principal else None,
-        delegation="delegated" if args.task_principal else "none",
-        task_id="explain-task" if args.task_principal or args.task_trigger else None, task_trigger=args.task_trigger)
+def _base(d: Described, config: Config) -> dict[str, Any]:
+    """The Facts fields that do not depend on the direction."""
+    return dict(
+        method=d.method.upper(), size=len(d.body) if d.size == -1 else d.size, agent_id=_agent_id(config, d.agent_id),
+        agent_name=d.agent_name or config.agent_name, agent_environment=d.agent_environment or config.environment,
+        agent_meta=d.agent_meta or config.agent, now=d.at or datetime.now(timezone.utc), principal=d.principal,
+        delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
+        task_trigger=d.task_trigger)
+
+
+def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict[str, Any], Reading]:
+    """The Facts the pipeline would build for ``d``, what to show of them, and the other reading;
+    raises :class:`Refusal` for what the pipeline refuses before policy."""
+    base = _base(d, config)
+    headers: CIMultiDict[str] = CIMultiDict(d.headers)
     shown: dict[str, Any] = {}
-    if args.direction == "inbound":
-        raw_path, _, query = args.url.partition("?")
+    if d.direction == "inbound":
+        raw_path, _, query = d.url.partition("?")
         path = canonical_path(raw_path)
         echo_method(base["method"], False)
         passed = config.inbound.pass_headers if config.inbound else frozenset()
         agent_base = urlsplit(config.inbound.forward_to).path.rstrip("/") if config.inbound else ""
-        seen, reading = _forwarded(headers, inbound_drop_set(passed), query, body, passed, DEFAULT_OPTIONS, agent_base)
+        seen, reading = _forwarded(d, headers, inbound_drop_set(passed), query, passed, DEFAULT_OPTIONS, agent_base)
         shown.update(upstream=None, path=path, override=reading.event())
-        return Facts(direction="inbound", scheme="https", host="", path=path, upstream=None, caller_id=args.caller,
-                     headers=seen, **{**base, "query": query}), shown, reading
-    route = _route(config, args.url, headers)
+        return Facts(direction="inbound", scheme="https", host="", path=path, upstream=None, caller_id=d.caller,
+                     headers=seen, query=query, **base), shown, reading
+    route = _route(config, router, d.url, headers)
     echo_method(base["method"], route.upstream.allow_trace)
     up = route.upstream
-    seen, reading = _forwarded(headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
-                               route.query, body, up.pass_headers, up.paths, up.base_path)
-    mcp = parse_mcp_request(body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
+    seen, reading = _forwarded(d, headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
+                               route.query, up.pass_headers, up.paths, up.base_path)
+    mcp = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
         if route.upstream.protocol == "mcp" and base["method"] == "POST" else None
     shown.update(upstream=route.upstream.name, path=route.path, forwarded_path=route.forward_path,
                  mcp_method=mcp.method if mcp else None, mcp_tool=mcp.tool if mcp else None,
                  override=reading.event())
     return Facts(direction="outbound", scheme=route.upstream.scheme, host=route.upstream.host, path=route.path,
                  upstream=route.upstream.name, mcp_method=shown["mcp_method"], mcp_tool=shown["mcp_tool"],
-                 headers=seen, **{**base, "query": route.query}), shown, reading
+                 headers=seen, query=route.query, **base), shown, reading
+
+
+def decide(d: Described, config: Config, policy: PolicySet, router: Router | None = None) -> Verdict:
+    """The pipeline's verdict on ``d`` under ``policy``: the same facts, the same ``PolicySet.decide``."""
+    try:
+        facts, shown, reading = facts_for(d, config, router or router_for(config))
+    except Refusal as refusal:
+        return Verdict({}, refusal=refusal)
+    return Verdict(shown, decision=policy.decide(facts, *reading.alternatives(facts)))
+
+
+def _described(args: argparse.Namespace) -> Described:
+    trigger, principal = args.task_trigger, args.task_principal
+    return Described(
+        url=args.url, direction=args.direction, method=args.method, headers=header_pairs(args.header),
+        body=Path(args.body).read_bytes() if args.body else b"", agent_id=args.agent, caller=args.caller,
+        principal=("explain", principal) if principal else None,
+        task_id="explain-task" if principal or trigger else None, task_trigger=trigger,
+        at=datetime.fromisoformat(args.at.replace("Z", "+00:00")) if args.at else None)
 
 
 def _print(shown: dict[str, Any], decision: Decision | None, refusal: Refusal | None, config: Config) -> None:
@@ -137,7 +222,7 @@ def explain(args: argparse.Namespace) -> int:
     try:
         config = load_config(config_path(args.config, os.environ))
         policy: PolicySet = build_policy(config, None)
-        headers = _headers(args.header)
+        header_pairs(args.header)
     except ConfigInvalid as exc:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)
@@ -146,13 +231,30 @@ def explain(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        facts, shown, reading = _facts(args, config, headers)
-    except Refusal as refusal:
-        _print({}, None, refusal, config)
-        return 3
+        verdict = decide(_described(args), config, policy)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    decision = policy.decide(facts, *reading.alternatives(facts))
-    _print(shown, decision, None, config)
-    return EXIT.get(decision.effect, 3)
+    _print(verdict.shown, verdict.decision, verdict.refusal, config)
+    return EXIT.get(verdict.decision.effect, 3) if verdict.decision is not None else 3
+
+
+class NoLimits(RateLimiter):
+    """A limiter that never refuses: ``test`` and ``replay`` decide on rules, not on request rates."""
+
+    def take(self, limits: Iterable[Limit]) -> tuple[Limit, int] | None:
+        return None
+
+
+def candidate_policy(config: Config, files: Sequence[Path]) -> PolicySet:
+    """``files`` (a directory: its ``*.yaml`` but ``*.cases.yaml``) compiled exactly as ``sidecar run``
+    compiles the config's own; raises ConfigInvalid."""
+    from sidecar.app import build_policy
+
+    paths: list[Path] = []
+    for f in files:
+        found = sorted(p for p in f.glob("*.yaml") if not p.name.endswith(".cases.yaml")) if f.is_dir() else [f]
+        if not found:
+            raise ConfigInvalid([ConfigError(str(f), "no policy files (*.yaml) in this directory")])
+        paths += found
+    return build_policy(replace(config, policy=replace(config.policy, files=tuple(paths))), NoLimits())

@@ -1,4 +1,4 @@
-"""The command line: run (with a real SIGTERM), explain, ca, revoke, inventory."""
+"""The command line: run (with a real SIGTERM), explain, test (policy unit tests), ca, revoke, inventory."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import aiohttp
 import pytest
@@ -154,3 +155,85 @@ def test_demo_walks_through_allow_deny_and_revocation():
                      "reason=revoked", "not the agent's key"):
         assert expected in result.stdout
     assert "agent-long-lived-key" not in result.stdout
+
+
+def test_the_shipped_policy_cases_pass_and_write_junit(tmp_path):
+    """`sidecar test` runs config/policy.cases.yaml against config/policy.yaml, exits 0 and writes
+    JUnit XML with one passing testcase per case (issue 18 item 2)."""
+    junit = tmp_path / "out" / "policy.xml"
+    result = sidecar("test", "config/policy.yaml", "--cases", "config/policy.cases.yaml", "--junit", str(junit))
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = yaml.safe_load((ROOT / "config" / "policy.cases.yaml").read_text())["cases"]
+    assert f"{len(cases)} passed, 0 failed" in result.stdout
+    root = ElementTree.parse(junit).getroot()
+    assert root.tag == "testsuites" and root.get("tests") == str(len(cases)) and root.get("failures") == "0"
+    assert [c.get("name") for c in root.iter("testcase")] == [c["name"] for c in cases]
+
+
+def test_a_wrong_expectation_fails_showing_the_request_and_the_deciding_rule(tmp_path):
+    """A case whose expectation is wrong exits 1 and prints the request, expected and actual decision and the
+    rule that decided, with where it is written (a directory of policies is read whole); the JUnit file has
+    the same failure (issue 18 item 2)."""
+    cases = tmp_path / "wrong.cases.yaml"
+    cases.write_text(yaml.safe_dump({"cases": [
+        {"name": "reads are denied (wrong)", "request": {"upstream": "example-api", "path": "/v1/items"},
+         "expect": {"decision": "deny", "reason": "rule_denied"}},
+        {"name": "writes are denied", "request": {"method": "PUT", "url": "/example-api/v1/items"},
+         "expect": {"decision": "deny", "rule": "default"}},
+    ]}))
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text((ROOT / "config" / "policy.yaml").read_text())
+    junit = tmp_path / "policy.xml"
+    result = sidecar("test", str(policies), "--cases", str(cases), "--junit", str(junit))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert f"FAIL reads are denied (wrong) ({cases}: cases[0])" in out
+    assert "request:  outbound GET /example-api/v1/items" in out
+    assert "expected: deny, reason rule_denied" in out and "actual:   allow, rule example-api-read, reason allowed" in out
+    assert f"deciding rule: {policies}/policy.yaml: rules[0] (example-api-read)" in out
+    assert "decision 'deny', got 'allow'" in out and "1 passed, 1 failed" in out
+    failures = list(ElementTree.parse(junit).getroot().iter("failure"))
+    assert len(failures) == 1 and f"{policies}/policy.yaml: rules[0] (example-api-read)" in failures[0].text
+
+
+@pytest.mark.parametrize("case, message", [
+    # every problem with its path, not a traceback
+    ({"request": {"url": "/x"}, "expect": {"decision": "maybe"}}, "cases[0].expect.decision: must be one of allow"),
+    ({"name": "n", "request": {"upstream": "example-api"}, "expect": {"decision": "allow"}},
+     "cases[0].request.url: is required (or upstream and path)"),
+    ({"name": "n", "request": {"url": "/x", "verb": "GET"}, "expect": {"decision": "allow"}},
+     "cases[0].request.verb: unknown key"),
+])
+def test_an_unusable_case_file_exits_1_naming_the_path(tmp_path, case, message):
+    """A malformed case is reported with its path and what was expected, and nothing is run (issue 18 item 2)."""
+    cases = tmp_path / "bad.cases.yaml"
+    cases.write_text(yaml.safe_dump({"cases": [case]}))
+    result = sidecar("test", "config/policy.yaml", "--cases", str(cases))
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cases_describe_mcp_tools_principals_tasks_and_time(tmp_path):
+    """Cases can state an MCP tool, a principal, a task and a time, decided through the same MCP parsing and
+    conditions as the pipeline; a failing MCP case names its tool (issue 18 item 2)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, "default": "deny", "rules": [
+        {"id": "search", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search"]},
+         "when": {"expr": "principal.sub == 'alice@example.com' && task.trigger == 'support'",
+                  "hours": {"days": ["mon", "tue", "wed", "thu", "fri"], "from": "09:00", "to": "17:00",
+                            "tz": "UTC"}}, "effect": "allow"}]}))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({"outbound": {"upstreams": {"tools": {"url": "https://tools.example/mcp",
+                                                                            "protocol": "mcp"}}},
+                                      "policy": {"files": [str(policy)]}, "state_dir": str(tmp_path / "s")}))
+    alice = {"upstream": "tools", "path": "/", "mcp": {"tool": "search"}, "principal": {"iss": "idp", "sub":
+             "alice@example.com"}, "task": {"trigger": "support"}, "at": "2026-03-10T10:00:00Z"}
+    cases = tmp_path / "tools.cases.yaml"
+    cases.write_text(yaml.safe_dump({"cases": [
+        {"name": "alice searches in office hours", "request": alice, "expect": {"decision": "allow", "rule": "search"}},
+        {"name": "not at night", "request": {**alice, "at": "2026-03-10T23:00:00Z"}, "expect": {"decision": "deny"}},
+        {"name": "not another tool", "request": {**alice, "mcp": {"tool": "delete"}}, "expect": {"decision": "allow"}},
+    ]}))
+    result = sidecar("test", "-c", str(config), str(policy), "--cases", str(cases))
+    assert result.returncode == 1 and "2 passed, 1 failed" in result.stdout, result.stdout + result.stderr
+    assert "FAIL not another tool" in result.stdout and "(mcp tools/call delete)" in result.stdout
