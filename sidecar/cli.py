@@ -1,7 +1,7 @@
-"""``sidecar``: run, validate, explain, test, ca, demo, revoke, inventory, inject.
+"""``sidecar``: run, validate, explain, test, replay, ca, demo, revoke, inventory, inject.
 
 Exit codes: 0 success (explain: allow), 1 invalid config or input (test: a case failed), 2 usage
-or config error (explain), 3 deny, 4 approval required.
+or config error (explain), 3 deny (replay: something allowed would be denied), 4 approval required.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cases", action="append", required=True, metavar="CASES.yaml")
     t.add_argument("-c", "--config")
     t.add_argument("--junit", metavar="FILE")
+    rp = sub.add_parser("replay", help="what a candidate policy would change on logged exchanges")
+    rp.add_argument("--events", required=True, metavar="FILE|-")
+    rp.add_argument("--policy", action="append", required=True, metavar="POLICY_DIR_OR_FILE")
+    rp.add_argument("-c", "--config")
     ca = sub.add_parser("ca", help="development CA").add_subparsers(dest="ca_command", required=True)
     init = ca.add_parser("init")
     init.add_argument("-c", "--config")
@@ -182,6 +186,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     return policy_test(args)
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from sidecar.replay import replay_command
+
+    return replay_command(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import demo
 
@@ -196,7 +206,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Any] = {
     "run": cmd_run, "validate": cmd_validate, "explain": cmd_explain, "ca": cmd_ca, "demo": cmd_demo,
-    "revoke": cmd_admin, "inventory": cmd_admin, "inject": cmd_inject, "test": cmd_test,
+    "revoke": cmd_admin, "inventory": cmd_admin, "inject": cmd_inject, "test": cmd_test, "replay": cmd_replay,
 }
 
 

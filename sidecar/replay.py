@@ -1,0 +1,249 @@
+"""``sidecar replay --events FILE|- --policy NEW...``: what a candidate policy would change.
+
+Reads trust-decision events (JSON lines; other log lines are skipped), rebuilds each logged
+request as ``explain`` describes one (:class:`~sidecar.explain.Described`: method, canonical path,
+query, body size, MCP method and tool, override reading, agent and its metadata, caller,
+principal, delegation, task, time) and decides it with the candidate set's
+:meth:`PolicySet.decide`, as the running sidecar would (rate limits are not charged). The
+logged outcome is read back as the policy effect it came from (``approved``: an approval rule;
+``rate_limited`` and failures after an allow: allow). Changes are counted by kind, agent,
+upstream and rule, with a few examples each; memory does not grow with the number of events.
+
+Events the policy did not decide (refused before policy: ``rule_id`` null) and events this config
+cannot route are counted as not re-decided, with why. Events carry no request headers (they may
+be secrets): rules that match on headers see none. Exit 3 when a request that was allowed would
+be denied or held for approval, 0 otherwise, 1 on unusable input (with the line number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import orjson
+
+from sidecar.config import Config, config_path, load_config
+from sidecar.config_model import AgentMeta
+from sidecar.errors import ConfigInvalid
+from sidecar.explain import Described, candidate_policy, decide, router_for
+from sidecar.policy.engine import PolicySet
+from sidecar.policy.readings import NONE, Reading
+from sidecar.routing import Router
+
+SCHEMA_VERSIONS = (1, 2)
+EXAMPLES = 3
+# the policy effect behind a logged reason (rule_id set); any other reason came after an allow
+LOGGED_EFFECT = {
+    "rule_denied": "deny", "no_matching_rule": "deny", "condition_error": "deny",
+    "approval_required": "require_approval", "approved": "require_approval", "approval_denied": "require_approval",
+    "approval_timeout": "require_approval",
+}
+TIGHTER = {("allow", "deny"), ("allow", "require_approval")}
+
+
+class BadEvent(ValueError):
+    """An input line that is not a usable trust-decision event."""
+
+
+class UndeclaredLevel(Exception):
+    """A logged trust level this config does not declare: the event cannot be ranked."""
+
+
+Key = tuple[str, str, str, str, str | None, str | None]  # before, after, agent, upstream, old rule, new rule
+
+
+@dataclass
+class Changes:
+    """Counts and a few examples per (change, agent, upstream, rule); bounded by the distinct keys."""
+
+    events: int = 0
+    redecided: int = 0
+    rule_only: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    counts: Counter[Key] = field(default_factory=Counter)
+    examples: dict[Key, list[str]] = field(default_factory=dict)
+
+    def add(self, key: Key, example: str) -> None:
+        self.counts[key] += 1
+        shown = self.examples.setdefault(key, [])
+        if len(shown) < EXAMPLES:
+            shown.append(example)
+
+    @property
+    def tightened(self) -> int:
+        return sum(n for k, n in self.counts.items() if (k[0], k[1]) in TIGHTER)
+
+
+# -- events -> described requests ---------------------------------------------------------
+
+def events(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, trust-decision event) of every event line; other JSON log lines are skipped."""
+    for number, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise BadEvent(f"line {number}: not valid JSON") from None
+        if isinstance(event, dict) and event.get("event") == "trust_decision":
+            yield number, event
+        elif not isinstance(event, dict) or "event" not in event:
+            raise BadEvent(f"line {number}: expected a JSON object with an \"event\" field")
+
+
+def logged_effect(event: dict[str, Any]) -> str:
+    return LOGGED_EFFECT.get(event.get("reason"), "allow")
+
+
+@dataclass
+class Candidate:
+    """The candidate policy set with the config that routes it, and the logged agents seen so far."""
+
+    config: Config
+    policy: PolicySet
+    router: Router
+    agents: dict[bytes, AgentMeta] = field(default_factory=dict)  # bounded by the fleet's distinct agents
+
+
+def described(event: dict[str, Any], candidate: Candidate) -> Described:
+    """The logged request as ``explain`` describes one; raises BadEvent naming a missing field."""
+    try:
+        return _described(event, candidate)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise BadEvent(f"not a trust-decision event of schema {SCHEMA_VERSIONS}: missing or malformed "
+                       f"{exc.args[0] if isinstance(exc, KeyError) else 'field'!s}") from None
+
+
+def _described(event: dict[str, Any], candidate: Candidate) -> Described:
+    t, agent = event["target"], event["agent"]
+    query = t.get("query") or ""
+    url = t["path"] if event["direction"] == "inbound" else f"/{t['upstream']}{t['path']}"
+    body, headers = _mcp_body(t.get("mcp_method"), t.get("mcp_tool"))
+    override = t.get("override")
+    principal, task = event.get("principal"), event.get("task")
+    return Described(
+        url=url + (f"?{query}" if query else ""), direction=event["direction"], method=t["method"], headers=headers,
+        body=body, agent_id=agent["id"], agent_name=agent["name"], agent_environment=agent["environment"],
+        agent_meta=_meta(agent, candidate), caller=(event.get("caller") or {}).get("id"),
+        principal=(principal["iss"], principal["sub"]) if principal else None, delegation=event["delegation"],
+        task_id=task["id"] if task else None, task_trigger=task["trigger"] if task else None,
+        at=datetime.fromisoformat(event["ts"].replace("Z", "+00:00")), size=t.get("size"),
+        reading=Reading(override.get("method"), override.get("path")) if override else NONE)
+
+
+def _mcp_body(method: str | None, tool: str | None) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    if method is None:
+        return b"", ()
+    if method == "rpc.response":
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "result": {}}
+    else:
+        message = {"jsonrpc": "2.0", "id": 1, "method": method}
+        if tool is not None:
+            message["params"] = {"name": tool, "arguments": {}}
+    return orjson.dumps(message), (("Content-Type", "application/json"),)
+
+
+def _meta(agent: dict[str, Any], candidate: Candidate) -> AgentMeta:
+    """The logged agent's metadata, its trust level ranked by this config's declared trust_levels."""
+    key = orjson.dumps(agent, option=orjson.OPT_SORT_KEYS)
+    meta = candidate.agents.get(key)
+    if meta is None:
+        levels, level = candidate.config.agent.trust_levels, agent.get("trust_level")
+        if level is not None and level not in levels:
+            raise UndeclaredLevel(level)
+        labels = tuple(sorted((agent.get("labels") or {}).items()))
+        meta = candidate.agents[key] = AgentMeta(agent.get("owner"), agent.get("purpose"), level, levels,
+                                                 tuple(agent.get("data_classes") or ()), labels)
+    return meta
+
+
+# -- replaying ----------------------------------------------------------------------------
+
+def replay(stream: IO[bytes], config: Config, policy: PolicySet) -> Changes:
+    changes, candidate = Changes(), Candidate(config, policy, router_for(config))
+    for number, event in events(stream):
+        changes.events += 1
+        try:
+            _replay_one(event, candidate, changes)
+        except BadEvent as exc:
+            raise BadEvent(f"line {number}: {exc}") from None
+    return changes
+
+
+def _replay_one(event: dict[str, Any], candidate: Candidate, changes: Changes) -> None:
+    version = event.get("schema_version")
+    if version not in SCHEMA_VERSIONS:
+        raise BadEvent(f"schema_version {version!r} is not one replay reads ({', '.join(map(str, SCHEMA_VERSIONS))})")
+    if event.get("rule_id") is None or event.get("target") is None:
+        changes.skipped["refused before policy when logged"] += 1
+        return
+    try:
+        request = described(event, candidate)
+    except UndeclaredLevel as exc:
+        changes.skipped[f"trust level {exc.args[0]!r} is not in this config's agent.trust_levels"] += 1
+        return
+    try:
+        verdict = decide(request, candidate.config, candidate.policy, candidate.router)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise BadEvent("its request cannot be decided: a field of target has the wrong type") from None
+    if verdict.refusal is not None:
+        changes.skipped[f"refused before policy by this config ({verdict.refusal.reason})"] += 1
+        return
+    changes.redecided += 1
+    before, after = logged_effect(event), verdict.effect
+    old_rule, new_rule = event["rule_id"], verdict.rule_id
+    if before == after:
+        changes.rule_only += old_rule != new_rule
+        return
+    agent = event["agent"].get("name") or event["agent"]["id"]
+    key: Key = (before, after, agent, event["target"].get("upstream") or "(inbound)", old_rule, new_rule)
+    changes.add(key, f"{request.method} {request.url} ({event.get('ts')}, decision {event.get('decision_id')})")
+
+
+def render(changes: Changes, policy: PolicySet) -> str:
+    lines = [f"replayed {changes.events} event(s) under policy {policy.version}: {changes.redecided} re-decided, "
+             f"{sum(changes.skipped.values())} not re-decided"]
+    by_kind = Counter[tuple[str, str]]()
+    for key, n in changes.counts.items():
+        by_kind[key[0], key[1]] += n
+    lines.append("changes: " + (", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(by_kind.items())) or "none")
+                 + (f"; {changes.rule_only} decided by another rule with the same effect" if changes.rule_only else ""))
+    for key, n in sorted(changes.counts.items(), key=lambda kv: (-kv[1], str(kv[0]))):
+        before, after, agent, upstream, old_rule, new_rule = key
+        lines.append(f"  {before} -> {after}: {n}  agent {agent}  upstream {upstream}  rule {old_rule} -> {new_rule}")
+        lines += [f"      e.g. {example}" for example in changes.examples[key]]
+    if changes.skipped:
+        lines.append("not re-decided:")
+        lines += [f"  {why}: {n}" for why, n in sorted(changes.skipped.items())]
+    return "\n".join(lines)
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    """``sidecar replay``: 3 when something allowed would be denied or held, 0 otherwise, 1 on bad input."""
+    try:
+        config = load_config(config_path(args.config, os.environ))
+        policy = candidate_policy(config, [Path(p) for p in args.policy])
+    except ConfigInvalid as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        if args.events == "-":
+            changes = replay(sys.stdin.buffer, config, policy)
+        else:
+            with open(args.events, "rb") as stream:
+                changes = replay(stream, config, policy)
+    except BadEvent as exc:
+        print(f"error: replay: {args.events}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: replay: cannot read {args.events}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(render(changes, policy))
+    return 3 if changes.tightened else 0
