@@ -36,6 +36,15 @@ _CLEAN_PREFIX = re.compile(r"/([A-Za-z0-9\-_~][A-Za-z0-9\-._~]*)(/[A-Za-z0-9\-._
                            r"(?:\?([\x21\x22\x24-\x7e]*))?")
 
 
+def forward_path(base_path: str, path: str, raw_target: str) -> str:
+    """Route-prefix mode's path sent upstream: a bare ``/<name>`` is the upstream's URL itself, with no
+    slash added (an MCP endpoint ``/mcp`` is not ``/mcp/``, which SDK servers redirect and SDK clients
+    will not follow); anything else is base path + canonical path."""
+    if "/" not in raw_target.partition("?")[0][1:]:
+        return base_path or "/"
+    return join_base(base_path, path)
+
+
 class Route(NamedTuple):
     upstream: Upstream
     mode: str  # prefix | proxy | connect
@@ -88,13 +97,13 @@ class Router:
             path = path or "/"
             upstream = self._by_name.get(name)
             if upstream is not None and "//" not in path and not has_dot_segment(path):
-                return Route(upstream, "prefix", path, upstream.base_path.rstrip("/") + path, query or "")
+                return Route(upstream, "prefix", path, forward_path(upstream.base_path, path, raw_target), query or "")
         name, raw_rest, query = split_route_prefix(raw_target)
         upstream = self._by_name.get(name)
         if upstream is None:
             raise RequestRefused("unknown_upstream", f"outbound: no upstream named {name!r} is configured")
         path = canonical_path(raw_rest, upstream.paths)
-        return Route(upstream, "prefix", path, join_base(upstream.base_path, path), query)
+        return Route(upstream, "prefix", path, forward_path(upstream.base_path, path, raw_target), query)
 
     def _absolute(self, raw_target: str, host_header: str | None) -> Route:
         scheme, _, rest = raw_target.partition("://")

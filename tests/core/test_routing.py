@@ -7,8 +7,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import parse_config
 from sidecar.errors import RequestRefused
-from sidecar.policy.paths import canonical_path, join_base, split_route_prefix
-from sidecar.routing import Router
+from sidecar.policy.paths import canonical_path, split_route_prefix
+from sidecar.routing import Router, forward_path
 
 CONFIG = {
     "agent": {"name": "a"},
@@ -35,7 +35,7 @@ def _general(router: Router, target: str):
     if upstream is None:
         raise RequestRefused("unknown_upstream", "")
     path = canonical_path(raw_rest, upstream.paths)
-    return (upstream.name, path, join_base(upstream.base_path, path), query)
+    return (upstream.name, path, forward_path(upstream.base_path, path, target), query)
 
 
 def _outcome(call):
@@ -58,3 +58,17 @@ def test_fast_path_and_general_path_agree(target):
     router = Router(config.outbound.upstreams, config.outbound.listen)
     headers = CIMultiDictProxy(CIMultiDict({"Host": "127.0.0.1:15001"}))
     assert _outcome(lambda: _routed(router, target, headers)) == _outcome(lambda: _general(router, target))
+
+
+@pytest.mark.parametrize("target, forwarded", [
+    ("/billing-api", "/api"),  # the upstream's URL itself: an MCP endpoint at /mcp is not /mcp/
+    ("/billing-api?x=1", "/api"),
+    ("/billing-api/", "/api/"),  # a slash the agent wrote is kept
+    ("/a", "/"),
+])
+def test_a_bare_route_prefix_forwards_the_upstreams_url_itself(target, forwarded):
+    """/<name> alone is sent to the upstream's URL as configured, with no slash added (issue 13 item 2)."""
+    config = parse_config(CONFIG)
+    router = Router(config.outbound.upstreams, config.outbound.listen)
+    route = router.route(target, CIMultiDictProxy(CIMultiDict({"Host": "127.0.0.1:15001"})))
+    assert (route.path, route.forward_path) == ("/", forwarded)
