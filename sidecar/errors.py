@@ -42,6 +42,8 @@ STATUS: dict[str, int] = {
     "unknown_task": 403,
     "task_ended": 403,
     "revoked": 403,
+    "unknown_session": 404,
+    "session_mismatch": 403,
     "credential_unavailable": 503,
     "upstream_unreachable": 502,
     "upstream_protocol_error": 502,
@@ -70,6 +72,20 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "bad_request": "http_request_error",
     "credential_unavailable": "proxy_internal_error",
     "internal_error": "proxy_internal_error",
+}
+
+
+# MCP refusals of one JSON-RPC request are JSON-RPC errors (HTTP 200): one code per family of reasons,
+# in JSON-RPC's implementation-defined server-error range (-32000 to -32099).
+RPC_SERVER_ERROR = -32000  # any other reason
+RPC_ERROR_CODE: dict[str, int] = {
+    **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error"), -32001),  # policy said no
+    **dict.fromkeys(("approval_timeout", "approval_denied"), -32002),  # a held request not approved
+    "rate_limited": -32003,
+    "credential_unavailable": -32004,
+    **dict.fromkeys(("bad_request", "request_override", "credential_parameter"), -32005),  # its method or params
+    **dict.fromkeys(("unknown_task", "task_ended", "revoked"), -32006),
+    **dict.fromkeys(("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"), -32007),
 }
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config_model import AgentMeta
 from sidecar.credentials.base import Credential
 from sidecar.errors import Refusal
 from sidecar.observe.decision_log import CLOCK
+
+if TYPE_CHECKING:
+    from sidecar.policy.mcp import RpcRef
 
 EVENT_VERSION = 2  # 2: agent metadata; target.scheme, query, size (replay re-decides from them)
 
@@ -84,6 +87,7 @@ class Exchange:
     trace_id: str | None = None
     facts: Any = None  # the policy facts, kept for response filtering; not part of the event
     mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers; not part of the event
+    mcp_rpc: RpcRef | None = None  # the JSON-RPC message's id, to answer a refusal in JSON-RPC; not part of the event
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
         self.direction = direction

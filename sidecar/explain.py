@@ -26,7 +26,7 @@ from sidecar.forward import (
     DropSet, clean_request_headers, echo_method, inbound_drop_set, is_form_type, request_drop_set,
 )
 from sidecar.policy.engine import Decision, Facts, PolicySet
-from sidecar.policy.mcp import parse_mcp_request
+from sidecar.policy.mcp import parse_mcp_request, transport_method
 from sidecar.policy.paths import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
 from sidecar.policy.ratelimit import Limit, RateLimiter
 from sidecar.policy.readings import Reading, screen
@@ -171,8 +171,9 @@ def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict
                                route.query, up.pass_headers, up.paths, up.base_path)
     mcp = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
         if route.upstream.protocol == "mcp" and base["method"] == "POST" else None
+    transport = transport_method(base["method"], route.path) if route.upstream.protocol == "mcp" else None
     shown.update(upstream=route.upstream.name, path=route.path, forwarded_path=route.forward_path,
-                 mcp_method=mcp.method if mcp else None, mcp_tool=mcp.tool if mcp else None,
+                 mcp_method=mcp.method if mcp else transport, mcp_tool=mcp.tool if mcp else None,
                  override=reading.event())
     return Facts(direction="outbound", scheme=route.upstream.scheme, host=route.upstream.host, path=route.path,
                  upstream=route.upstream.name, mcp_method=shown["mcp_method"], mcp_tool=shown["mcp_tool"],

@@ -3,8 +3,8 @@
 Outbound (the agent calling out)::
 
     limits -> trust boundary -> route (upstream, canonical path) -> task -> revocation
-           -> MCP or form body -> strip (the forwarded headers) -> overrides -> policy (and an S3 copy's
-           source, as a read) -> credential -> attach -> forward -> record
+           -> MCP (session, body) or form body -> strip (the forwarded headers) -> overrides -> policy (and an
+           S3 copy's source, as a read) -> credential -> attach -> forward -> record
 
 Inbound (callers of the agent)::
 
@@ -39,8 +39,9 @@ from sidecar.forward import (
     proxy_websocket,
     read_body, stream_body,
 )
+from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.policy.engine import Decision, Facts
-from sidecar.policy.mcp import parse_mcp_request
+from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
 from sidecar.policy.paths import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
 from sidecar.policy.readings import screen
 from sidecar.server import error_response
@@ -113,7 +114,8 @@ async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
-        return error_response(refusal)
+        answer = rpc_refusal(ex, refusal) if ex.protocol == "mcp" else None  # the MCP session goes on
+        return answer or error_response(refusal)
     except asyncio.CancelledError:
         mark_cut(ex)
         raise
@@ -157,6 +159,7 @@ class Outbound:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self.mcp_sessions = McpSessions()
 
     def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         if request.method == "CONNECT":
@@ -180,7 +183,7 @@ class Outbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
-        body = await self._mcp(request, ex, up.timeouts.idle) if up.protocol == "mcp" else None
+        body = await self._mcp(request, ex, route, task) if up.protocol == "mcp" else None
         form = is_form(request)
         if form and body is None:
             body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
@@ -207,7 +210,7 @@ class Outbound:
                 body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
             out.body = body
             provider.apply(out, credential)
-        return await self._send(request, ex, route, out, body)
+        return await self._send(request, ex, route, out, body, task)
 
     def _task(self, request: web.BaseRequest, ex: Exchange) -> Task | None:
         values = request.headers.getall(TASK_HEADER, ())
@@ -231,16 +234,22 @@ class Outbound:
         ex.copy_source = source.shown
         return source
 
-    async def _mcp(self, request: web.BaseRequest, ex: Exchange, idle: float) -> bytes | None:
+    async def _mcp(self, request: web.BaseRequest, ex: Exchange, route: Route, task: Task | None) -> bytes | None:
         ex.protocol = "mcp"
         if is_websocket(request):  # frames would pass unparsed, past every tool rule: fail closed
             raise RequestRefused("bad_request", "mcp: WebSocket upgrades to an MCP upstream are refused; its "
                                                 "messages could not be checked against tool rules")
+        sid = session_id(request.headers)
+        if sid is not None:
+            self.mcp_sessions.check(route.upstream.name, sid, self.rt.agent.id, task)
         if request.method != "POST":
+            ex.mcp_method = transport_method(request.method, route.path)
             return None
-        body = await read_body(request, self.rt.config.outbound.limits, idle)
-        call = parse_mcp_request(body, request.headers.get("Content-Type"), self.rt.config.outbound.limits.max_body_bytes)
-        ex.mcp_method, ex.mcp_tool, ex.mcp_arguments = call.method, call.tool, call.arguments
+        limits = self.rt.config.outbound.limits
+        body = await read_body(request, limits, route.upstream.timeouts.idle)
+        call = parse_mcp_request(body, request.headers.get("Content-Type"), limits.max_body_bytes)
+        check_routing_headers(call, request.headers.getall("Mcp-Method", ()), request.headers.getall("Mcp-Name", ()))
+        ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.mcp_rpc = call.method, call.tool, call.arguments, call.rpc
         return body
 
     def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None,
@@ -288,7 +297,7 @@ class Outbound:
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: web.BaseRequest, ex: Exchange, route: Route, out: OutboundRequest,
-                    body: bytes | None) -> web.StreamResponse:
+                    body: bytes | None, task: Task | None) -> web.StreamResponse:
         up = route.upstream
         limits = self.rt.config.outbound.limits
         if body is None:
@@ -308,6 +317,9 @@ class Outbound:
             return response
         target = f"{out.path}?{out.query}" if out.query else out.path
         upstream = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        if ex.protocol == "mcp":
+            self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
+                                       self.rt.agent.id, task)
         return await self.rt.relay(request, ex, upstream)
 
 

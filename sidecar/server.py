@@ -49,12 +49,18 @@ RETRY_AFTER_OVERLOAD = 1  # seconds
 def error_response(refusal: Refusal) -> web.Response:
     """The one shape of every refusal: JSON body, reason code, Proxy-Status (RFC 9209)."""
     body = orjson.dumps({"error": refusal.reason, "message": refusal.message})
+    return web.Response(status=refusal.status, body=body, content_type="application/json",
+                        headers=refusal_headers(refusal))
+
+
+def refusal_headers(refusal: Refusal) -> dict[str, str]:
+    """The headers every refusal carries, whatever its body: Proxy-Status, no-store, Retry-After."""
     error = PROXY_STATUS_ERROR.get(refusal.reason, "http_request_denied")
     headers = {"Proxy-Status": f'{PROXY_NAME}; error={error}; details="{refusal.reason}"',
                "Cache-Control": "no-store"}
     if refusal.retry_after is not None:
         headers["Retry-After"] = str(refusal.retry_after)
-    return web.Response(status=refusal.status, body=body, content_type="application/json", headers=headers)
+    return headers
 
 
 def parse_refusal(exc: BaseException | None, status: int) -> Refusal:

@@ -15,13 +15,20 @@ is refused with ``bad_request`` instead of guessed at:
 - an ``id`` that is not a string or integer (MCP forbids null ids);
 - methods in the ``rpc.`` namespace, which JSON-RPC 2.0 (section 4) reserves;
 - a ``method`` or tool name longer than :data:`MAX_NAME_CHARS` (MCP asks tool names to be at most
-  128 characters): such a name would otherwise be written whole into events and approval listings.
+  128 characters): such a name would otherwise be written whole into events and approval listings;
+- ``Mcp-Method`` / ``Mcp-Name`` headers (the 2026-07-28 transport, for servers that route on them) that
+  do not say what the body says (:func:`check_routing_headers`).
 
 A JSON-RPC response from the agent (its answer to a server's own request: sampling,
 elicitation, roots) is accepted with exactly ``jsonrpc``, ``id`` and one of ``result`` or a
 well-formed ``error``; policy sees it as the method ``rpc.response`` (reserved, so no server
 method can be mistaken for it). Allow rules with ``mcp.tools`` pass it like the lifecycle:
 it answers a request the server made within a session the policy let the agent open.
+The streamable-HTTP transport's GET stream and session DELETE carry no JSON-RPC; policy sees them as
+``rpc.stream`` and ``rpc.session_end`` (:mod:`sidecar.mcp_transport`), passed by every allow rule with ``mcp``.
+
+Once the request object's envelope is sound (its ``id`` known), a refused method or params raise
+:class:`RpcRefused`, which the caller answers as a JSON-RPC error to that id rather than HTTP 400.
 
 :func:`filter_tools_list` fails closed: a response it cannot read raises ``RequestRefused``
 and the caller refuses the exchange rather than pass an unfiltered tool list to the agent.
@@ -29,11 +36,13 @@ and the caller refuses the exchange rather than pass an unfiltered tool list to 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +51,34 @@ from sidecar.errors import RequestRefused
 MAX_DEPTH = 64
 MAX_NAME_CHARS = 256  # method and params.name of a request
 RESPONSE_METHOD = "rpc.response"  # what policy sees for the agent's answers to server requests
-LIFECYCLE_METHODS = frozenset({"initialize", "ping", "tools/list", RESPONSE_METHOD})
+STREAM_METHOD = "rpc.stream"  # a GET of the endpoint: the transport's server-to-client SSE stream
+SESSION_END_METHOD = "rpc.session_end"  # a DELETE of the endpoint: the client ends its session
+TRANSPORT_METHODS = frozenset({STREAM_METHOD, SESSION_END_METHOD})
+_TRANSPORT = {"GET": STREAM_METHOD, "DELETE": SESSION_END_METHOD}
+LIFECYCLE_METHODS = frozenset({"initialize", "server/discover", "ping", "tools/list", RESPONSE_METHOD})
 _NOTIFICATIONS = "notifications/"
 _COMMON_JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 _RESPONSE_MEMBERS = (frozenset({"jsonrpc", "id", "result"}), frozenset({"jsonrpc", "id", "error"}))
+_BASE64_SENTINEL = re.compile(r"=\?base64\?(.*)\?=")  # how Mcp-Name carries a name not safe in a header
 # Tokens that change nesting depth, with strings skipped (so brackets inside them do not count).
 _DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRef:
+    """What a refusal of one JSON-RPC message answers: its id, and whether the sender awaits a reply."""
+
+    id: str | int | None
+    expects_reply: bool
+
+
+class RpcRefused(RequestRefused):
+    """A JSON-RPC request object whose envelope is sound but whose method or params are refused."""
+
+    def __init__(self, message: str, rpc: RpcRef) -> None:
+        super().__init__("bad_request", message)
+        self.rpc = rpc
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +87,21 @@ class McpCall:
 
     method: str
     tool: str | None
-    id: object | None
+    id: str | int | None
     is_notification: bool
     arguments: dict[str, Any] | None = field(default=None, compare=False)  # tools/call params.arguments
+
+    @property
+    def rpc(self) -> RpcRef:
+        """Requests await a reply; notifications and the agent's own answers (rpc.response) do not."""
+        replies = not self.is_notification and self.method != RESPONSE_METHOD
+        return RpcRef(self.id, replies)
+
+
+def transport_method(http_method: str, path: str) -> str | None:
+    """What policy sees for a GET or DELETE of the MCP endpoint itself (the upstream's URL, canonical
+    path "/"); None for anything else."""
+    return _TRANSPORT.get(http_method) if path == "/" else None
 
 
 def is_lifecycle(method: str) -> bool:
@@ -232,6 +274,14 @@ def parse_mcp_request(
     if isinstance(obj, dict) and "method" not in obj and ("result" in obj or "error" in obj):
         return _response(obj)
     obj = _check_envelope(obj)
+    try:
+        return _request(obj)
+    except RequestRefused as refusal:  # the id is known: the refusal can be answered in JSON-RPC
+        raise RpcRefused(refusal.message, RpcRef(obj.get("id"), "id" in obj)) from None
+
+
+def _request(obj: dict[str, Any]) -> McpCall:
+    """A request object whose envelope was checked: its method, and for tools/call the tool name."""
     method = _text(obj.get("method"), "method", MAX_NAME_CHARS)
     if method.startswith("rpc."):
         raise _refuse("methods starting with 'rpc.' are reserved by JSON-RPC 2.0")
@@ -241,6 +291,29 @@ def parse_mcp_request(
     tool = _tool_name(method, params)
     arguments = params.get("arguments") if tool is not None else None
     return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj, arguments=arguments)
+
+
+def check_routing_headers(call: McpCall, methods: Sequence[str], names: Sequence[str]) -> None:
+    """``Mcp-Method`` and ``Mcp-Name`` (the 2026-07-28 transport) repeat the body for servers that route on
+    them: they must say what the body says, or policy and server could act on different calls."""
+    if len(methods) > 1 or len(names) > 1:
+        raise RpcRefused("mcp: more than one Mcp-Method or Mcp-Name header", call.rpc)
+    if methods and methods[0] != call.method:
+        raise RpcRefused("mcp: the Mcp-Method header must name the body's method", call.rpc)
+    if names and call.tool is not None and _header_text(names[0]) != call.tool:
+        raise RpcRefused("mcp: the Mcp-Name header must name the body's tool", call.rpc)
+
+
+def _header_text(value: str) -> str | None:
+    """A header value, or the UTF-8 text its ``=?base64?...?=`` form carries (None if malformed)."""
+    sentinel = _BASE64_SENTINEL.fullmatch(value)
+    if sentinel is None:
+        return value
+    try:
+        decoded = base64.b64decode(sentinel.group(1), validate=True)
+        return decoded.decode("utf-8") if base64.b64encode(decoded).decode() == sentinel.group(1) else None
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 # --- tools/list responses ------------------------------------------------------------------

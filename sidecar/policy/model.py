@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sidecar.fields import Fields
 from sidecar.policy.cel import CelCompileError, Condition, compile_condition
-from sidecar.policy.mcp import is_lifecycle
+from sidecar.policy.mcp import TRANSPORT_METHODS, is_lifecycle
 from sidecar.policy.paths import equivalent_paths, header_elements
 
 if TYPE_CHECKING:
@@ -327,7 +327,8 @@ def _headers(f: Fields, effect: str | None) -> Check | None:
 
 def _mcp(f: Fields, direction: str | None, effect: str | None, upstream: str | None,
          ctx: LoadContext) -> Check | None:
-    """``mcp.methods`` and ``mcp.tools`` (tools/call); allow rules with tools also pass the lifecycle."""
+    """``mcp.methods`` and ``mcp.tools`` (tools/call); allow rules with tools also pass the lifecycle, and
+    every allow rule the transport's GET stream and session DELETE."""
     if not f.has("mcp"):
         return None
     sub = f.sub("mcp")
@@ -342,6 +343,7 @@ def _mcp(f: Fields, direction: str | None, effect: str | None, upstream: str | N
     elif ctx.upstreams.get(upstream) not in (None, "mcp"):
         f.error("mcp", f"upstream {upstream!r} has protocol {ctx.upstreams[upstream]}; mcp rules need protocol mcp")
     lifecycle = effect == "allow" and bool(tool_patterns)
+    transport = effect == "allow"  # the streamable-HTTP transport's GET stream and session DELETE
 
     def check(facts: Facts) -> bool:
         method = facts.mcp_method
@@ -351,7 +353,7 @@ def _mcp(f: Fields, direction: str | None, effect: str | None, upstream: str | N
             return True
         if tools is not None and method == "tools/call" and tools(facts.mcp_tool):
             return True
-        return lifecycle and is_lifecycle(method)
+        return lifecycle and is_lifecycle(method) or transport and method in TRANSPORT_METHODS
 
     return check
 

@@ -224,6 +224,23 @@ async def test_an_approver_sees_a_held_tool_calls_arguments_and_the_digest_of_wh
     assert ARG_SECRET.encode() not in h.raw_log()
 
 
+async def test_a_held_tool_call_that_times_out_is_a_jsonrpc_error(make_sidecar, upstream, tmp_path):
+    """Nobody approves a held tools/call: the agent gets a JSON-RPC error (-32002), nothing is sent (issue 13 item 1)."""
+    config = approval_config(upstream, tmp_path, timeout="300ms")
+    config["outbound"]["upstreams"]["tools"] = {"url": upstream.url + "/mcp", "protocol": "mcp"}
+    h = await make_sidecar(config, TOOL_APPROVAL_POLICY)
+    body = json.dumps({"jsonrpc": "2.0", "id": "r-1", "method": "tools/call", "params": {"name": "refund"}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{h.outbound}/tools", data=body, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200 and 'details="approval_timeout"' in r.headers["Proxy-Status"]
+            answer = await r.json()
+    assert answer["id"] == "r-1" and answer["error"]["code"] == -32002
+    assert answer["error"]["data"]["rule_id"] == "refunds-need-a-human"
+    assert upstream.seen == []
+    event = (await h.settle())[-1]
+    assert (event["decision"], event["reason"], event["status"]) == ("approval_required", "approval_timeout", 200)
+
+
 async def test_a_held_chunked_body_is_read_first_so_its_digest_is_what_is_sent(make_sidecar, upstream, tmp_path):
     """A held request's streamed body is buffered before the approver looks: the listed digest is of the
     bytes then forwarded (issue 11 item 13)."""

@@ -150,8 +150,8 @@ async def test_audit_rate_limit_condition_error_and_approval_events_match_the_sc
 
 
 async def test_a_huge_mcp_tool_name_is_refused_and_writes_a_small_line(make_sidecar, upstream):
-    """A 2 MiB tools/call name is 400 bad_request: nothing forwarded, one event, and no line carries the
-    name (issue 11 item 14)."""
+    """A 2 MiB tools/call name is refused bad_request (a JSON-RPC error, issue 13 item 1): nothing forwarded,
+    one event, and no line carries the name (issue 11 item 14)."""
     config = {"outbound": {"upstreams": {"tools": {"url": upstream.url, "protocol": "mcp"}},
                            "limits": {"max_body_bytes": 4 << 20}}}
     policy = {"version": 1, "default": "deny", "rules": [
@@ -161,9 +161,9 @@ async def test_a_huge_mcp_tool_name_is_refused_and_writes_a_small_line(make_side
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name}})
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{h.outbound}/tools", data=body, headers={"Content-Type": "application/json"}) as r:
-            refusal = await r.json()
-            assert (r.status, refusal["error"]) == (400, "bad_request")
-            assert "at most 256 characters" in refusal["message"]
+            refusal = (await r.json())["error"]
+            assert (r.status, refusal["data"]["reason"]) == (200, "bad_request")
+            assert "at most 256 characters" in refusal["message"] and name not in json.dumps(refusal)
     assert upstream.seen == []
     [event] = await h.settle()
     assert_valid([event])

@@ -10,6 +10,9 @@ from sidecar.errors import RequestRefused
 from sidecar.policy.mcp import (
     LIFECYCLE_METHODS,
     McpCall,
+    RpcRef,
+    RpcRefused,
+    check_routing_headers,
     SseToolsListFilter,
     filter_tools_list,
     filter_tools_list_sse,
@@ -207,6 +210,45 @@ def test_refused_bodies(body: str, why: str) -> None:
 def test_refused_encodings(body: bytes, why: str) -> None:
     """Only UTF-8 without a byte order mark is accepted."""
     assert why in refused(body).message
+
+
+@pytest.mark.parametrize(("body", "answered"), [
+    # the envelope is sound, so the refusal answers that request's id
+    ('{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{}}', RpcRef(7, True)),
+    ('{"jsonrpc":"2.0","id":"x","method":"rpc.discover"}', RpcRef("x", True)),
+    # a notification awaits no answer: the refusal drops it
+    ('{"jsonrpc":"2.0","method":"tools/call","params":{"name":""}}', RpcRef(None, False)),
+    # not a JSON-RPC request object at all: no id to answer, HTTP's own 400
+    ('[{"jsonrpc":"2.0","id":1,"method":"ping"}]', None),
+    ('{"jsonrpc":"2.0","id":null,"method":"ping"}', None),
+    ('{"jsonrpc":"2.0","id":1,"method":"ping","extra":1}', None),
+])
+def test_refusals_past_the_envelope_carry_the_request_id(body: str, answered: RpcRef | None) -> None:
+    """Bad params of a sound request object raise RpcRefused with its id; other bad bodies do not (issue 13 item 1)."""
+    problem = refused(body)
+    assert problem.reason == "bad_request"
+    assert (problem.rpc if isinstance(problem, RpcRefused) else None) == answered
+
+
+@pytest.mark.parametrize(("methods", "names", "why"), [
+    ([], [], None),  # handshake-era clients send neither
+    (["tools/call"], ["search"], None),
+    (["tools/call"], ["=?base64?c2VhcmNo?="], None),  # "search", as the SDK writes names unsafe in a header
+    (["tools/call"], ["delete_account"], "Mcp-Name"),  # the server would route to another tool
+    (["tools/call"], ["=?base64?c2VhcmNoCg==?="], "Mcp-Name"),  # "search\n" is another name
+    (["tools/call"], ["=?base64?!!?="], "Mcp-Name"),  # a malformed encoding matches nothing
+    (["tools/list"], [], "Mcp-Method"),
+    (["tools/call", "tools/call"], [], "more than one"),
+])
+def test_routing_headers_must_say_what_the_body_says(methods: list[str], names: list[str], why: str | None) -> None:
+    """Mcp-Method and Mcp-Name, which servers may route on, must name the body's method and tool (issue 13 item 2)."""
+    parsed = call(TOOL_CALL)
+    if why is None:
+        check_routing_headers(parsed, methods, names)
+        return
+    with pytest.raises(RpcRefused, match=why) as info:
+        check_routing_headers(parsed, methods, names)
+    assert info.value.rpc == RpcRef(7, True)
 
 
 def test_oversize_body_is_body_too_large() -> None:
