@@ -1,10 +1,17 @@
-"""MCP upstreams through the pipeline: tools/call by rule, refusals as JSON-RPC, the transport's sessions."""
+"""MCP upstreams through the pipeline: tools/call by rule, refusals as JSON-RPC, the transport's sessions, real SDKs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import importlib.metadata
 import json
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -382,3 +389,117 @@ async def test_routing_headers_that_name_another_tool_are_refused(h, tools):
     assert (await h.settle())[-1]["status"] == 200
     assert tools.seen == []
 
+
+# --- the official MCP SDKs, client and server (issue 13 item 7) ------------------------------------
+
+SDK_PEERS = Path(__file__).parents[1] / "peers" / "mcp_sdk"
+SDK_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "no-account-deletion", "direction": "outbound", "upstream": "tools",
+     "mcp": {"tools": ["delete_*"]}, "effect": "deny"},
+    {"id": "search-only", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search"]},
+     "effect": "allow"},
+]}
+
+
+@functools.cache
+def sdk_python(major: int) -> str | None:
+    """The Python of an environment holding MCP SDK ``major``.x: 2.x is in the test extra; 1.x in the
+    second environment scripts/test builds (.venv-mcp1, or SIDECAR_MCP1_PYTHON)."""
+    if major == 2:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            if importlib.metadata.version("mcp").startswith("2."):
+                return sys.executable
+        return None
+    root = Path(__file__).parents[2]
+    candidate = os.environ.get("SIDECAR_MCP1_PYTHON", str(root / ".venv-mcp1" / "bin" / "python"))
+    try:
+        version = subprocess.run([candidate, "-c", "import importlib.metadata as m; print(m.version('mcp'))"],
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+    except OSError:
+        return None
+    return candidate if version.startswith(f"{major}.") else None
+
+
+def need_sdk(major: int) -> str:
+    python = sdk_python(major)
+    if python is None:
+        why = (f"mcp SDK {major}.x not found: scripts/test installs it "
+               f"({'the test extra' if major == 2 else '.venv-mcp1, or set SIDECAR_MCP1_PYTHON'})")
+        if os.environ.get("CI") == "true":  # CI must run what the SDKs prove, never skip it
+            pytest.fail(why)
+        pytest.skip(why)
+    return python
+
+
+@pytest.fixture(scope="module")
+def sdk_servers():
+    """SDK-built streamable-HTTP servers on 127.0.0.1, one per SDK major, started on first use: major -> port."""
+    running: dict[int, tuple[subprocess.Popen, int]] = {}
+
+    def port(major: int) -> int:
+        if major not in running:
+            proc = subprocess.Popen([need_sdk(major), str(SDK_PEERS / "server.py")], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+            line = proc.stdout.readline()  # the server prints its port once listening, or dies
+            assert line.startswith(b"PORT "), line
+            running[major] = (proc, int(line.split()[1]))
+        return running[major][1]
+
+    yield port
+    for proc, _ in running.values():
+        proc.kill()
+        proc.wait()
+
+
+def sdk_config(port: int) -> dict:
+    return {"outbound": {"upstreams": {"tools": {"url": f"http://127.0.0.1:{port}/mcp", "protocol": "mcp"}}}}
+
+
+async def sdk_agent(python: str, url: str, task: str, other_task: str, mode: str = "legacy") -> dict:
+    """The SDK client's whole session (client.py), run to its end; what the agent saw."""
+    proc = await asyncio.create_subprocess_exec(python, str(SDK_PEERS / "client.py"), url, task, other_task, mode,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # timed out: never leave the client running
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("major", [1, 2])
+async def test_an_sdk_agent_lives_with_refusals_streams_and_session_ends(make_sidecar, sdk_servers, major):
+    """With SDK 1.x and 2.x a refused call is an error naming rule and reason, the session goes on, its GET stream
+    brings a notification, DELETE ends it, and its id is refused under another task (issue 13 items 1, 2, 7)."""
+    h = await make_sidecar(sdk_config(sdk_servers(major)), SDK_POLICY)
+    task, other = await open_task(h), await open_task(h)
+    seen = await sdk_agent(need_sdk(major), f"{h.outbound}/tools", task, other)
+    events = await h.settle()
+    assert seen["major"] == major and seen["tools"] == ["search"]
+    assert (seen["first"], seen["second"]) == ("found: refunds", "found: invoices")
+    assert "policy: denied by rule no-account-deletion (reason: rule_denied)" in seen["refused"]
+    assert "searching for refunds" in seen["logs"] and seen["list_changed"]
+    assert seen["replay"]["status"] == 403 and seen["replay"]["body"]["error"] == "session_mismatch"
+    by_method = {}
+    for e in events:
+        by_method.setdefault(e["target"]["mcp_method"], []).append((e["decision"], e["reason"], e["status"]))
+    assert ("deny", "rule_denied", 200) in by_method["tools/call"]
+    assert by_method["rpc.stream"][0] == ("allow", "allowed", 200)
+    assert by_method["rpc.session_end"] == [("allow", "allowed", 200)]
+    assert ("deny", "session_mismatch", 403) in by_method[None]  # refused before its body was read
+
+
+async def test_the_2x_sdks_default_protocol_lives_with_refusals(make_sidecar, sdk_servers):
+    """SDK 2.x at its default (server/discover, the 2026-07-28 protocol): filtered list, a refused call surfaces the
+    sidecar's message, the next call goes on (issue 13 items 1, 7)."""
+    h = await make_sidecar(sdk_config(sdk_servers(2)), SDK_POLICY)
+    task = await open_task(h)
+    seen = await sdk_agent(need_sdk(2), f"{h.outbound}/tools", task, task, "auto")
+    events = await h.settle()
+    assert seen["tools"] == ["search"] and (seen["first"], seen["second"]) == ("found: refunds", "found: invoices")
+    assert seen["refused"] == "MCPError: policy: denied by rule no-account-deletion (reason: rule_denied)"
+    assert [(e["target"]["mcp_method"], e["reason"]) for e in events][:2] == [("server/discover", "allowed"),
+                                                                              ("tools/list", "allowed")]
