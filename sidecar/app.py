@@ -125,6 +125,7 @@ class Sidecar:
     async def start(self) -> None:
         cfg = self.config
         REDACTOR.register(secret_values(cfg))
+        decision_log.WRITER.backpressure = cfg.log_backpressure
         self.metrics = Metrics(cfg.outbound.upstreams)
         self.identity, created = ensure_identity(cfg, self.metrics)
         if created:

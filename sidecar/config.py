@@ -23,7 +23,7 @@ import yaml
 from sidecar.agent_meta import parse_agent
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.config_model import (
-    AdminConfig, Approver, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
+    AdminConfig, Approver, Backpressure, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
 )
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
 from sidecar.policy.paths import DEFAULT_PORTS, PathOptions
@@ -67,9 +67,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     admin = _admin(root.sub("admin"), state_dir)
     health_listen = _single_listen(root, "health", "0.0.0.0:17021")
     metrics_listen = _single_listen(root, "metrics", "0.0.0.0:17090")
-    logging = root.sub("logging")
-    log_level = logging.choice("level", ("debug", "info", "warning", "error"), "info")
-    logging.done()
+    log_level, backpressure = _logging(root.sub("logging"))
     shutdown = root.sub("shutdown")
     drain = shutdown.duration("drain", "20s")
     shutdown.done()
@@ -79,7 +77,18 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     if errors:
         raise ConfigInvalid(errors)
     return Config(agent_name, environment, state_dir, identity, inbound, outbound, credentials, policy, tasks,
-                  revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings), agent)
+                  revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings), agent,
+                  log_backpressure=backpressure)
+
+
+def _logging(f: Fields) -> tuple[str, Backpressure]:
+    d = Backpressure()
+    level = f.choice("level", ("debug", "info", "warning", "error"), "info")
+    backpressure = Backpressure(f.choice("on_backpressure", ("block", "drop", "refuse"), d.on_backpressure),
+                                f.int("buffer_bytes", d.buffer_bytes, minimum=4096),
+                                f.duration("block_timeout", d.block_timeout))
+    f.done()
+    return level, backpressure
 
 
 def _single_listen(root: Fields, key: str, default: str) -> ListenAddress:

@@ -226,6 +226,15 @@ class AgentMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class Backpressure:
+    """``logging``: what happens while stdout does not take the log (PRODUCT.md, "Logging")."""
+
+    on_backpressure: str = "block"  # block | drop | refuse
+    buffer_bytes: int = 8 * 1024 * 1024
+    block_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent_name: str
     environment: str
@@ -245,3 +254,4 @@ class Config:
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     agent: AgentMeta = AgentMeta()
+    log_backpressure: Backpressure = Backpressure()

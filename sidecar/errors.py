@@ -45,6 +45,7 @@ STATUS: dict[str, int] = {
     "unknown_session": 404,
     "session_mismatch": 403,
     "credential_unavailable": 503,
+    "log_unavailable": 503,
     "upstream_unreachable": 502,
     "upstream_protocol_error": 502,
     "upstream_timeout": 504,
@@ -71,6 +72,7 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "request_timeout": "http_request_error",
     "bad_request": "http_request_error",
     "credential_unavailable": "proxy_internal_error",
+    "log_unavailable": "proxy_internal_error",
     "internal_error": "proxy_internal_error",
 }
 

@@ -88,6 +88,7 @@ class Exchange:
     facts: Any = None  # the policy facts, kept for response filtering; not part of the event
     mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers; not part of the event
     mcp_rpc: RpcRef | None = None  # the JSON-RPC message's id, to answer a refusal in JSON-RPC; not part of the event
+    kept: bool = False  # let in with room in the log: its event is never dropped (logging.on_backpressure)
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
         self.direction = direction

@@ -34,6 +34,7 @@ from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange
+from sidecar.observe.decision_log import admission
 from sidecar.forward import (
     VIA, clean_request_headers, declared_length, echo_method, has_body, is_form, is_websocket, open_upstream,
     proxy_websocket,
@@ -111,6 +112,10 @@ async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[
     """The envelope of every exchange: cuttable while it runs, refusals answered, recorded once."""
     rt.exchanges.track(ex)
     try:
+        waiting = admission()
+        if waiting is not None:  # stdout is behind (logging.on_backpressure): wait for room or be refused
+            await waiting
+        ex.kept = True
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)

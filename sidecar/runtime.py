@@ -286,7 +286,7 @@ class Runtime:
             m.delegated_requests.labels(ex.delegation).inc()
         if ex.reason in ("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"):
             m.upstream_errors.labels(upstream, ex.reason).inc()
-        emit_event(ex.event(self.agent))
+        emit_event(ex.event(self.agent), kept=ex.kept)
 
     # -- ends and revocations --------------------------------------------------------------
     def _task_ended(self, task: Task) -> None:

@@ -1,8 +1,9 @@
 """Structured logging: the trust-decision event and every other log line, JSON on stdout.
 
-One line per event, rendered with orjson and written to a buffer that is flushed at the
-end of the current event-loop iteration (a log line is the largest per-request cost after
-forwarding itself, PERFORMANCE.md). Timestamps are formatted once per second.
+One line per event, rendered with orjson and handed in batches to a writer thread
+(:mod:`sidecar.observe.line_writer`: a log line is the largest per-request cost after forwarding
+itself, PERFORMANCE.md, and a stdout nobody reads must not stop the event loop). Timestamps are
+formatted once per second.
 
 Redaction: every line passes :func:`redact`, which masks JWTs, bearer credentials, PEM
 private keys and every configured secret value, wherever they appear (including exception
@@ -17,17 +18,19 @@ other line, ending with a marker that says how long they were: a 2 MiB tool name
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import re
 import sys
-import time
-from datetime import datetime, timezone
-from typing import IO, Any, Iterable
+from typing import IO, Any, Awaitable, Iterable
 
 import orjson
 import structlog
+
+from sidecar.observe.line_writer import CLOCK, FLUSH_AFTER, BufferedLineWriter
+
+__all__ = ["CLOCK", "FLUSH_AFTER", "BufferedLineWriter", "REDACTOR", "WRITER", "admission", "configure_logging",
+           "emit_event"]
 
 REDACTED = "<redacted>"
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
@@ -93,77 +96,6 @@ class Redactor:
 REDACTOR = Redactor()
 
 
-class _Clock:
-    """RFC 3339 UTC timestamps, with the second-resolution prefix formatted once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def now(self) -> str:
-        t = time.time()
-        second = int(t)
-        if second != self._second:
-            self._second = second
-            self._prefix = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{int((t - second) * 1000):03d}Z"
-
-
-CLOCK = _Clock()
-
-
-FLUSH_AFTER = 0.02  # seconds: at most this much of the log waits in memory
-FLUSH_BYTES = 64 * 1024
-
-
-class BufferedLineWriter:
-    """Lines into a buffer, flushed every FLUSH_AFTER seconds or FLUSH_BYTES (at once outside a loop).
-
-    Under load: one write and flush per batch instead of per line. A line after a quiet spell
-    (nothing flushed for FLUSH_AFTER) is written at once: at an agent's sporadic pace a timer
-    per line would cost a wake-up of its own, and the line would wait for nothing.
-    ``flush()`` is also called on shutdown.
-    """
-
-    def __init__(self, stream: IO[bytes] | None = None) -> None:
-        self._stream = stream
-        self._lines: list[bytes] = []
-        self._size = 0
-        self._scheduled = False
-        self._flushed = 0.0  # time.monotonic() of the last flush
-
-    @property
-    def stream(self) -> IO[bytes]:
-        return self._stream or sys.stdout.buffer
-
-    def write(self, line: bytes) -> None:
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= FLUSH_BYTES:
-            self.flush()
-            return
-        if self._scheduled:
-            return
-        if time.monotonic() - self._flushed >= FLUSH_AFTER:
-            self.flush()
-            return
-        try:
-            asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
-            self._scheduled = True
-        except RuntimeError:
-            self.flush()
-
-    def flush(self) -> None:
-        self._scheduled = False
-        self._flushed = time.monotonic()
-        self._size = 0
-        lines, self._lines = self._lines, []
-        if lines:
-            stream = self.stream
-            stream.write(b"".join(lines))
-            stream.flush()
-
-
 WRITER = BufferedLineWriter()
 
 
@@ -196,10 +128,12 @@ def _exc_info(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 def configure_logging(level: str = "info", stream: IO[bytes] | None = None) -> None:
-    """Configure structlog: JSON lines, redacted, buffered, on stdout (or ``stream``)."""
+    """Configure structlog: JSON lines, redacted, buffered, on stdout (or ``stream``).
+
+    ``Sidecar.start`` then sets the writer's ``logging.on_backpressure`` policy from the config."""
     global WRITER
+    WRITER.close()
     WRITER = BufferedLineWriter(stream)
-    atexit.register(WRITER.flush)  # the last lines (sidecar_stopped) reach stdout
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -238,8 +172,26 @@ def redact_query(query: str) -> str:
     return _SECRET_PARAM.sub(lambda m: m.group(1) + m.group(2) + REDACTED, query) if "=" in query else query
 
 
-def emit_event(event: dict[str, Any]) -> None:
-    """Write one trust-decision event; every field that carries request-derived text is redacted and bounded."""
+def _flush_at_exit() -> None:
+    """The last lines (sidecar_stopped) reach stdout, or stderr says how many could not."""
+    if not WRITER.flush():
+        print(f"log: stdout did not take the last {WRITER.stats().queued_bytes} bytes of the log before exit",
+              file=sys.stderr)
+
+
+atexit.register(_flush_at_exit)
+
+
+def admission() -> Awaitable[None] | None:
+    """None while the log can take a new exchange's event; else what the exchange awaits (or is refused by)."""
+    return WRITER.admission()
+
+
+def emit_event(event: dict[str, Any], *, kept: bool = False) -> None:
+    """Write one trust-decision event; every field that carries request-derived text is redacted and bounded.
+
+    ``kept``: the exchange was let in by :func:`admission`, so its event is never dropped under
+    ``block`` or ``refuse``."""
     target = event.get("target")
     if target is not None and target.get("query"):
         target["query"] = redact_query(target["query"])
@@ -256,4 +208,4 @@ def emit_event(event: dict[str, Any]) -> None:
                 fields[key] = clean(value, limit)
     if event.get("act_chain"):
         event["act_chain"] = [clean(actor, ACT_CHAIN_ITEM_MAX) for actor in event["act_chain"]]
-    WRITER.write(orjson.dumps(event) + b"\n")
+    WRITER.write(orjson.dumps(event) + b"\n", kept=kept)

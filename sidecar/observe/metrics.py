@@ -9,11 +9,14 @@ Label values are bounded sets: ``upstream`` is a configured upstream name or ``_
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
+
+from sidecar.observe import decision_log
+from sidecar.observe.line_writer import LogStats
 
 UNKNOWN = "_unknown"
 AGENT_INFO_LABELS = ("name", "environment", "owner", "trust_level")
@@ -62,6 +65,7 @@ class Metrics:
                                        registry=r)
         self.agent_info = Gauge("sidecar_agent_info", "1, labelled with the agent's declared metadata (one series "
                                 "per process; free labels are not exported).", AGENT_INFO_LABELS, registry=r)
+        r.register(LogPressure(lambda: decision_log.WRITER.stats()))
         self._bind()
 
     def _bind(self) -> None:
@@ -103,6 +107,33 @@ REQUESTS = ("sidecar_requests", "Exchanges handled, by direction, decision and u
 DECISIONS = ("sidecar_policy_decisions", "Policy decisions, by rule.", ("direction", "decision", "rule"))
 CACHE = ("sidecar_credential_cache", "Credential cache lookups.", ("provider", "result"))
 DURATION = ("sidecar_request_duration_seconds", "Exchange duration.", ("direction", "upstream"))
+
+
+# -- the log on its way to stdout (sidecar.observe.line_writer), read when scraped --------------
+
+LOG_DROPPED = ("sidecar_log_lines_dropped", "Log lines that could not be written (buffer full or stdout gone), "
+                                            "by kind: trust_decision events and other lines.", ("kind",))
+LOG_BUFFER = ("sidecar_log_buffer_bytes", "Log bytes waiting for stdout (bounded by logging.buffer_bytes).")
+LOG_WAITING = ("sidecar_log_waiting_exchanges", "New exchanges waiting for room in the log (on_backpressure: block).")
+
+
+class LogPressure:
+    """The writer's counters as metrics: what was dropped, what waits, who waits."""
+
+    def __init__(self, stats: Callable[[], LogStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        dropped = CounterMetricFamily(*LOG_DROPPED[:2], labels=LOG_DROPPED[2])
+        dropped.add_metric(("trust_decision",), stats.dropped_events)
+        dropped.add_metric(("other",), stats.dropped_other)
+        yield dropped
+        yield GaugeMetricFamily(*LOG_BUFFER, value=stats.queued_bytes)
+        yield GaugeMetricFamily(*LOG_WAITING, value=stats.waiting)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _Histogram:
