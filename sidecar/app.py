@@ -31,6 +31,7 @@ from sidecar.exchange import AgentInfo
 from sidecar.identity.source import IdentitySource
 from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR
+from sidecar.observe.loop import LoopMonitor
 from sidecar.observe.metrics import Metrics
 from sidecar.pipeline import Inbound, Outbound
 from sidecar.policy.engine import PolicySet
@@ -120,6 +121,7 @@ class Sidecar:
     _closables: list[Any] = field(default_factory=list)
     _limiter: RateLimiter = field(default_factory=RateLimiter)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _monitor: LoopMonitor | None = None
 
     # -- start ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,6 +142,8 @@ class Sidecar:
         self.identity.start()
         await self._start_bus()
         self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
+        self._monitor = LoopMonitor(cfg.observability, self.metrics)
+        self._monitor.start()
         log.info("sidecar_started", agent=agent.id, ports=self.ports, policy_version=self.runtime.policy.version)
 
     async def _build_runtime(self, agent: AgentInfo) -> Runtime:
@@ -308,6 +312,8 @@ class Sidecar:
             await provider.aclose()
         await self.runtime.sessions.aclose()
         self.runtime.tasks.close()
+        if self._monitor is not None:
+            self._monitor.stop()
         decision_log.WRITER.flush()  # the last events reach stdout before the process exits
 
 

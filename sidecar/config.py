@@ -23,7 +23,7 @@ import yaml
 from sidecar.agent_meta import parse_agent
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.config_model import (
-    AdminConfig, Approver, Backpressure, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
+    AdminConfig, Approver, Backpressure, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, Observability, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
 )
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
 from sidecar.policy.paths import DEFAULT_PORTS, PathOptions
@@ -68,6 +68,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     health_listen = _single_listen(root, "health", "0.0.0.0:17021")
     metrics_listen = _single_listen(root, "metrics", "0.0.0.0:17090")
     log_level, backpressure = _logging(root.sub("logging"))
+    observability = _observability(root.sub("observability"))
     shutdown = root.sub("shutdown")
     drain = shutdown.duration("drain", "20s")
     shutdown.done()
@@ -78,7 +79,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
         raise ConfigInvalid(errors)
     return Config(agent_name, environment, state_dir, identity, inbound, outbound, credentials, policy, tasks,
                   revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings), agent,
-                  log_backpressure=backpressure)
+                  log_backpressure=backpressure, observability=observability)
 
 
 def _logging(f: Fields) -> tuple[str, Backpressure]:
@@ -89,6 +90,17 @@ def _logging(f: Fields) -> tuple[str, Backpressure]:
                                 f.duration("block_timeout", d.block_timeout))
     f.done()
     return level, backpressure
+
+
+def _observability(f: Fields) -> Observability:
+    d = Observability()
+    sample = f.duration("loop_sample_interval", d.loop_sample_interval)
+    threshold = f.duration("stall_threshold", d.stall_threshold)
+    if sample <= 0 or threshold <= sample:
+        f.error("stall_threshold", "must be longer than loop_sample_interval, which must be above 0")
+    observability = Observability(sample, threshold, f.duration("stall_report_interval", d.stall_report_interval))
+    f.done()
+    return observability
 
 
 def _single_listen(root: Fields, key: str, default: str) -> ListenAddress:

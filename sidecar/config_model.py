@@ -235,6 +235,15 @@ class Backpressure:
 
 
 @dataclass(frozen=True, slots=True)
+class Observability:
+    """``observability``: the event loop's lag sampling and the stall watchdog."""
+
+    loop_sample_interval: float = 0.1
+    stall_threshold: float = 0.25
+    stall_report_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent_name: str
     environment: str
@@ -255,3 +264,4 @@ class Config:
     warnings: tuple[str, ...] = ()
     agent: AgentMeta = AgentMeta()
     log_backpressure: Backpressure = Backpressure()
+    observability: Observability = Observability()

@@ -65,6 +65,11 @@ class Metrics:
                                        registry=r)
         self.agent_info = Gauge("sidecar_agent_info", "1, labelled with the agent's declared metadata (one series "
                                 "per process; free labels are not exported).", AGENT_INFO_LABELS, registry=r)
+        self.loop_lag = Histogram("sidecar_event_loop_lag_seconds",
+                                  "How late the event loop ran a timer sampled every loop_sample_interval.",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.loop_stalls = Counter("sidecar_event_loop_stalls",
+                                   "Times the event loop did not run for observability.stall_threshold.", registry=r)
         r.register(LogPressure(lambda: decision_log.WRITER.stats()))
         self._bind()
 
