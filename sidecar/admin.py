@@ -120,8 +120,7 @@ class AdminRoutes:
         self.sidecar = sidecar
 
     async def reload(self, request: web.Request) -> web.Response:
-        ok, detail = self.sidecar.reload_policy()
-        self.sidecar.identity.check()
+        ok, detail = await self.sidecar.reload()
         if not ok:
             return web.json_response({"error": "reload_failed", "message": detail,
                                       "policy_version": self.sidecar.runtime.policy.version}, status=422)

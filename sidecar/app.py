@@ -122,6 +122,7 @@ class Sidecar:
     _limiter: RateLimiter = field(default_factory=RateLimiter)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _monitor: LoopMonitor | None = None
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one policy build at a time
 
     # -- start ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -138,7 +139,10 @@ class Sidecar:
         self.metrics.describe_agent(agent.as_dict())
         self.runtime = await self._build_runtime(agent)
         await self._start_listeners()
-        self.identity.on_change(lambda state: self.runtime.sessions.renew_client_certs())
+        sessions = self.runtime.sessions
+        self.identity.on_change(lambda state, contexts: sessions.renew_client_certs(contexts),
+                                prepare=lambda state: sessions.client_contexts((str(state.cert_path),
+                                                                                str(state.key_path))))
         self.identity.start()
         await self._start_bus()
         self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
@@ -256,19 +260,37 @@ class Sidecar:
         return verifier is None or verifier.ready
 
     def reload_policy(self) -> tuple[bool, str]:
-        """Re-read the policy files; a bad set is rejected whole and the last good one stays."""
+        """Re-read the policy files on this thread; a bad set is rejected whole and the last good one stays."""
+        return self._apply_policy(self._build_policy())
+
+    async def reload(self) -> tuple[bool, str]:
+        """Policy files, then identity files, each read and compiled in a worker thread: compiling a policy
+        set (CEL) takes up to hundreds of milliseconds, which the event loop must not spend (issue 12 item 5)."""
+        result = await self._reload_policy_in_thread()
+        await self.identity.refresh()
+        return result
+
+    async def _reload_policy_in_thread(self) -> tuple[bool, str]:
+        async with self._reloading:
+            return self._apply_policy(await asyncio.to_thread(self._build_policy))
+
+    def _build_policy(self) -> PolicySet | ConfigInvalid:
         try:
-            policy = build_policy(self.config, self._limiter)
+            return build_policy(self.config, self._limiter)
         except ConfigInvalid as exc:
+            return exc
+
+    def _apply_policy(self, built: PolicySet | ConfigInvalid) -> tuple[bool, str]:
+        if isinstance(built, ConfigInvalid):
             self.metrics.policy_reloads.labels("error").inc()
-            log.error("policy_reload_failed", errors=[str(e) for e in exc.errors],
+            log.error("policy_reload_failed", errors=[str(e) for e in built.errors],
                       kept=self.runtime.policy.version)
-            return False, "\n".join(str(e) for e in exc.errors)
-        changed = policy.version != self.runtime.policy.version
-        self.runtime.policy = policy
+            return False, "\n".join(str(e) for e in built.errors)
+        changed = built.version != self.runtime.policy.version
+        self.runtime.policy = built
         self.metrics.policy_reloads.labels("ok").inc()
-        log.info("policy_reloaded", policy_version=policy.version, changed=changed)
-        return True, policy.version
+        log.info("policy_reloaded", policy_version=built.version, changed=changed)
+        return True, built.version
 
     async def watch_policy(self) -> None:
         from sidecar.identity.source import _stamp
@@ -280,7 +302,7 @@ class Sidecar:
             now = _stamp(files)
             if now != stamp:
                 stamp = now
-                self.reload_policy()
+                await self._reload_policy_in_thread()
 
     # -- stop -------------------------------------------------------------------------------------
     async def stop(self) -> None:

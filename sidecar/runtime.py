@@ -91,6 +91,8 @@ class Sessions:
         self.agent_base_path = ""  # forward_to's path, before the caller's
         for name in config.outbound.upstreams:  # TLS contexts (CA files, our SVID) load now, not on a request
             self.get(name)
+        if config.inbound is not None:
+            self.agent()
 
     def get(self, name: str) -> ConnectionPool:
         pool = self._pools.get(name)
@@ -103,15 +105,21 @@ class Sessions:
         session = self._websockets.get(name)
         if session is None or session.closed:
             up = self._config.outbound.upstreams[name]
-            session = self._websockets[name] = websocket_session(self._ssl_context(name), up.timeouts)
+            session = self._websockets[name] = websocket_session(self.get(name).ssl, up.timeouts)  # built at start
         return session
 
-    def _ssl_context(self, name: str) -> ssl.SSLContext | None:
+    def _ssl_context(self, name: str, svid_files: tuple[str, str] | None = None) -> ssl.SSLContext | None:
         up = self._config.outbound.upstreams[name]
         if up.scheme != "https":
             return None
-        cert_key = self._svid_files() if up.client_cert == "svid" else None
+        cert_key = (svid_files or self._svid_files()) if up.client_cert == "svid" else None
         return client_ssl_context(str(up.ca) if up.ca else None, *(cert_key or (None, None)))
+
+    def client_contexts(self, svid_files: tuple[str, str]) -> dict[str, ssl.SSLContext | None]:
+        """The TLS context of each upstream that is shown our SVID, from these files. Touches no loop state:
+        built in a worker thread on rotation (a context with the system trust store takes ~100 ms)."""
+        return {name: self._ssl_context(name, svid_files)
+                for name, up in self._config.outbound.upstreams.items() if up.client_cert == "svid"}
 
     def agent(self) -> ConnectionPool:
         if self._agent is None or self._agent.closed:
@@ -123,15 +131,13 @@ class Sessions:
             self.agent_base_path = url.raw_path.rstrip("/")
         return self._agent
 
-    def renew_client_certs(self) -> None:
+    def renew_client_certs(self, contexts: dict[str, ssl.SSLContext | None]) -> None:
         """After an SVID rotation: new connections for mTLS upstreams; the ones in use finish, then close."""
         loop = asyncio.get_running_loop()
-        for name, up in self._config.outbound.upstreams.items():
-            if up.client_cert != "svid":
-                continue
+        for name, context in contexts.items():
             pool, session = self._pools.get(name), self._websockets.pop(name, None)
             if pool is not None:
-                pool.renew(self._ssl_context(name))
+                pool.renew(context)
             if session is not None:
                 loop.call_later(self._config.drain, asyncio.ensure_future, session.close())
 

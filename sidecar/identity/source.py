@@ -15,7 +15,7 @@ import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 from cryptography import x509
@@ -39,6 +39,10 @@ class SvidState:
     server_context: ssl.SSLContext = field(repr=False)
     cert_sha256: str
     not_after: float
+
+
+Listener = Callable[["SvidState", Any], None]
+Prepare = Callable[["SvidState"], Any]
 
 
 def load_state(cert: Path, key: Path, bundle: Path, federated: dict[str, Path]) -> SvidState:
@@ -81,11 +85,14 @@ class IdentitySource:
         self._metrics = metrics
         self.state = load_state(*self._files)
         self._stamp = _stamp(self._paths)
-        self._listeners: list[Callable[[SvidState], None]] = []
+        self._listeners: list[tuple[Listener, Prepare | None]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def on_change(self, listener: Callable[[SvidState], None]) -> None:
-        self._listeners.append(listener)
+    def on_change(self, listener: Listener, prepare: Prepare | None = None) -> None:
+        """``listener(state, prepared)`` runs on the loop once a new identity is in force. ``prepare(state)``,
+        if given, runs first where the files are read (a worker thread for the watch): costly work such
+        as building TLS contexts from the new files."""
+        self._listeners.append((listener, prepare))
 
     def server_context(self) -> ssl.SSLContext:
         return self.state.server_context
@@ -102,25 +109,44 @@ class IdentitySource:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            self.check()
+            await self.refresh()
 
     def check(self) -> bool:
-        """Reload if the files changed; True when a new identity is in force."""
+        """Reload on this thread if the files changed; True when a new identity is in force."""
+        return self._changed() and self._apply(self._load())
+
+    async def refresh(self) -> bool:
+        """:meth:`check` with the files read, the key loaded and the listeners prepared in a worker thread:
+        the event loop never waits for a disk or a key (issue 12 item 5)."""
+        return self._changed() and self._apply(await asyncio.to_thread(self._load))
+
+    def _changed(self) -> bool:
         stamp = _stamp(self._paths)
         if stamp == self._stamp:
             return False
         self._stamp = stamp
+        return True
+
+    def _load(self) -> tuple[SvidState, list[object]] | ValueError:
         try:
             state = load_state(*self._files)
+            return state, [prepare(state) if prepare else None for _, prepare in self._listeners]
+        except OSError as exc:  # the files changed again while they were read (ssl.SSLError included)
+            return ValueError(f"identity: SVID files changed while they were loaded: {type(exc).__name__}")
         except ValueError as exc:
+            return exc
+
+    def _apply(self, loaded: tuple[SvidState, list[object]] | ValueError) -> bool:
+        if isinstance(loaded, ValueError):
             self._metrics.identity_reloads.labels("error").inc()
-            log.error("identity_reload_failed", error=str(exc), kept=str(self.state.spiffe_id))
+            log.error("identity_reload_failed", error=str(loaded), kept=str(self.state.spiffe_id))
             return False
+        state, prepared = loaded
         self.state = state
         self._metrics.identity_reloads.labels("ok").inc()
         log.info("identity_reloaded", spiffe_id=str(state.spiffe_id), cert_sha256=state.cert_sha256)
-        for listener in self._listeners:
-            listener(state)
+        for (listener, _), ready in zip(self._listeners, prepared):
+            listener(state, ready)
         return True
 
     async def aclose(self) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import threading
 import time
+from pathlib import Path
 
 import aiohttp
 
 from tests.core.test_outbound import POLICY, config_for
+from tests.harness import admin
+from tests.identity.test_own_identity import issue
 
 STALL_S = 1.0
 SECRET = "loop-local-secret-4f1c9a"
@@ -78,3 +83,121 @@ async def test_stall_reports_are_rate_limited_and_every_stall_is_counted(make_si
     await stall_once()
     assert len(reports_naming(h, "hold_the_loop")) == 1
     assert sample(await metrics_text(h), "sidecar_event_loop_stalls_total") >= 2
+
+
+# -- what used to run on the loop: reading and compiling files on reload (issue 12 item 5) ---------
+
+class Fifo:
+    """A named pipe standing in for a file on a disk that does not answer: a read of it waits for ``feed``.
+
+    The test holds a writing end from the start, so a reader's open returns and its read waits. A
+    daemon thread ends such reads after a while and until ``replace_with``: a test that fails part-way
+    (or code that reads on the loop) never leaves a reader blocked for good."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path)
+        self._fd = os.open(path, os.O_RDWR)
+        self._inode = os.fstat(self._fd).st_ino
+        self.fed = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._safety, daemon=True).start()
+
+    def reading(self) -> bool:
+        """Someone in this process has the pipe open besides the test: a read of it has begun."""
+        opened = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                opened += os.stat(f"/proc/self/fd/{fd}").st_ino == self._inode
+            except OSError:
+                pass
+        return opened > 1
+
+    def feed(self, data: bytes) -> None:
+        """Write ``data`` and close the writing end: the waiting read gets it and then the end of the file."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            os.write(self._fd, data)
+            os.close(self._fd)
+            self._fd = -1
+        self.fed.set()
+
+    def _safety(self) -> None:
+        if self._done.wait(15.0):
+            return
+        self.feed(b"")
+        while not self._done.wait(0.2):  # later readers: end their reads too
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    def replace_with(self, data: bytes) -> None:
+        """A plain file again, for whoever looks next."""
+        tmp = self.path.with_suffix(".plain")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)
+        self._done.set()
+
+
+async def answered_while_waiting(h, fifo: Fifo) -> None:
+    """Once a read of the pipe has begun, a request through the sidecar is still answered: the loop is free."""
+    for _ in range(100):  # bounded; a loop held by the read cannot even get here until the safety ends it
+        if fifo.reading():
+            break
+        await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async with s.get(f"{h.outbound}/billing/v1/during") as r:
+            assert r.status == 200
+        async with s.get(f"http://127.0.0.1:{h.port('health')}/healthz") as r:
+            assert r.status == 200
+    assert fifo.reading() and not fifo.fed.is_set(), "the request was answered only once the file read ended"
+
+
+async def test_a_policy_reload_reads_and_compiles_off_the_loop(make_sidecar, upstream, tmp_path):
+    """POST /reload reads and compiles the policy files in a worker thread: a policy file that does not answer
+    does not hold requests (issue 12 item 5)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    policy_file = tmp_path / "policy.yaml"
+    text = policy_file.read_bytes()
+    policy_file.unlink()
+    fifo = Fifo(policy_file)
+    reload = asyncio.ensure_future(admin(h, "POST", "/reload"))
+    try:
+        await answered_while_waiting(h, fifo)
+        fifo.feed(text)
+        status, body = await asyncio.wait_for(reload, 30)
+    finally:
+        fifo.replace_with(text)
+    assert (status, body["status"]) == (200, "reloaded")
+    assert upstream.seen[-1].path.endswith("/v1/during")
+
+
+async def test_an_svid_rotation_reads_the_files_and_loads_the_key_off_the_loop(make_sidecar, upstream, tmp_path):
+    """The SVID watch reads the rotated files, loads the key and builds the TLS contexts in a worker thread: a
+    certificate file that does not answer does not hold requests (issue 12 item 5)."""
+    live = tmp_path / "live"
+    first = issue(tmp_path / "ca", live)
+    second = issue(tmp_path / "ca", tmp_path / "second")
+    config = config_for(upstream)
+    config["identity"] = {"svid": {"cert": str(first["cert"]), "key": str(first["key"]),
+                                   "bundle": str(first["bundle"])}}
+    h = await make_sidecar(config, POLICY)
+    before = h.sidecar.identity.state.cert_sha256
+    key = second["key"].read_bytes()
+    fifo = Fifo(tmp_path / "key.fifo")  # the key: read once per load (the certificate is read twice)
+    os.replace(fifo.path, first["key"])  # no await in between: the watch sees the new pair at once
+    os.replace(second["cert"], first["cert"])
+    fifo.path = first["key"]
+    try:
+        await answered_while_waiting(h, fifo)
+        fifo.feed(key)
+        for _ in range(200):  # bounded: the watch applies the new identity on the loop
+            if h.sidecar.identity.state.cert_sha256 != before:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        fifo.replace_with(key)
+    assert h.sidecar.identity.state.cert_sha256 != before
