@@ -140,7 +140,8 @@ class Interceptor:
     async def handle(self, request: web.BaseRequest, outbound: Outbound) -> web.StreamResponse:
         ex = Exchange("outbound", protocol="connect", method="CONNECT")
         try:
-            tunnel, context = self._admit(request, ex, outbound)
+            tunnel = self._admit(request, ex, outbound)
+            context = await self.ca.context(tunnel.host)
         except Refusal as refusal:
             return self._refuse(request, ex, refusal)
         self._open += 1
@@ -151,8 +152,7 @@ class Interceptor:
             _forget(request)
         return web.Response(status=200)  # never sent: aiohttp no longer has a transport to send it on
 
-    def _admit(self, request: web.BaseRequest, ex: Exchange,
-               outbound: Outbound) -> tuple[Tunnel, ssl.SSLContext]:
+    def _admit(self, request: web.BaseRequest, ex: Exchange, outbound: Outbound) -> Tunnel:
         """Every check before the tunnel opens; raises the refusal that keeps it shut."""
         rt = self.rt
         limits = rt.config.outbound.limits
@@ -172,7 +172,7 @@ class Interceptor:
         if _early_bytes(request):
             raise RequestRefused("bad_request", "connect: expected the client to wait for the 200 response "
                                                 "before starting tls")
-        return Tunnel(host, port, upstream.name, outbound), self.ca.context_for(host)
+        return Tunnel(host, port, upstream.name, outbound)
 
     def _refuse(self, request: web.BaseRequest, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
         ex.refuse(refusal)

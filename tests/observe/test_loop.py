@@ -11,6 +11,9 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.core.test_connect import POLICY as CONNECT_POLICY
+from tests.core.test_connect import billing_config, get, start_https_upstream, through_tunnel
+from tests.core.test_connect import upstream_ca  # noqa: F401 (a fixture)
 from tests.core.test_outbound import POLICY, config_for
 from tests.harness import admin
 from tests.identity.test_own_identity import issue
@@ -201,3 +204,25 @@ async def test_an_svid_rotation_reads_the_files_and_loads_the_key_off_the_loop(m
     finally:
         fifo.replace_with(key)
     assert h.sidecar.identity.state.cert_sha256 != before
+
+
+async def test_a_connect_to_a_new_host_mints_its_leaf_off_the_loop(make_sidecar, tmp_path, upstream_ca):
+    """The interception leaf for a host not seen before (a key, a signature, a file) is made in a worker
+    thread, and the tunnel works with it (issue 12 item 5)."""
+    up = await start_https_upstream(upstream_ca)
+    try:
+        h = await make_sidecar(billing_config(up, upstream_ca, tmp_path), CONNECT_POLICY)
+        ca = h.sidecar.runtime.interceptor.ca
+        minted_on: list[str] = []
+        mint = ca._mint
+
+        def spy(*args):
+            minted_on.append(threading.current_thread().name)
+            return mint(*args)
+
+        ca._mint = spy
+        [(status, _, _)] = await through_tunnel(h, get("/api/v1/invoices"))
+        assert status == 200 and len(minted_on) == 1
+        assert minted_on[0] != threading.main_thread().name
+    finally:
+        await up.stop()
