@@ -112,13 +112,16 @@ class BufferedLineWriter:
 
     # -- the loop side ----------------------------------------------------------------------
     def write(self, line: bytes, *, kept: bool = False) -> None:
-        """Queue one line; dropped (and counted) if the buffer is full and ``kept`` does not hold it."""
+        """Queue one line; dropped (and counted) if the buffer is full and ``kept`` does not hold it.
+
+        Off the loop (CLI commands, the stall watchdog while the loop is held) a line is handed over at once."""
+        loop = asyncio._get_running_loop()
         with self._lock:
             if self.full and not (kept and self.backpressure.on_backpressure != "drop"):
                 self._drop(line)
                 return
             self._add(line)
-            if self._size >= FLUSH_BYTES:
+            if loop is None or self._size >= FLUSH_BYTES:
                 self._hand_over()
                 return
             if self._scheduled:
@@ -126,7 +129,8 @@ class BufferedLineWriter:
             if time.monotonic() - self._flushed >= FLUSH_AFTER:
                 self._hand_over()
                 return
-        self._schedule()
+            self._scheduled = True
+        loop.call_later(FLUSH_AFTER, self.hand_over)
 
     def _add(self, line: bytes) -> None:
         self._lines.append(line)
@@ -154,13 +158,6 @@ class BufferedLineWriter:
                            "sidecar_log_lines_dropped_total"}
         self._unreported = self._unreported_events = 0
         return orjson.dumps(note) + b"\n"
-
-    def _schedule(self) -> None:
-        try:
-            asyncio.get_running_loop().call_later(FLUSH_AFTER, self.hand_over)
-            self._scheduled = True
-        except RuntimeError:  # no loop in this thread (CLI commands, the watchdog): at once
-            self.hand_over()
 
     def hand_over(self) -> None:
         """Give the batch to the writer thread now, without waiting for it to be written."""

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -171,3 +172,20 @@ async def test_block_is_bounded_by_block_timeout(pipe):
     with pytest.raises(RequestRefused) as refused:
         await writer.admission()  # type: ignore[misc]
     assert refused.value.reason == "log_unavailable" and writer.stats().waiting == 0
+
+
+async def test_a_line_from_another_thread_is_not_held_for_the_loops_timer():
+    """The stall watchdog logs from its thread while the loop is held: its line goes out at once, not when the
+    held loop runs its flush timer (issue 12 item 5)."""
+    stream = CountingStream()
+    writer = BufferedLineWriter(stream)
+    writer.write(b"first\n")  # quiet: handed over at once
+    writer.write(b"second\n")  # waits for the loop's timer
+    from_thread = threading.Thread(target=writer.write, args=(b"event_loop_stalled\n",))
+    from_thread.start()
+    from_thread.join()
+    for _ in range(200):  # the loop is held here: only a hand-over by that thread can bring the line
+        if b"event_loop_stalled" in stream.getvalue():
+            break
+        time.sleep(0.01)
+    assert stream.getvalue().endswith(b"event_loop_stalled\n")
