@@ -3,7 +3,7 @@
 An access review from trust-decision events: per agent what it used (upstreams, methods, path
 patterns generalized from the observed paths, MCP tools, inbound callers, credentials by type,
 standing or short-lived), what its rules allow that it never used and the rules nothing matched
-(with ``--policy``, or the config's own policy files), denials by reason, human-driven against
+(``--policy``, by default the config's own policy files), denials by reason, human-driven against
 autonomous traffic, delegation against impersonation; and a suggested least-privilege policy that
 allows exactly what was used, proved by re-deciding every logged exchange under it.
 

@@ -71,13 +71,11 @@ def render_html(data: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _policy(policy: dict[str, Any] | None) -> str:
-    return f"{policy['version']} ({', '.join(policy['files'])})" if policy else "not given"
+def _policy(policy: dict[str, Any]) -> str:
+    return f"{policy['version']} ({', '.join(policy['files'])})"
 
 
-def _proof(proof: dict[str, Any] | None) -> str:
-    if proof is None:
-        return ""
+def _proof(proof: dict[str, Any]) -> str:
     verdict = "<span class=ok>holds</span>" if proof["holds"] else "<span class=bad>fails</span>"
     return (f"<p id=proof data-holds={'yes' if proof['holds'] else 'no'}>Suggested policy {verdict}: "
             f"{proof['redecided']} exchange(s) re-decided, {proof['kept']} used one(s) unchanged, "
@@ -94,8 +92,7 @@ def _agent(a: dict[str, Any]) -> str:
                                       f" {c['count']}" for c in a["credentials"]) or "none"),
             ("denials", ", ".join(f"{x['reason']} ({x['rule']}) {x['count']}" for x in a["denials"]) or "none")]
     table = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
-    unused = a["unused"] or []
-    items = "".join(f"<li>{escape(_unused(u))}</li>" for u in unused) or "<li>nothing</li>"
+    items = "".join(f"<li>{escape(_unused(u))}</li>" for u in a["unused"]) or "<li>nothing</li>"
     return (f"<section class=agent data-agent=\"{escape(a['id'])}\"><h3>{escape(a['name'] or a['id'])} "
             f"<span class=muted>{escape(a['id'])}</span></h3><table>{table}</table>"
             f"<h3>Access map</h3>{_map(a)}<h3>Allowed but never used</h3><ul class=unused>{items}</ul></section>")
@@ -182,6 +179,8 @@ def _chart(timeline: dict[str, Any]) -> str:
                            f"height={h:.1f} fill=\"{COLOURS[kind]}\"><title>{escape(r['at'])}: {r[kind]} {kind}"
                            f"</title></rect>")
     out.append(f"<text x=0 y={CHART_H + 16}>{escape(rows[0]['at'])}</text>")
-    out.append(f"<text x={CHART_W} y={CHART_H + 16} text-anchor=end>{escape(rows[-1]['at'])}</text></svg>")
+    end = max(len(rows) * bar, 300)
+    out.append(f"<text x={end:.0f} y={CHART_H + 16} text-anchor=end>{escape(rows[-1]['at'])}</text></svg>")
     legend = "".join(f"<span style=\"background:{c}\"></span>{k}" for k, c in COLOURS.items())
-    return "".join(out) + f"<p class=\"legend muted\">{legend}; {timeline['bucket_seconds']} s per bar</p>"
+    return "".join(out) + (f"<p class=\"legend muted\">{legend}; {timeline['bucket_seconds']} s per bar, "
+                           f"the highest {top} exchange(s)</p>")

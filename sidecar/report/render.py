@@ -14,26 +14,25 @@ from sidecar.report.usage import AgentUsage, Grant, GrantKey, Usage
 SCHEMA = 1
 
 
-def report_data(usage: Usage, coverage: Coverage | None, policy_info: dict[str, Any] | None,
-                suggested: str, proof: Proof | None) -> dict[str, Any]:
+def report_data(usage: Usage, coverage: Coverage, policy_info: dict[str, Any], suggested: str,
+                proof: Proof) -> dict[str, Any]:
     return {
         "report_version": SCHEMA,
         "events": usage.events,
         "period": {"from": usage.first_ts, "to": usage.last_ts},
         "policy": policy_info,
         "agents": [_agent(a, coverage) for a in sorted(usage.agents.values(), key=lambda a: (a.name, a.id))],
-        "rules_never_matched": None if coverage is None else [
-            {"rule": r.id, "where": r.where, "effect": r.effect, "shadow": r.shadow}
-            for r in coverage.never_matched(usage.rule_hits)],
+        "rules_never_matched": [{"rule": r.id, "where": r.where, "effect": r.effect, "shadow": r.shadow}
+                                for r in coverage.never_matched(usage.rule_hits)],
         "timeline": {"bucket_seconds": usage.timeline.width,
                      "rows": [{"at": at, "allow": r[0], "deny": r[1], "approval_required": r[2]}
                               for at, r in usage.timeline.rows()]},
         "suggested_policy": suggested,
-        "proof": proof.as_dict() if proof is not None else None,
+        "proof": proof.as_dict(),
     }
 
 
-def _agent(agent: AgentUsage, coverage: Coverage | None) -> dict[str, Any]:
+def _agent(agent: AgentUsage, coverage: Coverage) -> dict[str, Any]:
     standing = sum(n for (_, _, s), n in agent.credentials.items() if s)
     actors = dict(agent.actors)
     return {
@@ -49,7 +48,7 @@ def _agent(agent: AgentUsage, coverage: Coverage | None) -> dict[str, Any]:
         "delegation": dict(agent.delegations),
         "tasks": {"events": agent.with_task, "triggers": dict(agent.triggers.most_common())},
         "rules": dict(agent.rules.most_common()),
-        "unused": None if coverage is None else [u.as_dict() for u in coverage.unused_for(agent.id)],
+        "unused": [u.as_dict() for u in coverage.unused_for(agent.id)],
     }
 
 
@@ -70,14 +69,12 @@ def render_text(data: dict[str, Any]) -> str:
     period = data["period"]
     lines = [f"access review: {data['events']} event(s), {period['from'] or '-'} .. {period['to'] or '-'}"]
     policy = data["policy"]
-    lines.append(f"policy: {policy['version']} from {', '.join(policy['files'])}" if policy
-                 else "policy: not given (unused permissions not reviewed)")
+    lines.append(f"policy: {policy['version']} from {', '.join(policy['files'])}")
     for agent in data["agents"]:
         lines += [""] + _agent_text(agent)
-    if data["rules_never_matched"] is not None:
-        lines += ["", "rules never matched:"]
-        lines += [f"  {r['rule']} ({r['effect']}{', audit' if r['shadow'] else ''}) at {r['where']}"
-                  for r in data["rules_never_matched"]] or ["  none"]
+    lines += ["", "rules never matched:"]
+    lines += [f"  {r['rule']} ({r['effect']}{', audit' if r['shadow'] else ''}) at {r['where']}"
+              for r in data["rules_never_matched"]] or ["  none"]
     lines += ["", *_proof_text(data["proof"]), "", "suggested least-privilege policy:", data["suggested_policy"]]
     return "\n".join(lines)
 
@@ -96,9 +93,8 @@ def _agent_text(a: dict[str, Any]) -> list[str]:
               for c in a["credentials"]] or ["    none"]
     lines.append("  denials:")
     lines += [f"    {x['reason']} (rule {x['rule']}): {x['count']}" for x in a["denials"]] or ["    none"]
-    if a["unused"] is not None:
-        lines.append("  allowed but never used:")
-        lines += [_unused_text(u) for u in a["unused"]] or ["    nothing"]
+    lines.append("  allowed but never used:")
+    lines += [_unused_text(u) for u in a["unused"]] or ["    nothing"]
     return lines
 
 
@@ -132,9 +128,7 @@ def _unused_text(u: dict[str, Any]) -> str:
     return f"    rule {u['rule']}: never used: {'; '.join(parts)}"
 
 
-def _proof_text(proof: dict[str, Any] | None) -> list[str]:
-    if proof is None:
-        return ["proof: not run"]
+def _proof_text(proof: dict[str, Any]) -> list[str]:
     verdict = "holds" if proof["holds"] else "FAILS"
     lines = [f"proof ({verdict}): {proof['redecided']} exchange(s) re-decided under the suggested policy with "
              f"PolicySet.decide: {proof['kept']} used exchange(s) keep their decision, {proof['changed']} change, "
