@@ -225,6 +225,21 @@ async def test_report_cli_writes_text_json_and_the_suggested_policy(run, capsys,
     assert json.loads((tmp / "r.json").read_text())["proof"]["kept"] == 10
 
 
+async def test_report_says_when_the_proof_does_not_hold(run, capsys):
+    """Exchanges through an upstream this config does not define are left out of the suggestion, cannot
+    be decided again, and the proof says so with exit 3 (issue 18 item 4)."""
+    events, tmp = run
+    moved = [{**e, "target": {**e["target"], "upstream": "elsewhere"}} if e["agent"]["id"] == WRITER else e
+             for e in events]
+    (tmp / "events.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in moved))
+    assert main(["report", "-c", str(tmp / "sidecar.yaml"), "--events", str(tmp / "events.jsonl")]) == 3
+    text = capsys.readouterr().out
+    assert "proof (FAILS): 11 exchange(s) re-decided under the suggested policy with PolicySet.decide: " \
+           "8 of 10 used exchange(s) keep their decision" in text
+    assert "  not re-decided: refused before policy by this config (unknown_upstream): 3" in text
+    assert "# left out: 2 exchange(s) with upstream 'elsewhere', which this config does not define" in text
+
+
 @pytest.mark.parametrize("line, message", [
     # not JSON at all
     (b"not json", "line 15: not valid JSON"),

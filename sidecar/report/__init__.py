@@ -10,8 +10,8 @@ allows exactly what was used, proved by re-deciding every logged exchange under 
 Two passes over the events: the first folds them into :class:`~sidecar.report.usage.Usage`
 (memory bounded by what is distinct), the second re-decides them (:func:`~sidecar.report.suggest.prove`).
 Standard input is spooled to a temporary file for the second pass. Exit codes: 0 done, 1
-unusable config, policy or events, 3 when the suggested policy would change a used exchange's
-decision (a defect of the suggestion: the report says which).
+unusable config, policy or events, 3 when the proof does not hold: a used exchange the suggested
+policy would decide otherwise, or one this config cannot decide again (the report says which).
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def _policy(policy: dict[str, Any]) -> str:
 def _proof(proof: dict[str, Any]) -> str:
     verdict = "<span class=ok>holds</span>" if proof["holds"] else "<span class=bad>fails</span>"
     return (f"<p id=proof data-holds={'yes' if proof['holds'] else 'no'}>Suggested policy {verdict}: "
-            f"{proof['redecided']} exchange(s) re-decided, {proof['kept']} used one(s) unchanged, "
+            f"{proof['redecided']} exchange(s) re-decided, {proof['kept']} of {proof['used']} used one(s) unchanged, "
             f"{proof['changed']} changed, {proof['widened']} refused one(s) widened.</p>")
 
 

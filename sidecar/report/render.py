@@ -131,7 +131,8 @@ def _unused_text(u: dict[str, Any]) -> str:
 def _proof_text(proof: dict[str, Any]) -> list[str]:
     verdict = "holds" if proof["holds"] else "FAILS"
     lines = [f"proof ({verdict}): {proof['redecided']} exchange(s) re-decided under the suggested policy with "
-             f"PolicySet.decide: {proof['kept']} used exchange(s) keep their decision, {proof['changed']} change, "
+             f"PolicySet.decide: {proof['kept']} of {proof['used']} used exchange(s) keep their decision, "
+             f"{proof['changed']} change, "
              f"{proof['widened']} refused one(s) would be allowed by a generalized pattern"]
     lines += [f"  not re-decided: {why}: {n}" for why, n in proof["not_redecided"].items()]
     for kind, examples in proof["examples"].items():

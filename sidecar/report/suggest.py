@@ -146,8 +146,9 @@ def _credential(key: GrantKey, grant: Grant, config: Config) -> dict[str, Any]:
 class Proof:
     """Every logged exchange re-decided under the suggested policy."""
 
+    used: int = 0  # exchanges that used a permission
     redecided: int = 0
-    kept: int = 0  # used exchanges whose effect is unchanged
+    kept: int = 0  # used exchanges whose effect is unchanged: must be all of them
     changed: int = 0  # used exchanges the suggestion would decide otherwise: must be 0
     widened: int = 0  # refused exchanges the suggestion would allow
     not_redecided: Counter[str] = field(default_factory=Counter)
@@ -155,7 +156,8 @@ class Proof:
 
     @property
     def holds(self) -> bool:
-        return self.changed == 0
+        """Every used exchange was re-decided, and kept its effect."""
+        return self.kept == self.used
 
     def note(self, kind: str, text: str) -> None:
         shown = self.examples.setdefault(kind, [])
@@ -163,23 +165,27 @@ class Proof:
             shown.append(text)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"holds": self.holds, "redecided": self.redecided, "kept": self.kept, "changed": self.changed,
+        return {"holds": self.holds, "used": self.used, "redecided": self.redecided, "kept": self.kept, "changed": self.changed,
                 "widened": self.widened, "not_redecided": dict(self.not_redecided), "examples": self.examples}
 
 
 def prove(events: Iterable[dict[str, Any]], config: Config, policy: PolicySet) -> Proof:
-    from sidecar.explain import decide
-    from sidecar.replay import BadEvent, described
+    from sidecar.explain import decide, router_for
+    from sidecar.replay import BadEvent, Candidate, UndeclaredLevel, described
 
-    proof = Proof()
+    proof, candidate = Proof(), Candidate(config, policy, router_for(config))
     for event in events:
         before = policy_effect(event)
         if before is None:
             continue
+        proof.used += used(event)
         try:
-            verdict = decide(described(event, config), config, policy)
+            verdict = decide(described(event, candidate), config, policy, candidate.router)
         except BadEvent as exc:
             proof.not_redecided[str(exc)] += 1
+            continue
+        except UndeclaredLevel as exc:
+            proof.not_redecided[f"trust level {exc.args[0]!r} is not in this config's agent.trust_levels"] += 1
             continue
         if verdict.refusal is not None:
             proof.not_redecided[f"refused before policy by this config ({verdict.refusal.reason})"] += 1
