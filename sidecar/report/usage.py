@@ -135,14 +135,17 @@ class AgentUsage:
             self.denials[(event.get("reason") or "unknown", event.get("rule_id") or "-")] += 1
         credential = event.get("credential")
         if credential is not None:
-            key = (credential.get("type") or "?", credential.get("provider") or "?", bool(credential.get("standing")))
-            self.credentials[key] += 1
+            kind = (credential.get("type") or "?", credential.get("provider") or "?", bool(credential.get("standing")))
+            self.credentials[kind] += 1
         if used(event):
-            key = grant_key(event)
-            grant = self.grants.get(key)
-            if grant is None:
-                grant = self.grants[key] = Grant()
-            grant.add(event)
+            self._grant(event)
+
+    def _grant(self, event: dict[str, Any]) -> None:
+        key = grant_key(event)
+        grant = self.grants.get(key)
+        if grant is None:
+            grant = self.grants[key] = Grant()
+        grant.add(event)
 
     def _task(self, task: dict[str, Any] | None) -> None:
         if task is None:

@@ -45,7 +45,7 @@ def config(tmp: Path) -> Path:
     return tmp / "sidecar.yaml"
 
 
-def _target(rng: random.Random) -> tuple[dict[str, Any], str, str]:
+def _target(rng: random.Random) -> tuple[dict[str, Any], tuple[str, str]]:
     """A target, its logged decision and reason."""
     upstream = rng.choice(tuple(UPSTREAMS))
     t: dict[str, Any] = {"upstream": upstream, "method": "GET", "host": "127.0.0.1", "path": "/", "mcp_method": None,
