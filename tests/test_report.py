@@ -81,12 +81,13 @@ async def writer(h) -> None:
 
 
 async def helper(h) -> None:
-    """Opens an MCP session, calls one allowed tool twice and a forbidden one once."""
-    for body, status in ((rpc("initialize", protocolVersion="2025-06-18", capabilities={}), 200),
-                         (rpc("tools/list"), 200), (rpc("tools/call", name="search_tickets", arguments={}), 200),
-                         (rpc("tools/call", name="search_tickets", arguments={"q": "x"}), 200),
-                         (rpc("tools/call", name="delete_account", arguments={}), 403)):
-        assert await send(h, "POST", "/tools", body) == status
+    """Opens an MCP session, calls one allowed tool twice and a forbidden one once (refused as a
+    JSON-RPC error, with HTTP 200)."""
+    for body in (rpc("initialize", protocolVersion="2025-06-18", capabilities={}), rpc("tools/list"),
+                 rpc("tools/call", name="search_tickets", arguments={}),
+                 rpc("tools/call", name="search_tickets", arguments={"q": "x"}),
+                 rpc("tools/call", name="delete_account", arguments={})):
+        assert await send(h, "POST", "/tools", body) == 200
 
 
 @pytest.fixture
