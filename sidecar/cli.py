@@ -1,7 +1,8 @@
-"""``sidecar``: run, validate, explain, test, replay, ca, demo, revoke, inventory, inject.
+"""``sidecar``: run, validate, explain, test, replay, report, ca, demo, revoke, inventory, inject.
 
 Exit codes: 0 success (explain: allow), 1 invalid config or input (test: a case failed), 2 usage
-or config error (explain), 3 deny (replay: something allowed would be denied), 4 approval required.
+or config error (explain), 3 deny (replay: something allowed would be denied; report: its suggested
+policy would change a decision), 4 approval required.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--events", required=True, metavar="FILE|-")
     rp.add_argument("--policy", action="append", required=True, metavar="POLICY_DIR_OR_FILE")
     rp.add_argument("-c", "--config")
+    rep = sub.add_parser("report", help="an access review and a least-privilege policy from logged events")
+    rep.add_argument("--events", required=True, metavar="FILE|-")
+    rep.add_argument("--policy", action="append", metavar="POLICY_DIR_OR_FILE")  # default: the config's own
+    rep.add_argument("-c", "--config")
+    rep.add_argument("--format", choices=("text", "json", "html"), default="text")
+    rep.add_argument("--out", metavar="FILE")
+    rep.add_argument("--policy-out", metavar="FILE")  # also write the suggested policy here
     ca = sub.add_parser("ca", help="development CA").add_subparsers(dest="ca_command", required=True)
     init = ca.add_parser("init")
     init.add_argument("-c", "--config")
@@ -192,6 +200,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return replay_command(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sidecar.report import report_command
+
+    return report_command(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import demo
 
@@ -207,6 +221,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Any] = {
     "run": cmd_run, "validate": cmd_validate, "explain": cmd_explain, "ca": cmd_ca, "demo": cmd_demo,
     "revoke": cmd_admin, "inventory": cmd_admin, "inject": cmd_inject, "test": cmd_test, "replay": cmd_replay,
+    "report": cmd_report,
 }
 
 
