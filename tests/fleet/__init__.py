@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.peers.redis import free_port
+from tests.peers.redis import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 LISTENERS = ("outbound", "health", "metrics", "admin")
@@ -112,7 +112,7 @@ class Member:
 
     def write_config(self, policy_file: Path) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: free_port() for name in LISTENERS}
+        self.ports = dict(zip(LISTENERS, free_ports(len(LISTENERS))))
         token_file = self.dir / "admin-token"
         token_file.write_text(self.token + "\n")
         token_file.chmod(0o600)

@@ -40,9 +40,20 @@ STARTUP_TIMEOUT_S = 10.0
 
 def free_port() -> int:
     """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free a moment ago: held open together while chosen, so that
+    no two are the same (one at a time, the kernel may hand out a port just released)."""
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def redis_binary() -> str:
@@ -176,10 +187,11 @@ class SentinelGroup:
         common = ("--tls-replication", "yes") if tls else ()
         self._data_args = (*common, "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after 5 s
                            *(("--requirepass", password, "--masterauth", password) if password else ()))
-        self.primary = RedisServer(binary, free_port(), tls=tls, args=self._data_args)
-        self.replica = RedisServer(binary, free_port(), tls=tls, args=self._replica_of(self.primary.port))
-        self.sentinels = [RedisServer(binary, free_port(), tls=tls, args=common,
-                                      config_file=directory / f"sentinel-{i}.conf") for i in range(3)]
+        primary, replica, *sentinels = free_ports(5)  # a sentinel on a data node's port would never form
+        self.primary = RedisServer(binary, primary, tls=tls, args=self._data_args)
+        self.replica = RedisServer(binary, replica, tls=tls, args=self._replica_of(self.primary.port))
+        self.sentinels = [RedisServer(binary, port, tls=tls, args=common,
+                                      config_file=directory / f"sentinel-{i}.conf") for i, port in enumerate(sentinels)]
         ids = [secrets.token_hex(20) for _ in self.sentinels]
         for server, myid in zip(self.sentinels, ids):
             assert server.config_file is not None  # the sentinel rewrites it: one file each
