@@ -247,6 +247,19 @@ class NoLimits(RateLimiter):
         return None
 
 
+def load_candidate(config_arg: str | None, policy_files: Sequence[str] | None) -> tuple[Config, PolicySet] | None:
+    """The config and a candidate policy (``policy_files``, default the config's own) for the commands that
+    re-decide logged exchanges; None after printing every problem with its path."""
+    try:
+        config = load_config(config_path(config_arg, os.environ))
+        files = [Path(p) for p in policy_files] if policy_files else list(config.policy.files)
+        return config, candidate_policy(config, files)
+    except ConfigInvalid as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return None
+
+
 def candidate_policy(config: Config, files: Sequence[Path]) -> PolicySet:
     """``files`` (a directory: its ``*.yaml`` but ``*.cases.yaml``) compiled exactly as ``sidecar run``
     compiles the config's own; raises ConfigInvalid."""

@@ -18,20 +18,17 @@ be denied or held for approval, 0 otherwise, 1 on unusable input (with the line 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import IO, Any, Iterator
 
 import orjson
 
-from sidecar.config import Config, config_path, load_config
+from sidecar.config import Config
 from sidecar.config_model import AgentMeta
-from sidecar.errors import ConfigInvalid
-from sidecar.explain import Described, candidate_policy, decide, router_for
+from sidecar.explain import Described, decide, load_candidate, router_for
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.readings import NONE, Reading
 from sidecar.routing import Router
@@ -226,13 +223,10 @@ def render(changes: Changes, policy: PolicySet) -> str:
 
 def replay_command(args: argparse.Namespace) -> int:
     """``sidecar replay``: 3 when something allowed would be denied or held, 0 otherwise, 1 on bad input."""
-    try:
-        config = load_config(config_path(args.config, os.environ))
-        policy = candidate_policy(config, [Path(p) for p in args.policy])
-    except ConfigInvalid as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
+    loaded = load_candidate(args.config, args.policy)
+    if loaded is None:
         return 1
+    config, policy = loaded
     try:
         if args.events == "-":
             changes = replay(sys.stdin.buffer, config, policy)

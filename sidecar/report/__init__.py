@@ -17,7 +17,6 @@ policy would decide otherwise, or one this config cannot decide again (the repor
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from typing import IO, Any
 
 import orjson
 
-from sidecar.config import Config, config_path, load_config
+from sidecar.config import Config
 from sidecar.errors import ConfigInvalid
 from sidecar.policy.engine import PolicySet
 from sidecar.report.render import render_text, report_data
@@ -99,16 +98,13 @@ def render(data: dict[str, Any], fmt: str) -> str:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from sidecar.explain import candidate_policy
+    from sidecar.explain import load_candidate
     from sidecar.replay import BadEvent
 
-    try:
-        config = load_config(config_path(args.config, os.environ))
-        policy = candidate_policy(config, [Path(p) for p in args.policy or config.policy.files])
-    except ConfigInvalid as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
+    loaded = load_candidate(args.config, args.policy)
+    if loaded is None:
         return 1
+    config, policy = loaded
     try:
         with opened(args.events) as stream:
             data = build(stream, config, policy)
