@@ -39,7 +39,8 @@ from sidecar.policy.engine import load_policy
 from sidecar.policy.ratelimit import RateLimiter
 from sidecar.revocation import RedisBus, Revocations
 from sidecar.routing import Router
-from sidecar.runtime import ActiveExchanges, Runtime, Sessions
+from sidecar.forward.sessions import Sessions
+from sidecar.runtime import ActiveExchanges, Runtime
 from sidecar.server import SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
 

@@ -26,7 +26,7 @@ from sidecar.config_model import (
     AdminConfig, Approver, Backpressure, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, Observability, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
 )
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
-from sidecar.policy.paths import DEFAULT_PORTS, PathOptions
+from sidecar.http.target import DEFAULT_PORTS, PathOptions
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")

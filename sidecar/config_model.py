@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sidecar.fields import ListenAddress, Secret
-from sidecar.policy.paths import PathOptions, format_authority
+from sidecar.http.target import PathOptions, format_authority
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from sidecar.exchange import Exchange
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
 from sidecar.identity.mtls import Holding, hand_over
 from sidecar.pipeline import check_headers, serve_exchange
-from sidecar.policy.paths import normalize_host
+from sidecar.http.target import normalize_host
 from sidecar.server import SidecarServer, error_response
 
 if TYPE_CHECKING:

@@ -22,12 +22,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.config import Config, config_path, load_config
 from sidecar.config_model import AgentMeta
 from sidecar.errors import ConfigError, ConfigInvalid, Refusal
-from sidecar.forward import (
-    DropSet, clean_request_headers, echo_method, inbound_drop_set, is_form_type, request_drop_set,
-)
+from sidecar.forward.body import is_form_type
+from sidecar.http.headers import DropSet, clean_request_headers, echo_method, inbound_drop_set, request_drop_set
 from sidecar.policy.engine import Decision, Facts, PolicySet
 from sidecar.policy.mcp import parse_mcp_request, transport_method
-from sidecar.policy.paths import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
+from sidecar.http.target import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
 from sidecar.policy.ratelimit import Limit, RateLimiter
 from sidecar.policy.readings import Reading, screen
 from sidecar.routing import Route, Router

@@ -35,15 +35,14 @@ from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequ
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange
 from sidecar.observe.decision_log import admission
-from sidecar.forward import (
-    VIA, clean_request_headers, declared_length, echo_method, has_body, is_form, is_websocket, open_upstream,
-    proxy_websocket,
-    read_body, stream_body,
-)
+from sidecar.forward.body import declared_length, has_body, is_form, read_body, stream_body
+from sidecar.forward.transport import open_upstream
+from sidecar.forward.websocket import is_websocket, proxy_websocket
+from sidecar.http.headers import VIA, clean_request_headers, echo_method
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
-from sidecar.policy.paths import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
+from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
 from sidecar.policy.readings import screen
 from sidecar.server import error_response
 from sidecar.tasks import TASK_HEADER, Task

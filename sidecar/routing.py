@@ -24,14 +24,14 @@ from multidict import CIMultiDictProxy
 from sidecar.config import Upstream
 from sidecar.errors import RequestRefused
 from sidecar.fields import ListenAddress
-from sidecar.policy.paths import (
+from sidecar.http.target import (
     canonical_path, check_query, has_dot_segment, join_base, normalize_host, split_route_prefix, strip_base,
 )
 
 # The common route-prefix target in one match: a plain upstream name (not '.' or '..'), a path of
 # unreserved and sub-delim characters only (nothing to decode), a query of printable ASCII without
 # '#'. Anything else takes the general path (split_route_prefix + canonical_path), which decides the
-# same way on these targets: tests/policy/test_paths.py compares the two.
+# same way on these targets: tests/policy/test_target.py compares the two.
 _CLEAN_PREFIX = re.compile(r"/([A-Za-z0-9\-_~][A-Za-z0-9\-._~]*)(/[A-Za-z0-9\-._~!$&'()*+,=:@/]*)?"
                            r"(?:\?([\x21\x22\x24-\x7e]*))?")
 

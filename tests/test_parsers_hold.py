@@ -23,7 +23,7 @@ from sidecar.identity.jwt import _parse, bearer_token
 from sidecar.identity.spiffe import InvalidSpiffeId, parse_spiffe_id
 from sidecar.policy.engine import load_policy
 from sidecar.policy.mcp import parse_mcp_request
-from sidecar.policy.paths import canonical_path, has_dot_segment, normalize_host
+from sidecar.http.target import canonical_path, has_dot_segment, normalize_host
 
 BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FEWER = settings(BOUNDED, max_examples=50)  # each example builds a whole config or compiles a policy file

@@ -1,4 +1,4 @@
-"""Security review, round 3: the forwarding leg's own HTTP/1.1 client (``sidecar.upstream``).
+"""Security review, round 3: the forwarding leg's own HTTP/1.1 client (``sidecar.forward.http11``).
 
 Tests named ``test_h<N>_...`` reproduce findings H1-H7 of the third review; each failed before its
 fix and now asserts it. The others confirm a defence that held. The upstreams here are raw asyncio
@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
-from sidecar.upstream import ConnectionPool, send, serialize_head
+from sidecar.forward.http11 import ConnectionPool, send, serialize_head
 from tests.harness import Upstream, raw_http
 from tests.test_security_review import OUT_POLICY, out_config
 

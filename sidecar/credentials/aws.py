@@ -62,7 +62,7 @@ from sidecar.credentials.sigv4 import (
 )
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Fields, Secret
-from sidecar.forward import client_ssl_context
+from sidecar.http.tls import client_ssl_context
 
 TYPE = "aws_sigv4"
 SOURCES = ("web_identity", "static")

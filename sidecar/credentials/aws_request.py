@@ -45,7 +45,7 @@ from urllib.parse import unquote
 from multidict import CIMultiDict
 
 from sidecar.errors import RequestRefused
-from sidecar.policy.paths import PathOptions, canonical_path
+from sidecar.http.target import PathOptions, canonical_path
 
 # The agent's own signature: dropped before signing (X-Amz-Content-Sha256 is read first).
 AGENT_SIGNATURE = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")

@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 
 from sidecar.credentials.echo import EchoGuard, guard_for
 from sidecar.fields import Secret
-from sidecar.policy.paths import format_authority
+from sidecar.http.target import format_authority
 
 
 @dataclass(frozen=True, slots=True)

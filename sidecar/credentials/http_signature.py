@@ -19,10 +19,10 @@
 The key is read and parsed once, at load (a wrong kind of key for the algorithm is a config
 error with its path); per request the work is reading the covered values, building the base and
 one signature. ``apply`` runs after every other header rewrite, so what is signed is what
-``sidecar.upstream`` writes: ``Host`` as written, the forwarded path and raw query, and, when
+``sidecar.forward.http11`` writes: ``Host`` as written, the forwarded path and raw query, and, when
 ``content-length`` or ``content-digest`` is covered, the body read whole (within the outbound
 ``max_body_bytes``, else ``body_too_large``) and framed with the ``Content-Length`` the
-upstream writer then sends (:func:`sidecar.upstream.framed_length`). The agent's own
+upstream writer then sends (:func:`sidecar.forward.http11.framed_length`). The agent's own
 ``Signature``, ``Signature-Input`` (and, with a digest, ``Content-Digest``) are dropped.
 A covered header that is missing, or not printable ASCII, refuses the request (``bad_request``).
 
@@ -46,7 +46,7 @@ from sidecar.credentials.rfc9421 import (
 )
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Fields, Secret
-from sidecar.upstream import framed_length
+from sidecar.forward.http11 import framed_length
 
 TYPE = "http_signature"
 DEFAULT_LABEL = "sig1"
@@ -181,7 +181,7 @@ class HttpSignatureProvider:
         out.headers["Signature"] = f"{spec.label}=:{base64.b64encode(signature).decode()}:"
 
     def _frame(self, out: OutboundRequest) -> None:
-        """The length and digest of the body exactly as ``sidecar.upstream`` will send it."""
+        """The length and digest of the body exactly as ``sidecar.forward.http11`` will send it."""
         if out.body is None:
             raise CredentialUnavailable(f"credentials: {self.name}: the request body was not read; expected it "
                                         f"whole to sign its length or digest", detail="http_signature: no body")

@@ -33,7 +33,7 @@ import structlog
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Fields, Secret, format_duration
-from sidecar.forward import client_ssl_context
+from sidecar.http.tls import client_ssl_context
 from sidecar.observe.decision_log import REDACTOR
 
 TYPE = "oauth2_client_credentials"

@@ -8,7 +8,7 @@
     load_key(algorithm, secret, encoding)  -> an :class:`Algorithm` holding the parsed key
     content_digest(body, "sha-256")        -> ``sha-256=:<base64>:`` (RFC 9530)
 
-Component values are read from the request as ``sidecar.upstream`` writes it: the method,
+Component values are read from the request as ``sidecar.forward.http11`` writes it: the method,
 scheme, ``Host`` (the upstream's authority, default port left out), the forwarded path and raw
 query byte for byte, and each named header's field lines, trimmed and joined with ``", "``
 (§2.1). A covered header that is absent, a repeated ``@query-param`` and a value that is not

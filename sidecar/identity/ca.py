@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.errors import RequestRefused
+from sidecar.http.tls import interception_context
 from sidecar.identity.spiffe import InvalidSpiffeId, SpiffeId, parse_spiffe_id, parse_trust_domain
 
 CA_TTL = timedelta(days=365)
@@ -408,7 +409,7 @@ class InterceptionCA:
         end = min(now + self._leaf_ttl, self._cert.not_valid_after_utc)
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]
         cert = _leaf(self._cert, self._key, key, [_general_name(name)], now - BACKDATE, end, usages)
-        return _server_context(_cert_pem(cert) + _key_pem(key), self._work_dir), end
+        return interception_context(_cert_pem(cert) + _key_pem(key), self._work_dir), end
 
 
 def _normalize_host(host: str) -> str:
@@ -431,18 +432,3 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
-
-
-def _server_context(chain_and_key_pem: str, work_dir: Path) -> ssl.SSLContext:
-    """``ssl`` loads keys from files only: a 0600 temporary file, removed once read."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    fd, tmp = tempfile.mkstemp(dir=work_dir, prefix=".leaf-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(chain_and_key_pem)
-        context.load_cert_chain(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return context

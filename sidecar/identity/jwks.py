@@ -30,7 +30,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
 from sidecar.config import JwtIssuerConfig
-from sidecar.forward import client_ssl_context
+from sidecar.http.tls import client_ssl_context
 
 if TYPE_CHECKING:
     from sidecar.observe.metrics import Metrics

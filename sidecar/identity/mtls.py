@@ -60,22 +60,6 @@ RejectHook = Callable[[str, str, str], None]
 _VERIFY_CODE_REASON = {9: "not_yet_valid", 10: "expired"}
 
 
-def build_server_context(cert_path: str, key_path: str, ca_pems: list[bytes]) -> ssl.SSLContext:
-    """A TLS >= 1.2 server context presenting our SVID and asking for (not demanding) a client cert.
-
-    ``ca_pems`` is the union of all trust bundles: OpenSSL's first, coarse chain check. Session
-    tickets are off so that every connection presents, and has verified, its full chain.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_path, key_path)
-    context.load_verify_locations(cadata=b"".join(ca_pems).decode("ascii"))
-    context.verify_mode = ssl.CERT_OPTIONAL
-    context.options |= ssl.OP_NO_TICKET
-    context.num_tickets = 0
-    return context
-
-
 class MtlsAcceptor:
     """Accepts TCP, waits for a ClientHello, upgrades to TLS, verifies the peer, hands over."""
 

@@ -21,7 +21,7 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from sidecar.identity.mtls import build_server_context
+from sidecar.http.tls import build_server_context
 from sidecar.identity.spiffe import LeafRejected, SpiffeId, spiffe_id_from_certificate
 from sidecar.identity.x509 import TrustBundles
 from sidecar.observe.metrics import Metrics

@@ -13,8 +13,8 @@ optionally ``*.example.com`` (any name below ``example.com``, not the name itsel
 
 Deny and require_approval rules match every equivalent spelling: their ``paths`` also match the
 path with its trailing slash toggled, ``//`` merged and a kept ``%2F`` decoded
-(:func:`~sidecar.policy.paths.equivalent_paths`), their ``headers`` every element of a
-comma-separated field (:func:`~sidecar.policy.paths.header_elements`). Allow rules stay strict.
+(:func:`~sidecar.http.target.equivalent_paths`), their ``headers`` every element of a
+comma-separated field (:func:`~sidecar.http.target.header_elements`). Allow rules stay strict.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sidecar.fields import Fields
 from sidecar.policy.cel import CelCompileError, Condition, compile_condition
 from sidecar.policy.mcp import TRANSPORT_METHODS, is_lifecycle
-from sidecar.policy.paths import equivalent_paths, header_elements
+from sidecar.http.target import equivalent_paths, header_elements
 
 if TYPE_CHECKING:
     from sidecar.policy.engine import Facts

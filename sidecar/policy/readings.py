@@ -27,7 +27,7 @@ from urllib.parse import unquote_plus
 from multidict import CIMultiDict
 
 from sidecar.errors import RequestRefused
-from sidecar.policy.paths import PathOptions, canonical_path, strip_base
+from sidecar.http.target import PathOptions, canonical_path, strip_base
 
 if TYPE_CHECKING:
     from sidecar.policy.engine import Facts

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.policy.mcp import parse_mcp_request
-from sidecar.policy.paths import (
+from sidecar.http.target import (
     PathOptions,
     canonical_path,
     check_header_names,

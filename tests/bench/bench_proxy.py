@@ -9,7 +9,7 @@ Four subjects, all on 127.0.0.1, measured alternately (the order rotates every r
 - ``bare``: ``tests/bench/bare_proxy.py`` in front of that nginx (the baseline the target names:
   aiohttp's server and ``ClientSession``);
 - ``lean``: ``tests/bench/lean_proxy.py``, the same pass-through on the sidecar's own forwarding
-  leg (``sidecar.upstream``) instead of ``ClientSession``: sidecar/lean is the cost of the
+  leg (``sidecar.forward.http11``) instead of ``ClientSession``: sidecar/lean is the cost of the
   sidecar's own work over an equally lean forwarder;
 - ``sidecar``: ``python -m sidecar run`` in front of it, route-prefix mode (``/bench/...``), a
   static credential, one allow rule, one trust-decision line and the metrics per request.

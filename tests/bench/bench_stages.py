@@ -23,7 +23,7 @@ from sidecar.app import Sidecar
 from sidecar.config import parse_config
 from sidecar.credentials.base import CredentialRequest
 from sidecar.exchange import Exchange
-from sidecar.forward import clean_response_headers
+from sidecar.http.headers import clean_response_headers
 from sidecar.observe.decision_log import configure_logging, emit_event
 from sidecar.pipeline import Outbound, check_headers
 from sidecar.tracing import traceparent_for

@@ -1,6 +1,6 @@
 """A second baseline for bench_proxy: the bare pass-through proxy on the sidecar's own forwarding leg.
 
-Identical to ``bare_proxy.py`` except that requests go upstream through ``sidecar.upstream``
+Identical to ``bare_proxy.py`` except that requests go upstream through ``sidecar.forward.http11``
 (the sidecar's kept-alive HTTP/1.1 client) instead of ``aiohttp.ClientSession``. Against it,
 sidecar/lean is what the sidecar's own work costs (routing, policy, credentials, the event,
 the metrics) over an equally lean forwarder; bare/lean is what the forwarding leg saves.
@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.config_model import Timeouts
-from sidecar.upstream import ConnectionPool, send
+from sidecar.forward.http11 import ConnectionPool, send
 from tests.bench.bare_proxy import HOP_BY_HOP, _copy, main
 
 

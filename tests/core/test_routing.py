@@ -7,7 +7,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import parse_config
 from sidecar.errors import RequestRefused
-from sidecar.policy.paths import canonical_path, split_route_prefix
+from sidecar.http.target import canonical_path, split_route_prefix
 from sidecar.routing import Router, forward_path
 
 CONFIG = {

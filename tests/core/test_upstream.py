@@ -1,4 +1,4 @@
-"""The forwarding leg's HTTP/1.1 client (``sidecar.upstream``) against raw loopback servers.
+"""The forwarding leg's HTTP/1.1 client (``sidecar.forward.http11``) against raw loopback servers.
 
 Each server here is a plain asyncio protocol whose every byte the test controls, so that
 keep-alive, framing and failure behaviour are observed on the wire, not assumed.
@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
-from sidecar.upstream import ConnectionPool, send, serialize_head
+from sidecar.forward.http11 import ConnectionPool, send, serialize_head
 from tests.harness import raw_http
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -397,7 +397,7 @@ MALFORMED_HEADS = [
 async def test_a_malformed_response_header_fails_the_exchange_and_closes_the_connection(wire_factory, response):
     """A header name that is not a token, or a value with a control character, fails the exchange as a
     protocol error and its connection is not reused (issue 11 item 15)."""
-    from sidecar.upstream import failure
+    from sidecar.forward.transport import failure
 
     wire = await wire_factory(lambda head, no: response)
     pool = pool_for(wire)

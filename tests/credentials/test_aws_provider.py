@@ -40,7 +40,7 @@ from sidecar.errors import ConfigError, ConfigInvalid, CredentialUnavailable, Re
 from sidecar.fields import Fields
 from sidecar.identity.signing import Signer, SigningKey
 from sidecar.observe.metrics import Metrics
-from sidecar.policy.paths import PathOptions
+from sidecar.http.target import PathOptions
 from tests.peers.moto import free_port, moto_server
 
 REGION = "us-east-1"

@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.identity.mtls import MtlsAcceptor, _PeerTable, build_server_context, refusal_response
+from sidecar.http.tls import build_server_context
+from sidecar.identity.mtls import MtlsAcceptor, _PeerTable, refusal_response
 from sidecar.identity.x509 import PeerIdentity, PeerRejected, TrustBundles
 from tests.identity.test_x509 import HOUR, Authority, Issued, Pki, make_pki
 

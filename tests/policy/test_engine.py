@@ -658,7 +658,7 @@ def spellings_of_denied_path(draw: st.DrawFn) -> str:
 
 def test_every_spelling_of_a_denied_path_is_denied(tmp_path: Path) -> None:
     """Whatever spelling reaches the canonicalizer, a deny on /v1/admin/users refuses it."""
-    from sidecar.policy.paths import canonical_path
+    from sidecar.http.target import canonical_path
 
     policy = load(tmp_path, [rule("all"), rule("no-users", effect="deny", paths=["/" + "/".join(DENIED_PATH)])])
 

@@ -6,7 +6,7 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.errors import RequestRefused
-from sidecar.policy.paths import DEFAULT_OPTIONS
+from sidecar.http.target import DEFAULT_OPTIONS
 from sidecar.policy.readings import NONE, Reading, screen
 
 ALL_PASSED = frozenset({"x-http-method-override", "x-http-method", "x-method-override", "x-original-url",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.errors import RequestRefused
-from sidecar.policy.paths import (
+from sidecar.http.target import (
     PathOptions,
     authority_matches,
     canonical_path,
@@ -17,7 +17,7 @@ from sidecar.policy.paths import (
     split_route_prefix,
     strip_base,
 )
-from sidecar.policy.paths import _decode, _remove_dot_segments
+from sidecar.http.target import _decode, _remove_dot_segments
 
 KEEP_SLASHES = PathOptions(merge_slashes=False)
 ENCODED_SLASH = PathOptions(allow_encoded_slash=True)

@@ -32,7 +32,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Any, AsyncIterable, AsyncIterator
+from typing import Any, AsyncIterable
 
 from aiohttp import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
@@ -40,8 +40,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Timeouts
-from sidecar.errors import RequestRefused, UpstreamFailed
-from sidecar.policy.paths import format_authority
+from sidecar.errors import RequestRefused
+from sidecar.forward.body import BodyStalled, BodyTooLarge, next_chunk
+from sidecar.http.target import format_authority
 
 READ_CHUNK = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -67,14 +68,6 @@ def check_response_head(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
             raise MalformedResponse(message="upstream: a response header name is not an RFC 9110 token")
         if value.translate(None, _NOT_CTL):
             raise MalformedResponse(message="upstream: a response header value contains a control character")
-
-
-class BodyTooLarge(Exception):
-    """Raised inside the upload stream; the pipeline turns it into body_too_large."""
-
-
-class BodyStalled(Exception):
-    """The request's sender sent no body byte for ``idle``; the pipeline turns it into request_timeout."""
 
 
 class Connection(ResponseHandler):
@@ -358,23 +351,6 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
         proto.set_exception(exc if kept else ClientOSError(type(exc).__name__))
 
 
-async def next_chunk(chunks: AsyncIterator[bytes], idle: float) -> bytes | None:
-    """The sender's next piece of the body (None at its end), due within ``idle`` (else BodyStalled)."""
-    try:
-        async with asyncio.timeout(idle):
-            return await anext(chunks)
-    except StopAsyncIteration:
-        return None
-    except TimeoutError:
-        raise BodyStalled() from None
-
-
-def stalled() -> RequestRefused:
-    """The refusal for a body whose sender stopped sending."""
-    return RequestRefused("request_timeout", "request: no body byte arrived within the idle timeout; "
-                                             "expected the rest of the declared body")
-
-
 def framed_length(method: str, body: bytes | None) -> str | None:
     """The Content-Length a whole (or absent) body is written with; None: none is written.
 
@@ -407,18 +383,3 @@ def serialize_head(method: str, target: str, headers: CIMultiDict[str],
     except UnicodeEncodeError:  # a raw byte the listener's parser kept (surrogate-escaped): not text
         raise RequestRefused("bad_request", "request: a header or the path is not valid UTF-8 text; "
                                             "expected ASCII or UTF-8 (percent-encode other bytes)") from None
-
-
-def failure(exc: BaseException) -> UpstreamFailed:
-    """The refusal for a failed upstream exchange: timeout, TLS verification, or unreachable."""
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return UpstreamFailed("upstream_timeout", "upstream: no response within the configured timeout")
-    if isinstance(exc, HttpProcessingError):
-        return UpstreamFailed("upstream_protocol_error", "upstream: the response is not valid HTTP/1.1; nothing "
-                              "of it was relayed", detail=exc.message if isinstance(exc, MalformedResponse)
-                              else type(exc).__name__)
-    if isinstance(exc, ssl.SSLError):
-        return UpstreamFailed("upstream_unreachable", "upstream: TLS verification of the upstream failed",
-                              detail=f"ClientConnectorCertificateError: {type(exc).__name__}")
-    return UpstreamFailed("upstream_unreachable", "upstream: connection refused, reset or closed",
-                          detail=type(exc).__name__)

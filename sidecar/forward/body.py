@@ -1,0 +1,124 @@
+"""The request body, read once: buffered within the limit (to sign, to parse MCP, to hold for an
+approval) or streamed as it arrives; ``Expect: 100-continue`` answered here, once the request is
+let on (a refused request gets its refusal, never ``100 Continue``).
+
+An upload whose sender sends nothing for ``idle`` is refused (``request_timeout``), and one past the
+limit (``body_too_large``), whether it was buffered or is being streamed upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from aiohttp import HttpVersion11, web
+
+from sidecar.config import Limits
+from sidecar.errors import RequestRefused
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CHUNK = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """Raised inside the upload stream; the pipeline turns it into body_too_large."""
+
+
+class BodyStalled(Exception):
+    """The request's sender sent no body byte for ``idle``; the pipeline turns it into request_timeout."""
+
+
+def declared_length(request: web.BaseRequest, limits: Limits) -> int:
+    """The declared body size, refused early when it is over the limit."""
+    length = request.content_length or 0
+    if length > limits.max_body_bytes:
+        raise RequestRefused("body_too_large", f"request: body of {length} bytes exceeds the limit of "
+                                               f"{limits.max_body_bytes} bytes")
+    return length
+
+
+async def continue_if_expected(request: web.BaseRequest) -> None:
+    """Send ``100 Continue`` to a client that waits for it before its body (RFC 9110 §10.1.1)."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(CONTINUE)
+        request.writer.output_size = 0  # the response has not started (as aiohttp's own expect handler)
+
+
+async def read_body(request: web.BaseRequest, limits: Limits, idle: float) -> bytes:
+    """The whole body (for signing or MCP parsing), refused once it passes the limit or stalls for ``idle``."""
+    declared_length(request, limits)
+    await continue_if_expected(request)
+    chunks, size = [], 0
+    stream = aiter(request.content.iter_chunked(CHUNK))
+    try:
+        while (chunk := await next_chunk(stream, idle)) is not None:
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise RequestRefused("body_too_large", f"request: body exceeds the limit of "
+                                                       f"{limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+    except BodyStalled:
+        raise stalled() from None
+    return b"".join(chunks)
+
+
+class LimitedBody:
+    """The request body as an async iterator that stops at the limit and remembers it did.
+
+    aiohttp wraps exceptions raised by a payload while it is being sent, so the flag, not
+    the exception type, tells a body over the limit from an upstream failure.
+    """
+
+    def __init__(self, request: web.BaseRequest, limits: Limits) -> None:
+        self._request, self._max = request, limits.max_body_bytes
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        await continue_if_expected(self._request)
+        size = 0
+        async for chunk in self._request.content.iter_chunked(CHUNK):
+            size += len(chunk)
+            if size > self._max:
+                self.exceeded = True
+                raise BodyTooLarge()
+            yield chunk
+
+
+def stream_body(request: web.BaseRequest, limits: Limits) -> LimitedBody:
+    return LimitedBody(request, limits)
+
+
+def has_body(request: web.BaseRequest) -> bool:
+    """A body follows: declared, or chunked. Other transfer codings are refused, never half-forwarded."""
+    coding = request.headers.get("Transfer-Encoding")
+    if coding is None:
+        return bool(request.content_length)
+    if coding.strip().lower() != "chunked":
+        raise RequestRefused("bad_request", "request: only Transfer-Encoding: chunked is accepted")
+    return True
+
+
+def is_form_type(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+
+
+def is_form(request: web.BaseRequest) -> bool:
+    """A form body follows: its fields are read like query parameters (method overrides, tokens)."""
+    return is_form_type(request.headers.get("Content-Type", "")) and has_body(request)
+
+
+async def next_chunk(chunks: AsyncIterator[bytes], idle: float) -> bytes | None:
+    """The sender's next piece of the body (None at its end), due within ``idle`` (else BodyStalled)."""
+    try:
+        async with asyncio.timeout(idle):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise BodyStalled() from None
+
+
+def stalled() -> RequestRefused:
+    """The refusal for a body whose sender stopped sending."""
+    return RequestRefused("request_timeout", "request: no body byte arrived within the idle timeout; "
+                                             "expected the rest of the declared body")

@@ -1,0 +1,1 @@
+"""The foundation layer: request targets, header hygiene, TLS contexts. Imports no stage."""

@@ -1,0 +1,53 @@
+"""Every TLS context the sidecar builds: verification is never off, TLS 1.2 at least.
+
+- client: an upstream's (its CA or the system store; our SVID when it asks for one);
+- server: the inbound listener's (our SVID; asks for, and then verifies, the caller's certificate);
+- interception: a CONNECT tunnel's leaf, minted for the host the agent named.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from pathlib import Path
+
+
+def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """Verification always on: the upstream's CA or the system store; our SVID when asked."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert and key:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def build_server_context(cert_path: str, key_path: str, ca_pems: list[bytes]) -> ssl.SSLContext:
+    """A TLS >= 1.2 server context presenting our SVID and asking for (not demanding) a client cert.
+
+    ``ca_pems`` is the union of all trust bundles: OpenSSL's first, coarse chain check. Session
+    tickets are off so that every connection presents, and has verified, its full chain.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_path, key_path)
+    context.load_verify_locations(cadata=b"".join(ca_pems).decode("ascii"))
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
+    return context
+
+
+def interception_context(chain_and_key_pem: str, work_dir: Path) -> ssl.SSLContext:
+    """``ssl`` loads keys from files only: a 0600 temporary file, removed once read."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    fd, tmp = tempfile.mkstemp(dir=work_dir, prefix=".leaf-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(chain_and_key_pem)
+        context.load_cert_chain(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return context
