@@ -22,26 +22,30 @@ from aiohttp import web
 
 from sidecar.approvals import Approvals
 from sidecar.config import Config
+from sidecar.connect import Interceptor
 from sidecar.credentials.base import ProviderDeps
 from sidecar.credentials.cache import CredentialCache
 from sidecar.credentials.registry import PROVIDERS
 from sidecar.errors import ConfigInvalid
 from sidecar.fields import ListenAddress
-from sidecar.exchange import AgentInfo
+from sidecar.exchange import ActiveExchanges, AgentInfo
+from sidecar.identity.inbound import InboundIdentity
+from sidecar.identity.jwt import JwtVerifier
 from sidecar.identity.source import IdentitySource
 from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR
 from sidecar.observe.loop import LoopMonitor
 from sidecar.observe.metrics import Metrics
+from sidecar.observe.record import Recorder
 from sidecar.pipeline import Inbound, Outbound
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.engine import load_policy
 from sidecar.policy.ratelimit import RateLimiter
-from sidecar.revocation import RedisBus, Revocations
+from sidecar.revocation import Enforcement, RedisBus, Revocations
 from sidecar.routing import Router
 from sidecar.forward.sessions import Sessions
-from sidecar.runtime import ActiveExchanges, Runtime
-from sidecar.server import SidecarServer, start_tcp
+from sidecar.runtime import PolicyHolder, Runtime
+from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
 
 log = structlog.get_logger("sidecar.app")
@@ -113,6 +117,7 @@ class Sidecar:
     metrics: Metrics = field(init=False)
     runtime: Runtime = field(init=False)
     identity: IdentitySource = field(init=False)
+    interceptor: Interceptor = field(init=False)  # CONNECT on the outbound listener
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     _servers: list[Any] = field(default_factory=list)
@@ -159,20 +164,19 @@ class Sidecar:
         signer = build_signer(cfg.identity.signing_key, cfg.state_dir, cfg.identity.issuer or agent.id)
         deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=credential_id_key(cfg))
         providers = {name: PROVIDERS[c.type].PROVIDER(name, c.spec, deps) for name, c in cfg.credentials.items()}
-        rt = Runtime(cfg, agent, self.metrics, Router(cfg.outbound.upstreams, cfg.outbound.listen), policy,
-                     providers, CredentialCache(self.metrics), TaskRegistry.from_config(cfg.tasks),
-                     Revocations(self.metrics), Sessions(cfg, self.identity.client_files), ActiveExchanges())
-        rt.signer, rt.identity = signer, self.identity
-        rt.approvals = Approvals(self.metrics, cfg.policy.approval_timeout)
-        rt.verifier = await self._verifier()
+        rt = Runtime(cfg, agent, self.metrics, Recorder(self.metrics, agent),
+                     Router(cfg.outbound.upstreams, cfg.outbound.listen), PolicyHolder(policy), providers,
+                     CredentialCache(self.metrics), TaskRegistry.from_config(cfg.tasks), Revocations(self.metrics),
+                     Sessions(cfg, self.identity.client_files), ActiveExchanges(),
+                     Approvals(self.metrics, cfg.policy.approval_timeout), signer, self.identity,
+                     await self._verifier())
+        Enforcement(agent.id, rt.tasks, rt.credentials, rt.exchanges, self.metrics).attach(rt.revocations)
         return rt
 
-    async def _verifier(self) -> Any:
+    async def _verifier(self) -> JwtVerifier | None:
         inbound = self.config.inbound
         if inbound is None or not inbound.jwt_issuers:
             return None
-        from sidecar.identity.jwt import JwtVerifier
-
         verifier = JwtVerifier(inbound.jwt_issuers, metrics=self.metrics)
         await verifier.start()
         self._closables.append(verifier)
@@ -180,13 +184,11 @@ class Sidecar:
 
     async def _start_listeners(self) -> None:
         from sidecar import admin, health
-        from sidecar.connect import Interceptor
 
         cfg, rt = self.config, self.runtime
-        outbound = Outbound(rt)
-        rt.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
-        self._web_servers.append(rt.interceptor.server)  # drained and closed with the listeners
-        out_server = SidecarServer(outbound.handle, limits=cfg.outbound.limits,
+        self.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
+        self._web_servers.append(self.interceptor.server)  # drained and closed with the listeners
+        out_server = SidecarServer(self.interceptor.front(Outbound(rt)), limits=cfg.outbound.limits,
                                    on_parse_error=self._parse_error("outbound"))
         self._web_servers.append(out_server)
         self._servers.append(await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port))
@@ -209,39 +211,20 @@ class Sidecar:
 
         cfg, rt = self.config, self.runtime
         assert cfg.inbound is not None
-        inbound = Inbound(rt)
-        server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
-        self._web_servers.append(server)
         domains = frozenset(cfg.inbound.trust_domains) or frozenset({self.identity.state.spiffe_id.trust_domain})
         acceptor = MtlsAcceptor(context=self.identity.server_context, bundles=self.identity.bundles,
-                                allowed_domains=domains, handler_factory=server,
-                                on_reject=self._tls_rejected, handshake_timeout=cfg.inbound.timeouts.connect)
-        rt.acceptor = acceptor
+                                allowed_domains=domains, handler_factory=lambda: server(),
+                                on_reject=rt.recorder.handshake_refused,
+                                handshake_timeout=cfg.inbound.timeouts.connect)
+        inbound = Inbound(rt, InboundIdentity(cfg.inbound, acceptor.peer_of, rt.verifier, rt.revocations))
+        server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
+        self._web_servers.append(server)
         self._servers.append(await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port))
         self._closables.append(acceptor)
         self.ports["inbound"] = _port(self._servers[-1])
 
-    def _tls_rejected(self, reason: str, message: str, peer: str) -> None:
-        """A refused handshake is a refused exchange too: counted, logged and one event."""
-        from sidecar.errors import IdentityRefused
-        from sidecar.exchange import Exchange
-
-        self.metrics.tls_handshake_failures.labels("inbound", reason).inc()
-        log.warning("tls_handshake_refused", listener="inbound", reason=reason, message=message, peer=peer)
-        code = reason if reason in ("no_client_cert", "foreign_trust_domain") else "peer_unverified"
-        ex = Exchange("inbound")
-        ex.refuse(IdentityRefused(code, message, detail=f"tls: {reason}"))
-        self.runtime.record(ex)
-
-    def _parse_error(self, direction: str) -> Any:
-        def hook(request: web.BaseRequest | None, refusal: Any) -> None:
-            from sidecar.exchange import Exchange
-
-            ex = Exchange(direction)
-            ex.refuse(refusal)
-            self.runtime.record(ex)
-
-        return hook
+    def _parse_error(self, direction: str) -> ParseErrorHook:
+        return lambda refusal: self.runtime.recorder.refused(direction, refusal)
 
     async def _start_bus(self) -> None:
         if not self.config.revocation.has_bus:
@@ -288,7 +271,7 @@ class Sidecar:
                       kept=self.runtime.policy.version)
             return False, "\n".join(str(e) for e in built.errors)
         changed = built.version != self.runtime.policy.version
-        self.runtime.policy = built
+        self.runtime.policies.current = built
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy_reloaded", policy_version=built.version, changed=changed)
         return True, built.version

@@ -25,7 +25,7 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable
+from typing import Any, Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -33,15 +33,13 @@ from aiohttp.web_protocol import RequestHandler
 
 from sidecar.errors import Refusal, RequestRefused
 from sidecar.exchange import Exchange
+from sidecar.http.incoming import Answer, IncomingRequest
+from sidecar.http.target import normalize_host
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
 from sidecar.identity.mtls import Holding, hand_over
-from sidecar.pipeline import check_headers, serve_exchange
-from sidecar.http.target import normalize_host
-from sidecar.server import SidecarServer, error_response
-
-if TYPE_CHECKING:
-    from sidecar.pipeline import Outbound
-    from sidecar.runtime import Runtime
+from sidecar.pipeline import Outbound, check_headers, serve_exchange
+from sidecar.runtime import Runtime
+from sidecar.server import AiohttpIncoming, SidecarServer, error_response
 
 log = structlog.get_logger("sidecar.connect")
 
@@ -79,7 +77,7 @@ def origin_form(raw_target: str) -> tuple[str, str]:
     return path, query
 
 
-def check_host(request: web.BaseRequest, tunnel: Tunnel) -> None:
+def check_host(request: IncomingRequest, tunnel: Tunnel) -> None:
     """The decrypted request's Host header must name the authority the tunnel was opened for."""
     values = request.headers.getall("Host", ())
     try:
@@ -136,8 +134,15 @@ class Interceptor:
     def open_tunnels(self) -> int:
         return self._open
 
+    def front(self, outbound: Outbound) -> Callable[[AiohttpIncoming], Awaitable[Answer]]:
+        """The outbound listener's handler: CONNECT is answered here, every other request by ``outbound``."""
+        def handle(request: AiohttpIncoming) -> Awaitable[Answer]:
+            return self.handle(request, outbound) if request.method == "CONNECT" else outbound.handle(request)
+
+        return handle
+
     # -- CONNECT on the plain listener ------------------------------------------------------
-    async def handle(self, request: web.BaseRequest, outbound: Outbound) -> web.StreamResponse:
+    async def handle(self, request: AiohttpIncoming, outbound: Outbound) -> web.StreamResponse:
         ex = Exchange("outbound", protocol="connect", method="CONNECT")
         try:
             tunnel = self._admit(request, ex, outbound)
@@ -149,15 +154,15 @@ class Interceptor:
             await self._run(request, tunnel, context)
         finally:
             self._open -= 1
-            _forget(request)
+            _forget(request.native)
         return web.Response(status=200)  # never sent: aiohttp no longer has a transport to send it on
 
-    def _admit(self, request: web.BaseRequest, ex: Exchange, outbound: Outbound) -> Tunnel:
+    def _admit(self, request: AiohttpIncoming, ex: Exchange, outbound: Outbound) -> Tunnel:
         """Every check before the tunnel opens; raises the refusal that keeps it shut."""
         rt = self.rt
         limits = rt.config.outbound.limits
         check_headers(request, limits.max_headers, limits.max_header_bytes)
-        host, port = parse_authority(request.raw_path)
+        host, port = parse_authority(request.target)
         ex.host = host
         rt.router.check_boundary(request.headers)
         rt.revocations.check_agent(rt.agent.id)
@@ -169,21 +174,21 @@ class Interceptor:
         if self._open >= self.max_tunnels:
             raise RequestRefused("rate_limited", f"connect: {self.max_tunnels} tunnels are already open",
                                  retry_after=1)
-        if _early_bytes(request):
+        if _early_bytes(request.native):
             raise RequestRefused("bad_request", "connect: expected the client to wait for the 200 response "
                                                 "before starting tls")
         return Tunnel(host, port, upstream.name, outbound)
 
-    def _refuse(self, request: web.BaseRequest, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
+    def _refuse(self, request: AiohttpIncoming, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
         ex.refuse(refusal)
-        self.rt.record(ex)
+        self.rt.recorder.record(ex)
         response = error_response(refusal)
         response.force_close()
-        request.content.feed_eof()  # what follows a refused CONNECT is not a body to linger over
+        request.native.content.feed_eof()  # what follows a refused CONNECT is not a body to linger over
         return response
 
-    async def _run(self, request: web.BaseRequest, tunnel: Tunnel, context: ssl.SSLContext) -> None:
-        raw = request.transport
+    async def _run(self, request: AiohttpIncoming, tunnel: Tunnel, context: ssl.SSLContext) -> None:
+        raw = request.native.transport
         if raw is None or raw.is_closing():
             self._handshake_failed(tunnel, "closed", "before the 200")
             return
@@ -222,7 +227,7 @@ class Interceptor:
         self.rt.metrics.tls_handshake_failures.labels("outbound", "handshake_failed").inc()
         log.warning("tls_handshake_failed", listener="outbound", host=tunnel.host, port=tunnel.port,
                     error_type=error, detail=detail, message=HANDSHAKE_FAILED)
-        self.rt.record(failed_tunnel(tunnel, f"{error}: {detail}" if detail else error))
+        self.rt.recorder.record(failed_tunnel(tunnel, f"{error}: {detail}" if detail else error))
 
     def _attach(self, tls: asyncio.Transport, holding: Holding, tunnel: Tunnel) -> asyncio.Future[None]:
         """Hand the TLS transport to a protocol of the tunnel server; the future ends with it."""
@@ -239,28 +244,26 @@ class Interceptor:
             ended.set_result(None)
 
     # -- requests inside the tunnel ---------------------------------------------------------
-    def handle_decrypted(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+    def handle_decrypted(self, request: AiohttpIncoming) -> Awaitable[Answer]:
         ex = Exchange("outbound", protocol="connect", method=request.method)
-        return serve_exchange(self.rt, ex, lambda: self._exchange(request, ex))
+        return serve_exchange(self.rt, request, ex, lambda: self._exchange(request, ex))
 
-    async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+    async def _exchange(self, request: AiohttpIncoming, ex: Exchange) -> Answer:
         rt = self.rt
-        tunnel = self._tunnels.get(request.protocol)  # type: ignore[arg-type]
+        tunnel = self._tunnels.get(request.native.protocol)  # type: ignore[arg-type]
         if tunnel is None:
             raise Refusal("internal_error", "connect: request on a connection that is not a tunnel")
         ex.host = tunnel.host
         limits = rt.config.outbound.limits
         check_headers(request, limits.max_headers, limits.max_header_bytes)
         rt.router.check_boundary(request.headers)
-        raw_path, query = origin_form(request.raw_path)
+        raw_path, query = origin_form(request.target)
         check_host(request, tunnel)
         route = rt.router.for_host(tunnel.host, raw_path, query, "connect")
         return await tunnel.outbound.forward_route(request, ex, route)
 
-    def _parse_error(self, request: web.BaseRequest | None, refusal: Refusal) -> None:
-        ex = Exchange("outbound", protocol="connect")
-        ex.refuse(refusal)
-        self.rt.record(ex)
+    def _parse_error(self, refusal: Refusal) -> None:
+        self.rt.recorder.refused("outbound", refusal, protocol="connect")
 
 
 def failed_tunnel(tunnel: Tunnel, why: str) -> Exchange:

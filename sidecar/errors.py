@@ -23,6 +23,10 @@ import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
+import orjson
+
+PROXY_NAME = "sidecar"  # in Proxy-Status, Via and Server: one name, never our stack and its versions
+
 STATUS: dict[str, int] = {
     "allowed": 200,
     "approved": 200,
@@ -107,10 +111,25 @@ def refusal_response(reason: str, message: str, *, retry_after: int | None = Non
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
-        f'Proxy-Status: sidecar; error={error}; details="{reason}"\r\n'
+        f'Proxy-Status: {PROXY_NAME}; error={error}; details="{reason}"\r\n'
         f"{retry}Cache-Control: no-store\r\nConnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def refusal_headers(refusal: Refusal) -> dict[str, str]:
+    """The headers every refusal carries, whatever its body: Proxy-Status (RFC 9209), no-store, Retry-After."""
+    error = PROXY_STATUS_ERROR.get(refusal.reason, "http_request_denied")
+    headers = {"Proxy-Status": f'{PROXY_NAME}; error={error}; details="{refusal.reason}"',
+               "Cache-Control": "no-store"}
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
+    return headers
+
+
+def refusal_body(refusal: Refusal) -> bytes:
+    """The one body of every refusal: its reason code and what was expected."""
+    return orjson.dumps({"error": refusal.reason, "message": refusal.message})
 
 
 class Refusal(Exception):

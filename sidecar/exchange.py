@@ -3,14 +3,17 @@
 Stages fill an :class:`Exchange` in turn (identify -> authorize -> credential -> forward);
 :meth:`Exchange.event` shapes the one canonical trust-decision event from it, with every
 field of PRODUCT.md present (null where it does not apply), emitted once at the end.
+:class:`ActiveExchanges` is the register of those in flight, so that a revocation (or the end of
+the drain) can cut the ones it names.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from sidecar.config_model import AgentMeta
 from sidecar.credentials.base import Credential
@@ -168,3 +171,37 @@ def _rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def mark_cut(ex: Exchange) -> None:
+    """A cancelled exchange: cut by a revocation (already marked) or by the client going away.
+
+    One already completed stays so: a WebSocket closed normally whose client then went away before
+    the closing handshake had finished on the other side."""
+    if ex.outcome not in ("cut", "completed"):
+        ex.outcome, ex.reason_detail = "cut", "client gone"
+
+
+class ActiveExchanges:
+    """Exchanges in flight, so that a revocation can cut the ones it names."""
+
+    def __init__(self) -> None:
+        self._active: dict[int, tuple[Exchange, asyncio.Task[Any]]] = {}
+
+    def track(self, ex: Exchange) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[id(ex)] = (ex, task)
+
+    def untrack(self, ex: Exchange) -> None:
+        self._active.pop(id(ex), None)
+
+    def cut(self, predicate: Callable[[Exchange], bool], why: str) -> int:
+        victims = [(ex, task) for ex, task in self._active.values() if predicate(ex)]
+        for ex, task in victims:
+            ex.outcome, ex.reason_detail = "cut", why
+            task.cancel()
+        return len(victims)
+
+    def __len__(self) -> int:
+        return len(self._active)

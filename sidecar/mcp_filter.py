@@ -14,15 +14,14 @@ from sidecar.policy.mcp import SseToolsListFilter, filter_tools_list
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
-    from sidecar.exchange import Exchange
-    from sidecar.runtime import Runtime
+    from sidecar.policy.engine import Facts, PolicySet
 
 MAX_TOOLS_LIST_BYTES = 4 * 1024 * 1024
 
 
-def tools_list_filter(rt: Runtime, ex: Exchange,
+def tools_list_filter(policy: PolicySet, facts: Facts,
                       headers: CIMultiDictProxy[str]) -> Callable[[bytes, bool], bytes]:
-    facts, policy = ex.facts, rt.policy
+    """The filter for one response, keeping the tools this policy lets these facts call."""
 
     def allowed(tool: str) -> bool:
         return policy.mcp_tool_allowed(facts, tool)

@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import orjson
-from aiohttp import web
 
-from sidecar.errors import RPC_ERROR_CODE, RPC_SERVER_ERROR, Refusal, RequestRefused, TaskRefused
+from sidecar.errors import RPC_ERROR_CODE, RPC_SERVER_ERROR, Refusal, RequestRefused, TaskRefused, refusal_headers
+from sidecar.http.incoming import Answer, IncomingRequest
 from sidecar.policy.mcp import SESSION_END_METHOD, RpcRef, RpcRefused
-from sidecar.server import refusal_headers
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -125,19 +124,18 @@ class McpSessions:
 
 # --- refusals as JSON-RPC --------------------------------------------------------------------
 
-def rpc_refusal(ex: Exchange, refusal: Refusal) -> web.Response | None:
+def rpc_refusal(request: IncomingRequest, ex: Exchange, refusal: Refusal) -> Answer | None:
     """The JSON-RPC answer to a refused MCP message, or None where HTTP's own refusal stands."""
     ref = refusal.rpc if isinstance(refusal, RpcRefused) else ex.mcp_rpc
     if ref is None:
         return None
     headers = refusal_headers(refusal)
     if not ref.expects_reply:  # a notification, or the agent's answer to a server request: nothing to answer
-        response = web.Response(status=202, headers=headers)
-    else:
-        response = web.Response(status=200, body=orjson.dumps(rpc_error(ref, refusal, ex.rule_id, ex.decision_id)),
-                                content_type="application/json", headers=headers)
-    ex.status = response.status
-    return response
+        ex.status = 202
+        return request.respond(202, None, headers, None)
+    headers["Content-Type"] = "application/json"
+    ex.status = 200
+    return request.respond(200, None, headers, orjson.dumps(rpc_error(ref, refusal, ex.rule_id, ex.decision_id)))
 
 
 def rpc_error(ref: RpcRef, refusal: Refusal, rule_id: str | None, decision_id: str) -> dict[str, object]:

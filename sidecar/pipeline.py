@@ -24,34 +24,35 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Mapping
+from typing import Awaitable, Callable, Iterator, Mapping
 
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
-from sidecar.exchange import Exchange
-from sidecar.observe.decision_log import admission
+from sidecar.exchange import Exchange, mark_cut
 from sidecar.forward.body import declared_length, has_body, is_form, read_body, stream_body
+from sidecar.forward.http11 import UpstreamResponse
+from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
 from sidecar.http.headers import VIA, clean_request_headers, echo_method
+from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
+from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
+from sidecar.identity.inbound import Caller, InboundIdentity, agent_headers
+from sidecar.identity.x509 import PeerIdentity
+from sidecar.mcp_filter import tools_list_filter
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
+from sidecar.observe.decision_log import admission
 from sidecar.policy.engine import Decision, Facts
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
-from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
 from sidecar.policy.readings import screen
-from sidecar.server import error_response
+from sidecar.routing import Route
+from sidecar.runtime import Runtime
 from sidecar.tasks import TASK_HEADER, Task
-from sidecar.runtime import mark_cut
 from sidecar.tracing import traceparent_for
-
-if TYPE_CHECKING:
-    from sidecar.runtime import Runtime
-    from sidecar.routing import Route
 
 DENY_MESSAGES = {
     "no_matching_rule": "policy: no rule allows this request (default deny)",
@@ -61,7 +62,7 @@ DENY_MESSAGES = {
 }
 
 
-def check_headers(request: web.BaseRequest, max_headers: int, max_bytes: int) -> None:
+def check_headers(request: IncomingRequest, max_headers: int, max_bytes: int) -> None:
     """One pass over the raw headers: the configured limits, and no '_' in a name (either direction)."""
     raw = request.raw_headers
     if len(raw) > max_headers:
@@ -75,7 +76,7 @@ def check_headers(request: web.BaseRequest, max_headers: int, max_bytes: int) ->
         raise RequestRefused("headers_too_large", f"request: headers exceed {max_bytes} bytes")
 
 
-def body_size(request: web.BaseRequest, body: bytes | None) -> int | None:
+def body_size(request: IncomingRequest, body: bytes | None) -> int | None:
     """The body size for policy: known when buffered or declared; None (unknown) for a chunked body,
     so that a condition on ``request.size`` cannot be evaded by leaving Content-Length out."""
     if body is not None:
@@ -94,7 +95,7 @@ def refuse_decision(decision: Decision) -> None:
 
 def authorize_copy_source(rt: Runtime, facts: Facts, source: CopySource) -> None:
     """An S3 copy reads its source: refused unless policy allows a GET of it (a copy is never held for approval)."""
-    read = rt.decide(replace(facts, method="GET", path=source.path, query=source.query, size=0))
+    read = rt.policy.decide(replace(facts, method="GET", path=source.path, query=source.query, size=0))
     if read.effect == "allow":
         return
     about = f"policy: reading the copy source {source.shown}"
@@ -106,8 +107,8 @@ def authorize_copy_source(rt: Runtime, facts: Facts, source: CopySource) -> None
                         rule_id=read.rule_id, retry_after=read.retry_after)
 
 
-async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[web.StreamResponse]], *,
-                         on_end: Callable[[Exchange], None] | None = None) -> web.StreamResponse:
+async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, run: Callable[[], Awaitable[Answer]],
+                         *, on_end: Callable[[Exchange], None] | None = None) -> Answer:
     """The envelope of every exchange: cuttable while it runs, refusals answered, recorded once."""
     rt.exchanges.track(ex)
     try:
@@ -118,8 +119,8 @@ async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
-        answer = rpc_refusal(ex, refusal) if ex.protocol == "mcp" else None  # the MCP session goes on
-        return answer or error_response(refusal)
+        answer = rpc_refusal(request, ex, refusal) if ex.protocol == "mcp" else None  # the MCP session goes on
+        return answer or refusal_answer(request, refusal)
     except asyncio.CancelledError:
         mark_cut(ex)
         raise
@@ -130,7 +131,7 @@ async def serve_exchange(rt: Runtime, ex: Exchange, run: Callable[[], Awaitable[
         rt.exchanges.untrack(ex)
         if on_end is not None:
             on_end(ex)
-        rt.record(ex)
+        rt.recorder.record(ex)
 
 
 def mark_failed(ex: Exchange, exc: Exception) -> None:
@@ -165,21 +166,20 @@ class Outbound:
         self.rt = rt
         self.mcp_sessions = McpSessions()
 
-    def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-        if request.method == "CONNECT":
-            return self.rt.interceptor.handle(request, self)
+    def handle(self, request: IncomingRequest) -> Awaitable[Answer]:
+        """A request on the outbound listener (CONNECT goes to ``sidecar.connect`` first)."""
         ex = Exchange("outbound", method=request.method)
-        return serve_exchange(self.rt, ex, lambda: self.forward_route(request, ex, self._route(request)))
+        return serve_exchange(self.rt, request, ex, lambda: self.forward_route(request, ex, self._route(request)))
 
-    def _route(self, request: web.BaseRequest) -> Route:
+    def _route(self, request: IncomingRequest) -> Route:
         """Limits, the trust boundary, then which upstream and which canonical path."""
         rt = self.rt
         limits = rt.config.outbound.limits
         check_headers(request, limits.max_headers, limits.max_header_bytes)
         rt.router.check_boundary(request.headers)
-        return rt.router.route(request.raw_path, request.headers)
+        return rt.router.route(request.target, request.headers)
 
-    async def forward_route(self, request: web.BaseRequest, ex: Exchange, route: Route) -> web.StreamResponse:
+    async def forward_route(self, request: IncomingRequest, ex: Exchange, route: Route) -> Answer:
         """From a resolved route on: shared by the plain listener and CONNECT interception."""
         rt, up = self.rt, route.upstream
         ex.upstream, ex.host, ex.path = up.name, up.host, route.path
@@ -196,7 +196,7 @@ class Outbound:
         ex.override = reading.event()
         ex.facts = self._facts(request, ex, route, body, forwarded)
         source = self._copy_source(forwarded, ex, route)
-        decision = rt.decide(ex.facts, *reading.alternatives(ex.facts))
+        decision = rt.policy.decide(ex.facts, *reading.alternatives(ex.facts))
         held = apply_decision(ex, decision)
         if source is not None:
             authorize_copy_source(rt, ex.facts, source)
@@ -216,7 +216,7 @@ class Outbound:
             provider.apply(out, credential)
         return await self._send(request, ex, route, out, body, task)
 
-    def _task(self, request: web.BaseRequest, ex: Exchange) -> Task | None:
+    def _task(self, request: IncomingRequest, ex: Exchange) -> Task | None:
         values = request.headers.getall(TASK_HEADER, ())
         if not values:
             return None
@@ -238,7 +238,7 @@ class Outbound:
         ex.copy_source = source.shown
         return source
 
-    async def _mcp(self, request: web.BaseRequest, ex: Exchange, route: Route, task: Task | None) -> bytes | None:
+    async def _mcp(self, request: IncomingRequest, ex: Exchange, route: Route, task: Task | None) -> bytes | None:
         ex.protocol = "mcp"
         if is_websocket(request):  # frames would pass unparsed, past every tool rule: fail closed
             raise RequestRefused("bad_request", "mcp: WebSocket upgrades to an MCP upstream are refused; its "
@@ -256,7 +256,7 @@ class Outbound:
         ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.mcp_rpc = call.method, call.tool, call.arguments, call.rpc
         return body
 
-    def _facts(self, request: web.BaseRequest, ex: Exchange, route: Route, body: bytes | None,
+    def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: bytes | None,
                forwarded: CIMultiDict[str]) -> Facts:
         """What policy decides on: the headers are the ones that will be forwarded, nothing else."""
         rt = self.rt
@@ -289,7 +289,7 @@ class Outbound:
             ex.delegation = credential.delegation
         return credential
 
-    def _outbound_request(self, request: web.BaseRequest, route: Route, traceparent: str,
+    def _outbound_request(self, request: IncomingRequest, route: Route, traceparent: str,
                           forwarded: CIMultiDict[str]) -> OutboundRequest:
         up = route.upstream
         headers = forwarded.copy()  # policy's view stays as it decided; the sidecar's own headers go here
@@ -300,8 +300,8 @@ class Outbound:
         return OutboundRequest(request.method, up.scheme, up.host, up.port, route.forward_path, route.query,
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
-    async def _send(self, request: web.BaseRequest, ex: Exchange, route: Route, out: OutboundRequest,
-                    body: bytes | None, task: Task | None) -> web.StreamResponse:
+    async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,
+                    body: bytes | None, task: Task | None) -> Answer:
         up = route.upstream
         limits = self.rt.config.outbound.limits
         if body is None:
@@ -324,36 +324,37 @@ class Outbound:
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        return await self.rt.relay(request, ex, upstream)
+        return await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream))
+
+    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse) -> ChunkFilter | None:
+        """``tools/list`` answers keep only the tools policy lets the agent call (every page)."""
+        if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
+            return None
+        return tools_list_filter(self.rt.policy, ex.facts, upstream.headers)
 
 
 class Inbound:
     """Callers of the agent: mTLS peer, optional human token, policy, then the agent on loopback."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    def __init__(self, rt: Runtime, identity: InboundIdentity) -> None:
+        self.rt, self.identity = rt, identity
 
-    def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+    def handle(self, request: IncomingRequest) -> Awaitable[Answer]:
         ex = Exchange("inbound", method=request.method)
-        return serve_exchange(self.rt, ex, lambda: self._exchange(request, ex), on_end=self.rt.end_inbound_task)
+        return serve_exchange(self.rt, request, ex, lambda: self._exchange(request, ex), on_end=self._end_task)
 
-    async def _exchange(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+    async def _exchange(self, request: IncomingRequest, ex: Exchange) -> Answer:
         rt = self.rt
         inbound = rt.config.inbound
         assert inbound is not None
         check_headers(request, inbound.limits.max_headers, inbound.limits.max_header_bytes)
-        peer = rt.peer_of(request)
-        ex.caller_id = peer.spiffe_id
+        peer = self.identity.peer(request)
+        ex.caller_id = str(peer.spiffe_id)
         ex.trace_id, traceparent = traceparent_for(request.headers)
-        raw_path, _, query = request.raw_path.partition("?")
+        raw_path, _, query = request.target.partition("?")
         ex.path = canonical_path(raw_path)
         echo_method(request.method, False)
-        token = await rt.inbound_token(request, peer)
-        if token is not None:
-            ex.principal, ex.actor_type, ex.act_chain = (token.issuer, token.subject), token.actor_type, token.act_chain
-            ex.delegation = "delegated" if token.actor_type == "human" else "none"
-        else:
-            ex.actor_type = "workload"
+        caller = await self._caller(request, ex, peer)
         rt.revocations.check_agent(rt.agent.id)
         rt.revocations.check_subject(ex.principal)
         body = await read_body(request, inbound.limits, inbound.timeouts.idle) if is_form(request) else None
@@ -364,13 +365,13 @@ class Inbound:
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=LazyHeaders(forwarded), size=body_size(request, body), upstream=None,
             agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
-            agent_meta=rt.agent.meta, caller_id=peer.spiffe_id, principal=ex.principal, delegation=ex.delegation)
-        decision = rt.decide(facts, *reading.alternatives(facts))
+            agent_meta=rt.agent.meta, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation)
+        decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
-        headers = rt.agent_headers(forwarded, request, peer, traceparent)
-        if token is not None and token.actor_type == "human":
-            task = rt.open_task_for(token, request)
+        headers = agent_headers(forwarded, request, rt.agent.id, caller.peer, traceparent)
+        if caller.actor_type == "human":
+            task = self._open_task(caller, request)
             ex.task_id, ex.task_trigger = task.id, task.trigger
             headers[TASK_HEADER] = task.id
         declared_length(request, inbound.limits)
@@ -379,10 +380,33 @@ class Inbound:
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
         upstream = await open_upstream(pool, request.method, target, headers, data)
-        return await rt.relay(request, ex, upstream)
+        return await relay_exchange(request, ex, upstream, rt.metrics, None)
+
+    async def _caller(self, request: IncomingRequest, ex: Exchange, peer: PeerIdentity) -> Caller:
+        """The verified peer and the token it carries: whom it acts for."""
+        caller = Caller(peer, await self.identity.token(request, peer))
+        ex.principal, ex.actor_type, ex.act_chain = caller.principal, caller.actor_type, caller.act_chain
+        ex.delegation = caller.delegation
+        return caller
+
+    def _open_task(self, caller: Caller, request: IncomingRequest) -> Task:
+        """A human's call opens a task: the agent's outbound calls name it, and act for that human."""
+        rt, token = self.rt, caller.token
+        inbound = rt.config.inbound
+        assert inbound is not None and token is not None
+        task = rt.tasks.open(principal=(token.issuer, token.subject), subject_token=token.token,
+                             delegation="delegated", actor_type=token.actor_type,
+                             trigger=request.headers.get(inbound.task_trigger_header), ttl=rt.config.tasks.ttl,
+                             token_exp=token.expires_at, act_chain=token.act_chain)
+        rt.metrics.active_tasks.set(rt.tasks.open_count)
+        return task
+
+    def _end_task(self, ex: Exchange) -> None:
+        if ex.task_id and self.rt.config.tasks.end == "response":
+            self.rt.tasks.end(ex.task_id)
 
 
-def _inbound_host(request: web.BaseRequest) -> str:
+def _inbound_host(request: IncomingRequest) -> str:
     """The Host the caller named, normalized and without its port (rules name hosts, not ports)."""
     try:
         return normalize_host(request.headers.get("Host", ""), "https")[0]

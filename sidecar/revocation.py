@@ -1,7 +1,8 @@
 """Revocation of agents, tasks, credentials and subjects: local at once, fleet-wide over Redis.
 
 A revocation takes effect before ``POST /revocations`` returns: the local list is updated,
-cached credentials are dropped, open exchanges of that kind are cut (the appliers do that).
+cached credentials are dropped, open exchanges of that kind are cut (:class:`Enforcement`, the one
+place that happens).
 With ``revocation.redis_url`` it is also stored (a key with the revocation's TTL, so that a
 sidecar that was disconnected catches up when it reconnects) and published (pub/sub, so
 that connected sidecars apply it within milliseconds). Pub/sub loses messages for
@@ -45,9 +46,12 @@ import structlog
 
 from sidecar.config_model import RedisTls, RevocationConfig
 from sidecar.credentials.base import Credential
+from sidecar.credentials.cache import CredentialCache
 from sidecar.errors import Refusal, TaskRefused
+from sidecar.exchange import ActiveExchanges
 from sidecar.fields import Secret
 from sidecar.observe.metrics import Metrics
+from sidecar.tasks import Task, TaskRegistry
 
 log = structlog.get_logger("sidecar.revocation")
 KINDS = ("agent", "task", "credential", "subject")
@@ -100,7 +104,7 @@ class Revocations:
         if spiffe_id in self._ids["agent"] and self._live(f"agent:{spiffe_id}"):
             raise revoked("revocation: this caller's SPIFFE ID is revoked")
 
-    def check_task(self, task: Any) -> None:
+    def check_task(self, task: Task) -> None:
         if task.id in self._ids["task"] and self._live(f"task:{task.id}"):
             raise revoked("revocation: this task is revoked")
         if task.principal is not None:
@@ -198,6 +202,43 @@ class Revocations:
 
 MAX_TTL = 30 * 86400.0
 MAX_ID = 2048
+
+
+class Enforcement:
+    """Where a revocation, or a task's end, takes effect: tasks ended, cached credentials dropped,
+    exchanges in flight that it names cut. The one place; the bus and the admin API only record."""
+
+    def __init__(self, agent_id: str, tasks: TaskRegistry, credentials: CredentialCache,
+                 exchanges: ActiveExchanges, metrics: Metrics) -> None:
+        self._agent_id, self._tasks, self._credentials = agent_id, tasks, credentials
+        self._exchanges, self._metrics = exchanges, metrics
+
+    def attach(self, revocations: Revocations) -> None:
+        self._tasks.on_end(self.task_ended)
+        revocations.on_apply(self.apply)
+
+    def task_ended(self, task: Task) -> None:
+        self._credentials.drop_task(task.id)
+        self._metrics.active_tasks.set(self._tasks.open_count)
+        if task.ended == "revoked":
+            self._exchanges.cut(lambda ex: ex.task_id == task.id, "revoked: task")
+
+    def apply(self, entry: Revocation) -> None:
+        kind, ident, cut = entry.kind, entry.id, self._exchanges.cut
+        if kind == "task":
+            self._tasks.revoke(ident)
+        elif kind == "subject":
+            self._tasks.revoke_subject(ident)
+            cut(lambda ex: ex.principal is not None and ex.principal[1] == ident, "revoked: subject")
+        elif kind == "credential":
+            self._credentials.drop_where(lambda c, r: ident in (c.id, c.provider))
+            cut(lambda ex: ex.credential is not None and ident in (ex.credential.id, ex.credential.provider),
+                "revoked: credential")
+        elif kind == "agent" and ident == self._agent_id:
+            self._credentials.drop_all()
+            cut(lambda ex: True, "revoked: agent")
+        elif kind == "agent":  # another agent: cut its calls into ours
+            cut(lambda ex: ex.caller_id == ident, "revoked: caller")
 
 
 def parse_message(data: bytes, now: float) -> tuple[Revocation | None, dict[str, Any]]:

@@ -23,44 +23,109 @@ is reported to the listener (one trust-decision event, the metrics).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, cast
+import socket
+import struct
+from typing import Any, AsyncIterator, Awaitable, Callable, cast
 
-import orjson
 import structlog
-from aiohttp import web, web_response
+from aiohttp import HttpVersion11, web, web_response
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 
 from sidecar.config import Limits
-from sidecar.errors import PROXY_STATUS_ERROR, RecordedFailure, Refusal, RequestRefused, refusal_response
+from sidecar.errors import (
+    PROXY_NAME, RecordedFailure, Refusal, RequestRefused, refusal_body, refusal_headers, refusal_response,
+)
+from sidecar.http.incoming import Answer, ClientGone, ResponseStream
 
 log = structlog.get_logger("sidecar.server")
 
-PROXY_NAME = "sidecar"
 # aiohttp writes "Server: Python/3.x aiohttp/3.x" on every response that has no Server header
 # (our refusals, and forwarded responses whose upstream sent none): whoever calls us could read
 # our stack and its versions from it. One name instead, as in Via and Proxy-Status.
 web_response.SERVER_SOFTWARE = PROXY_NAME
-ParseErrorHook = Callable[[web.BaseRequest | None, Refusal], None]
-"""``on_parse_error(request, refusal)``: a refusal made outside any exchange (request None: a connection)."""
+ParseErrorHook = Callable[[Refusal], None]
+"""``on_parse_error(refusal)``: a refusal made outside any exchange (a connection, or a request never parsed)."""
 RETRY_AFTER_OVERLOAD = 1  # seconds
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CHUNK = 64 * 1024
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
+
+
+class AiohttpIncoming:
+    """An :class:`~sidecar.http.incoming.IncomingRequest` over one request aiohttp's server parsed."""
+
+    __slots__ = ("native", "method", "target", "headers", "content_length")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self.native = request  # for CONNECT only (sidecar.connect takes the connection over)
+        self.method = request.method
+        self.target = request.raw_path
+        self.headers = request.headers
+        self.content_length = request.content_length
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return self.native.raw_headers
+
+    @property
+    def remote(self) -> str | None:
+        return self.native.remote
+
+    @property
+    def connection(self) -> object:
+        return self.native.transport
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.native.content.iter_chunked(CHUNK)
+
+    async def send_continue(self) -> None:
+        """``100 Continue`` to a client that waits for it before its body (RFC 9110 §10.1.1)."""
+        request = self.native
+        if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(CONTINUE)
+            request.writer.output_size = 0  # the response has not started (as aiohttp's own expect handler)
+
+    def respond(self, status: int, reason: str | None, headers: CIMultiDict[str] | dict[str, str],
+                body: bytes | None) -> Answer:
+        return web.Response(status=status, reason=reason, headers=headers, body=body)
+
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> ResponseStream:
+        response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        try:
+            await response.prepare(self.native)
+        except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+            raise ClientGone(response) from None
+        return response
+
+    async def accept_websocket(self, protocol: str | None) -> web.WebSocketResponse:
+        socket_ = web.WebSocketResponse(protocols=[protocol] if protocol else ())
+        await socket_.prepare(self.native)
+        return socket_
+
+    def abort(self) -> None:
+        """A reset, not an orderly close: a response framed by the connection's close (an HTTP/1.0
+        client) would otherwise end as if whole."""
+        transport = self.native.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")  # under TLS too: the TCP socket
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+            except OSError:  # already closed by the peer: nothing left to tell it
+                pass
+        transport.abort()
+
+    def answer_of(self, stream: ResponseStream) -> Answer:
+        return stream
 
 
 def error_response(refusal: Refusal) -> web.Response:
-    """The one shape of every refusal: JSON body, reason code, Proxy-Status (RFC 9209)."""
-    body = orjson.dumps({"error": refusal.reason, "message": refusal.message})
-    return web.Response(status=refusal.status, body=body, content_type="application/json",
+    """The one shape of every refusal (``sidecar.errors.refusal_body``), as an aiohttp response."""
+    return web.Response(status=refusal.status, body=refusal_body(refusal), content_type="application/json",
                         headers=refusal_headers(refusal))
-
-
-def refusal_headers(refusal: Refusal) -> dict[str, str]:
-    """The headers every refusal carries, whatever its body: Proxy-Status, no-store, Retry-After."""
-    error = PROXY_STATUS_ERROR.get(refusal.reason, "http_request_denied")
-    headers = {"Proxy-Status": f'{PROXY_NAME}; error={error}; details="{refusal.reason}"',
-               "Cache-Control": "no-store"}
-    if refusal.retry_after is not None:
-        headers["Retry-After"] = str(refusal.retry_after)
-    return headers
 
 
 def parse_refusal(exc: BaseException | None, status: int) -> Refusal:
@@ -117,7 +182,7 @@ class SafeRequestHandler(RequestHandler):
         manager = self._manager
         hook = getattr(manager, "on_parse_error", None)
         if hook is not None and not isinstance(exc, RecordedFailure):  # recorded once, by its exchange
-            hook(request, refusal)
+            hook(refusal)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         response = error_response(refusal)
@@ -129,11 +194,14 @@ class SafeRequestHandler(RequestHandler):
         log.error("handler_error", error_type=type(exc).__name__ if isinstance(exc, BaseException) else None)
 
 
+Handler = Callable[[AiohttpIncoming], Awaitable[Answer]]
+
+
 class SidecarServer(web.Server):
     """A low-level aiohttp server whose protocols are :class:`SafeRequestHandler`."""
 
-    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
-                 limits: Limits, on_parse_error: ParseErrorHook | None = None, **kwargs: Any) -> None:
+    def __init__(self, handler: Handler, *, limits: Limits, on_parse_error: ParseErrorHook | None = None,
+                 **kwargs: Any) -> None:
         kwargs.update(parser_limits(limits))
         kwargs.setdefault("auto_decompress", False)  # a proxy passes bodies as they are
         kwargs.setdefault("access_log", None)
@@ -159,7 +227,7 @@ class SidecarServer(web.Server):
               and self._by_source.get(source := source_of(transport), 0) >= limits.max_connections_per_source):
             refusal = overloaded(f"{limits.max_connections_per_source} connections from {source} are open")
         if refusal is not None and self.on_parse_error is not None:
-            self.on_parse_error(None, refusal)
+            self.on_parse_error(refusal)
         return refusal
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
@@ -183,13 +251,13 @@ class SidecarServer(web.Server):
         if self.in_flight >= self._limits.max_in_flight:
             refusal = overloaded(f"{self._limits.max_in_flight} requests are in flight on this listener")
             if self.on_parse_error is not None:
-                self.on_parse_error(request, refusal)
+                self.on_parse_error(refusal)
             response = error_response(refusal)
             response.force_close()
             return response
         self.in_flight += 1
         try:
-            return await self._serve(request)
+            return cast(web.StreamResponse, await self._serve(AiohttpIncoming(request)))
         finally:
             self.in_flight -= 1
 

@@ -343,8 +343,8 @@ async def test_connect_mints_no_certificate_for_a_host_that_is_not_mapped(make_s
     response = await raw_http(h.port("outbound"), data)
     assert response.startswith(b"HTTP/1.1 4")
     assert not response.startswith(b"HTTP/1.1 200")
-    assert len(h.sidecar.runtime.interceptor.ca._cache) == 0
-    assert h.sidecar.runtime.interceptor.open_tunnels == 0
+    assert len(h.sidecar.interceptor.ca._cache) == 0
+    assert h.sidecar.interceptor.open_tunnels == 0
 
 
 # ====================================================================== the injection webhook

@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from aiohttp import HttpVersion11, web
-
 from sidecar.config import Limits
 from sidecar.errors import RequestRefused
-
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-CHUNK = 64 * 1024
+from sidecar.http.incoming import IncomingRequest
 
 
 class BodyTooLarge(Exception):
@@ -28,7 +24,7 @@ class BodyStalled(Exception):
     """The request's sender sent no body byte for ``idle``; the pipeline turns it into request_timeout."""
 
 
-def declared_length(request: web.BaseRequest, limits: Limits) -> int:
+def declared_length(request: IncomingRequest, limits: Limits) -> int:
     """The declared body size, refused early when it is over the limit."""
     length = request.content_length or 0
     if length > limits.max_body_bytes:
@@ -37,19 +33,12 @@ def declared_length(request: web.BaseRequest, limits: Limits) -> int:
     return length
 
 
-async def continue_if_expected(request: web.BaseRequest) -> None:
-    """Send ``100 Continue`` to a client that waits for it before its body (RFC 9110 §10.1.1)."""
-    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(CONTINUE)
-        request.writer.output_size = 0  # the response has not started (as aiohttp's own expect handler)
-
-
-async def read_body(request: web.BaseRequest, limits: Limits, idle: float) -> bytes:
+async def read_body(request: IncomingRequest, limits: Limits, idle: float) -> bytes:
     """The whole body (for signing or MCP parsing), refused once it passes the limit or stalls for ``idle``."""
     declared_length(request, limits)
-    await continue_if_expected(request)
+    await request.send_continue()
     chunks, size = [], 0
-    stream = aiter(request.content.iter_chunked(CHUNK))
+    stream = aiter(request.chunks())
     try:
         while (chunk := await next_chunk(stream, idle)) is not None:
             size += len(chunk)
@@ -65,18 +54,18 @@ async def read_body(request: web.BaseRequest, limits: Limits, idle: float) -> by
 class LimitedBody:
     """The request body as an async iterator that stops at the limit and remembers it did.
 
-    aiohttp wraps exceptions raised by a payload while it is being sent, so the flag, not
+    A transport may wrap exceptions raised by a body while it is being sent, so the flag, not
     the exception type, tells a body over the limit from an upstream failure.
     """
 
-    def __init__(self, request: web.BaseRequest, limits: Limits) -> None:
+    def __init__(self, request: IncomingRequest, limits: Limits) -> None:
         self._request, self._max = request, limits.max_body_bytes
         self.exceeded = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        await continue_if_expected(self._request)
+        await self._request.send_continue()
         size = 0
-        async for chunk in self._request.content.iter_chunked(CHUNK):
+        async for chunk in self._request.chunks():
             size += len(chunk)
             if size > self._max:
                 self.exceeded = True
@@ -84,11 +73,11 @@ class LimitedBody:
             yield chunk
 
 
-def stream_body(request: web.BaseRequest, limits: Limits) -> LimitedBody:
+def stream_body(request: IncomingRequest, limits: Limits) -> LimitedBody:
     return LimitedBody(request, limits)
 
 
-def has_body(request: web.BaseRequest) -> bool:
+def has_body(request: IncomingRequest) -> bool:
     """A body follows: declared, or chunked. Other transfer codings are refused, never half-forwarded."""
     coding = request.headers.get("Transfer-Encoding")
     if coding is None:
@@ -102,7 +91,7 @@ def is_form_type(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/x-www-form-urlencoded"
 
 
-def is_form(request: web.BaseRequest) -> bool:
+def is_form(request: IncomingRequest) -> bool:
     """A form body follows: its fields are read like query parameters (method overrides, tokens)."""
     return is_form_type(request.headers.get("Content-Type", "")) and has_body(request)
 

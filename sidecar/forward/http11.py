@@ -32,9 +32,9 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Any, AsyncIterable
+from typing import Any, AsyncIterable, Awaitable
 
-from aiohttp import ClientOSError, ServerDisconnectedError
+from aiohttp import ClientError, ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -42,6 +42,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.config import Timeouts
 from sidecar.errors import RequestRefused
 from sidecar.forward.body import BodyStalled, BodyTooLarge, next_chunk
+from sidecar.forward.transport import Body, UpstreamBroke
 from sidecar.http.target import format_authority
 
 READ_CHUNK = 64 * 1024
@@ -59,6 +60,8 @@ _NOT_CTL = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b != 0x7F)
 
 class MalformedResponse(HttpProcessingError):
     """The upstream's response head is not valid HTTP (names that are not tokens, control characters)."""
+
+    says_why = True  # its message names the problem (never the value): the refusal's detail
 
 
 def check_response_head(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
@@ -198,6 +201,10 @@ class ConnectionPool:
         if self._idle:
             self._sweep = asyncio.get_running_loop().call_later(self.keepalive, self._expire)
 
+    def send(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> Awaitable[UpstreamResponse]:
+        """The :class:`~sidecar.forward.transport.Transport` interface: :func:`send` on this pool."""
+        return send(self, method, target, headers, body)
+
     def renew(self, ssl_context: ssl.SSLContext | None) -> None:
         """A new TLS context (our rotated SVID): new connections use it; older ones are not used again.
 
@@ -239,7 +246,20 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     async def read(self) -> bytes:
-        return await self.content.read()  # type: ignore[attr-defined, no-any-return]
+        try:
+            return await self.content.read()  # type: ignore[attr-defined, no-any-return]
+        except TimeoutError:  # quiet past idle (aiohttp's ServerTimeoutError is a ClientError too)
+            raise
+        except (ClientError, OSError):
+            raise UpstreamBroke() from None
+
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self.content.readany()  # type: ignore[attr-defined, no-any-return]
+        except TimeoutError:  # quiet past idle (aiohttp's ServerTimeoutError is a ClientError too)
+            raise
+        except (ClientError, OSError):
+            raise UpstreamBroke() from None
 
     def release(self) -> None:
         """Back to the pool if read to the end with the upload done first; closed otherwise."""

@@ -10,12 +10,12 @@ from contextvars import ContextVar
 from typing import Any, Callable
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.config import Timeouts
 from sidecar.errors import UpstreamFailed
 from sidecar.http.headers import connection_listed
+from sidecar.http.incoming import Answer, IncomingRequest
 
 _SENT_TO: ContextVar[object | None] = ContextVar("sidecar_sent_to", default=None)
 
@@ -51,14 +51,14 @@ WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-web
                           "sec-websocket-protocol", "sec-websocket-accept"})
 
 
-def is_websocket(request: web.BaseRequest) -> bool:
+def is_websocket(request: IncomingRequest) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection_listed(
         request.headers)
 
 
-async def proxy_websocket(request: web.BaseRequest, session: aiohttp.ClientSession, url: object,
+async def proxy_websocket(request: IncomingRequest, session: aiohttp.ClientSession, url: object,
                           headers: CIMultiDict[str], timeouts: Timeouts, on_open: Callable[[int], None],
-                          on_closed: Callable[[], None]) -> web.WebSocketResponse:
+                          on_closed: Callable[[], None]) -> Answer:
     """Open the upstream WebSocket first (so a refusal is a plain HTTP error), then relay frames.
 
     ``on_closed`` is called as soon as either side sends a close frame (RFC 6455 §5.5.1): the session
@@ -82,15 +82,14 @@ async def proxy_websocket(request: web.BaseRequest, session: aiohttp.ClientSessi
                              detail=type(exc).__name__) from None
     finally:
         _SENT_TO.reset(sent_to)
-    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
-    await client.prepare(request)
+    client = await request.accept_websocket(upstream.protocol)
     on_open(101)
     try:
         await asyncio.gather(_pump(client, upstream, on_closed), _pump(upstream, client, on_closed))
     finally:
         await upstream.close()
         await client.close()
-    return client
+    return request.answer_of(client)
 
 
 async def _pump(source: Any, sink: Any, on_closed: Callable[[], None]) -> None:

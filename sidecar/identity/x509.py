@@ -89,7 +89,7 @@ class PeerRejected(Exception):
 class PeerIdentity:
     """A verified caller: its SPIFFE ID, trust domain, leaf fingerprint and leaf expiry."""
 
-    spiffe_id: str
+    spiffe_id: SpiffeId  # parsed at the handshake; a string only in the event, XFCC and CEL
     trust_domain: str
     cert_sha256: str
     not_after: datetime
@@ -187,7 +187,7 @@ def verify_peer(
         )
     _verify_chain(leaf, chain_der, bundles, spiffe_id.trust_domain, now)
     return PeerIdentity(
-        spiffe_id=str(spiffe_id),
+        spiffe_id=spiffe_id,
         trust_domain=spiffe_id.trust_domain,
         cert_sha256=hashlib.sha256(leaf_der).hexdigest(),
         not_after=leaf.not_valid_after_utc,

@@ -23,9 +23,10 @@ from sidecar.app import Sidecar
 from sidecar.config import parse_config
 from sidecar.credentials.base import CredentialRequest
 from sidecar.exchange import Exchange
-from sidecar.http.headers import clean_response_headers
+from sidecar.http.headers import clean_request_headers, clean_response_headers
 from sidecar.observe.decision_log import configure_logging, emit_event
 from sidecar.pipeline import Outbound, check_headers
+from sidecar.server import AiohttpIncoming
 from sidecar.tracing import traceparent_for
 
 
@@ -55,16 +56,17 @@ async def main(n: int) -> None:
     await sidecar.start()
     rt, out = sidecar.runtime, None
     out = Outbound(rt)
-    request = make_mocked_request("GET", "/bench/v1/items", headers=CIMultiDict({
-        "Host": f"127.0.0.1:{sidecar.ports['outbound']}", "User-Agent": "bench", "Accept": "*/*"}))
+    request = AiohttpIncoming(make_mocked_request("GET", "/bench/v1/items", headers=CIMultiDict({
+        "Host": f"127.0.0.1:{sidecar.ports['outbound']}", "User-Agent": "bench", "Accept": "*/*"})))
     route = out._route(request)
     ex = Exchange("outbound", method="GET")
     ex.upstream, ex.host, ex.path = "bench", "127.0.0.1", route.path
-    facts = out._facts(request, ex, route, None)
+    forwarded = clean_request_headers(request.headers, rt.drop_sets["bench"])
+    facts = out._facts(request, ex, route, None, forwarded)
     provider = rt.providers["key"]
     creq = CredentialRequest("bench", (), rt.agent.id)
     credential, _ = await rt.credentials.get(provider, creq)
-    outgoing = out._outbound_request(request, route, "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+    outgoing = out._outbound_request(request, route, "00-" + "1" * 32 + "-" + "2" * 16 + "-01", forwarded)
     ex.allow()
     ex.status, ex.outcome, ex.credential, ex.credential_source = 200, "completed", credential, "static"
     response_headers = CIMultiDictProxy(CIMultiDict({"Server": "nginx", "Content-Type": "application/json",
@@ -74,14 +76,14 @@ async def main(n: int) -> None:
         ("route (limits, boundary)", lambda: out._route(request)),
         ("  check_headers", lambda: check_headers(request, 100, 32768)),
         ("traceparent", lambda: traceparent_for(request.headers)),
-        ("policy facts", lambda: out._facts(request, ex, route, None)),
-        ("policy decide", lambda: rt.decide(facts)),
+        ("policy facts", lambda: out._facts(request, ex, route, None, forwarded)),
+        ("policy decide", lambda: rt.policy.decide(facts)),
         ("credential cache hit", lambda: rt.credentials.cached(provider, creq)),
-        ("outgoing headers", lambda: out._outbound_request(request, route, "00-x")),
+        ("outgoing headers", lambda: out._outbound_request(request, route, "00-x", forwarded)),
         ("credential apply", lambda: provider.apply(outgoing, credential)),
         ("response headers", lambda: clean_response_headers(response_headers)),
         ("event + emit", lambda: emit_event(ex.event(rt.agent))),
-        ("record (metrics + event)", lambda: rt.record(ex)),
+        ("record (metrics + event)", lambda: rt.recorder.record(ex)),
     ):
         timed(name, fn, n)
     await sidecar.stop()

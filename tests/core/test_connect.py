@@ -84,7 +84,7 @@ async def sidecar(make_sidecar: Any, https_upstream: Upstream, upstream_ca: trus
 
 def intercept_ca(h: SidecarHarness) -> str:
     assert h.sidecar is not None
-    return str(h.sidecar.runtime.interceptor.ca_cert_path)
+    return str(h.sidecar.interceptor.ca_cert_path)
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -163,7 +163,7 @@ async def failures_counted(h: SidecarHarness) -> bool:
 
 async def no_tunnels(h: SidecarHarness) -> bool:
     assert h.sidecar is not None
-    return h.sidecar.runtime.interceptor.open_tunnels == 0
+    return h.sidecar.interceptor.open_tunnels == 0
 
 
 def connect_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -286,7 +286,7 @@ async def test_bytes_sent_before_the_200_are_refused_not_lost(sidecar: SidecarHa
 async def test_tunnels_beyond_the_cap_are_refused_with_retry_after(sidecar: SidecarHarness) -> None:
     """With max_tunnels open, another CONNECT is refused 429 rate_limited and opens nothing."""
     assert sidecar.sidecar is not None
-    interceptor = sidecar.sidecar.runtime.interceptor
+    interceptor = sidecar.sidecar.interceptor
     interceptor.max_tunnels = 1
     reader, writer = await tunnel(sidecar, intercept_ca(sidecar))
     try:
@@ -413,7 +413,7 @@ async def test_the_interception_ca_is_written_to_state_dir(sidecar: SidecarHarne
     assert path == sidecar.tmp / "state" / "intercept" / "ca.crt"
     assert path.read_text().startswith("-----BEGIN CERTIFICATE-----")
     assert sidecar.sidecar is not None
-    assert path.read_text() == sidecar.sidecar.runtime.interceptor.ca.cert_pem
+    assert path.read_text() == sidecar.sidecar.interceptor.ca.cert_pem
 
 
 async def test_an_operator_ca_from_config_signs_the_leaves(
@@ -452,7 +452,7 @@ async def test_stopping_the_sidecar_closes_idle_tunnels(sidecar: SidecarHarness)
     assert sidecar.sidecar is not None
     await sidecar.sidecar.stop()
     assert await reader.read() == b""
-    assert sidecar.sidecar.runtime.interceptor.open_tunnels == 0
+    assert sidecar.sidecar.interceptor.open_tunnels == 0
     writer.close()
 
 

@@ -99,10 +99,11 @@ async def test_a_defect_inside_an_exchange_is_one_internal_error_event_and_a_jso
     nothing forwarded, exactly one event (it was two: the exchange's and the server's error hook)."""
     h = await make_sidecar(config_for(upstream), POLICY)
 
-    def broken(*facts: object) -> None:
-        raise RuntimeError("boom: a defect with a detail the agent must not read")
+    class Broken:
+        def decide(self, *facts: object) -> None:
+            raise RuntimeError("boom: a defect with a detail the agent must not read")
 
-    h.sidecar.runtime.decide = broken  # type: ignore[method-assign]
+    h.sidecar.runtime.policies.current = Broken()  # type: ignore[assignment]
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{h.outbound}/billing/v1/invoices") as r:
             status, body = r.status, await r.text()
@@ -400,8 +401,8 @@ async def test_a_credential_never_reaches_an_upstream_it_is_not_configured_for(m
         runtime = h.sidecar.runtime
         loaded = runtime.policy
         everywhere = replace(loaded.rules[0], upstream=None)  # what the loader now refuses
-        runtime.policy = PolicySet([everywhere], default="deny", version="v-any", mode="enforce", files=[],
-                                   limiter=RateLimiter(), clock=lambda: datetime.now(timezone.utc))
+        runtime.policies.current = PolicySet([everywhere], default="deny", version="v-any", mode="enforce", files=[],
+                                            limiter=RateLimiter(), clock=lambda: datetime.now(timezone.utc))
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{h.outbound}/third-party/v1/x") as r:
                 status, body = r.status, await r.json()

@@ -115,7 +115,7 @@ def boto3_s3(h) -> Boto3:
     sent: list[dict[str, str]] = []
     client = boto3.client(
         "s3", endpoint_url=f"https://{S3_HOST}", region_name=REGION, aws_access_key_id="AKIDAGENTHASNOKEY",
-        aws_secret_access_key="agent-has-no-secret", verify=str(h.sidecar.runtime.interceptor.ca_cert_path),
+        aws_secret_access_key="agent-has-no-secret", verify=str(h.sidecar.interceptor.ca_cert_path),
         config=Config(proxies={"https": h.outbound}, s3={"addressing_style": "path"},
                       retries={"total_max_attempts": 1}))
     client.meta.events.register("before-send.s3", lambda request, **_: sent.append(

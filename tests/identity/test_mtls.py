@@ -87,7 +87,7 @@ async def _start(
     async def handler(request: web.Request) -> web.Response:
         peer = harness.acceptor.peer_of(request.transport)
         harness.served.append((peer, request.transport))
-        return web.Response(text=peer.spiffe_id if peer else "no peer")
+        return web.Response(text=str(peer.spiffe_id) if peer else "no peer")
 
     server = web.Server(handler)
     acceptor = MtlsAcceptor(

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sidecar.identity.spiffe import parse_spiffe_id
 from sidecar.identity.x509 import (
     BundleError,
     PeerIdentity,
@@ -226,7 +227,7 @@ def test_valid_svid_gives_its_identity(pki: Pki) -> None:
     leaf = pki.ours.issue("spiffe://example.org/ns/a/sa/caller")
     peer = verify_peer(leaf.der, [], pki.bundles(), ALLOWED, _now())
     assert peer == PeerIdentity(
-        spiffe_id="spiffe://example.org/ns/a/sa/caller",
+        spiffe_id=parse_spiffe_id("spiffe://example.org/ns/a/sa/caller"),
         trust_domain="example.org",
         cert_sha256=hashlib.sha256(leaf.der).hexdigest(),
         not_after=leaf.cert.not_valid_after_utc,
@@ -255,7 +256,7 @@ def test_accepted_variants(pki: Pki, case: str, allowed: frozenset[str]) -> None
         "no_eku": (pki.ours.issue("spiffe://example.org/a", eku=None), []),
     }[case]
     peer = verify_peer(leaf.der, chain, pki.bundles(), allowed, _now())
-    assert peer.spiffe_id == str(leaf.cert.extensions.get_extension_for_class(
+    assert str(peer.spiffe_id) == str(leaf.cert.extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)[0])
 
 
@@ -363,7 +364,7 @@ def test_unknown_rejection_reason_is_a_programming_error() -> None:
 
 def test_xfcc_value_uses_envoys_format() -> None:
     """The X-Forwarded-Client-Cert value names us, the caller's leaf hash and its SPIFFE ID."""
-    peer = PeerIdentity("spiffe://example.org/caller", "example.org", "ab" * 32, datetime.now(UTC))
+    peer = PeerIdentity(parse_spiffe_id("spiffe://example.org/caller"), "example.org", "ab" * 32, datetime.now(UTC))
     assert xfcc_value("spiffe://example.org/agent", peer) == (
         f"By=spiffe://example.org/agent;Hash={'ab' * 32};URI=spiffe://example.org/caller"
     )

@@ -212,7 +212,7 @@ async def test_a_connect_to_a_new_host_mints_its_leaf_off_the_loop(make_sidecar,
     up = await start_https_upstream(upstream_ca)
     try:
         h = await make_sidecar(billing_config(up, upstream_ca, tmp_path), CONNECT_POLICY)
-        ca = h.sidecar.runtime.interceptor.ca
+        ca = h.sidecar.interceptor.ca
         minted_on: list[str] = []
         mint = ca._mint
 

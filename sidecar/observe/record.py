@@ -1,0 +1,56 @@
+"""The one exit of every exchange: its metrics, then its one trust-decision event.
+
+Every exchange passes through :meth:`Recorder.record` exactly once, refused or not. Refusals made
+before any exchange began (a TLS handshake refused, a request the parser rejected, a connection
+refused under overload) are recorded through the same function, as exchanges of their own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from sidecar.errors import IdentityRefused, Refusal
+from sidecar.exchange import AgentInfo, Exchange
+from sidecar.observe.decision_log import emit_event
+from sidecar.observe.metrics import Metrics
+
+log = structlog.get_logger("sidecar.observe")
+
+UPSTREAM_FAILURES = frozenset({"upstream_unreachable", "upstream_protocol_error", "upstream_timeout"})
+HANDSHAKE_REASONS = frozenset({"no_client_cert", "foreign_trust_domain"})  # their own reason codes
+
+
+class Recorder:
+    """Records exchanges for one agent."""
+
+    def __init__(self, metrics: Metrics, agent: AgentInfo) -> None:
+        self.metrics, self.agent = metrics, agent
+
+    def record(self, ex: Exchange) -> None:
+        m = self.metrics
+        upstream = "agent" if ex.direction == "inbound" else m.upstream_label(ex.upstream)
+        if ex.outcome == "refused" and ex.status is None:
+            ex.status = 500
+        m.observe_request(ex.direction, ex.decision, upstream, time.perf_counter() - ex.started)
+        if ex.rule_id is not None:
+            m.count_decision(ex.direction, ex.decision, ex.rule_id)
+        if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
+            m.delegated_requests.labels(ex.delegation).inc()
+        if ex.reason in UPSTREAM_FAILURES:
+            m.upstream_errors.labels(upstream, ex.reason).inc()
+        emit_event(ex.event(self.agent), kept=ex.kept)
+
+    def refused(self, direction: str, refusal: Refusal, *, protocol: str = "http") -> None:
+        """A refusal outside any exchange (a connection, or a request never parsed): one event of its own."""
+        ex = Exchange(direction, protocol=protocol)
+        ex.refuse(refusal)
+        self.record(ex)
+
+    def handshake_refused(self, reason: str, message: str, peer: str) -> None:
+        """A refused inbound handshake is a refused exchange too: counted, logged and one event."""
+        self.metrics.tls_handshake_failures.labels("inbound", reason).inc()
+        log.warning("tls_handshake_refused", listener="inbound", reason=reason, message=message, peer=peer)
+        code = reason if reason in HANDSHAKE_REASONS else "peer_unverified"
+        self.refused("inbound", IdentityRefused(code, message, detail=f"tls: {reason}"))
