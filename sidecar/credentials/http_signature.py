@@ -22,7 +22,7 @@ one signature. ``apply`` runs after every other header rewrite, so what is signe
 ``sidecar.forward.http11`` writes: ``Host`` as written, the forwarded path and raw query, and, when
 ``content-length`` or ``content-digest`` is covered, the body read whole (within the outbound
 ``max_body_bytes``, else ``body_too_large``) and framed with the ``Content-Length`` the
-upstream writer then sends (:func:`sidecar.forward.http11.framed_length`). The agent's own
+upstream writer then sends (:func:`sidecar.http.headers.framed_length`). The agent's own
 ``Signature``, ``Signature-Input`` (and, with a digest, ``Content-Digest``) are dropped.
 A covered header that is missing, or not printable ASCII, refuses the request (``bad_request``).
 
@@ -46,7 +46,7 @@ from sidecar.credentials.rfc9421 import (
 )
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Fields, Secret
-from sidecar.forward.http11 import framed_length
+from sidecar.http.headers import framed_length
 
 TYPE = "http_signature"
 DEFAULT_LABEL = "sig1"

@@ -43,11 +43,11 @@ from sidecar.config import Timeouts
 from sidecar.errors import RequestRefused
 from sidecar.forward.body import BodyStalled, BodyTooLarge, next_chunk
 from sidecar.forward.transport import Body, UpstreamBroke
+from sidecar.http.headers import framed_length
 from sidecar.http.target import format_authority
 
 READ_CHUNK = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 MAX_RESPONSE_LINE = MAX_RESPONSE_FIELD = 8190  # aiohttp's client defaults
 MAX_RESPONSE_HEADERS = 128
 
@@ -369,13 +369,6 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
     except Exception as exc:  # the agent's upload broke off, passed the limit or stalled: fail the exchange
         kept = isinstance(exc, (BodyTooLarge, BodyStalled, TimeoutError))
         proto.set_exception(exc if kept else ClientOSError(type(exc).__name__))
-
-
-def framed_length(method: str, body: bytes | None) -> str | None:
-    """The Content-Length a whole (or absent) body is written with; None: none is written.
-
-    Signers that cover ``content-length`` sign this value (``sidecar.credentials.http_signature``)."""
-    return str(len(body or b"")) if body or method in BODY_METHODS else None
 
 
 def serialize_head(method: str, target: str, headers: CIMultiDict[str],

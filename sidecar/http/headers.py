@@ -35,6 +35,7 @@ ANSWERED_HERE = frozenset({"expect"})
 # C parser refuses it and a lowercase trace, its pure-Python parser does not).
 ECHO_METHODS = frozenset({"TRACE", "TRACK"})
 VIA = "1.1 sidecar"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # framed with a Content-Length even when empty
 
 
 # Identity that upstreams trust from a fronting proxy (oauth2-proxy, Authelia, Kubernetes' front proxy,
@@ -116,3 +117,11 @@ def echo_method(method: str, allowed: bool) -> bool:
         raise RequestRefused("method_not_allowed", f"request: {method.upper()} is refused: its answer echoes the "
                                                    "request with the credentials it carries (allow_trace opts in)")
     return True
+
+
+def framed_length(method: str, body: bytes | None) -> str | None:
+    """The Content-Length a whole (or absent) body is written with; None: none is written.
+
+    Signers that cover ``content-length`` sign this value (``sidecar.credentials.http_signature``); the
+    HTTP/1.1 writer (``sidecar.forward.http11``) writes it."""
+    return str(len(body or b"")) if body or method in BODY_METHODS else None
