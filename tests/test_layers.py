@@ -118,6 +118,7 @@ def test_the_walk_sees_the_sidecar():
     assert {"sidecar.forward.transport", "sidecar.identity.inbound", "sidecar.runtime"} <= imports()["sidecar.pipeline"]
 
 
+@pytest.mark.xfail(strict=True, reason="policy cel/engine/model and app/admin/approvals: being broken (issue 15)")
 def test_no_module_of_the_sidecar_is_part_of_an_import_cycle():
     """No cycle anywhere, TYPE_CHECKING and function-local imports included."""
     assert cycles() == []
