@@ -33,10 +33,9 @@ from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange, mark_cut
-from sidecar.forward.body import declared_length, has_body, is_form, read_body, stream_body
-from sidecar.forward.http11 import UpstreamResponse
+from sidecar.forward.body import LimitedBody, declared_length, has_body, is_form, read_body, stream_body
 from sidecar.forward.relay import ChunkFilter, relay_exchange
-from sidecar.forward.transport import open_upstream
+from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
 from sidecar.http.headers import VIA, clean_request_headers, echo_method
 from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
@@ -304,11 +303,10 @@ class Outbound:
                     body: bytes | None, task: Task | None) -> Answer:
         up = route.upstream
         limits = self.rt.config.outbound.limits
+        data: bytes | LimitedBody | None = body  # whole: framed (Content-Length) where the head is written
         if body is None:
             declared_length(request, limits)
             data = stream_body(request, limits) if has_body(request) else None
-        else:
-            data = body  # framed (Content-Length) where the head is written: upstream.serialize_head
         if is_websocket(request):
             ex.protocol = "websocket"
             url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),

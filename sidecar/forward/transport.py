@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import AsyncIterable, Protocol
+from typing import AsyncIterable, Awaitable, Protocol
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
@@ -61,7 +61,7 @@ class Transport(Protocol):
         """The ``Host`` (or ``:authority``) the upstream is sent."""
         ...
 
-    async def send(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> UpstreamResponse:
+    def send(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> Awaitable[UpstreamResponse]:
         """Send one request; return once the response head has come (within ``first_byte``)."""
         ...
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from sidecar.config import Timeouts
 from sidecar.errors import UpstreamFailed
@@ -56,7 +57,7 @@ def is_websocket(request: IncomingRequest) -> bool:
         request.headers)
 
 
-async def proxy_websocket(request: IncomingRequest, session: aiohttp.ClientSession, url: object,
+async def proxy_websocket(request: IncomingRequest, session: aiohttp.ClientSession, url: URL,
                           headers: CIMultiDict[str], timeouts: Timeouts, on_open: Callable[[int], None],
                           on_closed: Callable[[], None]) -> Answer:
     """Open the upstream WebSocket first (so a refusal is a plain HTTP error), then relay frames.

@@ -55,7 +55,8 @@ DEFAULT_OPTIONS = PathOptions()
 
 def _hex_spellings(byte: int) -> set[str]:
     """'2f', '2F' for 0x2F; every upper/lower case mix of the two hex digits."""
-    high, low = f"{byte:02x}"
+    digits = f"{byte:02x}"
+    high, low = digits[0], digits[1]
     return {a + b for a in {high, high.upper()} for b in {low, low.upper()}}
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -224,7 +224,7 @@ class Lobby:
         sock.close()
         self._dismiss(waiting.address, f"mtls: no tls clienthello arrived within {self._timeout:g}s")
 
-    def _make_room(self, waiting: dict[socket.socket, object], message: str) -> None:
+    def _make_room(self, waiting: Mapping[socket.socket, object], message: str) -> None:
         """Take the oldest out of ``waiting``: admitted if its bytes are already there (a burst can arrive
         faster than readiness is reported), else evicted."""
         oldest = next(iter(waiting))

@@ -197,7 +197,8 @@ def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     try:
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:  # an operator's CA without one
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+        key = ca_cert.public_key()  # a CA key: one of the types AKI takes (loading checked it signs)
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(key)  # type: ignore[arg-type]
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 

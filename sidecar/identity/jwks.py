@@ -233,7 +233,7 @@ class KeySource:
 
     async def _fetch(self, url: str, session: aiohttp.ClientSession) -> bytes:
         timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
-        async with session.get(url, ssl=self._ssl, allow_redirects=False, timeout=timeout,
+        async with session.get(url, ssl=self._ssl or True, allow_redirects=False, timeout=timeout,
                                headers={"Accept": "application/json"}) as resp:
             if resp.status != 200:
                 raise JwksError(f"jwks endpoint answered HTTP {resp.status}, expected 200")

@@ -114,9 +114,9 @@ class MtlsAcceptor:
             task.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def peer_of(self, transport: asyncio.BaseTransport | None) -> PeerIdentity | None:
-        """The verified peer of an accepted TLS transport (aiohttp: ``request.transport``)."""
-        return self._peers.get(transport) if transport is not None else None
+    def peer_of(self, connection: object) -> PeerIdentity | None:
+        """The verified peer of an accepted TLS transport (``IncomingRequest.connection``)."""
+        return self._peers.get(connection)
 
     def _dismissed(self, address: str, message: str) -> None:
         self._on_reject("handshake_failed", message, address)
@@ -247,14 +247,14 @@ def hand_over(tls: asyncio.Transport, holding: Holding, protocol: asyncio.BasePr
     if holding.eof:
         protocol.eof_received()  # type: ignore[attr-defined]
     if holding.lost:
-        protocol.connection_lost(holding.error)
+        protocol.connection_lost(holding.error)  # type: ignore[arg-type]  # asyncio's own typeshed is narrower
 
 
 def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     if isinstance(protocol, asyncio.BufferedProtocol):
         view = memoryview(data)
         while view:
-            buffer = protocol.get_buffer(len(view))
+            buffer = memoryview(protocol.get_buffer(len(view)))
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             protocol.buffer_updated(size)
@@ -310,5 +310,6 @@ class _PeerTable:
             self._prune_at = max(64, 2 * len(self._peers))
         self._peers[transport] = peer
 
-    def get(self, transport: asyncio.BaseTransport) -> PeerIdentity | None:
-        return self._peers.get(transport)
+    def get(self, connection: object) -> PeerIdentity | None:
+        """The peer of a transport (anything else, e.g. a connection that is not TLS: None)."""
+        return self._peers.get(connection)  # type: ignore[call-overload]  # a miss for any other key

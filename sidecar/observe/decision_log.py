@@ -22,7 +22,7 @@ import atexit
 import logging
 import re
 import sys
-from typing import IO, Any, Awaitable, Iterable
+from typing import IO, Any, Awaitable, Iterable, MutableMapping
 
 import orjson
 import structlog
@@ -108,16 +108,16 @@ class _LineLogger:
     debug = info = warning = error = critical = exception = log = msg
 
 
-def _redact_processor(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_processor(logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return {k: REDACTOR.value(v) for k, v in event.items()}
 
 
-def _timestamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _timestamp(logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event.setdefault("ts", CLOCK.now())
     return event
 
 
-def _exc_info(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _exc_info(logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Exceptions are logged by type only: their texts may carry what they were handling."""
     exc = event.pop("exc_info", None)
     if exc:
