@@ -257,11 +257,17 @@ def start_lean(tmp: Path, port: int, upstream: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def start_sidecar(tmp: Path, upstream: int, profile: Path | None = None) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    config, ports = sidecar_config(tmp, upstream)
+def start_sidecar(tmp: Path, upstream: int, profile: Path | None = None, *, checkout: Path | None = None,
+                  name: str = "sidecar") -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """``sidecar run`` from this checkout, or from ``checkout`` (another commit's tree: its own package)."""
+    work = tmp / name
+    work.mkdir(exist_ok=True)
+    config, ports = sidecar_config(work, upstream)
+    root = checkout or Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)} if checkout else None
     proc = subprocess.Popen(["taskset", "-c", PROXY_CPU, *_python("sidecar", profile), "run", "-c", str(config)],
-                            stdout=open(tmp / "sidecar.out", "wb"), stderr=open(tmp / "sidecar.err", "wb"),
-                            cwd=Path(__file__).resolve().parents[2])
+                            stdout=open(tmp / f"{name}.out", "wb"), stderr=open(tmp / f"{name}.err", "wb"),
+                            cwd=root, env=env)
     wait_until(lambda: http_ok(f"http://127.0.0.1:{ports['health']}/readyz"), 60, "sidecar", proc)
     return proc, ports
 
@@ -402,7 +408,7 @@ def bench(subjects: dict[str, Subject], s: Settings) -> Results:
     results = Results()
     for n in range(s.rounds):
         for mode in MODES:
-            for name in rotated(SUBJECTS, n):
+            for name in rotated(tuple(subjects), n):
                 run = measure(subjects[name], mode, s)
                 results.add(round=n, mode=mode, subject=name, **run)
                 print(f"  round {n + 1}/{s.rounds} {mode:9} {name:7} " + _brief(run), file=sys.stderr, flush=True)
@@ -438,7 +444,7 @@ METRICS = {"saturated": (("req/s", "rps", ".0f"), ("p50 ms", "p50", ".3f"), ("p9
            "sporadic": (("p50 ms", "p50", ".3f"), ("p99 ms", "p99", ".3f"), ("CPU µs/req", "cpu_us", ".0f"))}
 
 
-def report(results: Results, s: Settings) -> str:
+def report(results: Results, s: Settings, subjects: tuple[str, ...] = SUBJECTS) -> str:
     lines = [f"{s.rounds} rounds; median (min–max) over rounds; ratios taken within each round.",
              "CPU µs/req: on-CPU time of the measured process (nginx's worker for direct; schedstat, exact) / "
              "requests completed;",
@@ -449,15 +455,18 @@ def report(results: Results, s: Settings) -> str:
               "paced": f"paced ({s.paced_rate:g} req/s for {s.paced_s:g} s)",
               "sporadic": f"sporadic (one request every {1000 / s.sporadic_rate:g} ms for {s.sporadic_s:g} s)"}
     for mode in MODES:
+        baseline = "baseline" in subjects
         lines += [f"### {labels[mode]}", "",
-                  "| metric | direct (nginx) | bare aiohttp | lean | sidecar | sidecar/bare | sidecar/lean "
-                  "| bare/direct |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| metric | direct (nginx) | bare aiohttp | lean | sidecar | " + ("baseline | " if baseline else "")
+                  + "sidecar/bare | sidecar/lean | bare/direct |" + (" sidecar/baseline |" if baseline else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
         for label, key, fmt in METRICS[mode]:
-            cells = [_cell(results.values(mode, name, key), fmt) for name in SUBJECTS]
+            cells = [_cell(results.values(mode, name, key), fmt) for name in subjects]
             cells += [_cell(results.ratios(mode, key, "sidecar", "bare"), ".2f"),
                       _cell(results.ratios(mode, key, "sidecar", "lean"), ".2f"),
                       _cell(results.ratios(mode, key, "bare", "direct"), ".2f")]
+            if baseline:
+                cells.append(_cell(results.ratios(mode, key, "sidecar", "baseline"), ".3f"))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _checks(results, s)
@@ -541,7 +550,7 @@ class Fleet:
             stop(proc, sig)
 
 
-def _subjects(tmp: Path, fleet: Fleet, nginx_port: int) -> dict[str, Subject]:
+def _subjects(tmp: Path, fleet: Fleet, nginx_port: int, baseline: Path | None = None) -> dict[str, Subject]:
     nginx = fleet.add(start_nginx(tmp, nginx_port), signal.SIGQUIT)
     workers = children(nginx.pid)
     if len(workers) != 1:
@@ -552,11 +561,17 @@ def _subjects(tmp: Path, fleet: Fleet, nginx_port: int) -> dict[str, Subject]:
     lean = fleet.add(start_lean(tmp, lean_port, nginx_port))
     sidecar, ports = start_sidecar(tmp, nginx_port)
     fleet.add(sidecar)
-    return {"direct": Subject("direct", f"http://127.0.0.1:{nginx_port}/v1/bench", workers[0]),
-            "bare": Subject("bare", f"http://127.0.0.1:{bare_port}/v1/bench", bare.pid),
-            "lean": Subject("lean", f"http://127.0.0.1:{lean_port}/v1/bench", lean.pid),
-            "sidecar": Subject("sidecar", f"http://127.0.0.1:{ports['outbound']}/bench/v1/bench", sidecar.pid,
-                               tmp / "sidecar.out")}
+    subjects = {"direct": Subject("direct", f"http://127.0.0.1:{nginx_port}/v1/bench", workers[0]),
+                "bare": Subject("bare", f"http://127.0.0.1:{bare_port}/v1/bench", bare.pid),
+                "lean": Subject("lean", f"http://127.0.0.1:{lean_port}/v1/bench", lean.pid),
+                "sidecar": Subject("sidecar", f"http://127.0.0.1:{ports['outbound']}/bench/v1/bench", sidecar.pid,
+                                   tmp / "sidecar.out")}
+    if baseline is not None:  # the same sidecar from another commit's tree, measured in the same rounds
+        other, other_ports = start_sidecar(tmp, nginx_port, checkout=baseline, name="baseline")
+        fleet.add(other)
+        subjects["baseline"] = Subject("baseline", f"http://127.0.0.1:{other_ports['outbound']}/bench/v1/bench",
+                                       other.pid, tmp / "baseline.out")
+    return subjects
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -570,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, metavar="FILE", help="profile a proxy under load with cProfile instead")
     p.add_argument("--profile-subject", choices=("sidecar", "bare"), default="sidecar")
     p.add_argument("--profile-seconds", type=float, default=15.0)
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also run the sidecar of another checkout (e.g. `git worktree add DIR HEAD~1`) as a fifth "
+                        "subject: sidecar/baseline is the paired ratio of this tree against that one")
     args = p.parse_args(argv)
     _tools()
     s = QUICK if args.quick else Settings()
@@ -583,12 +601,12 @@ def main(argv: list[str] | None = None) -> int:
                 fleet.add(start_nginx(tmp, nginx_port := free_port()), signal.SIGQUIT)
                 profile(args.profile.resolve(), args.profile_subject, args.profile_seconds, tmp, nginx_port)
                 return 0
-            subjects = _subjects(tmp, fleet, free_port())
+            subjects = _subjects(tmp, fleet, free_port(), args.baseline.resolve() if args.baseline else None)
             print(f"bench: {s}", file=sys.stderr)
             results = bench(subjects, s)
         finally:
             fleet.stop()
-    print(report(results, s))
+    print(report(results, s, tuple(subjects)))
     if args.json:
         args.json.write_text(json.dumps({"settings": s.__dict__, "runs": results.runs}, indent=1))
     return 0
