@@ -246,20 +246,10 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     async def read(self) -> bytes:
-        try:
-            return await self.content.read()  # type: ignore[attr-defined, no-any-return]
-        except TimeoutError:  # quiet past idle (aiohttp's ServerTimeoutError is a ClientError too)
-            raise
-        except (ClientError, OSError):
-            raise UpstreamBroke() from None
+        return await _unless_broken(self.content.read())  # type: ignore[attr-defined]
 
     async def read_chunk(self) -> bytes:
-        try:
-            return await self.content.readany()  # type: ignore[attr-defined, no-any-return]
-        except TimeoutError:  # quiet past idle (aiohttp's ServerTimeoutError is a ClientError too)
-            raise
-        except (ClientError, OSError):
-            raise UpstreamBroke() from None
+        return await _unless_broken(self.content.readany())  # type: ignore[attr-defined]
 
     def release(self) -> None:
         """Back to the pool if read to the end with the upload done first; closed otherwise."""
@@ -267,6 +257,17 @@ class UpstreamResponse:
         if upload is not None and not upload.done():
             upload.cancel()
         self._pool.release(self._proto, not self._early and self.content.is_eof())  # type: ignore[attr-defined]
+
+
+async def _unless_broken(pending: Awaitable[bytes]) -> bytes:
+    """A body read: ``UpstreamBroke`` if the connection broke; ``TimeoutError`` if it went quiet past idle
+    (aiohttp's ServerTimeoutError is a ClientError too, so it is let through first)."""
+    try:
+        return await pending
+    except TimeoutError:
+        raise
+    except (ClientError, OSError):
+        raise UpstreamBroke() from None
 
 
 async def send(pool: ConnectionPool, method: str, target: str, headers: CIMultiDict[str],
