@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.harness import Upstream
+from tests.harness import Upstream, free_port
 
 ROOT = Path(__file__).parents[1]
 
@@ -23,12 +22,6 @@ ROOT = Path(__file__).parents[1]
 def sidecar(*args: str, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60,
                           cwd=cwd, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("args, code, expect", [

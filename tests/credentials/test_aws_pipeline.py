@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.credentials.test_aws_provider import BUCKET, REGION, iam_auth, moto  # noqa: F401  (fixtures)
-from tests.core.test_reload_and_approval import approval_config, approve, listed
+from tests.scenarios.approval import approval_config, approve, listed
 from tests.harness import Seen, Upstream, raw_http
 
 pytestmark = pytest.mark.peer("moto")
