@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import aiohttp
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import yaml
 from aiohttp import web
 
@@ -158,6 +158,19 @@ async def admin(h: SidecarHarness, method: str, path: str, **kwargs: Any) -> tup
     async with aiohttp.ClientSession() as s:
         async with s.request(method, f"http://127.0.0.1:{h.port('admin')}{path}", headers=headers, **kwargs) as r:
             return r.status, await r.json(content_type=None)
+
+
+async def wait_ready(session: aiohttp.ClientSession, port: int) -> None:
+    """Until the health listener on ``port`` answers /readyz 200 (a sidecar started as a process)."""
+    for _ in range(200):
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("sidecar did not become ready")
 
 
 async def raw_http(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
