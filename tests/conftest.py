@@ -6,7 +6,7 @@ since some defects show only under one of them (uvloop delivers bytes to a proto
 reading in ``connection_made``).
 """
 
-pytest_plugins = ["tests.peers.oidc"]
+pytest_plugins = ["tests.peers.oidc", "tests.peers.moto", "tests.peers.mcp_tools"]
 
 import asyncio
 import os
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
+import trustme
 
 from tests.harness import SidecarHarness, Upstream
 
@@ -36,6 +37,51 @@ async def upstream() -> AsyncIterator[Upstream]:
     server = await Upstream().start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[Upstream]:
+    """A real HTTP agent on loopback (what ``inbound.forward_to`` names) that records what reached it."""
+    server = await Upstream().start()
+    yield server
+    await server.stop()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[int]]]:
+    """Start a loopback server running ``handler(reader, writer)`` per connection; returns its port.
+
+    Every byte on the wire is the test's, so that framing and reuse are seen, not assumed."""
+    servers: list[asyncio.Server] = []
+    connections: list[asyncio.Task[Any]] = []
+
+    async def start(handler: RawHandler) -> int:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(asyncio.current_task())  # type: ignore[arg-type]
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass  # the client closed: this connection's script ends
+            finally:
+                writer.close()
+
+        servers.append(await asyncio.start_server(run, "127.0.0.1", 0))
+        return servers[-1].sockets[0].getsockname()[1]
+
+    yield start
+    for task in connections:
+        task.cancel()
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def upstream_ca() -> trustme.CA:
+    """A CA for HTTPS upstreams, one per test module (issuing is slow)."""
+    return trustme.CA()
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import aiohttp
+import jsonschema  # type: ignore[import-untyped]
 import yaml
 from aiohttp import web
 
@@ -23,6 +25,8 @@ from sidecar.config import parse_config
 from sidecar.observe.decision_log import configure_logging
 
 EPHEMERAL = "127.0.0.1:0"
+SCHEMA = json.loads((Path(__file__).parents[1] / "sidecar" / "schemas" / "trust_decision.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 
 @dataclass
@@ -141,11 +145,32 @@ class SidecarHarness:
         return self.log.getvalue()
 
 
+def assert_valid(events: list[dict[str, Any]]) -> None:
+    """Every trust-decision event given matches the published schema (and there is at least one)."""
+    assert events, "no trust-decision events were emitted"
+    for event in events:
+        errors = sorted(VALIDATOR.iter_errors(event), key=str)
+        assert not errors, f"{event}: {[e.message for e in errors]}"
+
+
 async def admin(h: SidecarHarness, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {h.admin_token()}", **kwargs.pop("headers", {})}
     async with aiohttp.ClientSession() as s:
         async with s.request(method, f"http://127.0.0.1:{h.port('admin')}{path}", headers=headers, **kwargs) as r:
             return r.status, await r.json(content_type=None)
+
+
+async def wait_ready(session: aiohttp.ClientSession, port: int) -> None:
+    """Until the health listener on ``port`` answers /readyz 200 (a sidecar started as a process)."""
+    for _ in range(200):
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("sidecar did not become ready")
 
 
 async def raw_http(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
@@ -157,3 +182,32 @@ async def raw_http(port: int, data: bytes, *, read_timeout: float = 5.0) -> byte
         return await asyncio.wait_for(reader.read(), read_timeout)
     finally:
         writer.close()
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1 (for a listener whose port a config must name)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"  # the smallest whole answer a raw server writes
+BOUND = 3.0  # seconds any single wait on a raw connection may take before it counts as a hang
+
+
+async def open_outbound(h: SidecarHarness, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to the outbound listener with ``head`` (``%d``: the listener's port) written on it."""
+    port = h.port("outbound")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.replace(b"%d", str(port).encode()))
+    return reader, writer
+
+
+async def read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
+    async with asyncio.timeout(BOUND):
+        return await reader.readuntil(marker)
+
+
+async def read_to_close(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(BOUND):
+        return await reader.read()

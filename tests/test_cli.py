@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.harness import Upstream
+from tests.harness import Upstream, free_port, wait_ready
 
 ROOT = Path(__file__).parents[1]
 
@@ -23,12 +22,6 @@ ROOT = Path(__file__).parents[1]
 def sidecar(*args: str, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60,
                           cwd=cwd, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("args, code, expect", [
@@ -112,7 +105,7 @@ async def test_sigterm_loses_no_request_in_flight_and_admin_commands_work(tmp_pa
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as s:
-            await _wait_ready(s, ports["health"])
+            await wait_ready(s, ports["health"])
             result = await asyncio.to_thread(sidecar, "inventory", "-c", str(config))
             assert result.returncode == 0 and '"tasks"' in result.stdout
             result = await asyncio.to_thread(sidecar, "revoke", "-c", str(config), "--task", "t-123", "--ttl", "1h")
@@ -133,18 +126,6 @@ async def test_sigterm_loses_no_request_in_flight_and_admin_commands_work(tmp_pa
             proc.kill()
             await proc.wait()
         await up.stop()
-
-
-async def _wait_ready(session: aiohttp.ClientSession, port: int) -> None:
-    for _ in range(200):
-        try:
-            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("sidecar did not become ready")
 
 
 def test_demo_walks_through_allow_deny_and_revocation():

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -15,6 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from sidecar.config import load_config, parse_config
 from sidecar.errors import ConfigInvalid
 from sidecar.identity.ca import ca_init
+from tests.harness import free_port
+from tests.scenarios.inbound import ISSUER, ORCHESTRATOR, jwks_file
+from tests.scenarios.outbound import POLICY, config_for
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "config" / "sidecar.example.yaml"
@@ -328,3 +332,47 @@ def test_agent_metadata_errors_name_their_path(tmp_path, agent, path, message):
     """Each malformed agent metadata value is one error at its path, saying what was expected (issue 18 item 1)."""
     errors = errors_of({"agent": agent}, tmp_path)
     assert len(errors) == 1 and errors[0].startswith(f"{path}: {message}"), errors
+
+
+def inbound_raw(tmp_path: Path, forward_to: str, **extra: Any) -> dict:
+    return {"agent": {"name": "a"}, "state_dir": str(tmp_path / "state"),
+            "inbound": {"forward_to": forward_to}, "outbound": {"upstreams": {}}, **extra}
+
+
+@pytest.mark.parametrize("case", ["forward_to-outbound", "forward_to-admin", "upstream-outbound",
+                                  "approval-audience-is-inbound"])
+def test_configs_that_point_the_sidecar_at_itself_are_refused(tmp_path, case):
+    """forward_to naming the sidecar's own outbound or admin listener, an upstream naming the outbound listener
+    (a request loop), and an approval audience that inbound tokens also carry are refused at load
+    (security review 2, finding G8)."""
+    raw = {
+        "forward_to-outbound": inbound_raw(tmp_path, "http://127.0.0.1:17001"),
+        "forward_to-admin": inbound_raw(tmp_path, "http://localhost:17000"),
+        "upstream-outbound": {"agent": {"name": "a"}, "outbound": {"upstreams": {
+            "loop": {"url": "http://127.0.0.1:17001/loop"}}}},
+        "approval-audience-is-inbound": {
+            "agent": {"name": "a"}, "outbound": {"upstreams": {}},
+            "inbound": {"forward_to": "http://127.0.0.1:8080", "jwt": {"issuers": [
+                {"issuer": ISSUER, "jwks_file": str(jwks_file(tmp_path)),
+                 "audiences": ["billing-agent", "agent-approvals"]}]}},
+            "admin": {"approvers": [{"issuer": ISSUER, "subject": "*@example.com"}]}},
+    }[case]
+    with pytest.raises(ConfigInvalid):
+        parse_config(raw, base_dir=tmp_path)
+
+
+async def test_forward_to_the_outbound_listener_is_refused_before_a_caller_can_spend_the_agents_credential(
+        make_sidecar, upstream, tmp_path):
+    """End to end: inbound.forward_to set to the outbound listener would re-enter an mTLS caller's request
+    as the agent's own call, to reach the upstream with the agent's credential; the config is refused at
+    load (security review 2, finding G8)."""
+    port = free_port()
+    config = config_for(upstream)
+    config["outbound"]["listen"] = f"127.0.0.1:{port}"
+    config["inbound"] = {"forward_to": f"http://127.0.0.1:{port}", "trust_domains": ["sidecar.local"]}
+    policy = {**POLICY, "rules": [*POLICY["rules"], {
+        "id": "orchestrator-anything", "direction": "inbound", "callers": [ORCHESTRATOR], "paths": ["/**"],
+        "effect": "allow"}]}
+    with pytest.raises(ConfigInvalid):  # refused at load: the loop never runs
+        await make_sidecar(config, policy)
+    assert upstream.seen == []

@@ -29,7 +29,8 @@ from cryptography import x509
 
 from sidecar import inject
 from sidecar.errors import ConfigInvalid
-from sidecar.inject.settings import AGENT_ENV
+from sidecar.inject.settings import AGENT_ENV, LOCKDOWN
+from tests.harness import free_port
 
 K8S_VERSION = "1.29.0"
 ROOT = Path(__file__).resolve().parent.parent
@@ -456,12 +457,6 @@ def test_intercept_ca_is_published_without_its_key(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- run() as the CLI calls it
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serve(args: str) -> subprocess.Popen[str]:
     code = f"import sys; from pathlib import Path; from sidecar.inject import run; sys.exit(run({args}))"
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
@@ -474,7 +469,7 @@ def test_run_serves_tls_and_stops_on_sigterm(ca: trustme.CA, tmp_path: Path) -> 
     leaf = ca.issue_cert("127.0.0.1")
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
-    port = _free_port()
+    port = free_port()
     proc = _serve(f"'127.0.0.1:{port}', Path({str(cert)!r}), Path({str(key)!r}), None")
     context = ssl.create_default_context()
     ca.configure_trust(context)
@@ -514,3 +509,61 @@ async def test_an_image_annotation_outside_allowed_images_is_refused(webhook: Cl
     response, ops = await webhook.mutate(pod)
     assert response["allowed"] is False and ops is None
     assert "allowed_images" in response["status"]["message"]
+
+
+# ---------------------------------------------------------------- what a pod's author cannot undo
+
+def mutate(pod: Json, settings: inject.InjectSettings) -> Json:
+    return inject.mutate_review(inject.parse_review(json.dumps(review(pod)).encode()), settings)
+
+
+def patched(response: Json, key: str) -> set[str]:
+    """The ``key`` member (``name``, ``image``) of every object the response's patch adds or replaces."""
+    ops = json.loads(base64.b64decode(response["patch"])) if response.get("patch") else []
+    found: set[str] = set()
+    for op in ops:
+        values = op["value"] if isinstance(op["value"], list) else [op["value"]]
+        found.update(v[key] for v in values if isinstance(v, dict) and key in v)
+    return found
+
+
+@pytest.mark.parametrize("annotation, value", [("egress-lockdown", "false"), ("image", "ghcr.io/evil/open-proxy:1")])
+def test_a_pod_annotation_cannot_undo_the_operators_egress_lockdown(annotation: str, value: str) -> None:
+    """With egress_lockdown enabled in the webhook settings, the pod's author can neither turn it off per
+    pod nor run any image as the sidecar's UID (the one UID the lock-down lets out of the pod)
+    (security review 2, finding G9)."""
+    settings = inject.InjectSettings(egress_lockdown=True)
+    pod = agent_pod()
+    pod["metadata"]["annotations"][f"agent-sidecar.io/{annotation}"] = value
+    response = mutate(pod, settings)
+    if not response["allowed"]:
+        return  # refusing the pod is a safe answer too
+    assert LOCKDOWN in patched(response, "name")
+    assert patched(response, "image") <= {settings.image, settings.lockdown_image}
+
+
+def test_a_pod_cannot_escape_injection_by_naming_a_container_agent_sidecar() -> None:
+    """A labelled pod with its own container called agent-sidecar (any image) must not be admitted
+    unchanged (no sidecar, no proxy variables, no lock-down) when the operator's settings require it
+    (security review 2, finding G10)."""
+    settings = inject.InjectSettings(egress_lockdown=True)
+    pod = agent_pod()
+    pod["spec"]["containers"].append({"name": "agent-sidecar", "image": "busybox:1.36", "command": ["sleep", "1d"],
+                                      "securityContext": {"runAsUser": 10003, "allowPrivilegeEscalation": False}})
+    response = mutate(pod, settings)
+    assert not response["allowed"] or LOCKDOWN in patched(response, "name")
+
+
+def test_annotation_keys_and_values_cannot_inject_patch_operations() -> None:
+    """Odd annotation keys are escaped in JSON pointers and bad names are refused, so a pod cannot add its
+    own ops (security review 2: a defence that held)."""
+    pod = agent_pod()
+    pod["metadata"]["annotations"]["x/y~z"] = '"},{"op":"remove","path":"/spec'
+    response = mutate(pod, inject.InjectSettings())
+    assert response["allowed"]
+    ops = json.loads(base64.b64decode(response["patch"]))
+    assert {op["op"] for op in ops} <= {"add", "replace"}
+    assert all(not op["path"].startswith("/metadata/annotations/x") for op in ops)
+    bad = copy.deepcopy(agent_pod())
+    bad["metadata"]["annotations"]["agent-sidecar.io/config"] = "cm\",\"op\":\"remove"
+    assert mutate(bad, inject.InjectSettings())["allowed"] is False

@@ -21,7 +21,6 @@ from sidecar.explain import candidate_policy
 from sidecar.replay import replay
 from sidecar.report import build, render
 from sidecar.report.paths import LITERAL_CAP, PathTrie
-from tests.core.test_mcp import tools  # noqa: F401 (the MCP server fixture)
 from tests.harness import Upstream, admin
 
 POLICY = {"version": 1, "default": "deny", "rules": [

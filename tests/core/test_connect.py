@@ -15,17 +15,13 @@ import aiohttp
 import pytest
 import trustme
 
-from tests.harness import SidecarHarness, Upstream, admin, raw_http
+from tests.harness import SidecarHarness, Upstream, admin, assert_valid, raw_http, read_until
+from tests.scenarios.connect import (SECRET, billing_config, exchange, get, intercept_ca, start_https_upstream,
+                                     through_tunnel, tunnel)
+from tests.scenarios.outbound import POLICY, config_for
 
-SECRET = "canary-connect-secret-4b1e"
 AGENT_TOKEN = "Bearer agent-own-token"
 CONNECT_BILLING = b"CONNECT billing.internal:443 HTTP/1.1\r\nHost: billing.internal:443\r\n\r\n"
-
-POLICY = {"version": 1, "default": "deny", "rules": [
-    {"id": "read-invoices", "direction": "outbound", "upstream": "billing", "methods": ["GET", "POST"],
-     "paths": ["/v1/**"], "effect": "allow"},
-    {"id": "no-admin", "direction": "outbound", "upstream": "billing", "paths": ["/v1/admin/**"], "effect": "deny"},
-]}
 
 # A blocking HTTPS client in its own process, configured only by the environment (HTTPS_PROXY, a CA variable).
 CLIENT = """
@@ -44,31 +40,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def upstream_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-async def start_https_upstream(ca: trustme.CA) -> Upstream:
-    """A real HTTPS upstream on 127.0.0.1 whose certificate names the IP it is reached at."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    return await Upstream().start(ssl_context=context)
-
-
-def billing_config(upstream: Upstream, ca: trustme.CA, tmp_path: Path) -> dict[str, Any]:
-    """billing.internal maps to the upstream's https://127.0.0.1 URL, with a static credential."""
-    ca_file = tmp_path / "upstream-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    return {
-        "agent": {"name": "billing-agent", "environment": "test"},
-        "outbound": {"upstreams": {"billing": {
-            "url": f"https://127.0.0.1:{upstream.port}/api", "hosts": ["billing.internal"],
-            "ca": str(ca_file), "credential": "legacy"}}},
-        "credentials": {"legacy": {"type": "static", "header": "X-API-Key", "value": {"value": SECRET}}},
-    }
-
-
 @pytest.fixture
 async def https_upstream(upstream_ca: trustme.CA) -> AsyncIterator[Upstream]:
     server = await start_https_upstream(upstream_ca)
@@ -80,11 +51,6 @@ async def https_upstream(upstream_ca: trustme.CA) -> AsyncIterator[Upstream]:
 async def sidecar(make_sidecar: Any, https_upstream: Upstream, upstream_ca: trustme.CA,
                   tmp_path: Path) -> SidecarHarness:
     return await make_sidecar(billing_config(https_upstream, upstream_ca, tmp_path), POLICY)
-
-
-def intercept_ca(h: SidecarHarness) -> str:
-    assert h.sidecar is not None
-    return str(h.sidecar.interceptor.ca_cert_path)
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -110,41 +76,6 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> bool:
             return True
         await asyncio.sleep(0.01)
     return False
-
-
-async def tunnel(h: SidecarHarness, ca_file: str, authority: str = "billing.internal:443",
-                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A CONNECT tunnel by hand: the 200, then TLS verified against ``ca_file`` for the host."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port("outbound"))
-    writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
-    context = ssl.create_default_context(cafile=ca_file)
-    await writer.start_tls(context, server_hostname=authority.rpartition(":")[0])
-    return reader, writer
-
-
-def get(path: str, host: str = "billing.internal", extra: str = "") -> str:
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n"
-
-
-async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   head: str) -> tuple[int, dict[str, str], bytes]:
-    """One request on an open tunnel; the response's status, headers and body."""
-    writer.write(head.encode())
-    lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(lines[0].split()[1]), headers, body
-
-
-async def through_tunnel(h: SidecarHarness, *heads: str,
-                         ca_file: str | None = None) -> list[tuple[int, dict[str, str], bytes]]:
-    """Open one tunnel, send each request in turn over it, close it; the responses."""
-    reader, writer = await tunnel(h, ca_file or intercept_ca(h))
-    try:
-        return [await exchange(reader, writer, head) for head in heads]
-    finally:
-        writer.close()
 
 
 async def handshake_failures(h: SidecarHarness) -> float:
@@ -367,8 +298,6 @@ async def test_a_client_that_does_not_trust_the_ca_fails_its_handshake_and_nothi
 
 def assert_one_handshake_event(events: list[dict[str, Any]], detail: str) -> None:
     """Exactly one event for the failed tunnel: handshake_failed, cut, naming the host and the TLS error."""
-    from tests.observe.test_evidence import assert_valid
-
     [event] = connect_events(events)
     assert_valid([event])
     assert (event["decision"], event["reason"], event["outcome"], event["status"]) == (
@@ -473,3 +402,42 @@ def test_interception_works_on_uvloop(upstream_ca: trustme.CA, tmp_path: Path) -
             await up.stop()
 
     uvloop.run(scenario())
+
+
+@pytest.mark.parametrize("authority", ["evil.example:443", "billing.internal.evil.example:443",
+                                       "127.0.0.1:17000", "[::1]:443", "user@billing.internal:443"])
+async def test_connect_mints_no_certificate_for_a_host_that_is_not_mapped(make_sidecar, upstream, authority):
+    """CONNECT to any authority that is not in an upstream's hosts is refused before a leaf is minted
+    (security review 2: a defence that held)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    data = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    response = await raw_http(h.port("outbound"), data)
+    assert response.startswith(b"HTTP/1.1 4")
+    assert not response.startswith(b"HTTP/1.1 200")
+    assert len(h.sidecar.interceptor.ca._cache) == 0
+    assert h.sidecar.interceptor.open_tunnels == 0
+
+
+async def test_inside_a_tunnel_100_continue_is_answered_over_tls_and_the_tunnel_stays_usable(
+        make_sidecar, tmp_path):
+    """A decrypted request expecting ``100 Continue`` gets it inside the tunnel, its upstream gets the body
+    without the expectation, and the next request on the tunnel is answered (security review 4: held,
+    with finding I3)."""
+    ca = trustme.CA()
+    upstream = await start_https_upstream(ca)
+    try:
+        h = await make_sidecar(billing_config(upstream, ca, tmp_path), POLICY)
+        reader, writer = await tunnel(h, intercept_ca(h))
+        writer.write(b"POST /api/v1/up HTTP/1.1\r\nHost: billing.internal\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert await read_until(reader, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        assert (await read_until(reader, b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await read_until(reader, b"}")  # the upstream's JSON body
+        writer.write(b"GET /api/v1/next HTTP/1.1\r\nHost: billing.internal\r\n\r\n")
+        assert (await read_until(reader, b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        posted = upstream.seen[0]
+        assert posted.body == b"hello" and not posted.has_header("Expect")
+    finally:
+        await upstream.stop()

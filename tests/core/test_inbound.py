@@ -2,75 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import json
 import ssl
 import time
-from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from aiohttp import web
+from multidict import CIMultiDict
 
+from sidecar.errors import Refusal
 from sidecar.identity.ca import ca_issue
-from tests.harness import SidecarHarness, Upstream
-
-ISSUER = "https://login.example.test"
-KEY = ec.generate_private_key(ec.SECP256R1())
-
-
-def jwks_file(tmp: Path) -> Path:
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key()))
-    jwk.update({"kid": "k1", "alg": "ES256", "use": "sig"})
-    path = tmp / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
-    return path
-
-
-def human_token(sub: str = "alice@example.com", **claims: object) -> str:
-    now = int(time.time())
-    payload = {"iss": ISSUER, "sub": sub, "aud": "billing-agent", "iat": now, "exp": now + 300,
-               "client_id": "web-app", **claims}
-    return jwt.encode(payload, KEY, algorithm="ES256", headers={"kid": "k1"})
-
-
-def inbound_config(tmp: Path, agent: Upstream, **jwt_extra: object) -> dict:
-    return {
-        "agent": {"name": "billing-agent"},
-        "inbound": {"forward_to": agent.url, "trust_domains": ["sidecar.local"],
-                    "jwt": {"required": False, "issuers": [{"issuer": ISSUER, "jwks_file": str(jwks_file(tmp)),
-                                                           "audiences": ["billing-agent"], **jwt_extra}]}},
-        "outbound": {"upstreams": {}},
-    }
-
-
-POLICY = {"version": 1, "default": "deny", "rules": [
-    {"id": "orchestrator", "direction": "inbound", "callers": ["spiffe://sidecar.local/orchestrator"],
-     "paths": ["/tasks/**"], "effect": "allow"},
-]}
-
-
-def client_context(h: SidecarHarness, spiffe_id: str, out: Path) -> ssl.SSLContext:
-    state = h.sidecar.config.state_dir
-    paths = ca_issue(state, spiffe_id, out)
-    ctx = ssl.create_default_context(cafile=str(paths["bundle"]))
-    ctx.check_hostname = False  # SVIDs name SPIFFE IDs, not hosts
-    ctx.load_cert_chain(str(paths["cert"]), str(paths["key"]))
-    return ctx
-
-
-@pytest.fixture
-async def agent():
-    server = await Upstream().start()
-    yield server
-    await server.stop()
-
-
-async def call(h: SidecarHarness, ctx: ssl.SSLContext, path: str, headers: dict | None = None):
-    url = f"https://127.0.0.1:{h.port('inbound')}{path}"
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url, ssl=ctx, headers=headers or {}) as r:
-            return r.status, await r.json(content_type=None)
+from tests.harness import BOUND, OK, SidecarHarness, Upstream, read_until
+from tests.scenarios.inbound import (ISSUER, KEY, ORCHESTRATOR, POLICY, call, client_context, human_token,
+                                     inbound_config, inbound_to)
 
 
 async def test_an_svid_caller_reaches_the_agent_with_its_identity(make_sidecar, agent, tmp_path):
@@ -394,3 +345,203 @@ async def test_callers_cannot_override_the_request_or_hand_the_agent_a_token(mak
     assert agent.seen == []
     assert [e["reason"] for e in await h.settle()] == [reason]
     assert b"canary" not in h.raw_log()
+
+
+async def test_inbound_forwards_the_path_policy_matched(make_sidecar, agent, tmp_path):
+    """The agent must receive the canonical path the inbound rule matched, not the caller's raw path
+    (security review 1, finding F2)."""
+    resolved: list[str] = []
+
+    async def agent_handler(request: web.Request) -> web.StreamResponse:
+        resolved.append(request.url.path)  # how an aiohttp/yarl agent resolves the target it received
+        return web.json_response({"ok": True})
+
+    agent = await Upstream(agent_handler).start()
+    try:
+        config = inbound_config(tmp_path, agent)
+        del config["inbound"]["jwt"]
+        h = await make_sidecar(config, POLICY)
+        ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+        url = aiohttp.client.URL(f"https://127.0.0.1:{h.port('inbound')}/admin//../tasks/x", encoded=True)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, ssl=ctx) as r:
+                assert r.status == 200  # policy matched /tasks/x
+        event = (await h.settle())[-1]
+        assert event["target"]["path"] == "/tasks/x"
+        assert agent.seen[-1].path == "/tasks/x", f"agent received {agent.seen[-1].path!r}, resolved {resolved}"
+    finally:
+        await agent.stop()
+
+
+def machine_token(**claims: Any) -> str:
+    """A token from the inbound issuer with no ``client_id``: only the claims given mark its actor."""
+    now = int(time.time())
+    return jwt.encode({"iss": ISSUER, "aud": "billing-agent", "iat": now, "exp": now + 300, **claims},
+                      KEY, algorithm="ES256", headers={"kid": "k1"})
+
+
+async def test_a_client_credentials_token_is_not_treated_as_a_human(make_sidecar, agent, tmp_path):
+    """With the default actor: auto, an Auth0-style machine token (sub "<client>@clients", azp "<client>";
+    Keycloak and Entra service tokens look alike) must not count as a human nor open a delegated task
+    (security review 2, finding G3)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+    machine = machine_token(sub="svc-billing@clients", azp="svc-billing", gty="client-credentials")
+    status, _ = await call(h, ctx, "/tasks/1", {"Authorization": f"Bearer {machine}"})
+    assert status == 200
+    event = (await h.settle())[-1]
+    assert event["actor_type"] == "workload" and event["delegation"] == "none"
+    assert agent.seen[-1].header("X-Sidecar-Task") is None
+
+
+async def test_a_certificate_bound_token_presented_by_another_client_is_refused(make_sidecar, agent, tmp_path):
+    """A token bound to a client certificate (RFC 8705 cnf x5t#S256) must be refused from an mTLS peer
+    holding a different certificate: a stolen sender-constrained token would otherwise replay from any
+    caller the policy admits (security review 2, finding G4)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+    other = base64.urlsafe_b64encode(hashlib.sha256(b"someone else's certificate").digest()).rstrip(b"=").decode()
+    bound = human_token(cnf={"x5t#S256": other})
+    status, body = await call(h, ctx, "/tasks/1", {"Authorization": f"Bearer {bound}"})
+    assert (status, body.get("error")) == (401, "token_invalid")
+    assert agent.seen == []
+
+
+async def test_without_inbound_jwt_the_callers_bearer_token_does_not_reach_the_agent(make_sidecar, agent, tmp_path):
+    """With no inbound.jwt issuers, a caller's Authorization header (a human's token) must not be forwarded
+    to the agent unverified: the agent gets a task id, never the human's token (security review 2,
+    finding G5)."""
+    config = inbound_config(tmp_path, agent)
+    del config["inbound"]["jwt"]
+    h = await make_sidecar(config, POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+    token = human_token()
+    status, _ = await call(h, ctx, "/tasks/1", {"Authorization": f"Bearer {token}"})
+    assert status == 200
+    assert agent.seen[-1].header("Authorization") is None
+
+
+async def test_spoofed_forwarding_headers_never_reach_the_agent(make_sidecar, agent, tmp_path):
+    """Caller copies of XFCC (any case, repeated), X-Sidecar-Task, X-Forwarded-*, Forwarded and tracestate are
+    dropped, a Connection-listed name cannot remove the sidecar's own, and traceparent gets a new span
+    (security review 2: a defence that held)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+    incoming_span = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = CIMultiDict([
+        ("x-forwarded-client-cert", "By=spiffe://evil/x;URI=spiffe://sidecar.local/admin"),
+        ("X-FORWARDED-CLIENT-CERT", "URI=spiffe://sidecar.local/admin"),
+        ("X-Sidecar-Task", "f" * 32), ("x-sidecar-task", "e" * 32),
+        ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "admin.internal"),
+        ("X-Forwarded-Port", "80"), ("Forwarded", "for=10.0.0.1;proto=http"), ("tracestate", "evil=1"),
+        ("traceparent", incoming_span), ("Connection", "keep-alive, X-Forwarded-Client-Cert, X-Forwarded-For"),
+    ])
+    url = f"https://127.0.0.1:{h.port('inbound')}/tasks/1"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, ssl=ctx, headers=headers) as r:
+            assert r.status == 200
+    seen = agent.seen[-1]
+    values = lambda name: [v for k, v in seen.headers if k.lower() == name]  # noqa: E731
+    assert values("x-forwarded-client-cert") == [
+        f"By={h.sidecar.runtime.agent.id};Hash={values('x-forwarded-client-cert')[0].split('Hash=')[1].split(';')[0]};"
+        f"URI={ORCHESTRATOR}"]
+    assert values("x-sidecar-task") == []
+    assert values("x-forwarded-for") == ["127.0.0.1"] and values("x-forwarded-proto") == ["https"]
+    for name in ("x-forwarded-host", "x-forwarded-port", "forwarded", "tracestate"):
+        assert values(name) == [], name
+    (traceparent,) = values("traceparent")
+    assert traceparent.split("-")[1] == incoming_span.split("-")[1] and traceparent != incoming_span
+
+
+async def test_each_request_on_a_kept_alive_connection_gets_its_own_task(make_sidecar, agent, tmp_path):
+    """On one kept-alive mTLS connection, each human token opens its own task (ended with its response), and a
+    later request without a token carries no task id of an earlier one (security review 2: a defence that
+    held)."""
+    h = await make_sidecar(inbound_config(tmp_path, agent), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+    url = f"https://127.0.0.1:{h.port('inbound')}/tasks/1"
+    connector = aiohttp.TCPConnector(limit=1, ssl=ctx)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        for headers in ({"Authorization": f"Bearer {human_token('alice@example.com')}"},
+                        {"Authorization": f"Bearer {human_token('bob@example.com')}"}, {}):
+            async with s.get(url, headers=headers) as r:
+                assert r.status == 200
+                await r.read()
+    first, second, third = (seen.header("X-Sidecar-Task") for seen in agent.seen[-3:])
+    assert first and second and first != second and third is None
+    events = [e for e in await h.settle() if e["direction"] == "inbound"][-3:]
+    assert [e["principal"] and e["principal"]["sub"] for e in events] == ["alice@example.com", "bob@example.com", None]
+    assert len({e["caller"]["id"] for e in events}) == 1
+    for task_id in (first, second):
+        with pytest.raises(Refusal):
+            h.sidecar.runtime.tasks.get(task_id)
+
+
+async def tls_exchange(h: SidecarHarness, ctx: ssl.SSLContext, data: bytes) -> bytes:
+    """Write ``data`` to the inbound listener over mTLS and read what comes back, within BOUND."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port("inbound"), ssl=ctx,
+                                                   server_hostname="localhost")
+    writer.write(data)
+    try:
+        return await read_until(reader, b"}")  # the end of a JSON refusal
+    finally:
+        writer.close()
+
+
+async def test_an_upload_the_caller_stops_sending_is_timed_out_by_idle(make_sidecar, raw_server, tmp_path):
+    """A caller that declares a body and stops sending it (slowloris) is refused with 408 request_timeout
+    after inbound.timeouts.idle, and the agent's connection is closed, instead of holding one of the
+    agent pool's connections for as long as the caller keeps its socket open (security review 4,
+    finding I2)."""
+    agent_closed = asyncio.Event()
+
+    async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # waits for the rest of the body, which never comes
+        agent_closed.set()
+
+    h = await make_sidecar(inbound_to(tmp_path, await raw_server(agent), idle="300ms"), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+    answer = await tls_exchange(h, ctx, b"POST /tasks/1 HTTP/1.1\r\nHost: agent\r\nContent-Length: 10\r\n\r\nhalf!")
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"error":"request_timeout"' in answer
+    async with asyncio.timeout(BOUND):
+        await agent_closed.wait()
+    assert h.sidecar.runtime.sessions.agent()._open == 0
+    event = (await h.settle())[-1]
+    assert event["reason"] == "request_timeout" and event["status"] == 408 and event["outcome"] == "refused"
+
+
+async def test_the_agent_gets_the_base_path_its_own_host_and_never_the_callers_token(
+        make_sidecar, raw_server, tmp_path):
+    """An inbound call reaches the agent at forward_to's base path with the agent's Host, the sidecar's
+    X-Forwarded-* and XFCC (never the caller's copies), a task id instead of the human's token, and no
+    header the caller named in Connection (security review 4: a regression that held)."""
+    heads: list[bytes] = []
+
+    async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(OK)
+
+    port = await raw_server(agent)
+    config = inbound_config(tmp_path, SimpleNamespace(url=f"http://127.0.0.1:{port}/base/"))
+    h = await make_sidecar(config, POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "caller")
+    token = human_token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port("inbound"), ssl=ctx,
+                                                   server_hostname="localhost")
+    writer.write(b"GET /tasks/a/../1?q=%41 HTTP/1.1\r\nHost: agent.example:17443\r\n"
+                 b"Authorization: Bearer " + token.encode() + b"\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                 b"X-Forwarded-Host: evil\r\nForwarded: for=evil\r\nX-Sidecar-Task: forged\r\n"
+                 b"X-Forwarded-Client-Cert: URI=spiffe://evil/x\r\nConnection: X-Hidden\r\nX-Hidden: 1\r\n\r\n")
+    assert (await read_until(reader, b"ok")).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    lines = heads[0].decode().split("\r\n")
+    got = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines[1:] if line)}
+    assert lines[0] == "GET /base/tasks/1?q=%41 HTTP/1.1"
+    assert got["host"] == f"127.0.0.1:{port}"
+    assert got["x-forwarded-for"] == "127.0.0.1" and got["x-forwarded-proto"] == "https"
+    assert got["x-forwarded-client-cert"].endswith(";URI=spiffe://sidecar.local/orchestrator")
+    assert len(got["x-sidecar-task"]) == 32 and got["x-sidecar-task"] != "forged"
+    for absent in ("authorization", "x-forwarded-host", "forwarded", "x-hidden", "connection"):
+        assert absent not in got
+    assert token.encode() not in heads[0]

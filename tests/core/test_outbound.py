@@ -14,27 +14,9 @@ import pytest
 
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.ratelimit import RateLimiter
-from tests.harness import Upstream, raw_http
+from tests.harness import OK, Upstream, open_outbound, raw_http, read_until
 from tests.peers.apache import Apache as ApacheServer, apache  # noqa: F401
-
-SECRET = "canary-static-secret-9f3a7c"
-
-
-def config_for(upstream: Upstream, **extra: object) -> dict:
-    return {
-        "agent": {"name": "billing-agent", "environment": "test"},
-        "outbound": {"upstreams": {"billing": {"url": upstream.url + "/api", "hosts": ["billing.internal"],
-                                                "credential": "legacy", **extra}}},
-        "credentials": {"legacy": {"type": "static", "header": "X-API-Key", "value": {"value": SECRET}}},
-    }
-
-
-POLICY = {"version": 1, "default": "deny", "rules": [
-    {"id": "read-invoices", "direction": "outbound", "upstream": "billing", "methods": ["GET", "POST"],
-     "paths": ["/v1/**"], "effect": "allow"},
-    {"id": "no-admin", "direction": "outbound", "upstream": "billing", "paths": ["/v1/admin/**"], "effect": "deny"},
-]}
-
+from tests.scenarios.outbound import ALLOW_ALL, POLICY, SECRET, config_for, outbound_to
 
 async def test_route_prefix_forwards_to_base_path_with_the_credential(make_sidecar, upstream):
     """A route-prefix request reaches the upstream's base path with the static credential attached."""
@@ -578,3 +560,130 @@ async def test_identity_headers_never_reach_the_upstream_unless_passed(make_side
             assert r.status == 200
     seen = upstream.seen[-1]
     assert [name for name in IDENTITY if seen.has_header(name)] == ["X-Auth-Request-Email"]
+
+
+async def test_a_chunked_body_cannot_evade_a_request_size_condition(make_sidecar, upstream):
+    """A rule limited by request.size must not let a chunked (length-less) body of any size through
+    (security review 1, finding F3)."""
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "small-posts", "direction": "outbound", "upstream": "billing", "methods": ["POST"],
+         "paths": ["/v1/**"], "when": {"expr": "request.size < 100"}, "effect": "allow"},
+    ]}
+    h = await make_sidecar(config_for(upstream), policy)
+    big = b"x" * 5000
+
+    async def chunks():
+        yield big
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{h.outbound}/billing/v1/upload", data=b"y" * 5000) as r:
+            assert r.status == 403  # the declared length is checked
+        async with s.post(f"{h.outbound}/billing/v1/upload", data=chunks()) as r:
+            status = r.status
+    delivered = [len(seen.body) for seen in upstream.seen]
+    assert status == 403 and delivered == [], f"status {status}; upstream received bodies of {delivered} bytes"
+
+
+@pytest.mark.parametrize("head", [
+    # CL.TE smuggling: both framings on one request
+    b"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n",
+    # two Content-Length headers that disagree
+    b"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\nContent-Length: 40\r\n",
+    # a lowercase method would dodge an uppercase methods: [...] rule and be re-uppercased by the client
+    b"delete /billing/v1/admin/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n",
+])
+async def test_ambiguous_framing_and_methods_are_refused_before_anything_is_forwarded(make_sidecar, upstream, head):
+    """Requests whose framing or method two parsers could read differently are refused with 400
+    (security review 1: a defence that held)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    port = h.port("outbound")
+    smuggled = b"ab" + b"GET /api/v1/admin/users HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+    response = await raw_http(port, (head % port) + b"Connection: close\r\n\r\n" + body)
+    assert response.startswith(b"HTTP/1.0 400") or response.startswith(b"HTTP/1.1 400")
+    assert upstream.seen == []
+
+
+async def test_a_transfer_coding_other_than_chunked_is_refused_not_half_forwarded(make_sidecar, upstream):
+    """Transfer-Encoding: gzip, chunked is refused with 400 rather than forwarded without its body
+    (security review 1: a defence that held)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    port = h.port("outbound")
+    response = await raw_http(port, (f"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                     "Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n"
+                                     "5\r\nhello\r\n0\r\n\r\n").encode())
+    assert response.split(b" ")[1] == b"400"
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("target, host, reason", [
+    ("http://billing.internal@127.0.0.1/api/v1/x", "billing.internal@127.0.0.1", "bad_request"),  # userinfo
+    ("http://billing.internal/api/v1/x", "evil.example", "host_mismatch"),  # Host disagrees with authority
+    ("http://billing.internal/other/v1/x", "billing.internal", "unknown_upstream"),  # outside the base path
+    ("http://billing.internal/api/../other", "billing.internal", "unknown_upstream"),  # dot segments out of it
+    ("http://billing.internal/api/v1/%61dmin/users", "billing.internal", "rule_denied"),  # encoded unreserved
+    ("http://billing.internal/api/v1/x//..//admin/users", "billing.internal", "rule_denied"),
+])
+async def test_forward_proxy_tricks_are_refused(make_sidecar, upstream, target, host, reason):
+    """Absolute-URI tricks (userinfo, Host mismatch, base-path escape, encodings) never reach the upstream
+    (security review 1: a defence that held)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    port = h.port("outbound")
+    request = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target.encode(), host.encode())
+    response = await raw_http(port, request)
+    assert f'"error":"{reason}"'.encode() in response.replace(b'": "', b'":"')
+    assert upstream.seen == []
+
+
+async def test_agent_credentials_and_task_header_never_reach_the_upstream(make_sidecar, upstream):
+    """Authorization, Cookie, Proxy-Authorization and X-Sidecar-Task from the agent are stripped or refused
+    (security review 1: a defence that held)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    headers = {"Authorization": "Bearer agent-own", "Cookie": "s=1", "Proxy-Authorization": "Basic eDp5",
+               "X-API-Key": "agent-chosen-key"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/x", headers=headers) as r:
+            assert r.status == 200
+        async with s.get(f"{h.outbound}/billing/v1/x", headers={"X-Sidecar-Task": "forged"}) as r:
+            assert r.status == 403 and (await r.json())["error"] == "unknown_task"
+    assert len(upstream.seen) == 1
+    seen = upstream.seen[0]
+    for name in ("Authorization", "Cookie", "Proxy-Authorization", "X-Sidecar-Task"):
+        assert not seen.has_header(name), name
+    assert [v for k, v in seen.headers if k.lower() == "x-api-key"] == [SECRET]
+
+
+async def test_an_agent_waiting_for_100_continue_gets_it_and_the_expectation_is_not_forwarded(
+        make_sidecar, raw_server):
+    """An agent that sends ``Expect: 100-continue`` and waits for the interim answer before its body
+    (curl, .NET, Java clients) gets ``100 Continue`` once the request is allowed, instead of stalling;
+    the sidecar answers the expectation itself and the upstream gets the body without it
+    (security review 4, finding I3)."""
+    heads: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        heads.append(await reader.readexactly(5))
+        writer.write(OK)
+
+    h = await make_sidecar(outbound_to(await raw_server(upstream)), ALLOW_ALL)
+    reader, writer = await open_outbound(h, b"POST /billing/up HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                            b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    assert await read_until(reader, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    final = await read_until(reader, b"ok")
+    writer.close()
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert heads[1] == b"hello" and b"expect:" not in heads[0].lower()
+
+
+async def test_a_refused_request_with_expect_gets_its_refusal_and_no_100_continue(make_sidecar, raw_server):
+    """A request policy refuses is answered with its 403 at once, never with ``100 Continue`` first, so
+    that the agent does not send a body nobody will read (security review 4: a regression that held)."""
+    h = await make_sidecar(outbound_to(await raw_server(lambda r, w: asyncio.sleep(0))),
+                           {"version": 1, "default": "deny", "rules": []})
+    reader, writer = await open_outbound(h, b"POST /billing/up HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                            b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    head = await read_until(reader, b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 403 ")

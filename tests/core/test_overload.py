@@ -12,9 +12,9 @@ import json
 import aiohttp
 from aiohttp import web
 
-from tests.core.test_inbound import POLICY as INBOUND_POLICY
-from tests.core.test_inbound import agent, client_context, inbound_config  # noqa: F401
-from tests.core.test_outbound import POLICY, config_for
+from tests.scenarios.inbound import POLICY as INBOUND_POLICY
+from tests.scenarios.inbound import client_context, inbound_config
+from tests.scenarios.outbound import POLICY, config_for
 from sidecar.server import SidecarServer
 from tests.harness import SidecarHarness, Upstream
 
@@ -106,7 +106,7 @@ async def test_connections_past_max_connections_get_one_answer_and_are_closed(ma
         w.close()
 
 
-async def test_an_inbound_caller_past_its_per_source_cap_is_refused_over_tls(make_sidecar, agent, tmp_path):  # noqa: F811
+async def test_an_inbound_caller_past_its_per_source_cap_is_refused_over_tls(make_sidecar, agent, tmp_path):
     """Inbound, one address may hold max_connections_per_source connections; the next one from it is
     answered 503 overloaded over TLS (the caller can read why), never reaching the agent."""
     config = inbound_config(tmp_path, agent)

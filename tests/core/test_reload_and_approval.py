@@ -12,9 +12,10 @@ import jwt
 import yaml
 from aiohttp import web
 
-from tests.core.test_inbound import ISSUER, KEY, jwks_file
-from tests.core.test_outbound import POLICY, config_for
 from tests.harness import Upstream, admin
+from tests.scenarios.approval import APPROVAL_POLICY, approval_config, approve, approver_token, listed
+from tests.scenarios.inbound import ISSUER, KEY
+from tests.scenarios.outbound import POLICY, config_for
 
 
 async def get(h, path: str) -> tuple[int, bytes]:
@@ -67,44 +68,6 @@ async def test_requests_in_flight_finish_under_the_policy_they_started_with(make
     finally:
         release.set()
         await up.stop()
-
-
-def approver_token(sub: str, aud: str = "agent-approvals") -> str:
-    now = int(time.time())
-    return jwt.encode({"iss": ISSUER, "sub": sub, "aud": aud, "iat": now, "exp": now + 300, "client_id": "console"},
-                      KEY, algorithm="ES256", headers={"kid": "k1"})
-
-
-def approval_config(upstream: Upstream, tmp_path, timeout: str = "20s") -> dict:
-    config = config_for(upstream)
-    config["inbound"] = {"forward_to": "http://127.0.0.1:9", "jwt": {"issuers": [
-        {"issuer": ISSUER, "jwks_file": str(jwks_file(tmp_path)), "audiences": ["billing-agent"]}]}}
-    config["admin"] = {"approvers": [{"issuer": ISSUER, "subject": "*@example.com"}]}
-    config["policy"] = {"approval_timeout": timeout}
-    return config
-
-
-APPROVAL_POLICY = {"version": 1, "default": "deny", "rules": [
-    {"id": "refunds-need-a-human", "direction": "outbound", "upstream": "billing", "methods": ["POST"],
-     "paths": ["/v1/refunds"], "effect": "require_approval"}]}
-
-
-async def listed(h) -> list[dict]:
-    """The pending approvals, as soon as there is one (a bounded number of looks)."""
-    pending = []
-    for _ in range(100):
-        _, body = await admin(h, "GET", "/approvals")
-        pending = body["approvals"]
-        if pending:
-            break
-        await asyncio.sleep(0.05)
-    return pending
-
-
-async def approve(h, approval_id: str) -> None:
-    status, _ = await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
-                            headers={"X-Approver-Token": approver_token("bob@example.com")})
-    assert status == 200
 
 
 async def test_a_held_request_proceeds_when_an_approver_approves(make_sidecar, upstream, tmp_path):
@@ -258,3 +221,63 @@ async def test_a_held_chunked_body_is_read_first_so_its_digest_is_what_is_sent(m
         await approve(h, pending["id"])
         assert (await asyncio.wait_for(held, 10)).status == 200
     assert upstream.seen[0].body == b'{"amount":120}'
+
+
+async def held(h, path: str) -> tuple[asyncio.Task, list[dict]]:
+    """Send a request that policy holds for approval; return it (in flight) and the approvals listed."""
+    async def send() -> int:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{h.outbound}{path}", data=b"{}") as r:
+                return r.status
+    request = asyncio.ensure_future(send())
+    for _ in range(200):
+        _, body = await admin(h, "GET", "/approvals")
+        if body["approvals"]:
+            return request, body["approvals"]
+        await asyncio.sleep(0.02)
+    request.cancel()
+    raise AssertionError("no approval appeared")
+
+
+async def test_the_approver_sees_the_query_of_the_request_they_approve(make_sidecar, upstream, tmp_path):
+    """GET /approvals shows the query string with method and path: an approver must be able to tell a
+    harmless held request from one whose effect is carried in the query (security review 2, finding G6)."""
+    h = await make_sidecar(approval_config(upstream, tmp_path, timeout="10s"), APPROVAL_POLICY)
+    request, pending = await held(h, "/billing/v1/refunds?amount=99999999&to=attacker-iban")
+    try:
+        assert "amount=99999999" in json.dumps(pending[0])
+    finally:
+        await admin(h, "POST", f"/approvals/{pending[0]['id']}", json={"approve": False},
+                    headers={"X-Approver-Token": approver_token("bob@example.com")})
+        await asyncio.wait_for(request, 10)
+
+
+async def test_an_approval_is_decided_once_by_a_listed_human_and_ids_are_unguessable(make_sidecar, upstream, tmp_path):
+    """A second decision on the same id is 404; a workload token, no approver token, or no admin token
+    (what the agent on loopback has) decide nothing; ids carry 96 random bits (security review 2: a
+    defence that held)."""
+    h = await make_sidecar(approval_config(upstream, tmp_path, timeout="10s"), APPROVAL_POLICY)
+    request, pending = await held(h, "/billing/v1/refunds")
+    approval_id = pending[0]["id"]
+    assert len(approval_id) == 24 and int(approval_id, 16) >= 0
+    url = f"http://127.0.0.1:{h.port('admin')}/approvals/{approval_id}"
+    async with aiohttp.ClientSession() as s:  # the agent: no admin token
+        async with s.post(url, json={"approve": True},
+                          headers={"X-Approver-Token": approver_token("bob@example.com")}) as r:
+            assert r.status == 401
+        async with s.post(f"http://127.0.0.1:{h.port('admin')}/tasks", json={"principal": "alice"}) as r:
+            assert r.status == 401
+    workload = jwt.encode({"iss": ISSUER, "sub": "bob@example.com", "aud": "agent-approvals",
+                           "iat": int(time.time()), "exp": int(time.time()) + 300, "client_id": "bob@example.com"},
+                          KEY, algorithm="ES256", headers={"kid": "k1"})
+    assert (await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True},
+                        headers={"X-Approver-Token": workload}))[0] == 403
+    assert (await admin(h, "POST", f"/approvals/{approval_id}", json={"approve": True}))[0] == 401
+    assert not request.done()
+    approving = {"json": {"approve": True}, "headers": {"X-Approver-Token": approver_token("bob@example.com")}}
+    assert (await admin(h, "POST", f"/approvals/{approval_id}", **approving))[0] == 200
+    deny = {"json": {"approve": False}, "headers": {"X-Approver-Token": approver_token("carol@example.com")}}
+    assert (await admin(h, "POST", f"/approvals/{approval_id}", **deny))[0] == 404
+    assert await asyncio.wait_for(request, 10) == 200
+    event = [e for e in await h.settle() if e["approval"]][-1]
+    assert event["approval"]["approver"]["sub"] == "bob@example.com"

@@ -5,101 +5,38 @@ Semantics pinned here (see ``sidecar/revocation.py``):
   *ends* the tasks it names, so lifting it later lets new tasks work but never reopens old ones;
 - with Redis, a revocation made on one sidecar reaches the others (pub/sub) and sidecars that
   were away (stored keys); changes made while Redis is down wait in an outbox and are written
-  when the bus reconnects, and a lift leaves a tombstone so the fleet converges on it too.
+  when the bus reconnects, and a lift leaves a tombstone so the fleet converges on it too;
+- a bus message is checked before it applies: malformed, non-finite, far-future or stale ones change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+import time
+from types import SimpleNamespace
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
+from sidecar.config_model import RevocationConfig
+from sidecar.errors import Refusal
+from sidecar.fields import Secret
+from sidecar.observe.metrics import Metrics
+from sidecar.revocation import RedisBus, Revocations
 from tests.harness import SidecarHarness, Upstream, admin
 from tests.peers.redis import RedisServer, redis_server  # noqa: F401
-
-SECRET = "canary-static-secret-revocation"
-ALICE, BOB = "alice@example.com", "bob@example.com"
-POLL_STEP_S = 0.05
-POLL_STEPS = 300  # at most ~15 s of polling, never asserted as a duration
-
-POLICY = {"version": 1, "default": "deny", "rules": [
-    {"id": "billing-all", "direction": "outbound", "upstream": "billing", "paths": ["/v1/**"], "effect": "allow"},
-]}
-
-
-def config_for(upstream: Upstream, **extra: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "agent": {"name": "billing-agent", "environment": "test"},
-        "outbound": {"upstreams": {"billing": {"url": upstream.url + "/api", "credential": "legacy"}}},
-        "credentials": {"legacy": {"type": "static", "header": "X-API-Key", "value": {"value": SECRET}}},
-    }
-    config.update(extra)
-    return config
+from tests.scenarios.revocation import (ALICE, BOB, POLICY, SECRET, call, config_for, metric, open_task, poll,
+                                        readyz, revoke, rids)
 
 
 def fleet_config(upstream: Upstream, redis: RedisServer, h_dir: Any, name: str, **revocation: Any) -> dict[str, Any]:
     """A sidecar of a fleet: its own agent name and state_dir, the shared Redis."""
     return config_for(upstream, agent={"name": name, "environment": "test"}, state_dir=str(h_dir / name),
                       revocation={"redis_url": redis.url, **revocation})
-
-
-async def call(h: SidecarHarness, task: str | None = None, path: str = "/billing/v1/invoices") -> tuple[int, str]:
-    """One outbound call from the agent: (status, reason code or 'ok')."""
-    headers = {"X-Sidecar-Task": task} if task else {}
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{h.outbound}{path}", headers=headers) as r:
-            body = await r.json(content_type=None)
-            return r.status, body.get("error", "ok") if isinstance(body, dict) else "ok"
-
-
-async def open_task(h: SidecarHarness, principal: str = ALICE, **extra: Any) -> str:
-    status, body = await admin(h, "POST", "/tasks", json={"principal": principal, **extra})
-    assert status == 201, body
-    return body["id"]
-
-
-async def revoke(h: SidecarHarness, kind: str, ident: str, **extra: Any) -> dict[str, Any]:
-    status, body = await admin(h, "POST", "/revocations", json={"kind": kind, "id": ident, **extra})
-    assert status == 201, body
-    return body
-
-
-async def poll(check: Callable[[], Awaitable[bool]]) -> bool:
-    """True as soon as check() is; False after POLL_STEPS tries (bounded, no duration asserted)."""
-    for _ in range(POLL_STEPS):
-        if await check():
-            return True
-        await asyncio.sleep(POLL_STEP_S)
-    return False
-
-
-async def get_text(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url) as r:
-            return r.status, await r.text()
-
-
-async def readyz(h: SidecarHarness) -> int:
-    return (await get_text(f"http://127.0.0.1:{h.port('health')}/readyz"))[0]
-
-
-async def metric(h: SidecarHarness, name: str) -> float | None:
-    """The value of an unlabelled sample in /metrics."""
-    _, text = await get_text(f"http://127.0.0.1:{h.port('metrics')}/metrics")
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
-async def rids(h: SidecarHarness) -> set[str]:
-    status, body = await admin(h, "GET", "/revocations")
-    assert status == 200
-    return {r["rid"] for r in body["revocations"]}
 
 
 # -- one sidecar: each kind --------------------------------------------------------------------
@@ -437,7 +374,7 @@ async def _stored(redis: RedisServer, rid: str) -> bool:
 
 async def test_agent_revocations_lift_by_their_plain_id_and_unknown_admin_routes_are_json(make_sidecar, upstream):
     """DELETE /revocations/agent:spiffe://... works unencoded; unknown admin paths get a JSON 404."""
-    from tests.core.test_outbound import POLICY as OUT_POLICY, config_for
+    from tests.scenarios.outbound import POLICY as OUT_POLICY, config_for
     from tests.harness import admin as call_admin
 
     h = await make_sidecar(config_for(upstream), OUT_POLICY)
@@ -453,7 +390,7 @@ async def test_a_credential_name_revokes_all_of_its_tokens(make_sidecar, upstrea
     """kind credential with a configured credential name stops every use of it, fleet-wide by name."""
     import aiohttp
 
-    from tests.core.test_outbound import POLICY as OUT_POLICY, config_for
+    from tests.scenarios.outbound import POLICY as OUT_POLICY, config_for
     from tests.harness import admin as call_admin
 
     h = await make_sidecar(config_for(upstream), OUT_POLICY)
@@ -464,3 +401,64 @@ async def test_a_credential_name_revokes_all_of_its_tokens(make_sidecar, upstrea
     assert upstream.seen == []
     event = (await h.settle())[-1]
     assert event["credential"]["provider"] == "legacy"  # the refused credential is named in the event
+
+
+# -- the bus: what a message may carry -----------------------------------------------------------
+
+def bus() -> tuple[Revocations, RedisBus]:
+    """Revocations and a Redis bus that is never started: messages are handed to it directly."""
+    revocations = Revocations(Metrics())
+    return revocations, RedisBus(RevocationConfig(Secret("redis://127.0.0.1:1/0")), revocations, Metrics())
+
+
+def test_a_future_dated_tombstone_on_the_bus_cannot_make_later_admin_revocations_ineffective():
+    """A bus tombstone whose created_at lies in the future (a skewed sidecar's clock, or anyone who can
+    write to Redis) must not suppress a later local revocation of that id that POST /revocations
+    answered 201 for (security review 2, finding G1)."""
+    revocations, redis_bus = bus()
+    now = time.time()
+    tombstone = {"kind": "task", "id": "t-1", "created_at": now + 600, "expires_at": now + 3600, "deleted": True}
+    redis_bus._receive(orjson.dumps(tombstone), observe=False)
+    entry = revocations.add("task", "t-1", 3600.0)  # what POST /revocations does; it answers 201 with this entry
+    assert entry.rid in {e.rid for e in revocations.list()}
+    with pytest.raises(Refusal):
+        revocations.check_task(SimpleNamespace(id="t-1", principal=None))
+
+
+def test_bus_messages_with_non_finite_or_unbounded_times_are_refused():
+    """A bus message's times are range-checked: "inf"/"nan" strings and TTLs far beyond the admin API's
+    30-day maximum are not applied (a revocation that never expires, or a NaN version that a lift cannot
+    retire) (security review 2, finding G2)."""
+    revocations, redis_bus = bus()
+    now = time.time()
+    for message in ({"kind": "subject", "id": "alice", "created_at": "nan", "expires_at": "inf"},
+                    {"kind": "subject", "id": "bob", "created_at": now, "expires_at": now + 10 * 365 * 86400}):
+        redis_bus._receive(orjson.dumps(message), observe=False)
+    assert revocations.list() == []
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"not json", b"[]", b"[1,2]", b"42", b'"task"', b"null", b'{"kind": "task"}',
+    b'{"kind": "task", "id": "x", "created_at": "soon", "expires_at": 1}',
+    b'{"kind": "task", "id": "x", "created_at": [], "expires_at": {}}',
+    b'{"kind": "bogus", "id": "x", "created_at": 1, "expires_at": 99999999999}',
+    b"\xff\xfe garbage",
+])
+def test_malformed_bus_messages_are_ignored_without_crashing_or_revoking(payload):
+    """Malformed or unknown-kind revocation messages are dropped; nothing is revoked and nothing raises
+    (security review 2: a defence that held)."""
+    revocations, redis_bus = bus()
+    redis_bus._receive(payload, observe=True)
+    assert revocations.list() == []
+
+
+def test_a_stale_bus_tombstone_cannot_lift_a_newer_revocation():
+    """A tombstone for an older version of a revocation leaves the newer, locally made one in force
+    (security review 2: a defence that held)."""
+    revocations, redis_bus = bus()
+    now = time.time()
+    revocations.add("task", "t-2", 3600.0)
+    redis_bus._receive(orjson.dumps({"kind": "task", "id": "t-2", "created_at": now - 60, "expires_at": now + 60,
+                                     "deleted": True}), observe=False)
+    with pytest.raises(Refusal):
+        revocations.check_task(SimpleNamespace(id="t-2", principal=None))

@@ -1,15 +1,17 @@
-"""Bodies stream both ways: SSE arrives as sent, chunked uploads pass, WebSockets work, SIGTERM drains."""
+"""Bodies stream both ways: SSE arrives as sent, chunked uploads pass, WebSockets work (and never follow a
+redirect), SIGTERM drains, and a stream broken off or left by its client ends at once, never shown complete."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.core.test_outbound import POLICY, config_for
-from tests.harness import Upstream
+from tests.harness import BOUND, Upstream, admin, open_outbound, read_to_close, read_until
+from tests.scenarios.outbound import ALLOW_ALL, POLICY, SECRET, config_for, outbound_to
 
 
 async def test_first_sse_event_reaches_the_client_before_the_upstream_finishes(make_sidecar):
@@ -229,3 +231,107 @@ async def test_a_stream_the_upstream_leaves_quiet_past_idle_is_broken_off_and_sa
     finally:
         release.set()
         await up.stop()
+
+
+async def assert_upgrade_refused(h) -> None:
+    """The agent's WebSocket handshake through the sidecar fails: the upstream's redirect is not followed."""
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            async with s.ws_connect(f"{h.outbound}/billing/v1/stream"):
+                pass
+
+
+async def test_a_websocket_redirect_does_not_carry_the_credential_to_another_origin(make_sidecar):
+    """A WebSocket upgrade answered with a redirect must not deliver the injected credential to another
+    origin (security review 1, finding F1)."""
+    evil = await Upstream().start()
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": f"{evil.url}/steal"})
+
+    good = await Upstream(redirect).start()
+    try:
+        await assert_upgrade_refused(await make_sidecar(config_for(good), POLICY))
+        leaked = [seen.header("X-API-Key") for seen in evil.seen]
+        assert SECRET not in leaked, "the static credential reached an origin no policy allowed"
+    finally:
+        await good.stop()
+        await evil.stop()
+
+
+async def test_a_websocket_redirect_does_not_reach_a_path_policy_denies(make_sidecar):
+    """A same-origin redirect of a WebSocket upgrade must not carry the credential to a path a deny rule
+    covers (security review 1, finding F1)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/stream"):
+            return web.Response(status=302, headers={"Location": "/api/v1/admin/users"})
+        return web.Response(status=404)
+
+    good = await Upstream(handler).start()
+    try:
+        await assert_upgrade_refused(await make_sidecar(config_for(good), POLICY))
+        assert [seen.path for seen in good.seen] == ["/api/v1/stream"], "the redirect was followed upstream"
+    finally:
+        await good.stop()
+
+
+async def poll(condition: Callable[[], bool]) -> bool:
+    """True once ``condition()`` holds, polled for at most BOUND seconds."""
+    for _ in range(int(BOUND / 0.02)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+async def test_a_client_that_goes_away_mid_stream_closes_its_upstream_exchange(make_sidecar, raw_server):
+    """An agent that drops its connection while a quiet SSE stream is relayed must have the upstream
+    connection closed and the exchange recorded as cut at once, not held until the upstream writes
+    again (security review 4, finding I1)."""
+    upstream_closed = asyncio.Event()
+
+    async def quiet_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"e\r\ndata: first\n\n\r\n")
+        await reader.read()  # returns at the sidecar's close: the stream then has no reader
+        upstream_closed.set()
+
+    h = await make_sidecar(outbound_to(await raw_server(quiet_stream)), ALLOW_ALL)
+    reader, writer = await open_outbound(h, b"GET /billing/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n")
+    await read_until(reader, b"data: first\n\n")
+    writer.close()
+    async with asyncio.timeout(BOUND):
+        await upstream_closed.wait()
+    assert await poll(lambda: len(h.sidecar.runtime.exchanges) == 0)
+    event = (await h.settle())[-1]
+    assert event["outcome"] == "cut" and event["reason_detail"] == "client gone"
+    assert h.sidecar.runtime.sessions.get("billing")._open == 0  # the pool slot is given back
+
+
+@pytest.mark.parametrize("cause", [
+    "revoked",  # the agent is revoked while its response streams: the exchange is cut
+    "upstream_reset",  # the upstream resets its connection mid-body
+])
+async def test_a_response_broken_off_is_never_shown_complete(make_sidecar, raw_server, cause):
+    """A response broken off by a revocation or an upstream reset resets the client's connection, so that
+    even a response framed by the connection's close (to an HTTP/1.0 client) is not taken as whole
+    (security review 4, finding I5)."""
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2 if cause == "upstream_reset" else BOUND * 2)
+        writer.transport.abort()
+
+    h = await make_sidecar(outbound_to(await raw_server(stream)), ALLOW_ALL)
+    reader, writer = await open_outbound(h, b"GET /billing/report HTTP/1.0\r\nHost: 127.0.0.1:%d\r\n\r\n")
+    await read_until(reader, b"first\n")
+    if cause == "revoked":
+        status, _ = await admin(h, "POST", "/revocations", json={"kind": "agent", "id": h.sidecar.runtime.agent.id})
+        assert status in (200, 201)
+    with pytest.raises(ConnectionResetError):
+        await read_to_close(reader)
+    writer.close()
+    event = (await h.settle())[-1]
+    assert event["outcome"] == ("cut" if cause == "revoked" else "upstream_reset")

@@ -20,9 +20,9 @@ from aiohttp import web
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tests.credentials.test_aws_provider import BUCKET, REGION, iam_auth, moto  # noqa: F401  (fixtures)
-from tests.core.test_reload_and_approval import approval_config, approve, listed
 from tests.harness import Seen, Upstream, raw_http
+from tests.peers.moto import BUCKET, REGION
+from tests.scenarios.approval import approval_config, approve, listed
 
 pytestmark = pytest.mark.peer("moto")
 POLICY = {"version": 1, "default": "deny", "rules": [
@@ -39,7 +39,7 @@ def s3_config(moto, **source: object) -> dict:
     }
 
 
-async def test_the_agent_writes_and_reads_s3_through_the_sidecar(make_sidecar, moto, iam_auth):  # noqa: F811
+async def test_the_agent_writes_and_reads_s3_through_the_sidecar(make_sidecar, moto, iam_auth):
     """An unsigned agent request is signed by the sidecar and accepted by moto with IAM auth on."""
     h = await make_sidecar(s3_config(moto), POLICY)
     iam_auth()
@@ -60,7 +60,7 @@ async def test_the_agent_writes_and_reads_s3_through_the_sidecar(make_sidecar, m
     assert moto.user.secret_access_key.encode() not in h.raw_log()
 
 
-async def test_a_wrong_secret_is_refused_by_the_service(make_sidecar, moto, iam_auth):  # noqa: F811
+async def test_a_wrong_secret_is_refused_by_the_service(make_sidecar, moto, iam_auth):
     """A signature made with the wrong secret is refused by moto (403), proving the check is real."""
     h = await make_sidecar(s3_config(moto, type="static", access_key_id={"value": moto.user.access_key_id},
                                      secret_access_key={"value": "wrong-secret-canary"}), POLICY)
@@ -155,7 +155,7 @@ UPLOADS = {
 
 
 @pytest.mark.parametrize(("upload", "data"), UPLOADS.values(), ids=UPLOADS.keys())
-async def test_boto3_uploads_read_back_byte_for_byte(make_sidecar, moto, iam_auth, upload, data):  # noqa: F811
+async def test_boto3_uploads_read_back_byte_for_byte(make_sidecar, moto, iam_auth, upload, data):
     """boto3's default aws-chunked uploads are signed as declared and S3 stores the object, not the framing
     (issue 11 item 8)."""
     h = await make_sidecar(connect_config(moto), BOTO3_POLICY)
@@ -169,7 +169,7 @@ async def test_boto3_uploads_read_back_byte_for_byte(make_sidecar, moto, iam_aut
     assert {e["decision"] for e in events} == {"allow"} and {e["status"] for e in events} == {200}
 
 
-async def test_boto3_ordinary_calls_pass_the_signed_header_set(make_sidecar, moto, iam_auth):  # noqa: F811
+async def test_boto3_ordinary_calls_pass_the_signed_header_set(make_sidecar, moto, iam_auth):
     """Every x-amz-* header boto3's ordinary S3 calls send at their defaults is signed and accepted
     (issue 11 item 7)."""
     h = await make_sidecar(connect_config(moto), BOTO3_POLICY)
@@ -189,7 +189,7 @@ async def test_boto3_ordinary_calls_pass_the_signed_header_set(make_sidecar, mot
     assert {e["status"] for e in await h.settle()} == {200, 204}
 
 
-async def test_boto3_copies_only_from_a_source_policy_lets_it_read(make_sidecar, moto, iam_auth):  # noqa: F811
+async def test_boto3_copies_only_from_a_source_policy_lets_it_read(make_sidecar, moto, iam_auth):
     """CopyObject and UploadPartCopy into an allowed prefix need a rule that allows reading the source
     (issue 11 item 7)."""
     h = await make_sidecar(connect_config(moto), BOTO3_POLICY)

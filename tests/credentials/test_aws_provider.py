@@ -10,10 +10,9 @@ stub that answers like STS.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,6 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 import jwt
 import pytest
-import requests
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from multidict import CIMultiDict
@@ -35,92 +33,19 @@ from sidecar.credentials.aws_request import copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps
 from sidecar.credentials.cache import CredentialCache
 from sidecar.credentials.registry import PROVIDERS
-from sidecar.credentials.sigv4 import UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign
+from sidecar.credentials.sigv4 import UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256
 from sidecar.errors import ConfigError, ConfigInvalid, CredentialUnavailable, RequestRefused
 from sidecar.fields import Fields
 from sidecar.identity.signing import Signer, SigningKey
 from sidecar.observe.metrics import Metrics
 from sidecar.http.target import PathOptions
-from tests.peers.moto import free_port, moto_server
+from tests.peers.moto import ACCOUNT, BUCKET, FORM, REGION, Moto, free_port, xml_value
 
-REGION = "us-east-1"
-ACCOUNT = "123456789012"
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/agent"
-BUCKET = "aws-provider-bucket"
 AGENT_ID = "spiffe://example.org/ns/agents/sa/billing-agent"
-FORM = "application/x-www-form-urlencoded; charset=utf-8"
 WHOAMI = urlencode({"Action": "GetCallerIdentity", "Version": "2011-06-15"}).encode()
 REQ = CredentialRequest(upstream="aws", scopes=(), agent_id=AGENT_ID)
 MOTO = pytest.mark.peer("moto")
-
-# --- the moto peer -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Moto:
-    """A running moto server (IAM authentication off between tests) and a user's key."""
-
-    base: str
-    port: int
-    user: AwsCredentials
-
-
-def _setup_call(base: str, port: int, service: str, method: str, path: str, body: bytes = b"") -> str:
-    """A setup call while authentication is off: signed only so that moto routes it."""
-    bootstrap = AwsCredentials("AKIDBOOTSTRAP", "unchecked-while-auth-is-off")
-    headers = [("Content-Type", FORM)] if body else []
-    host = f"127.0.0.1:{port}"
-    added = sign(method, host, path, "", headers, payload_sha256(body), bootstrap, REGION, service,
-                 datetime.now(timezone.utc))
-    response = requests.request(method, base + path, data=body, headers=dict([*headers, *added]))
-    response.raise_for_status()
-    return response.text
-
-
-def _iam(base: str, port: int, action: str, **params: str) -> str:
-    body = urlencode({"Action": action, "Version": "2010-05-08", **params}).encode()
-    return _setup_call(base, port, "iam", "POST", "/", body)
-
-
-def _xml(text: str, tag: str) -> str:
-    match = re.search(f"<{tag}>([^<]*)</{tag}>", text)
-    assert match, f"no <{tag}> in moto's answer"
-    return match.group(1)
-
-
-def _provision(base: str, port: int) -> AwsCredentials:
-    """A role the web identity may assume, a user with a key, both allowed everything; a bucket."""
-    allow_all = json.dumps({"Version": "2012-10-17",
-                            "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
-    trust = json.dumps({"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Action": "sts:AssumeRoleWithWebIdentity",
-        "Principal": {"Federated": f"arn:aws:iam::{ACCOUNT}:oidc-provider/agents.example.test"}}]})
-    _iam(base, port, "CreateRole", RoleName="agent", AssumeRolePolicyDocument=trust)
-    _iam(base, port, "PutRolePolicy", RoleName="agent", PolicyName="all", PolicyDocument=allow_all)
-    _iam(base, port, "CreateUser", UserName="static-agent")
-    _iam(base, port, "PutUserPolicy", UserName="static-agent", PolicyName="all", PolicyDocument=allow_all)
-    key = _iam(base, port, "CreateAccessKey", UserName="static-agent")
-    _setup_call(base, port, "s3", "PUT", f"/{BUCKET}")
-    return AwsCredentials(_xml(key, "AccessKeyId"), _xml(key, "SecretAccessKey"))
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    """A provisioned moto server on a free loopback port, IAM authentication off."""
-    with moto_server() as (base, port):
-        yield Moto(base, port, _provision(base, port))
-
-
-def _set_auth(moto: Moto, count: str) -> None:
-    requests.post(f"{moto.base}/moto-api/reset-auth", data=count.encode()).raise_for_status()
-
-
-@pytest.fixture
-def iam_auth(moto: Moto) -> Iterator[Callable[[], None]]:
-    """A switch that turns moto's IAM authentication on; it is off again after the test."""
-    yield lambda: _set_auth(moto, "0")
-    _set_auth(moto, "inf")
-
 
 # --- the sidecar side --------------------------------------------------------------------
 
@@ -289,7 +214,7 @@ async def test_caller_is_the_assumed_role_with_the_agents_session_name(
     iam_auth()
     status, text = await send(session, out)
     assert status == 200, text
-    assert _xml(text, "Arn") == f"arn:aws:sts::{ACCOUNT}:assumed-role/agent/billing-agent"
+    assert xml_value(text, "Arn") == f"arn:aws:sts::{ACCOUNT}:assumed-role/agent/billing-agent"
 
 
 @MOTO

@@ -27,8 +27,7 @@ from sidecar.fields import Secret
 from sidecar.identity.signing import Signer, load_signing_key
 from sidecar.observe import decision_log
 from sidecar.observe.metrics import Metrics
-from tests.credentials.test_oauth2 import WRONG_SECRET, Make, client_config, parse_spec, request
-from tests.credentials.test_oauth2 import deps, make, svid  # noqa: F401  (fixtures)
+from tests.credentials.providers import WRONG_SECRET, Make, client_config, parse_spec, request
 from tests.peers.oidc import ACTOR_ISSUERS, AGENT_SPIFFE_ID, BILLING, CRM, OidcProvider
 
 pytestmark = pytest.mark.peer("oidc-provider")

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from sidecar.credentials import http_signature
 from sidecar.credentials.base import CredentialRequest, OutboundRequest, ProviderDeps
 from sidecar.credentials.rfc9421 import signature_base, signature_params, verify_with
-from tests.credentials.test_oauth2 import config_errors, parse_spec
+from tests.credentials.providers import config_errors, parse_spec
 from tests.harness import Seen, Upstream, raw_http
 
 VECTORS = Path(__file__).parent / "vectors" / "rfc9421"

@@ -19,7 +19,7 @@ from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret
 from sidecar.identity.signing import Signer, load_signing_key
 from sidecar.observe.metrics import Metrics
-from tests.credentials.test_oauth2 import config_errors, parse_spec
+from tests.credentials.providers import config_errors, parse_spec
 
 AGENT = "spiffe://example.org/ns/agents/sa/billing"
 ISSUER = "https://agents.example.com/billing"

@@ -6,114 +6,23 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-from pathlib import Path
-from types import ModuleType
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import jwt
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 
 from sidecar.credentials import oauth2
-from sidecar.credentials.base import CredentialRequest, OutboundRequest, ProviderDeps
-from sidecar.errors import ConfigError, CredentialUnavailable
-from sidecar.fields import Fields
-from sidecar.identity.signing import Signer, load_signing_key
+from sidecar.credentials.base import ProviderDeps
+from sidecar.errors import CredentialUnavailable
+from sidecar.identity.signing import load_signing_key
 from sidecar.identity.source import IdentitySource
-from sidecar.observe.metrics import Metrics
+from tests.credentials.providers import (ID_KEY, WRONG_SECRET, Make, b64url_to_hex, client_config, config_errors,
+                                         outbound, parse_spec, request)
 from tests.harness import Upstream
-from tests.peers.oidc import AGENT_SPIFFE_ID, BILLING, CRM, OidcProvider
-from tests.peers.test_oidc_peer import verify_access_token
+from tests.peers.oidc import AGENT_SPIFFE_ID, BILLING, CRM, OidcProvider, verify_access_token
 
 pytestmark = pytest.mark.peer("oidc-provider")
-
-ID_KEY = b"test-id-key-0123456789abcdef0123"
-WRONG_SECRET = "wrong-secret-Tq93mXv2Lp8"
-
-
-# ---------------------------------------------------------------- helpers (shared by the other modules)
-
-
-def config_errors(module: ModuleType, raw: dict[str, Any]) -> list[str]:
-    """Parse ``raw`` as credentials.test with ``module``; every problem, with its path."""
-    errors: list[ConfigError] = []
-    f = Fields(raw, "credentials.test", errors)
-    module.parse("test", f)
-    f.done()
-    return [str(e) for e in errors]
-
-
-def parse_spec(module: ModuleType, raw: dict[str, Any]) -> Any:
-    """Parse ``raw`` with ``module`` and insist it is valid."""
-    errors: list[ConfigError] = []
-    f = Fields(raw, "credentials.test", errors)
-    spec = module.parse("test", f)
-    f.done()
-    assert not errors, [str(e) for e in errors]
-    return spec
-
-
-def client_config(peer: OidcProvider, client_id: str, **extra: Any) -> dict[str, Any]:
-    """The config entry for one of the peer's clients, with its registered auth method."""
-    client = peer.clients[client_id]
-    raw: dict[str, Any] = {"token_url": peer.token_url, "issuer": peer.issuer, "ca": str(peer.ca_path),
-                           "client_id": client_id, "auth": client.auth_method}
-    if client.secret:
-        raw["client_secret"] = {"value": client.secret}
-    return {**raw, **extra}
-
-
-def request(scopes: tuple[str, ...] = (), **kwargs: Any) -> CredentialRequest:
-    return CredentialRequest(upstream="billing-api", scopes=scopes, agent_id=AGENT_SPIFFE_ID, **kwargs)
-
-
-def outbound(client_cert_sha256: str | None = None) -> OutboundRequest:
-    return OutboundRequest("GET", "https", "billing.internal", 443, "/v1/invoices", "", CIMultiDict(),
-                           client_cert_sha256=client_cert_sha256)
-
-
-def b64url_to_hex(value: str) -> str:
-    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
-
-
-def svid_copy(peer: OidcProvider, directory: Path) -> IdentitySource:
-    """A real IdentitySource over a copy of the peer's tls_client_auth certificate."""
-    cert, key = directory / "svid.crt", directory / "svid.key"
-    shutil.copy(peer.mtls_cert.cert_path, cert)
-    shutil.copy(peer.mtls_cert.key_path, key)
-    return IdentitySource(cert, key, peer.pki.client_ca_path, {}, Metrics())
-
-
-@pytest.fixture
-def svid(oidc_provider: OidcProvider, tmp_path: Path) -> IdentitySource:
-    return svid_copy(oidc_provider, tmp_path)
-
-
-@pytest.fixture
-def deps(oidc_provider: OidcProvider, svid: IdentitySource) -> ProviderDeps:
-    """svc-jwt's registered key signs client assertions (their iss is the client_id, not ours)."""
-    key = oidc_provider.jwt_client_key
-    signer = Signer(load_signing_key(key.path, key.kid), issuer="https://unused.example")
-    return ProviderDeps(agent_id=AGENT_SPIFFE_ID, signer=signer, svid=svid, id_key=ID_KEY)
-
-
-Make = Callable[..., Any]
-
-
-@pytest.fixture
-async def make(deps: ProviderDeps) -> AsyncIterator[Make]:
-    """Build providers from raw config; close them all afterwards."""
-    built: list[Any] = []
-
-    def build(raw: dict[str, Any], module: ModuleType = oauth2, provider_deps: ProviderDeps | None = None) -> Any:
-        provider = module.PROVIDER("test", parse_spec(module, raw), provider_deps or deps)
-        built.append(provider)
-        return provider
-
-    yield build
-    for provider in built:
-        await provider.aclose()
 
 
 # ---------------------------------------------------------------- every client auth method

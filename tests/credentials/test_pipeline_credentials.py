@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.identity.ca import ca_issue
 from tests.harness import Upstream
-from tests.observe.test_evidence import assert_valid
+from tests.harness import assert_valid
 from tests.peers.oidc import BILLING, CRM
 
 pytestmark = pytest.mark.peer("oidc-provider")

@@ -15,11 +15,9 @@ from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret
 from sidecar.identity.signing import Signer, load_signing_key
 from sidecar.identity.source import IdentitySource
-from tests.credentials.test_oauth2 import (ID_KEY, Make, b64url_to_hex, client_config, config_errors, outbound,
-                                           parse_spec)
-from tests.credentials.test_oauth2 import make, svid  # noqa: F401  (fixtures; make uses this module's deps)
-from tests.peers.oidc import ACTOR_ISSUERS, AGENT_SPIFFE_ID, CRM, OidcProvider
-from tests.peers.test_oidc_peer import verify_access_token
+from tests.credentials.providers import (ID_KEY, Make, b64url_to_hex, client_config, config_errors, outbound,
+                                         parse_spec)
+from tests.peers.oidc import ACTOR_ISSUERS, AGENT_SPIFFE_ID, CRM, OidcProvider, verify_access_token
 
 pytestmark = pytest.mark.peer("oidc-provider")
 

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import trustme
 
-from tests.core.test_revocation import POLICY, call, config_for, metric, open_task, poll, readyz, revoke, rids
+from tests.scenarios.revocation import POLICY, call, config_for, metric, open_task, poll, readyz, revoke, rids
 from tests.fleet import Fleet, Member, PlainUpstream
 from tests.harness import SidecarHarness, Upstream
 from tests.peers.redis import (  # noqa: F401 (sentinel_group is a fixture)

@@ -19,8 +19,8 @@ from sidecar.errors import IdentityRefused
 from sidecar.identity.jwks import ASYMMETRIC_ALGORITHMS, JwksError, parse_jwks
 from sidecar.identity.jwt import JwtVerifier
 from sidecar.observe.metrics import Metrics
-from tests.identity.test_jwt import (ISSUER, Clock, Key, claims, ec_key, ed_key, issuer_config, rsa_key, sign,
-                                     write_jwks)
+from tests.identity.tokens import (ISSUER, Clock, Key, claims, ec_key, ed_key, issuer_config, rsa_key, sign,
+                                   write_jwks)
 
 
 def failures(metrics: Metrics, issuer: str = ISSUER) -> float:

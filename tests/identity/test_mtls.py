@@ -22,7 +22,7 @@ from aiohttp import web
 from sidecar.http.tls import build_server_context
 from sidecar.identity.mtls import MtlsAcceptor, _PeerTable, refusal_response
 from sidecar.identity.x509 import PeerIdentity, PeerRejected, TrustBundles
-from tests.identity.test_x509 import HOUR, Authority, Issued, Pki, make_pki
+from tests.identity.pki import HOUR, Authority, Issued, Pki, make_pki
 
 OUR_ID = "spiffe://example.org/ns/agents/sa/billing"
 CALLER_ID = "spiffe://example.org/ns/orchestrator/sa/main"

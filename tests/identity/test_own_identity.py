@@ -5,27 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-import pytest
 import trustme
 
-from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.source import IdentitySource
-from sidecar.identity.spiffe import parse_spiffe_id
 from sidecar.observe.metrics import Metrics
 from tests.harness import Upstream
+from tests.scenarios.own_identity import issue
 
-AGENT = "spiffe://example.org/agent/billing"
 POLICY = {"version": 1, "default": "allow", "rules": []}
-
-
-def issue(ca_dir: Path, out: Path, spiffe_id: str = AGENT) -> dict[str, Path]:
-    ca = DevCA.load_or_create(ca_dir, "example.org")
-    return write_svid(ca.issue_svid(parse_spiffe_id(spiffe_id), timedelta(hours=1)), out)
 
 
 def swap_in(src: dict[str, Path], live: Path) -> None:
@@ -93,11 +84,6 @@ def test_a_rotated_certificate_without_a_spiffe_id_is_refused_and_the_watch_goes
     swap_in(second, tmp_path / "live")
     assert source.check()
     assert source.state.cert_sha256 != kept.cert_sha256
-
-
-@pytest.fixture(scope="module")
-def upstream_ca() -> trustme.CA:
-    return trustme.CA()
 
 
 async def https_upstream(ca: trustme.CA, name: str, *, require_client_from: Path | None = None) -> Upstream:

@@ -24,8 +24,8 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.harness import wait_ready
 from tests.peers.redis import free_port
-from tests.test_cli import _wait_ready as wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 PIPE_BYTES = 4096

@@ -6,25 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import aiohttp
-import jsonschema
 import pytest
 
-from tests.core.test_outbound import POLICY, SECRET, config_for
-from tests.harness import admin, raw_http
-
-SCHEMA = json.loads((Path(__file__).parents[2] / "sidecar" / "schemas" / "trust_decision.schema.json").read_text())
-VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
-
-
-def assert_valid(events: list[dict]) -> None:
-    assert events, "no trust-decision events were emitted"
-    for event in events:
-        errors = sorted(VALIDATOR.iter_errors(event), key=str)
-        assert not errors, f"{event}: {[e.message for e in errors]}"
-
+from tests.harness import SCHEMA, admin, assert_valid, raw_http
+from tests.scenarios.outbound import POLICY, SECRET, config_for
 
 async def exercise(h, upstream) -> None:
     """One of each kind of decision this sidecar can make so far."""
@@ -108,6 +95,21 @@ async def test_secrets_appear_in_no_log_line_or_metric(make_sidecar, upstream):
     for canary in canaries:
         assert canary.encode() not in exposed, canary
     assert upstream.seen[0].header("X-API-Key") == SECRET  # it did reach the upstream, where it belongs
+
+
+async def test_credential_shaped_text_in_a_request_is_redacted_in_the_trust_decision_event(make_sidecar, upstream):
+    """A JWT (or a configured secret) in the request path is masked in the trust-decision event as in every
+    other log line (security review 1, finding F5)."""
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
+    h = await make_sidecar(config_for(upstream), POLICY)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/billing/v1/session/{token}") as r:
+            assert r.status == 200
+        async with s.get(f"{h.outbound}/billing/v1/admin/{SECRET}") as r:
+            assert r.status == 403 and SECRET not in await r.text()
+    await h.settle()
+    log = h.raw_log()
+    assert token.encode() not in log and SECRET.encode() not in log
 
 
 POLICY_KINDS = {"version": 1, "default": "deny", "rules": [

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.core.test_connect import POLICY as CONNECT_POLICY
-from tests.core.test_connect import billing_config, get, start_https_upstream, through_tunnel
-from tests.core.test_connect import upstream_ca  # noqa: F401 (a fixture)
-from tests.core.test_outbound import POLICY, config_for
 from tests.harness import admin
-from tests.identity.test_own_identity import issue
+from tests.scenarios.connect import billing_config, get, start_https_upstream, through_tunnel
+from tests.scenarios.outbound import POLICY, config_for
+from tests.scenarios.own_identity import issue
 
 STALL_S = 1.0
 SECRET = "loop-local-secret-4f1c9a"
@@ -211,7 +209,7 @@ async def test_a_connect_to_a_new_host_mints_its_leaf_off_the_loop(make_sidecar,
     thread, and the tunnel works with it (issue 12 item 5)."""
     up = await start_https_upstream(upstream_ca)
     try:
-        h = await make_sidecar(billing_config(up, upstream_ca, tmp_path), CONNECT_POLICY)
+        h = await make_sidecar(billing_config(up, upstream_ca, tmp_path), POLICY)
         ca = h.sidecar.interceptor.ca
         minted_on: list[str] = []
         mint = ca._mint

@@ -339,6 +339,17 @@ class OidcProvider:
         return str(self._test_api("POST", "user-token", body)["access_token"])
 
 
+def verify_access_token(peer: OidcProvider, token: str, audience: str) -> dict[str, Any]:
+    """Verify a JWT access token against the peer's published JWKS; return its claims."""
+    jwks = requests.get(peer.jwks_uri, verify=str(peer.ca_path), timeout=10).json()
+    header = jwt.get_unverified_header(token)
+    assert header["typ"] == "at+jwt"
+    key = jwt.PyJWKSet.from_dict(jwks)[header["kid"]]
+    return dict(
+        jwt.decode(token, key, algorithms=[header["alg"]], audience=audience, issuer=peer.issuer)
+    )
+
+
 def _client_metadata(client: OidcClient, jwt_key: SigningKey) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "client_id": client.client_id,

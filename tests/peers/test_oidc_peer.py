@@ -25,6 +25,7 @@ from tests.peers.oidc import (
     TT_JWT,
     OidcProvider,
     SigningKey,
+    verify_access_token,
 )
 
 pytestmark = pytest.mark.peer("oidc-provider")
@@ -55,17 +56,6 @@ def actor_token(peer: OidcProvider, **overrides: Any) -> str:
     """A JWT naming the agent as actor, signed by the configured actor key."""
     claims = {"iss": ACTOR_ISSUERS[0], "sub": AGENT_SPIFFE_ID, "aud": peer.issuer, **overrides}
     return signed_jwt(peer.actor_key, claims)
-
-
-def verify_access_token(peer: OidcProvider, token: str, audience: str) -> dict[str, Any]:
-    """Verify a JWT access token against the peer's published JWKS; return its claims."""
-    jwks = requests.get(peer.jwks_uri, verify=str(peer.ca_path), timeout=10).json()
-    header = jwt.get_unverified_header(token)
-    assert header["typ"] == "at+jwt"
-    key = jwt.PyJWKSet.from_dict(jwks)[header["kid"]]
-    return dict(
-        jwt.decode(token, key, algorithms=[header["alg"]], audience=audience, issuer=peer.issuer)
-    )
 
 
 def client_credentials(resource: str = BILLING, scope: str = "invoices.read") -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from sidecar.cli import main
-from tests.core.test_outbound import POLICY, config_for
+from tests.scenarios.outbound import POLICY, config_for
 from tests.harness import admin
 
 ROOT = Path(__file__).parents[2]
