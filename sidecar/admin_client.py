@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from sidecar.config import Config
+from sidecar.config_model import Config
 
 
 def _call(config: Config, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:

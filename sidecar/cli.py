@@ -15,7 +15,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
-from sidecar.config import Config, config_path, load_config
+from sidecar.config import config_path, load_config
+from sidecar.config_model import Config
 from sidecar.errors import ConfigInvalid
 from sidecar.fields import parse_duration
 
@@ -227,7 +228,8 @@ COMMANDS: dict[str, Any] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    status: int = COMMANDS[args.command](args)
+    return status
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ class Interceptor:
 
     async def _exchange(self, request: AiohttpIncoming, ex: Exchange) -> Answer:
         rt = self.rt
-        tunnel = self._tunnels.get(request.native.protocol)  # type: ignore[arg-type]
+        tunnel = self._tunnels.get(request.native.protocol)
         if tunnel is None:
             raise Refusal("internal_error", "connect: request on a connection that is not a tunnel")
         ex.host = tunnel.host

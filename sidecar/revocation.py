@@ -288,7 +288,7 @@ def redis_client(config: RevocationConfig) -> tuple[Any, Any]:
 
     s = config.sentinel
     tls = {"ssl": True, **_tls(config.tls, True)} if config.tls is not None else {}
-    manager = Sentinel(list(s.sentinels), sentinel_kwargs={**TIMEOUTS, **_auth(s.username, s.password), **tls},
+    manager = Sentinel(list(s.sentinels), sentinel_kwargs={**TIMEOUTS, **_auth(s.username, s.password), **tls},  # type: ignore[no-untyped-call]
                        db=s.db, **options, **tls)
     return manager.master_for(s.service_name), manager
 

@@ -21,7 +21,7 @@ from typing import Mapping, NamedTuple
 
 from multidict import CIMultiDictProxy
 
-from sidecar.config import Upstream
+from sidecar.config_model import Upstream
 from sidecar.errors import RequestRefused
 from sidecar.fields import ListenAddress
 from sidecar.http.target import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sidecar.approvals import Approvals
-from sidecar.config import Config
+from sidecar.config_model import Config
 from sidecar.credentials.base import CredentialProvider
 from sidecar.credentials.cache import CredentialCache
 from sidecar.errors import CredentialUnavailable

@@ -33,7 +33,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from sidecar.config import Limits
+from sidecar.config_model import Limits
 from sidecar.errors import (
     PROXY_NAME, RecordedFailure, Refusal, RequestRefused, refusal_body, refusal_headers, refusal_response,
 )
@@ -44,7 +44,7 @@ log = structlog.get_logger("sidecar.server")
 # aiohttp writes "Server: Python/3.x aiohttp/3.x" on every response that has no Server header
 # (our refusals, and forwarded responses whose upstream sent none): whoever calls us could read
 # our stack and its versions from it. One name instead, as in Via and Proxy-Status.
-web_response.SERVER_SOFTWARE = PROXY_NAME
+web_response.SERVER_SOFTWARE = PROXY_NAME  # type: ignore[attr-defined]  # aiohttp reads it; not exported
 ParseErrorHook = Callable[[Refusal], None]
 """``on_parse_error(refusal)``: a refusal made outside any exchange (a connection, or a request never parsed)."""
 RETRY_AFTER_OVERLOAD = 1  # seconds

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from sidecar.config import Limits
+from sidecar.config_model import Limits
 from sidecar.errors import RequestRefused
 from sidecar.http.incoming import IncomingRequest
 

@@ -39,7 +39,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config import Timeouts
+from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
 from sidecar.forward.body import BodyStalled, BodyTooLarge, next_chunk
 from sidecar.forward.transport import Body, UpstreamBroke

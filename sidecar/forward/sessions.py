@@ -12,7 +12,7 @@ from typing import Callable
 import aiohttp
 from yarl import URL
 
-from sidecar.config import Config
+from sidecar.config_model import Config
 from sidecar.forward.http11 import ConnectionPool
 from sidecar.forward.websocket import websocket_session
 from sidecar.http.tls import client_ssl_context

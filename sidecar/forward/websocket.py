@@ -13,7 +13,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.config import Timeouts
+from sidecar.config_model import Timeouts
 from sidecar.errors import UpstreamFailed
 from sidecar.http.headers import connection_listed
 from sidecar.http.incoming import Answer, IncomingRequest
@@ -34,7 +34,8 @@ async def _no_redirect_hops(request: aiohttp.ClientRequest, handler: Any) -> aio
     expected = _SENT_TO.get()
     if expected is not None and request.url != expected:
         raise RedirectRefused("upstream: redirects are not followed")
-    return await handler(request)
+    response: aiohttp.ClientResponse = await handler(request)
+    return response
 
 
 def websocket_session(ssl_context: ssl.SSLContext | None, timeouts: Timeouts) -> aiohttp.ClientSession:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Mapping
+from typing import Any
 from dataclasses import dataclass
 
 import structlog
@@ -120,7 +121,8 @@ class Listener:
             self._loop.add_reader(listening.fileno(), self._ready, listening)
 
 
-def _listening_socket(family: int, kind: int, proto: int, address: tuple, backlog: int) -> socket.socket:
+def _listening_socket(family: int, kind: int, proto: int, address: tuple[Any, ...],
+                      backlog: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

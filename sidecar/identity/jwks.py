@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
-from sidecar.config import JwtIssuerConfig
+from sidecar.config_model import JwtIssuerConfig
 from sidecar.http.tls import client_ssl_context
 
 if TYPE_CHECKING:

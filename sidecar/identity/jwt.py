@@ -39,7 +39,7 @@ import orjson
 import structlog
 from jwt.algorithms import get_default_algorithms
 
-from sidecar.config import JwtIssuerConfig
+from sidecar.config_model import JwtIssuerConfig
 from sidecar.errors import IdentityRefused
 from sidecar.fields import Secret
 from sidecar.identity.jwks import ASYMMETRIC_ALGORITHMS, KeySet, KeySource, VerificationKey, refresh_periodically

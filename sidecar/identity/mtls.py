@@ -34,7 +34,6 @@ import ssl
 from _ssl import ENCODING_DER  # CPython's; ssl.SSLObject of 3.11 has no public chain accessor
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import cast
 
 from sidecar.errors import refusal_response
 from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, YOUNG, Listener, Lobby
@@ -175,7 +174,7 @@ class MtlsAcceptor:
             raise _handshake_error(exc) from None
         if tls is None or tls.is_closing():  # the peer closed the connection during the handshake
             raise _HandshakeFailed("handshake_failed", "mtls: peer closed during the tls handshake")
-        return cast(asyncio.Transport, tls)
+        return tls
 
     def _verify(self, tls: asyncio.Transport) -> PeerIdentity:
         ssl_object = tls.get_extra_info("ssl_object")
@@ -235,7 +234,8 @@ def _intermediates(ssl_object: ssl.SSLObject, leaf: bytes | None) -> list[bytes]
 def _der(cert: object) -> bytes:
     if isinstance(cert, bytes):
         return cert
-    return cert.public_bytes(ENCODING_DER)  # type: ignore[attr-defined]
+    der: bytes = cert.public_bytes(ENCODING_DER)  # type: ignore[attr-defined]  # ssl's private certificate type
+    return der
 
 
 def hand_over(tls: asyncio.Transport, holding: Holding, protocol: asyncio.BaseProtocol) -> None:
@@ -312,4 +312,5 @@ class _PeerTable:
 
     def get(self, connection: object) -> PeerIdentity | None:
         """The peer of a transport (anything else, e.g. a connection that is not TLS: None)."""
-        return self._peers.get(connection)  # type: ignore[call-overload]  # a miss for any other key
+        peer: PeerIdentity | None = self._peers.get(connection)  # type: ignore[call-overload]  # a miss for any other key
+        return peer

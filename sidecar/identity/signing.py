@@ -22,7 +22,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from sidecar.config import SigningKeyConfig
+from sidecar.config_model import SigningKeyConfig
 
 KEEP_PREVIOUS_FOR = 24 * 3600.0
 
@@ -38,7 +38,7 @@ class SigningKey:
     private: Any = field(repr=False)
 
     def public_jwk(self) -> dict[str, Any]:
-        jwk = json.loads(jwt.algorithms.get_default_algorithms()[self.algorithm].to_jwk(self.private.public_key()))
+        jwk: dict[str, Any] = json.loads(jwt.algorithms.get_default_algorithms()[self.algorithm].to_jwk(self.private.public_key()))
         jwk.update({"kid": self.kid, "use": "sig", "alg": self.algorithm})
         return jwk
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.inject.settings import (
@@ -61,7 +63,9 @@ def pod_options(settings: InjectSettings, annotations: dict[str, str]) -> PodOpt
     if unknown:
         raise InjectRefused(f"inject: unknown annotation {unknown[0]}; expected one of {', '.join(POD_ANNOTATIONS)}")
     errors: list[ConfigError] = []
-    get = lambda key, default, check: default if key not in annotations else check(annotations[key], key, errors)  # noqa: E731
+    def get(key: str, default: Any, check: Callable[[str, str, list[ConfigError]], Any]) -> Any:
+        return default if key not in annotations else check(annotations[key], key, errors)
+
     options = PodOptions(
         get(A_IMAGE, settings.image, _image), get(A_CONFIG, settings.config_map, _name),
         get(A_POLICY, settings.policy_config_map, _name), get(A_SVID, settings.svid_secret, _name),
@@ -180,13 +184,13 @@ def _add(path: str, value: object) -> Json:
     return {"op": "add", "path": path, "value": value}
 
 
-def _prepend(path: str, existing: list | None, items: list[Json]) -> list[Json]:
+def _prepend(path: str, existing: list[Json] | None, items: list[Json]) -> list[Json]:
     if existing is None:
         return [_add(path, items)]
     return [_add(f"{path}/0", item) for item in reversed(items)]
 
 
-def _append(path: str, existing: list | None, items: list[Json]) -> list[Json]:
+def _append(path: str, existing: list[Json] | None, items: list[Json]) -> list[Json]:
     return [_add(path, items)] if existing is None else [_add(f"{path}/-", item) for item in items]
 
 

@@ -187,7 +187,7 @@ class HotPath:
             cumulative, buckets = 0, []
             for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), hist.counts):
                 cumulative += count
-                buckets.append((floatToGoString(bound), cumulative))
+                buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
             hist_family.add_metric(values, buckets, hist.sum)
         yield hist_family
 

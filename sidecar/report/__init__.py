@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import orjson
 
-from sidecar.config import Config
+from sidecar.config_model import Config
 from sidecar.errors import ConfigInvalid
 from sidecar.policy.engine import PolicySet
 from sidecar.report.render import render_text, report_data

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.config import Config
+from sidecar.config_model import Config
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.mcp import is_lifecycle
 from sidecar.report.usage import OTHER, AgentUsage, Grant, GrantKey, Usage, policy_effect, used
