@@ -14,17 +14,18 @@ import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config, config_path, load_config
-from sidecar.config_model import AgentMeta
 from sidecar.errors import ConfigError, ConfigInvalid, Refusal
+from sidecar.exchange import AgentInfo
 from sidecar.forward.body import is_form_type
 from sidecar.http.headers import DropSet, clean_request_headers, echo_method, inbound_drop_set, request_drop_set
-from sidecar.policy.engine import Decision, Facts, PolicySet
+from sidecar.policy.engine import Decision, PolicySet
+from sidecar.policy.facts import Agent, Facts, build_facts
 from sidecar.policy.mcp import parse_mcp_request, transport_method
 from sidecar.http.target import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
 from sidecar.policy.ratelimit import Limit, RateLimiter
@@ -38,8 +39,9 @@ EXIT = {"allow": 0, "deny": 3, "require_approval": 4}
 class Described:
     """A request described rather than received: what ``explain``, ``test`` and ``replay`` decide on.
 
-    ``None`` fields take this sidecar's own values (agent id, name, environment and metadata from
-    the config) or the pipeline's (size: the body's length). ``reading`` stands in for the
+    ``None`` fields take this sidecar's own values or the pipeline's (size: the body's length):
+    without ``agent`` (a logged agent: replay) the request is this sidecar's agent, named and
+    described by the config, with ``agent_id`` for its id when given. ``reading`` stands in for the
     override headers a logged request carried (replay); without it the headers are screened.
     """
 
@@ -49,9 +51,7 @@ class Described:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     agent_id: str | None = None
-    agent_name: str | None = None
-    agent_environment: str | None = None
-    agent_meta: AgentMeta | None = None
+    agent: Agent | None = None
     caller: str | None = None
     principal: tuple[str, str] | None = None
     delegation: str | None = None  # default: delegated with a principal, else none
@@ -128,55 +128,79 @@ def _route(config: Config, router: Router, url: str, headers: CIMultiDict[str]) 
     return router.route(url, proxy)
 
 
+class _Target(NamedTuple):
+    """What the direction's routing found: the request's target, its forwarded headers, what to show."""
+
+    scheme: str
+    host: str
+    path: str
+    query: str
+    upstream: str | None
+    forwarded: CIMultiDict[str]
+    reading: Reading
+    shown: dict[str, Any]
+    mcp_method: str | None = None
+    mcp_tool: str | None = None
+
+
 def _forwarded(d: Described, headers: CIMultiDict[str], drop: DropSet, query: str, passed: frozenset[str],
-               paths: PathOptions, base_path: str) -> tuple[dict[str, tuple[str, ...]], Reading]:
+               paths: PathOptions, base_path: str) -> tuple[CIMultiDict[str], Reading]:
     """The headers policy sees (the forwarded ones) and the other reading, as the pipeline has them."""
     forwarded = clean_request_headers(CIMultiDictProxy(headers), drop)
     form = d.body if is_form_type(headers.get("Content-Type", "")) else None
     reading = d.reading if d.reading is not None else screen(forwarded, query, form, passed, paths, base_path)
-    return {k.lower(): tuple(forwarded.getall(k)) for k in forwarded}, reading
+    return forwarded, reading
 
 
-def _base(d: Described, config: Config) -> dict[str, Any]:
-    """The Facts fields that do not depend on the direction."""
-    return dict(
-        method=d.method.upper(), size=len(d.body) if d.size == -1 else d.size, agent_id=_agent_id(config, d.agent_id),
-        agent_name=d.agent_name or config.agent_name, agent_environment=d.agent_environment or config.environment,
-        agent_meta=d.agent_meta or config.agent, now=d.at or datetime.now(timezone.utc), principal=d.principal,
-        delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
-        task_trigger=d.task_trigger)
+def _agent(d: Described, config: Config) -> Agent:
+    """The logged agent, or this sidecar's own (under ``agent_id`` when given)."""
+    if d.agent is not None:
+        return d.agent
+    return AgentInfo(_agent_id(config, d.agent_id), config.agent_name, config.environment, config.agent)
+
+
+def _inbound(d: Described, config: Config, headers: CIMultiDict[str], method: str) -> _Target:
+    raw_path, _, query = d.url.partition("?")
+    path = canonical_path(raw_path)
+    echo_method(method, False)
+    passed = config.inbound.pass_headers if config.inbound else frozenset()
+    agent_base = urlsplit(config.inbound.forward_to).path.rstrip("/") if config.inbound else ""
+    forwarded, reading = _forwarded(d, headers, inbound_drop_set(passed), query, passed, DEFAULT_OPTIONS, agent_base)
+    shown = dict(upstream=None, path=path, override=reading.event())
+    return _Target("https", "", path, query, None, forwarded, reading, shown)
+
+
+def _outbound(d: Described, config: Config, router: Router, headers: CIMultiDict[str], method: str) -> _Target:
+    route = _route(config, router, d.url, headers)
+    up = route.upstream
+    echo_method(method, up.allow_trace)
+    forwarded, reading = _forwarded(d, headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
+                                    route.query, up.pass_headers, up.paths, up.base_path)
+    mcp = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
+        if up.protocol == "mcp" and method == "POST" else None
+    transport = transport_method(method, route.path) if up.protocol == "mcp" else None
+    mcp_method, mcp_tool = (mcp.method, mcp.tool) if mcp else (transport, None)
+    shown = dict(upstream=up.name, path=route.path, forwarded_path=route.forward_path, mcp_method=mcp_method,
+                 mcp_tool=mcp_tool, override=reading.event())
+    return _Target(up.scheme, up.host, route.path, route.query, up.name, forwarded, reading, shown, mcp_method,
+                   mcp_tool)
 
 
 def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict[str, Any], Reading]:
     """The Facts the pipeline would build for ``d``, what to show of them, and the other reading;
     raises :class:`Refusal` for what the pipeline refuses before policy."""
-    base = _base(d, config)
+    method, agent = d.method.upper(), _agent(d, config)  # the agent first: its SVID may be unreadable
     headers: CIMultiDict[str] = CIMultiDict(d.headers)
-    shown: dict[str, Any] = {}
-    if d.direction == "inbound":
-        raw_path, _, query = d.url.partition("?")
-        path = canonical_path(raw_path)
-        echo_method(base["method"], False)
-        passed = config.inbound.pass_headers if config.inbound else frozenset()
-        agent_base = urlsplit(config.inbound.forward_to).path.rstrip("/") if config.inbound else ""
-        seen, reading = _forwarded(d, headers, inbound_drop_set(passed), query, passed, DEFAULT_OPTIONS, agent_base)
-        shown.update(upstream=None, path=path, override=reading.event())
-        return Facts(direction="inbound", scheme="https", host="", path=path, upstream=None, caller_id=d.caller,
-                     headers=seen, query=query, **base), shown, reading
-    route = _route(config, router, d.url, headers)
-    echo_method(base["method"], route.upstream.allow_trace)
-    up = route.upstream
-    seen, reading = _forwarded(d, headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
-                               route.query, up.pass_headers, up.paths, up.base_path)
-    mcp = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
-        if route.upstream.protocol == "mcp" and base["method"] == "POST" else None
-    transport = transport_method(base["method"], route.path) if route.upstream.protocol == "mcp" else None
-    shown.update(upstream=route.upstream.name, path=route.path, forwarded_path=route.forward_path,
-                 mcp_method=mcp.method if mcp else transport, mcp_tool=mcp.tool if mcp else None,
-                 override=reading.event())
-    return Facts(direction="outbound", scheme=route.upstream.scheme, host=route.upstream.host, path=route.path,
-                 upstream=route.upstream.name, mcp_method=shown["mcp_method"], mcp_tool=shown["mcp_tool"],
-                 headers=seen, query=route.query, **base), shown, reading
+    inbound = d.direction == "inbound"
+    t = _inbound(d, config, headers, method) if inbound else _outbound(d, config, router, headers, method)
+    facts = build_facts(
+        direction=d.direction, method=method, scheme=t.scheme, host=t.host, path=t.path, query=t.query,
+        headers=t.forwarded, size=len(d.body) if d.size == -1 else d.size, upstream=t.upstream,
+        agent=agent, caller_id=d.caller if inbound else None, principal=d.principal,
+        delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
+        task_trigger=d.task_trigger, mcp_method=t.mcp_method, mcp_tool=t.mcp_tool,
+        now=d.at or datetime.now(timezone.utc))
+    return facts, t.shown, t.reading
 
 
 def decide(d: Described, config: Config, policy: PolicySet, router: Router | None = None) -> Verdict:

@@ -14,7 +14,8 @@ from sidecar.policy.mcp import SseToolsListFilter, filter_tools_list
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
-    from sidecar.policy.engine import Facts, PolicySet
+    from sidecar.policy.engine import PolicySet
+    from sidecar.policy.facts import Facts
 
 MAX_TOOLS_LIST_BYTES = 4 * 1024 * 1024
 

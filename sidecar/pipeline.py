@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import Awaitable, Callable, Iterator, Mapping
+from typing import Awaitable, Callable
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -45,7 +45,8 @@ from sidecar.identity.x509 import PeerIdentity
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
-from sidecar.policy.engine import Decision, Facts
+from sidecar.policy.engine import Decision
+from sidecar.policy.facts import Facts, build_facts
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
 from sidecar.policy.readings import screen
 from sidecar.routing import Route
@@ -258,16 +259,13 @@ class Outbound:
     def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: bytes | None,
                forwarded: CIMultiDict[str]) -> Facts:
         """What policy decides on: the headers are the ones that will be forwarded, nothing else."""
-        rt = self.rt
-        headers = LazyHeaders(forwarded)
         size = body_size(request, body)
-        return Facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
-                     host=route.upstream.host, path=route.path, query=route.query, headers=headers, size=size,
-                     upstream=route.upstream.name, agent_id=rt.agent.id, agent_name=rt.agent.name,
-                     agent_environment=rt.agent.environment, agent_meta=rt.agent.meta, principal=ex.principal,
-                     delegation=ex.delegation,
-                     task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
-                     mcp_tool=ex.mcp_tool)
+        return build_facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
+                           host=route.upstream.host, path=route.path, query=route.query, headers=forwarded,
+                           size=size, upstream=route.upstream.name, agent=self.rt.agent, principal=ex.principal,
+                           delegation=ex.delegation,
+                           task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
+                           mcp_tool=ex.mcp_tool)
 
     async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
                           task: Task | None) -> Credential | None:
@@ -359,11 +357,10 @@ class Inbound:
         forwarded = clean_request_headers(request.headers, rt.inbound_drop)
         reading = screen(forwarded, query, body, inbound.pass_headers, DEFAULT_OPTIONS, rt.sessions.agent_base_path)
         ex.override = reading.event()
-        ex.facts = facts = Facts(
+        ex.facts = facts = build_facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
-            query=query, headers=LazyHeaders(forwarded), size=body_size(request, body), upstream=None,
-            agent_id=rt.agent.id, agent_name=rt.agent.name, agent_environment=rt.agent.environment,
-            agent_meta=rt.agent.meta, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation)
+            query=query, headers=forwarded, size=body_size(request, body), upstream=None,
+            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation)
         decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
@@ -418,33 +415,3 @@ def _opened(ex: Exchange, status: int) -> None:
 
 def _ws_closed(ex: Exchange) -> None:
     ex.outcome = "completed"
-
-
-class LazyHeaders(Mapping[str, tuple[str, ...]]):
-    """Lowercase header name -> all its values, built only if a rule or condition looks."""
-
-    __slots__ = ("_raw", "_built")
-
-    def __init__(self, raw: Mapping[str, str]) -> None:
-        self._raw = raw
-        self._built: dict[str, tuple[str, ...]] | None = None
-
-    def _dict(self) -> dict[str, tuple[str, ...]]:
-        if self._built is None:
-            built: dict[str, tuple[str, ...]] = {}
-            for name, value in self._raw.items():
-                key = name.lower()
-                built[key] = (*built.get(key, ()), value)
-            self._built = built
-        return self._built
-
-    def __getitem__(self, name: str) -> tuple[str, ...]:
-        return self._dict()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._dict())
-
-    def __len__(self) -> int:
-        return len(self._dict())
-
-

@@ -28,6 +28,7 @@ import orjson
 
 from sidecar.config import Config
 from sidecar.config_model import AgentMeta
+from sidecar.exchange import AgentInfo
 from sidecar.explain import Described, decide, load_candidate, router_for
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.readings import NONE, Reading
@@ -105,7 +106,7 @@ class Candidate:
     config: Config
     policy: PolicySet
     router: Router
-    agents: dict[bytes, AgentMeta] = field(default_factory=dict)  # bounded by the fleet's distinct agents
+    agents: dict[bytes, AgentInfo] = field(default_factory=dict)  # bounded by the fleet's distinct agents
 
 
 def described(event: dict[str, Any], candidate: Candidate) -> Described:
@@ -126,8 +127,7 @@ def _described(event: dict[str, Any], candidate: Candidate) -> Described:
     principal, task = event.get("principal"), event.get("task")
     return Described(
         url=url + (f"?{query}" if query else ""), direction=event["direction"], method=t["method"], headers=headers,
-        body=body, agent_id=agent["id"], agent_name=agent["name"], agent_environment=agent["environment"],
-        agent_meta=_meta(agent, candidate), caller=(event.get("caller") or {}).get("id"),
+        body=body, agent=_agent(agent, candidate), caller=(event.get("caller") or {}).get("id"),
         principal=(principal["iss"], principal["sub"]) if principal else None, delegation=event["delegation"],
         task_id=task["id"] if task else None, task_trigger=task["trigger"] if task else None,
         at=datetime.fromisoformat(event["ts"].replace("Z", "+00:00")), size=t.get("size"),
@@ -146,18 +146,20 @@ def _mcp_body(method: str | None, tool: str | None) -> tuple[bytes, tuple[tuple[
     return orjson.dumps(message), (("Content-Type", "application/json"),)
 
 
-def _meta(agent: dict[str, Any], candidate: Candidate) -> AgentMeta:
-    """The logged agent's metadata, its trust level ranked by this config's declared trust_levels."""
+def _agent(agent: dict[str, Any], candidate: Candidate) -> AgentInfo:
+    """The logged agent, its trust level ranked by this config's declared trust_levels."""
     key = orjson.dumps(agent, option=orjson.OPT_SORT_KEYS)
-    meta = candidate.agents.get(key)
-    if meta is None:
+    known = candidate.agents.get(key)
+    if known is None:
+        names = agent["id"], agent["name"], agent["environment"]  # a missing one is a BadEvent, checked first
         levels, level = candidate.config.agent.trust_levels, agent.get("trust_level")
         if level is not None and level not in levels:
             raise UndeclaredLevel(level)
         labels = tuple(sorted((agent.get("labels") or {}).items()))
-        meta = candidate.agents[key] = AgentMeta(agent.get("owner"), agent.get("purpose"), level, levels,
-                                                 tuple(agent.get("data_classes") or ()), labels)
-    return meta
+        meta = AgentMeta(agent.get("owner"), agent.get("purpose"), level, levels,
+                         tuple(agent.get("data_classes") or ()), labels)
+        known = candidate.agents[key] = AgentInfo(*names, meta)
+    return known
 
 
 # -- replaying ----------------------------------------------------------------------------

@@ -22,10 +22,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from sidecar.policy.engine import Facts
+from sidecar.policy.facts import Facts
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "request": ("method", "scheme", "host", "path", "query", "headers", "size"),
@@ -142,7 +141,7 @@ def _builder(name: str, fields: tuple[str, ...] | None) -> Builder:
     if name == "delegation":
         return lambda facts, now: facts.delegation
     if name == "trust_levels":  # declared level -> rank: agent.trust_rank >= trust_levels.internal
-        return lambda facts, now: {level: i for i, level in enumerate(facts.agent_meta.trust_levels)}
+        return lambda facts, now: {level: i for i, level in enumerate(facts.agent.meta.trust_levels)}
     getters = tuple((f, _GETTERS[name][f]) for f in (FIELDS[name] if fields is None else fields))
     present = _PRESENT.get(name)
 
@@ -167,10 +166,10 @@ _PRESENT: dict[str, Callable[[Facts], bool]] = {
 _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "request": {"method": lambda f: f.method, "scheme": lambda f: f.scheme, "host": lambda f: f.host,
                 "path": lambda f: f.path, "query": lambda f: f.query, "headers": _headers, "size": lambda f: f.size},
-    "agent": {"id": lambda f: f.agent_id, "name": lambda f: f.agent_name, "environment": lambda f: f.agent_environment,
-              "owner": lambda f: f.agent_meta.owner, "purpose": lambda f: f.agent_meta.purpose,
-              "trust_level": lambda f: f.agent_meta.trust_level, "trust_rank": lambda f: f.agent_meta.trust_rank,
-              "data_classes": lambda f: list(f.agent_meta.data_classes), "labels": lambda f: dict(f.agent_meta.labels)},
+    "agent": {"id": lambda f: f.agent.id, "name": lambda f: f.agent.name, "environment": lambda f: f.agent.environment,
+              "owner": lambda f: f.agent.meta.owner, "purpose": lambda f: f.agent.meta.purpose,
+              "trust_level": lambda f: f.agent.meta.trust_level, "trust_rank": lambda f: f.agent.meta.trust_rank,
+              "data_classes": lambda f: list(f.agent.meta.data_classes), "labels": lambda f: dict(f.agent.meta.labels)},
     "caller": {"id": lambda f: f.caller_id},
     "principal": {"iss": lambda f: f.principal[0], "sub": lambda f: f.principal[1]},
     "task": {"id": lambda f: f.task_id, "trigger": lambda f: f.task_trigger},

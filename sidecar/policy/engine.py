@@ -42,46 +42,15 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from sidecar.config_model import AgentMeta
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.fields import Fields
 from sidecar.policy.cel import ConditionFailed
+from sidecar.policy.facts import Facts
 from sidecar.policy.model import DIRECTIONS, LoadContext, Rule, parse_rule
 from sidecar.policy.ratelimit import Limit, RateLimiter
 
 Index = dict[str, dict[str | None, dict[str | None, tuple[Rule, ...]]]]
 EVENT_DECISION = {"allow": "allow", "deny": "deny", "require_approval": "approval_required"}
-
-
-@dataclass(slots=True)
-class Facts:
-    """What policy knows about one request; paths are canonical, hosts normalized.
-
-    Built once per request and never changed afterwards; not frozen only because a frozen
-    dataclass's ``__init__`` costs ~5 µs more per request (PERFORMANCE.md: hot path discipline).
-    """
-
-    direction: str  # "inbound" | "outbound"
-    method: str  # uppercase
-    scheme: str
-    host: str  # lowercased, normalized
-    path: str  # canonical path (upstream base path removed)
-    query: str  # raw query
-    headers: Mapping[str, tuple[str, ...]]  # lowercase name -> all values in order
-    size: int | None  # request body size (0 if none; None: a body of undeclared length, not buffered)
-    upstream: str | None  # configured upstream name (outbound)
-    agent_id: str
-    agent_name: str
-    agent_environment: str
-    agent_meta: AgentMeta = AgentMeta()  # owner, trust level, labels... (shared, never copied per request)
-    caller_id: str | None = None  # inbound caller SPIFFE ID
-    principal: tuple[str, str] | None = None  # (iss, sub) of the human/workload token
-    delegation: str = "none"  # "delegated" | "impersonated" | "asserted" | "none"
-    task_id: str | None = None
-    task_trigger: str | None = None
-    mcp_method: str | None = None
-    mcp_tool: str | None = None
-    now: datetime | None = None  # aware UTC; the engine uses its clock when None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +215,8 @@ class PolicySet:
 def _limit_key(rule: Rule, facts: Facts) -> tuple[str, str, str]:
     """Per agent, or per task; requests without a task share one bucket per agent."""
     if rule.rate_limit is not None and rule.rate_limit.key == "task":
-        return (rule.id, "task", facts.task_id) if facts.task_id else (rule.id, "no-task", facts.agent_id)
-    return rule.id, "agent", facts.agent_id
+        return (rule.id, "task", facts.task_id) if facts.task_id else (rule.id, "no-task", facts.agent.id)
+    return rule.id, "agent", facts.agent.id
 
 
 def _bucket(index: Index, direction: str, upstream: str | None, method: str) -> tuple[Rule, ...]:

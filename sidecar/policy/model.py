@@ -24,16 +24,14 @@ from operator import attrgetter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sidecar.fields import Fields
-from sidecar.policy.cel import CelCompileError, Condition, compile_condition
-from sidecar.policy.mcp import TRANSPORT_METHODS, is_lifecycle
 from sidecar.http.target import equivalent_paths, header_elements
-
-if TYPE_CHECKING:
-    from sidecar.policy.engine import Facts
+from sidecar.policy.cel import CelCompileError, Condition, compile_condition
+from sidecar.policy.facts import Facts
+from sidecar.policy.mcp import TRANSPORT_METHODS, is_lifecycle
 
 EFFECTS = ("allow", "deny", "require_approval")
 DIRECTIONS = ("outbound", "inbound")
@@ -258,7 +256,7 @@ def _checks(f: Fields, direction: str | None, effect: str | None, upstream: str 
     if hosts is not None:
         checks.append(hosts)
     if agents := _patterns(f, "agents"):
-        checks.append(glob_check(agents, "agent_id"))
+        checks.append(glob_check(agents, "agent.id"))
     if callers := _patterns(f, "callers"):
         if direction == "outbound":
             f.error("callers", "applies only to inbound rules")

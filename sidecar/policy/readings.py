@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict
 
 from sidecar.errors import RequestRefused
 from sidecar.http.target import PathOptions, canonical_path, strip_base
-
-if TYPE_CHECKING:
-    from sidecar.policy.engine import Facts
+from sidecar.policy.facts import Facts
 
 METHOD_HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 URL_HEADERS = ("X-Original-URL", "X-Rewrite-URL")

@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-from sidecar.policy.engine import Facts, PolicySet, load_policy
+from sidecar.exchange import AgentInfo
+from sidecar.policy.engine import PolicySet, load_policy
+from sidecar.policy.facts import Facts
 
 EXPR = 'task.trigger == "support" && request.size < 65536'
 METHODS = ("GET", "POST", "PUT", "DELETE")
@@ -83,8 +85,9 @@ def build(count: int, with_cel: bool, tmp: Path) -> tuple[PolicySet, Facts]:
     target = last_rule_for(rules, names[len(names) // 2])
     facts = Facts(direction="outbound", method="GET", scheme="https", host="svc.internal",
                   path=target["paths"][0].replace("*", "42"), query="", headers={"x-region": ("US",)}, size=512,
-                  upstream=target["upstream"], agent_id="spiffe://example.org/ns/agents/sa/billing-1",
-                  agent_name="billing-agent", agent_environment="production", delegation="delegated",
+                  upstream=target["upstream"],
+                  agent=AgentInfo("spiffe://example.org/ns/agents/sa/billing-1", "billing-agent", "production"),
+                  delegation="delegated",
                   task_id="t1", task_trigger="support", now=NOW)
     decision = policy.decide(facts)
     assert decision.rule_id == target["id"], (decision, target["id"])

@@ -9,18 +9,19 @@ from typing import Any
 import pytest
 
 from sidecar.config_model import AgentMeta
+from sidecar.exchange import AgentInfo
 from sidecar.policy.cel import CelCompileError, ConditionFailed, compile_condition
-from sidecar.policy.engine import Facts
+from sidecar.policy.facts import Facts
 
 NOW = datetime(2026, 3, 10, 16, 0, tzinfo=timezone.utc)
 
 
-def facts(**overrides: Any) -> Facts:
+def facts(agent_meta: AgentMeta = AgentMeta(), **overrides: Any) -> Facts:
+    agent = AgentInfo("spiffe://example.org/ns/agents/sa/billing-1", "billing-agent", "production", agent_meta)
     base: dict[str, Any] = dict(
         direction="outbound", method="PUT", scheme="https", host="billing.internal", path="/v1/invoices/7",
-        query="a=1", headers={"x-region": ("US", "EU")}, size=100, upstream="billing-api",
-        agent_id="spiffe://example.org/ns/agents/sa/billing-1", agent_name="billing-agent",
-        agent_environment="production", task_id="t1", task_trigger="support")
+        query="a=1", headers={"x-region": ("US", "EU")}, size=100, upstream="billing-api", agent=agent,
+        task_id="t1", task_trigger="support")
     base.update(overrides)
     return Facts(**base)
 

@@ -11,7 +11,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.policy.engine import Decision, Facts, PolicySet, load_policy
+from sidecar.exchange import AgentInfo
+from sidecar.policy.engine import Decision, PolicySet, load_policy
+from sidecar.policy.facts import Facts
 from sidecar.policy.ratelimit import RateLimiter
 
 UTC = timezone.utc
@@ -45,11 +47,11 @@ def rule(rule_id: str, **fields: Any) -> dict[str, Any]:
     return {"id": rule_id, "direction": "outbound", "effect": "allow", **fields}
 
 
-def facts(**overrides: Any) -> Facts:
+def facts(agent_id: str = AGENT, **overrides: Any) -> Facts:
     base: dict[str, Any] = dict(
         direction="outbound", method="GET", scheme="https", host="billing.internal", path="/v1/invoices/7",
-        query="", headers={}, size=0, upstream="billing-api", agent_id=AGENT, agent_name="billing-agent",
-        agent_environment="production", now=TUESDAY_NOON_NY)
+        query="", headers={}, size=0, upstream="billing-api", agent=AgentInfo(agent_id, "billing-agent", "production"),
+        now=TUESDAY_NOON_NY)
     base.update(overrides)
     return Facts(**base)
 
