@@ -9,7 +9,9 @@ the pure-Python ``cel-python`` because it evaluates a precompiled program 20-40x
   (``foo(1)`` would otherwise compile and fail on every request) are load errors;
 - the variables, and where the expression only ever selects fields (``request.size``) the
   fields, it needs are recorded, so that a request builds only those values: converting values
-  into the engine costs about 1-2 us each, and ``request.headers`` is the largest of them.
+  into the engine costs about 1-2 us each, and ``request.headers`` is the largest of them. They
+  are read from the expression's syntax tree (:mod:`sidecar.policy.cel_syntax`), never from its
+  text: names in string literals and comments do not count, comprehension variables are scoped.
 
 Per request, any failure (a null ``task``, a missing header key, an overflow, a result that is
 not a boolean) raises :class:`ConditionFailed`; the engine turns it into ``condition_error``.
@@ -18,12 +20,12 @@ Its message names what went wrong without repeating request values (they may be 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sidecar.policy.cel_syntax import CelSyntaxError, References, references
 from sidecar.policy.facts import Facts
 
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -44,15 +46,6 @@ FUNCTIONS = frozenset({
 })
 INSTALL_HINT = ("cel: CEL conditions need the common-expression-language package "
                 "(pip install common-expression-language)")
-
-# String literals are blanked before the source is scanned for names (CEL quoting rules).
-_STRINGS = re.compile("|".join((
-    r'"""(?:\\.|[^\\])*?"""', r"'''(?:\\.|[^\\])*?'''", r'"(?:\\.|[^"\\\n])*"', r"'(?:\\.|[^'\\\n])*'",
-)), re.DOTALL)
-_MACRO_BOUND = re.compile(
-    r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,(?:\s*([A-Za-z_]\w*)\s*,)?")
-_SELECT = re.compile(r"\s*\.\s*([A-Za-z_]\w*)")
-
 
 class CelCompileError(ValueError):
     """An expression that cannot be used: the message says what was expected."""
@@ -91,10 +84,9 @@ def compile_condition(source: str) -> Condition:
         program = cel.compile(source)
     except Exception as exc:  # ValueError on syntax errors; anything else is as unusable
         raise CelCompileError(f"cel: cannot compile: {_first_line(exc)}") from None
-    code = _STRINGS.sub('""', source)
-    names = set(program.variables()) - _bound_names(code)
-    _check_names(names, program.functions())
-    plan = tuple((name, _needed_fields(name, code)) for name in VARIABLES if name in names)
+    refs = _references(source, program.variables())
+    _check_names(set(refs.fields), program.functions())
+    plan = tuple((name, _needed_fields(name, refs.fields[name])) for name in VARIABLES if name in refs.fields)
     return Condition(source, program, tuple((name, _builder(name, fields)) for name, fields in plan))
 
 
@@ -106,8 +98,16 @@ def _engine() -> Any:
     return cel
 
 
-def _bound_names(code: str) -> set[str]:
-    return {name for m in _MACRO_BOUND.finditer(code) for name in m.groups() if name}
+def _references(source: str, identifiers: list[str]) -> References:
+    """The expression's references from its syntax tree, which must name what the engine's names."""
+    try:
+        refs = references(source)
+    except CelSyntaxError as exc:
+        raise CelCompileError(f"{exc} (the engine compiled it; rewrite it in plain CEL)") from None
+    if refs.identifiers != set(identifiers):
+        raise CelCompileError("cel: cannot tell which variables the expression reads "
+                              f"({', '.join(sorted(set(identifiers) ^ refs.identifiers))}); rewrite it in plain CEL")
+    return refs
 
 
 def _check_names(variables: set[str], functions: list[str]) -> None:
@@ -119,19 +119,13 @@ def _check_names(variables: set[str], functions: list[str]) -> None:
         raise CelCompileError(f"cel: unknown function {named[0]!r}; available: {', '.join(sorted(FUNCTIONS))}")
 
 
-def _needed_fields(name: str, code: str) -> tuple[str, ...] | None:
+def _needed_fields(name: str, selected: set[str] | None) -> tuple[str, ...] | None:
     """The fields of ``name`` the expression selects, or None when it uses the value otherwise."""
-    if name not in FIELDS:
+    if name not in FIELDS or selected is None:
         return None
-    selected: list[str] = []
-    for m in re.finditer(rf"(?<![\w.]){name}\b", code):
-        field = _SELECT.match(code, m.end())
-        if field is None:
-            return None
-        if field.group(1) not in FIELDS[name]:
-            raise CelCompileError(f"cel: {name} has no field {field.group(1)!r}; "
-                                  f"expected one of {', '.join(FIELDS[name])}")
-        selected.append(field.group(1))
+    unknown = sorted(selected - set(FIELDS[name]))
+    if unknown:
+        raise CelCompileError(f"cel: {name} has no field {unknown[0]!r}; expected one of {', '.join(FIELDS[name])}")
     return tuple(f for f in FIELDS[name] if f in selected)
 
 
@@ -163,6 +157,7 @@ _PRESENT: dict[str, Callable[[Facts], bool]] = {
     "task": lambda f: f.task_id is not None,
     "mcp": lambda f: f.mcp_method is not None,
 }
+_ABSENT = ("", "")  # never read: principal is null, not built, without one (_PRESENT)
 _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "request": {"method": lambda f: f.method, "scheme": lambda f: f.scheme, "host": lambda f: f.host,
                 "path": lambda f: f.path, "query": lambda f: f.query, "headers": _headers, "size": lambda f: f.size},
@@ -171,7 +166,7 @@ _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
               "trust_level": lambda f: f.agent.meta.trust_level, "trust_rank": lambda f: f.agent.meta.trust_rank,
               "data_classes": lambda f: list(f.agent.meta.data_classes), "labels": lambda f: dict(f.agent.meta.labels)},
     "caller": {"id": lambda f: f.caller_id},
-    "principal": {"iss": lambda f: f.principal[0], "sub": lambda f: f.principal[1]},
+    "principal": {"iss": lambda f: (f.principal or _ABSENT)[0], "sub": lambda f: (f.principal or _ABSENT)[1]},
     "task": {"id": lambda f: f.task_id, "trigger": lambda f: f.task_trigger},
     "mcp": {"method": lambda f: f.mcp_method, "tool": lambda f: f.mcp_tool},
 }

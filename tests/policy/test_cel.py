@@ -11,6 +11,7 @@ import pytest
 from sidecar.config_model import AgentMeta
 from sidecar.exchange import AgentInfo
 from sidecar.policy.cel import CelCompileError, ConditionFailed, compile_condition
+from sidecar.policy.cel_syntax import references
 from sidecar.policy.facts import Facts
 
 NOW = datetime(2026, 3, 10, 16, 0, tzinfo=timezone.utc)
@@ -112,6 +113,43 @@ def test_only_needed_values_are_built() -> None:
     assert condition.evaluate(facts(headers=ExplodingHeaders()), NOW) is True
     with pytest.raises(AssertionError, match="headers were read"):
         compile_condition("size(request) > 0").evaluate(facts(headers=ExplodingHeaders()), NOW)
+
+
+@pytest.mark.parametrize("source", [
+    'request.size > 0 && r"\\" != "request.headers"',          # a raw string ending in a backslash
+    "request.size > 0 // request.headers",                    # a comment
+    "request.size > 0 && '''\nrequest.headers''' != ''",       # a triple-quoted string over two lines
+])
+def test_names_in_literals_and_comments_are_not_references(source: str) -> None:
+    """Only the syntax tree counts: a name inside a string or a comment builds no headers."""
+    assert compile_condition(source).evaluate(facts(headers=ExplodingHeaders()), NOW) is True
+
+
+@pytest.mark.parametrize("source, overrides", [
+    ("[1].exists(request, request > 0) && request.size > 0", {}),   # bound in the macro, read outside it
+    ("agent.labels.exists(agent, agent == 'team')", {"agent_meta": AgentMeta(labels=(("team", "a"),))}),
+])
+def test_a_variable_a_comprehension_rebinds_is_still_read_outside_it(source: str, overrides: dict[str, Any]) -> None:
+    """A comprehension's variable shadows a global only inside the comprehension."""
+    assert compile_condition(source).evaluate(facts(**overrides), NOW) is True
+
+
+@pytest.mark.parametrize("source, fields", [
+    ("request.size > 0 && request.method == 'GET'", {"request": {"size", "method"}}),
+    ("size(request) > 0 && request.size > 0", {"request": None}),       # used whole once: built whole
+    ("has(task.trigger) && now.getHours() > 1", {"task": {"trigger"}, "now": None}),
+    ("{'a': mcp.tool}.all(k, k == caller.id)", {"mcp": {"tool"}, "caller": {"id"}}),
+    ("[1, 2].map(x, x > 1, x * 2).size() == 1", {}),                  # x is only ever bound
+])
+def test_references_from_the_syntax_tree(source: str, fields: dict[str, set[str] | None]) -> None:
+    """Each variable an expression reads, with the fields it selects (None: the whole value)."""
+    assert references(source).fields == fields
+
+
+def test_an_expression_the_two_parsers_read_differently_is_refused() -> None:
+    """The engine compiles a qualified message name this module does not read: refused at load, not guessed."""
+    with pytest.raises(CelCompileError, match="rewrite it in plain CEL"):
+        compile_condition("x.y{a: 1} == 1")
 
 
 META = AgentMeta(owner="payments@example.com", purpose="billing", trust_level="internal",
