@@ -45,8 +45,9 @@ import yaml
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.fields import Fields
 from sidecar.policy.cel import ConditionFailed
+from sidecar.policy.conditions import LoadContext
 from sidecar.policy.facts import Facts
-from sidecar.policy.model import DIRECTIONS, LoadContext, Rule, parse_rule
+from sidecar.policy.model import DIRECTIONS, Rule, parse_rule
 from sidecar.policy.ratelimit import Limit, RateLimiter
 
 Index = dict[str, dict[str | None, dict[str | None, tuple[Rule, ...]]]]
@@ -135,22 +136,19 @@ class PolicySet:
         approval: Rule | None = None
         allows: list[Rule] = []
         for rule in _bucket(index, facts.direction, facts.upstream, facts.method):
-            for check in rule.checks:  # the static matchers; this loop is the per-request cost
-                if not check(facts):
-                    break
-            else:
-                if rule.conditional:
-                    try:
-                        if not rule.holds(facts, now):
-                            continue
-                    except ConditionFailed as exc:
-                        return _Outcome("deny", "condition_error", rule, str(exc)), allows
-                if rule.effect == "deny":
-                    return _Outcome("deny", "rule_denied", rule), allows
-                if rule.effect == "allow":
-                    allows.append(rule)
-                elif approval is None:
-                    approval = rule
+            try:
+                for check in rule.checks:  # the compiled conditions; this loop is the per-request cost
+                    if not check(facts, now):
+                        break
+                else:
+                    if rule.effect == "deny":
+                        return _Outcome("deny", "rule_denied", rule), allows
+                    if rule.effect == "allow":
+                        allows.append(rule)
+                    elif approval is None:
+                        approval = rule
+            except ConditionFailed as exc:  # a when.expr that cannot be evaluated: after the rest matched
+                return _Outcome("deny", "condition_error", rule, str(exc)), allows
         if approval is not None:
             return _Outcome("require_approval", "approval_required", approval), allows
         return None, allows
@@ -192,7 +190,8 @@ class PolicySet:
                                  for k, r in limited.items())
         if hit is None:
             return None
-        return _Outcome("deny", "rate_limited", limited[hit[0].key], retry_after=hit[1])
+        key: Any = hit[0].key  # one of limited's keys, handed back as the limiter's Hashable
+        return _Outcome("deny", "rate_limited", limited[key], retry_after=hit[1])
 
     def _decision(self, outcome: _Outcome, audit: Mapping[str, str] | None) -> Decision:
         """Decisions without audit, detail or retry_after are built once per outcome and reused."""

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from sidecar.policy.engine import PolicySet
-from sidecar.policy.model import compile_globs
+from sidecar.policy.globs import compile_globs
 from sidecar.report.usage import used
 
 Matcher = Callable[[str | None], bool]

@@ -11,7 +11,7 @@ import yaml
 
 from sidecar.errors import ConfigInvalid
 from sidecar.policy.engine import load_policy
-from sidecar.policy.model import glob_regex
+from sidecar.policy.globs import glob_regex
 
 UPSTREAMS = {"billing-api": "http", "crm-api": "http", "tools-mcp": "mcp"}
 CREDENTIALS = {"billing-oauth": ("invoices.read", "invoices.write"), "on-behalf-of-user": ("crm.read",)}
