@@ -96,7 +96,7 @@ def events(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def logged_effect(event: dict[str, Any]) -> str:
-    return LOGGED_EFFECT.get(event.get("reason"), "allow")
+    return LOGGED_EFFECT.get(event.get("reason") or "", "allow")
 
 
 @dataclass

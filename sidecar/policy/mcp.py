@@ -289,7 +289,7 @@ def _request(obj: dict[str, Any]) -> McpCall:
         raise _refuse("params must be a JSON object")
     params = obj.get("params")
     tool = _tool_name(method, params)
-    arguments = params.get("arguments") if tool is not None else None
+    arguments = params.get("arguments") if tool is not None and isinstance(params, dict) else None
     return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj, arguments=arguments)
 
 
