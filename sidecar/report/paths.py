@@ -4,7 +4,7 @@ A :class:`PathTrie` holds one node per distinct generalized segment. A segment t
 identifier (digits, a UUID, a long hex or token string) becomes ``*`` at once; a node that has seen
 more than :data:`LITERAL_CAP` distinct literal children folds them into one ``*`` child, and so
 does a node that has a ``*`` child and meets another literal. The patterns are policy globs
-(``sidecar.policy.model``): ``*`` matches one non-empty segment, so an empty segment (``/a/``)
+(``sidecar.policy.globs``): ``*`` matches one non-empty segment, so an empty segment (``/a/``)
 stays literal. A path cut short in the event (``...[truncated from N chars]``) is kept as the
 prefix before its cut segment followed by ``/**``.
 """
