@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config import Config, config_path, load_config
+from sidecar.config import config_path, load_config
+from sidecar.config_model import Config
 from sidecar.errors import ConfigError, ConfigInvalid, Refusal
 from sidecar.exchange import AgentInfo
 from sidecar.forward.body import is_form_type

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from sidecar.config import Config, config_path, load_config
+from sidecar.config import config_path, load_config
+from sidecar.config_model import Config
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.explain import Described, Verdict, candidate_policy, decide, router_for
 from sidecar.fields import Fields

@@ -26,8 +26,7 @@ from typing import IO, Any, Iterator
 
 import orjson
 
-from sidecar.config import Config
-from sidecar.config_model import AgentMeta
+from sidecar.config_model import AgentMeta, Config
 from sidecar.exchange import AgentInfo
 from sidecar.explain import Described, decide, load_candidate, router_for
 from sidecar.policy.engine import PolicySet

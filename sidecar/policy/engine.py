@@ -345,9 +345,8 @@ def _load_file(path: Path, upstreams: Mapping[str, str], credentials: Mapping[st
 
 def raw_rule_id(raw: Any) -> str | None:
     """The id of a raw rule mapping, for error paths (``rules[2] (billing-update-invoices)``)."""
-    if isinstance(raw, Mapping) and isinstance(raw.get("id"), str):
-        return raw["id"]
-    return None
+    rule_id = raw.get("id") if isinstance(raw, Mapping) else None
+    return rule_id if isinstance(rule_id, str) else None
 
 
 def _read_yaml(path: Path, errors: list[ConfigError]) -> Any:

@@ -83,7 +83,8 @@ def parse_rule(f: Fields, order: int, ctx: LoadContext) -> Rule | None:
 def _delegation(f: Fields) -> str | None:
     """``when.delegation`` of a rule already read without errors (the condition's row checked it)."""
     when = f.raw.get("when")
-    return when.get("delegation") if isinstance(when, Mapping) else None
+    required = when.get("delegation") if isinstance(when, Mapping) else None
+    return required if isinstance(required, str) else None
 
 
 def _upstream(f: Fields, direction: str | None, ctx: LoadContext) -> str | None:
