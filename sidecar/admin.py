@@ -28,6 +28,7 @@ from aiohttp import web
 from sidecar.errors import Refusal, RequestRefused
 from sidecar.fields import format_duration, parse_duration
 from sidecar.inventory import inventory, iso_utc
+from sidecar.reload import Reloaded
 from sidecar.revocation import KINDS
 from sidecar.server import error_response
 
@@ -115,16 +116,22 @@ def build(sidecar: Sidecar) -> web.Application:
     return app
 
 
+def reload_response(results: tuple[Reloaded, ...], policy_version: str) -> web.Response:
+    """200 when every reload succeeded; 422 naming each failure (the last good state of each stays)."""
+    errors = [error for result in results for error in result.errors]
+    if errors:
+        return web.json_response({"error": "reload_failed", "message": "\n".join(errors),
+                                  "policy_version": policy_version}, status=422)
+    return web.json_response({"status": "reloaded", "policy_version": policy_version})
+
+
 class AdminRoutes:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
 
     async def reload(self, request: web.Request) -> web.Response:
-        ok, detail = await self.sidecar.reload()
-        if not ok:
-            return web.json_response({"error": "reload_failed", "message": detail,
-                                      "policy_version": self.sidecar.runtime.policy.version}, status=422)
-        return web.json_response({"status": "reloaded", "policy_version": detail})
+        results = await self.sidecar.reload()
+        return reload_response(results, self.sidecar.runtime.policy.version)
 
     async def revoke(self, request: web.Request) -> web.Response:
         body = await _json(request)

@@ -15,6 +15,7 @@ import gc
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -31,7 +32,7 @@ from sidecar.fields import ListenAddress
 from sidecar.exchange import ActiveExchanges, AgentInfo
 from sidecar.identity.inbound import InboundIdentity
 from sidecar.identity.jwt import JwtVerifier
-from sidecar.identity.source import IdentitySource
+from sidecar.identity.source import Candidate, IdentitySource
 from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR
 from sidecar.observe.loop import LoopMonitor
@@ -41,6 +42,7 @@ from sidecar.pipeline import Inbound, Outbound
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.engine import load_policy
 from sidecar.policy.ratelimit import RateLimiter
+from sidecar.reload import FileWatcher, ReloadFailed, Reloaded, Reloader
 from sidecar.revocation import Enforcement, RedisBus, Revocations
 from sidecar.routing import Router
 from sidecar.forward.sessions import Sessions
@@ -83,17 +85,17 @@ def build_policy(config: Config, limiter: RateLimiter | None) -> PolicySet:
                        mode=config.policy.mode, limiter=limiter)
 
 
-def ensure_identity(config: Config, metrics: Metrics) -> tuple[IdentitySource, bool]:
+def ensure_identity(config: Config) -> tuple[IdentitySource, bool]:
     """The configured SVID, or a development CA and SVID in state_dir (True: created now)."""
     svid = config.identity.svid
     if svid is not None:
-        return IdentitySource(svid.cert, svid.key, svid.bundle, dict(config.identity.federated_bundles), metrics), False
+        return IdentitySource(svid.cert, svid.key, svid.bundle, dict(config.identity.federated_bundles)), False
     from sidecar.identity.ca import ensure_dev_identity
     from sidecar.identity.spiffe import parse_spiffe_id
 
     spiffe_id = parse_spiffe_id(f"spiffe://sidecar.local{DEV_AGENT_PATH.format(name=config.agent_name)}")
     paths = ensure_dev_identity(config.state_dir, spiffe_id)
-    source = IdentitySource(paths.cert, paths.key, paths.bundle, dict(config.identity.federated_bundles), metrics)
+    source = IdentitySource(paths.cert, paths.key, paths.bundle, dict(config.identity.federated_bundles))
     return source, paths.created
 
 
@@ -112,12 +114,44 @@ def credential_id_key(config: Config) -> bytes:
 
 
 @dataclass
+class PolicyFiles:
+    """The policy files as a Reloadable: compiled whole in a worker thread, swapped in on the loop."""
+
+    config: Config
+    limiter: RateLimiter
+    runtime: Runtime
+    name: str = "policy"
+
+    def files(self) -> tuple[Path, ...]:
+        return tuple(self.config.policy.files)
+
+    def build(self) -> PolicySet:
+        try:
+            return build_policy(self.config, self.limiter)
+        except ConfigInvalid as exc:
+            raise ReloadFailed([str(e) for e in exc.errors]) from None
+
+    def apply(self, candidate: PolicySet) -> dict[str, object]:
+        """The one place a running sidecar's policy set is swapped: requests read it once, so those in
+        flight finish under the set they started with."""
+        changed = candidate.version != self.runtime.policy.version
+        self.runtime.policies.current = candidate
+        return {"policy_version": candidate.version, "changed": changed}
+
+    def in_force(self) -> str:
+        return self.runtime.policy.version
+
+
+@dataclass
 class Sidecar:
     config: Config
+    watch_policy: bool = False  # ``sidecar run`` watches the policy files; otherwise POST /reload reads them
     metrics: Metrics = field(init=False)
     runtime: Runtime = field(init=False)
     identity: IdentitySource = field(init=False)
     interceptor: Interceptor = field(init=False)  # CONNECT on the outbound listener
+    identity_reloader: Reloader[Candidate] = field(init=False)
+    policy_reloader: Reloader[PolicySet] = field(init=False)
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     _servers: list[Any] = field(default_factory=list)
@@ -128,7 +162,7 @@ class Sidecar:
     _limiter: RateLimiter = field(default_factory=RateLimiter)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _monitor: LoopMonitor | None = None
-    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one policy build at a time
+    _watcher: FileWatcher = field(default_factory=FileWatcher)
 
     # -- start ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,7 +170,8 @@ class Sidecar:
         REDACTOR.register(secret_values(cfg))
         decision_log.WRITER.backpressure = cfg.log_backpressure
         self.metrics = Metrics(cfg.outbound.upstreams)
-        self.identity, created = ensure_identity(cfg, self.metrics)
+        self.identity, created = ensure_identity(cfg)
+        self.identity_reloader = Reloader(self.identity, self.metrics.identity_reloads)
         if created:
             log.warning("dev_identity_created", state_dir=str(cfg.state_dir),
                         spiffe_id=str(self.identity.state.spiffe_id),
@@ -145,11 +180,7 @@ class Sidecar:
         self.metrics.describe_agent(agent.as_dict())
         self.runtime = await self._build_runtime(agent)
         await self._start_listeners()
-        sessions = self.runtime.sessions
-        self.identity.on_change(lambda state, contexts: sessions.renew_client_certs(contexts),
-                                prepare=lambda state: sessions.client_contexts((str(state.cert_path),
-                                                                                str(state.key_path))))
-        self.identity.start()
+        self._watch_files()
         await self._start_bus()
         self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
         self._monitor = LoopMonitor(cfg.observability, self.metrics)
@@ -181,6 +212,19 @@ class Sidecar:
         await verifier.start()
         self._closables.append(verifier)
         return verifier
+
+    def _watch_files(self) -> None:
+        """The one file watcher: our SVID and bundles always, the policy files when ``watch_policy``."""
+        sessions = self.runtime.sessions
+        self.identity.on_change(lambda state, contexts: sessions.renew_client_certs(contexts),
+                                prepare=lambda state: sessions.client_contexts((str(state.cert_path),
+                                                                                str(state.key_path))))
+        policy = PolicyFiles(self.config, self._limiter, self.runtime)
+        self.policy_reloader = Reloader(policy, self.metrics.policy_reloads)
+        self._watcher.watch(self.identity_reloader)
+        if self.watch_policy:
+            self._watcher.watch(self.policy_reloader)
+        self._watcher.start()
 
     async def _start_listeners(self) -> None:
         from sidecar import admin, health
@@ -243,50 +287,13 @@ class Sidecar:
         verifier = self.runtime.verifier
         return verifier is None or verifier.ready
 
-    def reload_policy(self) -> tuple[bool, str]:
-        """Re-read the policy files on this thread; a bad set is rejected whole and the last good one stays."""
-        return self._apply_policy(self._build_policy())
-
-    async def reload(self) -> tuple[bool, str]:
-        """Policy files, then identity files, each read and compiled in a worker thread: compiling a policy
-        set (CEL) takes up to hundreds of milliseconds, which the event loop must not spend (issue 12 item 5)."""
-        result = await self._reload_policy_in_thread()
-        await self.identity.refresh()
-        return result
-
-    async def _reload_policy_in_thread(self) -> tuple[bool, str]:
-        async with self._reloading:
-            return self._apply_policy(await asyncio.to_thread(self._build_policy))
-
-    def _build_policy(self) -> PolicySet | ConfigInvalid:
-        try:
-            return build_policy(self.config, self._limiter)
-        except ConfigInvalid as exc:
-            return exc
-
-    def _apply_policy(self, built: PolicySet | ConfigInvalid) -> tuple[bool, str]:
-        if isinstance(built, ConfigInvalid):
-            self.metrics.policy_reloads.labels("error").inc()
-            log.error("policy_reload_failed", errors=[str(e) for e in built.errors],
-                      kept=self.runtime.policy.version)
-            return False, "\n".join(str(e) for e in built.errors)
-        changed = built.version != self.runtime.policy.version
-        self.runtime.policies.current = built
-        self.metrics.policy_reloads.labels("ok").inc()
-        log.info("policy_reloaded", policy_version=built.version, changed=changed)
-        return True, built.version
-
-    async def watch_policy(self) -> None:
-        from sidecar.identity.source import _stamp
-
-        files = list(self.config.policy.files)
-        stamp = _stamp(files)
-        while True:
-            await asyncio.sleep(1.0)
-            now = _stamp(files)
-            if now != stamp:
-                stamp = now
-                await self._reload_policy_in_thread()
+    async def reload(self) -> tuple[Reloaded, ...]:
+        """Policy files, then identity files if they changed, each read and compiled in a worker thread:
+        compiling a policy set (CEL) takes up to hundreds of milliseconds, which the event loop must not
+        spend (issue 12 item 5). A failed reload keeps the last good state and is in the result."""
+        policy = await self.policy_reloader.reload()
+        identity = await self.identity_reloader.reload_if_changed()
+        return (policy,) if identity is None else (policy, identity)
 
     # -- stop -------------------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -312,7 +319,7 @@ class Sidecar:
             await _close(closable)
         if self._bus is not None:
             await self._bus.aclose()
-        await self.identity.aclose()
+        await self._watcher.aclose()
         await self.runtime.credentials.aclose()
         for provider in self.runtime.providers.values():
             await provider.aclose()
@@ -349,17 +356,15 @@ def tune_gc() -> None:
 
 async def serve(config: Config) -> int:
     """``sidecar run``: start, serve until SIGTERM/SIGINT, drain, exit 0."""
-    sidecar = Sidecar(config)
+    sidecar = Sidecar(config, watch_policy=True)
     await sidecar.start()
     tune_gc()
-    watch = asyncio.ensure_future(sidecar.watch_policy())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("sidecar_stopping", drain_s=config.drain, in_flight=len(sidecar.runtime.exchanges))
-    watch.cancel()
     await sidecar.stop()
     log.info("sidecar_stopped")
     return 0

@@ -87,6 +87,7 @@ class SidecarHarness:
     policy: dict[str, Any]
     log: io.BytesIO = field(default_factory=io.BytesIO)
     sidecar: Sidecar | None = None
+    watch_policy: bool = False  # as under ``sidecar run``
 
     async def start(self) -> SidecarHarness:
         policy_path = self.tmp / "policy.yaml"
@@ -101,7 +102,7 @@ class SidecarHarness:
             raw["inbound"].setdefault("listen", EPHEMERAL)
         raw.setdefault("shutdown", {}).setdefault("drain", "2s")
         configure_logging("debug", stream=self.log)
-        self.sidecar = Sidecar(parse_config(raw, base_dir=self.tmp))
+        self.sidecar = Sidecar(parse_config(raw, base_dir=self.tmp), watch_policy=self.watch_policy)
         await self.sidecar.start()
         return self
 

@@ -16,7 +16,6 @@ from sidecar.credentials.base import CredentialRequest, OutboundRequest
 from sidecar.errors import ConfigError
 from sidecar.fields import Fields
 from sidecar.identity.source import IdentitySource
-from sidecar.observe.metrics import Metrics
 from tests.peers.oidc import AGENT_SPIFFE_ID, OidcProvider
 
 ID_KEY = b"test-id-key-0123456789abcdef0123"
@@ -70,7 +69,7 @@ def svid_copy(peer: OidcProvider, directory: Path) -> IdentitySource:
     cert, key = directory / "svid.crt", directory / "svid.key"
     shutil.copy(peer.mtls_cert.cert_path, cert)
     shutil.copy(peer.mtls_cert.key_path, key)
-    return IdentitySource(cert, key, peer.pki.client_ca_path, {}, Metrics())
+    return IdentitySource(cert, key, peer.pki.client_ca_path, {})
 
 
 Make = Callable[..., Any]  # the ``make`` fixture: build(raw, module=oauth2, provider_deps=None) -> provider

@@ -17,6 +17,8 @@ from sidecar.credentials.base import ProviderDeps
 from sidecar.errors import CredentialUnavailable
 from sidecar.identity.signing import load_signing_key
 from sidecar.identity.source import IdentitySource
+from sidecar.observe.metrics import Metrics
+from sidecar.reload import Reloader
 from tests.credentials.providers import (ID_KEY, WRONG_SECRET, Make, b64url_to_hex, client_config, config_errors,
                                          outbound, parse_spec, request)
 from tests.harness import Upstream
@@ -240,11 +242,12 @@ async def test_a_rotated_svid_gets_a_new_token_bound_to_it(
     provider = make(client_config(oidc_provider, "svc-mtls", resource=BILLING))
     before = provider.cache_key(request())
     first = await provider.fetch(request())
+    reloader = Reloader(svid, Metrics().identity_reloads)
     rotated = oidc_provider.pki.issue_client_cert("agent-rotated")
     cert_path, key_path = svid.client_files()
     shutil.copy(rotated.cert_path, cert_path)
     shutil.copy(rotated.key_path, key_path)
-    assert svid.check()
+    assert reloader.check()
     assert provider.cache_key(request()) != before
     second = await provider.fetch(request())
     assert second.bound_cert_sha256 == b64url_to_hex(rotated.thumbprint) != first.bound_cert_sha256

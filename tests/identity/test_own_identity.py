@@ -13,6 +13,7 @@ import trustme
 
 from sidecar.identity.source import IdentitySource
 from sidecar.observe.metrics import Metrics
+from sidecar.reload import Reloader
 from tests.harness import Upstream
 from tests.scenarios.own_identity import issue
 
@@ -57,13 +58,13 @@ async def test_svid_rotation_keeps_old_connections_and_ignores_a_corrupt_file(ma
             async with s.get(f"https://127.0.0.1:{port}/a") as r:
                 assert r.status == 200
             swap_in(second, live)
-            assert h.sidecar.identity.check()
+            assert h.sidecar.identity_reloader.check()
             async with s.get(f"https://127.0.0.1:{port}/b") as r:  # the kept-alive connection
                 assert r.status == 200
             after = await peer_cert(port, first["bundle"], caller)
             assert after != before and after == ssl.PEM_cert_to_DER_cert(second["cert"].read_text())
             (live / "tls.crt").write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
-            assert not h.sidecar.identity.check()
+            assert not h.sidecar.identity_reloader.check()
             assert await peer_cert(port, first["bundle"], caller) == after
         metrics = h.sidecar.metrics.exposition().decode()
         assert 'sidecar_identity_reloads_total{outcome="ok"} 1.0' in metrics
@@ -76,13 +77,14 @@ def test_a_rotated_certificate_without_a_spiffe_id_is_refused_and_the_watch_goes
     """A web certificate swapped in for the SVID is a failed reload (old identity kept), not the end of the watch."""
     live = issue(tmp_path / "ca", tmp_path / "live")
     second = issue(tmp_path / "ca", tmp_path / "second")
-    source = IdentitySource(live["cert"], live["key"], live["bundle"], {}, Metrics())
+    source = IdentitySource(live["cert"], live["key"], live["bundle"], {})
+    reloader = Reloader(source, Metrics().identity_reloads)
     kept = source.state
     trustme.CA().issue_cert("example.com").cert_chain_pems[0].write_to_path(str(live["cert"]))
-    assert not source.check()
+    assert not reloader.check()
     assert source.state is kept
     swap_in(second, tmp_path / "live")
-    assert source.check()
+    assert reloader.check()
     assert source.state.cert_sha256 != kept.cert_sha256
 
 
@@ -175,7 +177,7 @@ async def test_after_an_svid_rotation_an_mtls_upstream_sees_the_new_certificate(
             async with s.get(f"{h.outbound}/api/a") as r:
                 assert r.status == 200
             swap_in(second, live)
-            assert h.sidecar.identity.check()
+            assert h.sidecar.identity_reloader.check()
             async with s.get(f"{h.outbound}/api/b") as r:
                 assert r.status == 200
         assert presented == [first_der, second_der]
