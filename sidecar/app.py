@@ -1,8 +1,15 @@
 """Builds the sidecar from a validated config and owns the lifecycle of everything in it.
 
-    Sidecar.start()   identity -> policy -> providers -> runtime -> listeners -> watches -> ready
+    Sidecar.start()   identity -> policy -> providers -> runtime -> watches -> bus -> loop monitor
+                      -> health, metrics, admin -> outbound, inbound -> ready
     Sidecar.reload()  policy files (and identity files) re-read; a bad edit keeps the last good set
-    Sidecar.stop()    not ready -> stop accepting -> drain requests in flight (shutdown.drain) -> close
+    Sidecar.stop()    not ready -> stop accepting -> drain requests in flight (shutdown.drain) -> cut
+                      what outlives the drain -> close the rest
+
+Each resource is registered on one exit stack as it starts, so teardown is the start order
+reversed by construction: the listeners that carry exchanges started last and stop first (while
+the bus, the watches and the admin API still run), and a start that fails half-way closes what
+it had started.
 
 Listeners: outbound (loopback, the agent's calls), inbound (mTLS, callers of the agent; only
 with ``inbound:``), health, metrics, admin (loopback, token).
@@ -14,6 +21,7 @@ import asyncio
 import gc
 import os
 import signal
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.approvals import Approvals
-from sidecar.config import Config
+from sidecar.config_model import Config
 from sidecar.connect import Interceptor
 from sidecar.credentials.base import ProviderDeps
 from sidecar.credentials.cache import CredentialCache
@@ -33,6 +41,7 @@ from sidecar.exchange import ActiveExchanges, AgentInfo
 from sidecar.identity.inbound import InboundIdentity
 from sidecar.identity.jwt import JwtVerifier
 from sidecar.identity.source import Candidate, IdentitySource
+from sidecar.listeners import ExchangeListeners
 from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR
 from sidecar.observe.loop import LoopMonitor
@@ -154,38 +163,50 @@ class Sidecar:
     policy_reloader: Reloader[PolicySet] = field(init=False)
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
-    _servers: list[Any] = field(default_factory=list)
-    _web_servers: list[web.Server] = field(default_factory=list)
-    _runners: list[web.AppRunner] = field(default_factory=list)
-    _bus: RedisBus | None = None
-    _closables: list[Any] = field(default_factory=list)
-    _limiter: RateLimiter = field(default_factory=RateLimiter)
-    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
-    _monitor: LoopMonitor | None = None
+    _started: bool = False
+    _stopped: bool = False
+    _resources: AsyncExitStack = field(default_factory=AsyncExitStack)  # closed last-started first
+    _listeners: ExchangeListeners | None = None
     _watcher: FileWatcher = field(default_factory=FileWatcher)
+    _bus: RedisBus | None = None
+    _limiter: RateLimiter = field(default_factory=RateLimiter)
 
     # -- start ------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start everything in order; a start that fails half-way closes what it had started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._resources.aclose()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         REDACTOR.register(secret_values(cfg))
         decision_log.WRITER.backpressure = cfg.log_backpressure
         self.metrics = Metrics(cfg.outbound.upstreams)
+        agent = self._load_identity()
+        self.metrics.describe_agent(agent.as_dict())
+        self.runtime = await self._build_runtime(agent)
+        self._resources.push_async_callback(self._close_runtime)
+        self._watch_files()
+        await self._start_bus()
+        self._start_monitor()
+        await self._start_listeners()
+        self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
+        self._started = True
+        log.info("sidecar_started", agent=agent.id, ports=self.ports, policy_version=self.runtime.policy.version)
+
+    def _load_identity(self) -> AgentInfo:
+        """Our SVID (the watch's stamp is taken as it is read) and the agent it names."""
+        cfg = self.config
         self.identity, created = ensure_identity(cfg)
         self.identity_reloader = Reloader(self.identity, self.metrics.identity_reloads)
         if created:
             log.warning("dev_identity_created", state_dir=str(cfg.state_dir),
                         spiffe_id=str(self.identity.state.spiffe_id),
                         note="no identity configured: a development CA and SVID were created")
-        agent = AgentInfo(str(self.identity.state.spiffe_id), cfg.agent_name, cfg.environment, cfg.agent)
-        self.metrics.describe_agent(agent.as_dict())
-        self.runtime = await self._build_runtime(agent)
-        await self._start_listeners()
-        self._watch_files()
-        await self._start_bus()
-        self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
-        self._monitor = LoopMonitor(cfg.observability, self.metrics)
-        self._monitor.start()
-        log.info("sidecar_started", agent=agent.id, ports=self.ports, policy_version=self.runtime.policy.version)
+        return AgentInfo(str(self.identity.state.spiffe_id), cfg.agent_name, cfg.environment, cfg.agent)
 
     async def _build_runtime(self, agent: AgentInfo) -> Runtime:
         from sidecar.identity.signing import build_signer
@@ -210,8 +231,17 @@ class Sidecar:
             return None
         verifier = JwtVerifier(inbound.jwt_issuers, metrics=self.metrics)
         await verifier.start()
-        self._closables.append(verifier)
+        self._resources.push_async_callback(verifier.aclose)
         return verifier
+
+    async def _close_runtime(self) -> None:
+        """What the runtime holds open: cached credentials, providers, upstream sessions, task timers."""
+        rt = self.runtime
+        await rt.credentials.aclose()
+        for provider in rt.providers.values():
+            await provider.aclose()
+        await rt.sessions.aclose()
+        rt.tasks.close()
 
     def _watch_files(self) -> None:
         """The one file watcher: our SVID and bundles always, the policy files when ``watch_policy``."""
@@ -225,32 +255,58 @@ class Sidecar:
         if self.watch_policy:
             self._watcher.watch(self.policy_reloader)
         self._watcher.start()
+        self._resources.push_async_callback(self._watcher.aclose)
+
+    async def _start_bus(self) -> None:
+        if not self.config.revocation.has_bus:
+            return
+        self._bus = RedisBus(self.config.revocation, self.runtime.revocations, self.metrics)
+        self.runtime.revocations.bus = self._bus
+        await self._bus.start()
+        self._resources.push_async_callback(self._bus.aclose)
+
+    def _start_monitor(self) -> None:
+        monitor = LoopMonitor(self.config.observability, self.metrics)
+        monitor.start()
+        self._resources.callback(monitor.stop)
 
     async def _start_listeners(self) -> None:
+        """Health, metrics and admin first (they answer until the drain is over), then the listeners that
+        carry exchanges, registered as one before the first of them binds."""
         from sidecar import admin, health
 
-        cfg, rt = self.config, self.runtime
-        self.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
-        self._web_servers.append(self.interceptor.server)  # drained and closed with the listeners
-        out_server = SidecarServer(self.interceptor.front(Outbound(rt)), limits=cfg.outbound.limits,
-                                   on_parse_error=self._parse_error("outbound"))
-        self._web_servers.append(out_server)
-        self._servers.append(await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port))
-        self.ports["outbound"] = _port(self._servers[-1])
-        rt.router.bound(ListenAddress(cfg.outbound.listen.host, self.ports["outbound"]))
-        if cfg.inbound is not None:
-            await self._start_inbound()
+        cfg = self.config
         for name, app, listen in (("health", health.build(self), cfg.health_listen),
                                   ("metrics", health.build_metrics(self), cfg.metrics_listen),
                                   ("admin", admin.build(self), cfg.admin.listen)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
-            await site.start()
-            self._runners.append(runner)
-            self.ports[name] = _port(site._server)  # type: ignore[arg-type]
+            await self._start_app(name, app, listen)
+        self._listeners = ExchangeListeners(cfg.drain, self._drain_over)
+        self._resources.push_async_callback(self._listeners.aclose)
+        await self._start_outbound(self._listeners)
+        if cfg.inbound is not None:
+            await self._start_inbound(self._listeners)
 
-    async def _start_inbound(self) -> None:
+    async def _start_app(self, name: str, app: web.Application, listen: ListenAddress) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._resources.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+        await site.start()
+        self.ports[name] = _port(site._server)
+
+    async def _start_outbound(self, listeners: ExchangeListeners) -> None:
+        cfg, rt = self.config, self.runtime
+        self.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
+        listeners.servers.append(self.interceptor.server)  # drained and closed with the listeners
+        out_server = SidecarServer(self.interceptor.front(Outbound(rt)), limits=cfg.outbound.limits,
+                                   on_parse_error=self._parse_error("outbound"))
+        listeners.servers.append(out_server)
+        server = await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port)
+        listeners.accepting.append(server)
+        self.ports["outbound"] = _port(server)
+        rt.router.bound(ListenAddress(cfg.outbound.listen.host, self.ports["outbound"]))
+
+    async def _start_inbound(self, listeners: ExchangeListeners) -> None:
         from sidecar.identity.mtls import MtlsAcceptor
 
         cfg, rt = self.config, self.runtime
@@ -262,25 +318,22 @@ class Sidecar:
                                 handshake_timeout=cfg.inbound.timeouts.connect)
         inbound = Inbound(rt, InboundIdentity(cfg.inbound, acceptor.peer_of, rt.verifier, rt.revocations))
         server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
-        self._web_servers.append(server)
-        self._servers.append(await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port))
-        self._closables.append(acceptor)
-        self.ports["inbound"] = _port(self._servers[-1])
+        listeners.servers.append(server)
+        listener = await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port)
+        listeners.accepting.append(listener)
+        listeners.after_drain.append(acceptor.close)
+        self.ports["inbound"] = _port(listener)
+
+    def _drain_over(self) -> None:
+        self.runtime.exchanges.cut(lambda ex: True, "shutdown: drain time over")
 
     def _parse_error(self, direction: str) -> ParseErrorHook:
         return lambda refusal: self.runtime.recorder.refused(direction, refusal)
 
-    async def _start_bus(self) -> None:
-        if not self.config.revocation.has_bus:
-            return
-        self._bus = RedisBus(self.config.revocation, self.runtime.revocations, self.metrics)
-        self.runtime.revocations.bus = self._bus
-        await self._bus.start()
-
     # -- readiness and reload --------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        if self.draining:
+        if self.draining or not self._started:
             return False
         if self._bus is not None and self.config.revocation.require_sync and not self._bus.synced.is_set():
             return False
@@ -297,51 +350,20 @@ class Sidecar:
 
     # -- stop -------------------------------------------------------------------------------------
     async def stop(self) -> None:
-        """Not ready first, then stop accepting, drain what is in flight, then close."""
-        if self._stopped.is_set():
+        """Not ready first, then everything start() registered, last started first: the exchange listeners
+        stop accepting, drain and cut; then admin and health, the loop monitor, the bus, the watches,
+        the runtime's sessions and providers. Idempotent, and safe after a start that failed."""
+        if self._stopped:
             return
-        self._stopped.set()
+        self._stopped = True
         self.draining = True
-        for server in self._servers:
-            server.close()
-        drain = self.config.drain
-        for web_server in self._web_servers:
-            web_server.pre_shutdown()  # idle keep-alive connections close now; busy ones finish
-        shutdowns = asyncio.gather(*(s.shutdown(drain) for s in self._web_servers), return_exceptions=True)
-        done, _ = await asyncio.wait({shutdowns}, timeout=drain)
-        runtime = getattr(self, "runtime", None)  # None when start() failed before building it
-        if not done and runtime is not None:  # drain is over: cut what still runs (aiohttp would wait again)
-            runtime.exchanges.cut(lambda ex: True, "shutdown: drain time over")
-        await shutdowns
-        for runner in self._runners:
-            await runner.cleanup()
-        for closable in self._closables:
-            await _close(closable)
-        if self._bus is not None:
-            await self._bus.aclose()
-        await self._watcher.aclose()
-        await self.runtime.credentials.aclose()
-        for provider in self.runtime.providers.values():
-            await provider.aclose()
-        await self.runtime.sessions.aclose()
-        self.runtime.tasks.close()
-        if self._monitor is not None:
-            self._monitor.stop()
+        await self._resources.aclose()
         decision_log.WRITER.flush()  # the last events reach stdout before the process exits
 
 
-async def _close(obj: Any) -> None:
-    for name in ("aclose", "close"):
-        method = getattr(obj, name, None)
-        if method is not None:
-            result = method()
-            if asyncio.iscoroutine(result):
-                await result
-            return
-
-
 def _port(server: Any) -> int:
-    return server.sockets[0].getsockname()[1]
+    port: int = server.sockets[0].getsockname()[1]
+    return port
 
 
 def tune_gc() -> None:

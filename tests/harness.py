@@ -81,6 +81,19 @@ class Upstream:
 
 
 @dataclass
+class Held:
+    """An upstream handler that holds each request until ``release`` is set; ``started`` says one arrived."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        self.started.set()
+        await self.release.wait()
+        return web.Response(text="done")
+
+
+@dataclass
 class SidecarHarness:
     tmp: Path
     config: dict[str, Any]

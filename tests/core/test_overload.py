@@ -42,7 +42,7 @@ async def until(predicate, what: str) -> None:
 
 def outbound_server(h: SidecarHarness) -> SidecarServer:
     """The outbound listener's server (the CONNECT tunnels' server is a subclass)."""
-    return next(s for s in h.sidecar._web_servers if type(s) is SidecarServer)
+    return next(s for s in h.sidecar._listeners.servers if type(s) is SidecarServer)
 
 
 def overload_events(events: list[dict]) -> list[dict]:
