@@ -11,6 +11,10 @@ token file lives on a volume mounted only into the sidecar container.
     GET  /inventory                   identities, credentials held, open tasks
     POST /tasks                       {"subject_token" | "principal", "trigger", "ttl"} -> 201 {"id", "expires_at"}
     DELETE /tasks/{id}
+    GET  /approvals                   requests held by require_approval (``sidecar.approvals``)
+    POST /approvals/{id}              {"approve": true|false}, with an X-Approver-Token JWT
+
+The routes see the sidecar through :class:`sidecar.control.Control` only.
 """
 
 from __future__ import annotations
@@ -19,21 +23,19 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
 import structlog
 from aiohttp import web
 
-from sidecar.errors import Refusal, RequestRefused
+from sidecar.control import Control
+from sidecar.errors import IdentityRefused, Refusal, RequestRefused
 from sidecar.fields import format_duration, parse_duration
-from sidecar.inventory import inventory, iso_utc
+from sidecar.inventory import iso_utc
 from sidecar.reload import Reloaded
 from sidecar.revocation import KINDS
 from sidecar.server import error_response
-
-if TYPE_CHECKING:
-    from sidecar.app import Sidecar
 
 log = structlog.get_logger("sidecar.admin")
 MAX_REVOCATION_TTL = 30 * 86400.0
@@ -99,7 +101,7 @@ def _ttl(body: dict[str, Any], default: str, maximum: float) -> float:
     return ttl
 
 
-def build(sidecar: Sidecar) -> web.Application:
+def build(sidecar: Control) -> web.Application:
     token = ensure_token(sidecar.config.admin.token_file)
     app = web.Application(middlewares=[_auth_middleware(token)], client_max_size=1024 * 1024)
     routes = AdminRoutes(sidecar)
@@ -110,9 +112,8 @@ def build(sidecar: Sidecar) -> web.Application:
     app.router.add_get("/inventory", routes.inventory)
     app.router.add_post("/tasks", routes.open_task)
     app.router.add_delete("/tasks/{id}", routes.end_task)
-    from sidecar.approvals import add_routes
-
-    add_routes(app, sidecar)
+    app.router.add_get("/approvals", routes.approvals)
+    app.router.add_post("/approvals/{id}", routes.decide)
     return app
 
 
@@ -126,12 +127,12 @@ def reload_response(results: tuple[Reloaded, ...], policy_version: str) -> web.R
 
 
 class AdminRoutes:
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Control) -> None:
         self.sidecar = sidecar
 
     async def reload(self, request: web.Request) -> web.Response:
         results = await self.sidecar.reload()
-        return reload_response(results, self.sidecar.runtime.policy.version)
+        return reload_response(results, self.sidecar.policy_version)
 
     async def revoke(self, request: web.Request) -> web.Response:
         body = await _json(request)
@@ -139,48 +140,78 @@ class AdminRoutes:
         if kind not in KINDS or not isinstance(ident, str) or not ident:
             raise RequestRefused("bad_request", f"admin: expected kind in {', '.join(KINDS)} and a non-empty id")
         ttl = _ttl(body, "24h", MAX_REVOCATION_TTL)
-        entry = self.sidecar.runtime.revocations.add(kind, ident, ttl)
+        entry = self.sidecar.revocations.add(kind, ident, ttl)
         return web.json_response(entry.as_dict(), status=201)
 
     async def revocations(self, request: web.Request) -> web.Response:
-        return web.json_response({"revocations": [e.as_dict() for e in self.sidecar.runtime.revocations.list()]})
+        return web.json_response({"revocations": [e.as_dict() for e in self.sidecar.revocations.list()]})
 
     async def unrevoke(self, request: web.Request) -> web.Response:
-        if not self.sidecar.runtime.revocations.remove(request.match_info["rid"]):
+        if not self.sidecar.revocations.remove(request.match_info["rid"]):
             raise Refusal("not_found", "admin: no such revocation (ids look like task:<id>)")
         return web.json_response({"status": "deleted"})
 
     async def inventory(self, request: web.Request) -> web.Response:
-        return web.json_response(inventory(self.sidecar))
+        return web.json_response(self.sidecar.inventory())
 
     async def open_task(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        rt = self.sidecar.runtime
         tasks_cfg = self.sidecar.config.tasks
         ttl = _ttl(body, format_duration(tasks_cfg.ttl), tasks_cfg.max_ttl)
         trigger = body.get("trigger")
         if trigger is not None and not isinstance(trigger, str):
             raise RequestRefused("bad_request", "admin: trigger must be a string")
+        tasks, verifier = self.sidecar.tasks, self.sidecar.verifier
         if isinstance(body.get("subject_token"), str):
-            if rt.verifier is None:
+            if verifier is None:
                 raise RequestRefused("bad_request", "admin: subject_token needs inbound.jwt issuers to verify it")
-            token = await rt.verifier.verify(body["subject_token"])
-            task = rt.tasks.open(principal=(token.issuer, token.subject), subject_token=token.token,
+            token = await verifier.verify(body["subject_token"])
+            task = tasks.open(principal=(token.issuer, token.subject), subject_token=token.token,
                                  delegation="delegated" if token.actor_type == "human" else "asserted",
                                  actor_type=token.actor_type, trigger=trigger, ttl=ttl, token_exp=token.expires_at,
                                  act_chain=token.act_chain)
         elif isinstance(body.get("principal"), str) and body["principal"]:
-            task = rt.tasks.open(principal=("admin", body["principal"]), subject_token=None, delegation="asserted",
+            task = tasks.open(principal=("admin", body["principal"]), subject_token=None, delegation="asserted",
                                  actor_type="human", trigger=trigger, ttl=ttl)
         else:
             raise RequestRefused("bad_request", "admin: expected subject_token (a JWT) or principal (a subject)")
-        rt.metrics.active_tasks.set(rt.tasks.open_count)
+        self.sidecar.metrics.active_tasks.set(tasks.open_count)
         log.info("task_opened", task_id=task.id, delegation=task.delegation, trigger=trigger, via="admin")
         return web.json_response({"id": task.id, "expires_at": iso_utc(task.expires_at),
                                   "delegation": task.delegation}, status=201)
 
     async def end_task(self, request: web.Request) -> web.Response:
-        task = self.sidecar.runtime.tasks.end(request.match_info["id"])
+        task = self.sidecar.tasks.end(request.match_info["id"])
         if task is None:
             raise Refusal("not_found", "admin: no such task")
         return web.json_response({"status": "ended"})
+
+    async def approvals(self, request: web.Request) -> web.Response:
+        return web.json_response({"approvals": self.sidecar.approvals.list()})
+
+    async def decide(self, request: web.Request) -> web.Response:
+        approver = await approver_of(self.sidecar, request)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("approve"), bool):
+            raise RequestRefused("bad_request", 'approvals: expected {"approve": true|false}')
+        if not self.sidecar.approvals.decide(request.match_info["id"], body["approve"], approver):
+            raise Refusal("not_found", "approvals: no pending approval with this id")
+        return web.json_response({"status": "decided", "approve": body["approve"]})
+
+
+async def approver_of(sidecar: Control, request: web.Request) -> dict[str, str]:
+    """Verify X-Approver-Token: a human token for the approval audience, from a listed approver."""
+    verifier = sidecar.verifier
+    token = request.headers.get("X-Approver-Token")
+    if verifier is None or not token:
+        raise IdentityRefused("token_invalid", "approvals: an X-Approver-Token JWT from a configured issuer is required")
+    verified = await verifier.verify(token, audience=sidecar.config.admin.approval_audience)
+    if verified.actor_type != "human":
+        raise Refusal("rule_denied", "approvals: approver tokens must be a human's")
+    for entry in sidecar.config.admin.approvers:
+        if entry.matches(verified.issuer, verified.subject):
+            return {"iss": verified.issuer, "sub": verified.subject}
+    raise Refusal("rule_denied", "approvals: this human is not an approver (admin.approvers)")

@@ -40,7 +40,9 @@ from sidecar.fields import ListenAddress
 from sidecar.exchange import ActiveExchanges, AgentInfo
 from sidecar.identity.inbound import InboundIdentity
 from sidecar.identity.jwt import JwtVerifier
+from sidecar.identity.signing import Signer
 from sidecar.identity.source import Candidate, IdentitySource
+from sidecar.inventory import inventory
 from sidecar.listeners import ExchangeListeners
 from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR
@@ -58,6 +60,7 @@ from sidecar.forward.sessions import Sessions
 from sidecar.runtime import PolicyHolder, Runtime
 from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
+from sidecar import admin, health
 
 log = structlog.get_logger("sidecar.app")
 DEV_AGENT_PATH = "/agent/{name}"
@@ -273,8 +276,6 @@ class Sidecar:
     async def _start_listeners(self) -> None:
         """Health, metrics and admin first (they answer until the drain is over), then the listeners that
         carry exchanges, registered as one before the first of them binds."""
-        from sidecar import admin, health
-
         cfg = self.config
         for name, app, listen in (("health", health.build(self), cfg.health_listen),
                                   ("metrics", health.build_metrics(self), cfg.metrics_listen),
@@ -330,7 +331,7 @@ class Sidecar:
     def _parse_error(self, direction: str) -> ParseErrorHook:
         return lambda refusal: self.runtime.recorder.refused(direction, refusal)
 
-    # -- readiness and reload --------------------------------------------------------------------
+    # -- the control protocol (sidecar.control): what admin and health may ask ------------------
     @property
     def ready(self) -> bool:
         if self.draining or not self._started:
@@ -339,6 +340,33 @@ class Sidecar:
             return False
         verifier = self.runtime.verifier
         return verifier is None or verifier.ready
+
+    @property
+    def policy_version(self) -> str:
+        return self.runtime.policy.version
+
+    @property
+    def revocations(self) -> Revocations:
+        return self.runtime.revocations
+
+    @property
+    def tasks(self) -> TaskRegistry:
+        return self.runtime.tasks
+
+    @property
+    def approvals(self) -> Approvals:
+        return self.runtime.approvals
+
+    @property
+    def verifier(self) -> JwtVerifier | None:
+        return self.runtime.verifier
+
+    @property
+    def signer(self) -> Signer:
+        return self.runtime.signer
+
+    def inventory(self) -> dict[str, Any]:
+        return inventory(self.runtime, self.identity.state)
 
     async def reload(self) -> tuple[Reloaded, ...]:
         """Policy files, then identity files if they changed, each read and compiled in a worker thread:

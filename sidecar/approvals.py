@@ -1,7 +1,7 @@
 """``require_approval``: hold a request until a human approver decides, or time runs out.
 
 The held request waits (``policy.approval_timeout``); ``GET /approvals`` lists it and
-``POST /approvals/{id}`` decides it. The listing shows what the approver is asked to let through:
+``POST /approvals/{id}`` decides it (both in ``sidecar.admin``). The listing shows what the approver is asked to let through:
 an MCP ``tools/call``'s arguments (values under secret-looking keys masked, other strings redacted,
 the whole capped at :data:`ARGUMENTS_MAX` characters with a marker) and the SHA-256 of the exact
 body that is forwarded if they approve (the pipeline buffers a held outbound request's body first;
@@ -24,13 +24,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
 
-from sidecar.errors import IdentityRefused, PolicyRefused, Refusal, RequestRefused
+from sidecar.errors import PolicyRefused
 from sidecar.observe.decision_log import EVENT_BOUNDS, REDACTED, REDACTOR, bounded, clean
 
 if TYPE_CHECKING:
-    from sidecar.app import Sidecar
     from sidecar.exchange import Exchange
 
 log = structlog.get_logger("sidecar.approvals")
@@ -138,38 +136,3 @@ def _secret_key(key: str) -> bool:
 
 def _bounded(value: str | None, limit: int) -> str | None:
     return clean(value, limit) if value else None
-
-
-async def approver_of(sidecar: Sidecar, request: web.Request) -> dict[str, str]:
-    """Verify X-Approver-Token: a human token for the approval audience, from a listed approver."""
-    verifier = sidecar.runtime.verifier
-    token = request.headers.get("X-Approver-Token")
-    if verifier is None or not token:
-        raise IdentityRefused("token_invalid", "approvals: an X-Approver-Token JWT from a configured issuer is required")
-    verified = await verifier.verify(token, audience=sidecar.config.admin.approval_audience)
-    if verified.actor_type != "human":
-        raise Refusal("rule_denied", "approvals: approver tokens must be a human's")
-    for entry in sidecar.config.admin.approvers:
-        if entry.matches(verified.issuer, verified.subject):
-            return {"iss": verified.issuer, "sub": verified.subject}
-    raise Refusal("rule_denied", "approvals: this human is not an approver (admin.approvers)")
-
-
-def add_routes(app: web.Application, sidecar: Sidecar) -> None:
-    async def listing(request: web.Request) -> web.Response:
-        return web.json_response({"approvals": sidecar.runtime.approvals.list()})
-
-    async def decide(request: web.Request) -> web.Response:
-        approver = await approver_of(sidecar, request)
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("approve"), bool):
-            raise RequestRefused("bad_request", 'approvals: expected {"approve": true|false}')
-        if not sidecar.runtime.approvals.decide(request.match_info["id"], body["approve"], approver):
-            raise Refusal("not_found", "approvals: no pending approval with this id")
-        return web.json_response({"status": "decided", "approve": body["approve"]})
-
-    app.router.add_get("/approvals", listing)
-    app.router.add_post("/approvals/{id}", decide)

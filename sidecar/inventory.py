@@ -6,7 +6,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sidecar.app import Sidecar
+    from sidecar.identity.source import SvidState
+    from sidecar.runtime import Runtime
 
 
 def iso_utc(ts: float | None) -> str | None:
@@ -14,8 +15,8 @@ def iso_utc(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def inventory(sidecar: Sidecar) -> dict[str, Any]:
-    rt, state = sidecar.runtime, sidecar.identity.state
+def inventory(rt: Runtime, state: SvidState) -> dict[str, Any]:
+    """The runtime's agent, identity, credentials, tasks and policy version, for ``GET /inventory``."""
     credentials = [{
         "provider": c.provider, "type": c.type, "id": c.id, "scopes": list(c.scopes), "audience": c.audience,
         "expires_at": iso_utc(c.expires_at), "standing": c.standing, "task": r.task.id if r.task else None,
