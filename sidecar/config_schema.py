@@ -31,15 +31,15 @@ SECRET_REF = {"type": "object", "minProperties": 1, "maxProperties": 1, "additio
               "properties": {"value": {"type": "string"}, "from_env": {"type": "string"},
                              "from_file": {"type": "string"}}}
 KINDS: dict[str, dict[str, Any]] = {
-    "str": {"type": "string"}, "bool": {"type": "boolean"}, "int": {"type": "integer"},
+    "text": {"type": "string"}, "flag": {"type": "boolean"}, "integer": {"type": "integer"},
     "duration": {"type": "string", "pattern": DURATION},
-    "str_list": {"type": "array", "items": {"type": "string"}},
+    "text_list": {"type": "array", "items": {"type": "string"}},
     "listen": {"type": "string", "pattern": r"^.+:\d+$"}, "url": {"type": "string", "pattern": "^[a-z]+://"},
     "path_value": {"type": "string"}, "secret": {"$ref": "#/$defs/secret"}, "raw_value": {},
     "mapping": {"type": "object"},
 }
-RECORDED = ("str", "bool", "int", "choice", "duration", "str_list", "listen", "url", "path_value", "secret", "sub",
-            "items", "raw_value", "mapping")
+RECORDED = ("text", "flag", "integer", "choice", "duration", "text_list", "listen", "url", "path_value", "secret",
+            "sub", "items", "raw_value", "mapping")
 
 
 def _node_path(path: str) -> str:
@@ -59,7 +59,7 @@ def _recording() -> Iterator[list[tuple[str, str, str, dict[str, Any]]]]:
 
     def wrap(name: str, original: Any) -> Any:
         def recorded(self: Fields, key: str, *args: Any, **kwargs: Any) -> Any:
-            extra = {"options": list(args[0])} if name == "choice" and args else {}
+            extra: dict[str, Any] = {"options": list(args[0])} if name == "choice" and args else {}
             if name == "choice" and "options" in kwargs:
                 extra = {"options": list(kwargs["options"])}
             extra["required"] = bool(kwargs.get("required"))

@@ -117,7 +117,7 @@ class Spec:
 def parse(name: str, f: Fields) -> Spec | None:
     region = _pattern(f, "region", _REGION, "an AWS region such as eu-west-1")
     service = _pattern(f, "service", _SERVICE, "an AWS signing name such as s3, sts or dynamodb")
-    unsigned = f.bool("unsigned_payload", False)
+    unsigned = f.flag("unsigned_payload", False)
     if unsigned and service is not None and service not in S3_SERVICES:
         f.error("unsigned_payload", f"is allowed only for s3 services ({', '.join(sorted(S3_SERVICES))})")
     source_fields = f.sub("source", required=True)
@@ -128,7 +128,7 @@ def parse(name: str, f: Fields) -> Spec | None:
 
 
 def _pattern(f: Fields, key: str, pattern: re.Pattern[str], expected: str) -> str | None:
-    value = f.str(key, required=True)
+    value = f.text(key, required=True)
     if value is not None and not pattern.fullmatch(value):
         f.error(key, f"must be {expected}")
         return None
@@ -147,14 +147,14 @@ def _web_identity(f: Fields, region: str | None) -> WebIdentitySource | None:
     role_arn = _pattern(f, "role_arn", _ROLE_ARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
     sts_url = f.url("sts_url", https_unless_loopback=True) or _default_sts(region)
     ca = f.path_value("ca", must_exist=True)
-    session_name = f.str("session_name")
+    session_name = f.text("session_name")
     if session_name is not None and not _SESSION_NAME.fullmatch(session_name):
         f.error("session_name", "must be 2-64 characters of letters, digits and +=,.@_-")
     duration = f.duration("duration", "1h")
     if not MIN_DURATION <= duration <= MAX_DURATION:
         f.error("duration", "must be between 15m and 12h")
     token_file = f.path_value("token_file")
-    audience = f.str("audience", DEFAULT_AUDIENCE)
+    audience = f.text("audience", DEFAULT_AUDIENCE)
     if role_arn is None or sts_url is None or len(f.errors) > before:
         return None
     return WebIdentitySource(role_arn, sts_url, ca, session_name, int(duration), token_file, audience)

@@ -89,13 +89,13 @@ def parse(name: str, f: Fields) -> Spec | None:
     if f.has("content_digest") and not covers_digest:
         f.error("content_digest", "is set, but components do not cover content-digest")
     keyid, tag = _sf_string(f, "keyid"), _sf_string(f, "tag")
-    label = f.str("label", DEFAULT_LABEL)
+    label = f.text("label", DEFAULT_LABEL)
     if not _LABEL.fullmatch(label):
         f.error("label", "must be a structured-field key: lowercase letters, digits, '_', '-', '.', '*'")
     expires = f.duration("expires")
     if expires is not None and expires < 1:
         f.error("expires", "must be at least 1s")
-    created, nonce, alg = f.bool("created", True), f.bool("nonce", False), f.bool("alg", False)
+    created, nonce, alg = f.flag("created", True), f.flag("nonce", False), f.flag("alg", False)
     if key is None or len(f.errors) > before:
         return None
     return Spec(key, components, label, keyid, tag, digest if covers_digest else None, created, expires, nonce, alg)
@@ -117,7 +117,7 @@ def _key(f: Fields, algorithm: str | None) -> Algorithm | None:
 
 def _components(f: Fields) -> tuple[Component, ...]:
     parsed: list[Component] = []
-    for i, text in enumerate(f.str_list("components", required=True)):
+    for i, text in enumerate(f.text_list("components", required=True)):
         try:
             item = component(text)
         except ValueError as exc:
@@ -133,7 +133,7 @@ def _components(f: Fields) -> tuple[Component, ...]:
 
 
 def _sf_string(f: Fields, key: str) -> str | None:
-    value = f.str(key)
+    value = f.text(key)
     if value is not None and not is_sf_string(value):
         f.error(key, "must be printable ASCII")
         return None

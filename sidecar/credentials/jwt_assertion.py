@@ -43,14 +43,14 @@ class Spec:
 
 
 def parse(name: str, f: Fields) -> Spec | None:
-    audience = f.str("audience", required=True)
+    audience = f.text("audience", required=True)
     ttl = f.duration("ttl", "60s")
     if not MIN_TTL <= ttl <= MAX_TTL:
         f.error("ttl", "must be between 10s and 1h")
-    header = f.str("header", "Authorization")
+    header = f.text("header", "Authorization")
     if "_" in header or ":" in header or not header.isascii() or not header.strip() or " " in header:
         f.error("header", "must be an HTTP header name without '_', ':' or spaces")
-    scheme = f.str("scheme", "Bearer " if header.lower() == "authorization" else "")
+    scheme = f.text("scheme", "Bearer " if header.lower() == "authorization" else "")
     scopes = parse_scopes(f)
     if audience is None:
         return None

@@ -84,7 +84,7 @@ def parse_endpoint(f: Fields) -> Endpoint | None:
     token_url = f.url("token_url", required=True, https_unless_loopback=True)
     issuer = f.url("issuer", https_unless_loopback=True)
     ca = f.path_value("ca", must_exist=True)
-    client_id = f.str("client_id", required=True)
+    client_id = f.text("client_id", required=True)
     auth = f.choice("auth", AUTH_METHODS) if f.has("auth") else "client_secret_basic"
     secret = _client_secret(f, auth)
     timeout = f.duration("timeout", "10s")
@@ -107,7 +107,7 @@ def _client_secret(f: Fields, auth: str | None) -> Secret | None:
 
 def parse_target(f: Fields, *, required: bool) -> tuple[str | None, str | None]:
     """``resource`` (RFC 8707, an absolute URI) or ``audience``: never both."""
-    resource, audience = f.str("resource"), f.str("audience")
+    resource, audience = f.text("resource"), f.text("audience")
     if resource is not None and audience is not None:
         f.error("", "needs at most one of resource: URI or audience: NAME")
     elif required and resource is None and audience is None:
@@ -118,7 +118,7 @@ def parse_target(f: Fields, *, required: bool) -> tuple[str | None, str | None]:
 
 
 def parse_scopes(f: Fields) -> tuple[str, ...]:
-    scopes = f.str_list("scopes")
+    scopes = f.text_list("scopes")
     if any(not _SCOPE_TOKEN.match(s) for s in scopes):
         f.error("scopes", "scope names cannot contain spaces, double quotes or backslashes")
     return scopes

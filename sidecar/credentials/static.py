@@ -21,8 +21,8 @@ class Spec:
 
 
 def parse(name: str, f: Fields) -> Spec | None:
-    header, query = f.str("header"), f.str("query")
-    scheme = f.str("scheme", "")
+    header, query = f.text("header"), f.text("query")
+    scheme = f.text("scheme", "")
     value = f.secret("value", required=True)
     if (header is None) == (query is None):
         f.error("", "needs exactly one of header: NAME or query: NAME")

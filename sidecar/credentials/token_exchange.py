@@ -52,7 +52,7 @@ def parse(name: str, f: Fields) -> Spec | None:
     endpoint = parse_endpoint(f)
     scopes = parse_scopes(f)
     resource, audience = parse_target(f, required=True)
-    impersonate = f.bool("impersonate", False)
+    impersonate = f.flag("impersonate", False)
     if endpoint is None or (resource is None and audience is None):
         return None
     return Spec(endpoint, scopes, resource, audience, impersonate)

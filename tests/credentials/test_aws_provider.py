@@ -65,7 +65,7 @@ def parse_spec(raw: dict[str, Any], errors: list[ConfigError] | None = None) -> 
     """Read one credential entry as the loader does (``type`` read, ``done()`` called)."""
     errors = [] if errors is None else errors
     f = Fields({"type": aws.TYPE, **raw}, "credentials.aws", errors)
-    f.str("type")
+    f.text("type")
     spec = aws.parse("aws", f)
     f.done()
     return spec
