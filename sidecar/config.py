@@ -7,8 +7,8 @@ paths are resolved against the working directory, as the example config assumes
 (``config/policy.yaml``). Secret values are :class:`~sidecar.fields.Secret`: masked in
 every repr and dump.
 
-Credential entries are parsed by their provider module (``credentials.registry``); policy
-files by ``sidecar.policy``. Only references between sections are checked here.
+Credential entries are parsed by their type's entry in ``credentials.registry`` (the config
+side only: no provider is loaded here); policy files by ``sidecar.policy``. Only references between sections are checked here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 import yaml
 
 from sidecar.agent_meta import parse_agent
+from sidecar.credentials.registry import PROVIDER_TYPES, ProviderType
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.config_model import (
     AdminConfig, Approver, Backpressure, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, Observability, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
@@ -283,23 +284,28 @@ def _check_unique_hosts(upstreams: Mapping[str, Upstream], f: Fields) -> None:
 
 
 def _credentials(f: Fields) -> dict[str, CredentialConfig]:
-    from sidecar.credentials.registry import PROVIDERS
-
     result = {}
     for name in f.keys():
         c = f.sub(name)
-        kind = c.text("type", required=True)
+        kind = _provider_type(c)
         if kind is None:
             continue
-        module = PROVIDERS.get(kind)
-        if module is None:
-            c.error("type", f"unknown credential type {kind!r}; valid types: {', '.join(sorted(PROVIDERS))}")
-            continue
-        spec = module.parse(name, c)
+        spec = kind.parse(c)
         c.done()
         if spec is not None:
-            result[name] = CredentialConfig(name, kind, spec)
+            result[name] = CredentialConfig(name, kind.type, spec)
     return result
+
+
+def _provider_type(c: Fields) -> ProviderType[Any] | None:
+    """The entry's ``type:`` from the one table; an unknown one names every valid one."""
+    kind = c.text("type", required=True)
+    if kind is None:
+        return None
+    if kind not in PROVIDER_TYPES:
+        c.error("type", f"unknown credential type {kind!r}; valid types: {', '.join(sorted(PROVIDER_TYPES))}")
+        return None
+    return PROVIDER_TYPES[kind]
 
 
 def _policy(f: Fields) -> PolicyConfig:
@@ -416,7 +422,7 @@ def _admin(f: Fields, state_dir: Path) -> AdminConfig:
 def _check_references(errors: list[ConfigError], identity: IdentityConfig, outbound: OutboundConfig,
                       credentials: Mapping[str, CredentialConfig], admin: AdminConfig,
                       inbound: InboundConfig | None) -> None:
-    needs_key = [c.name for c in credentials.values() if getattr(c.spec, "needs_signing_key", False)]
+    needs_key = [c.name for c in credentials.values() if c.spec.needs_signing_key]
     if needs_key and identity.signing_key is None:
         errors.append(ConfigError("identity.signing_key", "is required: credentials "
                                   f"{', '.join(needs_key)} rely on a key registered with a verifier"))

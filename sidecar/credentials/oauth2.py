@@ -22,9 +22,8 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Hashable, Mapping
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote_plus
 
 import aiohttp
 import jwt
@@ -32,13 +31,11 @@ import structlog
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
 from sidecar.errors import CredentialUnavailable
-from sidecar.fields import Fields, Secret, format_duration
+from sidecar.credentials.specs import ClientCredentialsSpec, Endpoint
+from sidecar.fields import Secret, format_duration
 from sidecar.http.tls import client_ssl_context
 from sidecar.observe.decision_log import REDACTOR
 
-TYPE = "oauth2_client_credentials"
-AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth")
-SECRET_METHODS = frozenset(AUTH_METHODS[:2])
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_TTL = 60
 DEFAULT_LIFETIME = 300.0  # a token response with neither expires_in nor a JWT exp
@@ -46,89 +43,8 @@ MAX_RESPONSE_BYTES = 64 * 1024
 MAX_DESCRIPTION = 120
 _SENSITIVE_FORM = ("client_secret", "client_assertion", "subject_token", "actor_token")
 _ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_SCOPE_TOKEN = re.compile(r'^[\x21\x23-\x5b\x5d-\x7e]+$')  # RFC 6749 §3.3 scope-token
 
 log = structlog.get_logger("sidecar.credentials")
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where tokens come from and how this client proves who it is."""
-    token_url: str
-    client_id: str
-    auth: str
-    issuer: str | None = None
-    ca: Path | None = None
-    client_secret: Secret | None = None
-    timeout: float = 10.0
-
-    @property
-    def assertion_audience(self) -> str:
-        """``aud`` of the JWTs we sign for this server (client assertions, actor tokens)."""
-        return self.issuer or self.token_url
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    endpoint: Endpoint
-    scopes: tuple[str, ...] = ()
-    resource: str | None = None
-    audience: str | None = None
-
-    @property
-    def needs_signing_key(self) -> bool:
-        return self.endpoint.auth == "private_key_jwt"
-
-
-def parse_endpoint(f: Fields) -> Endpoint | None:
-    token_url = f.url("token_url", required=True, https_unless_loopback=True)
-    issuer = f.url("issuer", https_unless_loopback=True)
-    ca = f.path_value("ca", must_exist=True)
-    client_id = f.text("client_id", required=True)
-    auth = f.choice("auth", AUTH_METHODS) if f.has("auth") else "client_secret_basic"
-    secret = _client_secret(f, auth)
-    timeout = f.duration("timeout", "10s")
-    if not 0 < timeout <= 60:
-        f.error("timeout", "must be more than 0s and at most 60s")
-    if token_url is None or client_id is None or auth is None or (auth in SECRET_METHODS and secret is None):
-        return None
-    return Endpoint(token_url, client_id, auth, issuer, ca, secret, timeout)
-
-
-def _client_secret(f: Fields, auth: str | None) -> Secret | None:
-    if auth in SECRET_METHODS:
-        return f.secret("client_secret", required=True)
-    if f.has("client_secret"):
-        f.raw_value("client_secret")
-        if auth is not None:
-            f.error("client_secret", f"is only used with auth client_secret_basic or client_secret_post, not {auth}")
-    return None
-
-
-def parse_target(f: Fields, *, required: bool) -> tuple[str | None, str | None]:
-    """``resource`` (RFC 8707, an absolute URI) or ``audience``: never both."""
-    resource, audience = f.text("resource"), f.text("audience")
-    if resource is not None and audience is not None:
-        f.error("", "needs at most one of resource: URI or audience: NAME")
-    elif required and resource is None and audience is None:
-        f.error("", "needs one of resource: URI or audience: NAME (the upstream the token is for)")
-    if resource is not None and (not urlsplit(resource).scheme or "#" in resource):
-        f.error("resource", "must be an absolute URI without a fragment (RFC 8707)")
-    return resource, audience
-
-
-def parse_scopes(f: Fields) -> tuple[str, ...]:
-    scopes = f.text_list("scopes")
-    if any(not _SCOPE_TOKEN.match(s) for s in scopes):
-        f.error("scopes", "scope names cannot contain spaces, double quotes or backslashes")
-    return scopes
-
-
-def parse(name: str, f: Fields) -> Spec | None:
-    endpoint = parse_endpoint(f)
-    scopes = parse_scopes(f)
-    resource, audience = parse_target(f, required=False)
-    return Spec(endpoint, scopes, resource, audience) if endpoint is not None else None
 
 
 def target_form(resource: str | None, audience: str | None, scopes: tuple[str, ...]) -> dict[str, str]:
@@ -372,12 +288,12 @@ def apply_bearer(name: str, out: OutboundRequest, credential: Credential) -> Non
 # -- the provider ------------------------------------------------------------------------------
 
 class ClientCredentialsProvider:
-    type: ClassVar[str] = TYPE
+    type: ClassVar[str] = ClientCredentialsSpec.type
     needs_body: ClassVar[bool] = False
     standing: ClassVar[bool] = False
     task_bound: ClassVar[bool] = False
 
-    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+    def __init__(self, name: str, spec: ClientCredentialsSpec, deps: ProviderDeps) -> None:
         self.name = name
         self.spec = spec
         self.endpoint = TokenEndpoint(name, spec.endpoint, deps)
@@ -389,13 +305,10 @@ class ClientCredentialsProvider:
         scopes = req.scopes or self.spec.scopes
         form = {"grant_type": "client_credentials", **target_form(self.spec.resource, self.spec.audience, scopes)}
         resp = await self.endpoint.request(form)
-        return self.endpoint.credential(TYPE, resp, scopes=scopes, audience=self.spec.resource or self.spec.audience)
+        return self.endpoint.credential(self.type, resp, scopes=scopes, audience=self.spec.resource or self.spec.audience)
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
         apply_bearer(self.name, out, credential)
 
     async def aclose(self) -> None:
         await self.endpoint.aclose()
-
-
-PROVIDER = ClientCredentialsProvider

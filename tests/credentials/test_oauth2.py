@@ -14,6 +14,7 @@ from aiohttp import web
 
 from sidecar.credentials import oauth2
 from sidecar.credentials.base import ProviderDeps
+from sidecar.credentials.specs import Endpoint
 from sidecar.errors import CredentialUnavailable
 from sidecar.identity.signing import load_signing_key
 from sidecar.identity.source import IdentitySource
@@ -38,7 +39,7 @@ async def test_every_auth_method_gets_a_bearer_token(
     token = credential.token.reveal()
     claims = verify_access_token(oidc_provider, token, BILLING)
     assert claims["client_id"] == client_id and claims["scope"] == "invoices.read"
-    assert (credential.type, credential.audience, credential.scopes) == (oauth2.TYPE, BILLING, ("invoices.read",))
+    assert (credential.type, credential.audience, credential.scopes) == ("oauth2_client_credentials", BILLING, ("invoices.read",))
     assert credential.id == claims["jti"] and not credential.standing
     assert credential.expires_at is not None and credential.issued_at is not None
     assert 250 < credential.expires_at - credential.issued_at <= 300  # the peer issues 300 s tokens
@@ -280,12 +281,12 @@ def test_unusable_token_responses_are_refused(body: dict[str, Any], message: str
 
 def test_an_opaque_token_gets_a_keyed_id_and_default_lifetime() -> None:
     """No jti to use: the id is a keyed hash of the token; lifetime from expires_in, else 300 s."""
-    endpoint = oauth2.TokenEndpoint("test", oauth2.Endpoint("https://as.example/token", "c", "tls_client_auth"),
+    endpoint = oauth2.TokenEndpoint("test", Endpoint("https://as.example/token", "c", "tls_client_auth"),
                                     ProviderDeps(agent_id=AGENT_SPIFFE_ID, id_key=ID_KEY, clock=lambda: 1000.0))
     for body, lifetime in (({"expires_in": 60}, 60.0), ({}, oauth2.DEFAULT_LIFETIME)):
         raw = {"access_token": "opaque-token-value", "token_type": "Bearer", **body}
         resp = oauth2.parse_token_response("test", json.dumps(raw).encode())
-        credential = endpoint.credential(oauth2.TYPE, resp, scopes=("a",), audience=None)
+        credential = endpoint.credential("oauth2_client_credentials", resp, scopes=("a",), audience=None)
         assert credential.id is not None and credential.id.startswith("h:") and "opaque" not in credential.id
         assert (credential.issued_at, credential.expires_at, credential.scopes) == (1000.0, 1000.0 + lifetime, ("a",))
 
@@ -312,7 +313,8 @@ async def test_an_error_description_repeating_the_client_secret_never_shows_it(a
 
     server = await Upstream(echo).start()
     raw = {"token_url": f"{server.url}/token", "client_id": "c", "auth": auth, "client_secret": {"value": "s3cr"}}
-    provider = oauth2.PROVIDER("test", parse_spec(oauth2, raw), ProviderDeps(agent_id=AGENT_SPIFFE_ID, id_key=ID_KEY))
+    spec = parse_spec("oauth2_client_credentials", raw)
+    provider = oauth2.ClientCredentialsProvider("test", spec, ProviderDeps(agent_id=AGENT_SPIFFE_ID, id_key=ID_KEY))
     try:
         with pytest.raises(CredentialUnavailable) as refused:
             await provider.fetch(request())
@@ -351,14 +353,14 @@ BASE = {"token_url": "https://login.example.com/token", "client_id": "billing-ag
 )
 def test_config_errors_name_their_path(raw: dict[str, Any], expected: str) -> None:
     """Each invalid entry is refused with its path and what was expected."""
-    assert config_errors(oauth2, raw) == [expected]
+    assert config_errors("oauth2_client_credentials", raw) == [expected]
 
 
 def test_http_token_url_is_allowed_on_loopback_and_signing_key_only_for_private_key_jwt() -> None:
     """A loopback token endpoint may be plain http; only private_key_jwt needs identity.signing_key."""
-    spec = parse_spec(oauth2, {**BASE, "token_url": "http://127.0.0.1:9000/token", "scopes": ["a"]})
+    spec = parse_spec("oauth2_client_credentials", {**BASE, "token_url": "http://127.0.0.1:9000/token", "scopes": ["a"]})
     assert spec.needs_signing_key and spec.scopes == ("a",) and spec.endpoint.timeout == 10.0
-    basic = parse_spec(oauth2, {**BASE, "auth": "client_secret_basic", "client_secret": {"value": "s3cret-value"}})
+    basic = parse_spec("oauth2_client_credentials", {**BASE, "auth": "client_secret_basic", "client_secret": {"value": "s3cret-value"}})
     assert not basic.needs_signing_key and "s3cret-value" not in repr(basic)
-    assert parse_spec(oauth2, {k: v for k, v in BASE.items() if k != "auth"} | {
+    assert parse_spec("oauth2_client_credentials", {k: v for k, v in BASE.items() if k != "auth"} | {
         "client_secret": {"value": "s3cret-value"}}).endpoint.auth == "client_secret_basic"
