@@ -24,8 +24,8 @@ from dataclasses import replace
 from typing import Any, ClassVar, Hashable, Mapping
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, TaskRef
-from sidecar.credentials.oauth2 import TokenEndpoint, TokenResponse, apply_bearer, target_form
 from sidecar.credentials.specs import TokenExchangeSpec
+from sidecar.credentials.token_endpoint import TokenEndpoint, TokenResponse, apply_bearer, target_form
 from sidecar.errors import CredentialUnavailable
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from multidict import CIMultiDict
 
-from sidecar.credentials.oauth2 import ClientCredentialsProvider, parse_token_response
+from sidecar.credentials.oauth2 import ClientCredentialsProvider
+from sidecar.credentials.token_endpoint import parse_token_response
 from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.credentials.token_exchange import TokenExchangeProvider
 from sidecar.credentials.base import CredentialRequest, OutboundRequest, ProviderDeps, TaskRef

@@ -9,7 +9,7 @@ from typing import Any
 import jwt
 import pytest
 
-from sidecar.credentials import oauth2, token_exchange
+from sidecar.credentials import token_endpoint, token_exchange
 from sidecar.credentials.base import CredentialRequest, ProviderDeps, TaskRef
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret
@@ -186,7 +186,7 @@ def test_a_jwt_result_that_does_not_name_the_agent_is_refused(deps: ProviderDeps
     spec = parse_spec("oauth2_token_exchange", {**_BASE, "resource": CRM})
     provider = token_exchange.TokenExchangeProvider("test", spec, deps)
     token = jwt.encode({"sub": ALICE, "jti": "j1", "act": {"sub": "spiffe://example.org/other"}}, "k" * 32)
-    resp = oauth2.parse_token_response("test", ('{"access_token": "%s", "token_type": "Bearer"}' % token).encode())
+    resp = token_endpoint.parse_token_response("test", ('{"access_token": "%s", "token_type": "Bearer"}' % token).encode())
     with pytest.raises(CredentialUnavailable, match="does not name this agent as its actor"):
         provider._credential(resp, ())
 
