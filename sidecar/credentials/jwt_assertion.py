@@ -62,10 +62,10 @@ class JwtAssertionProvider:
         token, jti, exp = signer.sign(claims, ttl=self.spec.ttl)
         return Credential(type=self.type, provider=self.name, id=jti, scopes=scopes, audience=self.spec.audience,
                           expires_at=exp, issued_at=exp - int(self.spec.ttl), token=Secret(token, "signed"),
-                          material=self.spec.scheme + token)
+                          material=self.spec.placement.format(token))
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
-        out.headers[self.spec.header] = credential.material
+        self.spec.placement.apply(out, credential.material)
 
     async def aclose(self) -> None:
         return None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 from urllib.parse import urlsplit
 
+from sidecar.credentials.placement import BEARER, Placement, header_only, header_or_query
 from sidecar.credentials.rfc9421 import (
     ALGORITHMS, DIGESTS, KEY_ENCODINGS, Algorithm, Component, component, is_sf_string, load_key,
 )
@@ -45,24 +46,17 @@ class CredentialSpec(Protocol):
 class StaticSpec:
     type: ClassVar[str] = "static"
     value: Secret
-    header: str | None = None
-    query: str | None = None
-    scheme: str = ""
+    placement: Placement
     scopes: ClassVar[tuple[str, ...]] = ()  # a standing credential has none
     needs_signing_key: ClassVar[bool] = False
 
 
 def parse_static(f: Fields) -> StaticSpec | None:
-    header, query = f.text("header"), f.text("query")
-    scheme = f.text("scheme", "")
     value = f.secret("value", required=True)
-    if (header is None) == (query is None):
-        f.error("", "needs exactly one of header: NAME or query: NAME")
-    if header is not None and ("_" in header or not header.isascii() or ":" in header):
-        f.error("header", "must be an HTTP header name without '_' or ':'")
-    if value is None:
+    placement = header_or_query(f)
+    if value is None or placement is None:
         return None
-    return StaticSpec(value=value, header=header, query=query, scheme=scheme)
+    return StaticSpec(value, placement)
 
 
 # --- jwt_assertion -------------------------------------------------------------------
@@ -75,8 +69,7 @@ class JwtAssertionSpec:
     type: ClassVar[str] = "jwt_assertion"
     audience: str
     ttl: float = 60.0
-    header: str = "Authorization"
-    scheme: str = "Bearer "
+    placement: Placement = BEARER
     scopes: tuple[str, ...] = ()
     needs_signing_key: ClassVar[bool] = True
 
@@ -86,14 +79,11 @@ def parse_jwt_assertion(f: Fields) -> JwtAssertionSpec | None:
     ttl = f.duration("ttl", "60s")
     if not MIN_ASSERTION_TTL <= ttl <= MAX_ASSERTION_TTL:
         f.error("ttl", "must be between 10s and 1h")
-    header = f.text("header", "Authorization")
-    if "_" in header or ":" in header or not header.isascii() or not header.strip() or " " in header:
-        f.error("header", "must be an HTTP header name without '_', ':' or spaces")
-    scheme = f.text("scheme", "Bearer " if header.lower() == "authorization" else "")
+    placement = header_only(f)
     scopes = _scopes(f)
-    if audience is None:
+    if audience is None or placement is None:
         return None
-    return JwtAssertionSpec(audience, ttl, header, scheme, scopes)
+    return JwtAssertionSpec(audience, ttl, placement, scopes)
 
 
 # --- OAuth 2.0: the token endpoint, client credentials, token exchange ----------------

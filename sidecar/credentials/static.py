@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import ClassVar, Hashable
-from urllib.parse import quote
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
 from sidecar.credentials.specs import StaticSpec
@@ -22,10 +21,7 @@ class StaticProvider:
             type=self.type, provider=name, id=keyed_id(deps.id_key, spec.value.reveal()), standing=True,
             token=spec.value,
         )
-        self._header_value = spec.scheme + spec.value.reveal()  # built once; apply() only sets it
-        self._query_pair = (
-            f"{quote(spec.query, safe='')}={quote(spec.value.reveal(), safe='')}" if spec.query else ""
-        )
+        self._placed = spec.placement.format(spec.value.reveal())  # built once; apply() only sets it
 
     def cache_key(self, req: CredentialRequest) -> Hashable:
         return self.name
@@ -34,10 +30,7 @@ class StaticProvider:
         return self._credential
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
-        if self._spec.header:
-            out.headers[self._spec.header] = self._header_value
-        else:
-            out.query = f"{out.query}&{self._query_pair}" if out.query else self._query_pair
+        self._spec.placement.apply(out, self._placed)
 
     async def aclose(self) -> None:
         return None

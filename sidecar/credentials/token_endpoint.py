@@ -34,6 +34,7 @@ import jwt
 import structlog
 
 from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.credentials.placement import BEARER
 from sidecar.credentials.specs import Endpoint
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret, format_duration
@@ -255,7 +256,7 @@ class TokenEndpoint:
                           id=jti if isinstance(jti, str) and jti else keyed_id(self._deps.id_key, token),
                           scopes=resp.scope if resp.scope is not None else scopes, audience=audience,
                           expires_at=now + lifetime, issued_at=now, bound_cert_sha256=resp.cnf_sha256,
-                          token=resp.access_token, material="Bearer " + token)
+                          token=resp.access_token, material=BEARER.format(token))
 
     async def aclose(self) -> None:
         for session in (*self._retired, self._session):
@@ -284,4 +285,4 @@ def apply_bearer(name: str, out: OutboundRequest, credential: Credential) -> Non
             f"credentials: {name}: the token is bound to this sidecar's certificate and the upstream "
             "connection does not present it (set client_cert: svid on the upstream)",
             detail=f"bound to certificate {bound[:16]}, connection presents {presents}")
-    out.headers["Authorization"] = credential.material
+    BEARER.apply(out, credential.material)

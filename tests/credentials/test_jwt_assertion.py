@@ -171,4 +171,4 @@ def test_config_errors(raw: dict[str, Any], expected: list[str]) -> None:
 def test_defaults_and_the_signing_key_requirement() -> None:
     """ttl 60s, Authorization with Bearer; the key must be one a verifier knows."""
     spec = parse_spec("jwt_assertion", {"audience": SEARCH})
-    assert (spec.ttl, spec.header, spec.scheme, spec.needs_signing_key) == (60.0, "Authorization", "Bearer ", True)
+    assert (spec.ttl, spec.placement.header, spec.placement.scheme, spec.needs_signing_key) == (60.0, "Authorization", "Bearer ", True)
