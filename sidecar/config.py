@@ -8,7 +8,8 @@ paths are resolved against the working directory, as the example config assumes
 every repr and dump.
 
 Credential entries are parsed by their type's entry in ``credentials.registry`` (the config
-side only: no provider is loaded here); policy files by ``sidecar.policy``. Only references between sections are checked here.
+side only: no provider is loaded here); policy files by ``sidecar.policy``. Only references
+between sections are checked here.
 """
 
 from __future__ import annotations

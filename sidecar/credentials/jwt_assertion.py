@@ -27,6 +27,7 @@ from sidecar.credentials.specs import JwtAssertionSpec
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret
 
+
 def _task_claims(task: TaskRef) -> dict[str, Any]:
     claims: dict[str, Any] = {"task": task.id}
     if task.principal_sub is not None:
