@@ -27,12 +27,12 @@ MAX_PURPOSE = 1024
 
 def parse_agent(f: Fields) -> tuple[str, str, AgentMeta]:
     """(name, environment, metadata) of ``agent:``; problems go into ``f``'s error list."""
-    name = f.str("name", "agent")
-    environment = f.str("environment", "development")
+    name = f.text("name", "agent")
+    environment = f.text("environment", "development")
     owner = _bounded(f, "owner", MAX_OWNER)
     purpose = _bounded(f, "purpose", MAX_PURPOSE)
     levels = _names(f, "trust_levels", MAX_TRUST_LEVELS, DEFAULT_TRUST_LEVELS) or DEFAULT_TRUST_LEVELS
-    level = f.str("trust_level")
+    level = f.text("trust_level")
     if level is not None and level not in levels:
         f.error("trust_level", f"must be one of the declared trust_levels ({', '.join(levels)}), got {level!r}")
         level = None
@@ -43,7 +43,7 @@ def parse_agent(f: Fields) -> tuple[str, str, AgentMeta]:
 
 
 def _bounded(f: Fields, key: str, limit: int) -> str | None:
-    value = f.str(key)
+    value = f.text(key)
     if value is not None and len(value) > limit:
         f.error(key, f"must be at most {limit} characters, got {len(value)}")
         return None
@@ -52,7 +52,7 @@ def _bounded(f: Fields, key: str, limit: int) -> str | None:
 
 def _names(f: Fields, key: str, limit: int, default: tuple[str, ...]) -> tuple[str, ...]:
     """A list of distinct lowercase names (``[a-z][a-z0-9_-]*``), at most ``limit`` of them."""
-    values = f.str_list(key, default)
+    values = f.text_list(key, default)
     bad = [v for v in values if not NAME.match(v)]
     if bad:
         f.error(key, f"names must be lowercase letters, digits, _ or - (starting with a letter), got {bad[0]!r}")

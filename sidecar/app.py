@@ -34,7 +34,7 @@ from sidecar.config_model import Config
 from sidecar.connect import Interceptor
 from sidecar.credentials.base import ProviderDeps
 from sidecar.credentials.cache import CredentialCache
-from sidecar.credentials.registry import PROVIDERS
+from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.errors import ConfigInvalid
 from sidecar.fields import ListenAddress
 from sidecar.exchange import ActiveExchanges, AgentInfo
@@ -218,7 +218,7 @@ class Sidecar:
         policy = build_policy(cfg, self._limiter)
         signer = build_signer(cfg.identity.signing_key, cfg.state_dir, cfg.identity.issuer or agent.id)
         deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=credential_id_key(cfg))
-        providers = {name: PROVIDERS[c.type].PROVIDER(name, c.spec, deps) for name, c in cfg.credentials.items()}
+        providers = {name: PROVIDER_TYPES[c.type].build(name, c.spec, deps) for name, c in cfg.credentials.items()}
         rt = Runtime(cfg, agent, self.metrics, Recorder(self.metrics, agent),
                      Router(cfg.outbound.upstreams, cfg.outbound.listen), PolicyHolder(policy), providers,
                      CredentialCache(self.metrics), TaskRegistry.from_config(cfg.tasks), Revocations(self.metrics),

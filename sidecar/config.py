@@ -7,8 +7,9 @@ paths are resolved against the working directory, as the example config assumes
 (``config/policy.yaml``). Secret values are :class:`~sidecar.fields.Secret`: masked in
 every repr and dump.
 
-Credential entries are parsed by their provider module (``credentials.registry``); policy
-files by ``sidecar.policy``. Only references between sections are checked here.
+Credential entries are parsed by their type's entry in ``credentials.registry`` (the config
+side only: no provider is loaded here); policy files by ``sidecar.policy``. Only references
+between sections are checked here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 import yaml
 
 from sidecar.agent_meta import parse_agent
+from sidecar.credentials.registry import PROVIDER_TYPES, ProviderType
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.config_model import (
     AdminConfig, Approver, Backpressure, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, Observability, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
@@ -86,7 +88,7 @@ def _logging(f: Fields) -> tuple[str, Backpressure]:
     d = Backpressure()
     level = f.choice("level", ("debug", "info", "warning", "error"), "info")
     backpressure = Backpressure(f.choice("on_backpressure", ("block", "drop", "refuse"), d.on_backpressure),
-                                f.int("buffer_bytes", d.buffer_bytes, minimum=4096),
+                                f.integer("buffer_bytes", d.buffer_bytes, minimum=4096),
                                 f.duration("block_timeout", d.block_timeout))
     f.done()
     return level, backpressure
@@ -117,12 +119,12 @@ def _limits(f: Fields, *, per_source: int | None = None) -> Limits:
     """A listener's limits; ``per_source`` is its default cap of connections from one address (None: none,
     as on the outbound listener, where every connection is the agent's)."""
     d = Limits()
-    limits = Limits(f.int("max_header_bytes", d.max_header_bytes, minimum=1024),
-                    f.int("max_headers", d.max_headers, minimum=1),
-                    f.int("max_body_bytes", d.max_body_bytes, minimum=0),
-                    f.int("max_connections", d.max_connections, minimum=1),
-                    f.int("max_in_flight", d.max_in_flight, minimum=1),
-                    f.int("max_connections_per_source", per_source, minimum=1))
+    limits = Limits(f.integer("max_header_bytes", d.max_header_bytes, minimum=1024),
+                    f.integer("max_headers", d.max_headers, minimum=1),
+                    f.integer("max_body_bytes", d.max_body_bytes, minimum=0),
+                    f.integer("max_connections", d.max_connections, minimum=1),
+                    f.integer("max_in_flight", d.max_in_flight, minimum=1),
+                    f.integer("max_connections_per_source", per_source, minimum=1))
     f.done()
     return limits
 
@@ -153,7 +155,7 @@ def _identity(f: Fields) -> IdentityConfig:
     if f.has("signing_key"):
         sk = f.sub("signing_key")
         file = sk.path_value("file", required=True, must_exist=True)
-        kid = sk.str("kid")
+        kid = sk.text("kid")
         sk.done()
         signing_key = SigningKeyConfig(file, kid) if file else None
     issuer = f.url("issuer", schemes=("https", "http"))
@@ -162,18 +164,18 @@ def _identity(f: Fields) -> IdentityConfig:
 
 
 def _jwt_issuer(f: Fields) -> JwtIssuerConfig | None:
-    issuer = f.str("issuer", required=True)
+    issuer = f.text("issuer", required=True)
     jwks_uri = f.url("jwks_uri", https_unless_loopback=True)
     jwks_file = f.path_value("jwks_file", must_exist=True)
     if (jwks_uri is None) == (jwks_file is None):
         f.error("", "needs exactly one of jwks_uri or jwks_file")
-    algorithms = f.str_list("algorithms", ("RS256", "ES256", "EdDSA"))
+    algorithms = f.text_list("algorithms", ("RS256", "ES256", "EdDSA"))
     for alg in algorithms:
         if alg not in JWT_ALGORITHMS:
             f.error("algorithms", f"{alg!r} is not allowed; use asymmetric algorithms only: "
                                   f"{', '.join(JWT_ALGORITHMS)}")
     cfg = JwtIssuerConfig(issuer or "", jwks_uri, jwks_file, f.path_value("ca", must_exist=True),
-                          f.str_list("audiences", required=True), algorithms, f.str("typ"),
+                          f.text_list("audiences", required=True), algorithms, f.text("typ"),
                           f.duration("leeway", "30s"), f.duration("max_lifetime", "24h"),
                           f.choice("actor", ("human", "workload", "auto"), "auto"))
     f.done()
@@ -185,15 +187,15 @@ def _inbound(f: Fields) -> InboundConfig:
     forward_to = f.url("forward_to", required=True) or "http://127.0.0.1:8080"
     if not is_loopback_host(urlsplit(forward_to).hostname):
         f.error("forward_to", "must be a loopback address: the agent must not be reachable around the sidecar")
-    trust_domains = f.str_list("trust_domains", ())
+    trust_domains = f.text_list("trust_domains", ())
     jwt = f.sub("jwt")
-    required = jwt.bool("required", False)
+    required = jwt.flag("required", False)
     issuers = [i for i in (_jwt_issuer(item) for item in jwt.items("issuers")) if i is not None]
     jwt.done()
     if required and not issuers:
         f.error("jwt.issuers", "at least one issuer is needed when jwt.required is true")
     cfg = InboundConfig(listen, forward_to, trust_domains, required, tuple(issuers),
-                        f.str("task_trigger_header", "X-Task-Trigger"),
+                        f.text("task_trigger_header", "X-Task-Trigger"),
                         _limits(f.sub("limits"), per_source=INBOUND_PER_SOURCE),
                         _timeouts(f.sub("timeouts")), _pass_headers(f))
     f.done()
@@ -205,7 +207,7 @@ def _outbound(f: Fields, warnings: list[str], credentials: Mapping[str, Credenti
     if not listen.is_loopback:
         f.error("listen", "must be a loopback address (127.0.0.1 or ::1): everything reaching the outbound "
                           "listener is treated as the agent")
-    strip = frozenset(h.lower() for h in f.str_list("strip_headers", DEFAULT_STRIP))
+    strip = frozenset(h.lower() for h in f.text_list("strip_headers", DEFAULT_STRIP))
     intercept = f.sub("intercept")
     ca_cert = intercept.path_value("ca_cert", must_exist=True)
     ca_key = intercept.path_value("ca_key", must_exist=True)
@@ -239,20 +241,20 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     if not name or "/" in name or "%" in name or name in (".", ".."):
         f.error("", "upstream names must be non-empty and contain no '/', '%', or dot segments")
     url = f.url("url", required=True)
-    hosts = tuple(h.lower().rstrip(".") for h in f.str_list("hosts", ()))
+    hosts = tuple(h.lower().rstrip(".") for h in f.text_list("hosts", ()))
     ca = f.path_value("ca", must_exist=True)
     if ca is not None and ca.is_file() and not _loads_as_ca(ca):  # a missing file is reported once
         f.error("ca", "expected a PEM file of CA certificates; none could be loaded from it")
     client_cert = f.choice("client_cert", ("svid",))
-    credential = f.str("credential")
+    credential = f.text("credential")
     if credential and credential not in credentials:
         f.error("credential", f"credential {credential!r} is not defined under credentials")
     protocol = f.choice("protocol", ("http", "mcp"), "http")
     p = f.sub("paths")
-    paths = PathOptions(p.bool("allow_encoded_slash", False), p.bool("merge_slashes", True))
+    paths = PathOptions(p.flag("allow_encoded_slash", False), p.flag("merge_slashes", True))
     p.done()
     pass_headers = _pass_headers(f)
-    allow_trace = f.bool("allow_trace", False)
+    allow_trace = f.flag("allow_trace", False)
     up_timeouts = _timeouts(f.sub("timeouts"), timeouts)
     f.done()
     if url is None:
@@ -270,7 +272,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
 
 def _pass_headers(f: Fields) -> frozenset[str]:
     """Headers (and the parameters ``_method``, ``access_token``) let through despite the strip set."""
-    return frozenset(h.lower() for h in f.str_list("pass_headers", ()))
+    return frozenset(h.lower() for h in f.text_list("pass_headers", ()))
 
 
 def _check_unique_hosts(upstreams: Mapping[str, Upstream], f: Fields) -> None:
@@ -283,27 +285,32 @@ def _check_unique_hosts(upstreams: Mapping[str, Upstream], f: Fields) -> None:
 
 
 def _credentials(f: Fields) -> dict[str, CredentialConfig]:
-    from sidecar.credentials.registry import PROVIDERS
-
     result = {}
     for name in f.keys():
         c = f.sub(name)
-        kind = c.str("type", required=True)
+        kind = _provider_type(c)
         if kind is None:
             continue
-        module = PROVIDERS.get(kind)
-        if module is None:
-            c.error("type", f"unknown credential type {kind!r}; valid types: {', '.join(sorted(PROVIDERS))}")
-            continue
-        spec = module.parse(name, c)
+        spec = kind.parse(c)
         c.done()
         if spec is not None:
-            result[name] = CredentialConfig(name, kind, spec)
+            result[name] = CredentialConfig(name, kind.type, spec)
     return result
 
 
+def _provider_type(c: Fields) -> ProviderType[Any] | None:
+    """The entry's ``type:`` from the one table; an unknown one names every valid one."""
+    kind = c.text("type", required=True)
+    if kind is None:
+        return None
+    if kind not in PROVIDER_TYPES:
+        c.error("type", f"unknown credential type {kind!r}; valid types: {', '.join(sorted(PROVIDER_TYPES))}")
+        return None
+    return PROVIDER_TYPES[kind]
+
+
 def _policy(f: Fields) -> PolicyConfig:
-    files = tuple(f.base_dir / p for p in f.str_list("files", ("config/policy.yaml",)))
+    files = tuple(f.base_dir / p for p in f.text_list("files", ("config/policy.yaml",)))
     cfg = PolicyConfig(files, f.choice("mode", ("enforce", "audit"), "enforce"),
                        f.duration("approval_timeout", "5m"))
     f.done()
@@ -312,8 +319,8 @@ def _policy(f: Fields) -> PolicyConfig:
 
 def _tasks(f: Fields) -> TasksConfig:
     cfg = TasksConfig(f.choice("end", ("response", "ttl"), "response"), f.duration("ttl", "15m"),
-                      f.duration("max_ttl", "1h"), f.int("max_open_per_principal", 100, minimum=1),
-                      f.int("max_tombstones", 10000, minimum=0))
+                      f.duration("max_ttl", "1h"), f.integer("max_open_per_principal", 100, minimum=1),
+                      f.integer("max_tombstones", 10000, minimum=0))
     if cfg.ttl > cfg.max_ttl:
         f.error("ttl", "must not exceed max_ttl")
     f.done()
@@ -335,7 +342,7 @@ def _revocation(f: Fields) -> RevocationConfig:
         f.error("", "username, password and tls need redis_url or sentinel")
     if url is not None:
         _check_redis_url(f, urlsplit(url.reveal()), tls, bool(given & {"username", "password"}))
-    cfg = RevocationConfig(url, f.bool("require_sync", True), sentinel, username, password, tls)
+    cfg = RevocationConfig(url, f.flag("require_sync", True), sentinel, username, password, tls)
     f.done()
     return cfg
 
@@ -368,12 +375,12 @@ def _check_redis_url(f: Fields, url: SplitResult, tls: RedisTls | None, credenti
 
 
 def _sentinel(f: Fields) -> SentinelConfig:
-    texts = f.str_list("sentinels", required=True)
+    texts = f.text_list("sentinels", required=True)
     if f.raw.get("sentinels") == []:
         f.error("sentinels", "needs at least one HOST:PORT")
     addresses = (_sentinel_address(f, i, text) for i, text in enumerate(texts))
-    cfg = SentinelConfig(tuple(a for a in addresses if a is not None), f.str("service_name", "", required=True),
-                         f.int("db", 0), *_redis_auth(f))
+    cfg = SentinelConfig(tuple(a for a in addresses if a is not None), f.text("service_name", "", required=True),
+                         f.integer("db", 0), *_redis_auth(f))
     f.done()
     return cfg
 
@@ -404,11 +411,11 @@ def _admin(f: Fields, state_dir: Path) -> AdminConfig:
     token_file = f.path_value("token_file") or state_dir / "admin-token"
     approvers = []
     for a in f.items("approvers"):
-        issuer, subject = a.str("issuer", required=True), a.str("subject", required=True)
+        issuer, subject = a.text("issuer", required=True), a.text("subject", required=True)
         a.done()
         if issuer and subject:
             approvers.append(Approver(issuer, subject))
-    cfg = AdminConfig(listen, token_file, f.str("approval_audience", "agent-approvals"), tuple(approvers))
+    cfg = AdminConfig(listen, token_file, f.text("approval_audience", "agent-approvals"), tuple(approvers))
     f.done()
     return cfg
 
@@ -416,7 +423,7 @@ def _admin(f: Fields, state_dir: Path) -> AdminConfig:
 def _check_references(errors: list[ConfigError], identity: IdentityConfig, outbound: OutboundConfig,
                       credentials: Mapping[str, CredentialConfig], admin: AdminConfig,
                       inbound: InboundConfig | None) -> None:
-    needs_key = [c.name for c in credentials.values() if getattr(c.spec, "needs_signing_key", False)]
+    needs_key = [c.name for c in credentials.values() if c.spec.needs_signing_key]
     if needs_key and identity.signing_key is None:
         errors.append(ConfigError("identity.signing_key", "is required: credentials "
                                   f"{', '.join(needs_key)} rely on a key registered with a verifier"))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from sidecar.credentials.specs import CredentialSpec
 from sidecar.fields import ListenAddress, Secret
 from sidecar.http.target import PathOptions, format_authority
 
@@ -118,7 +119,7 @@ class OutboundConfig:
 class CredentialConfig:
     name: str
     type: str
-    spec: Any  # the provider module's frozen Spec
+    spec: CredentialSpec  # the frozen spec its type's parser built (sidecar.credentials.specs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ recording every accessor the loader calls on :class:`~sidecar.fields.Fields` (wh
 which path, as which kind), and turns the record into a JSON Schema. A test regenerates it
 and compares it with ``schemas/config.schema.json``, and validates the example configs
 against it: a key added to the loader but not to the exhaustive example shows up there.
+``credentials`` is one variant per type in ``sidecar.credentials.registry``, each derived from
+what that type's parser read; a registered type without an entry in the example is an error.
 
     python -m sidecar.config_schema > sidecar/schemas/config.schema.json
 """
@@ -21,6 +23,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.errors import ConfigInvalid
 from sidecar.fields import Fields
 
@@ -31,15 +34,15 @@ SECRET_REF = {"type": "object", "minProperties": 1, "maxProperties": 1, "additio
               "properties": {"value": {"type": "string"}, "from_env": {"type": "string"},
                              "from_file": {"type": "string"}}}
 KINDS: dict[str, dict[str, Any]] = {
-    "str": {"type": "string"}, "bool": {"type": "boolean"}, "int": {"type": "integer"},
+    "text": {"type": "string"}, "flag": {"type": "boolean"}, "integer": {"type": "integer"},
     "duration": {"type": "string", "pattern": DURATION},
-    "str_list": {"type": "array", "items": {"type": "string"}},
+    "text_list": {"type": "array", "items": {"type": "string"}},
     "listen": {"type": "string", "pattern": r"^.+:\d+$"}, "url": {"type": "string", "pattern": "^[a-z]+://"},
     "path_value": {"type": "string"}, "secret": {"$ref": "#/$defs/secret"}, "raw_value": {},
     "mapping": {"type": "object"},
 }
-RECORDED = ("str", "bool", "int", "choice", "duration", "str_list", "listen", "url", "path_value", "secret", "sub",
-            "items", "raw_value", "mapping")
+RECORDED = ("text", "flag", "integer", "choice", "duration", "text_list", "listen", "url", "path_value", "secret",
+            "sub", "items", "raw_value", "mapping")
 
 
 def _node_path(path: str) -> str:
@@ -59,7 +62,7 @@ def _recording() -> Iterator[list[tuple[str, str, str, dict[str, Any]]]]:
 
     def wrap(name: str, original: Any) -> Any:
         def recorded(self: Fields, key: str, *args: Any, **kwargs: Any) -> Any:
-            extra = {"options": list(args[0])} if name == "choice" and args else {}
+            extra: dict[str, Any] = {"options": list(args[0])} if name == "choice" and args else {}
             if name == "choice" and "options" in kwargs:
                 extra = {"options": list(kwargs["options"])}
             extra["required"] = bool(kwargs.get("required"))
@@ -173,13 +176,18 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _credentials(nodes: dict[str, dict[str, Any]], resolve_node: Any) -> dict[str, Any]:
-    variants = []
-    for path in sorted(p for p in nodes if re.fullmatch(r"credentials\.<[^>]*>", p)):
-        schema = resolve_node(path)
-        kind = path[len("credentials.<"):-1]
-        schema["properties"]["type"] = {"const": kind}
-        variants.append(schema)
+    """One variant per type in the registry: what its parser read from the example's entries of it."""
+    variants = [_credential_variant(kind, nodes, resolve_node) for kind in sorted(PROVIDER_TYPES)]
     return {"type": "object", "additionalProperties": {"oneOf": variants}}
+
+
+def _credential_variant(kind: str, nodes: dict[str, dict[str, Any]], resolve_node: Any) -> dict[str, Any]:
+    path = f"credentials.<{kind}>"
+    if path not in nodes:
+        raise ValueError(f"config_schema: expected an entry of credential type {kind} in config.exhaustive.yaml")
+    schema: dict[str, Any] = resolve_node(path)
+    schema["properties"]["type"] = {"const": kind}
+    return schema
 
 
 def generate() -> dict[str, Any]:

@@ -16,12 +16,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, overload
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
 
-T = TypeVar("T")
 MISSING: Any = object()
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -92,7 +91,11 @@ def parse_listen(text: str) -> ListenAddress:
 
 
 class Fields:
-    """One mapping being read at one config path; problems go into a shared list."""
+    """One mapping being read at one config path; problems go into a shared list.
+
+    Accessors are named for what they read (``text``, ``flag``, ``integer``, ``text_list``), never
+    after a builtin: a method named ``str`` would shadow ``str`` in every annotation of the class.
+    """
 
     def __init__(self, raw: Any, path: str, errors: list[ConfigError], base_dir: Path | None = None) -> None:
         self.path = path
@@ -134,7 +137,12 @@ class Fields:
                 self.error(str(key), "unknown key")
 
     # -- scalars --------------------------------------------------------------------
-    def str(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+    @overload
+    def text(self, key: str, default: str, *, required: bool = False) -> str: ...
+    @overload
+    def text(self, key: str, default: None = None, *, required: bool = False) -> str | None: ...
+
+    def text(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
         value = self._get(key, MISSING, required)
         if value is MISSING:
             return default
@@ -143,14 +151,21 @@ class Fields:
             return default
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self._get(key, default, False)
         if not isinstance(value, bool):
             self.error(key, f"must be true or false, got {_kind(value)}")
             return default
         return value
 
-    def int(self, key: str, default: Any = None, *, minimum: int = 0, required: bool = False) -> Any:
+    @overload
+    def integer(self, key: str, default: int, *, minimum: int = 0, required: bool = False) -> int: ...
+    @overload
+    def integer(self, key: str, default: int | None = None, *, minimum: int = 0,
+                required: bool = False) -> int | None: ...
+
+    def integer(self, key: str, default: int | None = None, *, minimum: int = 0,
+                required: bool = False) -> int | None:
         value = self._get(key, default, required)
         if value is None:
             return default
@@ -159,25 +174,38 @@ class Fields:
             return default
         return value
 
-    def choice(self, key: str, options: Iterable[str], default: Any = None, *, required: bool = False) -> Any:
-        options = list(options)
-        value = self.str(key, default, required=required)
-        if value is not None and value not in options:
-            self.error(key, f"must be one of {', '.join(options)}, got {value!r}")
+    @overload
+    def choice(self, key: str, options: Iterable[str], default: str, *, required: bool = False) -> str: ...
+    @overload
+    def choice(self, key: str, options: Iterable[str], default: None = None, *,
+               required: bool = False) -> str | None: ...
+
+    def choice(self, key: str, options: Iterable[str], default: str | None = None, *,
+               required: bool = False) -> str | None:
+        allowed = list(options)
+        value = self.text(key, default, required=required)
+        if value is not None and value not in allowed:
+            self.error(key, f"must be one of {', '.join(allowed)}, got {value!r}")
             return default
         return value
 
-    def duration(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+    @overload
+    def duration(self, key: str, default: str | float, *, required: bool = False) -> float: ...
+    @overload
+    def duration(self, key: str, default: None = None, *, required: bool = False) -> float | None: ...
+
+    def duration(self, key: str, default: str | float | None = None, *, required: bool = False) -> float | None:
+        """Seconds, from ``500ms``, ``30s``, ``5m``, ``1h`` or ``1d``; a string default is parsed the same way."""
         value = self._get(key, MISSING, required)
         if value is MISSING:
-            return parse_duration(default) if isinstance(default, str) else default
+            return _seconds(default)
         try:
             return parse_duration(value)
         except ValueError as exc:
             self.error(key, f"{exc}, got {_kind(value)}")
-            return parse_duration(default) if isinstance(default, str) else default
+            return _seconds(default)
 
-    def str_list(self, key: str, default: Any = (), *, required: bool = False) -> tuple[str, ...]:
+    def text_list(self, key: str, default: Iterable[str] = (), *, required: bool = False) -> tuple[str, ...]:
         value = self._get(key, MISSING, required)
         if value is MISSING:
             return tuple(default)
@@ -187,7 +215,7 @@ class Fields:
         return tuple(value)
 
     def listen(self, key: str, default: str) -> ListenAddress:
-        text = self.str(key, default)
+        text = self.text(key, default)
         try:
             return parse_listen(text)
         except ValueError as exc:
@@ -195,8 +223,8 @@ class Fields:
             return parse_listen(default)
 
     def url(self, key: str, *, required: bool = False, https_unless_loopback: bool = False,
-            schemes: tuple[str, ...] = ("http", "https")) -> Any:
-        text = self.str(key, None, required=required)
+            schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+        text = self.text(key, None, required=required)
         if text is None:
             return None
         parts = urlsplit(text)
@@ -209,7 +237,7 @@ class Fields:
         return text
 
     def path_value(self, key: str, *, required: bool = False, must_exist: bool = False) -> Path | None:
-        text = self.str(key, None, required=required)
+        text = self.text(key, None, required=required)
         if text is None:
             return None
         path = Path(text)
@@ -264,7 +292,7 @@ def read_secret(value: Any, path: str, errors: list[ConfigError], base_dir: Path
         f.error("", expected)
         return None
     kind = kinds[0]
-    ref = f.str(kind, required=True)
+    ref = f.text(kind, required=True)
     f.done()
     if ref is None:
         return None
@@ -281,6 +309,10 @@ def read_secret(value: Any, path: str, errors: list[ConfigError], base_dir: Path
     except OSError as exc:
         f.error("from_file", f"cannot read secret file {ref}: {exc.strerror or 'unreadable'}")
         return None
+
+
+def _seconds(default: str | float | None) -> float | None:
+    return parse_duration(default) if isinstance(default, str) else default
 
 
 def _without_userinfo(url: str) -> str:

@@ -96,24 +96,24 @@ class _FileFields(Fields):
 
 def _case(f: Fields) -> Case | None:
     before = len(f.errors)
-    name = f.str("name", required=True) or f.path
+    name = f.text("name", required=True) or f.path
     request = _request(f.sub("request", required=True))
     expect = f.sub("expect", required=True)
     decision = expect.choice("decision", EFFECTS, required=True)
-    rule, reason = expect.str("rule"), expect.str("reason")
+    rule, reason = expect.text("rule"), expect.text("reason")
     expect.done()
     f.done()
-    if len(f.errors) > before or request is None:
+    if len(f.errors) > before or request is None or decision is None:
         return None
     return Case(f.path, name, request, decision, rule, reason)
 
 
 def _request(f: Fields) -> Described | None:
     direction = f.choice("direction", DIRECTIONS, "outbound")
-    method = f.str("method", "GET").upper()
+    method = f.text("method", "GET").upper()
     url = _url(f, direction)
     headers = tuple((str(k), str(v)) for k, v in f.mapping("headers").items())
-    body = f.str("body", "").encode()
+    body = f.text("body", "").encode()
     mcp = f.sub("mcp")
     if f.has("mcp"):
         body, method = _mcp_body(mcp), "POST"
@@ -121,11 +121,11 @@ def _request(f: Fields) -> Described | None:
     mcp.done()
     principal, delegation = _principal(f.sub("principal")), f.choice("delegation", DELEGATIONS)
     task = f.sub("task")
-    task_id = task.str("id", "test-task") if f.has("task") else None
-    trigger = task.str("trigger")
+    task_id = task.text("id", "test-task") if f.has("task") else None
+    trigger = task.text("trigger")
     task.done()
     at = _at(f)
-    caller, agent = f.str("caller"), f.str("agent")
+    caller, agent = f.text("caller"), f.text("agent")
     f.done()
     if url is None:
         return None
@@ -135,7 +135,7 @@ def _request(f: Fields) -> Described | None:
 
 
 def _url(f: Fields, direction: str) -> str | None:
-    url, upstream, path = f.str("url"), f.str("upstream"), f.str("path")
+    url, upstream, path = f.text("url"), f.text("upstream"), f.text("path")
     if url is not None and (upstream is not None or path is not None):
         f.error("url", "give url, or upstream and path, not both")
     elif url is None and path is None:
@@ -148,8 +148,8 @@ def _url(f: Fields, direction: str) -> str | None:
 
 
 def _mcp_body(f: Fields) -> bytes:
-    method = f.str("method", "tools/call")
-    tool = f.str("tool")
+    method = f.text("method", "tools/call")
+    tool = f.text("tool")
     message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
     if tool is not None:
         message["params"] = {"name": tool, "arguments": {}}
@@ -160,7 +160,7 @@ def _principal(f: Fields) -> tuple[str, str] | None:
     if not f.raw:
         f.done()
         return None
-    iss, sub = f.str("iss", "test"), f.str("sub", required=True)
+    iss, sub = f.text("iss", "test"), f.text("sub", required=True)
     f.done()
     return (iss, sub) if sub else None
 

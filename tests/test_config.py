@@ -210,6 +210,19 @@ def test_the_config_json_schema_is_in_sync_with_the_loader(tmp_path, monkeypatch
     assert list(validator.iter_errors({"outbound": {"upstreams": {"u": {"url": "https://u", "colour": "x"}}}}))
 
 
+def test_the_schema_has_a_variant_for_every_registered_credential_type():
+    """Each credential type's schema comes from its parser; a type the example does not show cannot be exported."""
+    from sidecar.config_schema import SCHEMAS, build
+    from sidecar.credentials.registry import PROVIDER_TYPES
+
+    raw = yaml.safe_load((SCHEMAS / "config.exhaustive.yaml").read_text())
+    variants = build(raw)["properties"]["credentials"]["anyOf"][0]["additionalProperties"]["oneOf"]
+    assert [v["properties"]["type"]["const"] for v in variants] == sorted(PROVIDER_TYPES)
+    raw["credentials"] = {k: v for k, v in raw["credentials"].items() if v["type"] != "static"}
+    with pytest.raises(ValueError, match="expected an entry of credential type static"):
+        build(raw)
+
+
 @pytest.mark.parametrize("pattern, subject, matched", [
     ("*@example.com", "bob@example.com", True),                    # the documented example
     ("*@example.com", "mallory@evil.test@example.com", False),     # * never crosses an @

@@ -45,7 +45,6 @@ import re
 import ssl
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import ClassVar, Hashable, Mapping
@@ -60,131 +59,24 @@ from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequ
 from sidecar.credentials.sigv4 import (
     EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign,
 )
+from sidecar.credentials.specs import AwsSigV4Spec, StaticSource, WebIdentitySource
 from sidecar.errors import CredentialUnavailable
-from sidecar.fields import Fields, Secret
 from sidecar.http.tls import client_ssl_context
 
-TYPE = "aws_sigv4"
-SOURCES = ("web_identity", "static")
-DEFAULT_AUDIENCE = "sts.amazonaws.com"
-MIN_DURATION, MAX_DURATION = 15 * 60, 12 * 3600
 WEB_IDENTITY_TTL = 300.0  # the self-signed token only has to outlive one STS call
 STS_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
 MAX_STS_RESPONSE = 64 * 1024
 
-_REGION = re.compile(r"[a-z0-9-]{2,32}")
-_SERVICE = re.compile(r"[a-z0-9-]{2,64}")
-_ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
-_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
 _NOT_SESSION_CHARS = re.compile(r"[^\w+=,.@-]+", re.ASCII)
 _STS_CODE = re.compile(r"[A-Za-z0-9.:_-]{1,64}")
 
 
-@dataclass(frozen=True, slots=True)
-class WebIdentitySource:
-    role_arn: str
-    sts_url: str
-    ca: Path | None
-    session_name: str | None  # None: derived from the agent's SPIFFE ID
-    duration: int  # seconds
-    token_file: Path | None  # None: a JWT signed with identity.signing_key
-    audience: str
-
-
-@dataclass(frozen=True, slots=True)
-class StaticSource:
-    access_key_id: Secret
-    secret_access_key: Secret
-    session_token: Secret | None
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    region: str
-    service: str
-    unsigned_payload: bool
-    source: WebIdentitySource | StaticSource
-
-    @property
-    def needs_signing_key(self) -> bool:
-        """Whether the web identity token is a JWT this sidecar signs (no token_file)."""
-        return isinstance(self.source, WebIdentitySource) and self.source.token_file is None
-
-
-# --- config ----------------------------------------------------------------------------
-
-
-def parse(name: str, f: Fields) -> Spec | None:
-    region = _pattern(f, "region", _REGION, "an AWS region such as eu-west-1")
-    service = _pattern(f, "service", _SERVICE, "an AWS signing name such as s3, sts or dynamodb")
-    unsigned = f.bool("unsigned_payload", False)
-    if unsigned and service is not None and service not in S3_SERVICES:
-        f.error("unsigned_payload", f"is allowed only for s3 services ({', '.join(sorted(S3_SERVICES))})")
-    source_fields = f.sub("source", required=True)
-    source = _source(source_fields, region) if f.raw.get("source") is not None else None
-    if region is None or service is None or source is None:
-        return None
-    return Spec(region, service, unsigned, source)
-
-
-def _pattern(f: Fields, key: str, pattern: re.Pattern[str], expected: str) -> str | None:
-    value = f.str(key, required=True)
-    if value is not None and not pattern.fullmatch(value):
-        f.error(key, f"must be {expected}")
-        return None
-    return value
-
-
-def _source(f: Fields, region: str | None) -> WebIdentitySource | StaticSource | None:
-    kind = f.choice("type", SOURCES, required=True)
-    source = _web_identity(f, region) if kind == "web_identity" else _static(f) if kind == "static" else None
-    f.done()
-    return source
-
-
-def _web_identity(f: Fields, region: str | None) -> WebIdentitySource | None:
-    before = len(f.errors)
-    role_arn = _pattern(f, "role_arn", _ROLE_ARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-    sts_url = f.url("sts_url", https_unless_loopback=True) or _default_sts(region)
-    ca = f.path_value("ca", must_exist=True)
-    session_name = f.str("session_name")
-    if session_name is not None and not _SESSION_NAME.fullmatch(session_name):
-        f.error("session_name", "must be 2-64 characters of letters, digits and +=,.@_-")
-    duration = f.duration("duration", "1h")
-    if not MIN_DURATION <= duration <= MAX_DURATION:
-        f.error("duration", "must be between 15m and 12h")
-    token_file = f.path_value("token_file")
-    audience = f.str("audience", DEFAULT_AUDIENCE)
-    if role_arn is None or sts_url is None or len(f.errors) > before:
-        return None
-    return WebIdentitySource(role_arn, sts_url, ca, session_name, int(duration), token_file, audience)
-
-
-def _default_sts(region: str | None) -> str | None:
-    if region is None:
-        return None
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"https://sts.{region}.{suffix}"
-
-
-def _static(f: Fields) -> StaticSource | None:
-    key_id = f.secret("access_key_id", required=True)
-    secret = f.secret("secret_access_key", required=True)
-    token = f.secret("session_token")
-    if key_id is None or secret is None:
-        return None
-    return StaticSource(key_id, secret, token)
-
-
-# --- the provider ----------------------------------------------------------------------
-
-
 class AwsSigV4Provider:
-    type: ClassVar[str] = TYPE
+    type: ClassVar[str] = AwsSigV4Spec.type
     needs_body: ClassVar[bool] = True
     task_bound: ClassVar[bool] = False
 
-    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+    def __init__(self, name: str, spec: AwsSigV4Spec, deps: ProviderDeps) -> None:
         self.name = name
         self.standing: bool = isinstance(spec.source, StaticSource)  # per instance: set by the source
         self._spec = spec
@@ -233,14 +125,11 @@ class AwsSigV4Provider:
         return f"AwsSigV4Provider({self.name!r}, service={self._spec.service!r}, region={self._spec.region!r})"
 
 
-PROVIDER = AwsSigV4Provider
-
-
 def _static_credential(name: str, source: StaticSource, deps: ProviderDeps) -> Credential:
     key_id = source.access_key_id.reveal()
     token = source.session_token.reveal() if source.session_token else None
     material = AwsCredentials(key_id, source.secret_access_key.reveal(), token, None)
-    return Credential(type=TYPE, provider=name, id=keyed_id(deps.id_key, key_id), standing=True,
+    return Credential(type=AwsSigV4Spec.type, provider=name, id=keyed_id(deps.id_key, key_id), standing=True,
                       material=material)
 
 
@@ -281,7 +170,7 @@ class _Sts:
         if creds.expires_at is not None and creds.expires_at <= self._clock():
             raise CredentialUnavailable(f"credentials: {self._name}: sts returned credentials that have "
                                         f"already expired", detail="sts: expired credentials")
-        return Credential(type=TYPE, provider=self._name, id=keyed_id(self._deps.id_key, creds.access_key_id),
+        return Credential(type=AwsSigV4Spec.type, provider=self._name, id=keyed_id(self._deps.id_key, creds.access_key_id),
                           expires_at=creds.expires_at, issued_at=issued_at, standing=False, material=creds)
 
     def _web_identity_token(self) -> str:

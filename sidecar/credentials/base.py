@@ -14,9 +14,9 @@ buffers the body; a provider that can sign some requests unread also has
 ``needs_body_for(headers)``, see :func:`body_needed`), ``standing`` (a static secret),
 ``task_bound`` (cached under the task, dropped when it ends).
 
-Every provider module exposes ``TYPE``, a frozen ``Spec``, ``parse(name, fields) -> Spec``
-and a provider class built from ``(name, spec, deps)``; ``sidecar.credentials.registry``
-holds the one table of them.
+A provider class is built from ``(name, spec, deps)``, its spec read from config by
+``sidecar.credentials.specs``; ``sidecar.credentials.registry`` holds the one table that pairs
+each ``type:`` with its spec parser and its builder.
 """
 
 from __future__ import annotations
@@ -107,8 +107,11 @@ class CredentialProvider(Protocol):
     name: str
     type: ClassVar[str]
     needs_body: ClassVar[bool]
-    standing: ClassVar[bool]
     task_bound: ClassVar[bool]
+
+    @property
+    def standing(self) -> bool:
+        """A class attribute, except where the config decides it (``aws_sigv4``'s static source)."""
 
     def cache_key(self, req: CredentialRequest) -> Hashable: ...
 

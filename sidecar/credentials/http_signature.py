@@ -33,130 +33,33 @@ The credential is the key: standing, like ``static``; its id is a keyed hash of 
 from __future__ import annotations
 
 import base64
-import re
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import ClassVar, Hashable, Mapping
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
-from sidecar.credentials.rfc9421 import (
-    ALGORITHMS, DIGESTS, KEY_ENCODINGS, Algorithm, Component, component, content_digest, is_sf_string, load_key,
-    signature_base, signature_params,
-)
+from sidecar.credentials.rfc9421 import content_digest, signature_base, signature_params
+from sidecar.credentials.specs import HttpSignatureSpec
 from sidecar.errors import CredentialUnavailable
-from sidecar.fields import Fields, Secret
 from sidecar.http.headers import framed_length
 
-TYPE = "http_signature"
-DEFAULT_LABEL = "sig1"
 NONCE_BYTES = 16
-# Written by the sidecar or by the connection, never signed from the agent's copy.
-NOT_COVERABLE = frozenset({"signature", "signature-input", "connection", "keep-alive", "proxy-connection", "te",
-                           "trailer", "transfer-encoding", "upgrade"})
-_LABEL = re.compile(r"[a-z*][a-z0-9_.*-]{0,63}")
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    key: Algorithm = field(repr=False)
-    components: tuple[Component, ...]
-    label: str = DEFAULT_LABEL
-    keyid: str | None = None
-    tag: str | None = None
-    content_digest: str | None = None  # the digest algorithm when content-digest is covered
-    created: bool = True
-    expires: float | None = None  # seconds after created
-    nonce: bool = False
-    alg: bool = False
-
-    @property
-    def reads_body(self) -> bool:
-        """Whether signing needs the whole body: its digest or its length is covered."""
-        return self.content_digest is not None or any(c.name == "content-length" for c in self.components)
-
-
-# --- config ----------------------------------------------------------------------------
-
-
-def parse(name: str, f: Fields) -> Spec | None:
-    before = len(f.errors)
-    algorithm = f.choice("algorithm", ALGORITHMS, required=True)
-    key = _key(f, algorithm)
-    components = _components(f)
-    digest = f.choice("content_digest", tuple(DIGESTS), "sha-256")
-    covers_digest = any(c.name == "content-digest" for c in components)
-    if f.has("content_digest") and not covers_digest:
-        f.error("content_digest", "is set, but components do not cover content-digest")
-    keyid, tag = _sf_string(f, "keyid"), _sf_string(f, "tag")
-    label = f.str("label", DEFAULT_LABEL)
-    if not _LABEL.fullmatch(label):
-        f.error("label", "must be a structured-field key: lowercase letters, digits, '_', '-', '.', '*'")
-    expires = f.duration("expires")
-    if expires is not None and expires < 1:
-        f.error("expires", "must be at least 1s")
-    created, nonce, alg = f.bool("created", True), f.bool("nonce", False), f.bool("alg", False)
-    if key is None or len(f.errors) > before:
-        return None
-    return Spec(key, components, label, keyid, tag, digest if covers_digest else None, created, expires, nonce, alg)
-
-
-def _key(f: Fields, algorithm: str | None) -> Algorithm | None:
-    encoding = f.choice("key_encoding", KEY_ENCODINGS, "base64")
-    if f.has("key_encoding") and algorithm not in (None, "hmac-sha256"):
-        f.error("key_encoding", "applies only to hmac-sha256 (other keys are PEM)")
-    secret: Secret | None = f.secret("key", required=True)
-    if secret is None or algorithm is None:
-        return None
-    try:
-        return load_key(algorithm, secret, encoding)
-    except ValueError as exc:
-        f.error("key", str(exc))
-        return None
-
-
-def _components(f: Fields) -> tuple[Component, ...]:
-    parsed: list[Component] = []
-    for i, text in enumerate(f.str_list("components", required=True)):
-        try:
-            item = component(text)
-        except ValueError as exc:
-            f.error(f"components[{i}]", f"{exc}")
-            continue
-        if item.name in NOT_COVERABLE:
-            f.error(f"components[{i}]", f"{item.name} cannot be covered: the sidecar or the connection writes it")
-        elif item.identifier in {c.identifier for c in parsed}:
-            f.error(f"components[{i}]", f"{text!r} is listed twice")
-        else:
-            parsed.append(item)
-    return tuple(parsed)
-
-
-def _sf_string(f: Fields, key: str) -> str | None:
-    value = f.str(key)
-    if value is not None and not is_sf_string(value):
-        f.error(key, "must be printable ASCII")
-        return None
-    return value
-
-
-# --- the provider ----------------------------------------------------------------------
 
 
 class HttpSignatureProvider:
-    type: ClassVar[str] = TYPE
+    type: ClassVar[str] = HttpSignatureSpec.type
     needs_body: ClassVar[bool] = False  # per credential: needs_body_for
     standing: ClassVar[bool] = True
     task_bound: ClassVar[bool] = False
 
-    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+    def __init__(self, name: str, spec: HttpSignatureSpec, deps: ProviderDeps) -> None:
         self.name = name
         self._spec = spec
         self._clock = deps.clock or time.time
         self._identifiers = tuple(c.identifier for c in spec.components)
         self._reads_body = spec.reads_body
         self._dropped = ("Signature", "Signature-Input", *(("Content-Digest",) if spec.content_digest else ()))
-        self._credential = Credential(type=TYPE, provider=name, standing=True,
+        self._credential = Credential(type=self.type, provider=name, standing=True,
                                       id=keyed_id(deps.id_key, spec.key.public_id().hex()))
 
     def cache_key(self, req: CredentialRequest) -> Hashable:
@@ -214,6 +117,3 @@ class HttpSignatureProvider:
 
     def __repr__(self) -> str:
         return f"HttpSignatureProvider({self.name!r}, algorithm={self._spec.key.name!r})"
-
-
-PROVIDER = HttpSignatureProvider

@@ -20,41 +20,12 @@ Config keys: ``audience`` (required), ``ttl`` (default 60s, 10s..1h), ``header``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Hashable
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, TaskRef
-from sidecar.credentials.oauth2 import parse_scopes
+from sidecar.credentials.specs import JwtAssertionSpec
 from sidecar.errors import CredentialUnavailable
-from sidecar.fields import Fields, Secret
-
-TYPE = "jwt_assertion"
-MIN_TTL, MAX_TTL = 10.0, 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    audience: str
-    ttl: float = 60.0
-    header: str = "Authorization"
-    scheme: str = "Bearer "
-    scopes: tuple[str, ...] = ()
-    needs_signing_key: ClassVar[bool] = True
-
-
-def parse(name: str, f: Fields) -> Spec | None:
-    audience = f.str("audience", required=True)
-    ttl = f.duration("ttl", "60s")
-    if not MIN_TTL <= ttl <= MAX_TTL:
-        f.error("ttl", "must be between 10s and 1h")
-    header = f.str("header", "Authorization")
-    if "_" in header or ":" in header or not header.isascii() or not header.strip() or " " in header:
-        f.error("header", "must be an HTTP header name without '_', ':' or spaces")
-    scheme = f.str("scheme", "Bearer " if header.lower() == "authorization" else "")
-    scopes = parse_scopes(f)
-    if audience is None:
-        return None
-    return Spec(audience, ttl, header, scheme, scopes)
+from sidecar.fields import Secret
 
 
 def _task_claims(task: TaskRef) -> dict[str, Any]:
@@ -66,12 +37,12 @@ def _task_claims(task: TaskRef) -> dict[str, Any]:
 
 
 class JwtAssertionProvider:
-    type: ClassVar[str] = TYPE
+    type: ClassVar[str] = JwtAssertionSpec.type
     needs_body: ClassVar[bool] = False
     standing: ClassVar[bool] = False
     task_bound: ClassVar[bool] = True  # when a request has a task; else one token per audience and scopes
 
-    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+    def __init__(self, name: str, spec: JwtAssertionSpec, deps: ProviderDeps) -> None:
         self.name = name
         self.spec = spec
         self._deps = deps
@@ -90,18 +61,15 @@ class JwtAssertionProvider:
         if req.task is not None:
             claims.update(_task_claims(req.task))
         token, jti, exp = signer.sign(claims, ttl=self.spec.ttl)
-        return Credential(type=TYPE, provider=self.name, id=jti, scopes=scopes, audience=self.spec.audience,
+        return Credential(type=self.type, provider=self.name, id=jti, scopes=scopes, audience=self.spec.audience,
                           expires_at=exp, issued_at=exp - int(self.spec.ttl), token=Secret(token, "signed"),
-                          material=self.spec.scheme + token)
+                          material=self.spec.placement.format(token))
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
-        out.headers[self.spec.header] = credential.material
+        self.spec.placement.apply(out, credential.material)
 
     async def aclose(self) -> None:
         return None
 
     def __repr__(self) -> str:
         return f"JwtAssertionProvider({self.name!r}, audience={self.spec.audience!r})"
-
-
-PROVIDER = JwtAssertionProvider

@@ -2,54 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Hashable
-from urllib.parse import quote
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
-from sidecar.fields import Fields, Secret
-
-TYPE = "static"
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    value: Secret
-    header: str | None = None
-    query: str | None = None
-    scheme: str = ""
-
-
-def parse(name: str, f: Fields) -> Spec | None:
-    header, query = f.str("header"), f.str("query")
-    scheme = f.str("scheme", "")
-    value = f.secret("value", required=True)
-    if (header is None) == (query is None):
-        f.error("", "needs exactly one of header: NAME or query: NAME")
-    if header is not None and ("_" in header or not header.isascii() or ":" in header):
-        f.error("header", "must be an HTTP header name without '_' or ':'")
-    if value is None:
-        return None
-    return Spec(value=value, header=header, query=query, scheme=scheme)
+from sidecar.credentials.specs import StaticSpec
 
 
 class StaticProvider:
-    type: ClassVar[str] = TYPE
+    type: ClassVar[str] = StaticSpec.type
     needs_body: ClassVar[bool] = False
     standing: ClassVar[bool] = True
     task_bound: ClassVar[bool] = False
 
-    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+    def __init__(self, name: str, spec: StaticSpec, deps: ProviderDeps) -> None:
         self.name = name
         self._spec = spec
         self._credential = Credential(
-            type=TYPE, provider=name, id=keyed_id(deps.id_key, spec.value.reveal()), standing=True,
+            type=self.type, provider=name, id=keyed_id(deps.id_key, spec.value.reveal()), standing=True,
             token=spec.value,
         )
-        self._header_value = spec.scheme + spec.value.reveal()  # built once; apply() only sets it
-        self._query_pair = (
-            f"{quote(spec.query, safe='')}={quote(spec.value.reveal(), safe='')}" if spec.query else ""
-        )
+        self._placed = spec.placement.format(spec.value.reveal())  # built once; apply() only sets it
 
     def cache_key(self, req: CredentialRequest) -> Hashable:
         return self.name
@@ -58,14 +30,10 @@ class StaticProvider:
         return self._credential
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
-        if self._spec.header:
-            out.headers[self._spec.header] = self._header_value
-        else:
-            out.query = f"{out.query}&{self._query_pair}" if out.query else self._query_pair
+        self._spec.placement.apply(out, self._placed)
 
     async def aclose(self) -> None:
         return None
 
     def __repr__(self) -> str:
         return f"StaticProvider({self.name!r})"
-PROVIDER = StaticProvider

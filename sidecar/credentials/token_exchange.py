@@ -20,42 +20,20 @@ Config keys: ``token_url``, ``issuer``, ``ca``, ``client_id``, ``auth``, ``clien
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, ClassVar, Hashable, Mapping
 
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, TaskRef
-from sidecar.credentials.oauth2 import (Endpoint, TokenEndpoint, TokenResponse, apply_bearer, parse_endpoint,
-                                        parse_scopes, parse_target, target_form)
+from sidecar.credentials.specs import TokenExchangeSpec
+from sidecar.credentials.token_endpoint import TokenEndpoint, TokenResponse, apply_bearer, target_form
 from sidecar.errors import CredentialUnavailable
-from sidecar.fields import Fields
 
-TYPE = "oauth2_token_exchange"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TT_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 TT_JWT = "urn:ietf:params:oauth:token-type:jwt"
 ACTOR_TTL = 60
 MAX_ACT_DEPTH = 16
 NEEDS_TASK = "credentials: token exchange needs a task opened with a verified human token"
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    endpoint: Endpoint
-    scopes: tuple[str, ...] = ()
-    resource: str | None = None
-    audience: str | None = None
-    impersonate: bool = False
-    needs_signing_key: ClassVar[bool] = True  # the actor token is always signed
-
-
-def parse(name: str, f: Fields) -> Spec | None:
-    endpoint = parse_endpoint(f)
-    scopes = parse_scopes(f)
-    resource, audience = parse_target(f, required=True)
-    impersonate = f.bool("impersonate", False)
-    if endpoint is None or (resource is None and audience is None):
-        return None
-    return Spec(endpoint, scopes, resource, audience, impersonate)
 
 
 def act_chain(claims: Mapping[str, Any]) -> tuple[str, ...]:
@@ -78,12 +56,12 @@ def _verified_task(req: CredentialRequest) -> TaskRef:
 
 
 class TokenExchangeProvider:
-    type: ClassVar[str] = TYPE
+    type: ClassVar[str] = TokenExchangeSpec.type
     needs_body: ClassVar[bool] = False
     standing: ClassVar[bool] = False
     task_bound: ClassVar[bool] = True
 
-    def __init__(self, name: str, spec: Spec, deps: ProviderDeps) -> None:
+    def __init__(self, name: str, spec: TokenExchangeSpec, deps: ProviderDeps) -> None:
         self.name = name
         self.spec = spec
         self._agent_id = deps.agent_id
@@ -132,7 +110,7 @@ class TokenExchangeProvider:
         if delegation == "delegated" and chain[:1] != (self._agent_id,):
             raise CredentialUnavailable(f"credentials: {self.name}: the exchanged token does not name this agent "
                                         "as its actor", detail="token endpoint: act.sub missing or different")
-        credential = self.endpoint.credential(TYPE, resp, scopes=scopes,
+        credential = self.endpoint.credential(self.type, resp, scopes=scopes,
                                               audience=self.spec.resource or self.spec.audience)
         return replace(credential, delegation=delegation, act_chain=chain)
 
@@ -144,6 +122,3 @@ class TokenExchangeProvider:
 
     def __repr__(self) -> str:
         return f"TokenExchangeProvider({self.name!r}, auth={self.spec.endpoint.auth!r})"
-
-
-PROVIDER = TokenExchangeProvider

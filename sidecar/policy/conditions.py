@@ -118,7 +118,7 @@ def compile_conditions(f: Fields, head: RuleHead,
 
 
 def _hosts(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
-    hosts = tuple(h.lower().rstrip(".") for h in f.str_list(row.name))
+    hosts = tuple(h.lower().rstrip(".") for h in f.text_list(row.name))
     for i, host in enumerate(hosts):
         if "*" in host[2:] or (host.startswith("*") and not host.startswith("*.")):
             f.error(f"{row.name}[{i}]", f"must be a host name or *.domain, got {host!r}")
@@ -240,7 +240,7 @@ def _delegation(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
 
 
 def _expr(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
-    source = f.str(row.name)
+    source = f.text(row.name)
     if source is None:
         return None
     try:
@@ -254,7 +254,7 @@ def _hours(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     if not f.has(row.name):
         return None
     sub = f.sub(row.name)
-    days = sub.str_list("days", DAYS)
+    days = sub.text_list("days", DAYS)
     for i, day in enumerate(days):
         if day not in DAYS:
             sub.error(f"days[{i}]", f"must be one of {', '.join(DAYS)}, got {day!r}")
@@ -283,7 +283,7 @@ def _minutes(f: Fields, key: str) -> int | None:
 
 
 def _zone(f: Fields) -> ZoneInfo | None:
-    name = f.str("tz", "UTC")
+    name = f.text("tz", "UTC")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):

@@ -319,7 +319,7 @@ def _load_file(path: Path, upstreams: Mapping[str, str], credentials: Mapping[st
             errors.append(ConfigError(name, "must be a mapping with version, default, mode and rules"))
         return _File(name, None, (), None, ())
     f = _FileFields(content, name, errors)
-    version = f.int("version", required=True, minimum=1)
+    version = f.integer("version", required=True, minimum=1)
     if version is not None and version != 1:
         f.error("version", f"must be 1 (the only policy format), got {version}")
     default = f.choice("default", ("deny", "allow"), "deny")

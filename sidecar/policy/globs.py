@@ -84,7 +84,7 @@ def glob_check(patterns: tuple[str, ...], attribute: str) -> Check:
 
 def patterns(f: Fields, key: str, *, must_start: str = "") -> tuple[str, ...]:
     """A list of glob patterns, checked; empty when absent or invalid."""
-    found = f.str_list(key)
+    found = f.text_list(key)
     for i, pattern in enumerate(found):
         try:
             glob_regex(pattern)

@@ -61,7 +61,7 @@ class Rule:
 def parse_rule(f: Fields, order: int, ctx: LoadContext) -> Rule | None:
     """Read one ``rules[i]`` mapping; problems go into ``f.errors`` and the rule is then None."""
     before = len(f.errors)
-    rule_id = f.str("id", required=True)
+    rule_id = f.text("id", required=True)
     if rule_id is not None and (not _RULE_ID.match(rule_id) or rule_id == "default"):
         f.error("id", "must be letters, digits and . _ : - (and not 'default')")
     direction = f.choice("direction", DIRECTIONS, required=True)
@@ -72,9 +72,9 @@ def parse_rule(f: Fields, order: int, ctx: LoadContext) -> Rule | None:
     checks, conditional = compile_conditions(f, RuleHead(direction, effect, upstream, ctx))
     credential, scopes = _credential(f, direction, effect, upstream, ctx)
     rate_limit = _rate_limit(f, effect)
-    description = f.str("description", "")
+    description = f.text("description", "")
     f.done()
-    if len(f.errors) > before:
+    if len(f.errors) > before or rule_id is None or direction is None or effect is None:
         return None
     return Rule(rule_id, order, f.path, direction, effect, ctx.file_audit or mode == "audit", upstream, methods,
                 checks, conditional, _delegation(f), credential, scopes, rate_limit, description)
@@ -88,7 +88,7 @@ def _delegation(f: Fields) -> str | None:
 
 
 def _upstream(f: Fields, direction: str | None, ctx: LoadContext) -> str | None:
-    name = f.str("upstream")
+    name = f.text("upstream")
     if name is None:
         return None
     if direction == "inbound":
@@ -100,7 +100,7 @@ def _upstream(f: Fields, direction: str | None, ctx: LoadContext) -> str | None:
 
 
 def _methods(f: Fields) -> frozenset[str]:
-    methods = f.str_list("methods")
+    methods = f.text_list("methods")
     for i, method in enumerate(methods):
         if not _METHOD.match(method):
             f.error(f"methods[{i}]", f"must be an uppercase HTTP method such as GET, got {method!r}")
@@ -109,8 +109,8 @@ def _methods(f: Fields) -> frozenset[str]:
 
 def _credential(f: Fields, direction: str | None, effect: str | None, upstream: str | None,
                 ctx: LoadContext) -> tuple[str | None, tuple[str, ...] | None]:
-    name = f.str("credential")
-    scopes = f.str_list("scopes") or None
+    name = f.text("credential")
+    scopes = f.text_list("scopes") or None
     if f.has("scopes") and scopes is None:
         f.error("scopes", "must list at least one scope (omit it to use the credential's own scopes)")
     if name is None and scopes is None:
@@ -137,7 +137,7 @@ def _rate_limit(f: Fields, effect: str | None) -> RateLimit | None:
     if not f.has("rate_limit"):
         return None
     sub = f.sub("rate_limit")
-    requests = sub.int("requests", minimum=1, required=True)
+    requests = sub.integer("requests", minimum=1, required=True)
     per = sub.duration("per", required=True)
     key = sub.choice("key", ("agent", "task"), "agent")
     sub.done()

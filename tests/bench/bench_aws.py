@@ -21,9 +21,10 @@ from datetime import datetime, timezone
 
 from multidict import CIMultiDict
 
-from sidecar.credentials.aws import PROVIDER, Spec, WebIdentitySource
+from sidecar.credentials.aws import AwsSigV4Provider
 from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps
 from sidecar.credentials.sigv4 import AwsCredentials, payload_sha256, sign
+from sidecar.credentials.specs import AwsSigV4Spec, WebIdentitySource
 from tests.bench.timing import per_call_us
 
 CREDS = AwsCredentials("ASIAEXAMPLEEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "FwoGZXIvYXdz" * 30,
@@ -40,8 +41,8 @@ PUT_HEADERS = [*HEADERS, ("Content-Type", "application/octet-stream"), ("x-amz-m
 def _provider(unsigned: bool) -> object:
     source = WebIdentitySource("arn:aws:iam::123456789012:role/agent", "https://sts.eu-west-1.amazonaws.com",
                                None, None, 3600, None, "sts.amazonaws.com")
-    spec = Spec("eu-west-1", "s3", unsigned, source)
-    return PROVIDER("bench", spec, ProviderDeps(agent_id="spiffe://example.org/agent"))
+    spec = AwsSigV4Spec("eu-west-1", "s3", unsigned, source)
+    return AwsSigV4Provider("bench", spec, ProviderDeps(agent_id="spiffe://example.org/agent"))
 
 
 def _request(method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes | None

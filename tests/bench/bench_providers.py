@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -33,7 +33,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from multidict import CIMultiDict
 
-from sidecar.credentials import http_signature, jwt_assertion, oauth2, static, token_exchange
+from sidecar.credentials.oauth2 import ClientCredentialsProvider
+from sidecar.credentials.token_endpoint import parse_token_response
+from sidecar.credentials.registry import PROVIDER_TYPES
+from sidecar.credentials.token_exchange import TokenExchangeProvider
 from sidecar.credentials.base import CredentialRequest, OutboundRequest, ProviderDeps, TaskRef
 from sidecar.credentials.cache import CredentialCache
 from sidecar.errors import ConfigError
@@ -47,13 +50,13 @@ CERT_SHA256 = "ab" * 32
 TASK = TaskRef("task-1", "https://login.example", "alice", Secret("eyJ.subject.token"), "delegated")
 OAUTH = {"token_url": "https://login.example/token", "client_id": "billing-agent", "resource": RESOURCE,
          "scopes": ["invoices.read"]}
-CONFIGS: dict[str, tuple[ModuleType, dict[str, Any]]] = {
-    "static": (static, {"header": "Authorization", "scheme": "Bearer ", "value": {"value": "s" * 40}}),
-    "oauth2 client_secret_basic": (oauth2, {**OAUTH, "client_secret": {"value": "s" * 40}}),
-    "oauth2 tls_client_auth (bound)": (oauth2, {**OAUTH, "auth": "tls_client_auth"}),
-    "oauth2_token_exchange (task)": (token_exchange, {**OAUTH, "auth": "tls_client_auth"}),
-    "jwt_assertion": (jwt_assertion, {"audience": RESOURCE}),
-    "jwt_assertion (task)": (jwt_assertion, {"audience": RESOURCE}),
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (credential type, config entry)
+    "static": ("static", {"header": "Authorization", "scheme": "Bearer ", "value": {"value": "s" * 40}}),
+    "oauth2 client_secret_basic": ("oauth2_client_credentials", {**OAUTH, "client_secret": {"value": "s" * 40}}),
+    "oauth2 tls_client_auth (bound)": ("oauth2_client_credentials", {**OAUTH, "auth": "tls_client_auth"}),
+    "oauth2_token_exchange (task)": ("oauth2_token_exchange", {**OAUTH, "auth": "tls_client_auth"}),
+    "jwt_assertion": ("jwt_assertion", {"audience": RESOURCE}),
+    "jwt_assertion (task)": ("jwt_assertion", {"audience": RESOURCE}),
 }
 KIB, MIB = 1024, 1024 * 1024
 SIGNED = ["@method", "@target-uri", "content-type", "content-length"]
@@ -76,7 +79,7 @@ def _signature_rows() -> None:
         raw = {"algorithm": alg, "key": {"value": keys[alg]}, "keyid": "bench", "nonce": True, "expires": "5m",
                "components": SIGNED + (["content-digest"] if digest else [])}
         label = f"http_signature {alg} {'1 MiB' if size == MIB else '4 KiB'} {digest or 'no digest'}"
-        CONFIGS[label] = (http_signature, {**raw, **({"content_digest": digest} if digest else {})})
+        CONFIGS[label] = ("http_signature", {**raw, **({"content_digest": digest} if digest else {})})
         BODIES[label] = size
 
 
@@ -102,20 +105,20 @@ def _token_response(signer: Signer, bound: bool, act: bool) -> bytes:
 
 
 def _build(label: str, deps: ProviderDeps) -> Any:
-    module, raw = CONFIGS[label]
+    kind, raw = CONFIGS[label]
     errors: list[ConfigError] = []
     f = Fields(raw, f"credentials.{label}", errors)
-    spec = module.parse("bench", f)
+    spec = PROVIDER_TYPES[kind].parse(f)
     f.done()
     assert not errors and spec is not None, errors
-    return module.PROVIDER("bench", spec, deps)
+    return PROVIDER_TYPES[kind].build("bench", spec, deps)
 
 
 async def _prime(provider: Any, req: CredentialRequest, cache: CredentialCache, signer: Signer) -> None:
-    if isinstance(provider, (oauth2.PROVIDER, token_exchange.PROVIDER)):
+    if isinstance(provider, (ClientCredentialsProvider, TokenExchangeProvider)):
         body = _token_response(signer, bound=provider.endpoint.cert_thumbprint() is not None,
-                               act=isinstance(provider, token_exchange.PROVIDER))
-        resp = oauth2.parse_token_response("bench", body)
+                               act=isinstance(provider, TokenExchangeProvider))
+        resp = parse_token_response("bench", body)
         credential = provider.endpoint.credential(provider.type, resp, scopes=("invoices.read",), audience=RESOURCE)
 
         async def canned(_: CredentialRequest) -> Any:

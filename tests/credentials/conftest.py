@@ -7,13 +7,12 @@ has ``make`` build with that one instead.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 from typing import Any, AsyncIterator
 
 import pytest
 
-from sidecar.credentials import oauth2
 from sidecar.credentials.base import ProviderDeps
+from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.identity.signing import Signer, load_signing_key
 from sidecar.identity.source import IdentitySource
 from tests.credentials.providers import ID_KEY, Make, parse_spec, svid_copy
@@ -38,8 +37,9 @@ async def make(deps: ProviderDeps) -> AsyncIterator[Make]:
     """Build providers from raw config; close them all afterwards."""
     built: list[Any] = []
 
-    def build(raw: dict[str, Any], module: ModuleType = oauth2, provider_deps: ProviderDeps | None = None) -> Any:
-        provider = module.PROVIDER("test", parse_spec(module, raw), provider_deps or deps)
+    def build(raw: dict[str, Any], kind: str = "oauth2_client_credentials",
+              provider_deps: ProviderDeps | None = None) -> Any:
+        provider = PROVIDER_TYPES[kind].build("test", parse_spec(kind, raw), provider_deps or deps)
         built.append(provider)
         return provider
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import base64
 import shutil
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 from multidict import CIMultiDict
 
 from sidecar.credentials.base import CredentialRequest, OutboundRequest
+from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.errors import ConfigError
 from sidecar.fields import Fields
 from sidecar.identity.source import IdentitySource
@@ -22,20 +22,20 @@ ID_KEY = b"test-id-key-0123456789abcdef0123"
 WRONG_SECRET = "wrong-secret-Tq93mXv2Lp8"
 
 
-def config_errors(module: ModuleType, raw: dict[str, Any]) -> list[str]:
-    """Parse ``raw`` as credentials.test with ``module``; every problem, with its path."""
+def config_errors(kind: str, raw: dict[str, Any]) -> list[str]:
+    """Parse ``raw`` as credentials.test of type ``kind``; every problem, with its path."""
     errors: list[ConfigError] = []
     f = Fields(raw, "credentials.test", errors)
-    module.parse("test", f)
+    PROVIDER_TYPES[kind].parse(f)
     f.done()
     return [str(e) for e in errors]
 
 
-def parse_spec(module: ModuleType, raw: dict[str, Any]) -> Any:
-    """Parse ``raw`` with ``module`` and insist it is valid."""
+def parse_spec(kind: str, raw: dict[str, Any]) -> Any:
+    """Parse ``raw`` as type ``kind`` and insist it is valid."""
     errors: list[ConfigError] = []
     f = Fields(raw, "credentials.test", errors)
-    spec = module.parse("test", f)
+    spec = PROVIDER_TYPES[kind].parse(f)
     f.done()
     assert not errors, [str(e) for e in errors]
     return spec
@@ -72,4 +72,4 @@ def svid_copy(peer: OidcProvider, directory: Path) -> IdentitySource:
     return IdentitySource(cert, key, peer.pki.client_ca_path, {})
 
 
-Make = Callable[..., Any]  # the ``make`` fixture: build(raw, module=oauth2, provider_deps=None) -> provider
+Make = Callable[..., Any]  # the ``make`` fixture: build(raw, kind="oauth2_client_credentials", provider_deps=None)

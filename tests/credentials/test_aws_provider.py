@@ -32,8 +32,9 @@ from sidecar.credentials import aws
 from sidecar.credentials.aws_request import copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps
 from sidecar.credentials.cache import CredentialCache
-from sidecar.credentials.registry import PROVIDERS
+from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.credentials.sigv4 import UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256
+from sidecar.credentials.specs import AwsSigV4Spec, StaticSource, WebIdentitySource, parse_aws_sigv4
 from sidecar.errors import ConfigError, ConfigInvalid, CredentialUnavailable, RequestRefused
 from sidecar.fields import Fields
 from sidecar.identity.signing import Signer, SigningKey
@@ -61,12 +62,12 @@ def deps(signer: Signer) -> ProviderDeps:
     return ProviderDeps(agent_id=AGENT_ID, signer=signer, id_key=b"k" * 32)
 
 
-def parse_spec(raw: dict[str, Any], errors: list[ConfigError] | None = None) -> aws.Spec | None:
+def parse_spec(raw: dict[str, Any], errors: list[ConfigError] | None = None) -> AwsSigV4Spec | None:
     """Read one credential entry as the loader does (``type`` read, ``done()`` called)."""
     errors = [] if errors is None else errors
-    f = Fields({"type": aws.TYPE, **raw}, "credentials.aws", errors)
-    f.str("type")
-    spec = aws.parse("aws", f)
+    f = Fields({"type": AwsSigV4Spec.type, **raw}, "credentials.aws", errors)
+    f.text("type")
+    spec = parse_aws_sigv4(f)
     f.done()
     return spec
 
@@ -78,15 +79,17 @@ def web_identity(sts_url: str, service: str = "sts", **source: Any) -> dict[str,
 
 @pytest.fixture
 async def make(deps: ProviderDeps) -> AsyncIterator[Callable[..., aws.AwsSigV4Provider]]:
-    """Build providers from config mappings; each is closed after the test."""
+    """Build providers from config mappings, through the registry; each is closed after the test."""
     built: list[aws.AwsSigV4Provider] = []
 
     def build(raw: dict[str, Any], with_deps: ProviderDeps | None = None) -> aws.AwsSigV4Provider:
         errors: list[ConfigError] = []
         spec = parse_spec(raw, errors)
         assert spec is not None and not errors, errors
-        built.append(aws.PROVIDER("aws", spec, with_deps or deps))
-        return built[-1]
+        provider = PROVIDER_TYPES["aws_sigv4"].build("aws", spec, with_deps or deps)
+        assert isinstance(provider, aws.AwsSigV4Provider)
+        built.append(provider)
+        return provider
 
     yield build
     for provider in built:
@@ -145,9 +148,9 @@ async def test_web_identity_federation_gets_temporary_credentials(federated: Cre
 
 
 async def test_provider_declares_itself(make: Callable[..., aws.AwsSigV4Provider]) -> None:
-    """The registry knows aws_sigv4; a web-identity provider needs the body and is not standing."""
+    """The registry builds aws_sigv4; a web-identity provider needs the body and is not standing."""
     provider = make(web_identity("https://sts.example.test"))
-    assert PROVIDERS["aws_sigv4"] is aws
+    assert type(provider) is aws.AwsSigV4Provider
     assert provider.needs_body is True and provider.standing is False and provider.task_bound is False
     assert provider.cache_key(REQ) == provider.cache_key(CredentialRequest("other", ("x",), AGENT_ID))
 
@@ -610,7 +613,7 @@ def test_config_defaults() -> None:
     """A minimal web identity entry gets the regional STS URL, 1h, the STS audience and a JWT."""
     spec = parse_spec({"region": "eu-west-1", "service": "s3",
                        "source": {"type": "web_identity", "role_arn": ROLE_ARN}})
-    assert spec == aws.Spec("eu-west-1", "s3", False, aws.WebIdentitySource(
+    assert spec == AwsSigV4Spec("eu-west-1", "s3", False, WebIdentitySource(
         ROLE_ARN, "https://sts.eu-west-1.amazonaws.com", None, None, 3600, None, "sts.amazonaws.com"))
     assert spec.needs_signing_key is True
 
@@ -623,7 +626,7 @@ def test_config_token_file_and_static_need_no_signing_key() -> None:
         "session_token": {"value": "tok"}}})
     assert projected is not None and projected.needs_signing_key is False
     assert static is not None and static.needs_signing_key is False
-    assert isinstance(static.source, aws.StaticSource) and "s3cr3t" not in repr(static)
+    assert isinstance(static.source, StaticSource) and "s3cr3t" not in repr(static)
 
 
 def test_config_loader_requires_a_signing_key_for_a_self_signed_token(tmp_path: Path) -> None:

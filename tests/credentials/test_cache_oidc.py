@@ -19,7 +19,6 @@ import pytest
 import structlog
 
 from sidecar.credentials import cache as cache_module
-from sidecar.credentials import token_exchange
 from sidecar.credentials.base import ProviderDeps, TaskRef
 from sidecar.credentials.cache import CredentialCache
 from sidecar.errors import CredentialUnavailable
@@ -234,8 +233,8 @@ def _exchange(peer: OidcProvider, make: Make) -> Any:
     actor_deps = ProviderDeps(agent_id=AGENT_SPIFFE_ID, signer=Signer(load_signing_key(key.path, key.kid),
                                                                        ACTOR_ISSUERS[0]), id_key=b"k" * 32)
     raw = client_config(peer, "svc-exchange", resource=CRM)
-    assert parse_spec(token_exchange, raw) is not None
-    return make(raw, token_exchange, actor_deps)
+    assert parse_spec("oauth2_token_exchange", raw) is not None
+    return make(raw, "oauth2_token_exchange", actor_deps)
 
 
 def _task(subject_token: str) -> TaskRef:

@@ -44,9 +44,9 @@ def public_key(name: str) -> Any:
 
 
 def provider_for(raw: dict[str, Any], now: float = 1618884473) -> Any:
-    spec = parse_spec(http_signature, {"algorithm": "ed25519", "key": {"from_file": str(key_file("test-key-ed25519"))},
+    spec = parse_spec("http_signature", {"algorithm": "ed25519", "key": {"from_file": str(key_file("test-key-ed25519"))},
                                        **raw})
-    return http_signature.PROVIDER("test", spec, ProviderDeps(agent_id=AGENT, id_key=b"k" * 32, clock=lambda: now))
+    return http_signature.HttpSignatureProvider("test", spec, ProviderDeps(agent_id=AGENT, id_key=b"k" * 32, clock=lambda: now))
 
 
 def rfc_request() -> OutboundRequest:
@@ -170,7 +170,7 @@ def _pem(key: Any) -> str:
 def test_a_key_that_cannot_sign_as_configured_is_a_config_error_with_its_path(raw, expected):
     """The key is parsed at load: one that does not fit its algorithm is refused with its path, and the key's
     value never appears in the message (issue 14 item 2)."""
-    errors = config_errors(http_signature, {"type": "http_signature", "components": [], **raw})
+    errors = config_errors("http_signature", {"type": "http_signature", "components": [], **raw})
     assert any(e.startswith(expected) for e in errors), errors
     assert "canary-5150" not in " ".join(errors)
 
@@ -203,17 +203,17 @@ ED25519 = {"algorithm": "ed25519", "key": {"from_file": str(key_file("test-key-e
 def test_components_and_parameters_are_checked_at_load(raw, expected):
     """Components and parameters that could not be signed as an RFC 9421 verifier reads them are config
     errors with their paths (issue 14 item 2)."""
-    errors = config_errors(http_signature, {"type": "http_signature", **ED25519, **raw})
+    errors = config_errors("http_signature", {"type": "http_signature", **ED25519, **raw})
     assert any(e.startswith(expected) for e in errors), errors
 
 
 def test_the_key_is_parsed_once_and_never_shown():
     """The spec holds a parsed key, not a PEM string; neither the spec's nor the provider's repr shows it
     (issue 14 item 2)."""
-    spec = parse_spec(http_signature, {**ED25519, "algorithm": "hmac-sha256", "key": {"value": SHARED_SECRET},
+    spec = parse_spec("http_signature", {**ED25519, "algorithm": "hmac-sha256", "key": {"value": SHARED_SECRET},
                                        "components": ["@method"]})
     assert isinstance(spec.key.secret, bytes)
-    provider = http_signature.PROVIDER("partner", spec, ProviderDeps(agent_id=AGENT, id_key=b"k" * 32))
+    provider = http_signature.HttpSignatureProvider("partner", spec, ProviderDeps(agent_id=AGENT, id_key=b"k" * 32))
     for shown in (repr(spec), repr(provider), repr(spec.key)):
         assert SHARED_SECRET not in shown and repr(base64.b64decode(SHARED_SECRET)) not in shown
 

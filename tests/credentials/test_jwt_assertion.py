@@ -40,8 +40,8 @@ def signer(request: pytest.FixtureRequest, tmp_path: Path) -> Signer:
 
 
 def provider_for(signer: Signer | None, **raw: Any) -> Any:
-    spec = parse_spec(jwt_assertion, {"audience": SEARCH, **raw})
-    return jwt_assertion.PROVIDER("search", spec, ProviderDeps(agent_id=AGENT, signer=signer))
+    spec = parse_spec("jwt_assertion", {"audience": SEARCH, **raw})
+    return jwt_assertion.JwtAssertionProvider("search", spec, ProviderDeps(agent_id=AGENT, signer=signer))
 
 
 def verify(signer: Signer, token: str, audience: str = SEARCH) -> dict[str, Any]:
@@ -165,10 +165,10 @@ async def test_without_a_signing_key_it_is_unavailable() -> None:
 )
 def test_config_errors(raw: dict[str, Any], expected: list[str]) -> None:
     """Invalid entries are refused with their path."""
-    assert config_errors(jwt_assertion, raw) == expected
+    assert config_errors("jwt_assertion", raw) == expected
 
 
 def test_defaults_and_the_signing_key_requirement() -> None:
     """ttl 60s, Authorization with Bearer; the key must be one a verifier knows."""
-    spec = parse_spec(jwt_assertion, {"audience": SEARCH})
-    assert (spec.ttl, spec.header, spec.scheme, spec.needs_signing_key) == (60.0, "Authorization", "Bearer ", True)
+    spec = parse_spec("jwt_assertion", {"audience": SEARCH})
+    assert (spec.ttl, spec.placement.header, spec.placement.scheme, spec.needs_signing_key) == (60.0, "Authorization", "Bearer ", True)

@@ -9,7 +9,7 @@ from typing import Any
 import jwt
 import pytest
 
-from sidecar.credentials import oauth2, token_exchange
+from sidecar.credentials import token_endpoint, token_exchange
 from sidecar.credentials.base import CredentialRequest, ProviderDeps, TaskRef
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret
@@ -48,12 +48,12 @@ def request(task_ref: TaskRef | None, *, impersonation_allowed: bool = False) ->
 
 async def test_delegation_names_the_human_and_the_agent(oidc_provider: OidcProvider, make: Make) -> None:
     """The exchanged token has sub = the human and act.sub = this agent's SPIFFE ID."""
-    provider = make(exchange_config(oidc_provider), token_exchange)
+    provider = make(exchange_config(oidc_provider), "oauth2_token_exchange")
     credential = await provider.fetch(request(task(oidc_provider.user_token(ALICE))))
     claims = verify_access_token(oidc_provider, credential.token.reveal(), CRM)
     assert (claims["sub"], claims["act"], claims["scope"]) == (ALICE, {"sub": AGENT_SPIFFE_ID}, "crm.read")
     assert (credential.delegation, credential.act_chain) == ("delegated", (AGENT_SPIFFE_ID,))
-    assert (credential.type, credential.audience, credential.id) == (token_exchange.TYPE, CRM, claims["jti"])
+    assert (credential.type, credential.audience, credential.id) == ("oauth2_token_exchange", CRM, claims["jti"])
     out = outbound()
     provider.apply(out, credential)
     assert out.headers["Authorization"] == "Bearer " + credential.token.reveal()
@@ -61,7 +61,7 @@ async def test_delegation_names_the_human_and_the_agent(oidc_provider: OidcProvi
 
 async def test_an_earlier_actor_stays_in_the_chain(oidc_provider: OidcProvider, make: Make) -> None:
     """A subject token that already names an actor gives act_chain = (this agent, the earlier one)."""
-    provider = make(exchange_config(oidc_provider, audience=CRM, resource=None), token_exchange)
+    provider = make(exchange_config(oidc_provider, audience=CRM, resource=None), "oauth2_token_exchange")
     subject = oidc_provider.user_token(ALICE, act={"sub": "spiffe://example.org/front"})
     credential = await provider.fetch(request(task(subject)))
     assert credential.act_chain == (AGENT_SPIFFE_ID, "spiffe://example.org/front")
@@ -69,7 +69,7 @@ async def test_an_earlier_actor_stays_in_the_chain(oidc_provider: OidcProvider, 
 
 async def test_the_actor_token_is_ours_and_for_this_server_only(oidc_provider: OidcProvider, make: Make) -> None:
     """Actor token: iss = the signer's issuer, sub = the SPIFFE ID, aud = the AS issuer, 60 s."""
-    provider = make(exchange_config(oidc_provider), token_exchange)
+    provider = make(exchange_config(oidc_provider), "oauth2_token_exchange")
     public = load_signing_key(oidc_provider.actor_key.path, None).private.public_key()
     claims = jwt.decode(provider.actor_token(), public, algorithms=["ES256"], audience=oidc_provider.issuer)
     assert (claims["iss"], claims["sub"], claims["exp"] - claims["iat"]) == (ACTOR_ISSUERS[0], AGENT_SPIFFE_ID, 60)
@@ -87,7 +87,7 @@ async def test_impersonation_happens_only_when_configured_and_allowed(
     oidc_provider: OidcProvider, make: Make, impersonate: bool, allowed: bool, delegation: str
 ) -> None:
     """Without an actor token the result names only the human; that needs both config and rule."""
-    provider = make(exchange_config(oidc_provider, impersonate=impersonate), token_exchange)
+    provider = make(exchange_config(oidc_provider, impersonate=impersonate), "oauth2_token_exchange")
     credential = await provider.fetch(request(task(oidc_provider.user_token(ALICE)),
                                               impersonation_allowed=allowed))
     claims = verify_access_token(oidc_provider, credential.token.reveal(), CRM)
@@ -97,7 +97,7 @@ async def test_impersonation_happens_only_when_configured_and_allowed(
 
 async def test_impersonation_without_a_rule_allowing_it_is_refused(oidc_provider: OidcProvider, make: Make) -> None:
     """impersonate: true for a request whose rule does not allow impersonation: refused, nothing fetched."""
-    provider = make(exchange_config(oidc_provider, impersonate=True), token_exchange)
+    provider = make(exchange_config(oidc_provider, impersonate=True), "oauth2_token_exchange")
     oidc_provider.reset()
     with pytest.raises(CredentialUnavailable, match="impersonates the user, which needs a rule with"):
         await provider.fetch(request(task(oidc_provider.user_token(ALICE))))
@@ -116,7 +116,7 @@ async def test_a_task_without_a_verified_human_token_is_refused(
     oidc_provider: OidcProvider, make: Make, task_ref: TaskRef | None, detail: str
 ) -> None:
     """No task, or an asserted one, never drives an exchange: refused before any token request."""
-    provider = make(exchange_config(oidc_provider), token_exchange)
+    provider = make(exchange_config(oidc_provider), "oauth2_token_exchange")
     oidc_provider.reset()
     with pytest.raises(CredentialUnavailable) as refused:
         await provider.fetch(request(task_ref))
@@ -127,7 +127,7 @@ async def test_a_task_without_a_verified_human_token_is_refused(
 
 async def test_results_are_cached_per_task(oidc_provider: OidcProvider, make: Make) -> None:
     """Two tasks of the same human never share an exchanged token."""
-    provider = make(exchange_config(oidc_provider), token_exchange)
+    provider = make(exchange_config(oidc_provider), "oauth2_token_exchange")
     subject = oidc_provider.user_token(ALICE)
     one, two = task(subject, task_id="t-1"), task(subject, task_id="t-2")
     assert provider.task_bound
@@ -139,7 +139,7 @@ async def test_exchange_over_tls_client_auth_is_certificate_bound(
     oidc_provider: OidcProvider, make: Make, svid: IdentitySource
 ) -> None:
     """svc-exchange-mtls authenticates with our SVID; the token is bound to it and refused elsewhere."""
-    provider = make(exchange_config(oidc_provider, "svc-exchange-mtls"), token_exchange)
+    provider = make(exchange_config(oidc_provider, "svc-exchange-mtls"), "oauth2_token_exchange")
     credential = await provider.fetch(request(task(oidc_provider.user_token(ALICE))))
     claims = verify_access_token(oidc_provider, credential.token.reveal(), CRM)
     assert credential.bound_cert_sha256 == b64url_to_hex(claims["cnf"]["x5t#S256"]) == svid.state.cert_sha256
@@ -150,7 +150,7 @@ async def test_exchange_over_tls_client_auth_is_certificate_bound(
 
 async def test_a_subject_token_the_server_rejects_is_invalid_grant(oidc_provider: OidcProvider, make: Make) -> None:
     """A tampered human token: invalid_grant in the detail, the token itself nowhere."""
-    provider = make(exchange_config(oidc_provider), token_exchange)
+    provider = make(exchange_config(oidc_provider), "oauth2_token_exchange")
     head, body, sig = oidc_provider.user_token(ALICE).split(".")
     tampered = f"{head}.{body}.{sig[:-4]}AAAA"
     with pytest.raises(CredentialUnavailable) as refused:
@@ -167,7 +167,7 @@ async def test_an_actor_key_the_server_does_not_trust_is_invalid_grant(
     key = oidc_provider.jwt_client_key
     rogue = ProviderDeps(agent_id=AGENT_SPIFFE_ID, signer=Signer(load_signing_key(key.path, key.kid), ACTOR_ISSUERS[0]),
                          svid=deps.svid, id_key=ID_KEY)
-    provider = make(exchange_config(oidc_provider), token_exchange, rogue)
+    provider = make(exchange_config(oidc_provider), "oauth2_token_exchange", rogue)
     with pytest.raises(CredentialUnavailable) as refused:
         await provider.fetch(request(task(oidc_provider.user_token(ALICE))))
     assert (refused.value.detail or "").startswith("token endpoint: invalid_grant (http 400): actor_token is invalid")
@@ -175,7 +175,7 @@ async def test_an_actor_key_the_server_does_not_trust_is_invalid_grant(
 
 async def test_a_scope_the_client_may_not_have_is_invalid_scope(oidc_provider: OidcProvider, make: Make) -> None:
     """RFC 8693 §2.2.2: a scope beyond the client's is refused with invalid_scope."""
-    provider = make(exchange_config(oidc_provider, scopes=["admin.everything"]), token_exchange)
+    provider = make(exchange_config(oidc_provider, scopes=["admin.everything"]), "oauth2_token_exchange")
     with pytest.raises(CredentialUnavailable) as refused:
         await provider.fetch(request(task(oidc_provider.user_token(ALICE))))
     assert (refused.value.detail or "").startswith("token endpoint: invalid_scope (http 400)")
@@ -183,10 +183,10 @@ async def test_a_scope_the_client_may_not_have_is_invalid_scope(oidc_provider: O
 
 def test_a_jwt_result_that_does_not_name_the_agent_is_refused(deps: ProviderDeps) -> None:
     """If the server dropped our actor token, the token would impersonate: refused instead."""
-    spec = parse_spec(token_exchange, {**_BASE, "resource": CRM})
-    provider = token_exchange.PROVIDER("test", spec, deps)
+    spec = parse_spec("oauth2_token_exchange", {**_BASE, "resource": CRM})
+    provider = token_exchange.TokenExchangeProvider("test", spec, deps)
     token = jwt.encode({"sub": ALICE, "jti": "j1", "act": {"sub": "spiffe://example.org/other"}}, "k" * 32)
-    resp = oauth2.parse_token_response("test", ('{"access_token": "%s", "token_type": "Bearer"}' % token).encode())
+    resp = token_endpoint.parse_token_response("test", ('{"access_token": "%s", "token_type": "Bearer"}' % token).encode())
     with pytest.raises(CredentialUnavailable, match="does not name this agent as its actor"):
         provider._credential(resp, ())
 
@@ -205,10 +205,10 @@ _BASE = {"token_url": "https://login.example.com/token", "client_id": "billing-a
 )
 def test_config(raw: dict[str, Any], expected: list[str]) -> None:
     """A target (resource or audience) is required; impersonate is a boolean."""
-    assert config_errors(token_exchange, raw) == expected
+    assert config_errors("oauth2_token_exchange", raw) == expected
 
 
 def test_the_actor_token_always_needs_the_signing_key() -> None:
     """Whatever the client auth, the actor token is signed: identity.signing_key is required."""
-    spec = parse_spec(token_exchange, {**_BASE, "resource": CRM})
+    spec = parse_spec("oauth2_token_exchange", {**_BASE, "resource": CRM})
     assert spec.needs_signing_key and not spec.impersonate
