@@ -93,7 +93,7 @@ def secret_values(config: Config) -> list[str]:
 def build_policy(config: Config, limiter: RateLimiter | None) -> PolicySet:
     return load_policy(config.policy.files,
                        upstreams={n: u.protocol for n, u in config.outbound.upstreams.items()},
-                       credentials={n: tuple(getattr(c.spec, "scopes", ()) or ()) for n, c in config.credentials.items()},
+                       credentials={n: tuple(c.spec.scopes or ()) for n, c in config.credentials.items()},
                        mode=config.policy.mode, limiter=limiter)
 
 

@@ -33,7 +33,7 @@ from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange, mark_cut
-from sidecar.forward.body import LimitedBody, declared_length, has_body, is_form, read_body, stream_body
+from sidecar.forward.body import RequestBody
 from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
@@ -74,16 +74,6 @@ def check_headers(request: IncomingRequest, max_headers: int, max_bytes: int) ->
             check_header_names((name.decode("latin-1"),))
     if size > max_bytes:
         raise RequestRefused("headers_too_large", f"request: headers exceed {max_bytes} bytes")
-
-
-def body_size(request: IncomingRequest, body: bytes | None) -> int | None:
-    """The body size for policy: known when buffered or declared; None (unknown) for a chunked body,
-    so that a condition on ``request.size`` cannot be evaded by leaving Content-Length out."""
-    if body is not None:
-        return len(body)
-    if request.content_length is not None:
-        return request.content_length
-    return None if has_body(request) else 0
 
 
 def refuse_decision(decision: Decision) -> None:
@@ -187,12 +177,14 @@ class Outbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
-        body = await self._mcp(request, ex, route, task) if up.protocol == "mcp" else None
-        form = is_form(request)
-        if form and body is None:
-            body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
+        body = RequestBody(request, rt.config.outbound.limits, up.timeouts.idle)
+        if up.protocol == "mcp":
+            await self._mcp(request, ex, route, task, body)
+        if body.form:
+            await body.read()
         forwarded = clean_request_headers(request.headers, rt.drop_sets[up.name])
-        reading = screen(forwarded, route.query, body if form else None, up.pass_headers, up.paths, up.base_path)
+        reading = screen(forwarded, route.query, body.whole if body.form else None, up.pass_headers, up.paths,
+                         up.base_path)
         ex.override = reading.event()
         ex.facts = self._facts(request, ex, route, body, forwarded)
         source = self._copy_source(forwarded, ex, route)
@@ -201,18 +193,16 @@ class Outbound:
         if source is not None:
             authorize_copy_source(rt, ex.facts, source)
         if held:  # the approver sees the digest of the very body that is then sent
-            if body is None and has_body(request):
-                body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
-            await rt.approvals.hold(ex, body)
+            await rt.approvals.hold(ex, await body.read() if body.present else None)
         credential = await self._credential(ex, decision, up.credential, task) if not echo else None
         out = self._outbound_request(request, route, traceparent, forwarded)
         if source is not None:
             out.headers[COPY_SOURCE] = source.header  # what policy decided on is what S3 reads
         if credential is not None:
             provider = rt.providers[credential.provider]
-            if body is None and body_needed(provider, out.headers):
-                body = await read_body(request, rt.config.outbound.limits, up.timeouts.idle)
-            out.body = body
+            if body_needed(provider, out.headers):
+                await body.read()
+            out.body = body.whole
             provider.apply(out, credential)
         return await self._send(request, ex, route, out, body, task)
 
@@ -238,7 +228,8 @@ class Outbound:
         ex.copy_source = source.shown
         return source
 
-    async def _mcp(self, request: IncomingRequest, ex: Exchange, route: Route, task: Task | None) -> bytes | None:
+    async def _mcp(self, request: IncomingRequest, ex: Exchange, route: Route, task: Task | None,
+                   body: RequestBody) -> None:
         ex.protocol = "mcp"
         if is_websocket(request):  # frames would pass unparsed, past every tool rule: fail closed
             raise RequestRefused("bad_request", "mcp: WebSocket upgrades to an MCP upstream are refused; its "
@@ -248,18 +239,16 @@ class Outbound:
             self.mcp_sessions.check(route.upstream.name, sid, self.rt.agent.id, task)
         if request.method != "POST":
             ex.mcp_method = transport_method(request.method, route.path)
-            return None
+            return
         limits = self.rt.config.outbound.limits
-        body = await read_body(request, limits, route.upstream.timeouts.idle)
-        call = parse_mcp_request(body, request.headers.get("Content-Type"), limits.max_body_bytes)
+        call = parse_mcp_request(await body.read(), request.headers.get("Content-Type"), limits.max_body_bytes)
         check_routing_headers(call, request.headers.getall("Mcp-Method", ()), request.headers.getall("Mcp-Name", ()))
         ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.mcp_rpc = call.method, call.tool, call.arguments, call.rpc
-        return body
 
-    def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: bytes | None,
+    def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody,
                forwarded: CIMultiDict[str]) -> Facts:
         """What policy decides on: the headers are the ones that will be forwarded, nothing else."""
-        size = body_size(request, body)
+        size = body.size
         return build_facts(direction="outbound", method=request.method, scheme=route.upstream.scheme,
                            host=route.upstream.host, path=route.path, query=route.query, headers=forwarded,
                            size=size, upstream=route.upstream.name, agent=self.rt.agent, principal=ex.principal,
@@ -298,13 +287,9 @@ class Outbound:
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,
-                    body: bytes | None, task: Task | None) -> Answer:
+                    body: RequestBody, task: Task | None) -> Answer:
         up = route.upstream
-        limits = self.rt.config.outbound.limits
-        data: bytes | LimitedBody | None = body  # whole: framed (Content-Length) where the head is written
-        if body is None:
-            declared_length(request, limits)
-            data = stream_body(request, limits) if has_body(request) else None
+        data = body.to_send()  # a whole body is framed (Content-Length) where the head is written
         if is_websocket(request):
             ex.protocol = "websocket"
             url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
@@ -353,13 +338,15 @@ class Inbound:
         caller = await self._caller(request, ex, peer)
         rt.revocations.check_agent(rt.agent.id)
         rt.revocations.check_subject(ex.principal)
-        body = await read_body(request, inbound.limits, inbound.timeouts.idle) if is_form(request) else None
+        body = RequestBody(request, inbound.limits, inbound.timeouts.idle)
+        if body.form:
+            await body.read()
         forwarded = clean_request_headers(request.headers, rt.inbound_drop)
-        reading = screen(forwarded, query, body, inbound.pass_headers, DEFAULT_OPTIONS, rt.sessions.agent_base_path)
+        reading = screen(forwarded, query, body.whole, inbound.pass_headers, DEFAULT_OPTIONS, rt.sessions.agent_base_path)
         ex.override = reading.event()
         ex.facts = facts = build_facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
-            query=query, headers=forwarded, size=body_size(request, body), upstream=None,
+            query=query, headers=forwarded, size=body.size, upstream=None,
             agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation)
         decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
@@ -369,8 +356,7 @@ class Inbound:
             task = self._open_task(caller, request)
             ex.task_id, ex.task_trigger = task.id, task.trigger
             headers[TASK_HEADER] = task.id
-        declared_length(request, inbound.limits)
-        data = body if body is not None else stream_body(request, inbound.limits) if has_body(request) else None
+        data = body.to_send()
         pool = rt.sessions.agent()
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")

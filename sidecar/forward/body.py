@@ -73,8 +73,41 @@ class LimitedBody:
             yield chunk
 
 
-def stream_body(request: IncomingRequest, limits: Limits) -> LimitedBody:
-    return LimitedBody(request, limits)
+class RequestBody:
+    """One request's body: whether one follows, read whole once when a stage needs it (a form, MCP, a
+    signer, an approval), else streamed to the upstream as it arrives. Built when the exchange first
+    needs to know; a transfer coding other than chunked is refused there."""
+
+    __slots__ = ("_request", "_limits", "_idle", "present", "form", "whole")
+
+    def __init__(self, request: IncomingRequest, limits: Limits, idle: float) -> None:
+        self._request, self._limits, self._idle = request, limits, idle
+        self.present = has_body(request)
+        self.form = self.present and is_form_type(request.headers.get("Content-Type", ""))
+        self.whole: bytes | None = None
+
+    async def read(self) -> bytes:
+        """The whole body, read the first time (within the limit and the idle timeout), then kept."""
+        if self.whole is None:
+            self.whole = await read_body(self._request, self._limits, self._idle)
+        return self.whole
+
+    @property
+    def size(self) -> int | None:
+        """The size for policy: known when read or declared; None (unknown) for a chunked body not read,
+        so that a condition on ``request.size`` cannot be evaded by leaving Content-Length out."""
+        if self.whole is not None:
+            return len(self.whole)
+        if self._request.content_length is not None:
+            return self._request.content_length
+        return None if self.present else 0
+
+    def to_send(self) -> bytes | LimitedBody | None:
+        """What goes upstream: the body read (framed with its length), else the stream, else nothing."""
+        if self.whole is not None:
+            return self.whole
+        declared_length(self._request, self._limits)
+        return LimitedBody(self._request, self._limits) if self.present else None
 
 
 def has_body(request: IncomingRequest) -> bool:
@@ -89,11 +122,6 @@ def has_body(request: IncomingRequest) -> bool:
 
 def is_form_type(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/x-www-form-urlencoded"
-
-
-def is_form(request: IncomingRequest) -> bool:
-    """A form body follows: its fields are read like query parameters (method overrides, tokens)."""
-    return is_form_type(request.headers.get("Content-Type", "")) and has_body(request)
 
 
 async def next_chunk(chunks: AsyncIterator[bytes], idle: float) -> bytes | None:

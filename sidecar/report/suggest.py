@@ -131,7 +131,7 @@ def _credential(key: GrantKey, grant: Grant, config: Config) -> dict[str, Any]:
         return {}
     upstream = config.outbound.upstreams.get(key.upstream)
     default = upstream.credential if upstream is not None else None
-    configured = tuple(getattr(config.credentials[name].spec, "scopes", ()) or ())
+    configured = tuple(config.credentials[name].spec.scopes or ())
     scopes = next(iter(grant.scopes)) if len(grant.scopes) == 1 else ()
     narrower = bool(scopes) and set(scopes) < set(configured)
     if name == default and not narrower:

@@ -23,6 +23,7 @@ from sidecar.app import Sidecar
 from sidecar.config import parse_config
 from sidecar.credentials.base import CredentialRequest
 from sidecar.exchange import Exchange
+from sidecar.forward.body import RequestBody
 from sidecar.http.headers import clean_request_headers, clean_response_headers
 from sidecar.observe.decision_log import configure_logging, emit_event
 from sidecar.pipeline import Outbound, check_headers
@@ -62,7 +63,7 @@ async def main(n: int) -> None:
     ex = Exchange("outbound", method="GET")
     ex.upstream, ex.host, ex.path = "bench", "127.0.0.1", route.path
     forwarded = clean_request_headers(request.headers, rt.drop_sets["bench"])
-    facts = out._facts(request, ex, route, None, forwarded)
+    facts = out._facts(request, ex, route, RequestBody(request, rt.config.outbound.limits, 1.0), forwarded)
     provider = rt.providers["key"]
     creq = CredentialRequest("bench", (), rt.agent.id)
     credential, _ = await rt.credentials.get(provider, creq)
@@ -76,7 +77,7 @@ async def main(n: int) -> None:
         ("route (limits, boundary)", lambda: out._route(request)),
         ("  check_headers", lambda: check_headers(request, 100, 32768)),
         ("traceparent", lambda: traceparent_for(request.headers)),
-        ("policy facts", lambda: out._facts(request, ex, route, None, forwarded)),
+        ("policy facts", lambda: out._facts(request, ex, route, RequestBody(request, rt.config.outbound.limits, 1.0), forwarded)),
         ("policy decide", lambda: rt.policy.decide(facts)),
         ("credential cache hit", lambda: rt.credentials.cached(provider, creq)),
         ("outgoing headers", lambda: out._outbound_request(request, route, "00-x", forwarded)),
