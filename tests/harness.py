@@ -174,9 +174,9 @@ async def admin(h: SidecarHarness, method: str, path: str, **kwargs: Any) -> tup
             return r.status, await r.json(content_type=None)
 
 
-async def wait_ready(session: aiohttp.ClientSession, port: int) -> None:
+async def wait_ready(session: aiohttp.ClientSession, port: int, *, tries: int = 200) -> None:
     """Until the health listener on ``port`` answers /readyz 200 (a sidecar started as a process)."""
-    for _ in range(200):
+    for _ in range(tries):
         try:
             async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
                 if r.status == 200:

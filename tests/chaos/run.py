@@ -42,6 +42,7 @@ import yaml
 
 from tests.bench.soak_mtls import free_port
 from tests.chaos.peers import Agent, TokenEndpoint, Upstream
+from tests.harness import wait_ready
 
 CALLER = "spiffe://sidecar.local/orchestrator"
 OURS = "spiffe://sidecar.local/chaos-agent"
@@ -210,15 +211,10 @@ class World:
 
     async def wait_ready(self) -> None:
         async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"http://127.0.0.1:{self.ports['health']}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise SystemExit(f"chaos: sidecar run did not become ready; its output is in {self.log}")
+            try:
+                await wait_ready(session, self.ports["health"], tries=300)
+            except AssertionError:
+                raise SystemExit(f"chaos: sidecar run did not become ready; its output is in {self.log}") from None
 
     async def metric(self, name: str) -> float:
         async with aiohttp.ClientSession() as session:
