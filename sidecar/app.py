@@ -58,6 +58,8 @@ from sidecar.revocation import Enforcement, RedisBus, Revocations
 from sidecar.routing import Router
 from sidecar.forward.sessions import Sessions
 from sidecar.runtime import PolicyHolder, Runtime
+from sidecar.http2.listen import AlpnChoice, H2cServer, offering_h2
+from sidecar.http2.server import H2Server
 from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
 from sidecar import admin, health
@@ -299,8 +301,9 @@ class Sidecar:
         cfg, rt = self.config, self.runtime
         self.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
         listeners.servers.append(self.interceptor.server)  # drained and closed with the listeners
-        out_server = SidecarServer(self.interceptor.front(Outbound(rt)), limits=cfg.outbound.limits,
-                                   on_parse_error=self._parse_error("outbound"))
+        outbound, on_refusal = Outbound(rt), self._parse_error("outbound")
+        out_server = H2cServer(self.interceptor.front(outbound), limits=cfg.outbound.limits, on_parse_error=on_refusal,
+                               http2=H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal))
         listeners.servers.append(out_server)
         server = await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port)
         listeners.accepting.append(server)
@@ -313,13 +316,14 @@ class Sidecar:
         cfg, rt = self.config, self.runtime
         assert cfg.inbound is not None
         domains = frozenset(cfg.inbound.trust_domains) or frozenset({self.identity.state.spiffe_id.trust_domain})
-        acceptor = MtlsAcceptor(context=self.identity.server_context, bundles=self.identity.bundles,
-                                allowed_domains=domains, handler_factory=lambda: server(),
+        acceptor = MtlsAcceptor(context=offering_h2(self.identity.server_context), bundles=self.identity.bundles,
+                                allowed_domains=domains, handler_factory=lambda: AlpnChoice(server, http2),
                                 on_reject=rt.recorder.handshake_refused,
                                 handshake_timeout=cfg.inbound.timeouts.connect)
         inbound = Inbound(rt, InboundIdentity(cfg.inbound, acceptor.peer_of, rt.verifier, rt.revocations))
         server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
-        listeners.servers.append(server)
+        http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"))
+        listeners.servers += (server, http2)
         listener = await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port)
         listeners.accepting.append(listener)
         listeners.after_drain.append(acceptor.close)

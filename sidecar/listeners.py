@@ -11,13 +11,20 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
-from aiohttp import web
 
 
 class Closable(Protocol):
     """A listening socket: close() stops accepting."""
 
     def close(self) -> None: ...
+
+
+class Drainable(Protocol):
+    """A server of exchanges (aiohttp's, or HTTP/2's): told to stop, then given the drain to finish."""
+
+    def pre_shutdown(self) -> None: ...
+
+    async def shutdown(self, timeout: float | None = None) -> None: ...
 
 
 @dataclass
@@ -28,7 +35,7 @@ class ExchangeListeners:
     drain: float
     cut: Callable[[], None]  # ends the exchanges still running when the drain is over
     accepting: list[Closable] = field(default_factory=list)
-    servers: list[web.Server] = field(default_factory=list)
+    servers: list[Drainable] = field(default_factory=list)
     after_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # the mTLS lobby
 
     async def aclose(self) -> None:

@@ -31,7 +31,7 @@ import structlog
 from aiohttp import HttpVersion11, web, web_response
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config_model import Limits
 from sidecar.errors import (
@@ -57,6 +57,7 @@ class AiohttpIncoming:
     """An :class:`~sidecar.http.incoming.IncomingRequest` over one request aiohttp's server parsed."""
 
     __slots__ = ("native", "method", "target", "headers", "content_length")
+    unframed_body = False  # HTTP/1.1 frames every body: Content-Length or chunked
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.native = request  # for CONNECT only (sidecar.connect takes the connection over)
@@ -103,6 +104,9 @@ class AiohttpIncoming:
         socket_ = web.WebSocketResponse(protocols=[protocol] if protocol else ())
         await socket_.prepare(self.native)
         return socket_
+
+    async def finish(self, stream: ResponseStream, trailers: CIMultiDictProxy[str]) -> None:
+        await stream.write_eof()
 
     def abort(self) -> None:
         """A reset, not an orderly close: a response framed by the connection's close (an HTTP/1.0

@@ -111,10 +111,11 @@ class RequestBody:
 
 
 def has_body(request: IncomingRequest) -> bool:
-    """A body follows: declared, or chunked. Other transfer codings are refused, never half-forwarded."""
+    """A body follows: declared, chunked, or an HTTP/2 stream's DATA without a declared length. Other
+    transfer codings are refused, never half-forwarded."""
     coding = request.headers.get("Transfer-Encoding")
     if coding is None:
-        return bool(request.content_length)
+        return bool(request.content_length) or request.unframed_body
     if coding.strip().lower() != "chunked":
         raise RequestRefused("bad_request", "request: only Transfer-Encoding: chunked is accepted")
     return True

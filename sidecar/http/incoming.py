@@ -43,6 +43,7 @@ class IncomingRequest(Protocol):
     target: str  # the request-target as received, raw (origin form: path and query; CONNECT: authority)
     headers: CIMultiDictProxy[str]
     content_length: int | None
+    unframed_body: bool  # a body follows whose length was not declared and no coding frames (HTTP/2 DATA)
 
     @property
     def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -78,6 +79,11 @@ class IncomingRequest(Protocol):
 
     async def accept_websocket(self, protocol: str | None) -> Any:
         """Complete the client's WebSocket upgrade; the socket it returns is relayed frame by frame."""
+        ...
+
+    async def finish(self, stream: ResponseStream, trailers: CIMultiDictProxy[str]) -> None:
+        """End a streamed response, with the upstream's trailers where the protocol carries them
+        (HTTP/2; an HTTP/1.1 response is not chunked with trailers here, so they are dropped)."""
         ...
 
     def abort(self) -> None:

@@ -35,7 +35,8 @@ from _ssl import ENCODING_DER  # CPython's; ssl.SSLObject of 3.11 has no public 
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sidecar.errors import refusal_response
+from sidecar.errors import Refusal, refusal_response
+from sidecar.http2.server import refusing
 from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, YOUNG, Listener, Lobby
 from sidecar.identity.x509 import (
     PEER_REJECT_REASONS,
@@ -190,14 +191,16 @@ class MtlsAcceptor:
         A TLS 1.2 client sends its request only after the handshake: the answer waits for its
         first bytes (at most ``refusal_grace``) so that the client is reading when it arrives.
         """
+        handed = False
         try:
             self._on_reject(rejected.reason, rejected.message, address)
         finally:
             try:
                 if self._respond and await holding.wait_for_bytes(self._refusal_grace):
-                    tls.write(refusal_response(rejected.request_reason, rejected.message))
+                    handed = answer_refusal(tls, holding, rejected)
             finally:
-                tls.close()
+                if not handed:
+                    tls.close()
 
 
 class _HandshakeFailed(Exception):
@@ -236,6 +239,16 @@ def _der(cert: object) -> bytes:
         return cert
     der: bytes = cert.public_bytes(ENCODING_DER)  # type: ignore[attr-defined]  # ssl's private certificate type
     return der
+
+
+def answer_refusal(tls: asyncio.Transport, holding: Holding, rejected: PeerRejected) -> bool:
+    """Write the refusal; over ``h2`` (ALPN) an HTTP/2 protocol answers it and closes (True: handed over)."""
+    ssl_object = tls.get_extra_info("ssl_object")
+    if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+        tls.write(refusal_response(rejected.request_reason, rejected.message))
+        return False
+    hand_over(tls, holding, refusing(Refusal(rejected.request_reason, rejected.message)))
+    return True
 
 
 def hand_over(tls: asyncio.Transport, holding: Holding, protocol: asyncio.BaseProtocol) -> None:

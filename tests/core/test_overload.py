@@ -12,6 +12,7 @@ import json
 import aiohttp
 from aiohttp import web
 
+from sidecar.http2.listen import H2cServer
 from tests.scenarios.inbound import POLICY as INBOUND_POLICY
 from tests.scenarios.inbound import client_context, inbound_config
 from tests.scenarios.outbound import POLICY, config_for
@@ -42,7 +43,7 @@ async def until(predicate, what: str) -> None:
 
 def outbound_server(h: SidecarHarness) -> SidecarServer:
     """The outbound listener's server (the CONNECT tunnels' server is a subclass)."""
-    return next(s for s in h.sidecar._listeners.servers if type(s) is SidecarServer)
+    return next(s for s in h.sidecar._listeners.servers if type(s) is H2cServer)
 
 
 def overload_events(events: list[dict]) -> list[dict]:

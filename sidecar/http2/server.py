@@ -1,0 +1,411 @@
+"""HTTP/2 on the listeners: one ``h2`` state machine per connection, each stream one exchange.
+
+:class:`H2Protocol` reads frames off one connection (h2c with prior knowledge on the outbound
+listener, ``h2`` by ALPN on the inbound one) and turns every request stream into an
+:class:`H2Incoming`, the same :class:`~sidecar.http.incoming.IncomingRequest` the HTTP/1.1 server
+hands the pipeline: routing, identity, policy, credentials and the one trust-decision event are
+those of HTTP/1.1, per stream. A stream's refusal, reset or failure touches no other stream.
+
+Flow control is honoured both ways: a request body's window is given back only as the pipeline
+reads it (a slow upstream slows the client, nothing piles up here), and a response waits for the
+client's window (at most ``WINDOW_STALL`` seconds of a closed window, then the stream is reset).
+
+Limits, with the HTTP/1.1 listener's reason codes: at most ``MAX_STREAMS`` streams open on one
+connection (more are reset with ``REFUSED_STREAM``, RFC 9113 §5.1.2: the client may retry them), at
+most ``max_in_flight`` requests served on the listener (``overloaded``), the header list bounded
+in HPACK itself at twice ``max_header_bytes`` (the configured limit then decides, per stream, with
+``headers_too_large``), and the body by the pipeline (``body_too_large``). A frame that breaks the
+protocol ends the connection with GOAWAY and is reported as ``bad_request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, cast
+
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.config import Limits
+from sidecar.errors import RecordedFailure, Refusal, RequestRefused
+from sidecar.http.incoming import Answer, ClientGone, IncomingRequest, ResponseStream, refusal_answer
+from sidecar.http2.side import H2Endpoint, encode_headers
+
+MAX_STREAMS = 128
+ONCE_GRACE = 5.0  # seconds a refused connection (:func:`refusing`) has to send the request it is refused
+WINDOW_STALL = 60.0  # seconds a response may wait on a client's closed flow-control window
+CONNECT_REFUSED = RequestRefused("bad_request", "http2: CONNECT over HTTP/2 is not served; expected CONNECT "
+                                                 "on an HTTP/1.1 connection")
+
+Handler = Callable[[IncomingRequest], Awaitable[Answer]]
+RefusalHook = Callable[[Refusal], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """A whole response (:meth:`H2Incoming.respond`), sent once the handler returns it."""
+
+    status: int
+    headers: CIMultiDict[str] | dict[str, str]
+    body: bytes | None
+
+
+class H2Server:
+    """A listener's HTTP/2 side: the handler, its limits, its connections and requests in flight."""
+
+    def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None,
+                 once: bool = False) -> None:
+        self.handler, self.limits, self.on_refusal = handler, limits, on_refusal
+        self.once = once  # one answer, then the connection closes (see :func:`refusing`)
+        self.connections: set[H2Protocol] = set()
+        self.in_flight = 0
+
+    def __call__(self) -> H2Protocol:
+        return H2Protocol(self)
+
+    def refused(self, refusal: Refusal) -> None:
+        """A refusal made outside any exchange: reported to the listener (an event, the metrics)."""
+        if self.on_refusal is not None:
+            self.on_refusal(refusal)
+
+    async def serve(self, request: H2Incoming) -> Answer:
+        """The handler, with at most ``max_in_flight`` requests served at once on the listener."""
+        if request.method == "CONNECT":  # refused before any exchange: reported as a parse error is
+            self.refused(CONNECT_REFUSED)
+            return refusal_answer(request, CONNECT_REFUSED)
+        if self.in_flight >= self.limits.max_in_flight:
+            refusal = Refusal("overloaded", f"sidecar: {self.limits.max_in_flight} requests are in flight on "
+                                            "this listener; try again shortly", retry_after=1)
+            self.refused(refusal)
+            return refusal_answer(request, refusal)
+        self.in_flight += 1
+        try:
+            return await self.handler(request)
+        finally:
+            self.in_flight -= 1
+
+    def pre_shutdown(self) -> None:
+        """Draining: every connection is told (GOAWAY) to open no new stream; open ones finish."""
+        for connection in self.connections:
+            connection.go_away()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await asyncio.gather(*(c.drained(timeout) for c in list(self.connections)))
+
+
+class H2Protocol(H2Endpoint):
+    """One HTTP/2 connection: frames in, a task per request stream, frames out."""
+
+    def __init__(self, server: H2Server) -> None:
+        super().__init__(client_side=False)
+        self.server = server
+        self.streams: dict[int, H2Incoming] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        limits = self.server.limits
+        settings = h2.settings.SettingCodes
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            settings.MAX_CONCURRENT_STREAMS: min(MAX_STREAMS, limits.max_in_flight),
+            settings.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 2 + 1024})
+        self.h2.initiate_connection()
+        self.flush()
+        if self.server.once:
+            asyncio.get_running_loop().call_later(ONCE_GRACE, self.close)
+
+    def close(self) -> None:
+        """GOAWAY, then closed (what is buffered is sent first)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.go_away()
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._broken(exc)
+            return
+        for event in events:
+            self._on(event)
+        self.flush()
+
+    def _broken(self, exc: Exception) -> None:
+        """A frame that breaks HTTP/2: GOAWAY, reported as bad_request, the connection closed."""
+        self.server.refused(RequestRefused("bad_request", "http2: the client broke the HTTP/2 protocol "
+                                                          f"({type(exc).__name__}); expected RFC 9113 frames"))
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _on(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._request(event)
+        elif isinstance(event, h2.events.DataReceived):
+            self._data(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream.body.put_nowait(None)
+        elif isinstance(event, h2.events.StreamReset):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream.reset_by_peer()
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self.window.set()
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        if len(self.streams) >= MAX_STREAMS:
+            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = H2Incoming(self, stream_id, event.headers or [], ended=event.stream_ended is not None)
+        self.streams[stream_id] = stream
+        stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+
+    def _data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.body_taken is None:  # nobody reads it: its window goes back at once
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        stream.body.put_nowait((event.data or b"", event.flow_controlled_length))
+
+    async def _serve(self, stream: H2Incoming) -> None:
+        try:
+            try:
+                answer = await self.server.serve(stream)
+            except RecordedFailure:  # recorded by its exchange: answered internal_error, or reset
+                answer = None
+            await stream.deliver(answer)
+        except asyncio.CancelledError:  # reset by the client, the connection gone, or cut (a revocation)
+            stream.abort()
+            raise
+        except ConnectionError:  # the client went while its answer was sent: this stream alone ends
+            stream.abort()
+        finally:
+            self.streams.pop(stream.stream_id, None)
+            self.flush()
+            if self.server.once:
+                self.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+        self.resume_writing()
+        self.window.set()
+        for stream in list(self.streams.values()):
+            stream.reset_by_peer()
+
+    def go_away(self) -> None:
+        self.h2.close_connection()
+        self.flush()
+
+    async def respond_data(self, stream_id: int, data: bytes) -> None:
+        """Response bytes; ``ConnectionError`` (the relay's "client gone") also for a window closed too long."""
+        try:
+            await self.send_data(stream_id, data, WINDOW_STALL)
+        except TimeoutError:
+            raise ConnectionResetError("http2: the client kept its window closed") from None
+
+    async def drained(self, timeout: float | None) -> None:
+        """Once its open streams have finished (or ``timeout``), the connection closes."""
+        tasks = [s.task for s in self.streams.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class H2Incoming:
+    """One request stream as the pipeline sees it (:class:`~sidecar.http.incoming.IncomingRequest`).
+
+    ``:path`` is the target and ``:authority`` the Host (``h2`` refuses a request whose ``host`` names
+    another, RFC 9113 §8.3.1), so that what routing and policy read is what is forwarded. Cookies
+    split across fields are joined again (§8.2.3)."""
+
+    unframed_body = False  # True when a body follows whose length was not declared (no content-length)
+
+    def __init__(self, connection: H2Protocol, stream_id: int, block: list[tuple[bytes, bytes]], *,
+                 ended: bool) -> None:
+        self.conn, self.stream_id = connection, stream_id
+        self.task: asyncio.Task[None] | None = None
+        self.body: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        self.body_taken: bool | None = False if not ended else None
+        self.started = self.closed = False
+        pseudo, fields = split_block(block)
+        self.method = pseudo.get(":method", "")
+        self.target = pseudo.get(":path", "")
+        self.headers = CIMultiDictProxy(request_headers(pseudo, fields))
+        self._raw = tuple((n, v) for n, v in block if not n.startswith(b":"))
+        length = self.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.unframed_body = not ended and self.content_length is None
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return self._raw
+
+    @property
+    def remote(self) -> str | None:
+        transport = self.conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    @property
+    def connection(self) -> object:
+        return self.conn.transport
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """DATA frames as they come; each one's window is given back once it has been read."""
+        if self.body_taken is None:
+            return
+        self.body_taken = True
+        while (item := await self.body.get()) is not None:
+            data, counted = item
+            if not self.closed:
+                self.conn.h2.acknowledge_received_data(counted, self.stream_id)
+                self.conn.flush()
+            if data:
+                yield data
+
+    async def send_continue(self) -> None:
+        """``100`` to a client that waits for it (``expect: 100-continue``) before its body."""
+        if self.headers.get("Expect", "").lower() == "100-continue" and not self.closed:
+            self.conn.h2.send_headers(self.stream_id, [(b":status", b"100")])
+            self.conn.flush()
+
+    def respond(self, status: int, reason: str | None, headers: CIMultiDict[str] | dict[str, str],
+                body: bytes | None) -> Answer:
+        return Whole(status, headers, body)
+
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> ResponseStream:
+        """The head now; a gRPC trailers-only head (its ``grpc-status`` in it) ends the stream as it was."""
+        stream = H2ResponseStream(self)
+        if self.closed:
+            raise ClientGone(stream)
+        self.started = True
+        only = "grpc-status" in headers
+        self.conn.h2.send_headers(self.stream_id, encode_headers(headers, status=str(status)), end_stream=only)
+        self.conn.flush()
+        if only:
+            self.closed = stream.ended = True
+        return stream
+
+    async def accept_websocket(self, protocol: str | None) -> Any:
+        raise RequestRefused("bad_request", "http2: WebSocket over HTTP/2 is not served; expected an HTTP/1.1 "
+                                            "upgrade")
+
+    def abort(self) -> None:
+        """RST_STREAM: this stream alone is broken off, never ended as if whole."""
+        if not self.closed:
+            self.closed = True
+            self.conn.h2.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            self.conn.flush()
+
+    def answer_of(self, stream: ResponseStream) -> Answer:
+        return stream
+
+    async def finish(self, stream: ResponseStream, trailers: CIMultiDictProxy[str]) -> None:
+        await cast(H2ResponseStream, stream).write_eof(trailers)
+
+    def reset_by_peer(self) -> None:
+        """The client reset the stream (or the connection went): its exchange is cut."""
+        self.closed = True
+        self.body.put_nowait(None)
+        if self.task is not None:
+            self.task.cancel()
+
+    async def deliver(self, answer: Answer | None) -> None:
+        """Send a whole answer; a streamed one the relay did not end is reset. None: the handler
+        failed, answered ``internal_error`` if nothing was sent yet, else reset."""
+        if answer is None and not self.started:
+            answer = refusal_answer(self, Refusal("internal_error", "sidecar: internal error"))
+        if isinstance(answer, Whole):
+            await self._send_whole(answer)
+        elif not (isinstance(answer, H2ResponseStream) and answer.ended):
+            self.abort()
+
+    async def _send_whole(self, answer: Whole) -> None:
+        """Head and body; an empty body is the head's END_STREAM (gRPC reads that as trailers-only)."""
+        if self.closed:
+            return
+        body = answer.body or b""
+        headers = CIMultiDict(answer.headers)
+        if body:
+            headers["content-length"] = str(len(body))
+        self.conn.h2.send_headers(self.stream_id, encode_headers(headers, status=str(answer.status)),
+                                end_stream=not body)
+        self.started = True
+        self.closed = not body
+        if body:
+            await self.conn.respond_data(self.stream_id, body)
+            self.end()
+        self.conn.flush()
+
+    def end(self, trailers: CIMultiDictProxy[str] | None = None) -> None:
+        if self.closed:
+            raise ConnectionError("http2: the stream is gone")
+        self.closed = True
+        if trailers:
+            self.conn.h2.send_headers(self.stream_id, encode_headers(trailers), end_stream=True)
+        else:
+            self.conn.h2.end_stream(self.stream_id)
+        self.conn.flush()
+
+
+class H2ResponseStream:
+    """A streamed response's body (:class:`~sidecar.http.incoming.ResponseStream`), then trailers."""
+
+    def __init__(self, request: H2Incoming) -> None:
+        self.request = request
+        self.ended = False
+
+    async def write(self, data: bytes) -> None:
+        if self.request.closed:
+            raise ConnectionError("http2: the stream is gone")
+        await self.request.conn.respond_data(self.request.stream_id, data)
+
+    async def write_eof(self, trailers: CIMultiDictProxy[str] | None = None) -> None:
+        if not self.ended:  # a trailers-only head ended it already
+            self.request.end(trailers)
+            self.ended = True
+
+
+def split_block(block: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Pseudo-headers and fields, decoded as aiohttp decodes HTTP/1.1 (UTF-8, raw bytes kept)."""
+    pseudo: dict[str, str] = {}
+    fields: list[tuple[str, str]] = []
+    for name, value in block:
+        text = value.decode("utf-8", "surrogateescape")
+        if name.startswith(b":"):
+            pseudo[name.decode("ascii")] = text
+        else:
+            fields.append((name.decode("latin-1"), text))
+    return pseudo, fields
+
+
+def request_headers(pseudo: dict[str, str], fields: list[tuple[str, str]]) -> CIMultiDict[str]:
+    """The fields as HTTP/1.1 would carry them: ``Host`` from ``:authority``, one ``Cookie``."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    cookies = [value for name, value in fields if name == "cookie"]
+    authority = pseudo.get(":authority")
+    for name, value in fields:
+        if name not in ("cookie", "host"):
+            headers.add(name, value)
+    host = authority if authority is not None else next((v for n, v in fields if n == "host"), None)
+    if host is not None:
+        headers["Host"] = host
+    if cookies:
+        headers["Cookie"] = "; ".join(cookies)
+    return headers
+
+
+def refusing(refusal: Refusal) -> H2Protocol:
+    """An HTTP/2 connection whose first stream is answered with ``refusal``, which then closes: a caller
+    refused at the TLS handshake that chose ``h2`` reads the same JSON refusal as on HTTP/1.1."""
+    async def refuse(request: IncomingRequest) -> Answer:
+        return refusal_answer(request, refusal)
+
+    return H2Protocol(H2Server(refuse, limits=Limits(), once=True))

@@ -1,0 +1,89 @@
+"""What both ends of an HTTP/2 connection share: the ``h2`` state machine and its configuration,
+flow-controlled sends, the header list's encoding. ``server.py`` (the listeners) and
+``sidecar.forward.http2`` (the upstreams) subclass :class:`H2Endpoint`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.exceptions
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9113 §8.2.2: connection-specific fields are never sent on HTTP/2 (TE only as "trailers"); Host is :authority
+CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+                                "te", "host"})
+
+
+def encode_headers(headers: CIMultiDict[str] | dict[str, str] | CIMultiDictProxy[str],
+                   **pseudo: str) -> list[tuple[bytes, bytes]]:
+    """An HTTP/2 header list: pseudo-headers first, names lowercased, connection-specific ones left out."""
+    block = [(b":" + name.encode(), value.encode()) for name, value in pseudo.items()]
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in CONNECTION_HEADERS:
+            block.append((lower.encode("ascii"), value.encode("utf-8", "surrogateescape")))
+    return block
+
+
+def h2_config(client_side: bool) -> h2.config.H2Configuration:
+    """Bytes in and out (no decoding guesses), every header validated and normalized by ``h2``."""
+    return h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                     validate_inbound_headers=True, normalize_inbound_headers=True)
+
+
+class H2Endpoint(asyncio.Protocol):
+    """One HTTP/2 connection's frames, either side: what ``h2`` has to send goes out at :meth:`flush`."""
+
+    def __init__(self, *, client_side: bool) -> None:
+        self.h2 = h2.connection.H2Connection(config=h2_config(client_side=client_side))
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Any] = {}
+        self.window = asyncio.Event()  # set whenever the peer may have opened a window (or changed settings)
+        self._writable: asyncio.Future[None] | None = None
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    def is_open(self, stream_id: int) -> bool:
+        return self.transport is not None and stream_id in self.streams
+
+    async def send_data(self, stream_id: int, data: bytes, stall: float) -> None:
+        """``data`` as the peer's windows allow, minding the socket's buffer. ``TimeoutError``: the peer
+        kept its window closed for ``stall``; ``ConnectionResetError``: the stream or connection is gone."""
+        view = memoryview(data)
+        try:
+            while view:
+                async with asyncio.timeout(stall):
+                    size = await self._room(stream_id, len(view))
+                self.h2.send_data(stream_id, view[:size].tobytes())
+                view = view[size:]
+                self.flush()
+                if self._writable is not None:
+                    await self._writable
+        except h2.exceptions.ProtocolError:
+            raise ConnectionResetError("http2: the stream is gone") from None
+
+    async def _room(self, stream_id: int, wanted: int) -> int:
+        """How much of ``wanted`` the windows let us send now, waiting while they are closed."""
+        while True:
+            if not self.is_open(stream_id):
+                raise ConnectionResetError("http2: the stream is gone")
+            room = self.h2.local_flow_control_window(stream_id)
+            if room > 0:
+                return min(wanted, room, self.h2.max_outbound_frame_size)
+            self.window.clear()
+            await self.window.wait()

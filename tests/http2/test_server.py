@@ -1,0 +1,156 @@
+"""HTTP/2 on the listeners (issue 17 item 1): h2c with prior knowledge on the outbound listener,
+each stream one exchange through the same pipeline as HTTP/1.1, refusals per stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.scenarios.outbound import POLICY, SECRET, config_for
+
+
+async def raw_h2(port: int, requests: list[list[tuple[str, str]]]) -> tuple[list[tuple[int, bytes]], int | None]:
+    """Send header blocks as written (h2, the python-hyper client state machine), one stream each;
+    return each stream's status and body, and the GOAWAY error code if the sidecar closed the connection."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
+                                                                normalize_outbound_headers=False))
+    conn.initiate_connection()
+    ids = []
+    for block in requests:
+        ids.append(conn.get_next_available_stream_id())
+        conn.send_headers(ids[-1], block, end_stream=True)
+    writer.write(conn.data_to_send())
+    status: dict[int, int] = {}
+    bodies: dict[int, bytes] = {i: b"" for i in ids}
+    ended: set[int] = set()
+    goaway = None
+    async with asyncio.timeout(10):
+        while len(ended) < len(ids) and (data := await reader.read(65536)):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended.add(event.stream_id)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    goaway = event.error_code
+            writer.write(conn.data_to_send())
+    writer.close()
+    return [(status.get(i, 0), bodies[i]) for i in ids], goaway
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec("curl", "-sS", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_curl_with_prior_knowledge_is_routed_policed_and_credentialed(make_sidecar, upstream):
+    """curl --http2-prior-knowledge to the outbound listener: the upstream is reached over HTTP/1.1
+    with the credential attached, and the stream is one allowed event."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    code, out, err = await curl("--http2-prior-knowledge", "-i", f"{h.outbound}/billing/v1/invoices?x=1")
+    assert code == 0, err
+    assert out.startswith("HTTP/2 200"), out
+    seen = upstream.seen[-1]
+    assert seen.path == "/api/v1/invoices?x=1" and seen.header("X-API-Key") == SECRET
+    event = (await h.settle())[-1]
+    assert event["decision"] == "allow" and event["rule_id"] == "read-invoices" and event["outcome"] == "completed"
+
+
+async def test_streams_on_one_connection_are_separate_exchanges(make_sidecar, upstream):
+    """Several streams on one h2c connection, at once: each is its own exchange; a denied one is refused
+    alone (403, its own event) and the others are served."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    async with httpx.AsyncClient(http1=False, http2=True) as client:
+        paths = ["/billing/v1/a", "/billing/v1/admin/x", "/billing/v1/b", "/billing/v1/c"]
+        answers = await asyncio.gather(*(client.get(f"{h.outbound}{p}") for p in paths))
+    assert {r.http_version for r in answers} == {"HTTP/2"}
+    assert [r.status_code for r in answers] == [200, 403, 200, 200]
+    assert answers[1].json()["error"] == "rule_denied"
+    events = sorted(await h.settle(), key=lambda e: e["target"]["path"])
+    assert [(e["target"]["path"], e["decision"]) for e in events] == [
+        ("/v1/a", "allow"), ("/v1/admin/x", "deny"), ("/v1/b", "allow"), ("/v1/c", "allow")]
+
+
+async def test_a_request_body_streams_through_and_a_large_response_honours_flow_control(make_sidecar):
+    """A 300 KB upload without content-length reaches the upstream whole; a 1 MB response (well past
+    the initial 64 KB window) reaches the client whole."""
+    from aiohttp import web
+
+    from tests.harness import Upstream
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(body=body * 4)
+
+    upstream = await Upstream(echo).start()
+    try:
+        h = await make_sidecar(config_for(upstream), POLICY)
+
+        async def body():
+            for _ in range(30):
+                yield b"x" * 10_000
+
+        async with httpx.AsyncClient(http1=False, http2=True) as client:
+            response = await client.post(f"{h.outbound}/billing/v1/upload", content=body())
+        assert (response.http_version, response.status_code) == ("HTTP/2", 200)
+        assert response.content == b"x" * 1_200_000
+    finally:
+        await upstream.stop()
+
+
+async def test_limits_refuse_one_stream_with_the_listeners_reason_codes(make_sidecar, upstream):
+    """Too many headers: 431 headers_too_large; a body past the limit: 413 body_too_large; the next
+    stream on the same connection is served."""
+    config = config_for(upstream)
+    config["outbound"]["limits"] = {"max_headers": 10, "max_body_bytes": 1000}
+    h = await make_sidecar(config, POLICY)
+    async with httpx.AsyncClient(http1=False, http2=True) as client:
+        many = await client.get(f"{h.outbound}/billing/v1/a", headers={f"x-h{i}": "v" for i in range(20)})
+        large = await client.post(f"{h.outbound}/billing/v1/a", content=b"y" * 5000)
+        fine = await client.get(f"{h.outbound}/billing/v1/a")
+    assert (many.status_code, many.json()["error"]) == (431, "headers_too_large")
+    assert (large.status_code, large.json()["error"]) == (413, "body_too_large")
+    assert fine.status_code == 200
+    assert [e["reason"] for e in await h.settle()] == ["headers_too_large", "body_too_large", "allowed"]
+
+
+async def test_a_host_header_naming_another_authority_ends_the_connection(make_sidecar, upstream):
+    """:authority and host disagree (RFC 9113 §8.3.1, enforced by h2 as a connection error): GOAWAY
+    PROTOCOL_ERROR, one bad_request event, nothing forwarded."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    authority = f"127.0.0.1:{h.port('outbound')}"
+    answers, goaway = await raw_h2(h.port("outbound"), [[
+        (":method", "GET"), (":scheme", "http"), (":authority", authority), (":path", "/billing/v1/a"),
+        ("host", "billing.internal")]])
+    assert answers == [(0, b"")] and goaway == 1  # PROTOCOL_ERROR
+    assert upstream.seen == []
+    assert (await h.settle())[-1]["reason"] == "bad_request"
+
+
+async def test_cookies_split_across_fields_are_joined_once(make_sidecar, upstream):
+    """HTTP/2 may split a cookie into fields (RFC 9113 §8.2.3); the upstream gets one Cookie header."""
+    h = await make_sidecar(config_for(upstream, pass_headers=["cookie"]), POLICY)  # stripped otherwise
+    authority = f"127.0.0.1:{h.port('outbound')}"
+    answers, _ = await raw_h2(h.port("outbound"), [[
+        (":method", "GET"), (":scheme", "http"), (":authority", authority), (":path", "/billing/v1/a"),
+        ("cookie", "a=1"), ("cookie", "b=2")]])
+    assert answers[0][0] == 200
+    assert upstream.seen[-1].header("Cookie") == "a=1; b=2"
+
+
+async def test_http11_on_the_same_listener_is_unchanged(make_sidecar, upstream):
+    """A client that sends HTTP/1.1 (no preface) is served by the HTTP/1.1 server as ever."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    code, out, err = await curl("-i", f"{h.outbound}/billing/v1/invoices")
+    assert code == 0 and out.startswith("HTTP/1.1 200"), err + out
