@@ -249,7 +249,8 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     credential = f.text("credential")
     if credential and credential not in credentials:
         f.error("credential", f"credential {credential!r} is not defined under credentials")
-    protocol = f.choice("protocol", ("http", "mcp"), "http")
+    protocol = f.choice("protocol", ("http", "mcp", "grpc"), "http")
+    http2 = _http2(f, protocol)
     p = f.sub("paths")
     paths = PathOptions(p.flag("allow_encoded_slash", False), p.flag("merge_slashes", True))
     p.done()
@@ -267,7 +268,15 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     port = parts.port or DEFAULT_PORTS[parts.scheme]
     host = (parts.hostname or "").lower().rstrip(".")
     return Upstream(name, url, parts.scheme, host, port, parts.path.rstrip("/"), hosts, ca, client_cert,
-                    credential, protocol, paths, pass_headers, up_timeouts, allow_trace)
+                    credential, protocol, paths, pass_headers, up_timeouts, allow_trace, http2)
+
+
+def _http2(f: Fields, protocol: str) -> bool:
+    """``http2: true | false``: HTTP/2 (h2 by ALPN over TLS, h2c on http://); a gRPC upstream always is."""
+    http2 = f.bool("http2", protocol == "grpc")
+    if protocol == "grpc" and not http2:
+        f.error("http2", "a grpc upstream speaks HTTP/2: expected true (or no http2 key)")
+    return http2
 
 
 def _pass_headers(f: Fields) -> frozenset[str]:

@@ -45,11 +45,12 @@ class Upstream:
     ca: Path | None
     client_cert: str | None  # "svid" or None
     credential: str | None
-    protocol: str  # http | mcp
+    protocol: str  # http | mcp | grpc
     paths: PathOptions
     pass_headers: frozenset[str]
     timeouts: Timeouts
     allow_trace: bool = False  # TRACE/TRACK forwarded (never with a credential); refused otherwise
+    http2: bool = False  # HTTP/2 upstream: h2 by ALPN over TLS, h2c with prior knowledge on http://
     host_header: str = field(init=False)  # the Host sent upstream, formatted once here, not per request
 
     def __post_init__(self) -> None:

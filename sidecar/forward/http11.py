@@ -229,6 +229,7 @@ class UpstreamResponse:
     """The upstream's response head, its body as a stream, and the connection it came on."""
 
     __slots__ = ("status", "reason", "headers", "content", "_pool", "_proto", "_upload", "_early")
+    trailers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # a chunked body's trailers are not kept
 
     def __init__(self, pool: ConnectionPool, proto: Connection, message: object, payload: object,
                  upload: asyncio.Task[None] | None) -> None:

@@ -157,7 +157,7 @@ async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, he
             if data:
                 await stream.write(data)
             if final:
-                await stream.write_eof()
+                await request.finish(stream, upstream.trailers)
                 return answer
         except ConnectionError:
             raise ClientGone(answer) from None

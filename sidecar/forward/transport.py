@@ -1,8 +1,8 @@
 """The seam between the pipeline and a wire protocol, and the one place transport errors become refusals.
 
 A :class:`Transport` sends one request upstream and returns an :class:`UpstreamResponse`: its head,
-with the body still to be read. ``sidecar.forward.http11.ConnectionPool`` is today's (kept-alive
-HTTP/1.1 connections per upstream); an HTTP/2 client is a sibling behind the same two types.
+with the body still to be read. ``sidecar.forward.http11.ConnectionPool`` is HTTP/1.1's (kept-alive
+connections per upstream); ``sidecar.forward.http2.H2Pool`` is its HTTP/2 sibling behind the same two types.
 
 :func:`open_upstream` is the pipeline's only way to send, and maps whatever a transport raises to
 one refusal: ``body_too_large``, ``request_timeout``, ``upstream_timeout``,
@@ -36,6 +36,7 @@ class UpstreamResponse(Protocol):
     status: int
     reason: str
     headers: CIMultiDictProxy[str]
+    trailers: CIMultiDictProxy[str]  # complete once the body has been read to its end (HTTP/1.1: none)
 
     @property
     def content_length(self) -> int | None: ...
