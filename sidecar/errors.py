@@ -95,6 +95,23 @@ RPC_ERROR_CODE: dict[str, int] = {
 }
 
 
+# gRPC refusals are gRPC statuses (HTTP 200, grpc-status, grpc-message the refusal's message), so that a
+# gRPC client sees why: https://grpc.github.io/grpc/core/md_doc_statuscodes.html. Any other reason: UNKNOWN.
+GRPC_UNKNOWN = 2
+GRPC_STATUS: dict[str, int] = {
+    **dict.fromkeys(("bad_request", "request_override", "credential_parameter", "method_not_allowed"), 3),
+    "approval_timeout": 4,  # DEADLINE_EXCEEDED: held for an approval that did not come in time
+    **dict.fromkeys(("upstream_timeout", "request_timeout"), 4),
+    **dict.fromkeys(("not_found", "unknown_session"), 5),  # NOT_FOUND
+    **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error", "approval_denied", "unknown_upstream",
+                     "browser_origin", "host_mismatch", "foreign_trust_domain", "unknown_task", "task_ended",
+                     "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
+    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large"), 8),  # RESOURCE_EXHAUSTED
+    **dict.fromkeys(("upstream_protocol_error", "internal_error"), 13),  # INTERNAL
+    **dict.fromkeys(("upstream_unreachable", "credential_unavailable", "log_unavailable"), 14),  # UNAVAILABLE
+    **dict.fromkeys(("no_client_cert", "peer_unverified", "token_invalid", "unauthorized"), 16),  # UNAUTHENTICATED
+}
+
 def status_for(reason: str) -> int:
     """The HTTP status of a reason code; an unknown code is an internal error."""
     return STATUS.get(reason, 500)

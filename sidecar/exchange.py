@@ -23,7 +23,7 @@ from sidecar.observe.decision_log import CLOCK
 if TYPE_CHECKING:
     from sidecar.policy.mcp import RpcRef
 
-EVENT_VERSION = 2  # 2: agent metadata; target.scheme, query, size (replay re-decides from them)
+EVENT_VERSION = 3  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC fields
 
 
 def new_id() -> str:
@@ -77,6 +77,9 @@ class Exchange:
     path: str | None = None
     mcp_method: str | None = None
     mcp_tool: str | None = None
+    grpc_service: str | None = None  # a gRPC call's (protocol grpc): from its :path
+    grpc_method: str | None = None
+    grpc_status: int | None = None  # the call's grpc-status: the upstream's trailers, or our refusal's
     override: dict[str, str | None] | None = None  # a passed method/URL override: the other reading decided
     copy_source: str | None = None  # the object an S3 copy reads (x-amz-copy-source), canonical
     credential: Credential | None = None
@@ -143,6 +146,7 @@ class Exchange:
             "outcome": self.outcome,
             "status": self.status,
             "upstream_status": self.upstream_status,
+            "grpc_status": self.grpc_status,
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
             "trace_id": self.trace_id,
         }
@@ -153,6 +157,7 @@ class Exchange:
         facts = self.facts
         return {"upstream": self.upstream, "method": self.method, "host": self.host or (facts and facts.host) or None,
                 "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool,
+                "grpc_service": self.grpc_service, "grpc_method": self.grpc_method,
                 "override": self.override, "copy_source": self.copy_source,
                 "scheme": facts.scheme if facts else None, "query": facts.query if facts else None,
                 "size": facts.size if facts else None}

@@ -24,6 +24,7 @@ from sidecar.config_model import Config
 from sidecar.errors import ConfigError, ConfigInvalid, Refusal
 from sidecar.exchange import AgentInfo
 from sidecar.forward.body import is_form_type
+from sidecar.grpc import call_of
 from sidecar.http.headers import DropSet, clean_request_headers, echo_method, inbound_drop_set, request_drop_set
 from sidecar.policy.engine import Decision, PolicySet
 from sidecar.policy.facts import Agent, Facts, build_facts
@@ -142,6 +143,8 @@ class _Target(NamedTuple):
     shown: dict[str, Any]
     mcp_method: str | None = None
     mcp_tool: str | None = None
+    grpc_service: str | None = None  # a call to a protocol grpc upstream: from its path
+    grpc_method: str | None = None
 
 
 def _forwarded(d: Described, headers: CIMultiDict[str], drop: DropSet, query: str, passed: frozenset[str],
@@ -183,8 +186,9 @@ def _outbound(d: Described, config: Config, router: Router, headers: CIMultiDict
     mcp_method, mcp_tool = (mcp.method, mcp.tool) if mcp else (transport, None)
     shown = dict(upstream=up.name, path=route.path, forwarded_path=route.forward_path, mcp_method=mcp_method,
                  mcp_tool=mcp_tool, override=reading.event())
+    service, rpc = call_of(route.path) if up.protocol == "grpc" else (None, None)
     return _Target(up.scheme, up.host, route.path, route.query, up.name, forwarded, reading, shown, mcp_method,
-                   mcp_tool)
+                   mcp_tool, service, rpc)
 
 
 def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict[str, Any], Reading]:
@@ -199,8 +203,8 @@ def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict
         headers=t.forwarded, size=len(d.body) if d.size == -1 else d.size, upstream=t.upstream,
         agent=agent, caller_id=d.caller if inbound else None, principal=d.principal,
         delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
-        task_trigger=d.task_trigger, mcp_method=t.mcp_method, mcp_tool=t.mcp_tool,
-        now=d.at or datetime.now(timezone.utc))
+        task_trigger=d.task_trigger, mcp_method=t.mcp_method, mcp_tool=t.mcp_tool, grpc_service=t.grpc_service,
+        grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc))
     return facts, t.shown, t.reading
 
 

@@ -37,6 +37,7 @@ from sidecar.forward.body import RequestBody
 from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
+from sidecar.grpc import grpc_refusal, grpc_status, note_call
 from sidecar.http.headers import VIA, clean_request_headers, echo_method
 from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
 from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
@@ -109,7 +110,7 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
-        answer = rpc_refusal(request, ex, refusal) if ex.protocol == "mcp" else None  # the MCP session goes on
+        answer = rpc_refusal(request, ex, refusal) if ex.protocol == "mcp" else grpc_refusal(request, ex, refusal)
         return answer or refusal_answer(request, refusal)
     except asyncio.CancelledError:
         mark_cut(ex)
@@ -177,6 +178,8 @@ class Outbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
+        if up.protocol == "grpc":
+            note_call(ex, route.path)
         body = RequestBody(request, rt.config.outbound.limits, up.timeouts.idle)
         if up.protocol == "mcp":
             await self._mcp(request, ex, route, task, body)
@@ -254,7 +257,7 @@ class Outbound:
                            size=size, upstream=route.upstream.name, agent=self.rt.agent, principal=ex.principal,
                            delegation=ex.delegation,
                            task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
-                           mcp_tool=ex.mcp_tool)
+                           mcp_tool=ex.mcp_tool, grpc_service=ex.grpc_service, grpc_method=ex.grpc_method)
 
     async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
                           task: Task | None) -> Credential | None:
@@ -305,7 +308,10 @@ class Outbound:
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        return await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream))
+        answer = await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream))
+        if ex.protocol == "grpc":
+            ex.grpc_status = grpc_status(upstream)
+        return answer
 
     def _response_filter(self, ex: Exchange, upstream: UpstreamResponse) -> ChunkFilter | None:
         """``tools/list`` answers keep only the tools policy lets the agent call (every page)."""

@@ -33,7 +33,7 @@ from sidecar.policy.engine import PolicySet
 from sidecar.policy.readings import NONE, Reading
 from sidecar.routing import Router
 
-SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSIONS = (1, 2, 3)
 EXAMPLES = 3
 # the policy effect behind a logged reason (rule_id set); any other reason came after an allow
 LOGGED_EFFECT = {

@@ -36,8 +36,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "principal": ("iss", "sub"),
     "task": ("id", "trigger"),
     "mcp": ("method", "tool"),
+    "grpc": ("service", "method"),
 }
-VARIABLES: tuple[str, ...] = ("request", "agent", "caller", "principal", "delegation", "task", "mcp", "now",
+VARIABLES: tuple[str, ...] = ("request", "agent", "caller", "principal", "delegation", "task", "mcp", "grpc", "now",
                               "trust_levels")
 FUNCTIONS = frozenset({
     "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bytes",
@@ -156,6 +157,7 @@ _PRESENT: dict[str, Callable[[Facts], bool]] = {
     "principal": lambda f: f.principal is not None,
     "task": lambda f: f.task_id is not None,
     "mcp": lambda f: f.mcp_method is not None,
+    "grpc": lambda f: f.grpc_method is not None,
 }
 _ABSENT = ("", "")  # never read: principal is null, not built, without one (_PRESENT)
 _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
@@ -169,6 +171,7 @@ _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "principal": {"iss": lambda f: (f.principal or _ABSENT)[0], "sub": lambda f: (f.principal or _ABSENT)[1]},
     "task": {"id": lambda f: f.task_id, "trigger": lambda f: f.task_trigger},
     "mcp": {"method": lambda f: f.mcp_method, "tool": lambda f: f.mcp_tool},
+    "grpc": {"service": lambda f: f.grpc_service, "method": lambda f: f.grpc_method},
 }
 
 

@@ -57,6 +57,8 @@ class Facts:
     task_trigger: str | None = None
     mcp_method: str | None = None
     mcp_tool: str | None = None
+    grpc_service: str | None = None  # a gRPC call's, from its :path (upstream protocol grpc)
+    grpc_method: str | None = None
     now: datetime | None = None  # aware UTC; the engine uses its clock when None
 
 
@@ -64,10 +66,12 @@ def build_facts(*, direction: str, method: str, scheme: str, host: str, path: st
                 headers: Mapping[str, str], size: int | None, upstream: str | None, agent: Agent,
                 caller_id: str | None = None, principal: tuple[str, str] | None = None, delegation: str = "none",
                 task_id: str | None = None, task_trigger: str | None = None, mcp_method: str | None = None,
-                mcp_tool: str | None = None, now: datetime | None = None) -> Facts:
+                mcp_tool: str | None = None, grpc_service: str | None = None, grpc_method: str | None = None,
+                now: datetime | None = None) -> Facts:
     """The facts of one request; ``headers`` are the ones that will be forwarded (a multidict), nothing else."""
     return Facts(direction, method, scheme, host, path, query, LazyHeaders(headers), size, upstream, agent,
-                 caller_id, principal, delegation, task_id, task_trigger, mcp_method, mcp_tool, now)
+                 caller_id, principal, delegation, task_id, task_trigger, mcp_method, mcp_tool, grpc_service,
+                 grpc_method, now)
 
 
 class LazyHeaders(Mapping[str, tuple[str, ...]]):

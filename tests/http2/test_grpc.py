@@ -1,0 +1,180 @@
+"""gRPC through the outbound listener (issue 17 item 4): a real ``grpcio`` client on h2c prior
+knowledge, a real ``grpcio`` server upstream (h2c), policy on ``grpc.method``, refusals as gRPC
+statuses, one event per call.
+
+The stubs are ``grpc``'s generic handlers and raw-bytes calls (no .proto build step); the
+route-prefix path (``/greeter/helloworld.Greeter/SayHello``) names the upstream as for HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from sidecar.errors import GRPC_STATUS, STATUS
+from tests.core.test_outbound import SECRET
+from tests.observe.test_evidence import VALIDATOR
+
+SERVICE = "helloworld.Greeter"
+POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "greet", "direction": "outbound", "upstream": "greeter", "methods": ["POST"],
+     "when": {"expr": 'grpc.service == "helloworld.Greeter" && grpc.method in ["SayHello", "SayMany"]'},
+     "effect": "allow"},
+    {"id": "no-admin", "direction": "outbound", "upstream": "greeter", "when": {"expr": 'grpc.method == "Admin"'},
+     "effect": "deny"},
+]}
+
+
+class Greeter:
+    """A grpcio server (its own threads, h2c) that records the metadata each call arrived with."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            "SayHello": grpc.unary_unary_rpc_method_handler(self.say_hello),
+            "SayMany": grpc.unary_stream_rpc_method_handler(self.say_many),
+            "Admin": grpc.unary_unary_rpc_method_handler(self.say_hello),
+            "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+        }),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _seen(self, context: grpc.ServicerContext) -> None:
+        self.metadata.append({k: v for k, v in context.invocation_metadata()})
+
+    def say_hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._seen(context)
+        return b"hello " + request
+
+    def say_many(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._seen(context)
+        for i in range(3):
+            yield b"%d %s" % (i, request)
+
+    def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
+        raise AssertionError("unreachable")
+
+
+@pytest.fixture
+async def greeter() -> AsyncIterator[Greeter]:
+    server = Greeter()
+    yield server
+    server.server.stop(0)
+
+
+def grpc_config(greeter: Greeter) -> dict[str, Any]:
+    return {
+        "agent": {"name": "billing-agent", "environment": "test"},
+        "outbound": {"upstreams": {"greeter": {"url": f"http://127.0.0.1:{greeter.port}", "protocol": "grpc",
+                                               "credential": "legacy"}}},
+        "credentials": {"legacy": {"type": "static", "header": "X-API-Key", "value": {"value": SECRET}}},
+    }
+
+
+def call(port: int, method: str, request: bytes, *, stream: bool = False) -> Any:
+    """One call on a fresh channel to the sidecar's outbound listener (h2c), in a worker thread."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        path = f"/greeter/{SERVICE}/{method}"
+        if stream:
+            return list(channel.unary_stream(path)(request, timeout=10))
+        return channel.unary_unary(path)(request, timeout=10)
+
+
+async def rpc_error(port: int, method: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(call, port, method, b"agent")
+    return caught.value
+
+
+async def test_unary_and_server_streaming_calls_are_allowed_by_a_rule_on_grpc_method(make_sidecar, greeter):
+    """A unary and a server-streaming call reach the grpcio server with the credential attached and
+    come back whole; each is one allowed event naming the service, the method and grpc-status 0."""
+    h = await make_sidecar(grpc_config(greeter), POLICY)
+    port = h.port("outbound")
+    assert await asyncio.to_thread(call, port, "SayHello", b"agent") == b"hello agent"
+    assert await asyncio.to_thread(call, port, "SayMany", b"agent", stream=True) == [b"0 agent", b"1 agent",
+                                                                                    b"2 agent"]
+    assert all(seen["x-api-key"] == SECRET for seen in greeter.metadata)
+    events = await h.settle()
+    assert [(e["target"]["grpc_method"], e["decision"], e["rule_id"], e["grpc_status"], e["outcome"])
+            for e in events] == [("SayHello", "allow", "greet", 0, "completed"),
+                                 ("SayMany", "allow", "greet", 0, "completed")]
+    assert {e["protocol"] for e in events} == {"grpc"}
+    assert {e["target"]["grpc_service"] for e in events} == {SERVICE}
+    for event in events:
+        VALIDATOR.validate(event)
+
+
+async def test_a_denied_method_is_permission_denied_with_the_rule_in_its_message(make_sidecar, greeter):
+    """The client sees PERMISSION_DENIED and the policy's message; nothing reaches the server; one event."""
+    h = await make_sidecar(grpc_config(greeter), POLICY)
+    error = await rpc_error(h.port("outbound"), "Admin")
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "policy: denied by rule no-admin"
+    assert greeter.metadata == []
+    (event,) = await h.settle()
+    assert (event["decision"], event["reason"], event["rule_id"], event["grpc_status"]) == \
+        ("deny", "rule_denied", "no-admin", 7)
+    assert event["target"]["grpc_method"] == "Admin" and event["status"] == 200
+    VALIDATOR.validate(event)
+
+
+async def test_a_method_no_rule_allows_is_refused_by_default_deny(make_sidecar, greeter):
+    """No rule names it: PERMISSION_DENIED, saying the default deny decided."""
+    h = await make_sidecar(grpc_config(greeter), POLICY)
+    error = await rpc_error(h.port("outbound"), "Fail")
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "default deny" in error.details()
+    assert (await h.settle())[-1]["reason"] == "no_matching_rule"
+
+
+async def test_the_upstreams_own_status_and_message_reach_the_client(make_sidecar, greeter):
+    """An allowed call the server fails: its grpc-status and grpc-message are relayed (a trailers-only
+    answer) and recorded."""
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "all", "direction": "outbound", "upstream": "greeter", "effect": "allow"}]}
+    h = await make_sidecar(grpc_config(greeter), policy)
+    error = await rpc_error(h.port("outbound"), "Fail")
+    assert error.code() == grpc.StatusCode.NOT_FOUND and error.details() == "no such greeting"
+    event = (await h.settle())[-1]
+    assert event["decision"] == "allow" and event["grpc_status"] == 5
+
+
+async def test_an_unreachable_upstream_is_unavailable(make_sidecar, greeter):
+    """The upstream is down: UNAVAILABLE, the reason code upstream_unreachable in the event."""
+    h = await make_sidecar(grpc_config(greeter), POLICY)
+    greeter.server.stop(0).wait()
+    error = await rpc_error(h.port("outbound"), "SayHello")
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    event = (await h.settle())[-1]
+    assert event["reason"] == "upstream_unreachable" and event["grpc_status"] == 14
+
+
+@pytest.mark.parametrize(("reason", "code"), [
+    ("rule_denied", grpc.StatusCode.PERMISSION_DENIED),  # policy said no
+    ("no_matching_rule", grpc.StatusCode.PERMISSION_DENIED),  # default deny
+    ("token_invalid", grpc.StatusCode.UNAUTHENTICATED),  # who is calling is not established
+    ("no_client_cert", grpc.StatusCode.UNAUTHENTICATED),
+    ("rate_limited", grpc.StatusCode.RESOURCE_EXHAUSTED),  # try again later, by quota
+    ("overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("upstream_unreachable", grpc.StatusCode.UNAVAILABLE),  # retryable by gRPC's own policy
+    ("credential_unavailable", grpc.StatusCode.UNAVAILABLE),
+    ("upstream_timeout", grpc.StatusCode.DEADLINE_EXCEEDED),
+    ("bad_request", grpc.StatusCode.INVALID_ARGUMENT),
+    ("internal_error", grpc.StatusCode.INTERNAL),
+])
+def test_reason_codes_map_to_the_grpc_status_that_fits(reason, code):
+    """One table (errors.GRPC_STATUS) says which gRPC status each reason code is answered with."""
+    assert GRPC_STATUS[reason] == code.value[0]
+
+
+def test_every_reason_code_the_table_names_is_a_reason_code():
+    """The table names no reason that does not exist (a renamed reason would silently become UNKNOWN)."""
+    assert set(GRPC_STATUS) <= set(STATUS)
