@@ -9,16 +9,21 @@ route-prefix path (``/greeter/helloworld.Greeter/SayHello``) names the upstream 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
 import pytest
 
 from sidecar.errors import GRPC_STATUS, STATUS
-from tests.core.test_outbound import SECRET
-from tests.observe.test_evidence import VALIDATOR
+from tests.scenarios.outbound import SECRET
+
+SCHEMA = json.loads((Path(__file__).parents[2] / "sidecar" / "schemas" / "trust_decision.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 SERVICE = "helloworld.Greeter"
 POLICY = {"version": 1, "default": "deny", "rules": [
