@@ -59,7 +59,7 @@ class H2Client(H2Endpoint):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self.fail(NotHttp2(message=f"upstream: broke the HTTP/2 protocol ({type(exc).__name__})"))
-            self.flush()
+            self.flush_now()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -102,7 +102,7 @@ class H2Client(H2Endpoint):
         self.gone = True
         if not self.streams and self.transport is not None:
             self.h2.close_connection()
-            self.flush()
+            self.flush_now()
             self.transport.close()
 
 

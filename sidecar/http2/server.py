@@ -138,7 +138,7 @@ class H2Protocol(H2Endpoint):
         """A frame that breaks HTTP/2: GOAWAY, reported as bad_request, the connection closed."""
         self.server.refused(RequestRefused("bad_request", "http2: the client broke the HTTP/2 protocol "
                                                           f"({type(exc).__name__}); expected RFC 9113 frames"))
-        self.flush()
+        self.flush_now()
         if self.transport is not None:
             self.transport.close()
 
@@ -200,7 +200,7 @@ class H2Protocol(H2Endpoint):
 
     def go_away(self) -> None:
         self.h2.close_connection()
-        self.flush()
+        self.flush_now()
 
     async def respond_data(self, stream_id: int, data: bytes) -> None:
         """Response bytes; ``ConnectionError`` (the relay's "client gone") also for a window closed too long."""
@@ -214,6 +214,7 @@ class H2Protocol(H2Endpoint):
         tasks = [s.task for s in self.streams.values() if s.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        self.flush_now()
         if self.transport is not None:
             self.transport.close()
 
