@@ -26,6 +26,7 @@ from h2.errors import ErrorCodes
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Timeouts
+from sidecar.errors import RequestRefused
 from sidecar.forward.body import next_chunk
 from sidecar.forward.transport import Body, UpstreamBroke
 from sidecar.http.target import format_authority
@@ -120,6 +121,7 @@ class H2Response:
         self.trailers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
         self.done = False  # the upstream ended the stream
         self.upload: asyncio.Future[None] | None = None
+        self.opened = False  # its HEADERS went out (a stream never opened is not reset: h2 would close the connection)
 
     def got_head(self, block: list[tuple[bytes, bytes]]) -> None:
         status = next((v for n, v in block if n == b":status"), b"")
@@ -178,7 +180,7 @@ class H2Response:
             self.upload.cancel()
         if client.streams.pop(self.stream_id, None) is None:
             return
-        if not self.done and client.transport is not None:
+        if self.opened and not self.done and client.transport is not None:
             try:
                 client.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
             except h2.exceptions.ProtocolError:  # already closed on the upstream's side
@@ -209,6 +211,7 @@ class H2Pool:
         response = client.streams[stream_id] = H2Response(self, client, stream_id)
         try:
             self._send_head(client, stream_id, method, target, headers, body)
+            response.opened = True
             if body:
                 response.upload = asyncio.ensure_future(self._upload(response, body))
             async with asyncio.timeout(self.timeouts.first_byte):
@@ -220,10 +223,16 @@ class H2Pool:
 
     def _send_head(self, client: H2Client, stream_id: int, method: str, target: str, headers: CIMultiDict[str],
                    body: Body) -> None:
-        block = encode_headers(headers, method=method, scheme=self.scheme, authority=self.host_header, path=target)
-        if headers.get("Content-Type", "").startswith("application/grpc"):
-            block.append((b"te", b"trailers"))  # gRPC servers insist (TE's only HTTP/2 form, RFC 9113 §8.2.2)
-        client.h2.send_headers(stream_id, block, end_stream=not body)
+        try:
+            block = encode_headers(headers, method=method, scheme=self.scheme, authority=self.host_header,
+                                   path=target)
+            if headers.get("Content-Type", "").startswith("application/grpc"):
+                block.append((b"te", b"trailers"))  # gRPC servers insist (TE's only HTTP/2 form, RFC 9113 §8.2.2)
+            client.h2.send_headers(stream_id, block, end_stream=not body)
+        except (h2.exceptions.ProtocolError, ValueError):
+            raise RequestRefused("bad_request", "request: a header or the path is not valid in an HTTP/2 "
+                                                "header block; expected lowercase-able names and values "
+                                                "without CR, LF or NUL") from None
         client.flush()
 
     async def _upload(self, response: H2Response, body: Body) -> None:

@@ -20,12 +20,15 @@ CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", 
 
 def encode_headers(headers: CIMultiDict[str] | dict[str, str] | CIMultiDictProxy[str],
                    **pseudo: str) -> list[tuple[bytes, bytes]]:
-    """An HTTP/2 header list: pseudo-headers first, names lowercased, connection-specific ones left out."""
+    """An HTTP/2 header list: pseudo-headers first, names lowercased, connection-specific ones left out.
+    ``ValueError``: a name or value with CR, LF or NUL (a peer would reset the whole connection)."""
     block = [(b":" + name.encode(), value.encode()) for name, value in pseudo.items()]
     for name, value in headers.items():
         lower = name.lower()
         if lower not in CONNECTION_HEADERS:
             block.append((lower.encode("ascii"), value.encode("utf-8", "surrogateescape")))
+    if any(b"\r" in part or b"\n" in part or b"\0" in part for field in block for part in field):
+        raise ValueError("http2: a header would split the header block")
     return block
 
 

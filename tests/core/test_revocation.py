@@ -20,7 +20,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from sidecar.config_model import RevocationConfig
 from sidecar.errors import Refusal
@@ -29,8 +28,8 @@ from sidecar.observe.metrics import Metrics
 from sidecar.revocation import RedisBus, Revocations
 from tests.harness import SidecarHarness, Upstream, admin
 from tests.peers.redis import RedisServer, redis_server  # noqa: F401
-from tests.scenarios.revocation import (ALICE, BOB, POLICY, SECRET, call, config_for, metric, open_task, poll,
-                                        readyz, revoke, rids)
+from tests.scenarios.revocation import (ALICE, BOB, POLICY, SECRET, call, config_for, held_sse, metric, open_task,
+                                        poll, readyz, revoke, rids)
 
 
 def fleet_config(upstream: Upstream, redis: RedisServer, h_dir: Any, name: str, **revocation: Any) -> dict[str, Any]:
@@ -107,16 +106,7 @@ async def test_credential_revocation_drops_the_cached_credential_and_refuses_its
 async def test_revoking_a_task_cuts_its_open_sse_stream(make_sidecar):
     """An SSE stream in flight is cut when its task is revoked: the client sees a broken stream, the event says cut."""
     release = asyncio.Event()
-
-    async def sse(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: first\n\n")
-        await asyncio.wait_for(release.wait(), 30)
-        await response.write(b"data: never\n\n")
-        return response
-
-    upstream = await Upstream(sse).start()
+    upstream = await Upstream(held_sse(release)).start()
     try:
         h = await make_sidecar(config_for(upstream), POLICY)
         task = await open_task(h)

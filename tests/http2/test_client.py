@@ -111,3 +111,16 @@ async def test_renew_moves_new_streams_to_a_new_connection(upstream):
     await asyncio.sleep(0.1)
     assert len(peer.server.connections) == 1  # the old one closed, the new one open
     transport.close()
+
+
+async def test_a_header_http2_cannot_carry_is_refused_not_sent(upstream):
+    """A value with a line break (the agent's, or a credential's) is bad_request, as on HTTP/1.1."""
+    from sidecar.errors import RequestRefused
+
+    _, port = upstream
+    transport = pool(port)
+    with pytest.raises(RequestRefused) as refused:
+        await transport.send("GET", "/x", CIMultiDict({"x-evil": "a\r\nb"}), None)
+    assert refused.value.reason == "bad_request"
+    assert (await get(transport, "/after"))[0] == 200  # the connection is still good
+    transport.close()

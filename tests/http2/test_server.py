@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from tests.scenarios.outbound import POLICY, SECRET, config_for
 
@@ -154,3 +155,35 @@ async def test_http11_on_the_same_listener_is_unchanged(make_sidecar, upstream):
     h = await make_sidecar(config_for(upstream), POLICY)
     code, out, err = await curl("-i", f"{h.outbound}/billing/v1/invoices")
     assert code == 0 and out.startswith("HTTP/1.1 200"), err + out
+
+
+async def test_revoking_a_task_resets_its_stream_and_no_other_on_the_connection(make_sidecar):
+    """Two SSE streams on one h2c connection, under two tasks: revoking one task resets its stream
+    (RST_STREAM) and that exchange is cut; the other stream goes on to its end."""
+    from tests.harness import Upstream
+    from tests.scenarios.revocation import POLICY as TASK_POLICY
+    from tests.scenarios.revocation import config_for as task_config
+    from tests.scenarios.revocation import held_sse, open_task, revoke
+
+    release = asyncio.Event()
+    upstream = await Upstream(held_sse(release)).start()
+    try:
+        h = await make_sidecar(task_config(upstream), TASK_POLICY)
+        doomed, kept = await open_task(h), await open_task(h)
+        url = f"{h.outbound}/billing/v1/events"
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as client:
+            async with client.stream("GET", url, headers={"X-Sidecar-Task": doomed}) as a, \
+                    client.stream("GET", url, headers={"X-Sidecar-Task": kept}) as b:
+                first_a, first_b = aiter(a.aiter_bytes()), aiter(b.aiter_bytes())
+                assert await anext(first_a) == await anext(first_b) == b"data: first\n\n"
+                await revoke(h, "task", doomed)
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await anext(first_a)
+                release.set()
+                assert b"".join([chunk async for chunk in first_b]) == b"data: last\n\n"
+        events = {e["task"]["id"]: e for e in await h.settle() if e["target"]["path"] == "/v1/events"}
+        assert events[doomed]["outcome"] == "cut" and "revoked" in events[doomed]["reason_detail"]
+        assert events[kept]["outcome"] == "completed"
+    finally:
+        release.set()
+        await upstream.stop()

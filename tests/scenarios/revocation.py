@@ -6,6 +6,7 @@ import asyncio
 from typing import Any, Awaitable, Callable
 
 import aiohttp
+from aiohttp import web
 
 from tests.harness import SidecarHarness, Upstream, admin
 
@@ -17,6 +18,19 @@ POLL_STEPS = 300  # at most ~15 s of polling, never asserted as a duration
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "billing-all", "direction": "outbound", "upstream": "billing", "paths": ["/v1/**"], "effect": "allow"},
 ]}
+
+
+def held_sse(release: asyncio.Event) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An SSE upstream handler: one event, then the second only once ``release`` is set."""
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await asyncio.wait_for(release.wait(), 30)
+        await response.write(b"data: last\n\n")
+        return response
+
+    return sse
 
 
 def config_for(upstream: Upstream, **extra: Any) -> dict[str, Any]:
