@@ -250,7 +250,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     if credential and credential not in credentials:
         f.error("credential", f"credential {credential!r} is not defined under credentials")
     protocol = f.choice("protocol", ("http", "mcp", "grpc"), "http")
-    http2 = _http2(f, protocol)
+    http2 = _http2(f, protocol, urlsplit(url).scheme if url else None)
     p = f.sub("paths")
     paths = PathOptions(p.flag("allow_encoded_slash", False), p.flag("merge_slashes", True))
     p.done()
@@ -271,12 +271,20 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
                     credential, protocol, paths, pass_headers, up_timeouts, allow_trace, http2)
 
 
-def _http2(f: Fields, protocol: str) -> bool:
-    """``http2: true | false``: HTTP/2 (h2 by ALPN over TLS, h2c on http://); a gRPC upstream always is."""
-    http2 = f.bool("http2", protocol == "grpc")
-    if protocol == "grpc" and not http2:
+def _http2(f: Fields, protocol: str, scheme: str | None) -> bool | str:
+    """``http2: true | false | auto``: HTTP/2 (h2 by ALPN over TLS, h2c on http://), HTTP/1.1, or the one
+    the upstream's TLS handshake selects; a gRPC upstream always speaks HTTP/2."""
+    value = f.raw_value("http2")
+    if value is None:
+        return protocol == "grpc"
+    if value not in (True, False, "auto"):
+        f.error("http2", f"must be true, false or auto, got {value!r}")
+        return False
+    if protocol == "grpc" and value is not True:
         f.error("http2", "a grpc upstream speaks HTTP/2: expected true (or no http2 key)")
-    return http2
+    if value == "auto" and scheme != "https":
+        f.error("http2", "auto chooses by ALPN, which needs an https url; expected true (h2c) or false")
+    return value  # type: ignore[no-any-return]
 
 
 def _pass_headers(f: Fields) -> frozenset[str]:

@@ -50,7 +50,7 @@ class Upstream:
     pass_headers: frozenset[str]
     timeouts: Timeouts
     allow_trace: bool = False  # TRACE/TRACK forwarded (never with a credential); refused otherwise
-    http2: bool = False  # HTTP/2 upstream: h2 by ALPN over TLS, h2c with prior knowledge on http://
+    http2: bool | str = False  # True: h2 by ALPN over TLS, h2c prior knowledge on http://; "auto": ALPN chooses
     host_header: str = field(init=False)  # the Host sent upstream, formatted once here, not per request
 
     def __post_init__(self) -> None:

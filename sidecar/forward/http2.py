@@ -2,7 +2,8 @@
 
 An upstream with ``http2: true`` (every ``protocol: grpc`` one) is reached over HTTP/2: ``h2`` by
 ALPN over TLS (an upstream that does not select ``h2`` fails the exchange,
-``upstream_protocol_error``), h2c with prior knowledge on ``http://``. :class:`H2Pool` is a
+``upstream_protocol_error``), h2c with prior knowledge on ``http://``; with ``http2: auto``
+(:class:`AlpnPool`) the upstream's TLS handshake chooses between HTTP/2 and HTTP/1.1. :class:`H2Pool` is a
 :class:`~sidecar.forward.transport.Transport` beside HTTP/1.1's ``ConnectionPool``: the request is
 sent as the pipeline built it (``:path`` is the path policy matched, ``:authority`` the upstream's
 Host), the response comes back as an :class:`H2Response` whose trailers are relayed.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from ssl import SSLContext
 
 import h2.events
 import h2.exceptions
@@ -28,7 +30,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.config import Timeouts
 from sidecar.errors import RequestRefused
 from sidecar.forward.body import next_chunk
-from sidecar.forward.transport import Body, UpstreamBroke
+from sidecar.forward.http11 import ConnectionPool
+from sidecar.forward.transport import Body, UpstreamBroke, UpstreamResponse
 from sidecar.http.target import format_authority
 from sidecar.http2.side import H2Endpoint, encode_headers
 
@@ -39,6 +42,10 @@ class NotHttp2(HttpProcessingError):
     """The upstream did not agree to HTTP/2 (ALPN), or broke the protocol."""
 
     says_why = True
+
+
+class ChoseHttp11(NotHttp2):
+    """The upstream's TLS handshake selected ``http/1.1`` where both were offered (``http2: auto``)."""
 
 
 class H2Client(H2Endpoint):
@@ -193,11 +200,11 @@ class H2Pool:
     """HTTP/2 to one upstream: one connection, at most ``limit`` streams at once on it."""
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, timeouts: Timeouts, *,
-                 limit: int = 100) -> None:
-        self.host, self.port, self.timeouts, self.limit = host, port, timeouts, limit
+                 limit: int = 100, alpn: tuple[str, ...] = ("h2",)) -> None:
+        self.host, self.port, self.timeouts, self.limit, self.alpn = host, port, timeouts, limit, alpn
         self.scheme = "https" if ssl_context is not None else "http"
         self.host_header = format_authority(host, port, self.scheme)
-        self.ssl = with_h2(ssl_context)
+        self.ssl = offer(ssl_context, alpn)
         self._client: H2Client | None = None
         self._connecting: asyncio.Future[H2Client] | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -286,8 +293,11 @@ class H2Pool:
             transport, client = await loop.create_connection(
                 H2Client, self.host, self.port, ssl=self.ssl, server_hostname=self.host if self.ssl else None)
         tls = transport.get_extra_info("ssl_object")
-        if tls is not None and tls.selected_alpn_protocol() != "h2":
+        selected = tls.selected_alpn_protocol() if tls is not None else "h2"
+        if selected != "h2":
             transport.close()
+            if selected == "http/1.1" and "http/1.1" in self.alpn:
+                raise ChoseHttp11(message="upstream: selected http/1.1 by ALPN")
             raise NotHttp2(message="upstream: did not select h2 by ALPN; expected an HTTP/2 server (http2: true)")
         self._client = client
         return client
@@ -304,7 +314,7 @@ class H2Pool:
 
     def renew(self, ssl_context: ssl.SSLContext | None) -> None:
         """A new TLS context (our rotated SVID): new streams go on a new connection; the old one finishes."""
-        self.ssl = with_h2(ssl_context)
+        self.ssl = offer(ssl_context, self.alpn)
         old, self._client = self._client, None
         if old is not None:
             old.retire()
@@ -316,11 +326,50 @@ class H2Pool:
             self._client.retire()
 
 
-def with_h2(context: ssl.SSLContext | None) -> ssl.SSLContext | None:
-    """The upstream's TLS context, offering only ``h2`` by ALPN."""
+def offer(context: ssl.SSLContext | None, alpn: tuple[str, ...]) -> ssl.SSLContext | None:
+    """The upstream's TLS context, offering these protocols by ALPN."""
     if context is not None:
-        context.set_alpn_protocols(["h2"])
+        context.set_alpn_protocols(list(alpn))
     return context
+
+
+class AlpnPool:
+    """``http2: auto``: HTTP/2 when the upstream's TLS handshake selects ``h2``, else HTTP/1.1.
+
+    The first connection offers both; an upstream that selects ``http/1.1`` is sent every request
+    over the HTTP/1.1 pool from then on (the choice is made before any of the request is sent, so
+    the request goes there as it is), until a renewal asks again. Both pools share one context."""
+
+    def __init__(self, host: str, port: int, ssl_context: SSLContext | None, timeouts: Timeouts) -> None:
+        self.http2 = H2Pool(host, port, ssl_context, timeouts, alpn=("h2", "http/1.1"))
+        self.http11 = ConnectionPool(host, port, ssl_context, timeouts)
+        self.host_header = self.http11.host_header
+        self.speaks_http11 = False
+
+    @property
+    def ssl(self) -> SSLContext | None:
+        return self.http11.ssl
+
+    @property
+    def closed(self) -> bool:
+        return self.http11.closed
+
+    async def send(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> UpstreamResponse:
+        if not self.speaks_http11:
+            try:
+                return await self.http2.send(method, target, headers, body)
+            except ChoseHttp11:
+                self.speaks_http11 = True
+        return await self.http11.send(method, target, headers, body)
+
+    def renew(self, ssl_context: SSLContext | None) -> None:
+        self.http2.renew(ssl_context)
+        self.http11.renew(ssl_context)
+        self.speaks_http11 = False
+
+    def close(self) -> None:
+        self.http2.close()
+        self.http11.close()
 
 
 def fields_of(block: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:

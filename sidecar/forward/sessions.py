@@ -14,7 +14,7 @@ from yarl import URL
 
 from sidecar.config_model import Config
 from sidecar.forward.http11 import ConnectionPool
-from sidecar.forward.http2 import H2Pool
+from sidecar.forward.http2 import AlpnPool, H2Pool
 from sidecar.forward.websocket import websocket_session
 from sidecar.http.tls import client_ssl_context
 
@@ -25,7 +25,7 @@ class Sessions:
     def __init__(self, config: Config, svid_files: Callable[[], tuple[str, str] | None]) -> None:
         self._config = config
         self._svid_files = svid_files
-        self._pools: dict[str, ConnectionPool | H2Pool] = {}
+        self._pools: dict[str, ConnectionPool | H2Pool | AlpnPool] = {}
         self._websockets: dict[str, aiohttp.ClientSession] = {}
         self._agent: ConnectionPool | None = None
         self.agent_base_path = ""  # forward_to's path, before the caller's
@@ -34,12 +34,13 @@ class Sessions:
         if config.inbound is not None:
             self.agent()
 
-    def get(self, name: str) -> ConnectionPool | H2Pool:
-        """The upstream's transport: HTTP/2 (``http2: true``, every gRPC upstream) or HTTP/1.1."""
+    def get(self, name: str) -> ConnectionPool | H2Pool | AlpnPool:
+        """The upstream's transport: HTTP/2 (``http2: true``, every gRPC upstream), the one ALPN chooses
+        (``auto``), or HTTP/1.1."""
         pool = self._pools.get(name)
         if pool is None or pool.closed:
             up = self._config.outbound.upstreams[name]
-            kind = H2Pool if up.http2 else ConnectionPool
+            kind = AlpnPool if up.http2 == "auto" else H2Pool if up.http2 else ConnectionPool
             pool = self._pools[name] = kind(up.host, up.port, self._ssl_context(name), up.timeouts)
         return pool
 

@@ -124,3 +124,90 @@ async def test_a_header_http2_cannot_carry_is_refused_not_sent(upstream):
     assert refused.value.reason == "bad_request"
     assert (await get(transport, "/after"))[0] == 200  # the connection is still good
     transport.close()
+
+
+@pytest.fixture
+def ca():
+    import trustme
+
+    return trustme.CA()
+
+
+def tls_server(ca, alpn: list[str] | None):
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+def tls_client(ca):
+    import ssl
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_auto_speaks_http2_to_an_upstream_whose_handshake_selects_h2(ca):
+    """http2: auto, an upstream offering h2 by ALPN: the request goes over HTTP/2."""
+    from sidecar.forward.http2 import AlpnPool
+
+    peer = Upstream()
+    listener = await asyncio.get_running_loop().create_server(peer.server, "127.0.0.1", 0,
+                                                              ssl=tls_server(ca, ["h2", "http/1.1"]))
+    transport = AlpnPool("127.0.0.1", listener.sockets[0].getsockname()[1], tls_client(ca), Timeouts())
+    try:
+        response = await transport.send("GET", "/auto", CIMultiDict(), None)
+        assert response.status == 200 and response.headers["x-path"] == "/auto"
+        response.release()
+        assert not transport.speaks_http11 and len(peer.server.connections) == 1
+    finally:
+        transport.close()
+        listener.close()
+
+
+async def test_auto_falls_back_to_http11_when_the_handshake_selects_it(ca):
+    """http2: auto, an HTTP/1.1-only TLS upstream: the request goes over HTTP/1.1, and so do the next."""
+    from sidecar.forward.http2 import AlpnPool
+    from tests.harness import Upstream as Http11Upstream
+
+    upstream = await Http11Upstream().start(tls_server(ca, ["http/1.1"]))
+    port = int(upstream.url.rsplit(":", 1)[1])
+    transport = AlpnPool("127.0.0.1", port, tls_client(ca), Timeouts())
+    try:
+        for path in ("/first", "/second"):
+            response = await transport.send("GET", path, CIMultiDict({"Host": "127.0.0.1"}), None)
+            assert response.status == 200
+            await response.read()
+            response.release()
+        assert transport.speaks_http11
+        assert [seen.path for seen in upstream.seen] == ["/first", "/second"]
+    finally:
+        transport.close()
+        await upstream.stop()
+
+
+@pytest.mark.parametrize(("upstream", "expected"), [
+    ({"url": "https://api.example.com"}, False),  # HTTP/1.1 unless asked
+    ({"url": "http://127.0.0.1:9000", "http2": True}, True),  # h2c with prior knowledge
+    ({"url": "https://api.example.com", "http2": "auto"}, "auto"),  # ALPN chooses
+    ({"url": "http://127.0.0.1:9000", "protocol": "grpc"}, True),  # gRPC is HTTP/2
+    ({"url": "http://127.0.0.1:9000", "http2": "auto"}, "http2: auto chooses by ALPN"),  # no TLS, no ALPN
+    ({"url": "http://127.0.0.1:9000", "protocol": "grpc", "http2": False}, "http2: a grpc upstream"),
+    ({"url": "https://api.example.com", "http2": "yes"}, "http2: must be true, false or auto"),
+])
+def test_the_http2_key_of_an_upstream(upstream, expected):
+    """``http2: true | false | auto`` per upstream, checked at load with its path."""
+    from sidecar.config import parse_config
+    from sidecar.errors import ConfigInvalid
+
+    raw = {"outbound": {"upstreams": {"api": upstream}}}
+    if isinstance(expected, str) and expected.startswith("http2:"):
+        with pytest.raises(ConfigInvalid) as invalid:
+            parse_config(raw)
+        assert any(expected.removeprefix("http2: ") in str(e) and "api.http2" in str(e) for e in invalid.value.errors)
+        return
+    assert parse_config(raw).outbound.upstreams["api"].http2 == expected
