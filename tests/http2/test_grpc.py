@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -28,7 +29,8 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 SERVICE = "helloworld.Greeter"
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "greet", "direction": "outbound", "upstream": "greeter", "methods": ["POST"],
-     "when": {"expr": 'grpc.service == "helloworld.Greeter" && grpc.method in ["SayHello", "SayMany"]'},
+     "when": {"expr": 'grpc.service == "helloworld.Greeter" && grpc.method in ["SayHello", "SayMany", "Collect", '
+                      '"Chat"]'},
      "effect": "allow"},
     {"id": "no-admin", "direction": "outbound", "upstream": "greeter", "when": {"expr": 'grpc.method == "Admin"'},
      "effect": "deny"},
@@ -45,6 +47,8 @@ class Greeter:
             "SayHello": grpc.unary_unary_rpc_method_handler(self.say_hello),
             "SayMany": grpc.unary_stream_rpc_method_handler(self.say_many),
             "Admin": grpc.unary_unary_rpc_method_handler(self.say_hello),
+            "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
+            "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
         }),))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -61,6 +65,15 @@ class Greeter:
         self._seen(context)
         for i in range(3):
             yield b"%d %s" % (i, request)
+
+    def collect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        self._seen(context)
+        return b"+".join(requests)
+
+    def chat(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._seen(context)
+        for request in requests:
+            yield b"re: " + request
 
     def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
@@ -115,6 +128,39 @@ async def test_unary_and_server_streaming_calls_are_allowed_by_a_rule_on_grpc_me
     assert {e["target"]["grpc_service"] for e in events} == {SERVICE}
     for event in events:
         VALIDATOR.validate(event)
+
+
+def chat(port: int) -> list[bytes]:
+    """A bidirectional call whose every message waits for the answer to the one before: nothing of it
+    is buffered on the way (a buffering proxy would hold the first message until the client's end)."""
+    answers: list[bytes] = []
+    turn = threading.Event()
+
+    def messages() -> Iterator[bytes]:
+        for word in (b"one", b"two", b"three"):
+            yield word
+            assert turn.wait(10), "the answer to the last message did not come while the call was open"
+            turn.clear()
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for answer in channel.stream_stream(f"/greeter/{SERVICE}/Chat")(messages(), timeout=20):
+            answers.append(answer)
+            turn.set()
+    return answers
+
+
+async def test_client_streaming_and_bidi_calls_stream_through(make_sidecar, greeter):
+    """A client-streaming call arrives whole; a bidi call is answered message by message while it is open."""
+    h = await make_sidecar(grpc_config(greeter), POLICY)
+    port = h.port("outbound")
+
+    def collect() -> bytes:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return channel.stream_unary(f"/greeter/{SERVICE}/Collect")(iter([b"a", b"b", b"c"]), timeout=10)
+
+    assert await asyncio.to_thread(collect) == b"a+b+c"
+    assert await asyncio.to_thread(chat, port) == [b"re: one", b"re: two", b"re: three"]
+    assert [e["grpc_status"] for e in await h.settle()] == [0, 0]
 
 
 async def test_a_denied_method_is_permission_denied_with_the_rule_in_its_message(make_sidecar, greeter):
