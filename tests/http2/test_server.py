@@ -187,3 +187,42 @@ async def test_revoking_a_task_resets_its_stream_and_no_other_on_the_connection(
     finally:
         release.set()
         await upstream.stop()
+
+
+async def test_streams_past_max_in_flight_are_refused_overloaded(make_sidecar):
+    """With max_in_flight 2 the listener advertises MAX_CONCURRENT_STREAMS 2 (a client opens no third
+    stream on that connection); with two streams held by the upstream, a stream on another connection
+    is answered 503 overloaded at once (one event), and the held two complete."""
+    from aiohttp import web
+
+    from tests.harness import Upstream
+
+    release = asyncio.Event()
+    arrived = 0
+
+    async def held(request: web.Request) -> web.Response:
+        nonlocal arrived
+        arrived += 1
+        await asyncio.wait_for(release.wait(), 30)
+        return web.Response(text="done")
+
+    upstream = await Upstream(held).start()
+    try:
+        config = config_for(upstream)
+        config["outbound"]["limits"] = {"max_in_flight": 2}
+        h = await make_sidecar(config, POLICY)
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=20) as client:
+            first = [asyncio.ensure_future(client.get(f"{h.outbound}/billing/v1/{i}")) for i in range(2)]
+            async with asyncio.timeout(10):
+                while arrived < 2:
+                    await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(http1=False, http2=True, timeout=20) as other:
+                third = await other.get(f"{h.outbound}/billing/v1/third")
+            release.set()
+            answers = await asyncio.gather(*first)
+        assert (third.status_code, third.json()["error"]) == (503, "overloaded")
+        assert [r.status_code for r in answers] == [200, 200]
+        assert sorted(e["reason"] for e in await h.settle()) == ["allowed", "allowed", "overloaded"]
+    finally:
+        release.set()
+        await upstream.stop()
