@@ -229,3 +229,19 @@ def test_reason_codes_map_to_the_grpc_status_that_fits(reason, code):
 def test_every_reason_code_the_table_names_is_a_reason_code():
     """The table names no reason that does not exist (a renamed reason would silently become UNKNOWN)."""
     assert set(GRPC_STATUS) <= set(STATUS)
+
+
+async def test_a_call_refused_before_routing_is_a_grpc_status_too(make_sidecar, greeter):
+    """A call naming no configured upstream is refused before any upstream is known: still a gRPC answer
+    (its content type says gRPC), PERMISSION_DENIED naming the missing upstream."""
+    h = await make_sidecar(grpc_config(greeter), POLICY)
+
+    def nowhere() -> bytes:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port('outbound')}") as channel:
+            return channel.unary_unary(f"/nosuch/{SERVICE}/SayHello")(b"x", timeout=10)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(nowhere)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "nosuch" in caught.value.details()
+    event = (await h.settle())[-1]
+    assert (event["reason"], event["protocol"], event["grpc_status"]) == ("unknown_upstream", "grpc", 7)
