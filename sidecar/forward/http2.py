@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from h2.errors import ErrorCodes
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config import Timeouts
+from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
 from sidecar.forward.body import next_chunk
 from sidecar.forward.http11 import ConnectionPool

@@ -30,7 +30,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config import Limits
+from sidecar.config_model import Limits
 from sidecar.errors import RecordedFailure, Refusal, RequestRefused
 from sidecar.http.incoming import Answer, ClientGone, IncomingRequest, ResponseStream, refusal_answer
 from sidecar.http2.side import H2Endpoint, encode_headers
