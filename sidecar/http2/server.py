@@ -10,7 +10,9 @@ Flow control is honoured both ways: a request body's window is given back only a
 reads it (a slow upstream slows the client, nothing piles up here), and a response waits for the
 client's window (at most ``WINDOW_STALL`` seconds of a closed window, then the stream is reset).
 
-Limits, with the HTTP/1.1 listener's reason codes: at most ``MAX_STREAMS`` streams open on one
+Limits, with the HTTP/1.1 listener's reason codes: ``max_connections`` (and
+``max_connections_per_source``) HTTP/2 connections, counted apart from the HTTP/1.1 ones (a refused
+one has its first stream answered ``overloaded``, then closes); at most ``MAX_STREAMS`` streams open on one
 connection (more are reset with ``REFUSED_STREAM``, RFC 9113 §5.1.2: the client may retry them), at
 most ``max_in_flight`` requests served on the listener (``overloaded``), the header list bounded
 in HPACK itself at twice ``max_header_bytes`` (the configured limit then decides, per stream, with
@@ -34,9 +36,10 @@ from sidecar.config_model import Limits
 from sidecar.errors import RecordedFailure, Refusal, RequestRefused
 from sidecar.http.incoming import Answer, ClientGone, IncomingRequest, ResponseStream, refusal_answer
 from sidecar.http2.side import H2Endpoint, encode_headers
+from sidecar.server import overloaded, source_of
 
 MAX_STREAMS = 128
-ONCE_GRACE = 5.0  # seconds a refused connection (:func:`refusing`) has to send the request it is refused
+REFUSED_GRACE = 5.0  # seconds a refused connection has to send the request it is answered on
 WINDOW_STALL = 60.0  # seconds a response may wait on a client's closed flow-control window
 CONNECT_REFUSED = RequestRefused("bad_request", "http2: CONNECT over HTTP/2 is not served; expected CONNECT "
                                                  "on an HTTP/1.1 connection")
@@ -57,15 +60,27 @@ class Whole:
 class H2Server:
     """A listener's HTTP/2 side: the handler, its limits, its connections and requests in flight."""
 
-    def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None,
-                 once: bool = False) -> None:
+    def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None) -> None:
         self.handler, self.limits, self.on_refusal = handler, limits, on_refusal
-        self.once = once  # one answer, then the connection closes (see :func:`refusing`)
         self.connections: set[H2Protocol] = set()
         self.in_flight = 0
 
     def __call__(self) -> H2Protocol:
         return H2Protocol(self)
+
+    def admit(self, source: str) -> Refusal | None:
+        """A new connection's admission, HTTP/1.1's caps for HTTP/2 connections (reported here): past
+        ``max_connections`` open, or ``max_connections_per_source`` from one address, ``overloaded``."""
+        limits = self.limits
+        refusal = None
+        if len(self.connections) >= limits.max_connections:
+            refusal = overloaded(f"{limits.max_connections} HTTP/2 connections are open on this listener")
+        elif limits.max_connections_per_source is not None and \
+                sum(c.source == source for c in self.connections) >= limits.max_connections_per_source:
+            refusal = overloaded(f"{limits.max_connections_per_source} HTTP/2 connections from {source} are open")
+        if refusal is not None:
+            self.refused(refusal)
+        return refusal
 
     def refused(self, refusal: Refusal) -> None:
         """A refusal made outside any exchange: reported to the listener (an event, the metrics)."""
@@ -74,12 +89,13 @@ class H2Server:
 
     async def serve(self, request: H2Incoming) -> Answer:
         """The handler, with at most ``max_in_flight`` requests served at once on the listener."""
+        if request.conn.refusal is not None:  # the connection was refused (reported once, when it was)
+            return refusal_answer(request, request.conn.refusal)
         if request.method == "CONNECT":  # refused before any exchange: reported as a parse error is
             self.refused(CONNECT_REFUSED)
             return refusal_answer(request, CONNECT_REFUSED)
         if self.in_flight >= self.limits.max_in_flight:
-            refusal = Refusal("overloaded", f"sidecar: {self.limits.max_in_flight} requests are in flight on "
-                                            "this listener; try again shortly", retry_after=1)
+            refusal = overloaded(f"{self.limits.max_in_flight} requests are in flight on this listener")
             self.refused(refusal)
             return refusal_answer(request, refusal)
         self.in_flight += 1
@@ -100,14 +116,20 @@ class H2Server:
 class H2Protocol(H2Endpoint):
     """One HTTP/2 connection: frames in, a task per request stream, frames out."""
 
-    def __init__(self, server: H2Server) -> None:
+    def __init__(self, server: H2Server, refusal: Refusal | None = None) -> None:
         super().__init__(client_side=False)
         self.server = server
         self.streams: dict[int, H2Incoming] = {}
+        self.refusal = refusal  # the answer to every stream of a refused connection, which then closes
+        self.source = "unknown"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server.connections.add(self)
+        self.source = source_of(transport)
+        if self.refusal is None:
+            self.refusal = self.server.admit(self.source)
+        if self.refusal is None:
+            self.server.connections.add(self)
         limits = self.server.limits
         settings = h2.settings.SettingCodes
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -115,8 +137,8 @@ class H2Protocol(H2Endpoint):
             settings.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 2 + 1024})
         self.h2.initiate_connection()
         self.flush()
-        if self.server.once:
-            asyncio.get_running_loop().call_later(ONCE_GRACE, self.close)
+        if self.refusal is not None:  # one answer, then closed (or closed after the grace without a request)
+            asyncio.get_running_loop().call_later(REFUSED_GRACE, self.close)
 
     def close(self) -> None:
         """GOAWAY, then closed (what is buffered is sent first)."""
@@ -187,7 +209,7 @@ class H2Protocol(H2Endpoint):
         finally:
             self.streams.pop(stream.stream_id, None)
             self.flush()
-            if self.server.once:
+            if self.refusal is not None:
                 self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -406,7 +428,7 @@ def request_headers(pseudo: dict[str, str], fields: list[tuple[str, str]]) -> CI
 def refusing(refusal: Refusal) -> H2Protocol:
     """An HTTP/2 connection whose first stream is answered with ``refusal``, which then closes: a caller
     refused at the TLS handshake that chose ``h2`` reads the same JSON refusal as on HTTP/1.1."""
-    async def refuse(request: IncomingRequest) -> Answer:
-        return refusal_answer(request, refusal)
+    async def never(request: IncomingRequest) -> Answer:
+        raise AssertionError("a refused connection serves nothing")
 
-    return H2Protocol(H2Server(refuse, limits=Limits(), once=True))
+    return H2Protocol(H2Server(never, limits=Limits()), refusal)

@@ -226,3 +226,20 @@ async def test_streams_past_max_in_flight_are_refused_overloaded(make_sidecar):
     finally:
         release.set()
         await upstream.stop()
+
+
+async def test_connections_past_max_connections_are_answered_overloaded(make_sidecar, upstream):
+    """With max_connections 1 and one HTTP/2 connection open, a second one gets its stream answered
+    503 overloaded (one event) and is closed; the first is still served."""
+    config = config_for(upstream)
+    config["outbound"]["limits"] = {"max_connections": 1}
+    h = await make_sidecar(config, POLICY)
+    url = f"{h.outbound}/billing/v1/a"
+    async with httpx.AsyncClient(http1=False, http2=True) as first, \
+            httpx.AsyncClient(http1=False, http2=True) as second:
+        assert (await first.get(url)).status_code == 200
+        refused = await second.get(url)
+        assert (await first.get(url)).status_code == 200
+    assert (refused.status_code, refused.json()["error"]) == (503, "overloaded")
+    assert "HTTP/2 connections" in refused.json()["message"]
+    assert [e["reason"] for e in await h.settle()] == ["allowed", "overloaded", "allowed"]
