@@ -93,6 +93,13 @@ RPC_ERROR_CODE: dict[str, int] = {
     **dict.fromkeys(("unknown_task", "task_ended", "revoked"), -32006),
     **dict.fromkeys(("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"), -32007),
 }
+# A2A defines -32001 to -32009 itself (TaskNotFoundError is -32001): its refusals take the same families
+# forty lower, so an A2A client never mistakes a refusal for one of the remote agent's own errors.
+A2A_SHIFT = -40
+RPC_ERROR_CODES: dict[str, tuple[int, dict[str, int]]] = {  # protocol -> (any other reason, per reason)
+    "mcp": (RPC_SERVER_ERROR, RPC_ERROR_CODE),
+    "a2a": (RPC_SERVER_ERROR + A2A_SHIFT, {reason: code + A2A_SHIFT for reason, code in RPC_ERROR_CODE.items()}),
+}
 
 
 # gRPC refusals are gRPC statuses (HTTP 200, grpc-status, grpc-message the refusal's message), so that a

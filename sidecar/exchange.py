@@ -21,9 +21,10 @@ from sidecar.errors import Refusal
 from sidecar.observe.decision_log import CLOCK
 
 if TYPE_CHECKING:
+    from sidecar.policy.a2a import A2aCall
     from sidecar.policy.mcp import RpcRef
 
-EVENT_VERSION = 3  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC fields
+EVENT_VERSION = 3  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields
 
 
 def new_id() -> str:
@@ -93,7 +94,8 @@ class Exchange:
     trace_id: str | None = None
     facts: Any = None  # the policy facts, kept for response filtering; not part of the event
     mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers; not part of the event
-    mcp_rpc: RpcRef | None = None  # the JSON-RPC message's id, to answer a refusal in JSON-RPC; not part of the event
+    rpc: RpcRef | None = None  # the MCP or A2A message's id, to answer a refusal in JSON-RPC; not part of the event
+    a2a: A2aCall | None = None  # the parsed A2A call: its method and task id are part of the event
     kept: bool = False  # let in with room in the log: its event is never dropped (logging.on_backpressure)
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
@@ -158,6 +160,8 @@ class Exchange:
         return {"upstream": self.upstream, "method": self.method, "host": self.host or (facts and facts.host) or None,
                 "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool,
                 "grpc_service": self.grpc_service, "grpc_method": self.grpc_method,
+                "a2a_method": self.a2a.method if self.a2a else None,
+                "a2a_task_id": self.a2a.task_id if self.a2a else None,
                 "override": self.override, "copy_source": self.copy_source,
                 "scheme": facts.scheme if facts else None, "query": facts.query if facts else None,
                 "size": facts.size if facts else None}

@@ -15,7 +15,8 @@ Three things an agent's MCP client needs from the sidecar besides the body check
   any task is bound to the agent alone. The table is bounded: least recently used first out, and an
   idle session expires.
 - **Refusals an agent can live with.** A refused JSON-RPC request (one with an ``id``) is answered
-  HTTP 200 with a JSON-RPC error (code per family of reasons, :data:`sidecar.errors.RPC_ERROR_CODE`),
+  HTTP 200 with a JSON-RPC error (code per family of reasons, :data:`sidecar.errors.RPC_ERROR_CODES`;
+  A2A's refusals are answered the same way, by :func:`rpc_refusal`),
   so the client's session goes on; a refused notification or response is dropped with 202. Refusals
   that concern no one JSON-RPC request (a body that is not JSON-RPC, a session refused) keep their
   HTTP status.
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from sidecar.errors import RPC_ERROR_CODE, RPC_SERVER_ERROR, Refusal, RequestRefused, TaskRefused, refusal_headers
+from sidecar.errors import RPC_ERROR_CODES, Refusal, RequestRefused, TaskRefused, refusal_headers
 from sidecar.http.incoming import Answer, IncomingRequest
 from sidecar.policy.mcp import SESSION_END_METHOD, RpcRef, RpcRefused
 
@@ -125,8 +126,8 @@ class McpSessions:
 # --- refusals as JSON-RPC --------------------------------------------------------------------
 
 def rpc_refusal(request: IncomingRequest, ex: Exchange, refusal: Refusal) -> Answer | None:
-    """The JSON-RPC answer to a refused MCP message, or None where HTTP's own refusal stands."""
-    ref = refusal.rpc if isinstance(refusal, RpcRefused) else ex.mcp_rpc
+    """The JSON-RPC answer to a refused MCP or A2A message, or None where HTTP's own refusal stands."""
+    ref = refusal.rpc if isinstance(refusal, RpcRefused) else ex.rpc
     if ref is None:
         return None
     headers = refusal_headers(refusal)
@@ -135,12 +136,15 @@ def rpc_refusal(request: IncomingRequest, ex: Exchange, refusal: Refusal) -> Ans
         return request.respond(202, None, headers, None)
     headers["Content-Type"] = "application/json"
     ex.status = 200
-    return request.respond(200, None, headers, orjson.dumps(rpc_error(ref, refusal, ex.rule_id, ex.decision_id)))
+    error = rpc_error(ref, refusal, ex.rule_id, ex.decision_id, ex.protocol)
+    return request.respond(200, None, headers, orjson.dumps(error))
 
 
-def rpc_error(ref: RpcRef, refusal: Refusal, rule_id: str | None, decision_id: str) -> dict[str, object]:
+def rpc_error(ref: RpcRef, refusal: Refusal, rule_id: str | None, decision_id: str,
+              protocol: str = "mcp") -> dict[str, object]:
     """A JSON-RPC 2.0 error response: the family's code, the sidecar's message, and why in ``data``."""
+    other, codes = RPC_ERROR_CODES[protocol]
     return {"jsonrpc": "2.0", "id": ref.id, "error": {
-        "code": RPC_ERROR_CODE.get(refusal.reason, RPC_SERVER_ERROR),
+        "code": codes.get(refusal.reason, other),
         "message": f"{refusal.message} (reason: {refusal.reason})",
         "data": {"reason": refusal.reason, "rule_id": rule_id, "decision_id": decision_id}}}

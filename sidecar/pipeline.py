@@ -29,6 +29,7 @@ from typing import Awaitable, Callable
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.a2a_transport import A2aTasks
 from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
@@ -46,6 +47,7 @@ from sidecar.identity.x509 import PeerIdentity
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
+from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
 from sidecar.policy.facts import Facts, build_facts
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
@@ -55,6 +57,7 @@ from sidecar.runtime import Runtime
 from sidecar.tasks import TASK_HEADER, Task
 from sidecar.tracing import traceparent_for
 
+RPC_PROTOCOLS = frozenset({"mcp", "a2a"})  # refusals of one JSON-RPC request are JSON-RPC errors
 DENY_MESSAGES = {
     "no_matching_rule": "policy: no rule allows this request (default deny)",
     "rule_denied": "policy: denied by rule {rule}",
@@ -110,7 +113,8 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
-        answer = rpc_refusal(request, ex, refusal) if ex.protocol == "mcp" else grpc_refusal(request, ex, refusal)
+        rpc = ex.protocol in RPC_PROTOCOLS  # the JSON-RPC session goes on
+        answer = rpc_refusal(request, ex, refusal) if rpc else grpc_refusal(request, ex, refusal)
         return answer or refusal_answer(request, refusal)
     except asyncio.CancelledError:
         mark_cut(ex)
@@ -156,6 +160,7 @@ class Outbound:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.mcp_sessions = McpSessions()
+        self.a2a_tasks = A2aTasks()
 
     def handle(self, request: IncomingRequest) -> Awaitable[Answer]:
         """A request on the outbound listener (CONNECT goes to ``sidecar.connect`` first)."""
@@ -181,8 +186,7 @@ class Outbound:
         if up.protocol == "grpc":
             note_call(ex, route.path)
         body = RequestBody(request, rt.config.outbound.limits, up.timeouts.idle)
-        if up.protocol == "mcp":
-            await self._mcp(request, ex, route, task, body)
+        await self._inspect(request, ex, route, task, body)
         if body.form:
             await body.read()
         forwarded = clean_request_headers(request.headers, rt.drop_sets[up.name])
@@ -231,6 +235,32 @@ class Outbound:
         ex.copy_source = source.shown
         return source
 
+    async def _inspect(self, request: IncomingRequest, ex: Exchange, route: Route, task: Task | None,
+                       body: RequestBody) -> None:
+        """The body stage of the upstream's protocol: MCP, A2A, or none for plain HTTP."""
+        protocol = route.upstream.protocol
+        if protocol == "mcp":
+            await self._mcp(request, ex, route, task, body)
+        elif protocol == "a2a":
+            await self._a2a(request, ex, route, task, body)
+
+    async def _a2a(self, request: IncomingRequest, ex: Exchange, route: Route, task: Task | None,
+                   body: RequestBody) -> None:
+        """A POST is one A2A call, parsed strictly; its task id must be this agent's (and task's)."""
+        ex.protocol = "a2a"
+        if is_websocket(request):
+            raise RequestRefused("bad_request", "a2a: WebSocket upgrades to an A2A upstream are refused")
+        if request.method != "POST":
+            return  # the agent card and other plain reads: HTTP rules
+        limits = self.rt.config.outbound.limits
+        call = parse_a2a_request(await body.read(), request.headers.get("Content-Type"), limits.max_body_bytes)
+        ex.a2a, ex.rpc = call, call.rpc
+        if call.task_id is not None:
+            self.a2a_tasks.check(route.upstream.name, call.task_id, self._a2a_owner(task))
+
+    def _a2a_owner(self, task: Task | None) -> tuple[str | None, ...]:
+        return (self.rt.agent.id, task.id if task else None)
+
     async def _mcp(self, request: IncomingRequest, ex: Exchange, route: Route, task: Task | None,
                    body: RequestBody) -> None:
         ex.protocol = "mcp"
@@ -246,7 +276,7 @@ class Outbound:
         limits = self.rt.config.outbound.limits
         call = parse_mcp_request(await body.read(), request.headers.get("Content-Type"), limits.max_body_bytes)
         check_routing_headers(call, request.headers.getall("Mcp-Method", ()), request.headers.getall("Mcp-Name", ()))
-        ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.mcp_rpc = call.method, call.tool, call.arguments, call.rpc
+        ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.rpc = call.method, call.tool, call.arguments, call.rpc
 
     def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody,
                forwarded: CIMultiDict[str]) -> Facts:
@@ -257,7 +287,8 @@ class Outbound:
                            size=size, upstream=route.upstream.name, agent=self.rt.agent, principal=ex.principal,
                            delegation=ex.delegation,
                            task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
-                           mcp_tool=ex.mcp_tool, grpc_service=ex.grpc_service, grpc_method=ex.grpc_method)
+                           mcp_tool=ex.mcp_tool, grpc_service=ex.grpc_service, grpc_method=ex.grpc_method,
+                           a2a=ex.a2a)
 
     async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
                           task: Task | None) -> Credential | None:
@@ -308,13 +339,17 @@ class Outbound:
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        answer = await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream))
+        answer = await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream, task))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
 
-    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse) -> ChunkFilter | None:
-        """``tools/list`` answers keep only the tools policy lets the agent call (every page)."""
+    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None) -> ChunkFilter | None:
+        """``tools/list`` answers keep only the tools policy lets the agent call (every page); A2A answers
+        to a message bind the task ids they name to this agent and task."""
+        if ex.a2a is not None and ex.a2a.method in MESSAGE_METHODS and upstream.status == 200:
+            media = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            return self.a2a_tasks.observer(ex.upstream or "", self._a2a_owner(task), media)
         if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
             return None
         return tools_list_filter(self.rt.policy, ex.facts, upstream.headers)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sidecar.policy.a2a import A2aCall
 from sidecar.policy.cel_syntax import CelSyntaxError, References, references
 from sidecar.policy.facts import Facts
 
@@ -37,9 +38,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "task": ("id", "trigger"),
     "mcp": ("method", "tool"),
     "grpc": ("service", "method"),
+    "a2a": ("method", "task_id", "context_id", "part_kinds", "metadata", "push_url"),
 }
-VARIABLES: tuple[str, ...] = ("request", "agent", "caller", "principal", "delegation", "task", "mcp", "grpc", "now",
-                              "trust_levels")
+VARIABLES: tuple[str, ...] = ("request", "agent", "caller", "principal", "delegation", "task", "mcp", "grpc", "a2a",
+                              "now", "trust_levels")
 FUNCTIONS = frozenset({
     "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bytes",
     "type", "dyn", "timestamp", "duration", "getFullYear", "getMonth", "getDate", "getDayOfMonth",
@@ -158,7 +160,14 @@ _PRESENT: dict[str, Callable[[Facts], bool]] = {
     "task": lambda f: f.task_id is not None,
     "mcp": lambda f: f.mcp_method is not None,
     "grpc": lambda f: f.grpc_method is not None,
+    "a2a": lambda f: f.a2a is not None,
 }
+def _a2a(facts: Facts) -> A2aCall:
+    """The A2A call, present whenever ``a2a`` is built (:data:`_PRESENT`)."""
+    assert facts.a2a is not None
+    return facts.a2a
+
+
 _ABSENT = ("", "")  # never read: principal is null, not built, without one (_PRESENT)
 _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "request": {"method": lambda f: f.method, "scheme": lambda f: f.scheme, "host": lambda f: f.host,
@@ -172,6 +181,9 @@ _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "task": {"id": lambda f: f.task_id, "trigger": lambda f: f.task_trigger},
     "mcp": {"method": lambda f: f.mcp_method, "tool": lambda f: f.mcp_tool},
     "grpc": {"service": lambda f: f.grpc_service, "method": lambda f: f.grpc_method},
+    "a2a": {"method": lambda f: _a2a(f).method, "task_id": lambda f: _a2a(f).task_id,
+            "context_id": lambda f: _a2a(f).context_id, "part_kinds": lambda f: list(_a2a(f).part_kinds),
+            "metadata": lambda f: _a2a(f).metadata or {}, "push_url": lambda f: _a2a(f).push_url},
 }
 
 

@@ -24,11 +24,14 @@ from datetime import datetime
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from yarl import URL
+
 from sidecar.fields import Fields
 from sidecar.http.target import equivalent_paths, header_elements
 from sidecar.policy.cel import CelCompileError, compile_condition
 from sidecar.policy.facts import Facts
 from sidecar.policy.globs import Check, compile_globs, glob_check, patterns
+from sidecar.policy.a2a import METHODS, method_name
 from sidecar.policy.mcp import TRANSPORT_METHODS, is_lifecycle
 
 DELEGATIONS = ("required", "forbidden", "impersonation_allowed")
@@ -118,17 +121,23 @@ def compile_conditions(f: Fields, head: RuleHead,
 
 
 def _hosts(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
-    hosts = tuple(h.lower().rstrip(".") for h in f.text_list(row.name))
+    match = _host_check(f, row.name)
+    return None if match is None else lambda facts, now: match(facts.host)
+
+
+def _host_check(f: Fields, key: str) -> Callable[[str], bool] | None:
+    """Lowercased host names, or ``*.domain`` (any name below it, not the name itself)."""
+    hosts = tuple(h.lower().rstrip(".") for h in f.text_list(key))
     for i, host in enumerate(hosts):
         if "*" in host[2:] or (host.startswith("*") and not host.startswith("*.")):
-            f.error(f"{row.name}[{i}]", f"must be a host name or *.domain, got {host!r}")
+            f.error(f"{key}[{i}]", f"must be a host name or *.domain, got {host!r}")
     if not hosts:
         return None
     exact = frozenset(h for h in hosts if not h.startswith("*."))
     suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
     if not suffixes:
-        return lambda facts, now: facts.host in exact
-    return lambda facts, now: facts.host in exact or facts.host.endswith(suffixes)
+        return exact.__contains__
+    return lambda host: host in exact or host.endswith(suffixes)
 
 
 def _globs(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
@@ -205,7 +214,7 @@ def _mcp(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     sub.done()
     if not tool_patterns and not method_patterns:
         sub.error("", "must list tools, methods or both")
-    _check_mcp_upstream(f, row.name, head)
+    _check_protocol(f, row.name, head, "mcp")
     lifecycle = head.effect == "allow" and bool(tool_patterns)
     transport = head.effect == "allow"  # the streamable-HTTP transport's GET stream and session DELETE
 
@@ -222,13 +231,49 @@ def _mcp(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     return check
 
 
-def _check_mcp_upstream(f: Fields, key: str, head: RuleHead) -> None:
+def _check_protocol(f: Fields, key: str, head: RuleHead, protocol: str) -> None:
     protocols = head.ctx.upstreams
+    if head.direction == "inbound" and protocol == "a2a":
+        return  # the inbound listener's protocol (inbound.protocol)
     if head.direction == "inbound" or head.upstream is None:
-        f.error(key, "needs an outbound rule with an upstream of protocol mcp")
-    elif protocols.get(head.upstream) not in (None, "mcp"):
-        f.error(key, f"upstream {head.upstream!r} has protocol {protocols[head.upstream]}; mcp rules need "
-                     "protocol mcp")
+        f.error(key, f"needs an outbound rule with an upstream of protocol {protocol}")
+    elif protocols.get(head.upstream) not in (None, protocol):
+        f.error(key, f"upstream {head.upstream!r} has protocol {protocols[head.upstream]}; {protocol} rules need "
+                     f"protocol {protocol}")
+
+
+def _a2a(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
+    """``a2a.methods`` (either spelling) and ``a2a.push_hosts``: an allow rule passes a request that
+    registers a push-notification URL only when it lists that URL's host (an SSRF vector)."""
+    if not f.has(row.name):
+        return None
+    sub = f.sub(row.name)
+    methods = _a2a_methods(sub)
+    hosts = _host_check(sub, "push_hosts")
+    sub.done()
+    if methods is None and hosts is None:
+        sub.error("", "must list methods, push_hosts or both")
+    _check_protocol(f, row.name, head, "a2a")
+    allow = head.effect == "allow"
+
+    def check(facts: Facts, now: datetime) -> bool:
+        call = facts.a2a
+        if call is None or (methods is not None and call.method not in methods):
+            return False
+        if call.push_url is None:
+            return allow or hosts is None
+        return hosts is not None and hosts(URL(call.push_url).host or "") or not allow and hosts is None
+
+    return check
+
+
+def _a2a_methods(f: Fields) -> frozenset[str] | None:
+    names = f.text_list("methods")
+    for i, name in enumerate(names):
+        if method_name(name) is None:
+            f.error(f"methods[{i}]", f"must be an A2A method ({', '.join(METHODS)} or their previous names), "
+                                     f"got {name!r}")
+    return frozenset(method_name(n) or "" for n in names) if names else None
 
 
 def _delegation(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
@@ -298,6 +343,7 @@ CONDITIONS: tuple[ConditionType, ...] = (
     ConditionType("paths", "path", _paths),
     ConditionType("headers", "headers", _headers),
     ConditionType("mcp", "mcp_method", _mcp),  # and mcp_tool for tools/call
+    ConditionType("a2a", "a2a", _a2a),  # its method and push URL
     ConditionType("when.delegation", "delegation", _delegation),
     ConditionType("when.hours", "now", _hours),
     ConditionType("when.expr", "now", _expr),  # and the Facts fields the expression selects

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Protocol
 
 from sidecar.config_model import AgentMeta
+from sidecar.policy.a2a import A2aCall
 
 
 class Agent(Protocol):
@@ -60,6 +61,7 @@ class Facts:
     grpc_service: str | None = None  # a gRPC call's, from its :path (upstream protocol grpc)
     grpc_method: str | None = None
     now: datetime | None = None  # aware UTC; the engine uses its clock when None
+    a2a: A2aCall | None = None  # the parsed A2A call (protocol a2a)
 
 
 def build_facts(*, direction: str, method: str, scheme: str, host: str, path: str, query: str,
@@ -67,11 +69,11 @@ def build_facts(*, direction: str, method: str, scheme: str, host: str, path: st
                 caller_id: str | None = None, principal: tuple[str, str] | None = None, delegation: str = "none",
                 task_id: str | None = None, task_trigger: str | None = None, mcp_method: str | None = None,
                 mcp_tool: str | None = None, grpc_service: str | None = None, grpc_method: str | None = None,
-                now: datetime | None = None) -> Facts:
+                now: datetime | None = None, a2a: A2aCall | None = None) -> Facts:
     """The facts of one request; ``headers`` are the ones that will be forwarded (a multidict), nothing else."""
     return Facts(direction, method, scheme, host, path, query, LazyHeaders(headers), size, upstream, agent,
                  caller_id, principal, delegation, task_id, task_trigger, mcp_method, mcp_tool, grpc_service,
-                 grpc_method, now)
+                 grpc_method, now, a2a)
 
 
 class LazyHeaders(Mapping[str, tuple[str, ...]]):

@@ -186,7 +186,7 @@ def _check_case_variants(obj: dict[str, Any], where: str) -> None:
         raise _refuse(f"keys differing only in case in {where}")
 
 
-def _text(value: Any, what: str, max_chars: int | None = None) -> str:
+def checked_text(value: Any, what: str, max_chars: int | None = None) -> str:
     """A non-empty, well-formed string (no lone surrogates) of at most ``max_chars``, else refused."""
     if not isinstance(value, str) or not value:
         raise _refuse(f"{what} must be a non-empty string")
@@ -199,7 +199,7 @@ def _text(value: Any, what: str, max_chars: int | None = None) -> str:
     return value
 
 
-def _check_envelope(obj: Any) -> dict[str, Any]:
+def check_envelope(obj: Any) -> dict[str, Any]:
     """The request object: one object, only JSON-RPC members, jsonrpc "2.0", a valid id."""
     if isinstance(obj, list):
         raise _refuse("JSON-RPC batches are not supported; send one request per HTTP request")
@@ -260,7 +260,7 @@ def _tool_name(method: str, params: Any) -> str | None:
     arguments = params.get("arguments")
     if arguments is not None and not isinstance(arguments, dict):
         raise _refuse("tools/call params.arguments must be a JSON object")
-    return _text(params.get("name"), "tools/call params.name", MAX_NAME_CHARS)
+    return checked_text(params.get("name"), "tools/call params.name", MAX_NAME_CHARS)
 
 
 def parse_mcp_request(
@@ -273,7 +273,7 @@ def parse_mcp_request(
     obj = loads_strict(body, max_depth)
     if isinstance(obj, dict) and "method" not in obj and ("result" in obj or "error" in obj):
         return _response(obj)
-    obj = _check_envelope(obj)
+    obj = check_envelope(obj)
     try:
         return _request(obj)
     except RequestRefused as refusal:  # the id is known: the refusal can be answered in JSON-RPC
@@ -282,7 +282,7 @@ def parse_mcp_request(
 
 def _request(obj: dict[str, Any]) -> McpCall:
     """A request object whose envelope was checked: its method, and for tools/call the tool name."""
-    method = _text(obj.get("method"), "method", MAX_NAME_CHARS)
+    method = checked_text(obj.get("method"), "method", MAX_NAME_CHARS)
     if method.startswith("rpc."):
         raise _refuse("methods starting with 'rpc.' are reserved by JSON-RPC 2.0")
     if "params" in obj and obj["params"] is None:
@@ -344,7 +344,7 @@ def _listed_name(tool: Any) -> str:
     if not isinstance(tool, dict):
         raise _refuse("tools/list entries must be objects")
     _check_case_variants(tool, "a tools/list entry")
-    return _text(tool.get("name"), "tools/list entry name")
+    return checked_text(tool.get("name"), "tools/list entry name")
 
 
 def _dumps(message: Any) -> str:
