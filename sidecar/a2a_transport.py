@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from sidecar.errors import RequestRefused
+from sidecar.http.sse import SseData
 
 MAX_TASKS = 10_000
 TASK_IDLE_TTL = 24 * 3600.0  # seconds a task id may go unused before it is forgotten
@@ -78,6 +79,7 @@ class _Learner:
     def __init__(self, bind: Callable[[str], None]) -> None:
         self._bind = bind
         self._buffer = bytearray()
+        self._events = SseData(MAX_ANSWER_BYTES)
 
     def json(self, chunk: bytes, final: bool) -> None:
         if len(self._buffer) <= MAX_ANSWER_BYTES:
@@ -86,13 +88,8 @@ class _Learner:
             self._answer(bytes(self._buffer))
 
     def sse(self, chunk: bytes, final: bool) -> None:
-        self._buffer += chunk.replace(b"\r\n", b"\n")
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            event, self._buffer = bytes(self._buffer[:end]), self._buffer[end + 2:]
-            data = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+        for data in self._events.feed(chunk):
             self._answer(data)
-        if len(self._buffer) > MAX_ANSWER_BYTES:
-            self._buffer.clear()
 
     def _answer(self, data: bytes) -> None:
         try:

@@ -43,6 +43,7 @@ STATUS: dict[str, int] = {
     "approval_timeout": 403,
     "approval_denied": 403,
     "rate_limited": 429,
+    "budget_exhausted": 429,
     "unknown_task": 403,
     "task_ended": 403,
     "revoked": 403,

@@ -22,6 +22,7 @@ from sidecar.observe.decision_log import CLOCK
 
 if TYPE_CHECKING:
     from sidecar.policy.a2a import A2aCall
+    from sidecar.policy.llm import LlmCall
     from sidecar.policy.mcp import RpcRef
 
 EVENT_VERSION = 3  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields
@@ -96,6 +97,10 @@ class Exchange:
     mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers; not part of the event
     rpc: RpcRef | None = None  # the MCP or A2A message's id, to answer a refusal in JSON-RPC; not part of the event
     a2a: A2aCall | None = None  # the parsed A2A call: its method and task id are part of the event
+    llm: LlmCall | None = None  # the parsed LLM API call: its model is part of the event
+    tokens_in: int | None = None  # the usage the LLM API reported
+    tokens_out: int | None = None
+    budget: Any = None  # (key, Budget) the answer's usage is charged to; not part of the event
     kept: bool = False  # let in with room in the log: its event is never dropped (logging.on_backpressure)
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
@@ -162,7 +167,8 @@ class Exchange:
                 "grpc_service": self.grpc_service, "grpc_method": self.grpc_method,
                 "a2a_method": self.a2a.method if self.a2a else None,
                 "a2a_task_id": self.a2a.task_id if self.a2a else None,
-                "override": self.override, "copy_source": self.copy_source,
+                "llm_model": self.llm.model if self.llm else None, "tokens_in": self.tokens_in,
+                "tokens_out": self.tokens_out, "override": self.override, "copy_source": self.copy_source,
                 "scheme": facts.scheme if facts else None, "query": facts.query if facts else None,
                 "size": facts.size if facts else None}
 

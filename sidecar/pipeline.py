@@ -44,12 +44,14 @@ from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
 from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
 from sidecar.identity.inbound import Caller, InboundIdentity, agent_headers
 from sidecar.identity.x509 import PeerIdentity
+from sidecar.llm_usage import TokenBudgets, api_refusal, usage_observer
 from sidecar.mcp_filter import tools_list_filter
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
 from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
 from sidecar.policy.facts import Facts, build_facts
+from sidecar.policy.llm import endpoint_of, parse_llm_request
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
 from sidecar.policy.readings import screen
 from sidecar.routing import Route
@@ -113,6 +115,8 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
+        if ex.protocol == "openai":  # in the API's own error shape: the SDK shows the sidecar's message
+            return api_refusal(request, ex, refusal)
         rpc = ex.protocol in RPC_PROTOCOLS  # the JSON-RPC session goes on
         answer = rpc_refusal(request, ex, refusal) if rpc else grpc_refusal(request, ex, refusal)
         return answer or refusal_answer(request, refusal)
@@ -161,6 +165,7 @@ class Outbound:
         self.rt = rt
         self.mcp_sessions = McpSessions()
         self.a2a_tasks = A2aTasks()
+        self.budgets = TokenBudgets()  # outside the compiled policy: a reload keeps what was spent
 
     def handle(self, request: IncomingRequest) -> Awaitable[Answer]:
         """A request on the outbound listener (CONNECT goes to ``sidecar.connect`` first)."""
@@ -197,6 +202,7 @@ class Outbound:
         source = self._copy_source(forwarded, ex, route)
         decision = rt.policy.decide(ex.facts, *reading.alternatives(ex.facts))
         held = apply_decision(ex, decision)
+        self._budget(ex, decision)
         if source is not None:
             authorize_copy_source(rt, ex.facts, source)
         if held:  # the approver sees the digest of the very body that is then sent
@@ -243,6 +249,26 @@ class Outbound:
             await self._mcp(request, ex, route, task, body)
         elif protocol == "a2a":
             await self._a2a(request, ex, route, task, body)
+        elif protocol == "openai":
+            await self._llm(request, ex, route, body)
+
+    async def _llm(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody) -> None:
+        """A POST to an LLM API endpoint: its body must parse, and policy sees the model and token cap."""
+        ex.protocol = "openai"
+        endpoint = endpoint_of(route.path)
+        if request.method != "POST" or endpoint is None:
+            return  # the model list and other reads: HTTP rules
+        limits = self.rt.config.outbound.limits
+        ex.llm = parse_llm_request(await body.read(), request.headers.get("Content-Type"), endpoint,
+                                   limits.max_body_bytes)
+
+    def _budget(self, ex: Exchange, decision: Decision) -> None:
+        """An allowing rule's token budget: refused once spent, else charged with this answer's usage."""
+        if decision.budget is None or ex.llm is None or decision.effect == "deny":
+            return
+        key = (decision.rule_id, self.rt.agent.id, ex.task_id, ex.principal)
+        self.budgets.check(key, decision.budget)
+        ex.budget = (key, decision.budget)
 
     async def _a2a(self, request: IncomingRequest, ex: Exchange, route: Route, task: Task | None,
                    body: RequestBody) -> None:
@@ -288,7 +314,7 @@ class Outbound:
                            delegation=ex.delegation,
                            task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
                            mcp_tool=ex.mcp_tool, grpc_service=ex.grpc_service, grpc_method=ex.grpc_method,
-                           a2a=ex.a2a)
+                           a2a=ex.a2a, llm=ex.llm)
 
     async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
                           task: Task | None) -> Credential | None:
@@ -344,12 +370,23 @@ class Outbound:
             ex.grpc_status = grpc_status(upstream)
         return answer
 
+    def _used(self, ex: Exchange, tokens_in: int, tokens_out: int) -> None:
+        """The usage an LLM answer reported: in the event, and charged to the rule's budget. A stream may
+        report it more than once, each time the whole so far: only what is new is charged."""
+        charged = (ex.tokens_in or 0) + (ex.tokens_out or 0)
+        ex.tokens_in, ex.tokens_out = tokens_in, tokens_out
+        if ex.budget is not None and tokens_in + tokens_out > charged:
+            key, budget = ex.budget
+            self.budgets.charge(key, budget, tokens_in + tokens_out - charged)
+
     def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None) -> ChunkFilter | None:
         """``tools/list`` answers keep only the tools policy lets the agent call (every page); A2A answers
         to a message bind the task ids they name to this agent and task."""
+        if ex.llm is not None and upstream.status == 200:
+            return usage_observer(_media_type(upstream), lambda tokens_in, tokens_out: self._used(ex, tokens_in,
+                                                                                                  tokens_out))
         if ex.a2a is not None and ex.a2a.method in MESSAGE_METHODS and upstream.status == 200:
-            media = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            return self.a2a_tasks.observer(ex.upstream or "", self._a2a_owner(task), media)
+            return self.a2a_tasks.observer(ex.upstream or "", self._a2a_owner(task), _media_type(upstream))
         if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
             return None
         return tools_list_filter(self.rt.policy, ex.facts, upstream.headers)
@@ -434,6 +471,10 @@ def _inbound_host(request: IncomingRequest) -> str:
         return normalize_host(request.headers.get("Host", ""), "https")[0]
     except Refusal:
         return ""
+
+
+def _media_type(upstream: UpstreamResponse) -> str:
+    return upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
 
 
 def _opened(ex: Exchange, status: int) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from sidecar.policy.a2a import A2aCall
 from sidecar.policy.cel_syntax import CelSyntaxError, References, references
 from sidecar.policy.facts import Facts
+from sidecar.policy.llm import LlmCall
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "request": ("method", "scheme", "host", "path", "query", "headers", "size"),
@@ -39,9 +40,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "mcp": ("method", "tool"),
     "grpc": ("service", "method"),
     "a2a": ("method", "task_id", "context_id", "part_kinds", "metadata", "push_url"),
+    "llm": ("endpoint", "model", "stream", "max_tokens"),
 }
 VARIABLES: tuple[str, ...] = ("request", "agent", "caller", "principal", "delegation", "task", "mcp", "grpc", "a2a",
-                              "now", "trust_levels")
+                              "llm", "now", "trust_levels")
 FUNCTIONS = frozenset({
     "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bytes",
     "type", "dyn", "timestamp", "duration", "getFullYear", "getMonth", "getDate", "getDayOfMonth",
@@ -161,11 +163,18 @@ _PRESENT: dict[str, Callable[[Facts], bool]] = {
     "mcp": lambda f: f.mcp_method is not None,
     "grpc": lambda f: f.grpc_method is not None,
     "a2a": lambda f: f.a2a is not None,
+    "llm": lambda f: f.llm is not None,
 }
 def _a2a(facts: Facts) -> A2aCall:
     """The A2A call, present whenever ``a2a`` is built (:data:`_PRESENT`)."""
     assert facts.a2a is not None
     return facts.a2a
+
+
+def _llm(facts: Facts) -> LlmCall:
+    """The LLM call, present whenever ``llm`` is built (:data:`_PRESENT`)."""
+    assert facts.llm is not None
+    return facts.llm
 
 
 _ABSENT = ("", "")  # never read: principal is null, not built, without one (_PRESENT)
@@ -184,6 +193,8 @@ _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "a2a": {"method": lambda f: _a2a(f).method, "task_id": lambda f: _a2a(f).task_id,
             "context_id": lambda f: _a2a(f).context_id, "part_kinds": lambda f: list(_a2a(f).part_kinds),
             "metadata": lambda f: _a2a(f).metadata or {}, "push_url": lambda f: _a2a(f).push_url},
+    "llm": {"endpoint": lambda f: _llm(f).endpoint, "model": lambda f: _llm(f).model,
+            "stream": lambda f: _llm(f).stream, "max_tokens": lambda f: _llm(f).max_tokens},
 }
 
 

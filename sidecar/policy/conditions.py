@@ -267,6 +267,21 @@ def _a2a(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     return check
 
 
+def _llm(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
+    """``llm.models``: globs over the model an LLM API call names (``protocol: openai`` upstreams)."""
+    if not f.has(row.name):
+        return None
+    sub = f.sub(row.name)
+    models = patterns(sub, "models")
+    sub.done()
+    if not models:
+        sub.error("", "must list models")
+        return None
+    _check_protocol(f, row.name, head, "openai")
+    match = compile_globs(models)
+    return lambda facts, now: facts.llm is not None and match(facts.llm.model)
+
+
 def _a2a_methods(f: Fields) -> frozenset[str] | None:
     names = f.text_list("methods")
     for i, name in enumerate(names):
@@ -344,6 +359,7 @@ CONDITIONS: tuple[ConditionType, ...] = (
     ConditionType("headers", "headers", _headers),
     ConditionType("mcp", "mcp_method", _mcp),  # and mcp_tool for tools/call
     ConditionType("a2a", "a2a", _a2a),  # its method and push URL
+    ConditionType("llm", "llm", _llm),  # the model
     ConditionType("when.delegation", "delegation", _delegation),
     ConditionType("when.hours", "now", _hours),
     ConditionType("when.expr", "now", _expr),  # and the Facts fields the expression selects

@@ -47,7 +47,7 @@ from sidecar.fields import Fields
 from sidecar.policy.cel import ConditionFailed
 from sidecar.policy.conditions import LoadContext
 from sidecar.policy.facts import Facts
-from sidecar.policy.model import DIRECTIONS, Rule, parse_rule
+from sidecar.policy.model import DIRECTIONS, Budget, Rule, parse_rule
 from sidecar.policy.ratelimit import Limit, RateLimiter
 
 Index = dict[str, dict[str | None, dict[str | None, tuple[Rule, ...]]]]
@@ -68,6 +68,7 @@ class Decision:
     retry_after: int | None  # seconds, with rate_limited
     policy_version: str
     detail: str | None = None  # for reason_detail (what a condition failed on); never a request value
+    budget: Budget | None = None  # the allowing rule's LLM token budget (counted by the pipeline)
 
 
 class _Outcome(NamedTuple):
@@ -205,7 +206,7 @@ class PolicySet:
             grants = outcome.effect != "deny"
             decision = Decision(outcome.effect, outcome.reason, rule.id, rule.credential if grants else None,
                                 rule.scopes if grants else None, rule.delegation, audit, outcome.retry_after,
-                                self.version, outcome.detail)
+                                self.version, outcome.detail, rule.budget if grants else None)
         if plain:
             self._decisions[outcome] = decision
         return decision

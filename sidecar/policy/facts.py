@@ -15,6 +15,7 @@ from typing import Protocol
 
 from sidecar.config_model import AgentMeta
 from sidecar.policy.a2a import A2aCall
+from sidecar.policy.llm import LlmCall
 
 
 class Agent(Protocol):
@@ -62,6 +63,7 @@ class Facts:
     grpc_method: str | None = None
     now: datetime | None = None  # aware UTC; the engine uses its clock when None
     a2a: A2aCall | None = None  # the parsed A2A call (protocol a2a)
+    llm: LlmCall | None = None  # the parsed LLM API call (protocol openai)
 
 
 def build_facts(*, direction: str, method: str, scheme: str, host: str, path: str, query: str,
@@ -69,11 +71,11 @@ def build_facts(*, direction: str, method: str, scheme: str, host: str, path: st
                 caller_id: str | None = None, principal: tuple[str, str] | None = None, delegation: str = "none",
                 task_id: str | None = None, task_trigger: str | None = None, mcp_method: str | None = None,
                 mcp_tool: str | None = None, grpc_service: str | None = None, grpc_method: str | None = None,
-                now: datetime | None = None, a2a: A2aCall | None = None) -> Facts:
+                now: datetime | None = None, a2a: A2aCall | None = None, llm: LlmCall | None = None) -> Facts:
     """The facts of one request; ``headers`` are the ones that will be forwarded (a multidict), nothing else."""
     return Facts(direction, method, scheme, host, path, query, LazyHeaders(headers), size, upstream, agent,
                  caller_id, principal, delegation, task_id, task_trigger, mcp_method, mcp_tool, grpc_service,
-                 grpc_method, now, a2a)
+                 grpc_method, now, a2a, llm)
 
 
 class LazyHeaders(Mapping[str, tuple[str, ...]]):

@@ -5,7 +5,7 @@ here, once, by the table of :mod:`sidecar.policy.conditions`: glob patterns beco
 sets (:mod:`sidecar.policy.globs`), ``hours`` a zone and minute window, ``expr`` a CEL program.
 Per request, the engine runs :attr:`Rule.checks`, the tuple of compiled checks (the static part:
 hosts, agents, callers, paths, headers, mcp; then the ``when`` part: delegation, hours, expr).
-What an allow grants (credential, scopes, rate_limit) is read here too, beside the conditions.
+What an allow grants (credential, scopes, rate_limit, an LLM token budget) is read here too, beside the conditions.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ class RateLimit:
     key: str  # agent | task
 
 
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """``budget: {tokens, per}``: LLM tokens per (rule, agent, task, principal) per window (seconds)."""
+
+    tokens: int
+    per: float
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Rule:
     """One compiled rule; ``order`` is its position across all files (file order, then list order).
@@ -53,6 +61,7 @@ class Rule:
     scopes: tuple[str, ...] | None
     rate_limit: RateLimit | None
     description: str = ""
+    budget: Budget | None = None
 
 
 # -- rule fields --------------------------------------------------------------------
@@ -72,12 +81,13 @@ def parse_rule(f: Fields, order: int, ctx: LoadContext) -> Rule | None:
     checks, conditional = compile_conditions(f, RuleHead(direction, effect, upstream, ctx))
     credential, scopes = _credential(f, direction, effect, upstream, ctx)
     rate_limit = _rate_limit(f, effect)
+    budget = _budget(f, effect)
     description = f.text("description", "")
     f.done()
     if len(f.errors) > before or rule_id is None or direction is None or effect is None:
         return None
     return Rule(rule_id, order, f.path, direction, effect, ctx.file_audit or mode == "audit", upstream, methods,
-                checks, conditional, _delegation(f), credential, scopes, rate_limit, description)
+                checks, conditional, _delegation(f), credential, scopes, rate_limit, description, budget)
 
 
 def _delegation(f: Fields) -> str | None:
@@ -131,6 +141,21 @@ def _credential(f: Fields, direction: str | None, effect: str | None, upstream: 
         f.error("credential", "needs upstream: a credential goes only to the upstream its rule names "
                               "(without one, every upstream the rule matches would receive it)")
     return name, scopes
+
+
+def _budget(f: Fields, effect: str | None) -> Budget | None:
+    """Counted from the usage an LLM API reports (``protocol: openai`` upstreams, sidecar.llm_usage)."""
+    if not f.has("budget"):
+        return None
+    sub = f.sub("budget")
+    tokens = sub.integer("tokens", minimum=1, required=True)
+    per = sub.duration("per", required=True)
+    sub.done()
+    if effect != "allow":
+        f.error("budget", "applies only to allow rules")
+    if per is not None and per <= 0:
+        sub.error("per", "must be a positive duration")
+    return Budget(tokens, per) if tokens is not None and per and per > 0 else None
 
 
 def _rate_limit(f: Fields, effect: str | None) -> RateLimit | None:
