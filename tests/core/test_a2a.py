@@ -28,8 +28,9 @@ from a2a.types.a2a_pb2 import (
 )
 
 from sidecar.a2a_transport import A2aTasks, task_ids
-from sidecar.errors import RequestRefused
+from sidecar.errors import ConfigInvalid, RequestRefused
 from sidecar.policy.a2a import A2aCall, parse_a2a_request
+from sidecar.policy.engine import load_policy
 from sidecar.policy.mcp import RpcRefused
 from tests.harness import admin
 
@@ -254,3 +255,43 @@ async def test_a_push_notification_url_is_checked_against_policy(make_sidecar: A
             assert "policy:" in str(exc)
     event = (await h.settle())[-1]
     assert (event["target"]["a2a_method"], event["reason"]) == ("CreateTaskPushNotificationConfig", reason)
+
+
+# --- rules: what a policy file may say -------------------------------------------------------------
+
+def load(rule: dict[str, Any], tmp_path: Path) -> list[str]:
+    """The load errors of a policy with this one rule (upstreams: planner a2a, llm openai, api http)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps({"version": 1, "default": "deny", "rules": [{"id": "r", "effect": "allow", **rule}]}))
+    try:
+        load_policy([path], upstreams={"planner": "a2a", "llm": "openai", "api": "http"}, credentials={})
+    except ConfigInvalid as invalid:
+        return [str(error) for error in invalid.errors]
+    return []
+
+
+OUT = {"direction": "outbound"}
+
+
+@pytest.mark.parametrize("rule, error", [
+    # either spelling of a method, and push hosts
+    ({**OUT, "upstream": "planner", "a2a": {"methods": ["message/send", "GetTask"],
+                                            "push_hosts": ["*.example.com"]}}, None),
+    # a method A2A does not have, with the ones it has
+    ({**OUT, "upstream": "planner", "a2a": {"methods": ["tasks/list"]}}, "must be an A2A method (SendMessage"),
+    ({**OUT, "upstream": "planner", "a2a": {}}, "must list methods, push_hosts or both"),
+    # an a2a rule needs an a2a upstream
+    ({**OUT, "upstream": "api", "a2a": {"methods": ["GetTask"]}}, "a2a rules need protocol a2a"),
+    ({**OUT, "upstream": "llm", "llm": {"models": ["gpt-4o-*"]}, "budget": {"tokens": 1000, "per": "1h"}}, None),
+    ({**OUT, "upstream": "planner", "llm": {"models": ["gpt-4o"]}}, "openai rules need protocol openai"),
+    # a budget is something an allow grants
+    ({**OUT, "upstream": "llm", "budget": {"tokens": 0, "per": "1h"}}, "budget.tokens: must be an integer >= 1"),
+    ({**OUT, "upstream": "llm", "budget": {"tokens": 10, "per": "1h"}, "effect": "deny"}, "applies only to allow"),
+])
+def test_a2a_and_llm_rules_are_checked_at_load(rule: dict[str, Any], error: str | None, tmp_path: Path) -> None:
+    """The a2a and llm rows of the conditions table, and budget, as a policy author meets them."""
+    errors = load(rule, tmp_path)
+    if error is None:
+        assert errors == []
+    else:
+        assert any(error in e for e in errors), errors
