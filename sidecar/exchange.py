@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,6 +24,7 @@ from sidecar.observe.decision_log import CLOCK
 if TYPE_CHECKING:
     from sidecar.policy.a2a import A2aCall
     from sidecar.policy.llm import LlmCall
+    from sidecar.policy.model import Budget
     from sidecar.policy.mcp import RpcRef
 
 EVENT_VERSION = 3  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields
@@ -100,7 +102,7 @@ class Exchange:
     llm: LlmCall | None = None  # the parsed LLM API call: its model is part of the event
     tokens_in: int | None = None  # the usage the LLM API reported
     tokens_out: int | None = None
-    budget: Any = None  # (key, Budget) the answer's usage is charged to; not part of the event
+    budget: tuple[Hashable, Budget] | None = None  # the key and budget its usage is charged to; not in the event
     kept: bool = False  # let in with room in the log: its event is never dropped (logging.on_backpressure)
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:

@@ -233,8 +233,6 @@ def _mcp(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
 
 def _check_protocol(f: Fields, key: str, head: RuleHead, protocol: str) -> None:
     protocols = head.ctx.upstreams
-    if head.direction == "inbound" and protocol == "a2a":
-        return  # the inbound listener's protocol (inbound.protocol)
     if head.direction == "inbound" or head.upstream is None:
         f.error(key, f"needs an outbound rule with an upstream of protocol {protocol}")
     elif protocols.get(head.upstream) not in (None, protocol):
