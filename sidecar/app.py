@@ -175,6 +175,7 @@ class Sidecar:
     _watcher: FileWatcher = field(default_factory=FileWatcher)
     _bus: RedisBus | None = None
     _limiter: RateLimiter = field(default_factory=RateLimiter)
+    _monitor: LoopMonitor | None = None
 
     # -- start ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -271,7 +272,7 @@ class Sidecar:
         self._resources.push_async_callback(self._bus.aclose)
 
     def _start_monitor(self) -> None:
-        monitor = LoopMonitor(self.config.observability, self.metrics)
+        monitor = self._monitor = LoopMonitor(self.config.observability, self.metrics)
         monitor.start()
         self._resources.callback(monitor.stop)
 
@@ -279,8 +280,10 @@ class Sidecar:
         """Health, metrics and admin first (they answer until the drain is over), then the listeners that
         carry exchanges, registered as one before the first of them binds."""
         cfg = self.config
-        for name, app, listen in (("health", health.build(self), cfg.health_listen),
-                                  ("metrics", health.build_metrics(self), cfg.metrics_listen),
+        thread = health.HealthThread(health.build(self), cfg.health_listen)  # its own loop (health.py says why)
+        self.ports["health"] = await thread.start()
+        self._resources.push_async_callback(thread.stop)
+        for name, app, listen in (("metrics", health.build_metrics(self), cfg.metrics_listen),
                                   ("admin", admin.build(self), cfg.admin.listen)):
             await self._start_app(name, app, listen)
         self._listeners = ExchangeListeners(cfg.drain, self._drain_over)
@@ -344,6 +347,10 @@ class Sidecar:
             return False
         verifier = self.runtime.verifier
         return verifier is None or verifier.ready
+
+    @property
+    def loop_silent_for(self) -> float:
+        return self._monitor.silent_for() if self._monitor is not None else 0.0
 
     @property
     def policy_version(self) -> str:

@@ -114,6 +114,11 @@ class Control(Protocol):
     def draining(self) -> bool: ...
 
     @property
+    def loop_silent_for(self) -> float:
+        """Seconds the event loop serving exchanges has not run (about 0 while it runs); read from the
+        health thread."""
+
+    @property
     def policy_version(self) -> str: ...
 
     @property

@@ -88,7 +88,9 @@ class Signer:
 
     def rotate(self, key: SigningKey) -> None:
         if key.kid != self.key.kid:
-            self._previous.append((self.key, time.time() + KEEP_PREVIOUS_FOR))
+            now = time.time()
+            self._previous = [(k, until) for k, until in self._previous if until > now]
+            self._previous.append((self.key, now + KEEP_PREVIOUS_FOR))
             self.key = key
 
     def sign(self, claims: dict[str, Any], *, ttl: float, typ: str = "JWT") -> tuple[str, str, float]:
@@ -102,9 +104,10 @@ class Signer:
         return token, jti, float(exp)
 
     def jwks(self) -> dict[str, Any]:
+        """Read only (pruned in :meth:`rotate`): the health thread serves it while the loop may rotate."""
         now = time.time()
-        self._previous = [(k, until) for k, until in self._previous if until > now]
-        return {"keys": [self.key.public_jwk(), *(k.public_jwk() for k, _ in self._previous)]}
+        previous = [k for k, until in self._previous if until > now]
+        return {"keys": [self.key.public_jwk(), *(k.public_jwk() for k in previous)]}
 
     def __repr__(self) -> str:
         return f"Signer(kid={self.key.kid!r}, alg={self.key.algorithm!r}, issuer={self.issuer!r})"

@@ -62,6 +62,13 @@ class LoopMonitor:
         self._thread = threading.Thread(target=self._watch, name="sidecar-loop-watchdog", daemon=True)
         self._thread.start()
 
+    def silent_for(self) -> float:
+        """Seconds since the loop last ran its sampling timer, beyond one interval (0 while it runs); safe
+        to read from any thread."""
+        if self._loop is None:
+            return 0.0
+        return max(0.0, time.monotonic() - self._ticked - self.settings.loop_sample_interval)
+
     def stop(self) -> None:
         self._stop.set()
         if self._timer is not None:

@@ -79,9 +79,11 @@ class Sidecar:
             **{name: {"listen": f"127.0.0.1:{self.ports[name]}"} for name in ("health", "metrics", "admin")}}))
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, log: Path | None = None) -> None:
+        """Run it; its output (events, warnings such as the loop watchdog's) to ``log`` when given."""
+        out = log.open("wb") if log is not None else subprocess.DEVNULL
         self.process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(self.config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 from aiohttp import web
 
+from sidecar import health
 from sidecar.http2.listen import H2cServer
 from tests.scenarios.inbound import POLICY as INBOUND_POLICY
 from tests.scenarios.inbound import client_context, inbound_config
@@ -157,3 +162,44 @@ async def test_a_burst_of_connections_is_answered_or_refused_never_hung(make_sid
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 1
     events = await h.settle()
     assert len(overload_events(events)) == statuses.count(503)
+
+
+def _get(port: int, path: str) -> tuple[int, dict]:
+    """A blocking GET, for a thread: the test's own loop may be the one that is blocked."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=SAFETY) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+async def test_health_answers_while_the_data_loop_is_busy(make_sidecar, upstream):
+    """Health has its own thread and loop: /readyz and /healthz are answered while the loop that serves
+    exchanges is held (here, blocked until the answers have arrived: on that loop they never would)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    with ThreadPoolExecutor(2) as pool:
+        ready, alive = pool.submit(_get, h.port("health"), "/readyz"), pool.submit(_get, h.port("health"), "/healthz")
+        answers = ready.result(SAFETY), alive.result(SAFETY)  # blocks this loop, the sidecar's, meanwhile
+    assert answers[0][0] == 200 and answers[0][1]["status"] == "ready"
+    assert answers[1] == (200, {"status": "alive"})
+
+
+async def test_health_says_stalled_while_the_data_loop_has_not_run(make_sidecar, upstream, monkeypatch):
+    """A loop silent for ``health.STALLED`` fails both probes with a reason, as the probe that used to wait
+    on a stuck loop timed out; they pass again once it runs."""
+    monkeypatch.setattr(health, "STALLED", 0.2)
+    h = await make_sidecar(config_for(upstream), POLICY)
+
+    def until_stalled() -> list[tuple[int, dict]]:
+        for _ in range(int(SAFETY / 0.05)):
+            answers = [_get(h.port("health"), "/healthz"), _get(h.port("health"), "/readyz")]
+            if answers[0][0] == 503:
+                return answers
+            time.sleep(0.05)
+        return answers
+
+    with ThreadPoolExecutor(1) as pool:
+        stalled = pool.submit(until_stalled).result(SAFETY)  # the loop is blocked until then
+    assert stalled == [(503, {"status": "stalled"}), (503, {"status": "not_ready", "reason": "stalled"})]
+    await asyncio.sleep(0.3)  # the loop runs again: its sampling timer ticks
+    assert await asyncio.to_thread(_get, h.port("health"), "/healthz") == (200, {"status": "alive"})
