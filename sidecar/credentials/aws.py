@@ -156,7 +156,7 @@ class _Sts:
         self._session: aiohttp.ClientSession | None = None
 
     async def assume_role(self) -> Credential:
-        token = self._web_identity_token()
+        token = await self._web_identity_token()
         form = {"Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15", "RoleArn": self._source.role_arn,
                 "RoleSessionName": self._session_name, "WebIdentityToken": token,
                 "DurationSeconds": str(self._source.duration)}
@@ -173,9 +173,9 @@ class _Sts:
         return Credential(type=AwsSigV4Spec.type, provider=self._name, id=keyed_id(self._deps.id_key, creds.access_key_id),
                           expires_at=creds.expires_at, issued_at=issued_at, standing=False, material=creds)
 
-    def _web_identity_token(self) -> str:
+    async def _web_identity_token(self) -> str:
         if self._source.token_file is not None:
-            return self._read_token_file(self._source.token_file)
+            return await self._read_token_file(self._source.token_file)
         signer = self._deps.signer
         if signer is None:
             raise CredentialUnavailable(f"credentials: {self._name}: web identity needs identity.signing_key",
@@ -184,9 +184,10 @@ class _Sts:
         token, _, _ = signer.sign(claims, ttl=WEB_IDENTITY_TTL)
         return str(token)
 
-    def _read_token_file(self, path: Path) -> str:
+    async def _read_token_file(self, path: Path) -> str:
+        """Read in a worker thread: the file is on a projected volume, whose read may block the loop."""
         try:
-            token = path.read_text().strip()
+            token = (await asyncio.to_thread(path.read_text)).strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise CredentialUnavailable(f"credentials: {self._name}: cannot read the web identity token_file "
                                         f"{path}", detail=f"token_file: {type(exc).__name__}") from None
@@ -198,19 +199,22 @@ class _Sts:
     async def _post(self, form: str) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8", "Accept": "text/xml"}
         try:
-            async with self._client().post(self._source.sts_url, data=form.encode(), headers=headers,
-                                           allow_redirects=False) as response:
+            session = await self._client()
+            async with session.post(self._source.sts_url, data=form.encode(), headers=headers,
+                                    allow_redirects=False) as response:
                 body = await response.content.read(MAX_STS_RESPONSE + 1)
                 return response.status, body
         except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
             host = urlsplit(self._source.sts_url).hostname
             raise StsError(f"sts: unreachable ({type(exc).__name__} for {host})") from None
 
-    def _client(self) -> aiohttp.ClientSession:
+    async def _client(self) -> aiohttp.ClientSession:
+        """The STS session; its TLS context is built in a worker thread (~120 ms with the system store)."""
         if self._session is None or self._session.closed:
-            context = client_ssl_context(str(self._source.ca) if self._source.ca else None)
-            connector = aiohttp.TCPConnector(ssl=context)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=STS_TIMEOUT)
+            context = await asyncio.to_thread(client_ssl_context, str(self._source.ca) if self._source.ca else None)
+            if self._session is None or self._session.closed:  # not built by a concurrent fetch meanwhile
+                self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context),
+                                                      timeout=STS_TIMEOUT)
         return self._session
 
     async def aclose(self) -> None:

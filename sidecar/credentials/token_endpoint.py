@@ -209,7 +209,7 @@ class TokenEndpoint:
         return parse_token_response(self.name, body)
 
     async def _post(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
-        session = self._http()
+        session = await self._http()
         try:
             async with session.post(self.endpoint.token_url, data=form, headers=headers,
                                     allow_redirects=False) as resp:
@@ -223,26 +223,43 @@ class TokenEndpoint:
         log.warning("token_request_failed", provider=self.name, error=detail)
         raise CredentialUnavailable(f"credentials: {self.name}: token endpoint {why}", detail=f"token endpoint: {detail}")
 
-    def _http(self) -> aiohttp.ClientSession:
+    def _current(self, cert: str | None) -> aiohttp.ClientSession | None:
+        session = self._session
+        return session if session is not None and not session.closed and cert == self._session_cert else None
+
+    async def _http(self) -> aiohttp.ClientSession:
+        """The session for the current SVID. Its TLS context is built in a worker thread: with the
+        system trust store that takes ~120 ms, which on the loop would stall every exchange."""
         cert = self.cert_thumbprint()
-        if self._session is not None and not self._session.closed and cert == self._session_cert:
-            return self._session
-        if self._session is not None:  # the SVID rotated: requests in flight finish, then it closes
-            old = self._session
-            self._retired = [s for s in self._retired if not s.closed] + [old]  # bounded across rotations
-            asyncio.get_running_loop().call_later(self.endpoint.timeout + 1, lambda: asyncio.ensure_future(old.close()))
-        cert_key: tuple[str | None, str | None] = (None, None)
-        if self.endpoint.auth == "tls_client_auth":
-            if self._deps.svid is None:
-                raise CredentialUnavailable(f"credentials: {self.name}: tls_client_auth needs this sidecar's SVID")
-            cert_key = self._deps.svid.client_files()
-        ca = str(self.endpoint.ca) if self.endpoint.ca else None
-        connector = aiohttp.TCPConnector(ssl=client_ssl_context(ca, *cert_key), limit=8, keepalive_timeout=30)
+        if (session := self._current(cert)) is not None:
+            return session
+        context = await asyncio.to_thread(client_ssl_context, *self._context_files())
+        if (session := self._current(cert)) is not None:  # a concurrent request built it meanwhile
+            return session
+        self._retire()
+        connector = aiohttp.TCPConnector(ssl=context, limit=8, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
                                               cookie_jar=aiohttp.DummyCookieJar(),
                                               timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout))
         self._session_cert = cert
         return self._session
+
+    def _context_files(self) -> tuple[str | None, str | None, str | None]:
+        """The CA file and (``tls_client_auth``) the SVID's certificate and key files."""
+        cert_key: tuple[str | None, str | None] = (None, None)
+        if self.endpoint.auth == "tls_client_auth":
+            if self._deps.svid is None:
+                raise CredentialUnavailable(f"credentials: {self.name}: tls_client_auth needs this sidecar's SVID")
+            cert_key = self._deps.svid.client_files()
+        return (str(self.endpoint.ca) if self.endpoint.ca else None, *cert_key)
+
+    def _retire(self) -> None:
+        """The SVID rotated: requests in flight on the old session finish, then it closes."""
+        old = self._session
+        if old is None:
+            return
+        self._retired = [s for s in self._retired if not s.closed] + [old]  # bounded across rotations
+        asyncio.get_running_loop().call_later(self.endpoint.timeout + 1, lambda: asyncio.ensure_future(old.close()))
 
     def credential(self, type_: str, resp: TokenResponse, *, scopes: tuple[str, ...],
                    audience: str | None) -> Credential:

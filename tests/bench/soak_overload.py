@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import socket
 import ssl
 import statistics
@@ -68,12 +67,10 @@ def health(port: int, stop: threading.Event) -> list[float]:
     while not stop.is_set():
         began = time.perf_counter()
         with socket.create_connection(("127.0.0.1", port), timeout=HUNG) as sock:
-            connected = time.perf_counter() - began
             sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             while sock.recv(65536):
                 pass
         times.append(time.perf_counter() - began)
-        if os.environ.get("PROBE_TRACE"): print(f"{began:.3f} {times[-1]*1000:.1f} connect {connected*1000:.1f}", file=sys.stderr)
         time.sleep(0.02)
     return times
 

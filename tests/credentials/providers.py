@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,3 +74,20 @@ def svid_copy(peer: OidcProvider, directory: Path) -> IdentitySource:
 
 
 Make = Callable[..., Any]  # the ``make`` fixture: build(raw, kind="oauth2_client_credentials", provider_deps=None)
+
+
+class ThreadSpy:
+    """Wraps a function and records the thread of each call: a call that blocks (a TLS context built from
+    the system trust store, a file read) must be made off the event loop's thread."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        self.threads: list[int] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        return self.function(*args, **kwargs)
+
+    def on_loop(self) -> bool:
+        """Whether any call ran on this (the test's, the loop's) thread."""
+        return threading.get_ident() in self.threads

@@ -40,6 +40,7 @@ from sidecar.fields import Fields
 from sidecar.identity.signing import Signer, SigningKey
 from sidecar.observe.metrics import Metrics
 from sidecar.http.target import PathOptions
+from tests.credentials.providers import ThreadSpy
 from tests.peers.moto import ACCOUNT, BUCKET, FORM, REGION, Moto, free_port, xml_value
 
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/agent"
@@ -505,6 +506,21 @@ async def test_token_file_is_reread_at_each_fetch(
     await provider.fetch(REQ)
     assert stub.forms is not None
     assert [f["WebIdentityToken"] for f in stub.forms] == ["projected-token-1", "projected-token-2"]
+
+
+async def test_the_token_file_and_the_sts_tls_context_are_never_loaded_on_the_loop(
+    stub: StubSts, make: Callable[..., aws.AwsSigV4Provider], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the projected token and building the STS client's TLS context (~120 ms with the system
+    trust store) happen in a worker thread: on the loop they would stall every exchange."""
+    token_file = tmp_path / "token"
+    token_file.write_text("projected-token")
+    context, read = ThreadSpy(aws.client_ssl_context), ThreadSpy(Path.read_text)
+    monkeypatch.setattr(aws, "client_ssl_context", context)
+    monkeypatch.setattr(Path, "read_text", lambda path, *args, **kwargs: read(path, *args, **kwargs))
+    await make(web_identity(stub.url, token_file=str(token_file))).fetch(REQ)
+    assert context.threads and read.threads
+    assert not context.on_loop() and not read.on_loop()
 
 
 @pytest.mark.parametrize(("expiration", "expected"), [

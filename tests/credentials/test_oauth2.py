@@ -11,15 +11,15 @@ import jwt
 import pytest
 from aiohttp import web
 
-from sidecar.credentials import oauth2
+from sidecar.credentials import oauth2, token_endpoint
 from sidecar.credentials.base import ProviderDeps
 from sidecar.errors import CredentialUnavailable
 from sidecar.identity.signing import load_signing_key
 from sidecar.identity.source import IdentitySource
 from sidecar.observe.metrics import Metrics
 from sidecar.reload import Reloader
-from tests.credentials.providers import (ID_KEY, WRONG_SECRET, Make, b64url_to_hex, client_config, config_errors,
-                                         outbound, parse_spec, request)
+from tests.credentials.providers import (ID_KEY, WRONG_SECRET, Make, ThreadSpy, b64url_to_hex, client_config,
+                                         config_errors, outbound, parse_spec, request)
 from tests.harness import Upstream
 from tests.peers.oidc import AGENT_SPIFFE_ID, BILLING, CRM, OidcProvider, verify_access_token
 
@@ -69,6 +69,17 @@ async def test_a_rule_narrows_the_requested_scopes(oidc_provider: OidcProvider, 
     assert verify_access_token(oidc_provider, credential.token.reveal(), BILLING)["scope"] == "invoices.read"
     wide = await provider.fetch(request())
     assert wide.scopes == ("invoices.read", "invoices.write")
+
+
+async def test_the_token_endpoints_tls_context_is_never_built_on_the_loop(
+    oidc_provider: OidcProvider, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the token client's TLS context (~120 ms with the system trust store) happens in a worker
+    thread (here with the SVID for tls_client_auth): on the loop it would stall every exchange."""
+    context = ThreadSpy(token_endpoint.client_ssl_context)
+    monkeypatch.setattr(token_endpoint, "client_ssl_context", context)
+    await make(client_config(oidc_provider, "svc-mtls", resource=BILLING)).fetch(request())
+    assert context.threads and not context.on_loop()
 
 
 # ---------------------------------------------------------------- private_key_jwt
