@@ -194,6 +194,7 @@ class Sidecar:
         agent = self._load_identity()
         self.metrics.describe_agent(agent.as_dict())
         self.runtime = await self._build_runtime(agent)
+        self.metrics.watch_runtime(self.runtime.sessions.pooled)
         self._resources.push_async_callback(self._close_runtime)
         self._watch_files()
         await self._start_bus()

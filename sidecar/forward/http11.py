@@ -102,6 +102,11 @@ class ConnectionPool:
         self._generation = 0
         self.closed = False
 
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(open, idle) connections, for the pooled-connections gauge."""
+        return self._open, len(self._idle)
+
     async def acquire(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused; a new one within ``timeouts.connect``.
 

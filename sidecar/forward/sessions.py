@@ -74,6 +74,12 @@ class Sessions:
             self.agent_base_path = url.raw_path.rstrip("/")
         return self._agent
 
+    def pooled(self) -> dict[str, tuple[int, int]]:
+        """Each HTTP/1.1 pool's (open, idle) connections: the upstreams' by name, the agent's as ``agent``
+        (an HTTP/2 pool holds one multiplexed connection and is not counted)."""
+        pools = {**self._pools, **({"agent": self._agent} if self._agent is not None else {})}
+        return {name: pool.counts for name, pool in pools.items() if isinstance(pool, ConnectionPool)}
+
     def renew_client_certs(self, contexts: dict[str, ssl.SSLContext | None]) -> None:
         """After an SVID rotation: new connections for mTLS upstreams; the ones in use finish, then close."""
         loop = asyncio.get_running_loop()

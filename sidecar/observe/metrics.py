@@ -8,8 +8,9 @@ Label values are bounded sets: ``upstream`` is a configured upstream name or ``_
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -88,6 +89,10 @@ class Metrics:
         self.agent_info.clear()
         self.agent_info.labels(*(values.get(k) or "" for k in AGENT_INFO_LABELS)).set(1)
 
+    def watch_runtime(self, pooled: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """Gauges read when scraped (on the loop): its asyncio tasks and each pool's connections."""
+        self.registry.register(RuntimeGauges(pooled))
+
     def upstream_label(self, name: str | None) -> str:
         return name if name in self.upstreams else UNKNOWN
 
@@ -136,6 +141,32 @@ class LogPressure:
         yield dropped
         yield GaugeMetricFamily(*LOG_BUFFER, value=stats.queued_bytes)
         yield GaugeMetricFamily(*LOG_WAITING, value=stats.waiting)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+# -- what the loop holds, read when scraped: a soak shows these flat after warm-up -------------
+
+ASYNCIO_TASKS = ("sidecar_asyncio_tasks", "asyncio tasks not yet done on the loop that serves exchanges.")
+POOLED = ("sidecar_upstream_connections", "Kept-alive connections per pool (an upstream, or agent), by state: "
+                                          "open (idle or in use) and idle.", ("upstream", "state"))
+
+
+class RuntimeGauges:
+    """asyncio tasks and pooled connections, counted at scrape time; ``pooled`` maps a pool's name
+    (a configured upstream, or ``agent``) to its (open, idle) connections."""
+
+    def __init__(self, pooled: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        self._pooled = pooled
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(*ASYNCIO_TASKS, value=len(asyncio.all_tasks()))
+        pooled = GaugeMetricFamily(*POOLED[:2], labels=POOLED[2])
+        for name, (open_, idle) in sorted(self._pooled().items()):
+            pooled.add_metric((name, "open"), open_)
+            pooled.add_metric((name, "idle"), idle)
+        yield pooled
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

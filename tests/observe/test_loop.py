@@ -224,3 +224,19 @@ async def test_a_connect_to_a_new_host_mints_its_leaf_off_the_loop(make_sidecar,
         assert minted_on[0] != threading.main_thread().name
     finally:
         await up.stop()
+
+
+async def test_the_loops_tasks_and_pooled_connections_are_gauges(make_sidecar, upstream):
+    """What a soak watches for growth, read when scraped: the loop's asyncio tasks, and each pool's open
+    and idle upstream connections (a kept-alive connection is idle once its exchange is over)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    before = await metrics_text(h)
+    assert sample(before, 'sidecar_upstream_connections{state="open",upstream="billing"}') == 0
+    async with aiohttp.ClientSession() as s:
+        for n in range(3):
+            async with s.get(f"{h.outbound}/billing/v1/kept-{n}") as r:
+                assert r.status == 200
+    after = await metrics_text(h)
+    assert sample(after, 'sidecar_upstream_connections{state="open",upstream="billing"}') == 1  # reused
+    assert sample(after, 'sidecar_upstream_connections{state="idle",upstream="billing"}') == 1
+    assert sample(after, "sidecar_asyncio_tasks") >= 1  # at least the scrape's own handler
