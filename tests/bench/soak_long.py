@@ -8,11 +8,13 @@ upstream, a Redis bus) with: ``wrk`` on the outbound listener (the static upstre
 bulk, the harness's mixed traffic beside it (OAuth, a denied path, inbound mTLS), OAuth tokens that
 live 65 s (a refresh about every 60 s), a policy reload every 10 s and an SVID rotation every 30 s.
 
-Every ``--sample`` seconds a row: requests so far, the sidecar's RSS and open file descriptors, and the
-loop-lag p99 when the sidecar exports ``sidecar_event_loop_lag_seconds``. At the end: whether RSS and
-FDs stayed flat after the warm-up (the last sample within 10 % / 16 of the first after warm-up),
-trust-decision events against exchanges, and every answer that was not 200 or the denied path's 403.
-Exit 1 when something grew, was lost or was unexplained.
+Every ``--sample`` seconds a row: requests so far, the sidecar's RSS and open file descriptors, its
+asyncio tasks and pooled upstream connections (``sidecar_asyncio_tasks``, ``sidecar_upstream_connections``).
+At the end: whether RSS, FDs, tasks and pooled connections stayed flat after the warm-up (the last
+sample within 10 % / 16 / 16 / 16 of the first after warm-up), the loop-lag p99 over the whole run
+and the watchdog's stall reports (count, and where the longest was), trust-decision events against
+exchanges, and every answer that was not 200 or the denied path's 403. Exit 1 when something grew,
+was lost or was unexplained.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import re
 import shutil
 import subprocess
@@ -27,6 +30,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import aiohttp
 
 from tests.chaos.run import Traffic, World
 
@@ -40,6 +45,7 @@ class LongWorld(World):
         super().__init__(tmp)
         self.event_count = 0
         self.other_lines: collections.Counter[str] = collections.Counter()
+        self.stalls: list[dict] = []  # the watchdog's reports (warnings, explained: not counted as other)
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -51,6 +57,8 @@ class LongWorld(World):
         for line in process.stdout:
             if b'"event":"trust_decision"' in line:
                 self.event_count += 1
+            elif b'"event":"event_loop_stalled"' in line:
+                self.stalls.append(json.loads(line))
             elif b'"level":"error"' in line or b'"level":"warning"' in line:
                 match = re.search(rb'"event":"([^"]+)"', line)
                 self.other_lines[match.group(1).decode() if match else "?"] += 1
@@ -66,12 +74,30 @@ def sample(pid: int) -> tuple[float, int]:
     return rss, len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
-async def loop_lag_p99(world: World) -> float | None:
-    try:
-        count = await world.metric("sidecar_event_loop_lag_seconds_count")
-    except Exception:  # an older sidecar without the metric, or one busy restarting: no figure
-        return None
-    return count or None
+async def metrics(world: World) -> str:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{world.ports['metrics']}/metrics") as r:
+            return await r.text()
+
+
+def gauges(text: str) -> tuple[int, int]:
+    """asyncio tasks and pooled upstream connections (open, every pool), from one scrape."""
+    tasks = pooled = 0.0
+    for line in text.splitlines():
+        if line.startswith("sidecar_asyncio_tasks "):
+            tasks = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("sidecar_upstream_connections{") and 'state="open"' in line:
+            pooled += float(line.rsplit(" ", 1)[1])
+    return int(tasks), int(pooled)
+
+
+def loop_lag_p99(text: str) -> str:
+    """The upper bound of the histogram bucket holding the 99th percentile of the loop's lag."""
+    buckets = [(line.split('le="')[1].split('"')[0], float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("sidecar_event_loop_lag_seconds_bucket")]
+    total = buckets[-1][1]
+    bound = next(le for le, n in buckets if n >= 0.99 * total)
+    return f"<= {float(bound) * 1000:g} ms over {total:g} samples" if bound != "+Inf" else f"over 60 s ({total:g})"
 
 
 def wrk(port: int, seconds: int, script: Path) -> int:
@@ -121,30 +147,47 @@ async def main_async(args: argparse.Namespace) -> int:
             while total < args.requests:
                 total += await asyncio.to_thread(wrk, world.ports["outbound"], args.sample, script)
                 rss, fds = sample(world.sidecar.pid)
-                rows.append((time.monotonic() - began, total + len(traffic.outcomes), rss, fds))
-                print(f"{rows[-1][0]:7.0f}s {rows[-1][1]:>9} requests  RSS {rss:6.1f} MiB  FDs {fds:4}", flush=True)
+                tasks, pooled = gauges(await metrics(world))
+                rows.append((time.monotonic() - began, total + len(traffic.outcomes), rss, fds, tasks, pooled))
+                print(f"{rows[-1][0]:7.0f}s {rows[-1][1]:>9} requests  RSS {rss:6.1f} MiB  FDs {fds:4}  "
+                      f"tasks {tasks:4}  pooled {pooled:3}", flush=True)
         finally:
             stop.set()
             done = await rotating
             await traffic.stop()
             await asyncio.sleep(2.0)
+            lag = loop_lag_p99(await metrics(world))
             events = world.events()
             alive = world.sidecar.poll() is None
             await world.stop()
+    print(f"loop lag p99 {lag}; {stall_summary(world.stalls)}")
     return report(rows, total, traffic, events, done, world, alive)
 
 
-def report(rows: list[tuple[float, int, float, int]], wrk_total: int, traffic: Traffic, events: int,
-           done: collections.Counter[str], world: LongWorld, alive: bool) -> int:
+def stall_summary(stalls: list[dict]) -> str:
+    if not stalls:
+        return "the watchdog reported no stall"
+    worst = max(stalls, key=lambda r: r["late_ms"])
+    return (f"the watchdog reported {len(stalls)} stalls (+{sum(r['unreported_stalls'] for r in stalls)} "
+            f"unreported); the longest, {worst['late_ms']} ms, in {' <- '.join(reversed(worst['stack'][-3:]))}")
+
+
+Row = tuple[float, int, float, int, int, int]  # seconds, requests, RSS MiB, FDs, asyncio tasks, pooled connections
+
+
+def report(rows: list[Row], wrk_total: int, traffic: Traffic, events: int, done: collections.Counter[str],
+           world: LongWorld, alive: bool) -> int:
     warm = rows[min(1, len(rows) - 1)]
     last = rows[-1]
-    grew = last[2] > warm[2] * 1.10 or last[3] > warm[3] + 16
+    grew = (last[2] > warm[2] * 1.10 or last[3] > warm[3] + 16 or last[4] > warm[4] + 16
+            or last[5] > warm[5] + 16)
     exchanges = wrk_total + len(traffic.outcomes)
     odd = collections.Counter(f"{o.kind} {o.status} {o.reason or o.error}" for o in traffic.outcomes
                               if not (o.status == 200 or (o.kind == "denied" and o.status == 403)))
     print(f"requests {exchanges} (wrk {wrk_total}, mixed {len(traffic.outcomes)}); events {events} "
           f"(wrk's requests still in flight at each run's end are not in its count: up to 16 a run)")
-    print(f"RSS {warm[2]:.1f} -> {last[2]:.1f} MiB, FDs {warm[3]} -> {last[3]} after warm-up; {dict(done)}")
+    print(f"RSS {warm[2]:.1f} -> {last[2]:.1f} MiB, FDs {warm[3]} -> {last[3]}, asyncio tasks {warm[4]} -> {last[4]}, "
+          f"pooled connections {warm[5]} -> {last[5]} after warm-up; {dict(done)}")
     print(f"mixed traffic answers other than 200 / the denied 403: {dict(odd) or 'none'}")
     print(f"warnings and errors the sidecar logged: {dict(world.other_lines) or 'none'}")
     surplus = events - exchanges
