@@ -175,7 +175,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--max-in-flight", type=int, default=256)
     parser.add_argument("--hold", type=float, default=1.0)
-    parser.add_argument("--settle", type=float, default=1.0, help="seconds between ready and the first burst")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds between ready and the first burst: just after ready, `sidecar run`'s "
+                             "gc.collect() and gc.freeze() (app.tune_gc) hold the GIL for 150-300 ms here")
     parser.add_argument("--listeners", default="outbound,inbound", help="comma-separated: outbound, inbound")
     parser.add_argument("--log", default="", help="keep the sidecar's output in this file")
     parser.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)  # the health prober's own process
