@@ -24,7 +24,7 @@ import signal
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 from aiohttp import web
@@ -178,15 +178,18 @@ class Sidecar:
     _monitor: LoopMonitor | None = None
 
     # -- start ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start everything in order; a start that fails half-way closes what it had started."""
+    async def start(self, *, before_ready: Callable[[], None] | None = None) -> None:
+        """Start everything in order; a start that fails half-way closes what it had started.
+
+        ``before_ready`` runs last, while the sidecar still reports not ready (``sidecar run``: the
+        collector's freeze, which holds the interpreter for 150-300 ms)."""
         try:
-            await self._start()
+            await self._start(before_ready)
         except BaseException:
             await self._resources.aclose()
             raise
 
-    async def _start(self) -> None:
+    async def _start(self, before_ready: Callable[[], None] | None) -> None:
         cfg = self.config
         REDACTOR.register(secret_values(cfg))
         decision_log.WRITER.backpressure = cfg.log_backpressure
@@ -201,6 +204,8 @@ class Sidecar:
         self._start_monitor()
         await self._start_listeners()
         self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
+        if before_ready is not None:
+            before_ready()
         self._started = True
         log.info("sidecar_started", agent=agent.id, ports=self.ports, policy_version=self.runtime.policy.version)
 
@@ -419,8 +424,7 @@ def tune_gc() -> None:
 async def serve(config: Config) -> int:
     """``sidecar run``: start, serve until SIGTERM/SIGINT, drain, exit 0."""
     sidecar = Sidecar(config, watch_policy=True)
-    await sidecar.start()
-    tune_gc()
+    await sidecar.start(before_ready=tune_gc)  # no probe or request waits out the freeze once ready
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
