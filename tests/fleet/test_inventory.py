@@ -8,7 +8,6 @@ at all was listed by its first heartbeat, written at start.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ import pytest
 import redis
 import yaml
 
-from sidecar.admin_client import inventory as inventory_command
-from sidecar.fields import ListenAddress
+from sidecar.cli import main
 from sidecar.fleet import fleet_view, policy_majority
 from tests.harness import SidecarHarness, Upstream, admin
 from tests.peers.redis import RedisServer, redis_server  # noqa: F401 (redis_server is a fixture)
@@ -148,7 +146,7 @@ async def test_the_fleet_view_needs_the_admin_token(make_sidecar, upstream, redi
                 assert r.status == 401
 
 
-async def test_without_a_bus_the_fleet_view_is_unavailable_and_says_why(make_sidecar, upstream, capsys):
+async def test_without_a_bus_the_fleet_view_is_unavailable_and_says_why(make_sidecar, upstream, tmp_path, capsys):
     """No revocation bus: the fleet view and ``sidecar inventory --fleet`` say it needs one; an unknown scope is 400."""
     member = await make_sidecar(config_for(upstream), POLICY)
     body = await fleet_of(member)
@@ -156,11 +154,22 @@ async def test_without_a_bus_the_fleet_view_is_unavailable_and_says_why(make_sid
     assert (await admin(member, "GET", "/inventory"))[1]["fleet"]["registered"] is False
     assert (await admin(member, "GET", "/inventory?scope=galaxy"))[0] == 400
     assert member.sidecar is not None
-    config = member.sidecar.config  # its admin listener was bound to port 0: the CLI is given the port it got
-    config = replace(config, admin=replace(config.admin, listen=ListenAddress("127.0.0.1", member.port("admin"))))
-    assert await asyncio.to_thread(inventory_command, config, fleet=True) == 0
+    cli_config = tmp_path / "cli.yaml"  # the running sidecar's admin address (it bound port 0) and token file
+    cli_config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "cli-state"), "admin": {
+        "listen": f"127.0.0.1:{member.port('admin')}", "token_file": str(member.sidecar.config.admin.token_file)}}))
+    assert await asyncio.to_thread(main, ["inventory", "--fleet", "-c", str(cli_config)]) == 0
     out, err = capsys.readouterr()
     assert '"available": false' in out and "warning: the fleet view is unavailable" in err
+
+
+async def test_a_sidecar_told_not_to_register_writes_nothing(make_sidecar, upstream, redis_server):
+    """``fleet.register: false`` on a bus: no entry in Redis, and the fleet view says why it is unavailable."""
+    member = await make_sidecar(config_for(upstream, revocation={"redis_url": redis_server.url},
+                                           fleet={"register": False}), POLICY)
+    body = await fleet_of(member)
+    assert body["available"] is False and "fleet.register" in body["reason"]
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=2)
+    assert list(client.scan_iter("sidecar:fleet:*")) == []
 
 
 def live(name: str, environment: str, policy: str) -> dict[str, Any]:
