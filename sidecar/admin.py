@@ -8,7 +8,8 @@ token file lives on a volume mounted only into the sidecar container.
                                       kind credential: id is a credential id (jti or keyed hash, as
                                       logged) or a credential name from the config (all of its tokens)
     GET  /revocations                 DELETE /revocations/{rid}
-    GET  /inventory                   identities, credentials held, open tasks
+    GET  /inventory                   identities, credentials held, open tasks; ?scope=fleet: every
+                                      sidecar registered in the bus's Redis, live or stale (``sidecar.fleet``)
     POST /tasks                       {"subject_token" | "principal", "trigger", "ttl"} -> 201 {"id", "expires_at"}
     DELETE /tasks/{id}
     GET  /approvals                   requests held by require_approval (``sidecar.approvals``)
@@ -152,6 +153,11 @@ class AdminRoutes:
         return web.json_response({"status": "deleted"})
 
     async def inventory(self, request: web.Request) -> web.Response:
+        scope = request.query.get("scope", "local")
+        if scope == "fleet":
+            return web.json_response(await self.sidecar.fleet())
+        if scope != "local":
+            raise RequestRefused("bad_request", "admin: scope must be local or fleet")
         return web.json_response(self.sidecar.inventory())
 
     async def open_task(self, request: web.Request) -> web.Response:

@@ -42,11 +42,15 @@ def revoke(config: Config, kind: str, ident: str, ttl: str) -> int:
     return 1
 
 
-def inventory(config: Config) -> int:
-    status, body = _call(config, "GET", "/inventory")
+def inventory(config: Config, *, fleet: bool = False) -> int:
+    """The inventory as JSON; ``fleet``: every sidecar on the bus (exit 0 even when that view is
+    unavailable: the JSON says why, and so does a warning on stderr)."""
+    status, body = _call(config, "GET", "/inventory?scope=fleet" if fleet else "/inventory")
     if status != 200:
         if body is not None:
             print(f"error: {body.get('message', body)}", file=sys.stderr)
         return 1
     print(json.dumps(body, indent=2))
+    if fleet and not body.get("available"):
+        print(f"warning: the fleet view is unavailable: {body.get('reason')}", file=sys.stderr)
     return 0

@@ -1,6 +1,6 @@
 """Builds the sidecar from a validated config and owns the lifecycle of everything in it.
 
-    Sidecar.start()   identity -> policy -> providers -> runtime -> watches -> bus -> loop monitor
+    Sidecar.start()   identity -> policy -> providers -> runtime -> watches -> bus -> fleet -> loop monitor
                       -> health, metrics, admin -> outbound, inbound -> ready
     Sidecar.reload()  policy files (and identity files) re-read; a bad edit keeps the last good set
     Sidecar.stop()    not ready -> stop accepting -> drain requests in flight (shutdown.drain) -> cut
@@ -21,6 +21,7 @@ import asyncio
 import gc
 import os
 import signal
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ from sidecar.identity.inbound import InboundIdentity
 from sidecar.identity.jwt import JwtVerifier
 from sidecar.identity.signing import Signer
 from sidecar.identity.source import Candidate, IdentitySource
-from sidecar.inventory import inventory
+from sidecar.fleet import Registration, unavailable_view
+from sidecar.inventory import fleet_record, inventory
 from sidecar.listeners import ExchangeListeners
 from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR
@@ -67,6 +69,7 @@ from sidecar import admin, health
 log = structlog.get_logger("sidecar.app")
 DEV_AGENT_PATH = "/agent/{name}"
 GC_GEN0_THRESHOLD = 20_000
+NO_FLEET = "fleet: needs revocation.redis_url or revocation.sentinel, and fleet.register"
 
 
 def secret_values(config: Config) -> list[str]:
@@ -174,6 +177,7 @@ class Sidecar:
     _listeners: ExchangeListeners | None = None
     _watcher: FileWatcher = field(default_factory=FileWatcher)
     _bus: RedisBus | None = None
+    _fleet: Registration | None = None
     _limiter: RateLimiter = field(default_factory=RateLimiter)
     _monitor: LoopMonitor | None = None
 
@@ -201,6 +205,7 @@ class Sidecar:
         self._resources.push_async_callback(self._close_runtime)
         self._watch_files()
         await self._start_bus()
+        self._start_fleet()
         self._start_monitor()
         await self._start_listeners()
         self.metrics.standing_credentials.set(sum(1 for p in self.runtime.providers.values() if p.standing))
@@ -276,6 +281,15 @@ class Sidecar:
         self.runtime.revocations.bus = self._bus
         await self._bus.start()
         self._resources.push_async_callback(self._bus.aclose)
+
+    def _start_fleet(self) -> None:
+        """The fleet inventory's heartbeat, on the bus's client; stopped before the bus closes it."""
+        if self._bus is None or not self.config.fleet.register:
+            return
+        started_at, runtime = time.time(), self.runtime
+        self._fleet = Registration(self.config.fleet, self._bus.client, lambda: fleet_record(runtime, started_at))
+        self._fleet.start()
+        self._resources.push_async_callback(self._fleet.aclose)
 
     def _start_monitor(self) -> None:
         monitor = self._monitor = LoopMonitor(self.config.observability, self.metrics)
@@ -383,7 +397,11 @@ class Sidecar:
         return self.runtime.signer
 
     def inventory(self) -> dict[str, Any]:
-        return inventory(self.runtime, self.identity.state)
+        fleet = self._fleet.status() if self._fleet is not None else {"registered": False, "reason": NO_FLEET}
+        return inventory(self.runtime, self.identity.state, fleet)
+
+    async def fleet(self) -> dict[str, Any]:
+        return await self._fleet.view() if self._fleet is not None else unavailable_view(NO_FLEET)
 
     async def reload(self) -> tuple[Reloaded, ...]:
         """Policy files, then identity files if they changed, each read and compiled in a worker thread:

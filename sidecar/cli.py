@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     for kind in ("agent", "task", "credential", "subject"):
         group.add_argument(f"--{kind}")
     r.add_argument("--ttl", default="24h")
-    inv = sub.add_parser("inventory", help="what the running sidecar holds")
+    inv = sub.add_parser("inventory", help="what the running sidecar holds (--fleet: every sidecar on its bus)")
     inv.add_argument("-c", "--config")
+    inv.add_argument("--fleet", action="store_true")
     inj = sub.add_parser("inject", help="the Kubernetes mutating admission webhook")
     inj.add_argument("--listen", required=True)
     inj.add_argument("--tls-cert", required=True)
@@ -178,7 +179,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     if args.command == "inventory":
-        return inventory(config)
+        return inventory(config, fleet=args.fleet)
     kind = next(k for k in ("agent", "task", "credential", "subject") if getattr(args, k))
     return revoke(config, kind, getattr(args, kind), args.ttl)
 

@@ -25,7 +25,7 @@ from sidecar.agent_meta import parse_agent
 from sidecar.credentials.registry import PROVIDER_TYPES, ProviderType
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.config_model import (
-    AdminConfig, Approver, Backpressure, Config, CredentialConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, Observability, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
+    AdminConfig, Approver, Backpressure, Config, CredentialConfig, FleetConfig, IdentityConfig, InboundConfig, JwtIssuerConfig, Limits, Observability, OutboundConfig, PolicyConfig, RedisTls, RevocationConfig, SentinelConfig, SigningKeyConfig, SvidFiles, TasksConfig, Timeouts, Upstream,
 )
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
 from sidecar.http.target import DEFAULT_PORTS, PathOptions
@@ -66,6 +66,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     policy = _policy(root.sub("policy"))
     tasks = _tasks(root.sub("tasks"))
     revocation = _revocation(root.sub("revocation"))
+    fleet = _fleet(root.sub("fleet"))
     admin = _admin(root.sub("admin"), state_dir)
     health_listen = _single_listen(root, "health", "0.0.0.0:17021")
     metrics_listen = _single_listen(root, "metrics", "0.0.0.0:17090")
@@ -81,7 +82,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
         raise ConfigInvalid(errors)
     return Config(agent_name, environment, state_dir, identity, inbound, outbound, credentials, policy, tasks,
                   revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings), agent,
-                  log_backpressure=backpressure, observability=observability)
+                  log_backpressure=backpressure, observability=observability, fleet=fleet)
 
 
 def _logging(f: Fields) -> tuple[str, Backpressure]:
@@ -360,6 +361,19 @@ def _revocation(f: Fields) -> RevocationConfig:
     if url is not None:
         _check_redis_url(f, urlsplit(url.reveal()), tls, bool(given & {"username", "password"}))
     cfg = RevocationConfig(url, f.flag("require_sync", True), sentinel, username, password, tls)
+    f.done()
+    return cfg
+
+
+def _fleet(f: Fields) -> FleetConfig:
+    """The fleet inventory's timing: an entry must outlive at least one missed heartbeat to stay live."""
+    d = FleetConfig()
+    cfg = FleetConfig(f.flag("register", d.register), f.duration("heartbeat", d.heartbeat),
+                      f.duration("expiry", d.expiry), f.duration("keep_stale", d.keep_stale))
+    if cfg.heartbeat <= 0 or cfg.expiry < 2 * cfg.heartbeat:
+        f.error("expiry", "must be at least twice heartbeat, which must be above 0")
+    if cfg.keep_stale < cfg.expiry:
+        f.error("keep_stale", "must be at least expiry")
     f.done()
     return cfg
 

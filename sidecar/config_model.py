@@ -246,6 +246,20 @@ class Observability:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """``fleet``: this sidecar's entry in the fleet inventory, kept in the revocation bus's Redis.
+
+    Each ``heartbeat`` the entry is written again; it is live while its ``expiry`` has not run out, then
+    listed as stale until ``keep_stale`` after it was last seen, then Redis forgets it.
+    """
+
+    register: bool = True
+    heartbeat: float = 10.0
+    expiry: float = 30.0
+    keep_stale: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent_name: str
     environment: str
@@ -267,3 +281,4 @@ class Config:
     agent: AgentMeta = AgentMeta()
     log_backpressure: Backpressure = Backpressure()
     observability: Observability = Observability()
+    fleet: FleetConfig = FleetConfig()

@@ -143,3 +143,7 @@ class Control(Protocol):
     def inventory(self) -> dict[str, Any]:
         """``GET /inventory``: what this sidecar holds right now (never a secret value)."""
         ...
+
+    async def fleet(self) -> dict[str, Any]:
+        """``GET /inventory?scope=fleet``: every live and stale sidecar, or why the view is unavailable."""
+        ...

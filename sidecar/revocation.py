@@ -329,6 +329,11 @@ class RedisBus:
         self._client, self._sentinel = redis_client(self._config)
         self._tasks = [asyncio.ensure_future(self._run()), asyncio.ensure_future(self._write_loop())]
 
+    @property
+    def client(self) -> Any:
+        """The bus's client (after start), shared by the fleet inventory: one pool, one Sentinel manager."""
+        return self._client
+
     # -- subscribing and catching up -------------------------------------------------------
     async def _run(self) -> None:
         backoff = 0.2

@@ -316,6 +316,26 @@ def test_each_revocation_problem_is_reported_once(tmp_path, revocation, expected
     assert errors_of({"revocation": revocation}, tmp_path) == expected
 
 
+def test_the_fleet_inventory_has_sane_defaults(tmp_path):
+    """A sidecar on a bus registers every 10 s, is live for 30 s after a heartbeat and listed stale for an hour
+    (issue 18 item 5)."""
+    fleet = parse_config({}, base_dir=tmp_path).fleet
+    assert (fleet.register, fleet.heartbeat, fleet.expiry, fleet.keep_stale) == (True, 10.0, 30.0, 3600.0)
+
+
+@pytest.mark.parametrize("fleet, expected", [
+    # an entry that expires before the next heartbeat would flicker between live and stale
+    ({"heartbeat": "10s", "expiry": "15s"}, ["fleet.expiry: must be at least twice heartbeat, which must be above 0"]),
+    ({"heartbeat": "0s"}, ["fleet.expiry: must be at least twice heartbeat, which must be above 0"]),
+    # a stale entry is one that outlived its expiry: it cannot be forgotten before
+    ({"keep_stale": "10s"}, ["fleet.keep_stale: must be at least expiry"]),
+    ({"ttl": "1m"}, ["fleet.ttl: unknown key"]),
+])
+def test_each_fleet_problem_is_reported_once(tmp_path, fleet, expected):
+    """The fleet section's timing problems are each one error at its path (issue 18 item 5)."""
+    assert [e.split(" (")[0] for e in errors_of({"fleet": fleet}, tmp_path)] == expected
+
+
 def test_agent_metadata_is_read_typed_and_ranked(tmp_path):
     """owner, purpose, a trust level from the declared order, data classes and labels are read once,
     typed and frozen (issue 18 item 1)."""

@@ -216,9 +216,9 @@ def stored_rids(port: int, **auth: Any) -> set[str]:
 # -- in-process sidecars over TLS and a Redis ACL ------------------------------------------------------
 
 PASSWORD = "canary-redis-acl-password-5501"
-# the least the bus needs: its keys and channel, and the commands it sends
+# the least the bus and the fleet inventory need: their keys and channel, and the commands they send
 ACL = ("--user", "default", "off", "--user", "sidecar", "on", f">{PASSWORD}", "~sidecar:revocation:*",
-       "&sidecar:revocations", "+@connection", "+set", "+mget", "+scan", "+publish", "+subscribe", "+unsubscribe",
+       "~sidecar:fleet:*", "&sidecar:revocations", "+@connection", "+set", "+mget", "+scan", "+publish", "+subscribe", "+unsubscribe",
        "+multi", "+exec")
 
 
