@@ -19,9 +19,9 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from sidecar.credentials.base import CredentialProvider, ProviderDeps
 from sidecar.credentials.specs import (
-    AwsSigV4Spec, ClientCredentialsSpec, CredentialSpec, HttpSignatureSpec, JwtAssertionSpec, StaticSpec,
-    TokenExchangeSpec, parse_aws_sigv4, parse_client_credentials, parse_http_signature, parse_jwt_assertion,
-    parse_static, parse_token_exchange,
+    AwsSigV4Spec, ClientCredentialsSpec, CredentialSpec, HmacSigningSpec, HttpSignatureSpec, JwtAssertionSpec,
+    StaticSpec, TokenExchangeSpec, parse_aws_sigv4, parse_client_credentials, parse_hmac_signing,
+    parse_http_signature, parse_jwt_assertion, parse_static, parse_token_exchange,
 )
 from sidecar.fields import Fields
 
@@ -45,6 +45,11 @@ def _aws_sigv4(name: str, spec: AwsSigV4Spec, deps: ProviderDeps) -> CredentialP
 def _http_signature(name: str, spec: HttpSignatureSpec, deps: ProviderDeps) -> CredentialProvider:
     from sidecar.credentials.http_signature import HttpSignatureProvider
     return HttpSignatureProvider(name, spec, deps)
+
+
+def _hmac_signing(name: str, spec: HmacSigningSpec, deps: ProviderDeps) -> CredentialProvider:
+    from sidecar.credentials.hmac_signing import HmacSigningProvider
+    return HmacSigningProvider(name, spec, deps)
 
 
 def _jwt_assertion(name: str, spec: JwtAssertionSpec, deps: ProviderDeps) -> CredentialProvider:
@@ -74,6 +79,7 @@ def _table(*types: ProviderType[Any]) -> Mapping[str, ProviderType[Any]]:
 PROVIDER_TYPES: Mapping[str, ProviderType[Any]] = _table(
     ProviderType(AwsSigV4Spec.type, parse_aws_sigv4, _aws_sigv4),
     ProviderType(HttpSignatureSpec.type, parse_http_signature, _http_signature),
+    ProviderType(HmacSigningSpec.type, parse_hmac_signing, _hmac_signing),
     ProviderType(JwtAssertionSpec.type, parse_jwt_assertion, _jwt_assertion),
     ProviderType(ClientCredentialsSpec.type, parse_client_credentials, _client_credentials),
     ProviderType(TokenExchangeSpec.type, parse_token_exchange, _token_exchange),

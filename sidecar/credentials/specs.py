@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 from urllib.parse import urlsplit
 
+from sidecar.credentials.canonical import DIGEST_ALGORITHMS, CanonicalParts, canonical_parts
 from sidecar.credentials.placement import BEARER, Placement, header_only, header_or_query
 from sidecar.credentials.rfc9421 import (
-    ALGORITHMS, DIGESTS, KEY_ENCODINGS, Algorithm, Component, component, is_sf_string, load_key,
+    ALGORITHMS, DIGESTS, KEY_ENCODINGS, Algorithm, Component, component, is_sf_string, load_key, shared_secret,
 )
 from sidecar.credentials.sigv4 import S3_SERVICES
 from sidecar.fields import Fields, Secret
@@ -392,3 +393,99 @@ def _sf_string(f: Fields, key: str) -> str | None:
         f.error(key, "must be printable ASCII")
         return None
     return value
+
+
+# --- hmac_signing --------------------------------------------------------------------
+
+TIMESTAMP_FORMATS = ("unix", "unix_ms", "iso8601")
+SIGNATURE_ENCODINGS = ("hex", "base64")
+
+
+@dataclass(frozen=True, slots=True)
+class HmacSigningSpec:
+    type: ClassVar[str] = "hmac_signing"
+    key: bytes = field(repr=False)
+    algorithm: str  # sha256 | sha512
+    encoding: str  # hex | base64
+    canonical: CanonicalParts
+    separator: bytes
+    signature: Placement
+    timestamp: Placement | None = None
+    timestamp_format: str = "unix"
+    nonce: Placement | None = None
+    key_id: Placement | None = None
+    key_id_value: Secret | None = None
+    scopes: ClassVar[tuple[str, ...]] = ()  # a standing credential has none
+    needs_signing_key: ClassVar[bool] = False
+
+    @property
+    def placements(self) -> tuple[Placement, ...]:
+        """Every header or query parameter the sidecar writes (the agent's copies are dropped)."""
+        return tuple(p for p in (self.signature, self.timestamp, self.nonce, self.key_id) if p is not None)
+
+
+def parse_hmac_signing(f: Fields) -> HmacSigningSpec | None:
+    before = len(f.errors)
+    algorithm = f.choice("algorithm", DIGEST_ALGORITHMS, required=True)
+    key = _hmac_key(f, algorithm)
+    encoding = f.choice("encoding", SIGNATURE_ENCODINGS, "hex")
+    canonical = _canonical(f)
+    separator = f.text("separator", "").encode()
+    signature = _placement(f, "signature", required=True)
+    timestamp, timestamp_format = _timestamp(f)
+    nonce = _placement(f, "nonce")
+    key_id, key_id_value = _key_id(f)
+    if key is None or algorithm is None or canonical is None or signature is None or len(f.errors) > before:
+        return None
+    return HmacSigningSpec(key, algorithm, encoding, canonical, separator, signature, timestamp, timestamp_format,
+                           nonce, key_id, key_id_value)
+
+
+def _hmac_key(f: Fields, algorithm: str | None) -> bytes | None:
+    encoding = f.choice("key_encoding", KEY_ENCODINGS, "utf-8")
+    secret = f.secret("key", required=True)
+    if secret is None:
+        return None
+    try:
+        return shared_secret(secret.reveal(), encoding, f"hmac-{algorithm or 'sha256'}")
+    except ValueError as exc:
+        f.error("key", str(exc))
+        return None
+
+
+def _canonical(f: Fields) -> CanonicalParts | None:
+    try:
+        return canonical_parts(f.text_list("canonical", required=True))
+    except ValueError as exc:
+        f.error("canonical", str(exc))
+        return None
+
+
+def _placement(f: Fields, key: str, *, required: bool = False) -> Placement | None:
+    """``{header: NAME}`` or ``{query: NAME}`` under ``key``."""
+    if not required and not f.has(key):
+        return None
+    sub = f.sub(key, required=required)
+    placement = header_or_query(sub) if f.raw.get(key) is not None else None
+    sub.done()
+    return placement
+
+
+def _timestamp(f: Fields) -> tuple[Placement | None, str]:
+    if not f.has("timestamp"):
+        return None, "unix"
+    sub = f.sub("timestamp")
+    fmt = sub.choice("format", TIMESTAMP_FORMATS, "unix")
+    placement = header_or_query(sub)
+    sub.done()
+    return placement, fmt
+
+
+def _key_id(f: Fields) -> tuple[Placement | None, Secret | None]:
+    if not f.has("key_id"):
+        return None, None
+    sub = f.sub("key_id")
+    value = sub.secret("value", required=True)
+    placement = header_or_query(sub)
+    sub.done()
+    return placement, value

@@ -27,6 +27,8 @@ MINIMAL: dict[str, dict[str, Any]] = {
                   "source": {"type": "web_identity", "role_arn": "arn:aws:iam::123456789012:role/agent"}},
     "http_signature": {"algorithm": "hmac-sha256", "key": {"value": "YS1zaGFyZWQtc2VjcmV0LW9mLTMyLWJ5dGVzLW9yLW1vcmUh"},
                        "components": ["@method"]},
+    "hmac_signing": {"key": {"value": "a-shared-secret-of-32-bytes-or-more!"}, "algorithm": "sha256",
+                     "canonical": ["method", "path"], "signature": {"header": "X-Signature"}},
     "jwt_assertion": {"audience": "https://search.internal/"},
     "oauth2_client_credentials": {"token_url": TOKEN_URL, "client_id": "billing-agent", "auth": "tls_client_auth"},
     "oauth2_token_exchange": {"token_url": TOKEN_URL, "client_id": "billing-agent", "auth": "tls_client_auth",
