@@ -35,7 +35,7 @@ from typing import ClassVar, Hashable, Mapping
 from sidecar.credentials.base import (
     Credential, CredentialRequest, OutboundRequest, ProviderDeps, frame_for_signing, keyed_id,
 )
-from sidecar.credentials.canonical import Signing, canonical_bytes, without_params
+from sidecar.credentials.canonical import Signing, canonical_chunks, without_params
 from sidecar.credentials.placement import Placement
 from sidecar.credentials.specs import HmacSigningSpec
 
@@ -82,8 +82,11 @@ class HmacSigningProvider:
         _place(out, spec.key_id, signing.key_id)
         if spec.canonical.reads_body:
             frame_for_signing(self.name, self.type, out, "a body part of its canonical string")
-        mac = hmac.new(spec.key, canonical_bytes(spec.canonical, signing, spec.separator), spec.algorithm).digest()
-        _place(out, spec.signature, mac.hex() if spec.encoding == "hex" else base64.b64encode(mac).decode())
+        mac = hmac.new(spec.key, digestmod=spec.algorithm)
+        for chunk in canonical_chunks(spec.canonical, signing, spec.separator):
+            mac.update(chunk)
+        digest = mac.digest()
+        _place(out, spec.signature, digest.hex() if spec.encoding == "hex" else base64.b64encode(digest).decode())
 
     def _drop(self, out: OutboundRequest) -> None:
         """The agent's own signature, timestamp, nonce and key id never reach the upstream."""

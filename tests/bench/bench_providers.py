@@ -12,7 +12,8 @@ work (a dict lookup, a freshness check and a labelled counter increment), the sa
 
 ``http_signature`` rows sign a POST of the size named (``@method``, ``@target-uri``,
 ``content-type``, ``content-length`` and, with a digest, a ``Content-Digest`` over the body);
-rows with 1 MiB bodies or RSA keys run ``n / 20`` times.
+rows with 1 MiB bodies or RSA keys run ``n / 20`` times. ``hmac_signing`` rows sign the same POSTs with
+three declared schemes (``HMAC_SCHEMES``: two shaped like the vendors of ``config/hmac_signing.example.yaml``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,28 @@ def _signature_rows() -> None:
         BODIES[label] = size
 
 
+HMAC_SCHEMES = {  # shaped like config/hmac_signing.example.yaml's vendors, and one over a body hash
+    "query+body sha256 hex": {"algorithm": "sha256", "canonical": ["query", "body"], "signature": {"query": "signature"},
+                              "timestamp": {"query": "timestamp", "format": "unix_ms"}},
+    "path+sha256(body) sha512 b64": {"algorithm": "sha512", "encoding": "base64", "signature": {"header": "API-Sign"},
+                                     "canonical": ["path", "sha256(form:nonce, body)"]},
+    "method,target,ts,body_hash": {"algorithm": "sha256", "separator": "\n", "signature": {"header": "X-Signature"},
+                                   "canonical": ["method", "target", "timestamp", "body_hash"],
+                                   "timestamp": {"header": "X-Timestamp"}, "nonce": {"header": "X-Nonce"}},
+}
+
+
+def _hmac_rows() -> None:
+    for scheme, raw in HMAC_SCHEMES.items():
+        for size in (4 * KIB, MIB):
+            label = f"hmac_signing {scheme} {'1 MiB' if size == MIB else '4 KiB'}"
+            CONFIGS[label] = ("hmac_signing", {"key": {"value": "k" * 64},
+                                               "key_id": {"header": "X-Api-Key", "value": {"value": "key-1"}}, **raw})
+            BODIES[label] = size
+
+
 _signature_rows()
+_hmac_rows()
 
 
 def _signer(directory: Path) -> Signer:
