@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Hashable, Mapping, Protocol
 
 from multidict import CIMultiDict
@@ -155,6 +156,18 @@ def frame_for_signing(provider: str, type_: str, out: OutboundRequest, what: str
     else:
         out.headers["Content-Length"] = length
     return out.body
+
+
+def read_token_file(provider: str, path: Path, what: str) -> str:
+    """A projected token, read afresh each time it is sent: the kubelet rotates the file in place."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialUnavailable(f"credentials: {provider}: cannot read the {what} {path}",
+                                    detail=f"token_file: {type(exc).__name__}") from None
+    if not token:
+        raise CredentialUnavailable(f"credentials: {provider}: the {what} {path} is empty", detail="token_file: empty")
+    return token
 
 
 def keyed_id(key: bytes, value: str) -> str:

@@ -89,7 +89,7 @@ def parse_jwt_assertion(f: Fields) -> JwtAssertionSpec | None:
 
 # --- OAuth 2.0: the token endpoint, client credentials, token exchange ----------------
 
-AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth", "client_assertion_file")
 SECRET_METHODS = frozenset(AUTH_METHODS[:2])
 _SCOPE_TOKEN = re.compile(r'^[\x21\x23-\x5b\x5d-\x7e]+$')  # RFC 6749 §3.3 scope-token
 
@@ -104,6 +104,7 @@ class Endpoint:
     ca: Path | None = None
     client_secret: Secret | None = None
     timeout: float = 10.0
+    assertion_file: Path | None = None  # client_assertion_file: an externally issued JWT, re-read per token request
 
     @property
     def assertion_audience(self) -> str:
@@ -159,12 +160,29 @@ def _endpoint(f: Fields) -> Endpoint | None:
     client_id = f.text("client_id", required=True)
     auth = f.choice("auth", AUTH_METHODS) if f.has("auth") else "client_secret_basic"
     secret = _client_secret(f, auth)
+    assertion_file = _assertion_file(f, auth)
+    timeout = _timeout(f)
+    if token_url is None or client_id is None or auth is None or (auth in SECRET_METHODS and secret is None) \
+            or (auth == "client_assertion_file" and assertion_file is None):
+        return None
+    return Endpoint(token_url, client_id, auth, issuer, ca, secret, timeout, assertion_file)
+
+
+def _timeout(f: Fields) -> float:
     timeout = f.duration("timeout", "10s")
     if not 0 < timeout <= 60:
         f.error("timeout", "must be more than 0s and at most 60s")
-    if token_url is None or client_id is None or auth is None or (auth in SECRET_METHODS and secret is None):
-        return None
-    return Endpoint(token_url, client_id, auth, issuer, ca, secret, timeout)
+    return timeout
+
+
+def _assertion_file(f: Fields, auth: str | None) -> Path | None:
+    """``assertion_file``: with ``auth: client_assertion_file`` only (a projected token need not exist yet)."""
+    if auth == "client_assertion_file":
+        return f.path_value("assertion_file", required=True)
+    if f.has("assertion_file"):
+        f.raw_value("assertion_file")
+        f.error("assertion_file", f"is only used with auth client_assertion_file, not {auth}")
+    return None
 
 
 def _client_secret(f: Fields, auth: str | None) -> Secret | None:
@@ -489,3 +507,44 @@ def _key_id(f: Fields) -> tuple[Placement | None, Secret | None]:
     placement = header_or_query(sub)
     sub.done()
     return placement, value
+
+
+# --- azure_workload_identity -----------------------------------------------------------
+
+AZURE_AUTHORITY = "https://login.microsoftonline.com"
+AZURE_TOKEN_FILE = "/var/run/secrets/azure/tokens/azure-identity-token"  # where the Azure webhook projects it
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,127}")
+
+
+@dataclass(frozen=True, slots=True)
+class AzureWorkloadIdentitySpec:
+    """Client credentials at Entra ID with the projected token as the client assertion."""
+
+    type: ClassVar[str] = "azure_workload_identity"
+    grant: ClientCredentialsSpec
+    needs_signing_key: ClassVar[bool] = False
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return self.grant.scopes
+
+
+def parse_azure_workload_identity(f: Fields) -> AzureWorkloadIdentitySpec | None:
+    before = len(f.errors)
+    tenant = _pattern(f, "tenant_id", _TENANT, "a tenant ID (a GUID) or a tenant domain name")
+    client_id = f.text("client_id", required=True)
+    authority = f.url("authority_host", https_unless_loopback=True) or AZURE_AUTHORITY
+    token_file = f.path_value("token_file") or Path(AZURE_TOKEN_FILE)
+    ca = f.path_value("ca", must_exist=True)
+    scopes = _scopes(f)
+    if not scopes:
+        f.error("scopes", "is required: the resource's /.default scope")
+    if any(not scope.endswith("/.default") for scope in scopes):
+        f.error("scopes", "client credentials at Entra ID ask for a resource's /.default scope, "
+                          "as in https://storage.azure.com/.default")
+    timeout = _timeout(f)
+    if tenant is None or client_id is None or len(f.errors) > before:
+        return None
+    token_url = f"{authority.rstrip('/')}/{tenant}/oauth2/v2.0/token"
+    endpoint = Endpoint(token_url, client_id, "client_assertion_file", None, ca, None, timeout, token_file)
+    return AzureWorkloadIdentitySpec(ClientCredentialsSpec(endpoint, scopes))

@@ -8,6 +8,9 @@ Client authentication (``auth``):
 - ``client_secret_basic`` (RFC 6749 §2.3.1: id and secret form-urlencoded, then Basic), ``client_secret_post``;
 - ``private_key_jwt``: an RFC 7523 assertion signed with ``identity.signing_key`` per token request:
   ``iss`` = ``sub`` = client_id, ``aud`` = ``issuer`` (else ``token_url``), a fresh ``jti``, 60 s;
+- ``client_assertion_file``: an assertion another issuer made (a projected Kubernetes service-account
+  token, for an IdP that federates it), read from ``assertion_file`` at each token request, so a
+  rotated file is used from the next refresh on; sent as ``client_assertion`` (RFC 7523 jwt-bearer);
 - ``tls_client_auth`` (RFC 8705): our SVID on the TLS connection. A certificate-bound token
   (``cnf.x5t#S256``) is recorded as ``Credential.bound_cert_sha256`` (hex, like
   ``SvidState.cert_sha256``) and sent only over an upstream connection presenting that certificate.
@@ -33,7 +36,7 @@ import aiohttp
 import jwt
 import structlog
 
-from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps, keyed_id, read_token_file
 from sidecar.credentials.placement import BEARER
 from sidecar.credentials.specs import Endpoint
 from sidecar.errors import CredentialUnavailable
@@ -193,6 +196,10 @@ class TokenEndpoint:
         elif ep.auth == "private_key_jwt":
             form["client_assertion_type"] = JWT_BEARER
             form["client_assertion"] = self.client_assertion()
+        elif ep.auth == "client_assertion_file":  # an assertion another issuer made (a projected token)
+            assert ep.assertion_file is not None
+            form["client_assertion_type"] = JWT_BEARER
+            form["client_assertion"] = read_token_file(self.name, ep.assertion_file, "client assertion file")
 
     async def request(self, form: dict[str, str]) -> TokenResponse:
         """POST a token request; a TokenResponse, or CredentialUnavailable saying why not."""

@@ -25,6 +25,8 @@ TOKEN_URL = "https://login.example.com/token"
 MINIMAL: dict[str, dict[str, Any]] = {
     "aws_sigv4": {"region": "eu-west-1", "service": "s3",  # web identity: keys from STS when first fetched
                   "source": {"type": "web_identity", "role_arn": "arn:aws:iam::123456789012:role/agent"}},
+    "azure_workload_identity": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "8a2c1f0e",
+                                "scopes": ["https://storage.azure.com/.default"]},
     "http_signature": {"algorithm": "hmac-sha256", "key": {"value": "YS1zaGFyZWQtc2VjcmV0LW9mLTMyLWJ5dGVzLW9yLW1vcmUh"},
                        "components": ["@method"]},
     "hmac_signing": {"key": {"value": "a-shared-secret-of-32-bytes-or-more!"}, "algorithm": "sha256",
