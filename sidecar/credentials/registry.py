@@ -19,8 +19,9 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from sidecar.credentials.base import CredentialProvider, ProviderDeps
 from sidecar.credentials.specs import (
-    AwsSigV4Spec, AzureWorkloadIdentitySpec, ClientCredentialsSpec, CredentialSpec, HmacSigningSpec, HttpSignatureSpec, JwtAssertionSpec,
-    StaticSpec, TokenExchangeSpec, parse_aws_sigv4, parse_azure_workload_identity, parse_client_credentials, parse_hmac_signing,
+    AwsSigV4Spec, AzureWorkloadIdentitySpec, ClientCredentialsSpec, CredentialSpec, GcpWorkloadIdentitySpec,
+    HmacSigningSpec, HttpSignatureSpec, JwtAssertionSpec, StaticSpec, TokenExchangeSpec, parse_aws_sigv4,
+    parse_azure_workload_identity, parse_client_credentials, parse_gcp_workload_identity, parse_hmac_signing,
     parse_http_signature, parse_jwt_assertion, parse_static, parse_token_exchange,
 )
 from sidecar.fields import Fields
@@ -50,6 +51,11 @@ def _http_signature(name: str, spec: HttpSignatureSpec, deps: ProviderDeps) -> C
 def _azure_workload_identity(name: str, spec: AzureWorkloadIdentitySpec, deps: ProviderDeps) -> CredentialProvider:
     from sidecar.credentials.azure import AzureWorkloadIdentityProvider
     return AzureWorkloadIdentityProvider(name, spec, deps)
+
+
+def _gcp_workload_identity(name: str, spec: GcpWorkloadIdentitySpec, deps: ProviderDeps) -> CredentialProvider:
+    from sidecar.credentials.gcp import GcpWorkloadIdentityProvider
+    return GcpWorkloadIdentityProvider(name, spec, deps)
 
 
 def _hmac_signing(name: str, spec: HmacSigningSpec, deps: ProviderDeps) -> CredentialProvider:
@@ -84,6 +90,7 @@ def _table(*types: ProviderType[Any]) -> Mapping[str, ProviderType[Any]]:
 PROVIDER_TYPES: Mapping[str, ProviderType[Any]] = _table(
     ProviderType(AwsSigV4Spec.type, parse_aws_sigv4, _aws_sigv4),
     ProviderType(AzureWorkloadIdentitySpec.type, parse_azure_workload_identity, _azure_workload_identity),
+    ProviderType(GcpWorkloadIdentitySpec.type, parse_gcp_workload_identity, _gcp_workload_identity),
     ProviderType(HttpSignatureSpec.type, parse_http_signature, _http_signature),
     ProviderType(HmacSigningSpec.type, parse_hmac_signing, _hmac_signing),
     ProviderType(JwtAssertionSpec.type, parse_jwt_assertion, _jwt_assertion),

@@ -548,3 +548,57 @@ def parse_azure_workload_identity(f: Fields) -> AzureWorkloadIdentitySpec | None
     token_url = f"{authority.rstrip('/')}/{tenant}/oauth2/v2.0/token"
     endpoint = Endpoint(token_url, client_id, "client_assertion_file", None, ca, None, timeout, token_file)
     return AzureWorkloadIdentitySpec(ClientCredentialsSpec(endpoint, scopes))
+
+
+# --- gcp_workload_identity -------------------------------------------------------------
+
+GCP_STS_URL = "https://sts.googleapis.com/v1/token"
+GCP_IAM_URL = "https://iamcredentials.googleapis.com"
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+IAM_SCOPE = "https://www.googleapis.com/auth/iam"  # what a federated token needs to call generateAccessToken
+MAX_GCP_LIFETIME = 12 * 3600
+_GCP_AUDIENCE = re.compile(r"//iam\.googleapis\.com/projects/\d+/locations/global/workloadIdentityPools/"
+                           r"[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32}")
+_SERVICE_ACCOUNT = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}@[a-z0-9][a-z0-9.-]{0,252}\.gserviceaccount\.com")
+
+
+@dataclass(frozen=True, slots=True)
+class GcpWorkloadIdentitySpec:
+    """Workload identity federation: a JWT exchanged at GCP's STS, then optionally a service account's token."""
+
+    type: ClassVar[str] = "gcp_workload_identity"
+    audience: str  # the workload identity pool provider's full resource name
+    token_file: Path | None  # None: a JWT signed with identity.signing_key, aud = audience
+    service_account: str | None
+    scopes: tuple[str, ...]
+    sts_url: str
+    iam_url: str
+    lifetime: int  # seconds: generateAccessToken's lifetime
+    ca: Path | None
+    timeout: float
+
+    @property
+    def needs_signing_key(self) -> bool:
+        return self.token_file is None
+
+
+def parse_gcp_workload_identity(f: Fields) -> GcpWorkloadIdentitySpec | None:
+    before = len(f.errors)
+    audience = _pattern(f, "audience", _GCP_AUDIENCE, "a workload identity pool provider: //iam.googleapis.com/"
+                        "projects/<number>/locations/global/workloadIdentityPools/<pool>/providers/<provider>")
+    token_file = f.path_value("token_file")
+    service_account = f.text("service_account")
+    if service_account is not None and not _SERVICE_ACCOUNT.fullmatch(service_account):
+        f.error("service_account", "must be a service account email, as in agent@project.iam.gserviceaccount.com")
+    scopes = _scopes(f) or (CLOUD_PLATFORM,)
+    sts_url = f.url("sts_url", https_unless_loopback=True) or GCP_STS_URL
+    iam_url = f.url("iam_url", https_unless_loopback=True) or GCP_IAM_URL
+    lifetime = f.duration("lifetime", "1h")
+    if not 60 <= lifetime <= MAX_GCP_LIFETIME:
+        f.error("lifetime", "must be between 1m and 12h")
+    ca = f.path_value("ca", must_exist=True)
+    timeout = _timeout(f)
+    if audience is None or len(f.errors) > before:
+        return None
+    return GcpWorkloadIdentitySpec(audience, token_file, service_account, scopes, sts_url, iam_url.rstrip("/"),
+                                   int(lifetime), ca, timeout)

@@ -49,6 +49,7 @@ ASSERTION_TTL = 60
 DEFAULT_LIFETIME = 300.0  # a token response with neither expires_in nor a JWT exp
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_DESCRIPTION = 120
+NO_CLIENT_AUTH = "none"  # an endpoint that authenticates no client (GCP's STS): never a config value
 _SENSITIVE_FORM = ("client_secret", "client_assertion", "subject_token", "actor_token")
 _ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -189,6 +190,8 @@ class TokenEndpoint:
             assert ep.client_secret is not None
             headers["Authorization"] = basic_authorization(ep.client_id, ep.client_secret.reveal())
             return
+        if ep.auth == NO_CLIENT_AUTH:
+            return
         form["client_id"] = ep.client_id
         if ep.auth == "client_secret_post":
             assert ep.client_secret is not None
@@ -216,10 +219,14 @@ class TokenEndpoint:
         return parse_token_response(self.name, body)
 
     async def _post(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        return await self.post(self.endpoint.token_url, headers, data=form)
+
+    async def post(self, url: str, headers: Mapping[str, str], **body: Any) -> tuple[int, bytes]:
+        """POST ``data=`` (a form) or ``json=`` to ``url`` over this endpoint's session (its CA, its
+        timeout): (status, body), or CredentialUnavailable saying why there was no answer."""
         session = self._http()
         try:
-            async with session.post(self.endpoint.token_url, data=form, headers=headers,
-                                    allow_redirects=False) as resp:
+            async with session.post(url, headers=headers, allow_redirects=False, **body) as resp:
                 return resp.status, await _read_limited(resp)
         except asyncio.TimeoutError:
             why, detail = "timed out", f"timeout after {format_duration(self.endpoint.timeout)}"

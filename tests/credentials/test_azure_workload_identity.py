@@ -5,8 +5,6 @@ WorkloadIdentityCredential sends to the same local Entra ID authority, which che
 from __future__ import annotations
 
 import asyncio
-import json
-import ssl
 from pathlib import Path
 from typing import Any, AsyncIterator
 from urllib.parse import parse_qsl
@@ -19,6 +17,7 @@ from azure.identity import WorkloadIdentityCredential
 from sidecar.credentials.azure import AzureWorkloadIdentityProvider
 from sidecar.credentials.base import ProviderDeps
 from sidecar.errors import CredentialUnavailable
+from tests.credentials.cloud import LocalCloud, ca_path, server_context
 from tests.credentials.providers import AGENT_SPIFFE_ID, config_errors, parse_spec, request
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -28,19 +27,14 @@ JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CHECKED = ("grant_type", "client_id", "client_assertion_type", "client_assertion", "scope")  # what Entra ID reads
 
 
-class Authority:
+class Authority(LocalCloud):
     """A local Entra ID authority: OpenID metadata, instance discovery and a token endpoint that answers only
     a client-credentials request whose client assertion is the projected token file's current content."""
 
     def __init__(self, token_file: Path) -> None:
+        super().__init__()
         self.token_file = token_file
         self.forms: list[dict[str, str]] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
 
     async def _token(self, request: web.Request) -> web.Response:
         assert request.path == f"/{TENANT}/oauth2/v2.0/token"
@@ -65,27 +59,15 @@ class Authority:
         return web.json_response({"tenant_discovery_endpoint": f"{self.url}/{TENANT}/v2.0/.well-known/openid-configuration",
                                   "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}]})
 
-    async def start(self, ssl_context: ssl.SSLContext) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post(f"/{TENANT}/oauth2/v2.0/token", self._token)
         app.router.add_get(f"/{TENANT}/v2.0/.well-known/openid-configuration", self._metadata)
         app.router.add_get("/common/discovery/instance", self._discovery)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 @pytest.fixture
 def ca_file(upstream_ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    upstream_ca.cert_pem.write_to_path(str(path))
-    return path
+    return ca_path(upstream_ca, tmp_path)
 
 
 @pytest.fixture
@@ -93,10 +75,8 @@ async def authority(upstream_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Au
     token_file = tmp_path / "azure-identity-token"
     # as the kubelet writes a projected token: no trailing newline (azure-identity sends the file as it is)
     token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6YWdlbnRzOmJpbGxpbmcifQ.c2ln")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    upstream_ca.issue_cert("127.0.0.1").configure_cert(ctx)
     server = Authority(token_file)
-    await server.start(ctx)
+    await server.start(server_context(upstream_ca))
     yield server
     await server.stop()
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
-from sidecar.credentials.base import CredentialRequest, OutboundRequest, ProviderDeps
+from sidecar.credentials.base import OutboundRequest, ProviderDeps
 from sidecar.credentials.hmac_signing import HmacSigningProvider
 from tests.credentials.providers import config_errors, parse_spec
 from tests.harness import Upstream

@@ -29,6 +29,9 @@ MINIMAL: dict[str, dict[str, Any]] = {
                                 "scopes": ["https://storage.azure.com/.default"]},
     "http_signature": {"algorithm": "hmac-sha256", "key": {"value": "YS1zaGFyZWQtc2VjcmV0LW9mLTMyLWJ5dGVzLW9yLW1vcmUh"},
                        "components": ["@method"]},
+    "gcp_workload_identity": {"audience": "//iam.googleapis.com/projects/1/locations/global/"
+                                          "workloadIdentityPools/agents/providers/kubernetes",
+                              "token_file": "/var/run/secrets/tokens/gcp"},
     "hmac_signing": {"key": {"value": "a-shared-secret-of-32-bytes-or-more!"}, "algorithm": "sha256",
                      "canonical": ["method", "path"], "signature": {"header": "X-Signature"}},
     "jwt_assertion": {"audience": "https://search.internal/"},
