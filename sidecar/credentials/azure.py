@@ -28,7 +28,7 @@ from sidecar.credentials.specs import AzureWorkloadIdentitySpec
 class AzureWorkloadIdentityProvider(ClientCredentialsProvider):
     type: ClassVar[str] = AzureWorkloadIdentitySpec.type
 
-    def __init__(self, name: str, spec: AzureWorkloadIdentitySpec, deps: ProviderDeps) -> None:  # type: ignore[override]
+    def __init__(self, name: str, spec: AzureWorkloadIdentitySpec, deps: ProviderDeps) -> None:
         super().__init__(name, spec.grant, deps)
 
     def __repr__(self) -> str:

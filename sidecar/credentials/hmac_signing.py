@@ -30,7 +30,7 @@ import hmac
 import secrets
 import time
 from datetime import datetime, timezone
-from typing import ClassVar, Hashable, Mapping
+from typing import Callable, ClassVar, Hashable, Mapping
 
 from sidecar.credentials.base import (
     Credential, CredentialRequest, OutboundRequest, ProviderDeps, frame_for_signing, keyed_id,
@@ -40,7 +40,7 @@ from sidecar.credentials.placement import Placement
 from sidecar.credentials.specs import HmacSigningSpec
 
 NONCE_BYTES = 16
-TIMESTAMPS = {
+TIMESTAMPS: dict[str, Callable[[float], str]] = {
     "unix": lambda now: str(int(now)),
     "unix_ms": lambda now: str(int(now * 1000)),
     "iso8601": lambda now: datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
