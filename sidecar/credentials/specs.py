@@ -89,7 +89,8 @@ def parse_jwt_assertion(f: Fields) -> JwtAssertionSpec | None:
 
 # --- OAuth 2.0: the token endpoint, client credentials, token exchange ----------------
 
-AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth", "client_assertion_file")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth",
+                "client_assertion_file")
 SECRET_METHODS = frozenset(AUTH_METHODS[:2])
 _SCOPE_TOKEN = re.compile(r'^[\x21\x23-\x5b\x5d-\x7e]+$')  # RFC 6749 §3.3 scope-token
 

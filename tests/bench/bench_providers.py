@@ -85,7 +85,8 @@ def _signature_rows() -> None:
 
 
 HMAC_SCHEMES = {  # shaped like config/hmac_signing.example.yaml's vendors, and one over a body hash
-    "query+body sha256 hex": {"algorithm": "sha256", "canonical": ["query", "body"], "signature": {"query": "signature"},
+    "query+body sha256 hex": {"algorithm": "sha256", "canonical": ["query", "body"],
+                              "signature": {"query": "signature"},
                               "timestamp": {"query": "timestamp", "format": "unix_ms"}},
     "path+sha256(body) sha512 b64": {"algorithm": "sha512", "encoding": "base64", "signature": {"header": "API-Sign"},
                                      "canonical": ["path", "sha256(form:nonce, body)"]},

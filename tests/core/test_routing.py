@@ -10,6 +10,8 @@ from sidecar.config import parse_config
 from sidecar.errors import ConfigInvalid, RequestRefused
 from sidecar.http.target import canonical_path, split_route_prefix
 from sidecar.routing import Router, forward_path
+from tests.harness import raw_http
+from tests.scenarios.connect import billing_config, exchange, get, intercept_ca, start_https_upstream, tunnel
 from tests.scenarios.outbound import POLICY, config_for
 
 CONFIG = {
@@ -196,3 +198,24 @@ async def test_a_wildcard_matched_request_reaches_the_upstream_under_the_agents_
     assert [(seen.path, seen.header("Host")) for seen in upstream.seen] == [
         ("/api/v1/x", f"eu.billing.internal:{port}"), ("/api/v1/y", f"127.0.0.1:{port}")]
     assert [e["reason"] for e in await h.settle()][-1] == "unknown_upstream"
+
+
+async def test_a_wildcard_opens_a_tunnel_one_label_below_it_and_no_deeper(make_sidecar, upstream_ca, tmp_path):
+    """CONNECT: eu.billing.internal gets an intercepted tunnel whose request reaches the upstream under that
+    name; a.eu.billing.internal gets no tunnel."""
+    server = await start_https_upstream(upstream_ca)
+    try:
+        config = billing_config(server, upstream_ca, tmp_path)
+        config["outbound"]["upstreams"]["billing"]["hosts"] = ["*.billing.internal"]
+        h = await make_sidecar(config, POLICY)
+        reader, writer = await tunnel(h, intercept_ca(h), "eu.billing.internal:443")
+        try:
+            status, _, _ = await exchange(reader, writer, get("/api/v1/x", "eu.billing.internal"))
+        finally:
+            writer.close()
+        deeper = b"CONNECT a.eu.billing.internal:443 HTTP/1.1\r\nHost: a.eu.billing.internal:443\r\n\r\n"
+        refused = await raw_http(h.port("outbound"), deeper)
+    finally:
+        await server.stop()
+    assert status == 200 and server.seen[-1].header("Host") == f"eu.billing.internal:{server.port}"
+    assert refused.startswith(b"HTTP/1.1 403") and b'"error":"unknown_upstream"' in refused

@@ -56,8 +56,9 @@ class Authority(LocalCloud):
 
     async def _discovery(self, request: web.Request) -> web.Response:
         host = f"127.0.0.1:{self.port}"
-        return web.json_response({"tenant_discovery_endpoint": f"{self.url}/{TENANT}/v2.0/.well-known/openid-configuration",
-                                  "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}]})
+        metadata = f"{self.url}/{TENANT}/v2.0/.well-known/openid-configuration"
+        return web.json_response({"tenant_discovery_endpoint": metadata, "metadata": [
+            {"preferred_network": host, "preferred_cache": host, "aliases": [host]}]})
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post(f"/{TENANT}/oauth2/v2.0/token", self._token)

@@ -104,9 +104,10 @@ async def google(upstream_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Googl
     await server.stop()
 
 
-def provider_for(google: Google, ca_file: Path, deps: ProviderDeps | None = None, **extra: Any) -> GcpWorkloadIdentityProvider:
-    raw = {"audience": AUDIENCE, "token_file": str(google.token_file), "scopes": [SCOPE], "sts_url": f"{google.url}/v1/token",
-           "iam_url": google.url, "ca": str(ca_file), **extra}
+def provider_for(google: Google, ca_file: Path, deps: ProviderDeps | None = None,
+                 **extra: Any) -> GcpWorkloadIdentityProvider:
+    raw = {"audience": AUDIENCE, "token_file": str(google.token_file), "scopes": [SCOPE],
+           "sts_url": f"{google.url}/v1/token", "iam_url": google.url, "ca": str(ca_file), **extra}
     spec = parse_spec("gcp_workload_identity", {k: v for k, v in raw.items() if v is not None})
     return GcpWorkloadIdentityProvider("gcs", spec, deps or ProviderDeps(agent_id=AGENT_SPIFFE_ID, id_key=b"k" * 32))
 
@@ -114,7 +115,8 @@ def provider_for(google: Google, ca_file: Path, deps: ProviderDeps | None = None
 def google_auth_token(google: Google, ca_file: Path, impersonate: bool) -> str:
     """What the reference client obtains (blocking: call it in a thread)."""
     info: dict[str, Any] = {"type": "external_account", "audience": AUDIENCE, "subject_token_type": TT_JWT,
-                            "token_url": f"{google.url}/v1/token", "credential_source": {"file": str(google.token_file)}}
+                            "token_url": f"{google.url}/v1/token",
+                            "credential_source": {"file": str(google.token_file)}}
     if impersonate:
         info["service_account_impersonation_url"] = (
             f"{google.url}/v1/projects/-/serviceAccounts/{SERVICE_ACCOUNT}:generateAccessToken")
@@ -195,7 +197,8 @@ async def test_an_outage_serves_the_cached_token_then_refuses(google, ca_file) -
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"audience": "//iam.googleapis.com/projects/p/pools/x"}, "credentials.test.audience: must be a workload identity pool provider"),
+    ({"audience": "//iam.googleapis.com/projects/p/pools/x"},
+     "credentials.test.audience: must be a workload identity pool provider"),
     ({"service_account": "agent@example.com"}, "credentials.test.service_account: must be a service account email"),
     ({"lifetime": "13h"}, "credentials.test.lifetime: must be between 1m and 12h"),
     ({"sts_url": "http://sts.example.com/v1/token"}, "credentials.test.sts_url: must be an https URL"),
