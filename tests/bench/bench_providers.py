@@ -6,7 +6,7 @@
 Figures are ratios within one run (PERFORMANCE.md: the machine is noisy). Each provider's cache
 entry is primed once; the oauth2 ones from a token response built here (a JWT access token
 signed locally, shaped like oidc-provider's), so no token endpoint is needed: in the steady
-state none is called. Rows: ``get+apply`` is ``await cache.get(...)`` then ``apply``; ``key``
+state none is called; the workload identity rows (Azure, GCP) are primed the same way. Rows: ``get+apply`` is ``await cache.get(...)`` then ``apply``; ``key``
 is ``cache_key`` alone; ``apply`` is ``apply`` alone. Most of ``get+apply`` is the cache's own
 work (a dict lookup, a freshness check and a labelled counter increment), the same for every row.
 
@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from multidict import CIMultiDict
 
+from sidecar.credentials.gcp import GcpWorkloadIdentityProvider
 from sidecar.credentials.oauth2 import ClientCredentialsProvider
 from sidecar.credentials.token_endpoint import parse_token_response
 from sidecar.credentials.registry import PROVIDER_TYPES
@@ -57,6 +58,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (credential type,
     "oauth2 tls_client_auth (bound)": ("oauth2_client_credentials", {**OAUTH, "auth": "tls_client_auth"}),
     "oauth2_token_exchange (task)": ("oauth2_token_exchange", {**OAUTH, "auth": "tls_client_auth"}),
     "jwt_assertion": ("jwt_assertion", {"audience": RESOURCE}),
+    "azure_workload_identity": ("azure_workload_identity", {"tenant_id": "contoso.onmicrosoft.com", "client_id": "c",
+                                                            "scopes": ["https://storage.azure.com/.default"]}),
+    "gcp_workload_identity": ("gcp_workload_identity", {
+        "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/agents/providers/kubernetes",
+        "token_file": "/var/run/secrets/tokens/gcp"}),
     "jwt_assertion (task)": ("jwt_assertion", {"audience": RESOURCE}),
 }
 KIB, MIB = 1024, 1024 * 1024
@@ -138,7 +144,7 @@ def _build(label: str, deps: ProviderDeps) -> Any:
 
 
 async def _prime(provider: Any, req: CredentialRequest, cache: CredentialCache, signer: Signer) -> None:
-    if isinstance(provider, (ClientCredentialsProvider, TokenExchangeProvider)):
+    if isinstance(provider, (ClientCredentialsProvider, TokenExchangeProvider, GcpWorkloadIdentityProvider)):
         body = _token_response(signer, bound=provider.endpoint.cert_thumbprint() is not None,
                                act=isinstance(provider, TokenExchangeProvider))
         resp = parse_token_response("bench", body)
