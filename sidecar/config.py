@@ -29,6 +29,7 @@ from sidecar.config_model import (
 )
 from sidecar.fields import Fields, ListenAddress, Secret, is_loopback_host, read_secret
 from sidecar.http.target import DEFAULT_PORTS, PathOptions
+from sidecar.routing import host_pattern
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -242,7 +243,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     if not name or "/" in name or "%" in name or name in (".", ".."):
         f.error("", "upstream names must be non-empty and contain no '/', '%', or dot segments")
     url = f.url("url", required=True)
-    hosts = tuple(h.lower().rstrip(".") for h in f.text_list("hosts", ()))
+    hosts = _hosts(f)
     ca = f.path_value("ca", must_exist=True)
     if ca is not None and ca.is_file() and not _loads_as_ca(ca):  # a missing file is reported once
         f.error("ca", "expected a PEM file of CA certificates; none could be loaded from it")
@@ -286,6 +287,17 @@ def _http2(f: Fields, protocol: str, scheme: str | None) -> bool | str:
     if value == "auto" and scheme != "https":
         f.error("http2", "auto chooses by ALPN, which needs an https url; expected true (h2c) or false")
     return value  # type: ignore[no-any-return]
+
+
+def _hosts(f: Fields) -> tuple[str, ...]:
+    """``hosts``: names, or leading-label wildcards, read as ``sidecar.routing`` matches them."""
+    hosts = []
+    for i, text in enumerate(f.text_list("hosts", ())):
+        try:
+            hosts.append(host_pattern(text))
+        except ValueError as exc:
+            f.error(f"hosts[{i}]", str(exc))
+    return tuple(hosts)
 
 
 def _pass_headers(f: Fields) -> frozenset[str]:

@@ -339,11 +339,11 @@ class Outbound:
                           forwarded: CIMultiDict[str]) -> OutboundRequest:
         up = route.upstream
         headers = forwarded.copy()  # policy's view stays as it decided; the sidecar's own headers go here
-        headers["Host"] = up.host_header
+        headers["Host"] = route.host_header
         headers["Via"] = VIA
         headers["traceparent"] = traceparent
         cert = self.rt.identity.state.cert_sha256 if up.client_cert == "svid" and up.scheme == "https" else None
-        return OutboundRequest(request.method, up.scheme, up.host, up.port, route.forward_path, route.query,
+        return OutboundRequest(request.method, up.scheme, route.host, up.port, route.forward_path, route.query,
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,

@@ -9,6 +9,14 @@ Three ways in, one result (:class:`Route`), so that rules see the same path in e
   with the upstream's base path, which is removed for matching and kept for forwarding;
 - CONNECT interception: the decrypted request's ``Host`` names the upstream, as above.
 
+An upstream's ``hosts`` name it exactly or by a leading-label wildcard: ``*.s3.us-east-1.amazonaws.com``
+maps ``bucket.s3.us-east-1.amazonaws.com``, one label deep only (never ``a.b.s3...`` nor
+``s3...`` itself). A listed name wins over a wildcard that also covers it. A request a wildcard
+matched is sent with the name the agent used (``Route.host``: S3's virtual-hosted buckets), over
+the upstream's own connection; any other is sent with the upstream's own host. Wildcards are read
+at config load by :func:`host_pattern`: a whole leading label over at least two labels, so never
+``*`` alone nor a top-level domain (``*.com``).
+
 Anything else is refused: no route means no request (``unknown_upstream``); there is no
 open proxy. Requests that look browser-made (``Origin``, ``Sec-Fetch-Site``) are refused
 first (``browser_origin``).
@@ -25,8 +33,12 @@ from sidecar.config_model import Upstream
 from sidecar.errors import RequestRefused
 from sidecar.fields import ListenAddress
 from sidecar.http.target import (
-    canonical_path, check_query, has_dot_segment, join_base, normalize_host, split_route_prefix, strip_base,
+    canonical_path, check_query, format_authority, has_dot_segment, join_base, normalize_host, split_route_prefix,
+    strip_base,
 )
+
+WILDCARD = "*."
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 # The common route-prefix target in one match: a plain upstream name (not '.' or '..'), a path of
 # unreserved and sub-delim characters only (nothing to decode), a query of printable ASCII without
@@ -51,6 +63,13 @@ class Route(NamedTuple):
     path: str  # canonical, without the upstream's base path: what rules match
     forward_path: str  # base path + canonical path: what is sent and signed
     query: str  # raw query, forwarded byte for byte
+    host: str  # the name the request is sent with: the upstream's host, or the one a wildcard matched
+
+    @property
+    def host_header(self) -> str:
+        """``Host`` as sent: the upstream's (formatted once, at load), or the wildcard-matched name's."""
+        up = self.upstream
+        return up.host_header if self.host == up.host else format_authority(self.host, up.port, up.scheme)
 
 
 class Router:
@@ -59,7 +78,9 @@ class Router:
     def __init__(self, upstreams: Mapping[str, Upstream], listen: ListenAddress) -> None:
         self._by_name = dict(upstreams)
         # a host maps to one upstream whatever port the agent wrote: the upstream's URL decides
-        self._by_host = {host: up for up in upstreams.values() for host in up.hosts}
+        self._by_host = {host: up for up in upstreams.values() for host in up.hosts if not host.startswith(WILDCARD)}
+        self._by_parent = {host[len(WILDCARD):]: up for up in upstreams.values() for host in up.hosts
+                           if host.startswith(WILDCARD)}  # "*.example.com" under "example.com"
         self._own_hosts = _own_authorities(listen)
 
     def bound(self, listen: ListenAddress) -> None:
@@ -97,13 +118,15 @@ class Router:
             path = path or "/"
             upstream = self._by_name.get(name)
             if upstream is not None and "//" not in path and not has_dot_segment(path):
-                return Route(upstream, "prefix", path, forward_path(upstream.base_path, path, raw_target), query or "")
+                return Route(upstream, "prefix", path, forward_path(upstream.base_path, path, raw_target), query or "",
+                             upstream.host)
         name, raw_rest, query = split_route_prefix(raw_target)
         upstream = self._by_name.get(name)
         if upstream is None:
             raise RequestRefused("unknown_upstream", f"outbound: no upstream named {name!r} is configured")
         path = canonical_path(raw_rest, upstream.paths)
-        return Route(upstream, "prefix", path, forward_path(upstream.base_path, path, raw_target), query)
+        return Route(upstream, "prefix", path, forward_path(upstream.base_path, path, raw_target), query,
+                     upstream.host)
 
     def _absolute(self, raw_target: str, host_header: str | None) -> Route:
         scheme, _, rest = raw_target.partition("://")
@@ -122,7 +145,7 @@ class Router:
 
     def for_host(self, host: str, raw_path: str, query: str, mode: str) -> Route:
         """Forward-proxy and CONNECT modes: map a host to its upstream and strip the base path."""
-        upstream = self._by_host.get(host)
+        upstream = self.upstream_for_host(host)
         if upstream is None:
             raise RequestRefused("unknown_upstream", f"outbound: host {host} is not mapped to any upstream")
         check_query(query)
@@ -131,10 +154,48 @@ class Router:
         if path is None:
             raise RequestRefused("unknown_upstream", f"outbound: path is outside upstream {upstream.name}'s "
                                                      "base path")
-        return Route(upstream, mode, path, join_base(upstream.base_path, path), query)
+        sent_as = upstream.host if host in self._by_host else host
+        return Route(upstream, mode, path, join_base(upstream.base_path, path), query, sent_as)
 
     def upstream_for_host(self, host: str) -> Upstream | None:
-        return self._by_host.get(host)
+        """The upstream a canonical host (``normalize_host``) maps to: by its name, else by the
+        wildcard over its parent, which covers exactly one label."""
+        exact = self._by_host.get(host)
+        if exact is not None:
+            return exact
+        label, dot, parent = host.partition(".")
+        return self._by_parent.get(parent) if label and dot else None
+
+
+def host_pattern(text: str) -> str:
+    """A ``hosts`` entry as matched: lowercase, no trailing dot, IDN as its ASCII (punycode) form.
+    A wildcard is a whole leading label over a DNS name of at least two labels; raises ValueError
+    saying what was expected."""
+    name = _ascii_name(text.strip().lower().rstrip("."))
+    if name == "*":
+        raise ValueError(f"{text!r}: * alone would map every name; expected a wildcard over a domain, *.example.com")
+    if not name.startswith(WILDCARD):
+        if "*" in name:
+            raise ValueError(f"{text!r}: a wildcard is a whole leading label only, as in *.example.com")
+        return name
+    parent = name[len(WILDCARD):]
+    labels = parent.split(".")
+    if "*" in parent or not all(_DNS_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError(f"{text!r}: expected *. followed by a DNS name, as in *.example.com")
+    if len(labels) < 2:
+        raise ValueError(f"{text!r}: a wildcard must sit below a registrable domain, not a top-level one")
+    return name
+
+
+def _ascii_name(name: str) -> str:
+    """An internationalized name in the ASCII form a Host header carries (IDNA, label by label)."""
+    if name.isascii():
+        return name
+    try:
+        return ".".join(label if label.isascii() else label.encode("idna").decode("ascii")
+                        for label in name.split("."))
+    except UnicodeError:
+        raise ValueError(f"{name!r}: expected a DNS name; this one is not a valid internationalized name") from None
 
 
 def _own_authorities(listen: ListenAddress) -> frozenset[tuple[str, int]]:

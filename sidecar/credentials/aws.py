@@ -46,7 +46,6 @@ import ssl
 import time
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import ClassVar, Hashable, Mapping
 from urllib.parse import urlencode, urlsplit
 
@@ -55,7 +54,9 @@ import aiohttp
 from sidecar.credentials.aws_request import (
     AGENT_SIGNATURE, check_agent_headers, declares_streaming, is_signed, refuse_presigned, streaming_payload,
 )
-from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.credentials.base import (
+    Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id, read_token_file,
+)
 from sidecar.credentials.sigv4 import (
     EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign,
 )
@@ -175,7 +176,8 @@ class _Sts:
 
     async def _web_identity_token(self) -> str:
         if self._source.token_file is not None:
-            return await self._read_token_file(self._source.token_file)
+            return await asyncio.to_thread(read_token_file, self._name, self._source.token_file,
+                                           "web identity token_file")  # a projected volume: never read on the loop
         signer = self._deps.signer
         if signer is None:
             raise CredentialUnavailable(f"credentials: {self._name}: web identity needs identity.signing_key",
@@ -183,18 +185,6 @@ class _Sts:
         claims = {"sub": self._deps.agent_id, "aud": self._source.audience}
         token, _, _ = signer.sign(claims, ttl=WEB_IDENTITY_TTL)
         return str(token)
-
-    async def _read_token_file(self, path: Path) -> str:
-        """Read in a worker thread: the file is on a projected volume, whose read may block the loop."""
-        try:
-            token = (await asyncio.to_thread(path.read_text)).strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CredentialUnavailable(f"credentials: {self._name}: cannot read the web identity token_file "
-                                        f"{path}", detail=f"token_file: {type(exc).__name__}") from None
-        if not token:
-            raise CredentialUnavailable(f"credentials: {self._name}: the web identity token_file {path} is "
-                                        f"empty", detail="token_file: empty")
-        return token
 
     async def _post(self, form: str) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8", "Accept": "text/xml"}

@@ -24,12 +24,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Hashable, Mapping, Protocol
 
 from multidict import CIMultiDict
 
 from sidecar.credentials.echo import EchoGuard, guard_for
+from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret
+from sidecar.http.headers import framed_length
 from sidecar.http.target import format_authority
 
 
@@ -139,6 +142,32 @@ class ProviderDeps:
     client_session: Callable[..., Any] | None = None  # factory for token-endpoint sessions
     id_key: bytes = b""  # key for keyed hashes of credentials that have no jti
     clock: Callable[[], float] | None = None
+
+
+def frame_for_signing(provider: str, type_: str, out: OutboundRequest, what: str) -> bytes:
+    """The body as ``sidecar.forward.http11`` will send it, with the ``Content-Length`` it will send:
+    a signer that covers the body or its length signs these, not the agent's framing."""
+    if out.body is None:
+        raise CredentialUnavailable(f"credentials: {provider}: the request body was not read; expected it whole "
+                                    f"to sign {what}", detail=f"{type_}: no body")
+    length = framed_length(out.method, out.body)
+    if length is None:
+        out.headers.popall("Content-Length", None)
+    else:
+        out.headers["Content-Length"] = length
+    return out.body
+
+
+def read_token_file(provider: str, path: Path, what: str) -> str:
+    """A projected token, read afresh each time it is sent: the kubelet rotates the file in place."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialUnavailable(f"credentials: {provider}: cannot read the {what} {path}",
+                                    detail=f"token_file: {type(exc).__name__}") from None
+    if not token:
+        raise CredentialUnavailable(f"credentials: {provider}: the {what} {path} is empty", detail="token_file: empty")
+    return token
 
 
 def keyed_id(key: bytes, value: str) -> str:

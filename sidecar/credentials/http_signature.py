@@ -37,11 +37,11 @@ import secrets
 import time
 from typing import ClassVar, Hashable, Mapping
 
-from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.credentials.base import (
+    Credential, CredentialRequest, OutboundRequest, ProviderDeps, frame_for_signing, keyed_id,
+)
 from sidecar.credentials.rfc9421 import content_digest, signature_base, signature_params
 from sidecar.credentials.specs import HttpSignatureSpec
-from sidecar.errors import CredentialUnavailable
-from sidecar.http.headers import framed_length
 
 NONCE_BYTES = 16
 
@@ -85,16 +85,9 @@ class HttpSignatureProvider:
 
     def _frame(self, out: OutboundRequest) -> None:
         """The length and digest of the body exactly as ``sidecar.forward.http11`` will send it."""
-        if out.body is None:
-            raise CredentialUnavailable(f"credentials: {self.name}: the request body was not read; expected it "
-                                        f"whole to sign its length or digest", detail="http_signature: no body")
-        length = framed_length(out.method, out.body)
-        if length is None:
-            out.headers.popall("Content-Length", None)
-        else:
-            out.headers["Content-Length"] = length
+        body = frame_for_signing(self.name, self.type, out, "its length or digest")
         if self._spec.content_digest is not None:
-            out.headers["Content-Digest"] = content_digest(out.body, self._spec.content_digest)
+            out.headers["Content-Digest"] = content_digest(body, self._spec.content_digest)
 
     def _params(self) -> list[tuple[str, int | str]]:
         spec = self._spec

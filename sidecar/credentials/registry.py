@@ -19,9 +19,10 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from sidecar.credentials.base import CredentialProvider, ProviderDeps
 from sidecar.credentials.specs import (
-    AwsSigV4Spec, ClientCredentialsSpec, CredentialSpec, HttpSignatureSpec, JwtAssertionSpec, StaticSpec,
-    TokenExchangeSpec, parse_aws_sigv4, parse_client_credentials, parse_http_signature, parse_jwt_assertion,
-    parse_static, parse_token_exchange,
+    AwsSigV4Spec, AzureWorkloadIdentitySpec, ClientCredentialsSpec, CredentialSpec, GcpWorkloadIdentitySpec,
+    HmacSigningSpec, HttpSignatureSpec, JwtAssertionSpec, StaticSpec, TokenExchangeSpec, parse_aws_sigv4,
+    parse_azure_workload_identity, parse_client_credentials, parse_gcp_workload_identity, parse_hmac_signing,
+    parse_http_signature, parse_jwt_assertion, parse_static, parse_token_exchange,
 )
 from sidecar.fields import Fields
 
@@ -45,6 +46,21 @@ def _aws_sigv4(name: str, spec: AwsSigV4Spec, deps: ProviderDeps) -> CredentialP
 def _http_signature(name: str, spec: HttpSignatureSpec, deps: ProviderDeps) -> CredentialProvider:
     from sidecar.credentials.http_signature import HttpSignatureProvider
     return HttpSignatureProvider(name, spec, deps)
+
+
+def _azure_workload_identity(name: str, spec: AzureWorkloadIdentitySpec, deps: ProviderDeps) -> CredentialProvider:
+    from sidecar.credentials.azure import AzureWorkloadIdentityProvider
+    return AzureWorkloadIdentityProvider(name, spec, deps)
+
+
+def _gcp_workload_identity(name: str, spec: GcpWorkloadIdentitySpec, deps: ProviderDeps) -> CredentialProvider:
+    from sidecar.credentials.gcp import GcpWorkloadIdentityProvider
+    return GcpWorkloadIdentityProvider(name, spec, deps)
+
+
+def _hmac_signing(name: str, spec: HmacSigningSpec, deps: ProviderDeps) -> CredentialProvider:
+    from sidecar.credentials.hmac_signing import HmacSigningProvider
+    return HmacSigningProvider(name, spec, deps)
 
 
 def _jwt_assertion(name: str, spec: JwtAssertionSpec, deps: ProviderDeps) -> CredentialProvider:
@@ -73,7 +89,10 @@ def _table(*types: ProviderType[Any]) -> Mapping[str, ProviderType[Any]]:
 
 PROVIDER_TYPES: Mapping[str, ProviderType[Any]] = _table(
     ProviderType(AwsSigV4Spec.type, parse_aws_sigv4, _aws_sigv4),
+    ProviderType(AzureWorkloadIdentitySpec.type, parse_azure_workload_identity, _azure_workload_identity),
+    ProviderType(GcpWorkloadIdentitySpec.type, parse_gcp_workload_identity, _gcp_workload_identity),
     ProviderType(HttpSignatureSpec.type, parse_http_signature, _http_signature),
+    ProviderType(HmacSigningSpec.type, parse_hmac_signing, _hmac_signing),
     ProviderType(JwtAssertionSpec.type, parse_jwt_assertion, _jwt_assertion),
     ProviderType(ClientCredentialsSpec.type, parse_client_credentials, _client_credentials),
     ProviderType(TokenExchangeSpec.type, parse_token_exchange, _token_exchange),

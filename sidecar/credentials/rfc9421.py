@@ -250,7 +250,7 @@ def load_key(algorithm: str, secret: Secret, encoding: str = "base64") -> Algori
     """The signing key for ``algorithm``, parsed once; ``ValueError`` says what was expected
     (never anything of the key itself)."""
     if algorithm == "hmac-sha256":
-        return HmacSha256(_shared_secret(secret.reveal(), encoding))
+        return HmacSha256(shared_secret(secret.reveal(), encoding))
     try:
         private = serialization.load_pem_private_key(secret.reveal().encode(), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -269,7 +269,8 @@ def _fits(algorithm: str, private: object) -> bool:
     return isinstance(private, rsa.RSAPrivateKey) and private.key_size >= MIN_RSA_BITS
 
 
-def _shared_secret(text: str, encoding: str) -> bytes:
+def shared_secret(text: str, encoding: str, use: str = "hmac-sha256") -> bytes:
+    """An HMAC key from its configured text; ``ValueError`` names the expected form, never the key."""
     try:
         if encoding == "base64":
             secret = base64.b64decode(text, validate=True)
@@ -280,5 +281,5 @@ def _shared_secret(text: str, encoding: str) -> bytes:
     except ValueError:
         raise ValueError(f"must be a shared secret in {encoding} (key_encoding)") from None
     if len(secret) < 32:
-        raise ValueError("must be a shared secret of at least 32 bytes for hmac-sha256")
+        raise ValueError(f"must be a shared secret of at least 32 bytes for {use}")
     return secret

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 from urllib.parse import urlsplit
 
+from sidecar.credentials.canonical import DIGEST_ALGORITHMS, CanonicalParts, canonical_parts
 from sidecar.credentials.placement import BEARER, Placement, header_only, header_or_query
 from sidecar.credentials.rfc9421 import (
-    ALGORITHMS, DIGESTS, KEY_ENCODINGS, Algorithm, Component, component, is_sf_string, load_key,
+    ALGORITHMS, DIGESTS, KEY_ENCODINGS, Algorithm, Component, component, is_sf_string, load_key, shared_secret,
 )
 from sidecar.credentials.sigv4 import S3_SERVICES
 from sidecar.fields import Fields, Secret
@@ -88,7 +89,8 @@ def parse_jwt_assertion(f: Fields) -> JwtAssertionSpec | None:
 
 # --- OAuth 2.0: the token endpoint, client credentials, token exchange ----------------
 
-AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth",
+                "client_assertion_file")
 SECRET_METHODS = frozenset(AUTH_METHODS[:2])
 _SCOPE_TOKEN = re.compile(r'^[\x21\x23-\x5b\x5d-\x7e]+$')  # RFC 6749 §3.3 scope-token
 
@@ -103,6 +105,7 @@ class Endpoint:
     ca: Path | None = None
     client_secret: Secret | None = None
     timeout: float = 10.0
+    assertion_file: Path | None = None  # client_assertion_file: an externally issued JWT, re-read per token request
 
     @property
     def assertion_audience(self) -> str:
@@ -158,12 +161,29 @@ def _endpoint(f: Fields) -> Endpoint | None:
     client_id = f.text("client_id", required=True)
     auth = f.choice("auth", AUTH_METHODS) if f.has("auth") else "client_secret_basic"
     secret = _client_secret(f, auth)
+    assertion_file = _assertion_file(f, auth)
+    timeout = _timeout(f)
+    if token_url is None or client_id is None or auth is None or (auth in SECRET_METHODS and secret is None) \
+            or (auth == "client_assertion_file" and assertion_file is None):
+        return None
+    return Endpoint(token_url, client_id, auth, issuer, ca, secret, timeout, assertion_file)
+
+
+def _timeout(f: Fields) -> float:
     timeout = f.duration("timeout", "10s")
     if not 0 < timeout <= 60:
         f.error("timeout", "must be more than 0s and at most 60s")
-    if token_url is None or client_id is None or auth is None or (auth in SECRET_METHODS and secret is None):
-        return None
-    return Endpoint(token_url, client_id, auth, issuer, ca, secret, timeout)
+    return timeout
+
+
+def _assertion_file(f: Fields, auth: str | None) -> Path | None:
+    """``assertion_file``: with ``auth: client_assertion_file`` only (a projected token need not exist yet)."""
+    if auth == "client_assertion_file":
+        return f.path_value("assertion_file", required=True)
+    if f.has("assertion_file"):
+        f.raw_value("assertion_file")
+        f.error("assertion_file", f"is only used with auth client_assertion_file, not {auth}")
+    return None
 
 
 def _client_secret(f: Fields, auth: str | None) -> Secret | None:
@@ -392,3 +412,194 @@ def _sf_string(f: Fields, key: str) -> str | None:
         f.error(key, "must be printable ASCII")
         return None
     return value
+
+
+# --- hmac_signing --------------------------------------------------------------------
+
+TIMESTAMP_FORMATS = ("unix", "unix_ms", "iso8601")
+SIGNATURE_ENCODINGS = ("hex", "base64")
+
+
+@dataclass(frozen=True, slots=True)
+class HmacSigningSpec:
+    type: ClassVar[str] = "hmac_signing"
+    key: bytes = field(repr=False)
+    algorithm: str  # sha256 | sha512
+    encoding: str  # hex | base64
+    canonical: CanonicalParts
+    separator: bytes
+    signature: Placement
+    timestamp: Placement | None = None
+    timestamp_format: str = "unix"
+    nonce: Placement | None = None
+    key_id: Placement | None = None
+    key_id_value: Secret | None = None
+    scopes: ClassVar[tuple[str, ...]] = ()  # a standing credential has none
+    needs_signing_key: ClassVar[bool] = False
+
+    @property
+    def placements(self) -> tuple[Placement, ...]:
+        """Every header or query parameter the sidecar writes (the agent's copies are dropped)."""
+        return tuple(p for p in (self.signature, self.timestamp, self.nonce, self.key_id) if p is not None)
+
+
+def parse_hmac_signing(f: Fields) -> HmacSigningSpec | None:
+    before = len(f.errors)
+    algorithm = f.choice("algorithm", DIGEST_ALGORITHMS, required=True)
+    key = _hmac_key(f, algorithm)
+    encoding = f.choice("encoding", SIGNATURE_ENCODINGS, "hex")
+    canonical = _canonical(f)
+    separator = f.text("separator", "").encode()
+    signature = _placement(f, "signature", required=True)
+    timestamp, timestamp_format = _timestamp(f)
+    nonce = _placement(f, "nonce")
+    key_id, key_id_value = _key_id(f)
+    if key is None or algorithm is None or canonical is None or signature is None or len(f.errors) > before:
+        return None
+    return HmacSigningSpec(key, algorithm, encoding, canonical, separator, signature, timestamp, timestamp_format,
+                           nonce, key_id, key_id_value)
+
+
+def _hmac_key(f: Fields, algorithm: str | None) -> bytes | None:
+    encoding = f.choice("key_encoding", KEY_ENCODINGS, "utf-8")
+    secret = f.secret("key", required=True)
+    if secret is None:
+        return None
+    try:
+        return shared_secret(secret.reveal(), encoding, f"hmac-{algorithm or 'sha256'}")
+    except ValueError as exc:
+        f.error("key", str(exc))
+        return None
+
+
+def _canonical(f: Fields) -> CanonicalParts | None:
+    try:
+        return canonical_parts(f.text_list("canonical", required=True))
+    except ValueError as exc:
+        f.error("canonical", str(exc))
+        return None
+
+
+def _placement(f: Fields, key: str, *, required: bool = False) -> Placement | None:
+    """``{header: NAME}`` or ``{query: NAME}`` under ``key``."""
+    if not required and not f.has(key):
+        return None
+    sub = f.sub(key, required=required)
+    placement = header_or_query(sub) if f.raw.get(key) is not None else None
+    sub.done()
+    return placement
+
+
+def _timestamp(f: Fields) -> tuple[Placement | None, str]:
+    if not f.has("timestamp"):
+        return None, "unix"
+    sub = f.sub("timestamp")
+    fmt = sub.choice("format", TIMESTAMP_FORMATS, "unix")
+    placement = header_or_query(sub)
+    sub.done()
+    return placement, fmt
+
+
+def _key_id(f: Fields) -> tuple[Placement | None, Secret | None]:
+    if not f.has("key_id"):
+        return None, None
+    sub = f.sub("key_id")
+    value = sub.secret("value", required=True)
+    placement = header_or_query(sub)
+    sub.done()
+    return placement, value
+
+
+# --- azure_workload_identity -----------------------------------------------------------
+
+AZURE_AUTHORITY = "https://login.microsoftonline.com"
+AZURE_TOKEN_FILE = "/var/run/secrets/azure/tokens/azure-identity-token"  # where the Azure webhook projects it
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,127}")
+
+
+@dataclass(frozen=True, slots=True)
+class AzureWorkloadIdentitySpec:
+    """Client credentials at Entra ID with the projected token as the client assertion."""
+
+    type: ClassVar[str] = "azure_workload_identity"
+    grant: ClientCredentialsSpec
+    needs_signing_key: ClassVar[bool] = False
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return self.grant.scopes
+
+
+def parse_azure_workload_identity(f: Fields) -> AzureWorkloadIdentitySpec | None:
+    before = len(f.errors)
+    tenant = _pattern(f, "tenant_id", _TENANT, "a tenant ID (a GUID) or a tenant domain name")
+    client_id = f.text("client_id", required=True)
+    authority = f.url("authority_host", https_unless_loopback=True) or AZURE_AUTHORITY
+    token_file = f.path_value("token_file") or Path(AZURE_TOKEN_FILE)
+    ca = f.path_value("ca", must_exist=True)
+    scopes = _scopes(f)
+    if not scopes:
+        f.error("scopes", "is required: the resource's /.default scope")
+    if any(not scope.endswith("/.default") for scope in scopes):
+        f.error("scopes", "client credentials at Entra ID ask for a resource's /.default scope, "
+                          "as in https://storage.azure.com/.default")
+    timeout = _timeout(f)
+    if tenant is None or client_id is None or len(f.errors) > before:
+        return None
+    token_url = f"{authority.rstrip('/')}/{tenant}/oauth2/v2.0/token"
+    endpoint = Endpoint(token_url, client_id, "client_assertion_file", None, ca, None, timeout, token_file)
+    return AzureWorkloadIdentitySpec(ClientCredentialsSpec(endpoint, scopes))
+
+
+# --- gcp_workload_identity -------------------------------------------------------------
+
+GCP_STS_URL = "https://sts.googleapis.com/v1/token"
+GCP_IAM_URL = "https://iamcredentials.googleapis.com"
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+IAM_SCOPE = "https://www.googleapis.com/auth/iam"  # what a federated token needs to call generateAccessToken
+MAX_GCP_LIFETIME = 12 * 3600
+_GCP_AUDIENCE = re.compile(r"//iam\.googleapis\.com/projects/\d+/locations/global/workloadIdentityPools/"
+                           r"[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32}")
+_SERVICE_ACCOUNT = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}@[a-z0-9][a-z0-9.-]{0,252}\.gserviceaccount\.com")
+
+
+@dataclass(frozen=True, slots=True)
+class GcpWorkloadIdentitySpec:
+    """Workload identity federation: a JWT exchanged at GCP's STS, then optionally a service account's token."""
+
+    type: ClassVar[str] = "gcp_workload_identity"
+    audience: str  # the workload identity pool provider's full resource name
+    token_file: Path | None  # None: a JWT signed with identity.signing_key, aud = audience
+    service_account: str | None
+    scopes: tuple[str, ...]
+    sts_url: str
+    iam_url: str
+    lifetime: int  # seconds: generateAccessToken's lifetime
+    ca: Path | None
+    timeout: float
+
+    @property
+    def needs_signing_key(self) -> bool:
+        return self.token_file is None
+
+
+def parse_gcp_workload_identity(f: Fields) -> GcpWorkloadIdentitySpec | None:
+    before = len(f.errors)
+    audience = _pattern(f, "audience", _GCP_AUDIENCE, "a workload identity pool provider: //iam.googleapis.com/"
+                        "projects/<number>/locations/global/workloadIdentityPools/<pool>/providers/<provider>")
+    token_file = f.path_value("token_file")
+    service_account = f.text("service_account")
+    if service_account is not None and not _SERVICE_ACCOUNT.fullmatch(service_account):
+        f.error("service_account", "must be a service account email, as in agent@project.iam.gserviceaccount.com")
+    scopes = _scopes(f) or (CLOUD_PLATFORM,)
+    sts_url = f.url("sts_url", https_unless_loopback=True) or GCP_STS_URL
+    iam_url = f.url("iam_url", https_unless_loopback=True) or GCP_IAM_URL
+    lifetime = f.duration("lifetime", "1h")
+    if not 60 <= lifetime <= MAX_GCP_LIFETIME:
+        f.error("lifetime", "must be between 1m and 12h")
+    ca = f.path_value("ca", must_exist=True)
+    timeout = _timeout(f)
+    if audience is None or len(f.errors) > before:
+        return None
+    return GcpWorkloadIdentitySpec(audience, token_file, service_account, scopes, sts_url, iam_url.rstrip("/"),
+                                   int(lifetime), ca, timeout)

@@ -8,6 +8,9 @@ Client authentication (``auth``):
 - ``client_secret_basic`` (RFC 6749 §2.3.1: id and secret form-urlencoded, then Basic), ``client_secret_post``;
 - ``private_key_jwt``: an RFC 7523 assertion signed with ``identity.signing_key`` per token request:
   ``iss`` = ``sub`` = client_id, ``aud`` = ``issuer`` (else ``token_url``), a fresh ``jti``, 60 s;
+- ``client_assertion_file``: an assertion another issuer made (a projected Kubernetes service-account
+  token, for an IdP that federates it), read from ``assertion_file`` at each token request, so a
+  rotated file is used from the next refresh on; sent as ``client_assertion`` (RFC 7523 jwt-bearer);
 - ``tls_client_auth`` (RFC 8705): our SVID on the TLS connection. A certificate-bound token
   (``cnf.x5t#S256``) is recorded as ``Credential.bound_cert_sha256`` (hex, like
   ``SvidState.cert_sha256``) and sent only over an upstream connection presenting that certificate.
@@ -33,7 +36,7 @@ import aiohttp
 import jwt
 import structlog
 
-from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps, keyed_id
+from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps, keyed_id, read_token_file
 from sidecar.credentials.placement import BEARER
 from sidecar.credentials.specs import Endpoint
 from sidecar.errors import CredentialUnavailable
@@ -46,6 +49,7 @@ ASSERTION_TTL = 60
 DEFAULT_LIFETIME = 300.0  # a token response with neither expires_in nor a JWT exp
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_DESCRIPTION = 120
+NO_CLIENT_AUTH = "none"  # an endpoint that authenticates no client (GCP's STS): never a config value
 _SENSITIVE_FORM = ("client_secret", "client_assertion", "subject_token", "actor_token")
 _ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -180,11 +184,13 @@ class TokenEndpoint:
         cid = self.endpoint.client_id
         return self.sign({"iss": cid, "sub": cid, "aud": self.endpoint.assertion_audience})
 
-    def _authenticate(self, form: dict[str, str], headers: dict[str, str]) -> None:
+    async def _authenticate(self, form: dict[str, str], headers: dict[str, str]) -> None:
         ep = self.endpoint
         if ep.auth == "client_secret_basic":
             assert ep.client_secret is not None
             headers["Authorization"] = basic_authorization(ep.client_id, ep.client_secret.reveal())
+            return
+        if ep.auth == NO_CLIENT_AUTH:
             return
         form["client_id"] = ep.client_id
         if ep.auth == "client_secret_post":
@@ -193,11 +199,16 @@ class TokenEndpoint:
         elif ep.auth == "private_key_jwt":
             form["client_assertion_type"] = JWT_BEARER
             form["client_assertion"] = self.client_assertion()
+        elif ep.auth == "client_assertion_file":  # an assertion another issuer made (a projected token)
+            assert ep.assertion_file is not None
+            form["client_assertion_type"] = JWT_BEARER
+            form["client_assertion"] = await asyncio.to_thread(read_token_file, self.name, ep.assertion_file,
+                                                               "client assertion file")
 
     async def request(self, form: dict[str, str]) -> TokenResponse:
         """POST a token request; a TokenResponse, or CredentialUnavailable saying why not."""
         form, headers = dict(form), {"Accept": "application/json"}
-        self._authenticate(form, headers)
+        await self._authenticate(form, headers)
         status, body = await self._post(form, headers)
         if status != 200:
             secret = self.endpoint.client_secret  # in the form, or (client_secret_basic) in a header
@@ -209,10 +220,14 @@ class TokenEndpoint:
         return parse_token_response(self.name, body)
 
     async def _post(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        return await self.post(self.endpoint.token_url, headers, data=form)
+
+    async def post(self, url: str, headers: Mapping[str, str], **body: Any) -> tuple[int, bytes]:
+        """POST ``data=`` (a form) or ``json=`` to ``url`` over this endpoint's session (its CA, its
+        timeout): (status, body), or CredentialUnavailable saying why there was no answer."""
         session = await self._http()
         try:
-            async with session.post(self.endpoint.token_url, data=form, headers=headers,
-                                    allow_redirects=False) as resp:
+            async with session.post(url, headers=headers, allow_redirects=False, **body) as resp:
                 return resp.status, await _read_limited(resp)
         except asyncio.TimeoutError:
             why, detail = "timed out", f"timeout after {format_duration(self.endpoint.timeout)}"

@@ -6,13 +6,14 @@
 Figures are ratios within one run (PERFORMANCE.md: the machine is noisy). Each provider's cache
 entry is primed once; the oauth2 ones from a token response built here (a JWT access token
 signed locally, shaped like oidc-provider's), so no token endpoint is needed: in the steady
-state none is called. Rows: ``get+apply`` is ``await cache.get(...)`` then ``apply``; ``key``
+state none is called; the workload identity rows (Azure, GCP) are primed the same way. Rows: ``get+apply`` is ``await cache.get(...)`` then ``apply``; ``key``
 is ``cache_key`` alone; ``apply`` is ``apply`` alone. Most of ``get+apply`` is the cache's own
 work (a dict lookup, a freshness check and a labelled counter increment), the same for every row.
 
 ``http_signature`` rows sign a POST of the size named (``@method``, ``@target-uri``,
 ``content-type``, ``content-length`` and, with a digest, a ``Content-Digest`` over the body);
-rows with 1 MiB bodies or RSA keys run ``n / 20`` times.
+rows with 1 MiB bodies or RSA keys run ``n / 20`` times. ``hmac_signing`` rows sign the same POSTs with
+three declared schemes (``HMAC_SCHEMES``: two shaped like the vendors of ``config/hmac_signing.example.yaml``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from multidict import CIMultiDict
 
+from sidecar.credentials.gcp import GcpWorkloadIdentityProvider
 from sidecar.credentials.oauth2 import ClientCredentialsProvider
 from sidecar.credentials.token_endpoint import parse_token_response
 from sidecar.credentials.registry import PROVIDER_TYPES
@@ -56,6 +58,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (credential type,
     "oauth2 tls_client_auth (bound)": ("oauth2_client_credentials", {**OAUTH, "auth": "tls_client_auth"}),
     "oauth2_token_exchange (task)": ("oauth2_token_exchange", {**OAUTH, "auth": "tls_client_auth"}),
     "jwt_assertion": ("jwt_assertion", {"audience": RESOURCE}),
+    "azure_workload_identity": ("azure_workload_identity", {"tenant_id": "contoso.onmicrosoft.com", "client_id": "c",
+                                                            "scopes": ["https://storage.azure.com/.default"]}),
+    "gcp_workload_identity": ("gcp_workload_identity", {
+        "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/agents/providers/kubernetes",
+        "token_file": "/var/run/secrets/tokens/gcp"}),
     "jwt_assertion (task)": ("jwt_assertion", {"audience": RESOURCE}),
 }
 KIB, MIB = 1024, 1024 * 1024
@@ -83,7 +90,29 @@ def _signature_rows() -> None:
         BODIES[label] = size
 
 
+HMAC_SCHEMES = {  # shaped like config/hmac_signing.example.yaml's vendors, and one over a body hash
+    "query+body sha256 hex": {"algorithm": "sha256", "canonical": ["query", "body"],
+                              "signature": {"query": "signature"},
+                              "timestamp": {"query": "timestamp", "format": "unix_ms"}},
+    "path+sha256(body) sha512 b64": {"algorithm": "sha512", "encoding": "base64", "signature": {"header": "API-Sign"},
+                                     "canonical": ["path", "sha256(form:nonce, body)"]},
+    "method,target,ts,body_hash": {"algorithm": "sha256", "separator": "\n", "signature": {"header": "X-Signature"},
+                                   "canonical": ["method", "target", "timestamp", "body_hash"],
+                                   "timestamp": {"header": "X-Timestamp"}, "nonce": {"header": "X-Nonce"}},
+}
+
+
+def _hmac_rows() -> None:
+    for scheme, raw in HMAC_SCHEMES.items():
+        for size in (4 * KIB, MIB):
+            label = f"hmac_signing {scheme} {'1 MiB' if size == MIB else '4 KiB'}"
+            CONFIGS[label] = ("hmac_signing", {"key": {"value": "k" * 64},
+                                               "key_id": {"header": "X-Api-Key", "value": {"value": "key-1"}}, **raw})
+            BODIES[label] = size
+
+
 _signature_rows()
+_hmac_rows()
 
 
 def _signer(directory: Path) -> Signer:
@@ -115,7 +144,7 @@ def _build(label: str, deps: ProviderDeps) -> Any:
 
 
 async def _prime(provider: Any, req: CredentialRequest, cache: CredentialCache, signer: Signer) -> None:
-    if isinstance(provider, (ClientCredentialsProvider, TokenExchangeProvider)):
+    if isinstance(provider, (ClientCredentialsProvider, TokenExchangeProvider, GcpWorkloadIdentityProvider)):
         body = _token_response(signer, bound=provider.endpoint.cert_thumbprint() is not None,
                                act=isinstance(provider, TokenExchangeProvider))
         resp = parse_token_response("bench", body)

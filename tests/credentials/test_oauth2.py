@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import shutil
+import time
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -114,6 +116,37 @@ async def test_a_replayed_client_assertion_is_refused_by_the_server(
         await provider.fetch(request())
     assert refused.value.detail is not None and "invalid_client" in refused.value.detail
     assert fixed not in str(refused.value) + refused.value.detail
+
+
+# ---------------------------------------------------------------- client_assertion_file
+
+
+async def test_an_externally_issued_assertion_file_authenticates_and_is_reread_when_it_rotates(
+    oidc_provider: OidcProvider, make: Make, tmp_path: Path
+) -> None:
+    """auth: client_assertion_file sends the file's JWT (made here by the key the server registered for the
+    client, as another issuer would) as a jwt-bearer client assertion; the real server accepts it once (its
+    jti is then spent), and accepts the rotated file's next one (issue 14 item 5)."""
+    key = load_signing_key(oidc_provider.jwt_client_key.path, None).private
+    now = int(time.time())
+
+    def issue(jti: str) -> str:
+        claims = {"iss": "svc-jwt", "sub": "svc-jwt", "aud": oidc_provider.issuer, "jti": jti, "iat": now,
+                  "exp": now + 300}
+        return jwt.encode(claims, key, algorithm="ES256")
+
+    assertion = tmp_path / "assertion.jwt"
+    assertion.write_text(issue("external-1"))
+    provider = make(client_config(oidc_provider, "svc-jwt", resource=BILLING, auth="client_assertion_file",
+                                  assertion_file=str(assertion)))
+    first = await provider.fetch(request())
+    with pytest.raises(CredentialUnavailable) as refused:  # the same file again: the server saw that jti
+        await provider.fetch(request())
+    assert refused.value.detail is not None and "invalid_client" in refused.value.detail
+    assertion.write_text(issue("external-2"))
+    second = await provider.fetch(request())
+    assert first.token is not None and second.token is not None and first.token.reveal() != second.token.reveal()
+    assert verify_access_token(oidc_provider, second.token.reveal(), BILLING)["aud"] == BILLING
 
 
 async def test_assertion_audience_defaults_to_the_token_url(oidc_provider: OidcProvider, make: Make) -> None:
@@ -309,9 +342,12 @@ BASE = {"token_url": "https://login.example.com/token", "client_id": "billing-ag
         ({**BASE, "scopes": ["a b"]},
          "credentials.test.scopes: scope names cannot contain spaces, double quotes or backslashes"),
         ({**BASE, "auth": "none"}, "credentials.test.auth: must be one of client_secret_basic, client_secret_post, "
-                                   "private_key_jwt, tls_client_auth, got 'none'"),
+                                   "private_key_jwt, tls_client_auth, client_assertion_file, got 'none'"),
         ({**BASE, "timeout": "5m"}, "credentials.test.timeout: must be more than 0s and at most 60s"),
         ({**BASE, "client_secrett": 1}, "credentials.test.client_secrett: unknown key"),
+        ({**BASE, "auth": "client_assertion_file"}, "credentials.test.assertion_file: is required"),
+        ({**BASE, "assertion_file": "/token"},
+         "credentials.test.assertion_file: is only used with auth client_assertion_file, not private_key_jwt"),
     ],
 )
 def test_config_errors_name_their_path(raw: dict[str, Any], expected: str) -> None:

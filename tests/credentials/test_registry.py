@@ -25,8 +25,15 @@ TOKEN_URL = "https://login.example.com/token"
 MINIMAL: dict[str, dict[str, Any]] = {
     "aws_sigv4": {"region": "eu-west-1", "service": "s3",  # web identity: keys from STS when first fetched
                   "source": {"type": "web_identity", "role_arn": "arn:aws:iam::123456789012:role/agent"}},
+    "azure_workload_identity": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "8a2c1f0e",
+                                "scopes": ["https://storage.azure.com/.default"]},
     "http_signature": {"algorithm": "hmac-sha256", "key": {"value": "YS1zaGFyZWQtc2VjcmV0LW9mLTMyLWJ5dGVzLW9yLW1vcmUh"},
                        "components": ["@method"]},
+    "gcp_workload_identity": {"audience": "//iam.googleapis.com/projects/1/locations/global/"
+                                          "workloadIdentityPools/agents/providers/kubernetes",
+                              "token_file": "/var/run/secrets/tokens/gcp"},
+    "hmac_signing": {"key": {"value": "a-shared-secret-of-32-bytes-or-more!"}, "algorithm": "sha256",
+                     "canonical": ["method", "path"], "signature": {"header": "X-Signature"}},
     "jwt_assertion": {"audience": "https://search.internal/"},
     "oauth2_client_credentials": {"token_url": TOKEN_URL, "client_id": "billing-agent", "auth": "tls_client_auth"},
     "oauth2_token_exchange": {"token_url": TOKEN_URL, "client_id": "billing-agent", "auth": "tls_client_auth",
