@@ -31,7 +31,8 @@ agent declared, or refused when it cannot be signed as sent (``sidecar.credentia
 Not signed: what a proxy or HTTP library may rewrite on the way without changing the operation
 (``content-length``, which the pipeline writes after signing, ``via``, ``traceparent``,
 ``user-agent``, ``accept-encoding``): fewer signed headers, fewer spurious ``SignatureDoesNotMatch``.
-A streaming upload is signed without reading its body (``needs_body_for``).
+A streaming upload is signed without reading its body (``needs_body_for``); a signed one's chunks
+are re-signed as they stream (``sidecar.credentials.aws_chunked``, set as ``out.reframe``).
 
 STS answers are parsed with ElementTree after refusing any ``<!`` (DOCTYPE, ENTITY, comment):
 no STS answer has one. STS error codes reach ``CredentialUnavailable.detail`` as
@@ -51,14 +52,16 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
+from sidecar.credentials.aws_chunked import ChunkResigner
 from sidecar.credentials.aws_request import (
-    AGENT_SIGNATURE, check_agent_headers, declares_streaming, is_signed, refuse_presigned, streaming_payload,
+    AGENT_SIGNATURE, check_agent_headers, declares_streaming, is_signed, refuse_presigned, signed_upload,
+    streaming_payload,
 )
 from sidecar.credentials.base import (
     Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id, read_token_file,
 )
 from sidecar.credentials.sigv4 import (
-    EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign,
+    EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, chunk_signer, payload_sha256, signing_steps,
 )
 from sidecar.credentials.specs import AwsSigV4Spec, StaticSource, WebIdentitySource
 from sidecar.errors import CredentialUnavailable
@@ -102,16 +105,21 @@ class AwsSigV4Provider:
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
         refuse_presigned(out.query)
         check_agent_headers(out.headers, out.pass_headers)
-        payload_hash = streaming_payload(out.headers, s3=self._s3) or self._payload_hash(out.body)
+        streaming = streaming_payload(out.headers, s3=self._s3)
+        upload = signed_upload(out.headers, streaming) if streaming else None
+        payload_hash = streaming or self._payload_hash(out.body)
         for header in AGENT_SIGNATURE:
             out.headers.popall(header, None)
         out.headers["Host"] = out.host_header
         to_sign = [(k, v) for k, v in out.headers.items() if is_signed(k)]
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
-        added = sign(out.method, out.host_header, out.path, out.query, to_sign, payload_hash,
-                     credential.material, self._spec.region, self._spec.service, now)
-        for header, value in added:
+        region, service = self._spec.region, self._spec.service
+        steps = signing_steps(out.method, out.host_header, out.path, out.query, to_sign, payload_hash,
+                              credential.material, region, service, now)
+        for header, value in steps.headers:
             out.headers[header] = value
+        if upload is not None:  # the chunks chain from this head's signature: re-signed as they stream
+            out.reframe = ChunkResigner(upload, chunk_signer(steps, credential.material, region, service))
 
     def _payload_hash(self, body: bytes | None) -> str:
         if self._spec.unsigned_payload:

@@ -19,8 +19,10 @@ each one the sidecar signs is a power it hands the agent, beyond what policy saw
 - ``STREAMING-UNSIGNED-PAYLOAD-TRAILER`` (boto3's default for uploads over TLS): signed as the
   literal declared; the ``aws-chunked`` framing goes on untouched and unbuffered, and S3
   decodes it and checks the trailing checksum.
-- any other ``STREAMING-*`` mode (chunk signatures that chain from the agent's own signature):
-  refused, 400, naming the mode;
+- ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD`` and its ``-TRAILER`` variant: the head is signed with
+  the literal, and every chunk (and the trailer) re-signed with the sidecar's key as it streams
+  (``sidecar.credentials.aws_chunked``);
+- any other ``STREAMING-*`` mode (SigV4a's ECDSA chunk signatures): refused, 400, naming the mode;
 - a framing declared without a streaming payload, or a streaming payload without its framing
   (``Content-Encoding: aws-chunked``, ``X-Amz-Decoded-Content-Length``, ``X-Amz-Trailer``):
   refused, 400: S3 would store the framing as the object;
@@ -44,6 +46,7 @@ from urllib.parse import unquote
 
 from multidict import CIMultiDict
 
+from sidecar.credentials.aws_chunked import SignedUpload
 from sidecar.errors import RequestRefused
 from sidecar.http.target import PathOptions, canonical_path
 
@@ -69,6 +72,10 @@ _PRESIGN_PARAMS = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-secur
 _SHOW_MAX = 64
 
 STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
+STREAMING_MODES = frozenset({STREAMING_UNSIGNED_TRAILER, STREAMING_SIGNED, STREAMING_SIGNED_TRAILER})
+_TRAILER_NAME = re.compile(r"x-amz-[a-z0-9-]{1,64}")
 _FRAMING_HEADERS = ("x-amz-decoded-content-length", "x-amz-trailer")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
@@ -144,16 +151,28 @@ def streaming_payload(headers: CIMultiDict[str], *, s3: bool) -> str | None:
                                 "Length, X-Amz-Trailer) without a streaming X-Amz-Content-Sha256")
         return None
     mode = _show(declared[0])
-    if mode != STREAMING_UNSIGNED_TRAILER:
-        raise _body_refused(f"the streaming mode {mode}, which the sidecar cannot sign as sent (its chunk "
-                            f"signatures chain from the agent's own)")
+    if mode not in STREAMING_MODES:
+        raise _body_refused(f"the streaming mode {mode}, which the sidecar cannot sign (SigV4a chunk signatures "
+                            f"need the agent's own key pair)")
     if not s3:
         raise _body_refused(f"{mode}, which only s3 services take")
+    trailing = mode.endswith("-TRAILER")
     if not framed or not _DIGITS.fullmatch(headers.get("x-amz-decoded-content-length", "")) \
-            or "x-amz-trailer" not in headers:
+            or ("x-amz-trailer" in headers) != trailing:
+        trailer = "X-Amz-Trailer" if trailing else "no X-Amz-Trailer"
         raise _body_refused(f"{mode} without its aws-chunked framing (Content-Encoding: aws-chunked, "
-                            f"X-Amz-Decoded-Content-Length, X-Amz-Trailer)")
+                            f"X-Amz-Decoded-Content-Length, {trailer})")
     return mode
+
+
+def signed_upload(headers: CIMultiDict[str], mode: str) -> SignedUpload | None:
+    """What a signed streaming upload declared (its chunks are re-signed); None for any other mode."""
+    if mode not in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER):
+        return None
+    names = frozenset(n.strip().lower() for v in headers.getall("x-amz-trailer", []) for n in v.split(","))
+    if any(not _TRAILER_NAME.fullmatch(name) for name in names):
+        raise _body_refused(f"{mode} with an X-Amz-Trailer other than a list of x-amz-* names")
+    return SignedUpload(mode, int(headers["x-amz-decoded-content-length"]), names)
 
 
 def _codings(headers: CIMultiDict[str]) -> set[str]:
@@ -161,8 +180,9 @@ def _codings(headers: CIMultiDict[str]) -> set[str]:
 
 
 def _body_refused(what: str) -> RequestRefused:
-    return RequestRefused("bad_request", f"credentials: the upload declares {what}; expected a whole body or "
-                                         f"{STREAMING_UNSIGNED_TRAILER} with aws-chunked framing")
+    return RequestRefused("bad_request", f"credentials: the upload declares {what}; expected a whole body, or "
+                                         f"{STREAMING_UNSIGNED_TRAILER}, {STREAMING_SIGNED} or "
+                                         f"{STREAMING_SIGNED_TRAILER} with aws-chunked framing")
 
 
 # --- copy source -----------------------------------------------------------------------

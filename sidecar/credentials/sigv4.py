@@ -197,6 +197,7 @@ class SigningSteps:
     canonical_request: str = field(repr=False)
     string_to_sign: str = field(repr=False)
     headers: list[tuple[str, str]] = field(repr=False)
+    signature: str = field(default="", repr=False)  # the seed of a streaming upload's chunk signatures
 
 
 def sign(
@@ -246,11 +247,9 @@ def signing_steps(
     scope = credential_scope(date_time[:8], region, service)
     to_sign_text = string_to_sign(date_time, scope, canonical)
     key = signing_key(creds.secret_access_key, date_time[:8], region, service)
-    authz = (
-        f"{ALGORITHM} Credential={creds.access_key_id}/{scope}, "
-        f"SignedHeaders={signed}, Signature={signature(key, to_sign_text)}"
-    )
-    return SigningSteps(canonical, to_sign_text, [("Authorization", authz), *added])
+    seed = signature(key, to_sign_text)
+    authz = f"{ALGORITHM} Credential={creds.access_key_id}/{scope}, SignedHeaders={signed}, Signature={seed}"
+    return SigningSteps(canonical, to_sign_text, [("Authorization", authz), *added], seed)
 
 
 def _signing_headers(
@@ -263,3 +262,49 @@ def _signing_headers(
     if s3:
         added.append(("X-Amz-Content-Sha256", payload_hash))
     return added
+
+
+# --- streaming uploads: chunk and trailer signatures ------------------------------------
+
+CHUNK_ALGORITHM = "AWS4-HMAC-SHA256-PAYLOAD"
+TRAILER_ALGORITHM = "AWS4-HMAC-SHA256-TRAILER"
+
+
+class ChunkSigner:
+    """The chained signatures of one ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD[-TRAILER]`` upload.
+
+    Each chunk's signature covers its data and the previous signature, starting from the seed
+    (the request's own signature), so chunks cannot be reordered, dropped or replaced; the
+    trailer's covers its canonical headers and the final chunk's signature.
+    """
+
+    __slots__ = ("_key", "_prefix", "previous")
+
+    def __init__(self, key: bytes, date_time: str, scope: str, seed: str) -> None:
+        self._key = key
+        self._prefix = f"{date_time}\n{scope}\n"
+        self.previous = seed
+
+    def __repr__(self) -> str:
+        return "ChunkSigner(<redacted>)"
+
+    def chunk(self, data: bytes | bytearray | memoryview) -> str:
+        """The next chunk's signature (the final, empty chunk included)."""
+        digest = hashlib.sha256(data).hexdigest()
+        return self._chain(f"{CHUNK_ALGORITHM}\n{self._prefix}{self.previous}\n{EMPTY_SHA256}\n{digest}")
+
+    def trailer(self, canonical: bytes) -> str:
+        """The trailer's signature over its canonical headers (``name:value\\n`` each)."""
+        digest = hashlib.sha256(canonical).hexdigest()
+        return self._chain(f"{TRAILER_ALGORITHM}\n{self._prefix}{self.previous}\n{digest}")
+
+    def _chain(self, to_sign: str) -> str:
+        self.previous = signature(self._key, to_sign)
+        return self.previous
+
+
+def chunk_signer(steps: SigningSteps, creds: AwsCredentials, region: str, service: str) -> ChunkSigner:
+    """The chunk signer of a streaming upload whose head ``steps`` signed (the seed signature)."""
+    date_time = steps.string_to_sign.split("\n", 2)[1]
+    key = signing_key(creds.secret_access_key, date_time[:8], region, service)
+    return ChunkSigner(key, date_time, credential_scope(date_time[:8], region, service), steps.signature)

@@ -429,11 +429,10 @@ async def test_a_body_is_signed_by_the_headers_that_are_forwarded(make_sidecar, 
 
 
 BODY_MODES_REFUSED = {
-    # chunk signatures chain from the agent's own seed signature: the sidecar cannot re-sign them
-    "signed-chunks": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "aws-chunked", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"),
-    # the same with a signed trailer
-    "signed-chunks-trailer": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER", "aws-chunked",
-                              "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"),
+    # signed chunks declared without their framing: nothing to re-sign
+    "signed-chunks-unframed": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "identity", "aws-chunked"),
+    # signed chunks with an X-Amz-Trailer: the trailer would go unsigned
+    "signed-chunks-undeclared-trailer": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "aws-chunked", "no X-Amz-Trailer"),
     # SigV4a chunk signatures
     "sigv4a-chunks": ("STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD", "aws-chunked",
                       "STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD"),
