@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Mapping
 from urllib.parse import unquote
@@ -47,6 +48,7 @@ from urllib.parse import unquote
 from multidict import CIMultiDict
 
 from sidecar.credentials.aws_chunked import SignedUpload
+from sidecar.credentials.sigv4 import MAX_EXPIRES, PRESIGN_PARAMS
 from sidecar.errors import RequestRefused
 from sidecar.http.target import PathOptions, canonical_path
 
@@ -68,7 +70,7 @@ AGENT_PREFIXES = (
     "x-amz-copy-source",  # the source (decided by policy), its range and conditions
 )
 _SIGNED_PLAIN = frozenset({"content-type", "content-md5", "content-encoding"})
-_PRESIGN_PARAMS = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-security-token"})
+_PRESIGN_PARAMS = frozenset(name.lower() for name in PRESIGN_PARAMS)
 _SHOW_MAX = 64
 
 STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
@@ -114,16 +116,63 @@ def check_agent_headers(headers: CIMultiDict[str], passed: frozenset[str]) -> No
                                                 f"(an S3 operation parameter policy does not see)")
 
 
-def refuse_presigned(query: str) -> None:
-    """A presigned URL carries the agent's own key: refused rather than sent beside ours."""
+@dataclass(frozen=True, slots=True)
+class Presigned:
+    """A presigned URL the agent sent: its query without the signing parameters, and how long it lives."""
+
+    query: str  # the other parameters, as sent
+    expires: int  # X-Amz-Expires, seconds from its X-Amz-Date
+    signed_at: float  # X-Amz-Date, seconds since the epoch
+
+
+def presigned(query: str) -> Presigned | None:
+    """The agent's presigned URL (any of sigv4's signing parameters in the query), or None."""
     lower = query.lower()
     if "x-amz-" not in lower and "%" not in lower:  # the fast path: no name can decode to one
-        return
+        return None
+    kept, found = [], {}
     for part in query.split("&"):
         name = unquote(part.partition("=")[0]).lower()
-        if name in _PRESIGN_PARAMS:
-            raise RequestRefused("bad_request", f"credentials: the query carries its own aws signature "
-                                                f"({name}); expected an unsigned request, the sidecar signs it")
+        if name not in _PRESIGN_PARAMS:
+            kept.append(part)
+        elif name in found:
+            raise _presign_refused(f"{name} twice")
+        else:
+            found[name] = unquote(part.partition("=")[2])
+    if not found:
+        return None
+    return Presigned("&".join(kept), *_lifetime(found))
+
+
+def _lifetime(found: dict[str, str]) -> tuple[int, float]:
+    """X-Amz-Expires and X-Amz-Date of a presigned URL, checked; the algorithm must be SigV4's."""
+    if found.get("x-amz-algorithm") != "AWS4-HMAC-SHA256":
+        raise _presign_refused("an X-Amz-Algorithm other than AWS4-HMAC-SHA256")
+    expires = found.get("x-amz-expires", "")
+    if not _DIGITS.fullmatch(expires) or not 1 <= int(expires) <= MAX_EXPIRES:
+        raise _presign_refused(f"no X-Amz-Expires of 1 to {MAX_EXPIRES} seconds")
+    try:
+        signed_at = datetime.strptime(found.get("x-amz-date", ""), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise _presign_refused("no X-Amz-Date of the form 20240101T000000Z") from None
+    return int(expires), signed_at.timestamp()
+
+
+def refuse_presigned(url: Presigned | None, resign: bool, now: float) -> None:
+    """A presigned URL is refused unless the credential re-signs them, and then only while it lives."""
+    if url is None:
+        return
+    if not resign:
+        raise RequestRefused("bad_request", "credentials: the query carries its own aws signature (a presigned "
+                                            "URL); expected an unsigned request, the sidecar signs it (or "
+                                            "presigned: resign on the credential)")
+    if url.signed_at + url.expires < now:
+        raise _presign_refused("an X-Amz-Date and X-Amz-Expires that have passed (the URL has expired)")
+
+
+def _presign_refused(problem: str) -> RequestRefused:
+    return RequestRefused("bad_request", f"credentials: the presigned URL has {problem}; expected one made by an "
+                                         f"AWS SDK's presigner")
 
 
 def _show(text: str) -> str:

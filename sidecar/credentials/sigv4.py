@@ -264,6 +264,49 @@ def _signing_headers(
     return added
 
 
+# --- presigned URLs ----------------------------------------------------------------------
+
+PRESIGN_PARAMS = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
+                  "X-Amz-Security-Token", "X-Amz-Signature")
+MAX_EXPIRES = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+
+
+def presign(
+    method: str,
+    host: str,
+    path: str,
+    query: str,
+    headers: list[tuple[str, str]],
+    creds: AwsCredentials,
+    region: str,
+    service: str,
+    now: datetime,
+    expires: int,
+) -> str:
+    """The query of a presigned URL for the request: ``query`` (which must carry none of
+    :data:`PRESIGN_PARAMS`) followed by the signing parameters, ``X-Amz-Signature`` last.
+
+    S3's form: the payload is ``UNSIGNED-PAYLOAD``, ``host`` and ``headers`` are signed and
+    listed in ``X-Amz-SignedHeaders``, a session token goes in the query and is signed.
+    """
+    date_time = amz_date(now)
+    if creds.expired(now.timestamp()):
+        raise CredentialUnavailable("sigv4: credentials have expired; expected a fresh key")
+    scope = credential_scope(date_time[:8], region, service)
+    to_sign = [(n, v) for n, v in headers if n.lower() not in _OWN_HEADERS] + [("host", host)]
+    _, signed = canonical_headers(to_sign)
+    params = [("X-Amz-Algorithm", ALGORITHM), ("X-Amz-Credential", f"{creds.access_key_id}/{scope}"),
+              ("X-Amz-Date", date_time), ("X-Amz-Expires", str(expires)), ("X-Amz-SignedHeaders", signed)]
+    if creds.session_token:
+        params.append(("X-Amz-Security-Token", creds.session_token))
+    encoded = "&".join([f"{name}={quote(value, safe='')}" for name, value in params])
+    full = f"{query}&{encoded}" if query else encoded
+    s3 = service in S3_SERVICES
+    canonical, _ = canonical_request(method, path, full, to_sign, UNSIGNED_PAYLOAD if s3 else EMPTY_SHA256, s3=s3)
+    key = signing_key(creds.secret_access_key, date_time[:8], region, service)
+    return f"{full}&X-Amz-Signature={signature(key, string_to_sign(date_time, scope, canonical))}"
+
+
 # --- streaming uploads: chunk and trailer signatures ------------------------------------
 
 CHUNK_ALGORITHM = "AWS4-HMAC-SHA256-PAYLOAD"
