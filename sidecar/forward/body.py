@@ -127,7 +127,11 @@ class RequestBody:
     def to_send(self, reframe: Reframer | None = None) -> bytes | LimitedBody | None:
         """What goes upstream: the body read (framed with its length), else the stream, else nothing;
         streamed through ``reframe`` when a signer rewrites it."""
-        if reframe is not None and self.present:
+        if reframe is not None:
+            if self.whole is None:
+                declared_length(self._request, self._limits)
+            if not self.present:
+                reframe.end()  # nothing to rewrite: refused here, before a head is sent that has no body
             return LimitedBody(self._request, self._limits, reframe, self.whole)
         if self.whole is not None:
             return self.whole

@@ -141,3 +141,15 @@ async def test_a_broken_signed_upload_is_refused_and_nothing_is_stored(make_side
             assert r.status == 404
     events = await h.settle()
     assert (events[0]["decision"], events[0]["reason"], events[0]["status"]) == ("deny", "aws_chunked_invalid", 400)
+
+
+@pytest.mark.parametrize("decoded", [0, 9000])
+async def test_a_signed_upload_without_a_body_is_refused_before_anything_is_sent(make_sidecar, upstream, decoded):
+    """Signed chunks declared over an empty body: no framing to re-sign, so no request goes upstream (a server
+    that decodes leniently would store an empty or zero-filled object)."""
+    h = await make_sidecar(recording_config(upstream), BOTO3_POLICY)
+    headers = agent_headers(PAYLOAD, b"") | {"X-Amz-Decoded-Content-Length": str(decoded)}
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{h.outbound}/s3/{BUCKET}/reports/empty.bin", data=b"", headers=headers) as r:
+            assert (r.status, (await r.json())["error"]) == (400, "aws_chunked_invalid")
+    assert upstream.seen == []
