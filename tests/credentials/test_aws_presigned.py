@@ -20,14 +20,13 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
-from sidecar.config import ConfigError
 from sidecar.credentials.aws import AwsSigV4Provider
 from sidecar.credentials.base import Credential, OutboundRequest, ProviderDeps
 from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.credentials.sigv4 import AwsCredentials
 from sidecar.errors import RequestRefused
-from tests.credentials.test_aws_pipeline import BOTO3_POLICY, recording_config, s3_config
-from tests.credentials.test_aws_provider import parse_spec
+from tests.credentials.s3_setup import BOTO3_POLICY, recording_config, s3_config
+from tests.credentials.providers import config_errors, parse_spec
 from tests.peers.moto import BUCKET, REGION
 
 NOW = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
@@ -37,9 +36,8 @@ HOST = "s3.us-east-1.amazonaws.com"
 
 
 def provider(presigned: str = "resign", service: str = "s3", at: datetime = NOW) -> AwsSigV4Provider:
-    spec = parse_spec({"region": REGION, "service": service, "presigned": presigned, "source": {
+    spec = parse_spec("aws_sigv4", {"region": REGION, "service": service, "presigned": presigned, "source": {
         "type": "static", "access_key_id": {"value": "AKIDSIDECAR"}, "secret_access_key": {"value": "x"}}})
-    assert spec is not None
     built = PROVIDER_TYPES["aws_sigv4"].build("aws", spec, ProviderDeps(agent_id="spiffe://t/a", id_key=b"k" * 32,
                                                                         clock=at.timestamp))
     assert isinstance(built, AwsSigV4Provider)
@@ -166,10 +164,9 @@ def test_a_presigned_url_with_a_streaming_body_is_refused():
 
 def test_resign_is_for_s3_services_only():
     """presigned: resign on another service is a config error naming the key."""
-    errors: list[ConfigError] = []
-    parse_spec({"region": REGION, "service": "sts", "presigned": "resign", "source": {
-        "type": "static", "access_key_id": {"value": "a"}, "secret_access_key": {"value": "b"}}}, errors)
-    assert [e.path for e in errors] == ["credentials.aws.presigned"]
+    errors = config_errors("aws_sigv4", {"region": REGION, "service": "sts", "presigned": "resign", "source": {
+        "type": "static", "access_key_id": {"value": "a"}, "secret_access_key": {"value": "b"}}})
+    assert len(errors) == 1 and "credentials.test.presigned" in errors[0] and "s3 services" in errors[0]
 
 
 # --- through the pipeline ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from tests.credentials.aws_chunks import PAYLOAD, TRAILER, Chain, agent_chain, crc32, derived_key, framed, verified
-from tests.credentials.test_aws_pipeline import BOTO3_POLICY, recording_config, s3_config
+from tests.credentials.s3_setup import BOTO3_POLICY, recording_config, s3_config
 from tests.harness import Upstream
 from tests.peers.moto import BUCKET, REGION
 

@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from tests.conftest import TEST_LOOP
-from tests.credentials.test_aws_pipeline import s3_config
+from tests.credentials.s3_setup import s3_config
 from tests.peers.moto import BUCKET, REGION
 
 pytestmark = pytest.mark.peer("moto")
