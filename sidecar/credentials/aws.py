@@ -62,6 +62,7 @@ from sidecar.credentials.aws_request import (
 from sidecar.credentials.base import (
     Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id, read_token_file,
 )
+from sidecar.credentials.echo import guard_for
 from sidecar.credentials.sigv4 import (
     EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, chunk_signer, payload_sha256, presign,
     signing_steps,
@@ -159,7 +160,7 @@ def _static_credential(name: str, source: StaticSource, deps: ProviderDeps) -> C
     token = source.session_token.reveal() if source.session_token else None
     material = AwsCredentials(key_id, source.secret_access_key.reveal(), token, None)
     return Credential(type=AwsSigV4Spec.type, provider=name, id=keyed_id(deps.id_key, key_id), standing=True,
-                      material=material)
+                      material=material, echo=guard_for(token))
 
 
 # --- STS AssumeRoleWithWebIdentity -----------------------------------------------------
@@ -200,7 +201,8 @@ class _Sts:
             raise CredentialUnavailable(f"credentials: {self._name}: sts returned credentials that have "
                                         f"already expired", detail="sts: expired credentials")
         return Credential(type=AwsSigV4Spec.type, provider=self._name, id=keyed_id(self._deps.id_key, creds.access_key_id),
-                          expires_at=creds.expires_at, issued_at=issued_at, standing=False, material=creds)
+                          expires_at=creds.expires_at, issued_at=issued_at, standing=False, material=creds,
+                          echo=guard_for(creds.session_token))
 
     async def _web_identity_token(self) -> str:
         if self._source.token_file is not None:
