@@ -48,6 +48,7 @@ from sidecar.inventory import fleet_record, inventory
 from sidecar.listeners import ExchangeListeners
 from sidecar.observe import decision_log
 from sidecar.observe.decision_log import REDACTOR, Redactor
+from sidecar.observe.headers import HeaderCapture
 from sidecar.observe.loop import LoopMonitor
 from sidecar.observe.metrics import Metrics
 from sidecar.observe.record import Recorder
@@ -78,6 +79,13 @@ def secret_values(config: Config) -> list[str]:
     from sidecar.fields import Secret
 
     return [secret.reveal() for secret in _config_values(config, Secret)]
+
+
+def credential_headers(config: Config) -> list[str]:
+    """Every header a configured credential is placed in: never recorded in an event."""
+    from sidecar.credentials.placement import Placement
+
+    return [p.header for p in _config_values(config.credentials, Placement) if p.header is not None]
 
 
 def _config_values(config: Any, kind: type[T]) -> list[T]:
@@ -245,7 +253,9 @@ class Sidecar:
         deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=credential_id_key(cfg))
         providers = {name: PROVIDER_TYPES[c.type].build(name, c.spec, deps) for name, c in cfg.credentials.items()}
         policies = PolicyHolder(policy)
-        rt = Runtime(cfg, agent, self.metrics, Recorder(self.metrics, agent, self.redactor),
+        headers = HeaderCapture(cfg.event_headers, credential_headers(cfg), lambda: policies.current.headers_read,
+                                self.redactor)
+        rt = Runtime(cfg, agent, self.metrics, Recorder(self.metrics, agent, self.redactor, headers),
                      Router(cfg.outbound.upstreams, cfg.outbound.listen), policies, providers,
                      CredentialCache(self.metrics), TaskRegistry.from_config(cfg.tasks), Revocations(self.metrics),
                      Sessions(cfg, self.identity.client_files), ActiveExchanges(),

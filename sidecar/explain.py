@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -45,6 +45,7 @@ class Described:
     without ``agent`` (a logged agent: replay) the request is this sidecar's agent, named and
     described by the config, with ``agent_id`` for its id when given. ``reading`` stands in for the
     override headers a logged request carried (replay); without it the headers are screened.
+    ``recorded_headers`` (replay) are what policy sees instead of ``headers`` once the request is routed.
     """
 
     url: str
@@ -62,6 +63,7 @@ class Described:
     at: datetime | None = None
     size: int | None = -1  # -1: the body's length
     reading: Reading | None = None
+    recorded_headers: Mapping[str, tuple[str, ...]] | None = None  # replay: the headers policy saw, as logged
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict
         delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
         task_trigger=d.task_trigger, mcp_method=t.mcp_method, mcp_tool=t.mcp_tool, grpc_service=t.grpc_service,
         grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc))
+    if d.recorded_headers is not None:
+        facts.headers = d.recorded_headers
     return facts, t.shown, t.reading
 
 

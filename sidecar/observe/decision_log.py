@@ -48,7 +48,7 @@ LOG_STRING_MAX = 4096
 EVENT_BOUNDS: dict[str, dict[str, int]] = {
     "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256, "copy_source": 2048,
                "query": 2048, "grpc_service": 256, "grpc_method": 256, "a2a_method": 64, "a2a_task_id": 256,
-               "llm_model": 256},
+               "a2a_context_id": 256, "a2a_push_url": 2048, "llm_model": 256},
     "task": {"id": 64, "trigger": 256},
     "caller": {"id": 2048},
     "principal": {"iss": 1024, "sub": 1024},
@@ -232,6 +232,9 @@ def emit_event(event: dict[str, Any], *, kept: bool = False, redactor: Redactor 
     target = event.get("target")
     if target is not None and target.get("query"):
         target["query"] = redact_query(target["query"])
+    if target is not None and target.get("a2a_push_url") and "?" in target["a2a_push_url"]:
+        base, _, query = target["a2a_push_url"].partition("?")  # a webhook's token in its query
+        target["a2a_push_url"] = f"{base}?{redact_query(query)}"
     detail = event.get("reason_detail")
     if detail:
         event["reason_detail"] = clean(detail, REASON_DETAIL_MAX, redactor)
