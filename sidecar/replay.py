@@ -2,8 +2,8 @@
 
 Reads trust-decision events (JSON lines; other log lines are skipped), rebuilds each logged
 request as ``explain`` describes one (:class:`~sidecar.explain.Described`: method, canonical path,
-query, body size, MCP method and tool, override reading, agent and its metadata, caller,
-principal, delegation, task, time) and decides it with the candidate set's
+query, body size, MCP method and tool, the A2A and LLM API calls policy saw, override reading,
+agent and its metadata, caller, principal, delegation, task, time) and decides it with the candidate set's
 :meth:`PolicySet.decide`, as the running sidecar would (rate limits are not charged). The
 logged outcome is read back as the policy effect it came from (``approved``: an approval rule;
 ``rate_limited`` and failures after an allow: allow). Changes are counted by kind, agent,
@@ -26,14 +26,17 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping, TypeVar
 
 import orjson
 
 from sidecar.config_model import AgentMeta, Config
 from sidecar.exchange import AgentInfo
+from sidecar.observe.decision_log import REDACTED
 from sidecar.explain import Described, decide, load_candidate, router_for
+from sidecar.policy.a2a import A2aCall
 from sidecar.policy.engine import PolicySet
+from sidecar.policy.llm import LlmCall, endpoint_of
 from sidecar.policy.readings import NONE, Reading
 from sidecar.routing import Router
 
@@ -99,6 +102,71 @@ class RecordedHeaders(Mapping[str, tuple[str, ...]]):
         if self._names is None:
             raise NotRecorded("the header names")
         return len(self._names)
+
+
+class _Unrecorded:
+    """A logged call whose fields named in ``unrecorded`` raise :class:`NotRecorded` when policy reads them."""
+
+    __slots__ = ()
+    _PREFIX = ""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in object.__getattribute__(self, "unrecorded"):
+            raise NotRecorded(f"{object.__getattribute__(self, '_PREFIX')}.{name}")
+        return object.__getattribute__(self, name)
+
+
+C = TypeVar("C", bound=_Unrecorded)
+
+
+class LoggedA2aCall(_Unrecorded, A2aCall):
+    __slots__ = ("unrecorded",)
+    _PREFIX = "a2a"
+
+
+class LoggedLlmCall(_Unrecorded, LlmCall):
+    __slots__ = ("unrecorded",)
+    _PREFIX = "llm"
+
+
+def _logged(call: C, unrecorded: set[str]) -> C:
+    object.__setattr__(call, "unrecorded", frozenset(unrecorded))
+    return call
+
+
+def _unclear(value: Any) -> bool:
+    """A logged string that is not what policy saw: cut short or redacted."""
+    return isinstance(value, str) and (REDACTED in value or "...[truncated from " in value)
+
+
+def logged_a2a(t: dict[str, Any]) -> A2aCall | None:
+    """The A2A call an event records (schema 4: every field but ``metadata``; before it, method and task id)."""
+    method = t.get("a2a_method")
+    if method is None:
+        return None
+    fields = {"task_id": t.get("a2a_task_id"), "context_id": t.get("a2a_context_id"),
+              "push_url": t.get("a2a_push_url")}
+    kinds = t.get("a2a_part_kinds")
+    unrecorded = {name for name, value in fields.items() if _unclear(value)} | {"metadata"}
+    if "a2a_part_kinds" not in t:  # schema 3: only the method and task id
+        unrecorded |= {"context_id", "push_url"}
+    if kinds is None:
+        unrecorded.add("part_kinds")
+    call = LoggedA2aCall(method, None, False, fields["task_id"], fields["context_id"], tuple(kinds or ()), None,
+                         fields["push_url"])
+    return _logged(call, unrecorded | ({"method"} if _unclear(method) else set()))
+
+
+def logged_llm(t: dict[str, Any]) -> LlmCall | None:
+    """The LLM API call an event records (schema 4: model, stream and token cap; before it, the model)."""
+    model, endpoint = t.get("llm_model"), endpoint_of(t.get("path") or "")
+    if model is None or endpoint is None:
+        return None
+    unrecorded = {"model"} if _unclear(model) else set()
+    if "llm_stream" not in t:
+        unrecorded |= {"stream", "max_tokens"}
+    call = LoggedLlmCall(endpoint.lstrip("/"), model, bool(t.get("llm_stream")), t.get("llm_max_tokens"))
+    return _logged(call, unrecorded)
 
 
 Key = tuple[str, str, str, str, str | None, str | None]  # before, after, agent, upstream, old rule, new rule
@@ -191,7 +259,8 @@ def _described(event: dict[str, Any], candidate: Candidate) -> Described:
         task_id=task["id"] if task else None, task_trigger=task["trigger"] if task else None,
         at=datetime.fromisoformat(event["ts"].replace("Z", "+00:00")), size=t.get("size"),
         reading=Reading(override.get("method"), override.get("path")) if override else NONE,
-        recorded_headers=RecordedHeaders(t.get("headers"), t.get("header_names")))
+        recorded_headers=RecordedHeaders(t.get("headers"), t.get("header_names")), a2a=logged_a2a(t),
+        llm=logged_llm(t))
 
 
 def _mcp_body(method: str | None, tool: str | None) -> tuple[bytes, tuple[tuple[str, str], ...]]:
