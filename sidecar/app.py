@@ -309,7 +309,8 @@ class Sidecar:
         if self._bus is None or not self.config.fleet.register:
             return
         started_at, runtime = time.time(), self.runtime
-        self._fleet = Registration(self.config.fleet, self._bus.client, lambda: fleet_record(runtime, started_at))
+        self._fleet = Registration(self.config.fleet, self._bus.client, lambda: fleet_record(runtime, started_at),
+                                   metrics=self.metrics)
         self._fleet.start()
         self._resources.push_async_callback(self._fleet.aclose)
 
