@@ -52,15 +52,19 @@ class HeaderCapture:
 
     def capture(self, headers: Mapping[str, tuple[str, ...]]) -> Recorded:
         """(values of the recorded headers present, every name present or None) of the headers policy saw."""
+        present = list(headers)
         values: dict[str, list[str]] = {}
         for name in self.names():
-            found = headers.get(name)
+            found = headers[name] if name in present else None
             if found is not None and len(values) < RECORDED_MAX and self._fits(found):
                 values[name] = list(found)
-        present = list(headers)
-        if len(present) > NAMES_MAX or any(len(n) > NAME_MAX or self._redactor.masks(n) for n in present):
+        if not present:
+            return values, []
+        if len(present) > NAMES_MAX or max(map(len, present)) > NAME_MAX or self._redactor.masks("\n".join(present)):
             return values, None
-        return values, sorted(present)
+        present.sort()
+        return values, present
 
     def _fits(self, found: tuple[str, ...]) -> bool:
-        return len(found) <= VALUES_MAX and all(len(v) <= VALUE_MAX and not self._redactor.masks(v) for v in found)
+        return (len(found) <= VALUES_MAX and all(len(v) <= VALUE_MAX for v in found)
+                and not self._redactor.masks("\n".join(found)))
