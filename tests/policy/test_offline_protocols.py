@@ -18,7 +18,7 @@ from a2a.types.a2a_pb2 import AgentCapabilities, AgentCard, AgentInterface, Role
 
 from sidecar.cli import main
 from tests.peers.openai_stub import openai_stub
-from tests.scenarios.process import SidecarProcess
+from tests.scenarios.process import SidecarProcess, replay
 
 TEXT_ONLY = "a2a.part_kinds.all(k, k == 'text')"
 SMALL_CAP = "llm.max_tokens == null || llm.max_tokens <= 256"
@@ -68,14 +68,6 @@ async def ran(planner: str, stub: Any, tmp_path: Path) -> SidecarProcess:
             with pytest.raises(openai.PermissionDeniedError):
                 await llm.chat.completions.create(model=model, messages=HELLO, max_completion_tokens=cap)
     return sidecar
-
-
-def replay(capsys, sidecar: SidecarProcess, policy: dict, tmp_path: Path) -> tuple[int, str]:
-    candidate = tmp_path / "candidate.yaml"
-    candidate.write_text(yaml.safe_dump(policy))
-    code = main(["replay", "-c", str(sidecar.config_file), "--events", str(sidecar.log), "--policy", str(candidate)])
-    out, err = capsys.readouterr()
-    return code, out + err
 
 
 def changed(**exprs: str) -> dict:

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
-from sidecar.cli import main
 from tests.scenarios.outbound import SECRET, config_for
-from tests.scenarios.process import SidecarProcess
+from tests.scenarios.process import SidecarProcess, replay
 
 AGENT_TOKEN = "agent-own-bearer-0d9e8f7a6b5c"  # the agent's own Authorization: dropped, never recorded
 SESSION_SECRET = "session-canary-4b1c9d2e7f"  # a header named like a secret: forwarded, never recorded
@@ -50,14 +48,6 @@ async def run(upstream, tmp_path: Path) -> SidecarProcess:
                 async with s.get(f"{sidecar.outbound}/billing{path}", headers=sent) as r:
                     await r.read()
     return sidecar
-
-
-def replay(capsys, sidecar: SidecarProcess, policy: dict, tmp_path: Path) -> tuple[int, str]:
-    candidate = tmp_path / "candidate.yaml"
-    candidate.write_text(yaml.safe_dump(policy))
-    code = main(["replay", "-c", str(sidecar.config_file), "--events", str(sidecar.log), "--policy", str(candidate)])
-    out, err = capsys.readouterr()
-    return code, out + err
 
 
 @pytest.fixture

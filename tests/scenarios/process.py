@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from sidecar.cli import main
 from tests.harness import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,3 +66,12 @@ class SidecarProcess:
         """The trust-decision events of the log (after the process stopped: every line is whole)."""
         lines = [json.loads(line) for line in self.log.read_bytes().splitlines() if line.strip()]
         return [line for line in lines if line.get("event") == "trust_decision"]
+
+
+def replay(capsys: Any, sidecar: SidecarProcess, policy: dict[str, Any], tmp_path: Path) -> tuple[int, str]:
+    """``sidecar replay`` of the process's whole log under ``policy``: its exit code and everything it printed."""
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(yaml.safe_dump(policy))
+    code = main(["replay", "-c", str(sidecar.config_file), "--events", str(sidecar.log), "--policy", str(candidate)])
+    out, err = capsys.readouterr()
+    return code, out + err
