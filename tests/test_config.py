@@ -425,3 +425,4 @@ async def test_forward_to_the_outbound_listener_is_refused_before_a_caller_can_s
     with pytest.raises(ConfigInvalid):  # refused at load: the loop never runs
         await make_sidecar(config, policy)
     assert upstream.seen == []
+

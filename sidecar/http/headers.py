@@ -55,7 +55,7 @@ IDENTITY_PREFIXES = ("x-auth-request-", "x-remote-extra-", "x-amzn-oidc-", "x-ms
 # never recorded in a trust-decision event (observe/headers.py): they carry credentials
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
                                 "x-amz-security-token", "x-goog-iam-authorization-token"})
-SECRET_NAME = re.compile(r"token|secret|passw|signature|credential|auth|session|cookie|api-?key|private")
+SECRET_NAME = re.compile(r"token|secret|passw|pwd|signature|credential|auth|session|cookie|key|private|jwt|bearer")
 
 
 def recordable(name: str, credential_headers: frozenset[str] = frozenset()) -> bool:

@@ -4,8 +4,10 @@ masks words in the other's events, while every other log line masks the secrets 
 from __future__ import annotations
 
 import aiohttp
+import pytest
 import structlog
 
+from sidecar.http.headers import recordable
 from sidecar.observe.decision_log import REDACTOR, Redactor
 from tests.harness import SidecarHarness
 from tests.scenarios.outbound import ALLOW_ALL, config_for
@@ -65,3 +67,15 @@ def test_a_redactor_masks_its_own_values_and_credential_shapes() -> None:
     assert mine.text("mine-secret-1 other-secret-2 short") == "<redacted> other-secret-2 short"
     assert other.text("Bearer abcdefghijkl") == "Bearer <redacted>"
     assert mine.masks("x mine-secret-1") and not mine.masks("other-secret-2")
+
+
+@pytest.mark.parametrize("name, recorded", [
+    ("x-env", True), ("x-tenant", True), ("x-request-class", True),  # plain headers rules read
+    ("authorization", False), ("proxy-authorization", False), ("cookie", False),  # credentials by definition
+    ("x-upstream-key", False), ("x-csrf-token", False), ("x-session-id", False),  # named like a secret
+    ("x-client-jwt", False), ("x-db-pwd", False), ("x-hub-signature-256", False),
+])
+def test_which_header_values_an_event_may_record(name, recorded):
+    """A header that may carry a credential is never recorded in an event, whatever a rule or the config names."""
+    assert recordable(name) is recorded
+    assert recordable("x-env", frozenset({"x-env"})) is False  # a configured credential's header
