@@ -5,6 +5,7 @@ as the sidecar did, says "undecidable" where the event did not record a header, 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import aiohttp
@@ -129,3 +130,18 @@ def test_a_rule_on_a_configured_header_decides_offline(ran, capsys, tmp_path):
                        "when": {"expr": '!("x-request-class" in request.headers)'}, "effect": "deny"})
     code, out = replay(capsys, ran, prod, tmp_path)
     assert code == 3 and "changes: 3 allow -> deny" in out and "0 undecidable" in out, out
+
+
+def test_events_of_earlier_schemas_are_undecidable_under_header_rules(ran, capsys, tmp_path):
+    """Events written before schema 4 recorded no headers: a header rule makes each undecidable, never a change."""
+    old = tmp_path / "schema3.log"
+    lines = []
+    for event in ran.events():
+        event["schema_version"] = 3
+        for key in ("headers", "header_names"):
+            event["target"].pop(key)
+        lines.append(json.dumps(event))
+    old.write_text("\n".join(lines) + "\n")
+    ran.log = old
+    code, out = replay(capsys, ran, POLICY, tmp_path)
+    assert code == 0 and "0 re-decided, 6 undecidable" in out and "changes: none" in out, out
