@@ -1,5 +1,6 @@
 """Each sidecar redacts its own secrets: two sidecars in one process, and a secret configured by one never
-masks words in the other's events, while every other log line masks the secrets of every sidecar running."""
+masks words in the other's events, while every other log line masks the secrets of every sidecar running.
+And what an event records of a request's headers: bounded, never a credential or a value the redactor masks."""
 
 from __future__ import annotations
 
@@ -79,3 +80,33 @@ def test_which_header_values_an_event_may_record(name, recorded):
     """A header that may carry a credential is never recorded in an event, whatever a rule or the config names."""
     assert recordable(name) is recorded
     assert recordable("x-env", frozenset({"x-env"})) is False  # a configured credential's header
+
+
+def capture(headers: dict[str, tuple[str, ...]], *, configured: tuple[str, ...] = ("x-env",),
+            credential_headers: tuple[str, ...] = ()) -> tuple[dict, list | None]:
+    from sidecar.observe.headers import HeaderCapture
+
+    redactor = Redactor(["configured-secret-77"])
+    return HeaderCapture(configured, credential_headers, lambda: frozenset({"x-tenant"}), redactor).capture(headers)
+
+
+@pytest.mark.parametrize("headers, values, names", [
+    # the named headers present are recorded with every value; every name is listed, sorted
+    ({"x-tenant": ("acme",), "x-env": ("a", "b"), "accept": ("*/*",)}, {"x-env": ["a", "b"], "x-tenant": ["acme"]},
+     ["accept", "x-env", "x-tenant"]),
+    # a value the redactor masks, or too long to record whole, is not recorded (its name still is listed)
+    ({"x-env": ("the configured-secret-77",)}, {}, ["x-env"]),
+    ({"x-env": ("Bearer abcdefghijklmnop",)}, {}, ["x-env"]),
+    ({"x-env": ("x" * 1025,)}, {}, ["x-env"]),
+    ({"x-env": tuple("abcdefghi")}, {}, ["x-env"]),  # more than 8 values
+    # more than 64 names, or a name over 128 characters: the names are not known
+    ({f"x-{i}": ("v",) for i in range(65)}, {}, None),
+    ({"x-" + "n" * 127: ("v",), "x-env": ("a",)}, {"x-env": ["a"]}, None),
+])
+def test_what_an_event_records_of_the_headers(headers, values, names):
+    """Bounded, and never a value the sidecar's redactor would mask: a value cut short would decide differently."""
+    assert capture(headers) == (values, names)
+
+
+def test_a_configured_credentials_header_is_never_recorded():
+    assert capture({"x-env": ("a",)}, credential_headers=("X-Env",)) == ({}, ["x-env"])
