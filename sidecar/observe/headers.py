@@ -6,7 +6,8 @@ and the names its ``when.expr`` indexes) or ``logging.event_headers`` lists. A h
 recorded when it can carry a credential (:func:`sidecar.http.headers.recordable`: ``Authorization``,
 ``Proxy-Authorization``, ``Cookie`` and the like, the headers configured credentials are placed in,
 any name that reads like a secret), nor when the sidecar's redactor would mask its value, nor when
-it is too large to record whole (:data:`VALUE_MAX`, :data:`VALUES_MAX`, :data:`RECORDED_MAX`):
+it is too large to record whole (:data:`VALUE_MAX`, :data:`VALUES_MAX`, :data:`RECORDED_MAX`,
+:data:`RECORDED_CHARS_MAX` for all values together, in name order):
 a value cut short would be a different value to decide on.
 
 ``target.header_names`` lists the name of every header policy saw, sorted, so that replay knows
@@ -25,6 +26,7 @@ from sidecar.observe.decision_log import Redactor
 VALUE_MAX = 1024  # characters of one value
 VALUES_MAX = 8  # values of one header
 RECORDED_MAX = 16  # headers with values
+RECORDED_CHARS_MAX = 4096  # characters of all recorded values together: an agent cannot make events large
 NAMES_MAX = 64
 NAME_MAX = 128
 
@@ -54,10 +56,14 @@ class HeaderCapture:
         """(values of the recorded headers present, every name present or None) of the headers policy saw."""
         present = list(headers)
         values: dict[str, list[str]] = {}
+        room = RECORDED_CHARS_MAX
         for name in self.names():
             found = headers[name] if name in present else None
-            if found is not None and len(values) < RECORDED_MAX and self._fits(found):
-                values[name] = list(found)
+            if found is None or len(values) >= RECORDED_MAX or not self._fits(found):
+                continue
+            size = sum(map(len, found))
+            if size <= room:
+                values[name], room = list(found), room - size
         if not present:
             return values, []
         if len(present) > NAMES_MAX or max(map(len, present)) > NAME_MAX or self._redactor.masks("\n".join(present)):

@@ -99,6 +99,8 @@ def capture(headers: dict[str, tuple[str, ...]], *, configured: tuple[str, ...] 
     ({"x-env": ("Bearer abcdefghijklmnop",)}, {}, ["x-env"]),
     ({"x-env": ("x" * 1025,)}, {}, ["x-env"]),
     ({"x-env": tuple("abcdefghi")}, {}, ["x-env"]),  # more than 8 values
+    # 4096 characters of values in all: x-env (first by name) fills them, x-tenant is left out
+    ({"x-env": ("e" * 1000,) * 4, "x-tenant": ("t" * 200,)}, {"x-env": ["e" * 1000] * 4}, ["x-env", "x-tenant"]),
     # more than 64 names, or a name over 128 characters: the names are not known
     ({f"x-{i}": ("v",) for i in range(65)}, {}, None),
     ({"x-" + "n" * 127: ("v",), "x-env": ("a",)}, {"x-env": ["a"]}, None),
