@@ -48,7 +48,8 @@ class HeaderCapture:
         wanted = self._policy_names()
         cached, names = self._names
         if wanted is not cached:
-            names = tuple(sorted(n for n in wanted | self._configured if recordable(n, self._credential_headers)))
+            names = tuple(sorted(n for n in wanted | self._configured
+                                 if len(n) <= NAME_MAX and recordable(n, self._credential_headers)))
             self._names = (wanted, names)
         return names
 
