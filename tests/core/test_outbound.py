@@ -84,6 +84,8 @@ async def test_a_defect_inside_an_exchange_is_one_internal_error_event_and_a_jso
     h = await make_sidecar(config_for(upstream), POLICY)
 
     class Broken:
+        headers_read: frozenset[str] = frozenset()  # what the recorder reads of the policy in force
+
         def decide(self, *facts: object) -> None:
             raise RuntimeError("boom: a defect with a detail the agent must not read")
 
