@@ -125,6 +125,27 @@ class AiohttpIncoming:
     def answer_of(self, stream: ResponseStream) -> Answer:
         return stream
 
+    # -- CONNECT (sidecar.connect takes the connection over) --------------------------------------
+    @property
+    def protocol(self) -> object:
+        return self.native.protocol
+
+    def early_bytes(self) -> bool:
+        """Bytes after the CONNECT head, read before the 200: asyncio's start_tls cannot be given them."""
+        return bool(getattr(self.native.protocol, "_message_tail", b""))
+
+    def take_over(self) -> asyncio.Transport | None:
+        return self.native.transport
+
+    def release(self) -> None:
+        """Tell the protocol that parsed the CONNECT that its connection is gone (it was taken over)."""
+        protocol = self.native.protocol
+        if protocol.transport is not None:
+            protocol.connection_lost(None)
+
+    def refused_connect(self) -> None:
+        self.native.content.feed_eof()
+
 
 def error_response(refusal: Refusal) -> web.Response:
     """The one shape of every refusal (``sidecar.errors.refusal_body``), as an aiohttp response."""
@@ -272,7 +293,7 @@ def parser_limits(limits: Limits) -> dict[str, int]:
             "max_headers": limits.max_headers * 2 + 8}
 
 
-async def start_tcp(server: web.Server, host: str, port: int, *, ssl: Any = None,
+async def start_tcp(server: Callable[[], asyncio.BaseProtocol], host: str, port: int, *, ssl: Any = None,
                     backlog: int = 512) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
     return await loop.create_server(server, host, port, ssl=ssl, backlog=backlog, reuse_address=True)
