@@ -23,8 +23,6 @@ is reported to the listener (one trust-decision event, the metrics).
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from typing import Any, AsyncIterator, Awaitable, Callable, cast
 
 import structlog
@@ -37,7 +35,7 @@ from sidecar.config_model import Limits
 from sidecar.errors import (
     PROXY_NAME, RecordedFailure, Refusal, RequestRefused, refusal_body, refusal_headers, refusal_response,
 )
-from sidecar.http.incoming import Answer, ClientGone, ResponseStream
+from sidecar.http.incoming import Answer, ClientGone, ResponseStream, reset
 
 log = structlog.get_logger("sidecar.server")
 
@@ -50,7 +48,6 @@ ParseErrorHook = Callable[[Refusal], None]
 RETRY_AFTER_OVERLOAD = 1  # seconds
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK = 64 * 1024
-RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 
 
 class AiohttpIncoming:
@@ -111,16 +108,7 @@ class AiohttpIncoming:
     def abort(self) -> None:
         """A reset, not an orderly close: a response framed by the connection's close (an HTTP/1.0
         client) would otherwise end as if whole."""
-        transport = self.native.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")  # under TLS too: the TCP socket
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-            except OSError:  # already closed by the peer: nothing left to tell it
-                pass
-        transport.abort()
+        reset(self.native.transport)
 
     def answer_of(self, stream: ResponseStream) -> Answer:
         return stream

@@ -64,10 +64,6 @@ def header_block(headers: Iterable[tuple[str, str]], framing: str, connection: s
     return (block + extra + framing + connection + "\r\n").encode("latin-1", "replace")
 
 
-def items(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
-    return headers.items() if isinstance(headers, Mapping) else headers
-
-
 class Wire(BaseProtocol):
     """A connection as its responses (and a WebSocket) write to it: the transport while it is open, and
     the client's window (``pause_writing``/``resume_writing``, kept by aiohttp's ``BaseProtocol``)."""

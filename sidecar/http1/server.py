@@ -28,10 +28,8 @@ listener's :class:`~sidecar.http2.server.H2Server` (h2c with prior knowledge).
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections import deque
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable
 
 import structlog
 from aiohttp import HttpVersion10, HttpVersion11
@@ -44,8 +42,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config_model import Limits
 from sidecar.errors import RecordedFailure, Refusal, RequestRefused, refusal_body, refusal_headers, refusal_response
-from sidecar.http.incoming import Answer, ClientGone, ResponseStream
-from sidecar.http1.response import Http1Stream, Whole, Wire, bodiless, header_block, items, status_line
+from sidecar.http.incoming import Answer, ClientGone, ResponseStream, reset
+from sidecar.http1.response import Http1Stream, Whole, Wire, bodiless, header_block, status_line
 from sidecar.http1.websocket import ServerWebSocket, accept_key
 from sidecar.http2.listen import sniff
 from sidecar.server import overloaded, parse_refusal, parser_limits, source_of
@@ -59,7 +57,6 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK = 64 * 1024  # body pieces handed to the pipeline, and the payload's buffer before it pauses reading
 MAX_QUEUED = 32  # parsed requests waiting on one connection (pipelined) before reading pauses
 LINGER = 10.0  # seconds an unread request body is read and dropped for, so the connection stays usable
-RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 TIMED_OUT = RequestRefused("request_timeout", "request: the request head did not arrive within the idle timeout")
 
 ParseErrorHook = Callable[[Refusal], None]
@@ -210,6 +207,8 @@ class Http1Protocol(Wire):
             data, self._seen = self._seen, b""
         if self._upgraded:
             self._tail += data  # what follows CONNECT or an upgrade waits for the handler's decision
+            if len(self._tail) > CHUNK and not self._buffer_paused:
+                self._pause_reading_for_buffer()
             return
         try:
             messages, upgraded, tail = self.parser.feed_data(data)
@@ -231,6 +230,8 @@ class Http1Protocol(Wire):
         if upgraded:
             self._upgraded = True
             self._tail = tail
+            if len(tail) > CHUNK:
+                self._pause_reading_for_buffer()
 
     def eof_received(self) -> bool:
         """Half-close: requests received whole are still answered, then the connection closes. A client
@@ -362,8 +363,8 @@ class Http1Protocol(Wire):
         framing = "" if answer.status < 200 or answer.status in (204, 304) else f"Content-Length: {length}\r\n"
         headers = answer.headers
         if "Content-Length" in headers or "content-length" in headers:  # ours is the one framing
-            headers = {k: v for k, v in items(headers) if k.lower() != "content-length"}
-        head = request.head(answer.status, answer.reason, items(headers), framing)
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+        head = request.head(answer.status, answer.reason, headers.items(), framing)
         if self.transport is None or self.transport.is_closing():
             return
         if none or not body:
@@ -381,7 +382,7 @@ class Http1Protocol(Wire):
         answer = refused_answer(refusal)
         body = answer.body or b""
         transport.write(status_line(1, answer.status, None) + header_block(
-            items(answer.headers), f"Content-Length: {len(body)}\r\n", "Connection: close\r\n") + body)
+            answer.headers.items(), f"Content-Length: {len(body)}\r\n", "Connection: close\r\n") + body)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -433,6 +434,11 @@ class Http1Protocol(Wire):
         if not self.taken and self.transport is not None:
             self.transport.close()
 
+    def last_answer(self) -> bool:
+        """The answer being written is the connection's last: it is draining, or the client half-closed
+        and nothing else is queued."""
+        return self._draining or self._done and not self._queue
+
     def drain(self) -> None:
         """Stop after the request being served; an idle connection closes now."""
         self._draining = True
@@ -465,6 +471,8 @@ class Http1Protocol(Wire):
         tail, self._tail = self._tail, b""
         if tail:
             socket_.feed_data(tail)
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
         return socket_
 
 
@@ -513,10 +521,10 @@ class Http1Incoming:
                 body: bytes | None) -> Answer:
         return Whole(status, reason, headers, body)
 
-    def head(self, status: int, reason: str | None, headers: object, framing: str) -> bytes:
+    def head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str) -> bytes:
         """The status line and header block, with the framing and the connection's fate."""
         minor = 0 if self.message.version == HttpVersion10 else 1  # HTTP/1.1 to any other version (RFC 9110 §6.2)
-        if self.conn._draining or self.conn._done and not self.conn._queue:
+        if self.conn.last_answer():
             self.keep_alive = False
         if not self.keep_alive:
             connection = "Connection: close\r\n"
@@ -524,7 +532,7 @@ class Http1Incoming:
             connection = "Connection: keep-alive\r\n"
         else:
             connection = ""
-        return status_line(minor, status, reason) + header_block(headers, framing, connection)  # type: ignore[arg-type]
+        return status_line(minor, status, reason) + header_block(headers, framing, connection)
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> ResponseStream:
         none = bodiless(status, self.method)
@@ -567,16 +575,7 @@ class Http1Incoming:
     def abort(self) -> None:
         """A reset, not an orderly close: a response framed by the connection's close (an HTTP/1.0
         client) would otherwise end as if whole."""
-        transport = self.conn.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")  # under TLS too: the TCP socket
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-            except OSError:  # already closed by the peer: nothing left to tell it
-                pass
-        transport.abort()
+        reset(self.conn.transport)
 
     def answer_of(self, stream: ResponseStream) -> Answer:
         return stream
