@@ -325,7 +325,10 @@ class Sidecar:
         cfg, rt = self.config, self.runtime
         own = own_http1_server()
         self.interceptor = Interceptor.from_runtime(rt, own_server=own)  # CONNECT: TLS interception, no blind tunnel
-        listeners.servers.append(self.interceptor.server)  # drained and closed with the listeners
+        tunnels = self.interceptor.server
+        listeners.servers.append(tunnels)  # drained and closed with the listeners
+        if isinstance(tunnels, Http1Server) and tunnels.http2 is not None:
+            listeners.servers.append(tunnels.http2)  # the tunnels whose TLS chose h2, or that spoke h2c
         outbound, on_refusal = Outbound(rt), self._parse_error("outbound")
         http2 = H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal)
         out_server: Http1Server | H2cServer

@@ -33,6 +33,7 @@ STATUS: dict[str, int] = {
     "unknown_upstream": 403,
     "browser_origin": 403,
     "host_mismatch": 403,
+    "tls_required": 403,
     "no_client_cert": 401,
     "peer_unverified": 401,
     "foreign_trust_domain": 403,
@@ -112,8 +113,8 @@ GRPC_STATUS: dict[str, int] = {
     **dict.fromkeys(("upstream_timeout", "request_timeout"), 4),
     **dict.fromkeys(("not_found", "unknown_session"), 5),  # NOT_FOUND
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error", "approval_denied", "unknown_upstream",
-                     "browser_origin", "host_mismatch", "foreign_trust_domain", "unknown_task", "task_ended",
-                     "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
+                     "browser_origin", "host_mismatch", "tls_required", "foreign_trust_domain", "unknown_task",
+                     "task_ended", "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
     **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large"), 8),  # RESOURCE_EXHAUSTED
     **dict.fromkeys(("upstream_protocol_error", "internal_error"), 13),  # INTERNAL
     **dict.fromkeys(("upstream_unreachable", "credential_unavailable", "log_unavailable"), 14),  # UNAVAILABLE

@@ -98,7 +98,8 @@ class Http1Server:
         self.connections.add(connection)
         self._by_source[connection.source] = self._by_source.get(connection.source, 0) + 1
 
-    def closed(self, connection: Http1Protocol) -> None:
+    def closed(self, connection: Http1Protocol, *, lost: bool = True) -> None:
+        """A connection is gone (or, ``lost`` False, handed to HTTP/2, whose server then reports its end)."""
         if connection not in self.connections:
             return
         self.connections.discard(connection)
@@ -107,7 +108,7 @@ class Http1Server:
             self._by_source[connection.source] = left
         else:
             self._by_source.pop(connection.source, None)
-        if self.on_lost is not None:
+        if lost and self.on_lost is not None:
             self.on_lost(connection)
 
     def refused(self, refusal: Refusal) -> None:
@@ -166,6 +167,7 @@ class Http1Protocol(Wire):
         super().__init__(loop, parser)
         self.parser = parser
         self.source = "unknown"
+        self.carrier: asyncio.BaseTransport | None = None
         self._queue: deque[tuple[RawRequestMessage | HttpProcessingError, StreamReader]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -183,6 +185,7 @@ class Http1Protocol(Wire):
     # -- asyncio callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.carrier = transport  # kept after the connection is lost: what a CONNECT tunnel is known by
         self.source, refusal = self.server.admit(transport)
         if refusal is not None:  # never parsed, never handled: one answer, then closed
             self._done = True
@@ -420,7 +423,7 @@ class Http1Protocol(Wire):
         self._done, self.taken = True, True
         if self._task is not None:
             self._task.cancel()
-        self.server.closed(self)
+        self.server.closed(self, lost=False)
         protocol = http2()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
