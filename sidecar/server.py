@@ -53,7 +53,7 @@ CHUNK = 64 * 1024
 class AiohttpIncoming:
     """An :class:`~sidecar.http.incoming.IncomingRequest` over one request aiohttp's server parsed."""
 
-    __slots__ = ("native", "method", "target", "headers", "content_length")
+    __slots__ = ("native", "method", "target", "headers", "content_length", "last")
     unframed_body = False  # HTTP/1.1 frames every body: Content-Length or chunked
 
     def __init__(self, request: web.BaseRequest) -> None:
@@ -62,6 +62,7 @@ class AiohttpIncoming:
         self.target = request.raw_path
         self.headers = request.headers
         self.content_length = request.content_length
+        self.last = False  # the connection closes after this answer (a refused CONNECT)
 
     @property
     def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -87,7 +88,10 @@ class AiohttpIncoming:
 
     def respond(self, status: int, reason: str | None, headers: CIMultiDict[str] | dict[str, str],
                 body: bytes | None) -> Answer:
-        return web.Response(status=status, reason=reason, headers=headers, body=body)
+        response = web.Response(status=status, reason=reason, headers=headers, body=body)
+        if self.last:
+            response.force_close()
+        return response
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> ResponseStream:
         response = web.StreamResponse(status=status, reason=reason, headers=headers)
@@ -132,7 +136,8 @@ class AiohttpIncoming:
             protocol.connection_lost(None)
 
     def refused_connect(self) -> None:
-        self.native.content.feed_eof()
+        self.native.content.feed_eof()  # what follows is not a body to linger over
+        self.last = True
 
 
 def error_response(refusal: Refusal) -> web.Response:
