@@ -13,8 +13,9 @@ import socket
 
 import pytest
 
+from sidecar.http1.server import Http1Server
 from tests.harness import BOUND, open_outbound, read_to_close, read_until
-from tests.scenarios.outbound import POLICY, config_for
+from tests.scenarios.outbound import ALLOW_ALL, POLICY, config_for, outbound_to
 
 LEAK = b"canary-secret-3b1f"
 
@@ -180,3 +181,33 @@ async def test_a_client_that_resets_mid_body_forwards_nothing_whole(make_sidecar
         if await h.settle():
             break
     assert all(len(s.body) != 5 for s in upstream.seen)
+
+
+async def test_a_client_that_stops_reading_pauses_the_relay_and_nothing_piles_up(make_sidecar, raw_server):
+    """A streamed 16 MiB answer to a client that reads nothing: the sidecar's writes pause (the client's
+    window), what it holds for that client stays bounded, and once the client reads, all of it arrives."""
+    total, piece = 16 * 1024 * 1024, 256 * 1024
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(total // piece):
+            writer.write(b"%x\r\n%s\r\n" % (piece, b"x" * piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    h = await make_sidecar(outbound_to(await raw_server(stream)), ALLOW_ALL)
+    reader, writer = await open_outbound(h, b"GET /billing/big HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n")
+    head = await read_until(reader, b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+    server = next(s for s in h.sidecar._listeners.servers
+                  if isinstance(s, Http1Server) and s is not h.sidecar.interceptor.server)
+    [connection] = list(server.connections)
+    async with asyncio.timeout(BOUND * 3):
+        while not connection.writing_paused:  # bounded: until the client's window has closed
+            await asyncio.sleep(0.01)
+    assert connection.transport.get_write_buffer_size() <= 2 * 1024 * 1024
+    body = await asyncio.wait_for(reader.read(), BOUND * 10)
+    writer.close()
+    assert body.endswith(b"0\r\n\r\n") and body.count(b"x") == total
