@@ -249,6 +249,7 @@ class Http1Protocol(Wire):
         self._done = True
         self._wake()
         return True  # our side stays open until the answers are written
+
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._done = True
@@ -319,7 +320,12 @@ class Http1Protocol(Wire):
         if answer is None:
             return self._failed(request)
         if isinstance(answer, Whole):
-            self._send_whole(request, answer)
+            try:
+                self._send_whole(request, answer)
+            except ValueError as exc:  # a line break in a header: never written (response splitting)
+                log.error("response_refused", error_type=type(exc).__name__)
+                request.abort()
+                return False
         elif isinstance(answer, Http1Stream):
             if not answer.ended:
                 return False  # cut short: never ends as if whole
