@@ -63,6 +63,7 @@ from sidecar.forward.sessions import Sessions
 from sidecar.runtime import PolicyHolder, Runtime
 from sidecar.http2.listen import AlpnChoice, H2cServer, offering_h2
 from sidecar.http2.server import H2Server
+from sidecar.http1.server import Http1Server
 from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
 from sidecar import admin, health
@@ -345,12 +346,23 @@ class Sidecar:
 
     async def _start_outbound(self, listeners: ExchangeListeners) -> None:
         cfg, rt = self.config, self.runtime
-        self.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
-        listeners.servers.append(self.interceptor.server)  # drained and closed with the listeners
+        own = own_http1_server()
+        self.interceptor = Interceptor.from_runtime(rt, own_server=own)  # CONNECT: TLS interception, no blind tunnel
+        tunnels = self.interceptor.server
+        listeners.servers.append(tunnels)  # drained and closed with the listeners
+        if isinstance(tunnels, Http1Server) and tunnels.http2 is not None:
+            listeners.servers.append(tunnels.http2)  # the tunnels whose TLS chose h2, or that spoke h2c
         outbound, on_refusal = Outbound(rt), self._parse_error("outbound")
-        out_server = H2cServer(self.interceptor.front(outbound), limits=cfg.outbound.limits, on_parse_error=on_refusal,
-                               http2=H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal))
-        listeners.servers.append(out_server)
+        http2 = H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal)
+        out_server: Http1Server | H2cServer
+        if own:
+            out_server = Http1Server(self.interceptor.front(outbound), limits=cfg.outbound.limits,
+                                     on_parse_error=on_refusal, keepalive=cfg.outbound.timeouts.idle, http2=http2)
+            listeners.servers += (out_server, http2)
+        else:
+            out_server = H2cServer(self.interceptor.front(outbound), limits=cfg.outbound.limits,
+                                   on_parse_error=on_refusal, http2=http2)
+            listeners.servers.append(out_server)
         server = await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port)
         listeners.accepting.append(server)
         self.ports["outbound"] = _port(server)
@@ -367,7 +379,13 @@ class Sidecar:
                                 on_reject=rt.recorder.handshake_refused,
                                 handshake_timeout=cfg.inbound.timeouts.connect)
         inbound = Inbound(rt, InboundIdentity(cfg.inbound, acceptor.peer_of, rt.verifier, rt.revocations))
-        server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
+        server: Http1Server | SidecarServer
+        if own_http1_server():
+            server = Http1Server(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"),
+                                 keepalive=cfg.inbound.timeouts.idle)
+        else:
+            server = SidecarServer(inbound.handle, limits=cfg.inbound.limits,
+                                   on_parse_error=self._parse_error("inbound"))
         http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"))
         listeners.servers += (server, http2)
         listener = await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port)
@@ -445,6 +463,13 @@ class Sidecar:
         self.draining = True
         await self._resources.aclose()
         decision_log.WRITER.flush()  # the last events reach stdout before the process exits
+
+
+def own_http1_server() -> bool:
+    """The exchange listeners' HTTP/1.1 server: the sidecar's own (``sidecar/http1/``), or aiohttp's with
+    ``SIDECAR_HTTP1_SERVER=aiohttp``: the fallback, kept for one release while the new one is proven (and
+    what the differential test compares it with)."""
+    return os.environ.get("SIDECAR_HTTP1_SERVER", "sidecar") != "aiohttp"
 
 
 def _port(server: Any) -> int:
