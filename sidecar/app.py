@@ -61,7 +61,7 @@ from sidecar.routing import Router
 from sidecar.forward.sessions import Sessions
 from sidecar.runtime import PolicyHolder, Runtime
 from sidecar.http2.listen import AlpnChoice, H2cServer, offering_h2
-from sidecar.http2.server import H2Server
+from sidecar.http2.server import WINDOW_STALL, H2Server
 from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
 from sidecar import admin, health
@@ -326,7 +326,8 @@ class Sidecar:
         listeners.servers.append(self.interceptor.server)  # drained and closed with the listeners
         outbound, on_refusal = Outbound(rt), self._parse_error("outbound")
         out_server = H2cServer(self.interceptor.front(outbound), limits=cfg.outbound.limits, on_parse_error=on_refusal,
-                               http2=H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal))
+                               http2=H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal,
+                                              **self._http2_guard("outbound", cfg.outbound.timeouts.idle)))
         listeners.servers.append(out_server)
         server = await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port)
         listeners.accepting.append(server)
@@ -345,7 +346,8 @@ class Sidecar:
                                 handshake_timeout=cfg.inbound.timeouts.connect)
         inbound = Inbound(rt, InboundIdentity(cfg.inbound, acceptor.peer_of, rt.verifier, rt.revocations))
         server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
-        http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"))
+        http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"),
+                         **self._http2_guard("inbound", cfg.inbound.timeouts.idle))
         listeners.servers += (server, http2)
         listener = await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port)
         listeners.accepting.append(listener)
@@ -354,6 +356,11 @@ class Sidecar:
 
     def _drain_over(self) -> None:
         self.runtime.exchanges.cut(lambda ex: True, "shutdown: drain time over")
+
+    def _http2_guard(self, listener: str, idle: float) -> dict[str, Any]:
+        """An HTTP/2 server's abuse metric and its zero-window stall bound (``idle``, at most a minute)."""
+        abuse = self.runtime.metrics.http2_abuse
+        return {"on_abuse": lambda kind: abuse.labels(listener, kind).inc(), "stall": min(WINDOW_STALL, idle)}
 
     def _parse_error(self, direction: str) -> ParseErrorHook:
         return lambda refusal: self.runtime.recorder.refused(direction, refusal)

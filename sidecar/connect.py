@@ -48,7 +48,7 @@ from sidecar.exchange import Exchange
 from sidecar.http.incoming import Answer, IncomingRequest
 from sidecar.http.target import normalize_host
 from sidecar.http2.listen import H2cServer
-from sidecar.http2.server import H2Protocol, H2Server
+from sidecar.http2.server import WINDOW_STALL, H2Protocol, H2Server
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
 from sidecar.identity.mtls import Holding, hand_over
 from sidecar.pipeline import Outbound, check_headers, serve_exchange
@@ -123,9 +123,10 @@ class _TunnelServer(H2cServer):
     TLS chose ``h2``); reports each connection's end to the interceptor."""
 
     def __init__(self, interceptor: Interceptor, **kwargs: Any) -> None:
-        limits = kwargs["limits"]
-        http2 = H2Server(interceptor.handle_decrypted, limits=limits, on_refusal=kwargs.get("on_parse_error"),
-                         on_lost=interceptor.tunnel_ended)
+        abuse = interceptor.rt.metrics.http2_abuse
+        http2 = H2Server(interceptor.handle_decrypted, limits=kwargs["limits"], on_refusal=kwargs.get("on_parse_error"),
+                         on_lost=interceptor.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
+                         stall=min(WINDOW_STALL, kwargs["keepalive_timeout"]))
         super().__init__(interceptor.handle_decrypted, http2=http2, **kwargs)
         self._interceptor = interceptor
         self._carriers: dict[RequestHandler, asyncio.Transport] = {}

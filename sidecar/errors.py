@@ -66,6 +66,7 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "internal_error": 500,
     "overloaded": 503,
+    "protocol_abuse": 429,
 }
 
 # RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
@@ -77,6 +78,7 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "body_too_large": "http_request_error",
     "request_timeout": "http_request_error",
     "bad_request": "http_request_error",
+    "protocol_abuse": "http_protocol_error",
     "credential_unavailable": "proxy_internal_error",
     "log_unavailable": "proxy_internal_error",
     "internal_error": "proxy_internal_error",
@@ -115,7 +117,8 @@ GRPC_STATUS: dict[str, int] = {
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error", "approval_denied", "unknown_upstream",
                      "browser_origin", "host_mismatch", "tls_required", "foreign_trust_domain", "unknown_task",
                      "task_ended", "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
-    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large"), 8),  # RESOURCE_EXHAUSTED
+    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large", "protocol_abuse"),
+                    8),  # RESOURCE_EXHAUSTED
     **dict.fromkeys(("upstream_protocol_error", "internal_error"), 13),  # INTERNAL
     **dict.fromkeys(("upstream_unreachable", "credential_unavailable", "log_unavailable"), 14),  # UNAVAILABLE
     **dict.fromkeys(("no_client_cert", "peer_unverified", "token_invalid", "unauthorized"), 16),  # UNAUTHENTICATED
