@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import UpstreamFailed
 from sidecar.exchange import Exchange
@@ -80,6 +80,14 @@ def echo_scrub(ex: Exchange) -> HeaderFilter | None:
     return scrub
 
 
+def _scrubbed(trailers: CIMultiDictProxy[str], scrub: HeaderFilter | None) -> CIMultiDictProxy[str]:
+    if scrub is None or not trailers:
+        return trailers
+    fields = CIMultiDict(trailers)
+    kept = scrub(fields)
+    return trailers if kept is fields else CIMultiDictProxy(kept)
+
+
 def _set_status(ex: Exchange, status: int) -> None:
     ex.status = status
 
@@ -98,7 +106,7 @@ def relay(request: IncomingRequest, upstream: UpstreamResponse, transform: Chunk
     headers.add("Via", VIA)
     if transform is None and _small(request, upstream):
         return _relay_whole(request, upstream, headers, on_prepared)
-    return _relay_stream(request, upstream, headers, transform, on_prepared)
+    return _relay_stream(request, upstream, headers, transform, on_prepared, scrub)
 
 
 def _small(request: IncomingRequest, upstream: UpstreamResponse) -> bool:
@@ -134,8 +142,10 @@ async def _relay_bodiless(request: IncomingRequest, upstream: UpstreamResponse, 
 
 
 async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
-                        transform: ChunkFilter | None, on_prepared: Callable[[int], None]) -> Answer:
-    """Stream as the upstream sends (SSE-safe), through the transform when there is one."""
+                        transform: ChunkFilter | None, on_prepared: Callable[[int], None],
+                        scrub: HeaderFilter | None = None) -> Answer:
+    """Stream as the upstream sends (SSE-safe), through the transform when there is one; the trailers
+    (HTTP/2: ``grpc-status``, ``grpc-message``) through the same scrub as the headers."""
     if transform is not None:
         headers.popall("Content-Length", None)
     stream = await request.start(upstream.status, upstream.reason, headers)
@@ -157,7 +167,7 @@ async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, he
             if data:
                 await stream.write(data)
             if final:
-                await request.finish(stream, upstream.trailers)
+                await request.finish(stream, _scrubbed(upstream.trailers, scrub))
                 return answer
         except ConnectionError:
             raise ClientGone(answer) from None

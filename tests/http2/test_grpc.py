@@ -194,3 +194,25 @@ async def test_a_call_refused_before_routing_is_a_grpc_status_too(make_sidecar, 
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "nosuch" in caught.value.details()
     event = (await h.settle())[-1]
     assert (event["reason"], event["protocol"], event["grpc_status"]) == ("unknown_upstream", "grpc", 7)
+
+
+async def test_a_trailer_echoing_the_attached_credential_is_scrubbed(make_sidecar, greeter):
+    """The server answers a message, then a status whose grpc-message (a trailer, after the data) repeats
+    the API key the sidecar attached: the trailer is dropped as a header would be, the status stays, the
+    event says so."""
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "all", "direction": "outbound", "upstream": "greeter", "effect": "allow"}]}
+    h = await make_sidecar(grpc_config(greeter), policy)
+
+    def echo() -> list[bytes]:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port('outbound')}") as channel:
+            return list(channel.unary_stream(f"/greeter/{SERVICE}/Echo")(b"x", timeout=10))
+
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(echo)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert SECRET not in (caught.value.details() or "")
+    assert greeter.metadata[0]["x-api-key"] == SECRET  # the key did reach the server, and came back
+    event = (await h.settle())[-1]
+    assert event["grpc_status"] == 3
+    assert "echoed the attached credential: grpc-message: dropped" in event["reason_detail"]
