@@ -67,6 +67,7 @@ STATUS: dict[str, int] = {
     "internal_error": 500,
     "overloaded": 503,
     "protocol_abuse": 429,
+    "deadline_exceeded": 504,
 }
 
 # RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
@@ -112,7 +113,7 @@ GRPC_UNKNOWN = 2
 GRPC_STATUS: dict[str, int] = {
     **dict.fromkeys(("bad_request", "request_override", "credential_parameter", "method_not_allowed"), 3),
     "approval_timeout": 4,  # DEADLINE_EXCEEDED: held for an approval that did not come in time
-    **dict.fromkeys(("upstream_timeout", "request_timeout"), 4),
+    **dict.fromkeys(("upstream_timeout", "request_timeout", "deadline_exceeded"), 4),
     **dict.fromkeys(("not_found", "unknown_session"), 5),  # NOT_FOUND
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error", "approval_denied", "unknown_upstream",
                      "browser_origin", "host_mismatch", "tls_required", "foreign_trust_domain", "unknown_task",
