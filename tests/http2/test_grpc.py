@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
+import yaml
 from multidict import CIMultiDict
 
 from sidecar.config_model import Limits
@@ -330,3 +333,60 @@ async def test_a_response_still_streaming_at_the_deadline_is_cut(make_sidecar, h
     assert answers == [(200, b"\x00\x00\x00\x00\x03one")]  # the message, then the reset (no trailers)
     (event,) = await h.settle()
     assert (event["outcome"], event["reason_detail"]) == ("cut", "grpc: the call's grpc-timeout ran out mid-response")
+
+
+GRPC_KEY_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "say", "direction": "outbound", "upstream": "greeter",
+     "grpc": {"services": ["helloworld.*"], "methods": ["Say*"]}, "effect": "allow"},
+    {"id": "no-say-many", "direction": "outbound", "upstream": "greeter", "grpc": {"methods": ["SayMany"]},
+     "effect": "deny"},
+]}
+
+
+async def test_a_grpc_rule_key_matches_services_and_methods_by_glob(make_sidecar, greeter):
+    """grpc: {services, methods}: SayHello matches both globs; SayMany is denied by name (deny wins);
+    Collect matches no method glob: default deny. The client reads each reason."""
+    h = await make_sidecar(grpc_config(greeter), GRPC_KEY_POLICY)
+    assert await asyncio.to_thread(call, h.port("outbound"), "SayHello", b"agent") == b"hello agent"
+    with pytest.raises(grpc.RpcError) as denied:
+        await asyncio.to_thread(call, h.port("outbound"), "SayMany", b"agent", stream=True)
+    assert (denied.value.code(), denied.value.details()) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                             "policy: denied by rule no-say-many")
+
+    def collect() -> bytes:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port('outbound')}") as channel:
+            return channel.stream_unary(f"/greeter/{SERVICE}/Collect")(iter([b"a"]), timeout=10)
+
+    with pytest.raises(grpc.RpcError) as unmatched:
+        await asyncio.to_thread(collect)
+    assert unmatched.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [(e["rule_id"], e["reason"]) for e in await h.settle()] == [
+        ("say", "allowed"), ("no-say-many", "rule_denied"), ("default", "no_matching_rule")]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_explain_and_sidecar_test_read_the_call_from_the_path(tmp_path):
+    """sidecar explain and sidecar test decide a gRPC call's path as the pipeline does: the grpc: key
+    sees its service and method."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(GRPC_KEY_POLICY))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({"outbound": {"upstreams": {"greeter": {
+        "url": "http://127.0.0.1:50051", "protocol": "grpc"}}}, "policy": {"files": [str(policy)]},
+        "state_dir": str(tmp_path / "s")}))
+    allowed = cli("explain", "-c", str(config), "--method", "POST", "--url", f"/greeter/{SERVICE}/SayHello")
+    assert allowed.returncode == 0 and "rule: say" in allowed.stdout, allowed.stdout + allowed.stderr
+    denied = cli("explain", "-c", str(config), "--method", "POST", "--url", f"/greeter/{SERVICE}/SayMany")
+    assert denied.returncode == 3 and "rule: no-say-many" in denied.stdout
+    cases = tmp_path / "grpc.cases.yaml"
+    cases.write_text(yaml.safe_dump({"cases": [
+        {"name": "hello", "request": {"direction": "outbound", "method": "POST", "upstream": "greeter",
+                                      "path": f"/{SERVICE}/SayHello"}, "expect": {"decision": "allow", "rule": "say"}},
+        {"name": "collect", "request": {"direction": "outbound", "method": "POST", "upstream": "greeter",
+                                        "path": f"/{SERVICE}/Collect"},
+         "expect": {"decision": "deny", "reason": "no_matching_rule"}}]}))
+    tested = cli("test", str(policy), "--cases", str(cases), "-c", str(config))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
