@@ -38,7 +38,9 @@ from sidecar.forward.body import RequestBody
 from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
-from sidecar.grpc import EXPIRED, TIMEOUT, call_timeout, format_timeout, grpc_refusal, grpc_status, note_call
+from sidecar.grpc import (
+    EXPIRED, TIMEOUT, call_timeout, format_timeout, grpc_refusal, grpc_status, is_grpc, note_call,
+)
 from sidecar.http.headers import VIA, clean_request_headers, echo_method
 from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
 from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
@@ -426,6 +428,8 @@ class Inbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         raw_path, _, query = request.target.partition("?")
         ex.path = canonical_path(raw_path)
+        if is_grpc(request):  # a gRPC caller of the agent: its service and method, its status
+            note_call(ex, ex.path)
         echo_method(request.method, False)
         caller = await self._caller(request, ex, peer)
         rt.revocations.check_agent(rt.agent.id)
@@ -439,7 +443,8 @@ class Inbound:
         ex.facts = facts = build_facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=forwarded, size=body.size, upstream=None,
-            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation)
+            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation,
+            grpc_service=ex.grpc_service, grpc_method=ex.grpc_method)
         decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
@@ -453,7 +458,10 @@ class Inbound:
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
         upstream = await open_upstream(pool, request.method, target, headers, data)
-        return await relay_exchange(request, ex, upstream, rt.metrics, None)
+        answer = await relay_exchange(request, ex, upstream, rt.metrics, None)
+        if ex.protocol == "grpc":
+            ex.grpc_status = grpc_status(upstream)
+        return answer
 
     async def _caller(self, request: IncomingRequest, ex: Exchange, peer: PeerIdentity) -> Caller:
         """The verified peer and the token it carries: whom it acts for."""
