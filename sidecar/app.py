@@ -358,9 +358,11 @@ class Sidecar:
         self.runtime.exchanges.cut(lambda ex: True, "shutdown: drain time over")
 
     def _http2_guard(self, listener: str, idle: float) -> dict[str, Any]:
-        """An HTTP/2 server's abuse metric and its zero-window stall bound (``idle``, at most a minute)."""
+        """An HTTP/2 server's abuse metric, its zero-window stall bound (``idle``, at most a minute) and
+        its idle connections' timeout (``idle``, as HTTP/1.1's keep-alive)."""
         abuse = self.runtime.metrics.http2_abuse
-        return {"on_abuse": lambda kind: abuse.labels(listener, kind).inc(), "stall": min(WINDOW_STALL, idle)}
+        return {"on_abuse": lambda kind: abuse.labels(listener, kind).inc(), "stall": min(WINDOW_STALL, idle),
+                "idle": idle}
 
     def _parse_error(self, direction: str) -> ParseErrorHook:
         return lambda refusal: self.runtime.recorder.refused(direction, refusal)

@@ -126,7 +126,7 @@ class _TunnelServer(H2cServer):
         abuse = interceptor.rt.metrics.http2_abuse
         http2 = H2Server(interceptor.handle_decrypted, limits=kwargs["limits"], on_refusal=kwargs.get("on_parse_error"),
                          on_lost=interceptor.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
-                         stall=min(WINDOW_STALL, kwargs["keepalive_timeout"]))
+                         stall=min(WINDOW_STALL, kwargs["keepalive_timeout"]), idle=kwargs["keepalive_timeout"])
         super().__init__(interceptor.handle_decrypted, http2=http2, **kwargs)
         self._interceptor = interceptor
         self._carriers: dict[RequestHandler, asyncio.Transport] = {}

@@ -72,9 +72,9 @@ class H2Server:
 
     def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None,
                  on_lost: LostHook | None = None, on_abuse: AbuseHook | None = None, bounds: Bounds = Bounds(),
-                 stall: float = WINDOW_STALL) -> None:
+                 stall: float = WINDOW_STALL, idle: float | None = None) -> None:
         self.handler, self.limits, self.on_refusal, self.on_lost = handler, limits, on_refusal, on_lost
-        self.on_abuse, self.bounds, self.stall = on_abuse, bounds, stall
+        self.on_abuse, self.bounds, self.stall, self.idle = on_abuse, bounds, stall, idle
         self.connections: set[H2Protocol] = set()
         self.in_flight = 0
 
@@ -145,6 +145,7 @@ class H2Protocol(H2Endpoint):
         self.h2.incoming_buffer = BoundedFrames(header_list_size(server.limits))
         self.refusal = refusal  # the answer to every stream of a refused connection, which then closes
         self.source = "unknown"
+        self._active = 0.0  # the loop time of the last frame or stream end (the idle timeout's start)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -160,8 +161,25 @@ class H2Protocol(H2Endpoint):
             settings.MAX_HEADER_LIST_SIZE: header_list_size(limits)})
         self.h2.initiate_connection()
         self.flush()
+        loop = asyncio.get_running_loop()
         if self.refusal is not None:  # one answer, then closed (or closed after the grace without a request)
-            asyncio.get_running_loop().call_later(REFUSED_GRACE, self.close)
+            loop.call_later(REFUSED_GRACE, self.close)
+        elif self.server.idle is not None:
+            self._active = loop.time()
+            loop.call_later(self.server.idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """No stream open and no frame for ``idle`` seconds: GOAWAY (NO_ERROR) and closed, as HTTP/1.1's
+        keep-alive ends; a connection with streams open waits for them."""
+        idle = self.server.idle
+        if self.transport is None or self.transport.is_closing() or idle is None:
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._active
+        if not self.streams and quiet >= idle:
+            self.close()
+            return
+        loop.call_later(idle if self.streams else idle - quiet, self._idle_check)
 
     def close(self) -> None:
         """GOAWAY, then closed (what is buffered is sent first)."""
@@ -172,6 +190,7 @@ class H2Protocol(H2Endpoint):
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # ended (GOAWAY sent): what the peer still sends is not read
+        self._active = asyncio.get_running_loop().time()
         try:
             events = self.h2.receive_data(data)
             for event in events:
@@ -271,6 +290,7 @@ class H2Protocol(H2Endpoint):
             stream.abort()
         finally:
             self.streams.pop(stream.stream_id, None)
+            self._active = asyncio.get_running_loop().time()
             self.flush()
             if self.refusal is not None:
                 self.close()

@@ -218,3 +218,19 @@ async def test_a_zero_window_stall_resets_that_stream_alone(make_sidecar, large_
     events = {e["target"]["path"]: e for e in await h.settle() if e["target"]["path"]}
     assert events["/v1/opened"]["outcome"] == "completed" and events["/v1/stalled"]["outcome"] == "cut"
     assert await abuse_count(h, "window_stall") == 1
+
+
+async def test_an_idle_connection_is_closed_after_the_idle_timeout(make_sidecar, upstream):
+    """A connection that opens, asks once and then sends nothing is closed after timeouts.idle with GOAWAY
+    NO_ERROR (as HTTP/1.1's keep-alive ends), instead of holding a connection slot for ever."""
+    config = config_for(upstream)
+    config["outbound"]["timeouts"] = {"idle": "300ms"}
+    h = await make_sidecar(config, POLICY)
+    port = h.port("outbound")
+    request = HeadersFrame(1, request_block(port), flags=["END_HEADERS", "END_STREAM"])
+    reader, writer = await send_raw(port, request)
+    frames = await frames_until_goaway(reader)  # returns at the GOAWAY: the wait is the sidecar's
+    writer.close()
+    assert goaway_code(frames) == ErrorCodes.NO_ERROR
+    assert any(f.stream_id == 1 and "END_STREAM" in f.flags for f in frames)  # answered first
+    assert [s.path for s in upstream.seen] == ["/api/v1/x"]
