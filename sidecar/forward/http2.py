@@ -221,6 +221,7 @@ class H2Pool:
             response.opened = True
             if body:
                 response.upload = asyncio.ensure_future(self._upload(response, body))
+            client.flush()  # after the upload's first step: a body already here leaves in the head's write
             async with asyncio.timeout(self.timeouts.first_byte):
                 await response.head
         except BaseException:
@@ -240,7 +241,6 @@ class H2Pool:
             raise RequestRefused("bad_request", "request: a header or the path is not valid in an HTTP/2 "
                                                 "header block; expected lowercase-able names and values "
                                                 "without CR, LF or NUL") from None
-        client.flush()
 
     async def _upload(self, response: H2Response, body: Body) -> None:
         """The body as the upstream's window allows; a failure (limit, stall) breaks the exchange."""

@@ -27,7 +27,8 @@ def encode_headers(headers: CIMultiDict[str] | dict[str, str] | CIMultiDictProxy
         lower = name.lower()
         if lower not in CONNECTION_HEADERS:
             block.append((lower.encode("ascii"), value.encode("utf-8", "surrogateescape")))
-    if any(b"\r" in part or b"\n" in part or b"\0" in part for field in block for part in field):
+    blob = b" ".join(part for field in block for part in field)  # one scan of every byte, not one per part
+    if b"\r" in blob or b"\n" in blob or b"\0" in blob:
         raise ValueError("http2: a header would split the header block")
     return block
 
