@@ -59,6 +59,7 @@ STATUS: dict[str, int] = {
     "body_too_large": 413,
     "request_timeout": 408,
     "bad_request": 400,
+    "aws_chunked_invalid": 400,
     "method_not_allowed": 405,
     "request_override": 400,
     "credential_parameter": 400,
@@ -80,6 +81,7 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "request_timeout": "http_request_error",
     "bad_request": "http_request_error",
     "protocol_abuse": "http_protocol_error",
+    "aws_chunked_invalid": "http_request_error",
     "credential_unavailable": "proxy_internal_error",
     "log_unavailable": "proxy_internal_error",
     "internal_error": "proxy_internal_error",
@@ -111,7 +113,8 @@ RPC_ERROR_CODES: dict[str, tuple[int, dict[str, int]]] = {  # protocol -> (any o
 # gRPC client sees why: https://grpc.github.io/grpc/core/md_doc_statuscodes.html. Any other reason: UNKNOWN.
 GRPC_UNKNOWN = 2
 GRPC_STATUS: dict[str, int] = {
-    **dict.fromkeys(("bad_request", "request_override", "credential_parameter", "method_not_allowed"), 3),
+    **dict.fromkeys(("bad_request", "aws_chunked_invalid", "request_override", "credential_parameter",
+                     "method_not_allowed"), 3),
     "approval_timeout": 4,  # DEADLINE_EXCEEDED: held for an approval that did not come in time
     **dict.fromkeys(("upstream_timeout", "request_timeout", "deadline_exceeded"), 4),
     **dict.fromkeys(("not_found", "unknown_session"), 5),  # NOT_FOUND
