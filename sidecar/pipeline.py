@@ -371,17 +371,12 @@ class Outbound:
         def opening() -> Awaitable[UpstreamResponse]:
             return open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
 
-        upstream = await (opening() if deadline is None else _by(deadline, opening))
+        upstream = await _by(deadline, opening)
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        expiry = None if deadline is None else _cut_at(deadline, ex)
-        try:
-            answer = await relay_exchange(request, ex, upstream, self.rt.metrics,
-                                          self._response_filter(ex, upstream, task))
-        finally:
-            if expiry is not None:
-                expiry.cancel()
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, self.rt.metrics,
+                                                             self._response_filter(ex, upstream, task)))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
@@ -428,8 +423,11 @@ class Inbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         raw_path, _, query = request.target.partition("?")
         ex.path = canonical_path(raw_path)
+        deadline = None  # a gRPC caller's own (grpc-timeout), as outbound
         if is_grpc(request):  # a gRPC caller of the agent: its service and method, its status
             note_call(ex, ex.path)
+            timeout = call_timeout(request.headers)
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         echo_method(request.method, False)
         caller = await self._caller(request, ex, peer)
         rt.revocations.check_agent(rt.agent.id)
@@ -457,8 +455,14 @@ class Inbound:
         pool = rt.sessions.agent()
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
-        upstream = await open_upstream(pool, request.method, target, headers, data)
-        answer = await relay_exchange(request, ex, upstream, rt.metrics, None)
+
+        def opening() -> Awaitable[UpstreamResponse]:
+            return open_upstream(pool, request.method, target, headers, data)
+
+        if deadline is not None:
+            headers[TIMEOUT] = format_timeout(_remaining(deadline))
+        upstream = await _by(deadline, opening)
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, rt.metrics, None))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
@@ -495,8 +499,11 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-async def _by(deadline: float, opening: Callable[[], Awaitable[UpstreamResponse]]) -> UpstreamResponse:
-    """The upstream's response head before the call's deadline (and its own timeouts), else ``deadline_exceeded``."""
+async def _by(deadline: float | None, opening: Callable[[], Awaitable[UpstreamResponse]]) -> UpstreamResponse:
+    """The upstream's response head: before a gRPC call's deadline (and the upstream's own timeouts), else
+    ``deadline_exceeded``; without a deadline, as the upstream's timeouts allow."""
+    if deadline is None:
+        return await opening()
     _remaining(deadline)
     try:
         async with asyncio.timeout_at(deadline):
@@ -505,8 +512,10 @@ async def _by(deadline: float, opening: Callable[[], Awaitable[UpstreamResponse]
         raise EXPIRED from None
 
 
-def _cut_at(deadline: float, ex: Exchange) -> asyncio.TimerHandle:
-    """A response still streaming at the call's deadline is cut then, as a revocation cuts one."""
+async def _relayed(deadline: float | None, ex: Exchange, relaying: Awaitable[Answer]) -> Answer:
+    """The relay; a response still streaming at a gRPC call's deadline is cut then, as a revocation cuts one."""
+    if deadline is None:
+        return await relaying
     current = asyncio.current_task()
     assert current is not None
 
@@ -514,7 +523,11 @@ def _cut_at(deadline: float, ex: Exchange) -> asyncio.TimerHandle:
         ex.outcome, ex.reason_detail = "cut", "grpc: the call's grpc-timeout ran out mid-response"
         current.cancel()
 
-    return asyncio.get_running_loop().call_at(deadline, expire)
+    expiry = asyncio.get_running_loop().call_at(deadline, expire)
+    try:
+        return await relaying
+    finally:
+        expiry.cancel()
 
 
 def _inbound_host(request: IncomingRequest) -> str:

@@ -108,3 +108,20 @@ async def test_a_grpc_caller_with_its_svid_reaches_a_grpc_agent_over_h2c(make_si
     events = await h.settle()
     assert [(e["protocol"], e["target"]["grpc_method"], e["decision"], e["grpc_status"]) for e in events] == [
         ("grpc", "SayHello", "allow", 0), ("grpc", "Admin", "deny", 7)]
+
+
+async def test_a_grpc_callers_deadline_reaches_the_agent_as_what_is_left(make_sidecar, greeter: Greeter, tmp_path):
+    """The caller's grpc-timeout (grpclib: timeout=20) is honoured inbound as outbound: the agent is told
+    the remaining budget, never more."""
+    config = inbound_config(tmp_path, SimpleNamespace(url=f"http://127.0.0.1:{greeter.port}"))
+    config["inbound"]["http2"] = True
+    h = await make_sidecar(config, {"version": 1, "default": "deny", "rules": [
+        {"id": "all", "direction": "inbound", "callers": [CALLER], "effect": "allow"}]})
+    ctx = client_context(h, CALLER, tmp_path / "caller")
+    ctx.set_alpn_protocols(["h2"])
+    channel = Channel("127.0.0.1", h.port("inbound"), ssl=ctx, codec=RawBytes())
+    try:
+        remaining = UnaryUnaryMethod(channel, f"/{SERVICE}/Remaining", bytes, bytes)  # type: ignore[var-annotated]
+        assert 0 < float(await remaining(b"", timeout=20)) <= 20
+    finally:
+        channel.close()
