@@ -216,7 +216,8 @@ def _inbound(f: Fields) -> InboundConfig:
     cfg = InboundConfig(listen, forward_to, trust_domains, required, tuple(issuers),
                         f.text("task_trigger_header", "X-Task-Trigger"),
                         _limits(f.sub("limits"), per_source=INBOUND_PER_SOURCE),
-                        _timeouts(f.sub("timeouts")), _pass_headers(f))
+                        _timeouts(f.sub("timeouts")), _pass_headers(f),
+                        _http2(f, "http", urlsplit(forward_to).scheme))  # the leg to the agent, as an upstream's
     f.done()
     return cfg
 

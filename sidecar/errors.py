@@ -67,6 +67,8 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "internal_error": 500,
     "overloaded": 503,
+    "protocol_abuse": 429,
+    "deadline_exceeded": 504,
 }
 
 # RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
@@ -78,6 +80,7 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "body_too_large": "http_request_error",
     "request_timeout": "http_request_error",
     "bad_request": "http_request_error",
+    "protocol_abuse": "http_protocol_error",
     "aws_chunked_invalid": "http_request_error",
     "credential_unavailable": "proxy_internal_error",
     "log_unavailable": "proxy_internal_error",
@@ -113,12 +116,13 @@ GRPC_STATUS: dict[str, int] = {
     **dict.fromkeys(("bad_request", "aws_chunked_invalid", "request_override", "credential_parameter",
                      "method_not_allowed"), 3),
     "approval_timeout": 4,  # DEADLINE_EXCEEDED: held for an approval that did not come in time
-    **dict.fromkeys(("upstream_timeout", "request_timeout"), 4),
+    **dict.fromkeys(("upstream_timeout", "request_timeout", "deadline_exceeded"), 4),
     **dict.fromkeys(("not_found", "unknown_session"), 5),  # NOT_FOUND
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error", "approval_denied", "unknown_upstream",
                      "browser_origin", "host_mismatch", "tls_required", "foreign_trust_domain", "unknown_task",
                      "task_ended", "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
-    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large"), 8),  # RESOURCE_EXHAUSTED
+    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large", "protocol_abuse"),
+                    8),  # RESOURCE_EXHAUSTED
     **dict.fromkeys(("upstream_protocol_error", "internal_error"), 13),  # INTERNAL
     **dict.fromkeys(("upstream_unreachable", "credential_unavailable", "log_unavailable"), 14),  # UNAVAILABLE
     **dict.fromkeys(("no_client_cert", "peer_unverified", "token_invalid", "unauthorized"), 16),  # UNAUTHENTICATED

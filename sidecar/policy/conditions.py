@@ -300,6 +300,28 @@ def _llm(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     return lambda facts, now: facts.llm is not None and match(facts.llm.model)
 
 
+def _grpc(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
+    """``grpc.services`` and ``grpc.methods``: globs over a call's service (``package.Service``) and
+    method (``protocol: grpc`` upstreams, from ``:path``); a rule listing both needs both to match."""
+    if not f.has(row.name):
+        return None
+    sub = f.sub(row.name)
+    service_patterns, method_patterns = patterns(sub, "services"), patterns(sub, "methods")
+    sub.done()
+    if not service_patterns and not method_patterns:
+        sub.error("", "must list services, methods or both")
+        return None
+    _check_protocol(f, row.name, head, "grpc")
+    services = compile_globs(service_patterns) if service_patterns else None
+    methods = compile_globs(method_patterns) if method_patterns else None
+
+    def check(facts: Facts, now: datetime) -> bool:
+        return facts.grpc_method is not None and (services is None or services(facts.grpc_service)) and (
+            methods is None or methods(facts.grpc_method))
+
+    return check
+
+
 def _a2a_methods(f: Fields) -> frozenset[str] | None:
     names = f.text_list("methods")
     for i, name in enumerate(names):
@@ -378,6 +400,7 @@ CONDITIONS: tuple[ConditionType, ...] = (
     ConditionType("mcp", "mcp_method", _mcp),  # and mcp_tool for tools/call
     ConditionType("a2a", "a2a", _a2a),  # its method and push URL
     ConditionType("llm", "llm", _llm),  # the model
+    ConditionType("grpc", "grpc_method", _grpc),  # and grpc_service
     ConditionType("when.delegation", "delegation", _delegation),
     ConditionType("when.hours", "now", _hours),
     ConditionType("when.expr", "now", _expr),  # and the Facts fields the expression selects
