@@ -23,11 +23,13 @@ from sidecar.observe.decision_log import CLOCK
 
 if TYPE_CHECKING:
     from sidecar.policy.a2a import A2aCall
+    from sidecar.policy.facts import McpDetail
     from sidecar.policy.llm import LlmCall
     from sidecar.policy.model import Budget
     from sidecar.policy.mcp import RpcRef
 
-EVENT_VERSION = 3  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields
+EVENT_VERSION = 4  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields;
+# 4: target.mcp_resource, mcp_prompt, mcp_server_request, mcp_arguments
 
 
 def new_id() -> str:
@@ -96,13 +98,15 @@ class Exchange:
     upstream_status: int | None = None
     trace_id: str | None = None
     facts: Any = None  # the policy facts, kept for response filtering; not part of the event
-    mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers; not part of the event
+    mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers
+    mcp_detail: McpDetail | None = None  # the resource, prompt, arguments or server request policy saw
     rpc: RpcRef | None = None  # the MCP or A2A message's id, to answer a refusal in JSON-RPC; not part of the event
     a2a: A2aCall | None = None  # the parsed A2A call: its method and task id are part of the event
     llm: LlmCall | None = None  # the parsed LLM API call: its model is part of the event
     tokens_in: int | None = None  # the usage the LLM API reported
     tokens_out: int | None = None
     budget: tuple[Hashable, Budget] | None = None  # the key and budget its usage is charged to; not in the event
+    server_request: bool = False  # the MCP server's request to the agent: refused, nothing is sent to the agent
     kept: bool = False  # let in with room in the log: its event is never dropped (logging.on_backpressure)
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
@@ -165,7 +169,7 @@ class Exchange:
             return None
         facts = self.facts
         return {"upstream": self.upstream, "method": self.method, "host": self.host or (facts and facts.host) or None,
-                "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool,
+                "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool, **self._mcp(),
                 "grpc_service": self.grpc_service, "grpc_method": self.grpc_method,
                 "a2a_method": self.a2a.method if self.a2a else None,
                 "a2a_task_id": self.a2a.task_id if self.a2a else None,
@@ -173,6 +177,14 @@ class Exchange:
                 "tokens_out": self.tokens_out, "override": self.override, "copy_source": self.copy_source,
                 "scheme": facts.scheme if facts else None, "query": facts.query if facts else None,
                 "size": facts.size if facts else None}
+
+    def _mcp(self) -> dict[str, Any]:
+        """What an MCP request named besides its method and tool (the arguments are masked when logged)."""
+        d = self.mcp_detail
+        if d is None:
+            return _NO_MCP_DETAIL
+        return {"mcp_resource": d.resource, "mcp_prompt": d.prompt, "mcp_server_request": d.server_request,
+                "mcp_arguments": d.arguments}
 
     def _credential(self) -> dict[str, Any] | None:
         c = self.credential
@@ -182,6 +194,10 @@ class Exchange:
                 "scopes": list(self.credential_scopes if self.credential_scopes is not None else c.scopes),
                 "audience": c.audience, "expires_at": _rfc3339(c.expires_at), "source": self.credential_source,
                 "standing": c.standing}
+
+
+_NO_MCP_DETAIL: dict[str, Any] = {"mcp_resource": None, "mcp_prompt": None, "mcp_server_request": None,
+                                  "mcp_arguments": None}
 
 
 def _rfc3339(ts: float | None) -> str | None:

@@ -27,8 +27,8 @@ from sidecar.forward.body import is_form_type
 from sidecar.grpc import call_of
 from sidecar.http.headers import DropSet, clean_request_headers, echo_method, inbound_drop_set, request_drop_set
 from sidecar.policy.engine import Decision, PolicySet
-from sidecar.policy.facts import Agent, Facts, build_facts
-from sidecar.policy.mcp import parse_mcp_request, transport_method
+from sidecar.policy.facts import Agent, Facts, McpDetail, build_facts
+from sidecar.policy.mcp import SERVER_REQUEST_METHOD, parse_mcp_request, transport_method
 from sidecar.http.target import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
 from sidecar.policy.ratelimit import Limit, RateLimiter
 from sidecar.policy.readings import Reading, screen
@@ -62,6 +62,7 @@ class Described:
     at: datetime | None = None
     size: int | None = -1  # -1: the body's length
     reading: Reading | None = None
+    mcp_server_request: str | None = None  # a server's request to the agent (decided as mcp.method rpc.server_request)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class _Target(NamedTuple):
     mcp_tool: str | None = None
     grpc_service: str | None = None  # a call to a protocol grpc upstream: from its path
     grpc_method: str | None = None
+    mcp: McpDetail | None = None
 
 
 def _forwarded(d: Described, headers: CIMultiDict[str], drop: DropSet, query: str, passed: frozenset[str],
@@ -180,15 +182,26 @@ def _outbound(d: Described, config: Config, router: Router, headers: CIMultiDict
     echo_method(method, up.allow_trace)
     forwarded, reading = _forwarded(d, headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
                                     route.query, up.pass_headers, up.paths, up.base_path)
-    mcp = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
-        if up.protocol == "mcp" and method == "POST" else None
-    transport = transport_method(method, route.path) if up.protocol == "mcp" else None
-    mcp_method, mcp_tool = (mcp.method, mcp.tool) if mcp else (transport, None)
+    mcp_method, mcp_tool, detail = _mcp(d, config, headers, method, route.path) if up.protocol == "mcp" else \
+        (None, None, None)
     shown = dict(upstream=up.name, path=route.path, forwarded_path=route.forward_path, mcp_method=mcp_method,
                  mcp_tool=mcp_tool, override=reading.event())
+    if detail is not None:
+        shown.update(mcp_resource=detail.resource, mcp_prompt=detail.prompt, mcp_server_request=detail.server_request)
     service, rpc = call_of(route.path) if up.protocol == "grpc" else (None, None)
     return _Target(up.scheme, up.host, route.path, route.query, up.name, forwarded, reading, shown, mcp_method,
-                   mcp_tool, service, rpc)
+                   mcp_tool, service, rpc, detail)
+
+
+def _mcp(d: Described, config: Config, headers: CIMultiDict[str], method: str,
+         path: str) -> tuple[str | None, str | None, McpDetail | None]:
+    """What policy sees of an MCP request: a server's request to the agent, the body's call, or the transport's."""
+    if d.mcp_server_request is not None:
+        return SERVER_REQUEST_METHOD, None, McpDetail(server_request=d.mcp_server_request)
+    if method != "POST":
+        return transport_method(method, path), None, None
+    call = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes)
+    return call.method, call.tool, McpDetail.of(call.resource, call.prompt, call.arguments, call.size)
 
 
 def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict[str, Any], Reading]:
@@ -204,7 +217,7 @@ def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict
         agent=agent, caller_id=d.caller if inbound else None, principal=d.principal,
         delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
         task_trigger=d.task_trigger, mcp_method=t.mcp_method, mcp_tool=t.mcp_tool, grpc_service=t.grpc_service,
-        grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc))
+        grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc), mcp=t.mcp)
     return facts, t.shown, t.reading
 
 

@@ -45,12 +45,13 @@ from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_na
 from sidecar.identity.inbound import Caller, InboundIdentity, agent_headers
 from sidecar.identity.x509 import PeerIdentity
 from sidecar.llm_usage import TokenBudgets, api_refusal, usage_observer
-from sidecar.mcp_filter import tools_list_filter
+from sidecar.mcp_filter import answer_filter
+from sidecar.mcp_server import ServerRequests
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
 from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
-from sidecar.policy.facts import Facts, build_facts
+from sidecar.policy.facts import Facts, McpDetail, build_facts
 from sidecar.policy.llm import endpoint_of, parse_llm_request
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
 from sidecar.policy.readings import screen
@@ -164,6 +165,7 @@ class Outbound:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.mcp_sessions = McpSessions()
+        self.server_requests = ServerRequests(rt)
         self.a2a_tasks = A2aTasks()
         self.budgets = TokenBudgets()  # outside the compiled policy: a reload keeps what was spent
 
@@ -217,7 +219,7 @@ class Outbound:
                 await body.read()
             out.body = body.whole
             provider.apply(out, credential)
-        return await self._send(request, ex, route, out, body, task)
+        return await self._send(request, ex, route, out, body, task, decision)
 
     def _task(self, request: IncomingRequest, ex: Exchange) -> Task | None:
         values = request.headers.getall(TASK_HEADER, ())
@@ -303,6 +305,7 @@ class Outbound:
         call = parse_mcp_request(await body.read(), request.headers.get("Content-Type"), limits.max_body_bytes)
         check_routing_headers(call, request.headers.getall("Mcp-Method", ()), request.headers.getall("Mcp-Name", ()))
         ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.rpc = call.method, call.tool, call.arguments, call.rpc
+        ex.mcp_detail = McpDetail.of(call.resource, call.prompt, call.arguments, call.size)
 
     def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody,
                forwarded: CIMultiDict[str]) -> Facts:
@@ -314,7 +317,7 @@ class Outbound:
                            delegation=ex.delegation,
                            task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
                            mcp_tool=ex.mcp_tool, grpc_service=ex.grpc_service, grpc_method=ex.grpc_method,
-                           a2a=ex.a2a, llm=ex.llm)
+                           a2a=ex.a2a, llm=ex.llm, mcp=ex.mcp_detail)
 
     async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
                           task: Task | None) -> Credential | None:
@@ -347,7 +350,7 @@ class Outbound:
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,
-                    body: RequestBody, task: Task | None) -> Answer:
+                    body: RequestBody, task: Task | None, decision: Decision) -> Answer:
         up = route.upstream
         data = body.to_send()  # a whole body is framed (Content-Length) where the head is written
         if is_websocket(request):
@@ -365,7 +368,8 @@ class Outbound:
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        answer = await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream, task))
+        transform = self._response_filter(ex, upstream, task, (route, out, decision))
+        answer = await relay_exchange(request, ex, upstream, self.rt.metrics, transform)
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
@@ -379,17 +383,25 @@ class Outbound:
             key, budget = ex.budget
             self.budgets.charge(key, budget, tokens_in + tokens_out - charged)
 
-    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None) -> ChunkFilter | None:
-        """``tools/list`` answers keep only the tools policy lets the agent call (every page); A2A answers
-        to a message bind the task ids they name to this agent and task."""
+    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None,
+                         sent: tuple[Route, OutboundRequest, Decision]) -> ChunkFilter | None:
+        """LLM answers report usage for the budget; A2A answers to a message bind the task ids they name to this
+        agent and task; MCP answers keep only the tools, resources and prompts policy lets the agent use (every
+        page), and the server's requests to the agent are decided (``sidecar.mcp_server``)."""
         if ex.llm is not None and upstream.status == 200:
             return usage_observer(_media_type(upstream), lambda tokens_in, tokens_out: self._used(ex, tokens_in,
                                                                                                   tokens_out))
         if ex.a2a is not None and ex.a2a.method in MESSAGE_METHODS and upstream.status == 200:
             return self.a2a_tasks.observer(ex.upstream or "", self._a2a_owner(task), _media_type(upstream))
-        if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
+        if ex.protocol != "mcp" or ex.facts is None or upstream.status != 200:
             return None
-        return tools_list_filter(self.rt.policy, ex.facts, upstream.headers)
+        route, out, decision = sent
+
+        def credential(sub: Exchange) -> Awaitable[Credential | None]:
+            return self._credential(sub, decision, route.upstream.credential, task)
+
+        gate = self.server_requests.gate(ex, out, self.rt.sessions.get(route.upstream.name), credential)
+        return answer_filter(self.rt.policy, ex.facts, ex.mcp_method, upstream.headers, gate)
 
 
 class Inbound:

@@ -12,7 +12,8 @@ are not charged). A case file::
 
 ``request`` keys: ``direction`` (outbound), ``method`` (GET), ``url`` or ``upstream`` + ``path``,
 ``headers`` (mapping), ``body``, ``caller``, ``agent``, ``principal`` (``{iss, sub}``),
-``delegation``, ``task`` (``{id, trigger}``), ``mcp`` (``{method, tool}``: a JSON-RPC POST body),
+``delegation``, ``task`` (``{id, trigger}``), ``mcp`` (``{method, tool, resource, prompt, arguments}``: a
+JSON-RPC POST body; or ``{server_request}``: the server asking the agent, ``mcp.method`` ``rpc.server_request``),
 ``at`` (RFC 3339). ``expect``: ``decision`` (allow / deny / require_approval), optional ``rule``
 and ``reason``. Exit 0 when every case passes, 1 when one fails or an input is unusable.
 """
@@ -20,7 +21,6 @@ and ``reason``. Exit 0 when every case passes, 1 when one fails or an input is u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -37,6 +37,7 @@ from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.explain import Described, Verdict, candidate_policy, decide, router_for
 from sidecar.fields import Fields
 from sidecar.policy.engine import PolicySet
+from sidecar.policy.mcp import described_body
 
 EFFECTS = ("allow", "deny", "require_approval")
 DIRECTIONS = ("outbound", "inbound")
@@ -115,7 +116,8 @@ def _request(f: Fields) -> Described | None:
     headers = tuple((str(k), str(v)) for k, v in f.mapping("headers").items())
     body = f.text("body", "").encode()
     mcp = f.sub("mcp")
-    if f.has("mcp"):
+    server_request = mcp.text("server_request")
+    if f.has("mcp") and server_request is None:
         body, method = _mcp_body(mcp), "POST"
         headers = (*headers, ("Content-Type", "application/json"))
     mcp.done()
@@ -131,7 +133,7 @@ def _request(f: Fields) -> Described | None:
         return None
     return Described(url=url, direction=direction, method=method, headers=headers, body=body, agent_id=agent,
                      caller=caller, principal=principal, delegation=delegation, task_id=task_id, task_trigger=trigger,
-                     at=at)
+                     at=at, mcp_server_request=server_request)
 
 
 def _url(f: Fields, direction: str) -> str | None:
@@ -149,11 +151,8 @@ def _url(f: Fields, direction: str) -> str | None:
 
 def _mcp_body(f: Fields) -> bytes:
     method = f.text("method", "tools/call")
-    tool = f.text("tool")
-    message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
-    if tool is not None:
-        message["params"] = {"name": tool, "arguments": {}}
-    return json.dumps(message).encode()
+    arguments = f.mapping("arguments") if f.has("arguments") else None
+    return described_body(method, f.text("tool"), f.text("resource"), f.text("prompt"), dict(arguments or {}))
 
 
 def _principal(f: Fields) -> tuple[str, str] | None:

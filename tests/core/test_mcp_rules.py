@@ -1,0 +1,198 @@
+"""Finer MCP rules through the pipeline: resources, prompts, tool arguments in CEL, the server's requests (issue 13
+item 3), against the scripted MCP server (``tools``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.core.test_mcp import JSON_IN, call, exchange, mcp_config, open_session
+from tests.harness import assert_valid
+
+RULES = {"version": 1, "default": "deny", "rules": [
+    {"id": "no-internal-docs", "direction": "outbound", "upstream": "tools",
+     "mcp": {"resources": ["docs://internal/**"]}, "effect": "deny"},
+    {"id": "docs", "direction": "outbound", "upstream": "tools",
+     "mcp": {"resources": ["docs://**"], "prompts": ["summarize"]}, "effect": "allow"},
+    {"id": "search-us-only", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search_tickets"]},
+     "when": {"expr": 'mcp.method != "tools/call" || mcp.arguments.region == "US"'}, "effect": "allow"},
+]}
+
+
+@pytest.fixture
+async def h(make_sidecar, tools):
+    return await make_sidecar(mcp_config(tools), RULES)
+
+
+async def rpc(h, body: bytes) -> tuple[int, dict]:
+    status, payload, _ = await exchange(h, "POST", body, {"Content-Type": "application/json"})
+    return status, json.loads(payload)
+
+
+@pytest.mark.parametrize("body, rule, target", [
+    # a resource under an allowed glob
+    (call("resources/read", uri="docs://readme"), "docs", {"mcp_resource": "docs://readme"}),
+    # subscribing is matched like reading
+    (call("resources/subscribe", uri="docs://readme"), "docs", {"mcp_resource": "docs://readme"}),
+    # a prompt the rule names
+    (call("prompts/get", name="summarize"), "docs", {"mcp_prompt": "summarize"}),
+    # a tool whose arguments the condition accepts
+    (call("tools/call", name="search_tickets", arguments={"region": "US", "q": "refund"}), "search-us-only",
+     {"mcp_tool": "search_tickets", "mcp_arguments": {"region": "US", "q": "refund"}}),
+])
+async def test_allowed_by_resource_prompt_or_arguments(h, tools, body, rule, target):
+    """resources/read and subscribe by URI glob, prompts/get by name, tools/call by its arguments: forwarded,
+    and the event names what was matched (issue 13 item 3)."""
+    status, answer = await rpc(h, body)
+    assert status == 200 and "result" in answer
+    event = (await h.settle())[-1]
+    assert_valid([event])
+    assert (event["decision"], event["rule_id"]) == ("allow", rule)
+    assert {key: event["target"][key] for key in target} == target
+    assert len(tools.seen) == 1
+
+
+@pytest.mark.parametrize("body, reason, rule", [
+    # a deny glob wins over the allowing one
+    (call("resources/read", uri="docs://internal/plan"), "rule_denied", "no-internal-docs"),
+    # a URI no glob names
+    (call("resources/read", uri="file:///etc/passwd"), "no_matching_rule", "default"),
+    # a prompt no rule names
+    (call("prompts/get", name="leak_secrets"), "no_matching_rule", "default"),
+    # the right tool, the wrong region
+    (call("tools/call", name="search_tickets", arguments={"region": "EU"}), "no_matching_rule", "default"),
+    # the argument missing: the condition cannot be evaluated, and that refuses
+    (call("tools/call", name="search_tickets", arguments={}), "condition_error", "search-us-only"),
+])
+async def test_refused_reads_prompts_and_arguments_are_jsonrpc_errors(h, tools, body, reason, rule):
+    """A refused read, prompt or call is a JSON-RPC error naming reason, rule and decision id; nothing is forwarded
+    (issue 13 item 3)."""
+    status, answer = await rpc(h, body)
+    event = (await h.settle())[-1]
+    assert status == 200 and answer["error"]["data"] == {"reason": reason, "rule_id": rule,
+                                                         "decision_id": event["decision_id"]}
+    assert (event["decision"], event["reason"], event["status"]) == ("deny", reason, 200)
+    assert tools.seen == []
+
+
+@pytest.mark.parametrize("uri", [
+    "docs://readme/../internal/plan",  # a dot segment the server would resolve past the deny glob
+    "docs://readme/%2e%2e/internal/plan",  # the same, percent-encoded
+    "docs://internal%2Fplan",  # an encoded slash: one segment to the glob, two to the server
+    "DOCS://internal/plan",  # a scheme the server compares case-insensitively
+    "docs://Internal/plan",  # an authority likewise
+    "docs://internal/plan\\x",  # a backslash
+    "docs:// readme",  # whitespace
+])
+async def test_resource_uris_two_readers_could_differ_on_are_refused(h, tools, uri):
+    """A URI the server could read as another resource than the glob matched is bad_request (issue 13 item 3)."""
+    status, answer = await rpc(h, call("resources/read", uri=uri))
+    assert status == 200 and answer["error"]["data"]["reason"] == "bad_request"
+    assert tools.seen == []
+
+
+@pytest.mark.parametrize("method, key, kept", [
+    ("resources/list", "resources", ["docs://readme"]),
+    ("prompts/list", "prompts", ["summarize"]),
+])
+async def test_resource_and_prompt_lists_are_filtered(h, method, key, kept):
+    """resources/list and prompts/list pass with a rule naming resources or prompts, and show only what the agent
+    may read or get (issue 13 item 3)."""
+    status, answer = await rpc(h, call(method))
+    name = "uri" if key == "resources" else "name"
+    assert status == 200 and [entry[name] for entry in answer["result"][key]] == kept
+
+
+ASKING = {"version": 1, "default": "deny", "rules": [
+    {"id": "search", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search_tickets", "ask_model"]},
+     "effect": "allow"},
+]}
+SAMPLING_ALLOWED = {"version": 1, "default": "deny", "rules": [
+    {"id": "no-roots", "direction": "outbound", "upstream": "tools", "mcp": {"server_requests": ["roots/list"]},
+     "effect": "deny"},
+    {"id": "sampling", "direction": "outbound", "upstream": "tools",
+     "mcp": {"tools": ["search_tickets"], "server_requests": ["sampling/createMessage"]}, "effect": "allow"},
+]}
+
+
+def sse_messages(stream: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in stream.decode().split("\n") if line.startswith("data: ")]
+
+
+async def test_a_servers_sampling_request_is_refused_by_default_and_answered_to_the_server(make_sidecar, tools):
+    """On the GET stream, sampling/createMessage is taken out and answered to the server as a JSON-RPC error in
+    the same session; roots/list passes under any mcp rule; each gets an event (issue 13 item 3)."""
+    h = await make_sidecar(mcp_config(tools), ASKING)
+    sid = await open_session(h)
+    status, stream, _ = await exchange(h, "GET", headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid,
+                                                          "MCP-Protocol-Version": "2025-06-18"}, path="/tools?ask=1")
+    assert status == 200
+    assert [m.get("method") for m in sse_messages(stream)] == ["roots/list", "notifications/tools/list_changed"]
+    assert b"id: 1\n" in stream  # the refused event's id stays: a resumed stream starts after it
+    events = await h.settle()
+    refused = next(e for e in events if e["target"]["mcp_server_request"] == "sampling/createMessage")
+    assert (refused["decision"], refused["reason"], refused["rule_id"], refused["status"]) == \
+        ("deny", "no_matching_rule", "default", None)
+    assert refused["target"]["mcp_method"] == "rpc.server_request" and refused["upstream_status"] == 202
+    assert [a["id"] for a in tools.answers] == ["s-1"]
+    error = tools.answers[0]["error"]
+    assert error["data"] == {"reason": "no_matching_rule", "rule_id": "default",
+                             "decision_id": refused["decision_id"]}
+    assert "sampling/createMessage" in error["message"] and tools.answers[0]["session"] == sid
+    roots = next(e for e in events if e["target"]["mcp_server_request"] == "roots/list")
+    assert (roots["decision"], roots["rule_id"]) == ("allow", "search")
+    assert_valid(events)
+
+
+async def test_a_rule_allows_sampling_and_denies_roots(make_sidecar, tools):
+    """mcp.server_requests lists what the server may ask: sampling passes, a deny rule refuses roots/list
+    (issue 13 item 3)."""
+    h = await make_sidecar(mcp_config(tools), SAMPLING_ALLOWED)
+    sid = await open_session(h)
+    _, stream, _ = await exchange(h, "GET", headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid},
+                                  path="/tools?ask=1")
+    assert [m.get("method") for m in sse_messages(stream)] == ["sampling/createMessage",
+                                                               "notifications/tools/list_changed"]
+    await h.settle()
+    assert [(a["id"], a["error"]["data"]["rule_id"]) for a in tools.answers] == [("r-1", "no-roots")]
+
+
+async def test_a_sampling_request_inside_a_tool_calls_answer_is_refused(make_sidecar, tools):
+    """A server request in a POST's SSE answer is decided like one on the GET stream: the agent gets only the
+    call's result (issue 13 item 3)."""
+    h = await make_sidecar(mcp_config(tools), ASKING)
+    status, stream, _ = await exchange(h, "POST", call("tools/call", name="ask_model"),
+                                       {"Content-Type": "application/json", "Accept": "text/event-stream"})
+    assert status == 200 and [m["id"] for m in sse_messages(stream)] == [1]
+    await h.settle()
+    assert [a["id"] for a in tools.answers] == ["s-2"]
+
+
+@pytest.mark.parametrize("answer", [
+    # a server request in place of the JSON answer to a call
+    b'{"jsonrpc":"2.0","id":"s-9","method":"sampling/createMessage","params":{}}',
+    # a case variant Go clients would read as the method
+    b'{"jsonrpc":"2.0","id":1,"result":{},"Method":"sampling/createMessage"}',
+])
+async def test_a_json_answer_cannot_smuggle_a_server_request(make_sidecar, answer):
+    """The JSON answer to a POST is read too: a server request in it is refused or the answer broken off, never
+    handed to the agent (issue 13 item 3)."""
+    from aiohttp import web
+
+    from tests.harness import Upstream
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    server = await Upstream(handler).start()
+    try:
+        h = await make_sidecar(mcp_config(server), ASKING)
+        try:
+            status, body, _ = await exchange(h, "POST", call("tools/call", name="search_tickets"), JSON_IN)
+        except Exception:  # the relay broke the answer off
+            status, body = None, b""
+        assert b"sampling" not in body and b"Method" not in body
+        await h.settle()
+    finally:
+        await server.stop()
