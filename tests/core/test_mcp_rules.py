@@ -3,11 +3,22 @@ item 3), against the scripted MCP server (``tools``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from tests.core.test_mcp import JSON_IN, call, exchange, mcp_config, open_session
+from tests.core.test_mcp import (  # noqa: F401 (sdk_servers is a fixture)
+    JSON_IN,
+    SDK_PEERS,
+    call,
+    exchange,
+    mcp_config,
+    need_sdk,
+    open_session,
+    sdk_config,
+    sdk_servers,
+)
 from tests.harness import assert_valid
 
 RULES = {"version": 1, "default": "deny", "rules": [
@@ -196,3 +207,61 @@ async def test_a_json_answer_cannot_smuggle_a_server_request(make_sidecar, answe
         await h.settle()
     finally:
         await server.stop()
+
+
+# --- the official MCP SDKs, client and server (issue 13 items 3, 7) ---------------------------------
+
+SDK_RULES = [
+    {"id": "no-internal-docs", "direction": "outbound", "upstream": "tools",
+     "mcp": {"resources": ["docs://internal/**"]}, "effect": "deny"},
+    {"id": "docs", "direction": "outbound", "upstream": "tools",
+     "mcp": {"resources": ["docs://**"], "prompts": ["summarize"], "tools": ["ask_model"]}, "effect": "allow"},
+    {"id": "lookup-us-only", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["lookup"]},
+     "when": {"expr": 'mcp.method != "tools/call" || mcp.arguments.region == "US"'}, "effect": "allow"},
+]
+SDK_SAMPLING = {"id": "sampling", "direction": "outbound", "upstream": "tools",
+                "mcp": {"server_requests": ["sampling/createMessage"]}, "effect": "allow"}
+
+
+async def rules_agent(python: str, url: str) -> dict:
+    """The SDK client of rules_client.py, run to its end; what the agent saw."""
+    proc = await asyncio.create_subprocess_exec(python, str(SDK_PEERS / "rules_client.py"), url,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # timed out: never leave the client running
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("major", [1, 2])
+@pytest.mark.parametrize("sampling", [False, True])
+async def test_an_sdk_agent_sees_only_allowed_resources_prompts_and_arguments(make_sidecar, sdk_servers, major,
+                                                                              sampling):
+    """With SDK 1.x and 2.x: filtered resource and prompt lists, a refused read, prompt and call naming rule and
+    reason, and the server's sampling refused by default (the agent's callback never runs) or allowed by rule
+    (issue 13 items 3, 7)."""
+    rules = [*SDK_RULES, SDK_SAMPLING] if sampling else SDK_RULES
+    h = await make_sidecar(sdk_config(sdk_servers(major)), {"version": 1, "default": "deny", "rules": rules})
+    seen = await rules_agent(need_sdk(major), f"{h.outbound}/tools")
+    events = await h.settle()
+    assert seen["major"] == major
+    assert (seen["resources"], seen["readme"]) == (["docs://readme"], "read me first")
+    assert "policy: denied by rule no-internal-docs (reason: rule_denied)" in seen["plan"]
+    assert (seen["prompts"], seen["summarize"]) == (["summarize"], "Summarize: x")
+    assert "(reason: no_matching_rule)" in seen["leak"]
+    assert seen["us"] == "accounts in US" and "(reason: no_matching_rule)" in seen["eu"]
+    asked = [e for e in events if e["target"]["mcp_server_request"] == "sampling/createMessage"]
+    if sampling:
+        assert (seen["ask"], seen["sampled"]) == ("sampled: forty-two", ["meaning of life?"])
+        assert [(e["decision"], e["rule_id"]) for e in asked] == [("allow", "sampling")]
+    else:
+        assert seen["ask"].startswith("sampling refused: ") and "(reason: no_matching_rule)" in seen["ask"]
+        assert seen["sampled"] == []
+        assert [(e["decision"], e["reason"], e["upstream_status"]) for e in asked] == \
+            [("deny", "no_matching_rule", 202)]
+    assert_valid(events)
