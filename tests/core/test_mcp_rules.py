@@ -265,3 +265,75 @@ async def test_an_sdk_agent_sees_only_allowed_resources_prompts_and_arguments(ma
         assert [(e["decision"], e["reason"], e["upstream_status"]) for e in asked] == \
             [("deny", "no_matching_rule", 202)]
     assert_valid(events)
+
+
+# --- replay and sidecar test understand the new facts (issue 13 item 3) --------------------------------
+
+async def test_replay_decides_resources_arguments_and_server_requests_again(make_sidecar, tools, tmp_path, capsys):
+    """The events of reads, calls with arguments and a refused sampling carry what replay needs: the same policy
+    changes nothing; one that allows sampling and refuses the readme says exactly that (issue 13 item 3)."""
+    from sidecar.cli import main
+
+    h = await make_sidecar(mcp_config(tools), RULES)
+    sid = await open_session(h)
+    for body in (call("resources/read", uri="docs://readme"), call("resources/read", uri="docs://internal/plan"),
+                 call("prompts/get", name="summarize"),
+                 call("tools/call", name="search_tickets", arguments={"region": "US"}),
+                 call("tools/call", name="search_tickets", arguments={"region": "EU"})):
+        await rpc(h, body)
+    await exchange(h, "GET", headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid}, path="/tools?ask=1")
+    events = await h.settle()
+    assert any(e["target"]["mcp_server_request"] == "sampling/createMessage" for e in events)
+    log, config = tmp_path / "run.log", tmp_path / "replay.yaml"
+    log.write_bytes(h.raw_log())
+    config.write_text(json.dumps({**mcp_config(tools), "state_dir": str(tmp_path / "r")}))
+
+    def replay(policy: dict) -> tuple[int, str]:
+        path = tmp_path / "candidate.yaml"
+        path.write_text(json.dumps(policy))
+        code = main(["replay", "-c", str(config), "--events", str(log), "--policy", str(path)])
+        return code, capsys.readouterr().out
+
+    code, out = replay(RULES)
+    assert code == 0 and "changes: none" in out, out
+    changed = {**RULES, "rules": [
+        {"id": "no-readme", "direction": "outbound", "upstream": "tools", "mcp": {"resources": ["docs://readme"]},
+         "effect": "deny"},
+        {"id": "sampling", "direction": "outbound", "upstream": "tools",
+         "mcp": {"server_requests": ["sampling/createMessage"]}, "effect": "allow"}, *RULES["rules"]]}
+    code, out = replay(changed)
+    assert code == 3 and "1 allow -> deny" in out and "1 deny -> allow" in out, out
+    assert "rule docs -> no-readme" in out and "rule default -> sampling" in out
+
+
+def test_policy_cases_state_resources_prompts_arguments_and_server_requests(tmp_path):
+    """``sidecar test`` cases name a resource, a prompt, a tool's arguments or a server request, decided as the
+    pipeline decides them (issue 13 item 3)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(RULES))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({"outbound": {"upstreams": {"tools": {"url": "https://tools.example/mcp",
+                                                                            "protocol": "mcp"}}},
+                                      "policy": {"files": [str(policy)]}, "state_dir": str(tmp_path / "s")}))
+    at = {"upstream": "tools", "path": "/"}
+    cases = [
+        ("readme", {"resource": "docs://readme", "method": "resources/read"}, "allow", "docs"),
+        ("internal", {"resource": "docs://internal/plan", "method": "resources/read"}, "deny", "no-internal-docs"),
+        ("prompt", {"prompt": "summarize", "method": "prompts/get"}, "allow", "docs"),
+        ("us", {"tool": "search_tickets", "arguments": {"region": "US"}}, "allow", "search-us-only"),
+        ("eu", {"tool": "search_tickets", "arguments": {"region": "EU"}}, "deny", "default"),
+        ("sampling", {"server_request": "sampling/createMessage"}, "deny", "default"),
+        ("roots", {"server_request": "roots/list"}, "allow", "docs"),
+    ]
+    path = tmp_path / "mcp.cases.yaml"
+    path.write_text(yaml.safe_dump({"cases": [
+        {"name": name, "request": {**at, "mcp": mcp}, "expect": {"decision": decision, "rule": rule}}
+        for name, mcp, decision, rule in cases]}))
+    result = subprocess.run([sys.executable, "-m", "sidecar", "test", "-c", str(config), str(policy), "--cases",
+                             str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and f"{len(cases)} passed" in result.stdout, result.stdout + result.stderr
