@@ -7,19 +7,10 @@ import asyncio
 import json
 
 import pytest
+from aiohttp import web
 
-from tests.core.test_mcp import (  # noqa: F401 (sdk_servers is a fixture)
-    JSON_IN,
-    SDK_PEERS,
-    call,
-    exchange,
-    mcp_config,
-    need_sdk,
-    open_session,
-    sdk_config,
-    sdk_servers,
-)
-from tests.harness import assert_valid
+from tests.harness import Upstream, assert_valid
+from tests.peers.mcp_tools import JSON_IN, SDK_PEERS, call, exchange, mcp_config, need_sdk, open_session, sdk_config
 
 RULES = {"version": 1, "default": "deny", "rules": [
     {"id": "no-internal-docs", "direction": "outbound", "upstream": "tools",
@@ -189,10 +180,6 @@ async def test_a_sampling_request_inside_a_tool_calls_answer_is_refused(make_sid
 async def test_a_json_answer_cannot_smuggle_a_server_request(make_sidecar, answer):
     """The JSON answer to a POST is read too: a server request in it is refused or the answer broken off, never
     handed to the agent (issue 13 item 3)."""
-    from aiohttp import web
-
-    from tests.harness import Upstream
-
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=answer, content_type="application/json")
 

@@ -7,10 +7,18 @@ back) are kept in ``tools.answers``."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.metadata
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -86,3 +94,90 @@ async def tools() -> AsyncIterator[Upstream]:
     server.answers = answers  # type: ignore[attr-defined]
     yield server
     await server.stop()
+
+
+# --- shared by the MCP tests: requests through the sidecar, the official SDKs' environments ---------------
+
+def mcp_config(tools: Upstream, **upstream: object) -> dict:
+    return {"outbound": {"upstreams": {"tools": {"url": tools.url + "/mcp", "protocol": "mcp", **upstream}}}}
+
+
+async def exchange(h, method: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                   path: str = "/tools"):
+    """One request to the MCP upstream through the sidecar: status, body and response headers."""
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, f"{h.outbound}{path}", data=body, headers=headers or {}) as r:
+            return r.status, await r.read(), r.headers
+
+
+def call(method: str, **params: object) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+
+
+INITIALIZE = call("initialize", protocolVersion="2025-06-18", capabilities={}, clientInfo={"name": "a", "version": "1"})
+JSON_IN = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+async def open_session(h, task: str | None = None) -> str:
+    """initialize through the sidecar; the session id the server issued."""
+    headers = {**JSON_IN, **({"X-Sidecar-Task": task} if task else {})}
+    status, _, response_headers = await exchange(h, "POST", INITIALIZE, headers)
+    assert status == 200
+    return response_headers["Mcp-Session-Id"]
+
+
+SDK_PEERS = Path(__file__).parent / "mcp_sdk"
+
+
+@functools.cache
+def sdk_python(major: int) -> str | None:
+    """The Python of an environment holding MCP SDK ``major``.x: 2.x is in the test extra; 1.x in the
+    second environment scripts/test builds (.venv-mcp1, or SIDECAR_MCP1_PYTHON)."""
+    if major == 2:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            if importlib.metadata.version("mcp").startswith("2."):
+                return sys.executable
+        return None
+    root = Path(__file__).parents[2]
+    candidate = os.environ.get("SIDECAR_MCP1_PYTHON", str(root / ".venv-mcp1" / "bin" / "python"))
+    try:
+        version = subprocess.run([candidate, "-c", "import importlib.metadata as m; print(m.version('mcp'))"],
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+    except OSError:
+        return None
+    return candidate if version.startswith(f"{major}.") else None
+
+
+def need_sdk(major: int) -> str:
+    python = sdk_python(major)
+    if python is None:
+        why = (f"mcp SDK {major}.x not found: scripts/test installs it "
+               f"({'the test extra' if major == 2 else '.venv-mcp1, or set SIDECAR_MCP1_PYTHON'})")
+        if os.environ.get("CI") == "true":  # CI must run what the SDKs prove, never skip it
+            pytest.fail(why)
+        pytest.skip(why)
+    return python
+
+
+@pytest.fixture(scope="module")
+def sdk_servers():
+    """SDK-built streamable-HTTP servers on 127.0.0.1, one per SDK major, started on first use: major -> port."""
+    running: dict[int, tuple[subprocess.Popen, int]] = {}
+
+    def port(major: int) -> int:
+        if major not in running:
+            proc = subprocess.Popen([need_sdk(major), str(SDK_PEERS / "server.py")], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+            line = proc.stdout.readline()  # the server prints its port once listening, or dies
+            assert line.startswith(b"PORT "), line
+            running[major] = (proc, int(line.split()[1]))
+        return running[major][1]
+
+    yield port
+    for proc, _ in running.values():
+        proc.kill()
+        proc.wait()
+
+
+def sdk_config(port: int) -> dict:
+    return {"outbound": {"upstreams": {"tools": {"url": f"http://127.0.0.1:{port}/mcp", "protocol": "mcp"}}}}

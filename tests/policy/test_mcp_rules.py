@@ -13,8 +13,17 @@ from sidecar.errors import RequestRefused
 from sidecar.policy.facts import McpDetail
 from sidecar.policy.mcp import MAX_ARGUMENTS_BYTES, SERVER_REQUEST_METHOD, RpcRefused, parse_mcp_request
 from sidecar.policy.mcp_responses import LISTINGS, MessageFilter, SseMessageFilter, filter_json, filter_sse
-from tests.policy.test_engine import load
-from tests.policy.test_engine import facts as engine_facts
+from sidecar.exchange import AgentInfo
+from sidecar.policy.engine import PolicySet, load_policy
+from sidecar.policy.facts import Facts
+
+AGENT = AgentInfo("spiffe://example.org/ns/agents/sa/tools-1", "tools-agent", "production")
+
+
+def load(tmp_path: Path, rules: list[dict]) -> PolicySet:
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps({"version": 1, "default": "deny", "rules": rules}))
+    return load_policy([path], upstreams={"tools-mcp": "mcp"}, credentials={})
 
 
 def parsed(method: str, **params: object):
@@ -83,8 +92,8 @@ RULES = [
 
 
 def mcp_facts(method: str, tool: str | None = None, **detail: object):
-    return engine_facts(method="POST", upstream="tools-mcp", host="tools.internal", path="/", mcp_method=method,
-                        mcp_tool=tool, mcp=McpDetail(**detail) if detail else None)  # type: ignore[arg-type]
+    return Facts("outbound", "POST", "https", "tools.internal", "/", "", {}, 0, "tools-mcp", AGENT, mcp_method=method,
+                 mcp_tool=tool, mcp=McpDetail(**detail) if detail else None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("facts, decision", [
