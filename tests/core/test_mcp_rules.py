@@ -291,6 +291,12 @@ async def test_replay_decides_resources_arguments_and_server_requests_again(make
     code, out = replay(changed)
     assert code == 3 and "1 allow -> deny" in out and "1 deny -> allow" in out, out
     assert "rule docs -> no-readme" in out and "rule default -> sampling" in out
+    ran, suggested = tmp_path / "ran.yaml", tmp_path / "suggested.yaml"
+    ran.write_text(json.dumps(RULES))
+    code = main(["report", "-c", str(config), "--events", str(log), "--policy", str(ran), "--format", "json",
+                 "--policy-out", str(suggested)])
+    assert code == 0, capsys.readouterr()  # the suggested policy decides every used exchange again the same way
+    assert "server_requests:" in suggested.read_text() and "roots/list" in suggested.read_text()
 
 
 def test_policy_cases_state_resources_prompts_arguments_and_server_requests(tmp_path):
