@@ -34,7 +34,7 @@ from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange, mark_cut
-from sidecar.forward.body import RequestBody
+from sidecar.forward.body import LimitedBody, RequestBody
 from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
@@ -45,6 +45,7 @@ from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_na
 from sidecar.identity.inbound import Caller, InboundIdentity, agent_headers
 from sidecar.identity.x509 import PeerIdentity
 from sidecar.llm_usage import TokenBudgets, api_refusal, usage_observer
+from sidecar.mcp_auth import OAUTH_TYPES, McpAuthorization, resource_metadata_url
 from sidecar.mcp_filter import answer_filter
 from sidecar.mcp_server import ServerRequests
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
@@ -166,6 +167,7 @@ class Outbound:
         self.rt = rt
         self.mcp_sessions = McpSessions()
         self.server_requests = ServerRequests(rt)
+        self.mcp_auth = McpAuthorization()
         self.a2a_tasks = A2aTasks()
         self.budgets = TokenBudgets()  # outside the compiled policy: a reload keeps what was spent
 
@@ -327,9 +329,11 @@ class Outbound:
             return None
         rt.check_credential_for(name, ex.upstream or "")
         provider = rt.providers[name]
+        resource = self.mcp_auth.resource(ex.upstream or "") if ex.protocol == "mcp" else None
         req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
                                 task=task.ref() if task else None,
-                                impersonation_allowed=decision.delegation == "impersonation_allowed")
+                                impersonation_allowed=decision.delegation == "impersonation_allowed",
+                                resource=resource if provider.type in OAUTH_TYPES else None)
         hit = rt.credentials.cached(provider, req)
         credential, source = hit if hit is not None else await rt.credentials.get(provider, req)
         ex.credential, ex.credential_source = credential, source  # logged even when refused below
@@ -365,6 +369,8 @@ class Outbound:
             return response
         target = f"{out.path}?{out.query}" if out.query else out.path
         upstream = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        if ex.protocol == "mcp" and upstream.status == 401 and not isinstance(data, LimitedBody):
+            upstream = await self._authorized(ex, route, out, data, upstream, (decision, task))
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
@@ -373,6 +379,29 @@ class Outbound:
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
+
+    async def _authorized(self, ex: Exchange, route: Route, out: OutboundRequest, data: bytes | None,
+                          refused: UpstreamResponse, why: tuple[Decision, Task | None]) -> UpstreamResponse:
+        """An MCP server's 401 pointing at its protected-resource metadata: a token for that resource from the
+        upstream's OAuth credential, and the request once more (``sidecar.mcp_auth``); else the 401 as it is."""
+        decision, task = why
+        up = route.upstream
+        name = decision.credential or up.credential
+        metadata = resource_metadata_url(refused.headers)
+        if metadata is None or name is None or self.rt.providers[name].type not in OAUTH_TYPES:
+            return refused
+        refused.release()
+        await self.mcp_auth.discover(up, metadata)
+        credential = await self._credential(ex, decision, up.credential, task)
+        assert credential is not None
+        self.rt.providers[credential.provider].apply(out, credential)
+        target = f"{out.path}?{out.query}" if out.query else out.path
+        again = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        if again.status == 401:
+            again.release()
+            raise RequestRefused("auth_token_refused", "mcp auth: the server refused the token obtained for its "
+                                                       "resource")
+        return again
 
     def _used(self, ex: Exchange, tokens_in: int, tokens_out: int) -> None:
         """The usage an LLM answer reported: in the event, and charged to the rule's budget. A stream may
