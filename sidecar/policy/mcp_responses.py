@@ -179,19 +179,22 @@ class SseMessageFilter:
         self._max = max_event_bytes
         self._buffer = ""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+        self._after_cr = False  # the last chunk ended in CR: an LF opening this one belongs to it
 
     def feed(self, chunk: bytes) -> bytes:
         """Filtered output for every event completed by this chunk (may be b"")."""
-        text = (self._buffer + self._decode(chunk)).replace("\r\n", "\n")
-        hold_cr = text.endswith("\r")  # may be the first half of a CRLF split across chunks
-        body, held = (text[:-1], "\r") if hold_cr else (text, "")
-        body = body.replace("\r", "\n")
+        piece = self._decode(chunk)
+        if self._after_cr and piece.startswith("\n"):
+            piece = piece[1:]
+        if piece:
+            self._after_cr = piece.endswith("\r")
+        body = (self._buffer + piece).replace("\r\n", "\n").replace("\r", "\n")
         cut = body.rfind("\n\n")
         if cut < 0:
-            self._buffer = body + held
+            self._buffer = body
             self._check_size()
             return b""
-        self._buffer = body[cut + 2:] + held
+        self._buffer = body[cut + 2:]
         self._check_size()
         done = filter_sse(body[:cut], self._messages)
         return (done + "\n\n").encode("utf-8") if done else b""

@@ -10,7 +10,8 @@ import pytest
 from aiohttp import web
 
 from tests.harness import Upstream, assert_valid
-from tests.peers.mcp_tools import JSON_IN, SDK_PEERS, call, exchange, mcp_config, need_sdk, open_session, sdk_config
+from tests.peers.mcp_tools import (JSON_IN, SDK_PEERS, answered, call, exchange, mcp_config, need_sdk, open_session,
+                                   sdk_config)
 
 RULES = {"version": 1, "default": "deny", "rules": [
     {"id": "no-internal-docs", "direction": "outbound", "upstream": "tools",
@@ -132,7 +133,7 @@ async def test_a_servers_sampling_request_is_refused_by_default_and_answered_to_
     assert status == 200
     assert [m.get("method") for m in sse_messages(stream)] == ["roots/list", "notifications/tools/list_changed"]
     assert b"id: 1\n" in stream  # the refused event's id stays: a resumed stream starts after it
-    events = await h.settle()
+    events = await answered(h, 1)
     refused = next(e for e in events if e["target"]["mcp_server_request"] == "sampling/createMessage")
     assert (refused["decision"], refused["reason"], refused["rule_id"], refused["status"]) == \
         ("deny", "no_matching_rule", "default", None)
@@ -147,6 +148,20 @@ async def test_a_servers_sampling_request_is_refused_by_default_and_answered_to_
     assert_valid(events)
 
 
+async def test_a_resumed_stream_is_filtered_like_the_first(make_sidecar, tools):
+    """A GET stream resumed with Last-Event-ID is read as the first one was: the refused sampling never reaches the
+    agent (issue 13, SSE)."""
+    h = await make_sidecar(mcp_config(tools), ASKING)
+    sid = await open_session(h)
+    status, stream, _ = await exchange(h, "GET", headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid,
+                                                          "Last-Event-ID": "0"}, path="/tools?ask=1")
+    assert status == 200 and b"sampling" not in stream
+    await answered(h, 1)
+    get = next(seen for seen in tools.seen if seen.method == "GET")
+    assert dict(get.headers)["Last-Event-ID"] == "0"  # the GET went on as the agent sent it
+    assert [a["id"] for a in tools.answers] == ["s-1"]
+
+
 async def test_a_rule_allows_sampling_and_denies_roots(make_sidecar, tools):
     """mcp.server_requests lists what the server may ask: sampling passes, a deny rule refuses roots/list
     (issue 13 item 3)."""
@@ -156,7 +171,7 @@ async def test_a_rule_allows_sampling_and_denies_roots(make_sidecar, tools):
                                   path="/tools?ask=1")
     assert [m.get("method") for m in sse_messages(stream)] == ["sampling/createMessage",
                                                                "notifications/tools/list_changed"]
-    await h.settle()
+    await answered(h, 1)
     assert [(a["id"], a["error"]["data"]["rule_id"]) for a in tools.answers] == [("r-1", "no-roots")]
 
 
@@ -167,7 +182,7 @@ async def test_a_sampling_request_inside_a_tool_calls_answer_is_refused(make_sid
     status, stream, _ = await exchange(h, "POST", call("tools/call", name="ask_model"),
                                        {"Content-Type": "application/json", "Accept": "text/event-stream"})
     assert status == 200 and [m["id"] for m in sse_messages(stream)] == [1]
-    await h.settle()
+    await answered(h, 1)
     assert [a["id"] for a in tools.answers] == ["s-2"]
 
 
@@ -235,7 +250,7 @@ async def test_an_sdk_agent_sees_only_allowed_resources_prompts_and_arguments(ma
     rules = [*SDK_RULES, SDK_SAMPLING] if sampling else SDK_RULES
     h = await make_sidecar(sdk_config(sdk_servers(major)), {"version": 1, "default": "deny", "rules": rules})
     seen = await rules_agent(need_sdk(major), f"{h.outbound}/tools")
-    events = await h.settle()
+    events = await answered(h, 0 if sampling else 1)
     assert seen["major"] == major
     assert (seen["resources"], seen["readme"]) == (["docs://readme"], "read me first")
     assert "policy: denied by rule no-internal-docs (reason: rule_denied)" in seen["plan"]
@@ -269,7 +284,7 @@ async def test_replay_decides_resources_arguments_and_server_requests_again(make
                  call("tools/call", name="search_tickets", arguments={"region": "EU"})):
         await rpc(h, body)
     await exchange(h, "GET", headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid}, path="/tools?ask=1")
-    events = await h.settle()
+    events = await answered(h, 1)
     assert any(e["target"]["mcp_server_request"] == "sampling/createMessage" for e in events)
     log, config = tmp_path / "run.log", tmp_path / "replay.yaml"
     log.write_bytes(h.raw_log())

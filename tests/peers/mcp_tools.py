@@ -7,6 +7,7 @@ back) are kept in ``tools.answers``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import importlib.metadata
@@ -181,3 +182,14 @@ def sdk_servers():
 
 def sdk_config(port: int) -> dict:
     return {"outbound": {"upstreams": {"tools": {"url": f"http://127.0.0.1:{port}/mcp", "protocol": "mcp"}}}}
+
+
+async def answered(h, n: int) -> list[dict]:
+    """The events, once ``n`` refused server requests have been answered to the server and recorded (the answers
+    leave the relay's path, so they are waited for, within 10 s)."""
+    async with asyncio.timeout(10):
+        while True:
+            events = await h.settle()
+            done = [e for e in events if (e["target"] or {}).get("mcp_server_request") and e["decision"] == "deny"]
+            if len(done) >= n:
+                return events
