@@ -251,7 +251,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     credential = f.text("credential")
     if credential and credential not in credentials:
         f.error("credential", f"credential {credential!r} is not defined under credentials")
-    protocol = f.choice("protocol", ("http", "mcp", "grpc", "a2a", "openai"), "http")
+    protocol = f.choice("protocol", ("http", "mcp", "grpc", "a2a", "openai", "anthropic"), "http")
     http2 = _http2(f, protocol, urlsplit(url).scheme if url else None)
     p = f.sub("paths")
     paths = PathOptions(p.flag("allow_encoded_slash", False), p.flag("merge_slashes", True))

@@ -53,7 +53,7 @@ from sidecar.observe.decision_log import admission
 from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
 from sidecar.policy.facts import Facts, McpDetail, build_facts
-from sidecar.policy.llm import endpoint_of, parse_llm_request
+from sidecar.policy.llm import LLM_PROTOCOLS, endpoint_of, parse_llm_request
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
 from sidecar.policy.readings import screen
 from sidecar.routing import Route
@@ -117,7 +117,7 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
-        if ex.protocol == "openai":  # in the API's own error shape: the SDK shows the sidecar's message
+        if ex.protocol in LLM_PROTOCOLS:  # in the API's own error shape: the SDK shows the sidecar's message
             return api_refusal(request, ex, refusal)
         rpc = ex.protocol in RPC_PROTOCOLS  # the JSON-RPC session goes on
         answer = rpc_refusal(request, ex, refusal) if rpc else grpc_refusal(request, ex, refusal)
@@ -253,13 +253,13 @@ class Outbound:
             await self._mcp(request, ex, route, task, body)
         elif protocol == "a2a":
             await self._a2a(request, ex, route, task, body)
-        elif protocol == "openai":
+        elif protocol in LLM_PROTOCOLS:
             await self._llm(request, ex, route, body)
 
     async def _llm(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody) -> None:
         """A POST to an LLM API endpoint: its body must parse, and policy sees the model and token cap."""
-        ex.protocol = "openai"
-        endpoint = endpoint_of(route.path)
+        ex.protocol = route.upstream.protocol
+        endpoint = endpoint_of(route.path, ex.protocol)
         if request.method != "POST" or endpoint is None:
             return  # the model list and other reads: HTTP rules
         limits = self.rt.config.outbound.limits

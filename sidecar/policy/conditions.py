@@ -269,13 +269,14 @@ class _McpCheck:
         return self.allow and asked in DEFAULT_SERVER_REQUESTS
 
 
-def _check_protocol(f: Fields, key: str, head: RuleHead, protocol: str) -> None:
+def _check_protocol(f: Fields, key: str, head: RuleHead, protocol: str, *others: str) -> None:
     protocols = head.ctx.upstreams
+    named = " or ".join((protocol, *others))
     if head.direction == "inbound" or head.upstream is None:
-        f.error(key, f"needs an outbound rule with an upstream of protocol {protocol}")
-    elif protocols.get(head.upstream) not in (None, protocol):
-        f.error(key, f"upstream {head.upstream!r} has protocol {protocols[head.upstream]}; {protocol} rules need "
-                     f"protocol {protocol}")
+        f.error(key, f"needs an outbound rule with an upstream of protocol {named}")
+    elif protocols.get(head.upstream) not in (None, protocol, *others):
+        f.error(key, f"upstream {head.upstream!r} has protocol {protocols[head.upstream]}; {key} rules need "
+                     f"protocol {named}")
 
 
 def _a2a(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
@@ -304,7 +305,7 @@ def _a2a(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
 
 
 def _llm(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
-    """``llm.models``: globs over the model an LLM API call names (``protocol: openai`` upstreams)."""
+    """``llm.models``: globs over the model an LLM API call names (``protocol: openai`` or ``anthropic``)."""
     if not f.has(row.name):
         return None
     sub = f.sub(row.name)
@@ -313,7 +314,7 @@ def _llm(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     if not models:
         sub.error("", "must list models")
         return None
-    _check_protocol(f, row.name, head, "openai")
+    _check_protocol(f, row.name, head, "openai", "anthropic")
     match = compile_globs(models)
     return lambda facts, now: facts.llm is not None and match(facts.llm.model)
 

@@ -63,7 +63,7 @@ class Facts:
     grpc_method: str | None = None
     now: datetime | None = None  # aware UTC; the engine uses its clock when None
     a2a: A2aCall | None = None  # the parsed A2A call (protocol a2a)
-    llm: LlmCall | None = None  # the parsed LLM API call (protocol openai)
+    llm: LlmCall | None = None  # the parsed LLM API call (protocol openai or anthropic)
     mcp: McpDetail | None = None  # what an MCP request names besides method and tool (resource, prompt, arguments)
 
 
