@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 import json
 
 import aiohttp
@@ -11,7 +12,7 @@ import pytest
 from sidecar.errors import RequestRefused
 from sidecar.mcp_transport import McpSessions
 from tests.harness import admin
-from tests.peers.mcp_tools import JSON_IN, SDK_PEERS, call, exchange, mcp_config, need_sdk, open_session, sdk_config
+from tests.peers.mcp_tools import JSON_IN, call, exchange, mcp_config, need_sdk, open_session, run_sdk, sdk_config
 
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "tools-readonly", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search_tickets",
@@ -325,19 +326,9 @@ SDK_POLICY = {"version": 1, "default": "deny", "rules": [
 ]}
 
 
-async def sdk_agent(python: str, url: str, task: str, other_task: str, mode: str = "legacy") -> dict:
+def sdk_agent(python: str, url: str, task: str, other_task: str, mode: str = "legacy") -> Awaitable[dict]:
     """The SDK client's whole session (client.py), run to its end; what the agent saw."""
-    proc = await asyncio.create_subprocess_exec(python, str(SDK_PEERS / "client.py"), url, task, other_task, mode,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:  # timed out: never leave the client running
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    return json.loads(out)
+    return run_sdk(python, "client.py", url, task, other_task, mode)
 
 
 @pytest.mark.parametrize("major", [1, 2])

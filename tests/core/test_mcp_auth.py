@@ -3,7 +3,6 @@ the real oidc-provider, the request sent again; the refusals when any of it fail
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import subprocess
@@ -15,7 +14,7 @@ import requests
 from aiohttp import web
 
 from tests.harness import Upstream, assert_valid
-from tests.peers.mcp_tools import INITIALIZE, JSON_IN, SDK_PEERS, need_sdk
+from tests.peers.mcp_tools import INITIALIZE, JSON_IN, SDK_PEERS, need_sdk, run_sdk
 from tests.peers.oidc import OidcPki, OidcProvider
 
 SECRET = "peer-secret-basic-Zq81vLw3Kx6"  # svc-basic's, as the peer registers it
@@ -58,20 +57,6 @@ def auth_servers(oidc_provider: OidcProvider, oidc_pki: OidcPki, tmp_path_factor
         proc.wait()
 
 
-async def agent(python: str, url: str) -> dict:
-    proc = await asyncio.create_subprocess_exec(python, str(SDK_PEERS / "whoami_client.py"), url,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    return json.loads(out)
-
-
 @pytest.mark.parametrize("major", [1, 2])
 async def test_an_sdk_agent_reaches_a_server_that_demands_its_audience(make_sidecar, auth_servers, oidc_provider,
                                                                      oidc_pki, major):
@@ -81,7 +66,7 @@ async def test_an_sdk_agent_reaches_a_server_that_demands_its_audience(make_side
     resource = auth_servers(major)
     h = await make_sidecar(auth_config(oidc_provider, oidc_pki, resource), POLICY)
     oidc_provider.reset()
-    seen = await agent(need_sdk(major), f"{h.outbound}/tools")
+    seen = await run_sdk(need_sdk(major), "whoami_client.py", f"{h.outbound}/tools")
     assert seen == {"major": major, "answer": f"called for {resource}"}
     # the credential's own token on the first request, then the resource's: cached for the rest of the session
     assert oidc_provider.stats()["tokens_issued"] == 2

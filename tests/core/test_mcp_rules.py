@@ -3,14 +3,13 @@ item 3), against the scripted MCP server (``tools``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 from aiohttp import web
 
 from tests.harness import Upstream, assert_valid
-from tests.peers.mcp_tools import (JSON_IN, SDK_PEERS, answered, call, exchange, mcp_config, need_sdk, open_session,
+from tests.peers.mcp_tools import (JSON_IN, answered, call, exchange, mcp_config, need_sdk, open_session, run_sdk,
                                    sdk_config)
 
 RULES = {"version": 1, "default": "deny", "rules": [
@@ -225,21 +224,6 @@ SDK_SAMPLING = {"id": "sampling", "direction": "outbound", "upstream": "tools",
                 "mcp": {"server_requests": ["sampling/createMessage"]}, "effect": "allow"}
 
 
-async def rules_agent(python: str, url: str) -> dict:
-    """The SDK client of rules_client.py, run to its end; what the agent saw."""
-    proc = await asyncio.create_subprocess_exec(python, str(SDK_PEERS / "rules_client.py"), url,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:  # timed out: never leave the client running
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    return json.loads(out)
-
-
 @pytest.mark.parametrize("major", [1, 2])
 @pytest.mark.parametrize("sampling", [False, True])
 async def test_an_sdk_agent_sees_only_allowed_resources_prompts_and_arguments(make_sidecar, sdk_servers, major,
@@ -249,7 +233,7 @@ async def test_an_sdk_agent_sees_only_allowed_resources_prompts_and_arguments(ma
     (issue 13 items 3, 7)."""
     rules = [*SDK_RULES, SDK_SAMPLING] if sampling else SDK_RULES
     h = await make_sidecar(sdk_config(sdk_servers(major)), {"version": 1, "default": "deny", "rules": rules})
-    seen = await rules_agent(need_sdk(major), f"{h.outbound}/tools")
+    seen = await run_sdk(need_sdk(major), "rules_client.py", f"{h.outbound}/tools")
     events = await answered(h, 0 if sampling else 1)
     assert seen["major"] == major
     assert (seen["resources"], seen["readme"]) == (["docs://readme"], "read me first")

@@ -193,3 +193,19 @@ async def answered(h, n: int) -> list[dict]:
             done = [e for e in events if (e["target"] or {}).get("mcp_server_request") and e["decision"] == "deny"]
             if len(done) >= n:
                 return events
+
+
+async def run_sdk(python: str, script: str, *args: str) -> dict:
+    """One of the SDK peer scripts (``tests/peers/mcp_sdk/<script>``) run to its end, within 60 s: the JSON
+    object it printed (what the agent saw)."""
+    proc = await asyncio.create_subprocess_exec(python, str(SDK_PEERS / script), *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # timed out: never leave the client running
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return json.loads(out)

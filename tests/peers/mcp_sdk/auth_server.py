@@ -21,9 +21,9 @@ import sys
 from typing import Any
 
 import jwt
-import uvicorn
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from serving import serve
 
 try:  # 2.x
     from mcp.server.mcpserver import Context, MCPServer as Server
@@ -62,13 +62,7 @@ async def main(issuer: str, jwks_file: str, cert: str, key: str) -> None:
         """Who the server was called as."""
         return f"called for {resource}"
 
-    app: Any = server.streamable_http_app()
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key))
-    serving = asyncio.ensure_future(uv.serve(sockets=[sock]))
-    while not uv.started:
-        await asyncio.sleep(0.02)
-    print(f"PORT {port}", flush=True)
-    await serving
+    await serve(server.streamable_http_app(), sock, ssl_certfile=cert, ssl_keyfile=key)
 
 
 if __name__ == "__main__":

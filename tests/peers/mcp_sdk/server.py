@@ -17,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from typing import Any
 
-import uvicorn
 from mcp import types
+from serving import serve
 
 try:  # 2.x
     from mcp.server.mcpserver import Context, MCPServer as Server
@@ -90,13 +89,7 @@ def leak_secrets() -> str:
 async def main() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app: Any = server.streamable_http_app()
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    serving = asyncio.ensure_future(uv.serve(sockets=[sock]))
-    while not uv.started:
-        await asyncio.sleep(0.02)
-    print(f"PORT {sock.getsockname()[1]}", flush=True)
-    await serving
+    await serve(server.streamable_http_app(), sock)
 
 
 if __name__ == "__main__":
