@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from sidecar.policy.engine import PolicySet
     from sidecar.policy.facts import Facts
 
-MAX_JSON_ANSWER_BYTES = 4 * 1024 * 1024
+MAX_LIST_BYTES = 4 * 1024 * 1024  # a list response larger than this cannot be filtered: refused
+MAX_JSON_ANSWER_BYTES = 16 * 1024 * 1024  # any other JSON answer (a large resource read): read, then passed on
 Filter = Callable[[bytes, bool], bytes]
 
 
@@ -41,7 +42,8 @@ def answer_filter(policy: PolicySet, facts: Facts, method: str | None, headers: 
         sse = SseMessageFilter(messages)
         return lambda chunk, final: sse.feed(chunk) + (sse.close() if final else b"")
     if media == "application/json":
-        return _buffered(messages, strict=listing is not None)
+        strict = listing is not None
+        return _buffered(messages, strict, MAX_LIST_BYTES if strict else MAX_JSON_ANSWER_BYTES)
     return _refuse_all if listing is not None else None
 
 
@@ -50,7 +52,7 @@ def _refuse_all(chunk: bytes, final: bool) -> bytes:
     raise ValueError("an MCP list response is neither application/json nor text/event-stream")
 
 
-def _buffered(messages: MessageFilter, strict: bool) -> Filter:
+def _buffered(messages: MessageFilter, strict: bool, limit: int) -> Filter:
     parts: list[bytes] = []
     size = 0
 
@@ -58,7 +60,7 @@ def _buffered(messages: MessageFilter, strict: bool) -> Filter:
         nonlocal size
         parts.append(chunk)
         size += len(chunk)
-        if size > MAX_JSON_ANSWER_BYTES:
+        if size > limit:
             raise ValueError("MCP JSON answer too large to read")
         return filter_json(b"".join(parts), messages, strict) if final else b""
 
