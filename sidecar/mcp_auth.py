@@ -108,7 +108,7 @@ def _allowed_url(up: Upstream, url: str) -> str:
 
 async def _fetch(up: Upstream, url: str) -> object:
     own = _origin(url)[1:] == _origin(up.url)[1:]
-    ssl = client_ssl_context(str(up.ca) if own and up.ca else None)
+    ssl = await asyncio.to_thread(client_ssl_context, str(up.ca) if own and up.ca else None)  # reads files
     timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, \

@@ -51,7 +51,8 @@ class ServerRequests:
         self.rt = rt
         self._pending: set[asyncio.Task[None]] = set()
 
-    def gate(self, ex: Exchange, out: OutboundRequest, transport: Transport, credential: CredentialFor) -> ServerRequest:
+    def gate(self, ex: Exchange, out: OutboundRequest, transport: Transport,
+             credential: CredentialFor) -> ServerRequest:
         """The decision function for the server requests in the answer to ``ex`` (sent as ``out``)."""
 
         def decide(method: str, ident: str | int) -> bool:

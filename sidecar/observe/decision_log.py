@@ -43,7 +43,8 @@ LOG_STRING_MAX = 4096
 # Per event section, the request-derived strings and their bounds in characters (marker included).
 EVENT_BOUNDS: dict[str, dict[str, int]] = {
     "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256, "copy_source": 2048,
-               "mcp_resource": 2048, "mcp_prompt": 256, "mcp_server_request": 256, "query": 2048, "grpc_service": 256, "grpc_method": 256, "a2a_method": 64, "a2a_task_id": 256,
+               "mcp_resource": 2048, "mcp_prompt": 256, "mcp_server_request": 256, "query": 2048,
+               "grpc_service": 256, "grpc_method": 256, "a2a_method": 64, "a2a_task_id": 256,
                "llm_model": 256},
     "task": {"id": 64, "trigger": 256},
     "caller": {"id": 2048},

@@ -1,4 +1,4 @@
-"""What policy sees of a call to an LLM API (``protocol: openai`` or ``anthropic``): the model, streaming, the token cap.
+"""What policy sees of a call to an LLM API (``protocol: openai`` or ``anthropic``): model, streaming, token cap.
 
 The meaning of an LLM call sits in its JSON body, so the body of a POST to one of the API's
 endpoints is parsed with the same strict reader as MCP's (:func:`sidecar.policy.mcp.loads_strict`:
