@@ -28,6 +28,7 @@ from sidecar.grpc import call_of
 from sidecar.http.headers import DropSet, clean_request_headers, echo_method, inbound_drop_set, request_drop_set
 from sidecar.policy.engine import Decision, PolicySet
 from sidecar.policy.facts import Agent, Facts, McpDetail, build_facts
+from sidecar.policy.llm import AGENT_KEY_HEADERS
 from sidecar.policy.mcp import SERVER_REQUEST_METHOD, parse_mcp_request, transport_method
 from sidecar.http.target import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
 from sidecar.policy.ratelimit import Limit, RateLimiter
@@ -180,7 +181,8 @@ def _outbound(d: Described, config: Config, router: Router, headers: CIMultiDict
     route = _route(config, router, d.url, headers)
     up = route.upstream
     echo_method(method, up.allow_trace)
-    forwarded, reading = _forwarded(d, headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
+    strip = (*config.outbound.strip_headers, *AGENT_KEY_HEADERS.get(up.protocol, ()))
+    forwarded, reading = _forwarded(d, headers, request_drop_set(strip, up.pass_headers),
                                     route.query, up.pass_headers, up.paths, up.base_path)
     mcp_method, mcp_tool, detail = _mcp(d, config, headers, method, route.path) if up.protocol == "mcp" else \
         (None, None, None)

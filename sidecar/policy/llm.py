@@ -39,6 +39,9 @@ PROTOCOL_ENDPOINTS = {"openai": ENDPOINTS, "anthropic": ANTHROPIC_ENDPOINTS}
 LLM_PROTOCOLS = frozenset(PROTOCOL_ENDPOINTS)
 STREAMING = frozenset({"/chat/completions", "/responses", "/messages"})
 CAP_REQUIRED = frozenset({"/messages"})  # the Messages API refuses a call without max_tokens
+# where the agent's own API key would travel besides Authorization (stripped by default): never forwarded,
+# unless the upstream's pass_headers names it (a credential of the upstream's own replaces it)
+AGENT_KEY_HEADERS: dict[str, tuple[str, ...]] = {"anthropic": ("x-api-key",)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,9 @@ def config(stub: Any) -> dict[str, Any]:
 
 
 def sdk(h: Any) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=f"{h.outbound}/claude", api_key="sk-ant-agent", max_retries=0)
+    """The agent's own client and key: the SDK sends it as Authorization, older clients as x-api-key (both here)."""
+    return anthropic.AsyncAnthropic(base_url=f"{h.outbound}/claude", api_key="sk-ant-agent", max_retries=0,
+                                    default_headers={"x-api-key": "sk-ant-agent"})
 
 
 async def spend(client: anthropic.AsyncAnthropic, stream: bool) -> None:
@@ -105,6 +107,16 @@ async def test_a_call_is_counted_and_a_budget_refuses_once_spent(make_sidecar, s
     assert (target["llm_model"], target["tokens_in"], target["tokens_out"]) == ("claude-haiku-4", TOKENS_IN,
                                                                                 TOKENS_OUT)
     assert len(stub.seen) == 2
+    assert all(not {"x-api-key", "authorization"} & {k.lower() for k, _ in seen.headers} for seen in stub.seen)
+
+
+async def test_the_agents_key_reaches_the_api_only_when_the_upstream_passes_it(make_sidecar, stub):
+    """x-api-key is the agent's credential: stripped like Authorization unless pass_headers names it."""
+    passing = {"outbound": {"upstreams": {"claude": {"url": stub.url, "protocol": "anthropic",
+                                                     "pass_headers": ["x-api-key"]}}}}
+    h = await make_sidecar(passing, policy())
+    await spend(sdk(h), False)
+    assert ("x-api-key", "sk-ant-agent") in [(k.lower(), v) for k, v in stub.seen[0].headers]
 
 
 async def test_a_model_outside_the_rule_is_a_permission_error_with_the_sidecars_message(make_sidecar, stub):
