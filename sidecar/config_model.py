@@ -51,6 +51,8 @@ class Upstream:
     timeouts: Timeouts
     allow_trace: bool = False  # TRACE/TRACK forwarded (never with a credential); refused otherwise
     http2: bool | str = False  # True: h2 by ALPN over TLS, h2c prior knowledge on http://; "auto": ALPN chooses
+    # protocol mcp: the authorization servers a 401's protected-resource metadata may name (RFC 9728)
+    authorization_servers: tuple[str, ...] = ()
     host_header: str = field(init=False)  # the Host sent upstream, formatted once here, not per request
 
     def __post_init__(self) -> None:

@@ -50,6 +50,9 @@ STATUS: dict[str, int] = {
     "revoked": 403,
     "unknown_session": 404,
     "session_mismatch": 403,
+    "auth_metadata_unreachable": 502,
+    "auth_metadata_refused": 502,
+    "auth_token_refused": 502,
     "credential_unavailable": 503,
     "log_unavailable": 503,
     "upstream_unreachable": 502,
@@ -83,6 +86,7 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "protocol_abuse": "http_protocol_error",
     "aws_chunked_invalid": "http_request_error",
     "credential_unavailable": "proxy_internal_error",
+    "auth_metadata_unreachable": "proxy_internal_error",
     "log_unavailable": "proxy_internal_error",
     "internal_error": "proxy_internal_error",
 }
@@ -95,7 +99,8 @@ RPC_ERROR_CODE: dict[str, int] = {
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error"), -32001),  # policy said no
     **dict.fromkeys(("approval_timeout", "approval_denied"), -32002),  # a held request not approved
     "rate_limited": -32003,
-    "credential_unavailable": -32004,
+    **dict.fromkeys(("credential_unavailable", "auth_metadata_unreachable", "auth_metadata_refused",
+                     "auth_token_refused"), -32004),  # no credential the upstream takes
     **dict.fromkeys(("bad_request", "request_override", "credential_parameter"), -32005),  # its method or params
     **dict.fromkeys(("unknown_task", "task_ended", "revoked"), -32006),
     **dict.fromkeys(("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"), -32007),

@@ -34,7 +34,7 @@ from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange, mark_cut
-from sidecar.forward.body import RequestBody
+from sidecar.forward.body import LimitedBody, RequestBody
 from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
@@ -47,13 +47,15 @@ from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_na
 from sidecar.identity.inbound import Caller, InboundIdentity, agent_headers
 from sidecar.identity.x509 import PeerIdentity
 from sidecar.llm_usage import TokenBudgets, api_refusal, usage_observer
-from sidecar.mcp_filter import tools_list_filter
+from sidecar.mcp_auth import OAUTH_TYPES, McpAuthorization, resource_metadata_url
+from sidecar.mcp_filter import answer_filter
+from sidecar.mcp_server import ServerRequests
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
 from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
-from sidecar.policy.facts import Facts, build_facts
-from sidecar.policy.llm import endpoint_of, parse_llm_request
+from sidecar.policy.facts import Facts, McpDetail, build_facts
+from sidecar.policy.llm import LLM_PROTOCOLS, endpoint_of, parse_llm_request
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
 from sidecar.policy.readings import screen
 from sidecar.routing import Route
@@ -117,7 +119,7 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
-        if ex.protocol == "openai":  # in the API's own error shape: the SDK shows the sidecar's message
+        if ex.protocol in LLM_PROTOCOLS:  # in the API's own error shape: the SDK shows the sidecar's message
             return api_refusal(request, ex, refusal)
         rpc = ex.protocol in RPC_PROTOCOLS  # the JSON-RPC session goes on
         answer = rpc_refusal(request, ex, refusal) if rpc else grpc_refusal(request, ex, refusal)
@@ -166,6 +168,8 @@ class Outbound:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.mcp_sessions = McpSessions()
+        self.server_requests = ServerRequests(rt)
+        self.mcp_auth = McpAuthorization()
         self.a2a_tasks = A2aTasks()
         self.budgets = TokenBudgets()  # outside the compiled policy: a reload keeps what was spent
 
@@ -224,7 +228,7 @@ class Outbound:
                 await body.read()
             out.body = body.whole
             provider.apply(out, credential)
-        return await self._send(request, ex, route, out, body, task, deadline)
+        return await self._send(request, ex, route, out, body, task, decision, deadline)
 
     def _task(self, request: IncomingRequest, ex: Exchange) -> Task | None:
         values = request.headers.getall(TASK_HEADER, ())
@@ -256,13 +260,13 @@ class Outbound:
             await self._mcp(request, ex, route, task, body)
         elif protocol == "a2a":
             await self._a2a(request, ex, route, task, body)
-        elif protocol == "openai":
+        elif protocol in LLM_PROTOCOLS:
             await self._llm(request, ex, route, body)
 
     async def _llm(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody) -> None:
         """A POST to an LLM API endpoint: its body must parse, and policy sees the model and token cap."""
-        ex.protocol = "openai"
-        endpoint = endpoint_of(route.path)
+        ex.protocol = route.upstream.protocol
+        endpoint = endpoint_of(route.path, ex.protocol)
         if request.method != "POST" or endpoint is None:
             return  # the model list and other reads: HTTP rules
         limits = self.rt.config.outbound.limits
@@ -310,6 +314,7 @@ class Outbound:
         call = parse_mcp_request(await body.read(), request.headers.get("Content-Type"), limits.max_body_bytes)
         check_routing_headers(call, request.headers.getall("Mcp-Method", ()), request.headers.getall("Mcp-Name", ()))
         ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.rpc = call.method, call.tool, call.arguments, call.rpc
+        ex.mcp_detail = McpDetail.of(call.resource, call.prompt, call.arguments, call.size)
 
     def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody,
                forwarded: CIMultiDict[str]) -> Facts:
@@ -321,7 +326,7 @@ class Outbound:
                            delegation=ex.delegation,
                            task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
                            mcp_tool=ex.mcp_tool, grpc_service=ex.grpc_service, grpc_method=ex.grpc_method,
-                           a2a=ex.a2a, llm=ex.llm)
+                           a2a=ex.a2a, llm=ex.llm, mcp=ex.mcp_detail)
 
     async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
                           task: Task | None) -> Credential | None:
@@ -331,9 +336,11 @@ class Outbound:
             return None
         rt.check_credential_for(name, ex.upstream or "")
         provider = rt.providers[name]
+        resource = self.mcp_auth.resource(ex.upstream or "") if ex.protocol == "mcp" else None
         req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
                                 task=task.ref() if task else None,
-                                impersonation_allowed=decision.delegation == "impersonation_allowed")
+                                impersonation_allowed=decision.delegation == "impersonation_allowed",
+                                resource=resource if provider.type in OAUTH_TYPES else None)
         hit = rt.credentials.cached(provider, req)
         credential, source = hit if hit is not None else await rt.credentials.get(provider, req)
         ex.credential, ex.credential_source = credential, source  # logged even when refused below
@@ -354,7 +361,7 @@ class Outbound:
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,
-                    body: RequestBody, task: Task | None, deadline: float | None = None) -> Answer:
+                    body: RequestBody, task: Task | None, decision: Decision, deadline: float | None = None) -> Answer:
         up = route.upstream
         data = body.to_send(out.reframe)  # a whole body is framed (Content-Length) where the head is written
         if is_websocket(request):
@@ -372,14 +379,39 @@ class Outbound:
             return open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
 
         upstream = await _by(deadline, opening)
+        if ex.protocol == "mcp" and upstream.status == 401 and not isinstance(data, LimitedBody):
+            upstream = await self._authorized(ex, route, out, data, upstream, (decision, task))
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, self.rt.metrics,
-                                                             self._response_filter(ex, upstream, task)))
+        transform = self._response_filter(ex, upstream, task, (route, out, decision))
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, self.rt.metrics, transform))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
+
+    async def _authorized(self, ex: Exchange, route: Route, out: OutboundRequest, data: bytes | None,
+                          refused: UpstreamResponse, why: tuple[Decision, Task | None]) -> UpstreamResponse:
+        """An MCP server's 401 pointing at its protected-resource metadata: a token for that resource from the
+        upstream's OAuth credential, and the request once more (``sidecar.mcp_auth``); else the 401 as it is."""
+        decision, task = why
+        up = route.upstream
+        name = decision.credential or up.credential
+        metadata = resource_metadata_url(refused.headers)
+        if metadata is None or name is None or self.rt.providers[name].type not in OAUTH_TYPES:
+            return refused
+        refused.release()
+        await self.mcp_auth.discover(up, metadata)
+        credential = await self._credential(ex, decision, up.credential, task)
+        assert credential is not None
+        self.rt.providers[credential.provider].apply(out, credential)
+        target = f"{out.path}?{out.query}" if out.query else out.path
+        again = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        if again.status == 401:
+            again.release()
+            raise RequestRefused("auth_token_refused", "mcp auth: the server refused the token obtained for its "
+                                                       "resource")
+        return again
 
     def _used(self, ex: Exchange, tokens_in: int, tokens_out: int) -> None:
         """The usage an LLM answer reported: in the event, and charged to the rule's budget. A stream may
@@ -390,17 +422,25 @@ class Outbound:
             key, budget = ex.budget
             self.budgets.charge(key, budget, tokens_in + tokens_out - charged)
 
-    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None) -> ChunkFilter | None:
-        """``tools/list`` answers keep only the tools policy lets the agent call (every page); A2A answers
-        to a message bind the task ids they name to this agent and task."""
+    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None,
+                         sent: tuple[Route, OutboundRequest, Decision]) -> ChunkFilter | None:
+        """LLM answers report usage for the budget; A2A answers to a message bind the task ids they name to this
+        agent and task; MCP answers keep only the tools, resources and prompts policy lets the agent use (every
+        page), and the server's requests to the agent are decided (``sidecar.mcp_server``)."""
         if ex.llm is not None and upstream.status == 200:
             return usage_observer(_media_type(upstream), lambda tokens_in, tokens_out: self._used(ex, tokens_in,
                                                                                                   tokens_out))
         if ex.a2a is not None and ex.a2a.method in MESSAGE_METHODS and upstream.status == 200:
             return self.a2a_tasks.observer(ex.upstream or "", self._a2a_owner(task), _media_type(upstream))
-        if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
+        if ex.protocol != "mcp" or ex.facts is None or upstream.status != 200:
             return None
-        return tools_list_filter(self.rt.policy, ex.facts, upstream.headers)
+        route, out, decision = sent
+
+        def credential(sub: Exchange) -> Awaitable[Credential | None]:
+            return self._credential(sub, decision, route.upstream.credential, task)
+
+        gate = self.server_requests.gate(ex, out, self.rt.sessions.get(route.upstream.name), credential)
+        return answer_filter(self.rt.policy, ex.facts, ex.mcp_method, upstream.headers, gate)
 
 
 class Inbound:

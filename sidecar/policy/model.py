@@ -146,7 +146,7 @@ def _credential(f: Fields, direction: str | None, effect: str | None, upstream: 
 
 
 def _budget(f: Fields, effect: str | None) -> Budget | None:
-    """Counted from the usage an LLM API reports (``protocol: openai`` upstreams, sidecar.llm_usage)."""
+    """Counted from the usage an LLM API reports (``protocol: openai`` or ``anthropic``, sidecar.llm_usage)."""
     if not f.has("budget"):
         return None
     sub = f.sub("budget")

@@ -64,7 +64,7 @@ def rule(**fields: Any) -> dict[str, Any]:
     (rule(upstream="greeter", grpc={"method": ["Get"]}), "grpc.method", "unknown key"),
     (rule(upstream="greeter", grpc={"methods": ["a/**/b/**/c**"]}), "grpc.methods[0]", ""),
     (rule(mcp={"tools": ["a"]}), "mcp", "needs an outbound rule with an upstream"),
-    (rule(upstream="tools-mcp", mcp={}), "mcp", "must list tools, methods or both"),
+    (rule(upstream="tools-mcp", mcp={}), "mcp", "must list tools, methods, resources, prompts or server_requests"),
     (rule(callers=["spiffe://example.org/*"]), "callers", "only to inbound rules"),
     (rule(direction="inbound", upstream="billing-api"), "upstream", "only to outbound rules"),
     (rule(direction="inbound", credential="billing-oauth"), "credential", "only to outbound allow"),
