@@ -11,7 +11,8 @@ texts someone passed in).
 
 Bounds: strings an agent or a caller chose (a path, a host, a task id, an MCP tool name...) are
 cut to a fixed number of characters in the trust-decision event (:data:`EVENT_BOUNDS`, stated in
-``schemas/trust_decision.schema.json`` as ``maxLength``) and to :data:`LOG_STRING_MAX` in every
+``schemas/trust_decision.schema.json`` as ``maxLength``; ``Exchange.event`` applies them as it builds
+the event, so that the line is one ``orjson.dumps`` of what it built) and to :data:`LOG_STRING_MAX` in every
 other line, ending with a marker that says how long they were: a 2 MiB tool name cannot make a
 2 MiB line.
 """
@@ -189,24 +190,9 @@ def admission() -> Awaitable[None] | None:
 
 
 def emit_event(event: dict[str, Any], *, kept: bool = False) -> None:
-    """Write one trust-decision event; every field that carries request-derived text is redacted and bounded.
+    """Write one trust-decision event (``Exchange.event``: its request-derived text already redacted and
+    bounded, so this is one ``orjson.dumps`` and a buffered write).
 
     ``kept``: the exchange was let in by :func:`admission`, so its event is never dropped under
     ``block`` or ``refuse``."""
-    target = event.get("target")
-    if target is not None and target.get("query"):
-        target["query"] = redact_query(target["query"])
-    detail = event.get("reason_detail")
-    if detail:
-        event["reason_detail"] = clean(detail, REASON_DETAIL_MAX)
-    for section, bounds in EVENT_BOUNDS.items():
-        fields = event.get(section)
-        if fields is None:
-            continue
-        for key, limit in bounds.items():
-            value = fields.get(key)
-            if value:
-                fields[key] = clean(value, limit)
-    if event.get("act_chain"):
-        event["act_chain"] = [clean(actor, ACT_CHAIN_ITEM_MAX) for actor in event["act_chain"]]
     WRITER.write(orjson.dumps(event) + b"\n", kept=kept)
