@@ -17,6 +17,10 @@ OpenSSL cannot verify aborts the handshake with an alert; its verify code is map
 by :func:`sidecar.identity.x509.verify_peer` against the bundle of the leaf's own trust domain
 only, which is the check that binds bundles to domains.
 
+A caller may resume its TLS session (tickets, ``sidecar.http.tls``): it is verified all the same,
+its leaf coming from the session and its intermediates from those it presented at its last full
+handshake (``_ChainMemo``).
+
     accept TCP ─ lobby (sidecar.identity.accept: until the ClientHello, no slot held)
       ─ (slot, timeout) TLS on the accepted socket (current context) ─ verify_peer
       ├─ refused: on_reject(reason, message, peer); a 401/403 JSON response; close (nothing parsed)
@@ -92,6 +96,7 @@ class MtlsAcceptor:
         self._respond = respond_on_reject
         self._refusal_grace = refusal_grace
         self._peers = _PeerTable()
+        self._chains = _ChainMemo()
         self._pending: set[asyncio.Task[None]] = set()
         self._lobby = Lobby(self._admitted, self._dismissed, timeout=hello_timeout or handshake_timeout,
                             limit=max_waiting, per_source=max_waiting_per_source, young=waiting_young)
@@ -178,10 +183,17 @@ class MtlsAcceptor:
         return tls
 
     def _verify(self, tls: asyncio.Transport) -> PeerIdentity:
+        """The peer, verified on every connection, resumed or not (a ticket proves no chain: see ``_ChainMemo``)."""
         ssl_object = tls.get_extra_info("ssl_object")
         leaf = ssl_object.getpeercert(binary_form=True)
         chain = _intermediates(ssl_object, leaf)
-        return verify_peer(leaf, chain, self._bundles(), self._allowed, self._clock())
+        resumed = ssl_object.session_reused
+        if resumed and not chain and leaf is not None:
+            chain = self._chains.get(leaf)
+        peer = verify_peer(leaf, chain, self._bundles(), self._allowed, self._clock())
+        if chain and not resumed and leaf is not None:
+            self._chains.add(leaf, chain)
+        return peer
 
     async def _refuse(
         self, tls: asyncio.Transport, holding: Holding, rejected: PeerRejected, address: str
@@ -307,6 +319,30 @@ class Holding(asyncio.Protocol):
         except TimeoutError:
             pass  # a silent peer is answered anyway
         return not (self.lost or self.eof)
+
+
+class _ChainMemo:
+    """The intermediates each recent leaf presented at a full handshake that verified, by leaf (DER).
+
+    A resumed TLS session (a ticket issued by the current context) restores the caller's leaf but not
+    the intermediates it sent; the leaf is verified again anyway, against the current bundles and
+    clock, with the intermediates it presented before. They are only hints for that verification,
+    never trusted as such. A leaf issued straight by a bundle's CA needs none and is not kept; a
+    leaf that needs them and was forgotten (more than ``limit`` such callers since) is refused
+    ``peer_unverified`` and verifies on its next, full, handshake."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._chains: dict[bytes, list[bytes]] = {}
+        self._limit = limit
+
+    def add(self, leaf: bytes, chain: list[bytes]) -> None:
+        self._chains.pop(leaf, None)
+        if len(self._chains) >= self._limit:
+            del self._chains[next(iter(self._chains))]  # the oldest
+        self._chains[leaf] = chain
+
+    def get(self, leaf: bytes) -> list[bytes]:
+        return self._chains.get(leaf, [])
 
 
 class _PeerTable:
