@@ -21,7 +21,7 @@ from aiohttp import web
 
 from sidecar.http.tls import build_server_context
 from sidecar.identity.mtls import MtlsAcceptor, _PeerTable, refusal_response
-from sidecar.identity.x509 import PeerIdentity, PeerRejected, TrustBundles
+from sidecar.identity.x509 import PeerIdentity, PeerRejected, TrustBundles, verify_peer
 from tests.identity.pki import HOUR, Authority, Issued, Pki, make_pki
 
 OUR_ID = "spiffe://example.org/ns/agents/sa/billing"
@@ -561,6 +561,46 @@ async def test_a_resumed_session_is_verified_again_and_refused_once_its_leaf_exp
     assert resumed and json.loads(body)["error"] == "peer_unverified"
     assert (await harness.next_reject())[0] == "expired"
     assert len(harness.served) == 1  # the refused connection reached no handler
+
+
+async def test_a_caller_that_comes_back_is_verified_once_per_bundles(
+    harness: Harness, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict on a leaf is remembered while the bundles in force are the ones it was reached with:
+    new bundles (the same CA) mean one new verification, then it is remembered again."""
+    import sidecar.identity.mtls as mtls
+
+    calls: list[bytes | None] = []
+
+    def counted(leaf: bytes | None, *args: object) -> PeerIdentity:
+        calls.append(leaf)
+        return verify_peer(leaf, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mtls, "verify_peer", counted)
+    context = _client_context(harness.ca_file, pki.intermediate.issue(CALLER_ID).write(tmp_path, "caller",
+                                                                                          pki.intermediate.issued))
+    session = None
+    for _ in range(3):
+        body, session, _ = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+        assert body == CALLER_ID
+    assert len(calls) == 1
+    harness.current.bundles = pki.bundles()  # an equal but new set: a reload
+    for _ in range(2):
+        body, session, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+        assert (body, resumed) == (CALLER_ID, True)
+    assert len(calls) == 2 and harness.rejects == []
+
+
+async def test_a_resumed_caller_no_longer_in_the_bundles_is_refused(harness: Harness, pki: Pki, tmp_path: Path) -> None:
+    """Bundles that no longer trust the caller's CA refuse its resumed session (same TLS context, its ticket
+    still valid): nothing remembered from before holds against other bundles."""
+    context = _client_context(harness.ca_file, pki.ours.issue(CALLER_ID).write(tmp_path, "caller"))
+    _, session, _ = await asyncio.to_thread(_get_resuming, harness.port, context, None)
+    harness.current.bundles = TrustBundles.from_pem(make_pki().ours.issued.pem, "example.org", {})
+    body, _, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+    assert resumed and json.loads(body)["error"] == "peer_unverified"
+    assert (await harness.next_reject())[0] == "peer_unverified"
+    assert len(harness.served) == 1
 
 
 async def test_a_session_does_not_survive_a_rotation(harness: Harness, pki: Pki, tmp_path: Path) -> None:
