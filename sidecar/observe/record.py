@@ -36,8 +36,8 @@ class Recorder:
         m.observe_request(ex.direction, ex.decision, upstream, time.perf_counter() - ex.started)
         if ex.rule_id is not None:
             m.count_decision(ex.direction, ex.decision, ex.rule_id)
-        if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
-            m.delegated_requests.labels(ex.delegation).inc()
+        if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in m.delegated:
+            m.delegated[ex.delegation].inc()
         if ex.reason in UPSTREAM_FAILURES:
             m.upstream_errors.labels(upstream, ex.reason).inc()
         emit_event(ex.event(self.agent), kept=ex.kept)
