@@ -691,7 +691,7 @@ def _run(tmp: Path, fleet: Fleet, s: Settings, baseline: Path | None) -> tuple[s
     mtls = extra.add_nginx_proxy(tmp, fleet, nginx_port, subjects, sidecar_ports)
     proxies = [n for n in ("bare", "lean", "sidecar", "nginx_proxy", "baseline") if n in subjects]
     at_ready = {n: extra.rss_fds(subjects[n].pid) for n in proxies}
-    warm = {n: extra.warm_up(subjects[n], s) for n in proxies}
+    warm = {n: extra.warm_up(subjects[n], s, mtls if n == "sidecar" else None) for n in proxies}
     print(f"bench: {s}", file=sys.stderr)
     results = bench(subjects, s, lambda n, res: extra.mtls_round(mtls, s, n, res))
     latency = extra.agent_latency(subjects, s)

@@ -128,10 +128,17 @@ def rss_fds(pid: int) -> tuple[float, int]:
 WARM_UP_S = 2.0
 
 
-def warm_up(subject: Subject, s: Settings) -> tuple[float, int]:
-    """RSS and FDs once the subject has served a first burst (``wrk`` for WARM_UP_S): caches, pools and
-    buffers allocated; the base that "flat" is measured from."""
+def warm_up(subject: Subject, s: Settings, mtls: Mtls | None = None) -> tuple[float, int]:
+    """RSS and FDs once the subject has served a first burst (``wrk`` for WARM_UP_S; for the sidecar, new
+    and kept-alive mTLS connections too: its first TLS connections take about 6 MiB, once): caches,
+    pools and buffers allocated, the base that "flat" is measured from."""
     run_wrk(subject.url, WARM_UP_S, s.connections)
+    if mtls is not None:
+        host, port = mtls.sidecar_in.url.split("/")[2].split(":")
+        for resume in (False, True):
+            run_client("handshakes", 1.0, host=host, port=int(port), seconds=1.0, threads=s.handshake_threads,
+                       resume=resume, **mtls.files)
+        run_client("tls", 1.0, url=mtls.sidecar_in.url, seconds=1.0, connections=s.tls_connections, **mtls.files)
     return rss_fds(subject.pid)
 
 
