@@ -349,7 +349,7 @@ class Outbound:
     async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,
                     body: RequestBody, task: Task | None) -> Answer:
         up = route.upstream
-        data = body.to_send()  # a whole body is framed (Content-Length) where the head is written
+        data = body.to_send(out.reframe)  # a whole body is framed (Content-Length) where the head is written
         if is_websocket(request):
             ex.protocol = "websocket"
             url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),

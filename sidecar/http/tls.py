@@ -2,7 +2,7 @@
 
 - client: an upstream's (its CA or the system store; our SVID when it asks for one);
 - server: the inbound listener's (our SVID; asks for, and then verifies, the caller's certificate);
-- interception: a CONNECT tunnel's leaf, minted for the host the agent named.
+- interception: a CONNECT tunnel's leaf, minted for the host the agent named (ALPN ``h2`` and ``http/1.1``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def interception_context(chain_and_key_pem: str, work_dir: Path) -> ssl.SSLConte
     """``ssl`` loads keys from files only: a 0600 temporary file, removed once read."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(["h2", "http/1.1"])  # the handshake's choice picks the tunnel's server
     fd, tmp = tempfile.mkstemp(dir=work_dir, prefix=".leaf-", suffix=".pem")
     try:
         with os.fdopen(fd, "w") as handle:

@@ -46,6 +46,7 @@ CONNECT_REFUSED = RequestRefused("bad_request", "http2: CONNECT over HTTP/2 is n
 
 Handler = Callable[[IncomingRequest], Awaitable[Answer]]
 RefusalHook = Callable[[Refusal], None]
+LostHook = Callable[[asyncio.BaseTransport], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +61,9 @@ class Whole:
 class H2Server:
     """A listener's HTTP/2 side: the handler, its limits, its connections and requests in flight."""
 
-    def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None) -> None:
-        self.handler, self.limits, self.on_refusal = handler, limits, on_refusal
+    def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None,
+                 on_lost: LostHook | None = None) -> None:
+        self.handler, self.limits, self.on_refusal, self.on_lost = handler, limits, on_refusal, on_lost
         self.connections: set[H2Protocol] = set()
         self.in_flight = 0
 
@@ -214,7 +216,9 @@ class H2Protocol(H2Endpoint):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.server.connections.discard(self)
-        self.transport = None
+        transport, self.transport = self.transport, None
+        if transport is not None and self.server.on_lost is not None:
+            self.server.on_lost(transport)  # a CONNECT tunnel's HTTP/2: the tunnel has ended
         self.resume_writing()
         self.window.set()
         for stream in list(self.streams.values()):

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
-from concurrent import futures
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ import jsonschema
 import pytest
 
 from sidecar.errors import GRPC_STATUS, STATUS
+from tests.peers.grpc_greeter import SERVICE, Greeter
 from tests.scenarios.outbound import SECRET
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "sidecar" / "schemas" / "trust_decision.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
-SERVICE = "helloworld.Greeter"
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "greet", "direction": "outbound", "upstream": "greeter", "methods": ["POST"],
      "when": {"expr": 'grpc.service == "helloworld.Greeter" && grpc.method in ["SayHello", "SayMany", "Collect", '
@@ -35,56 +34,6 @@ POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "no-admin", "direction": "outbound", "upstream": "greeter", "when": {"expr": 'grpc.method == "Admin"'},
      "effect": "deny"},
 ]}
-
-
-class Greeter:
-    """A grpcio server (its own threads, h2c) that records the metadata each call arrived with."""
-
-    def __init__(self) -> None:
-        self.metadata: list[dict[str, str]] = []
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "SayHello": grpc.unary_unary_rpc_method_handler(self.say_hello),
-            "SayMany": grpc.unary_stream_rpc_method_handler(self.say_many),
-            "Admin": grpc.unary_unary_rpc_method_handler(self.say_hello),
-            "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
-            "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
-            "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
-        }),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def _seen(self, context: grpc.ServicerContext) -> None:
-        self.metadata.append({k: v for k, v in context.invocation_metadata()})
-
-    def say_hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._seen(context)
-        return b"hello " + request
-
-    def say_many(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._seen(context)
-        for i in range(3):
-            yield b"%d %s" % (i, request)
-
-    def collect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        self._seen(context)
-        return b"+".join(requests)
-
-    def chat(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._seen(context)
-        for request in requests:
-            yield b"re: " + request
-
-    def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
-        raise AssertionError("unreachable")
-
-
-@pytest.fixture
-async def greeter() -> AsyncIterator[Greeter]:
-    server = Greeter()
-    yield server
-    server.server.stop(0)
 
 
 def grpc_config(greeter: Greeter) -> dict[str, Any]:

@@ -8,44 +8,13 @@ import asyncio
 import httpx
 import pytest
 
+from tests.http2.raw import streams
 from tests.scenarios.outbound import POLICY, SECRET, config_for
 
 
 async def raw_h2(port: int, requests: list[list[tuple[str, str]]]) -> tuple[list[tuple[int, bytes]], int | None]:
-    """Send header blocks as written (h2, the python-hyper client state machine), one stream each;
-    return each stream's status and body, and the GOAWAY error code if the sidecar closed the connection."""
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
-                                                                normalize_outbound_headers=False))
-    conn.initiate_connection()
-    ids = []
-    for block in requests:
-        ids.append(conn.get_next_available_stream_id())
-        conn.send_headers(ids[-1], block, end_stream=True)
-    writer.write(conn.data_to_send())
-    status: dict[int, int] = {}
-    bodies: dict[int, bytes] = {i: b"" for i in ids}
-    ended: set[int] = set()
-    goaway = None
-    async with asyncio.timeout(10):
-        while len(ended) < len(ids) and (data := await reader.read(65536)):
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    status[event.stream_id] = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    bodies[event.stream_id] += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
-                    ended.add(event.stream_id)
-                elif isinstance(event, h2.events.ConnectionTerminated):
-                    goaway = event.error_code
-            writer.write(conn.data_to_send())
-    writer.close()
-    return [(status.get(i, 0), bodies[i]) for i in ids], goaway
+    """Send header blocks as written, one stream each, on a new connection to ``port``."""
+    return await streams(*await asyncio.open_connection("127.0.0.1", port), requests)
 
 
 async def curl(*args: str) -> tuple[int, str, str]:
