@@ -259,7 +259,7 @@ class Sidecar:
         rt = Runtime(cfg, agent, self.metrics, Recorder(self.metrics, agent, self.redactor, headers),
                      Router(cfg.outbound.upstreams, cfg.outbound.listen), policies, providers,
                      CredentialCache(self.metrics), TaskRegistry.from_config(cfg.tasks), Revocations(self.metrics),
-                     Sessions(cfg, self.identity.client_files), ActiveExchanges(),
+                     Sessions(cfg, self.identity.client_files), ActiveExchanges(asyncio.get_running_loop()),
                      Approvals(self.metrics, cfg.policy.approval_timeout, self.redactor), signer, self.identity,
                      await self._verifier())
         Enforcement(agent.id, rt.tasks, rt.credentials, rt.exchanges, self.metrics).attach(rt.revocations)

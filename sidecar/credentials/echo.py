@@ -26,6 +26,7 @@ import html
 import json
 import re
 from collections.abc import Iterator
+from itertools import chain
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from multidict import CIMultiDict
@@ -58,6 +59,8 @@ class EchoGuard:
 
     def scrub(self, headers: CIMultiDict[str]) -> tuple[CIMultiDict[str], tuple[str, ...]]:
         """The headers without the secret, and what was done (``"location: query parameter removed"``)."""
+        if not self._maybe_in(headers):
+            return headers, ()
         if not any(self.carried(name) or self.carried(value) for name, value in headers.items()):
             return headers, ()
         kept: CIMultiDict[str] = CIMultiDict()
@@ -82,6 +85,13 @@ class EchoGuard:
         for form in self._in_bodies:  # longest first: no form is left half-replaced by a shorter one
             body = body.replace(form, REDACTED)
         return body
+
+    def _maybe_in(self, headers: CIMultiDict[str]) -> bool:
+        """One look at every name and value at once: False only when none can carry the secret in any
+        form (nothing to decode and no raw copy). A match across two joined headers is only a false
+        alarm: the header-by-header look above decides."""
+        text = "\n".join(chain.from_iterable(headers.items()))
+        return "%" in text or "+" in text or self._secret in text
 
     def _without_param(self, value: str) -> str:
         def drop(m: re.Match[str]) -> str:

@@ -25,16 +25,21 @@ def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None 
 def build_server_context(cert_path: str, key_path: str, ca_pems: list[bytes]) -> ssl.SSLContext:
     """A TLS >= 1.2 server context presenting our SVID and asking for (not demanding) a client cert.
 
-    ``ca_pems`` is the union of all trust bundles: OpenSSL's first, coarse chain check. Session
-    tickets are off so that every connection presents, and has verified, its full chain.
+    ``ca_pems`` is the union of all trust bundles: OpenSSL's first, coarse chain check.
+
+    Session resumption is on (TLS 1.3 tickets, two per handshake; TLS 1.2 tickets too): a caller that
+    reconnects skips the full handshake, about 2 ms of CPU with a client certificate. The ticket keys
+    belong to this context, which is built once per SVID and bundle set and replaced on rotation, so a
+    ticket never outlives the identity that issued it. A resumed session carries the caller's leaf but
+    not its intermediates; ``sidecar.identity.mtls`` verifies the leaf again on every connection, with
+    the intermediates its full handshake presented.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_path, key_path)
     context.load_verify_locations(cadata=b"".join(ca_pems).decode("ascii"))
     context.verify_mode = ssl.CERT_OPTIONAL
-    context.options |= ssl.OP_NO_TICKET
-    context.num_tickets = 0
+    context.num_tickets = 2
     return context
 
 

@@ -26,8 +26,6 @@ import aiohttp
 import orjson
 import structlog
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from jwt import PyJWK
-from jwt.exceptions import PyJWTError
 
 from sidecar.config_model import JwtIssuerConfig
 from sidecar.http.tls import client_ssl_context
@@ -140,6 +138,9 @@ def _algorithms(jwk: dict[str, Any]) -> frozenset[str]:
 
 
 def _key_object(jwk: dict[str, Any]) -> tuple[Any, str | None]:
+    from jwt import PyJWK  # PyJWT only once a key set is read (start-up without jwt_issuers skips it)
+    from jwt.exceptions import PyJWTError
+
     representative = {"RSA": "RS256", "EC": _EC_ALGORITHM.get(jwk.get("crv", "")), "OKP": "EdDSA"}
     try:
         key = PyJWK(dict(jwk), algorithm=representative[jwk["kty"]]).key

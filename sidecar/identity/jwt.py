@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import math
 import re
@@ -37,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import aiohttp
 import orjson
 import structlog
-from jwt.algorithms import get_default_algorithms
 
 from sidecar.config_model import JwtIssuerConfig
 from sidecar.errors import IdentityRefused
@@ -56,7 +56,15 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _KID = re.compile(rf"[A-Za-z0-9._~+/=:-]{{1,{MAX_KID_CHARS}}}")
 _B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 §2.1 b64token
 _KEYS_FROM_TOKEN = ("jku", "x5u", "jwk", "x5c")
-_VERIFIERS = {alg: impl for alg, impl in get_default_algorithms().items() if alg in ASYMMETRIC_ALGORITHMS}
+
+
+@functools.cache
+def _verifiers() -> Mapping[str, Any]:
+    """PyJWT's asymmetric algorithms, imported when the first token is verified: a sidecar without
+    ``jwt_issuers`` never loads PyJWT (about 0.1 s of start-up, issue 16)."""
+    from jwt.algorithms import get_default_algorithms
+
+    return {alg: impl for alg, impl in get_default_algorithms().items() if alg in ASYMMETRIC_ALGORITHMS}
 
 
 def _refused(message: str) -> IdentityRefused:
@@ -328,7 +336,7 @@ class JwtVerifier:
         issuer = self._issuer_of(parsed.claims)
         _check_issuer_header(parsed.header, alg, issuer)
         keys, key = await self._key(issuer, kid, alg)
-        if not _VERIFIERS[alg].verify(parsed.signing_input, key.key, parsed.signature):
+        if not _verifiers()[alg].verify(parsed.signing_input, key.key, parsed.signature):
             raise _refused("token signature does not verify with the issuer's key")
         result = _verified(token, parsed.claims, issuer, audience, now)
         if cache_key is not None:

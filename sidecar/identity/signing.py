@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -38,6 +37,8 @@ class SigningKey:
     private: Any = field(repr=False)
 
     def public_jwk(self) -> dict[str, Any]:
+        import jwt  # PyJWT when a token is first signed or the JWKS served, not at start-up
+
         jwk: dict[str, Any] = json.loads(jwt.algorithms.get_default_algorithms()[self.algorithm].to_jwk(self.private.public_key()))
         jwk.update({"kid": self.kid, "use": "sig", "alg": self.algorithm})
         return jwk
@@ -99,6 +100,8 @@ class Signer:
         jti = uuid.uuid4().hex
         exp = now + int(ttl)
         payload = {"iss": self.issuer, "iat": now, "nbf": now - 5, "exp": exp, "jti": jti, **claims}
+        import jwt  # see SigningKey.public_jwk
+
         token = jwt.encode(payload, self.key.private, algorithm=self.key.algorithm,
                            headers={"kid": self.key.kid, "typ": typ})
         return token, jti, float(exp)

@@ -8,14 +8,15 @@ formatted once per second.
 Redaction: a :class:`Redactor` masks JWTs, bearer credentials, PEM private keys and every
 configured secret value, wherever they appear (including exception texts someone passed in).
 Each sidecar holds its own, with its own config's secrets: its trust-decision events are
-redacted by it (:func:`emit_event`), so one sidecar's secrets never mask words in another's
+redacted by it (``Exchange.event``, as it builds them), so one sidecar's secrets never mask words in another's
 events. Every other log line passes :data:`REDACTOR`, the process-wide safety net, which masks
 the secrets of every sidecar running in the process (attached at start, detached at stop): a
 line logged outside any sidecar's reach still cannot carry one.
 
 Bounds: strings an agent or a caller chose (a path, a host, a task id, an MCP tool name...) are
 cut to a fixed number of characters in the trust-decision event (:data:`EVENT_BOUNDS`, stated in
-``schemas/trust_decision.schema.json`` as ``maxLength``) and to :data:`LOG_STRING_MAX` in every
+``schemas/trust_decision.schema.json`` as ``maxLength``; ``Exchange.event`` applies them as it builds
+the event, so that the line is one ``orjson.dumps`` of what it built) and to :data:`LOG_STRING_MAX` in every
 other line, ending with a marker that says how long they were: a 2 MiB tool name cannot make a
 2 MiB line.
 """
@@ -243,32 +244,10 @@ def admission() -> Awaitable[None] | None:
     return WRITER.admission()
 
 
-def emit_event(event: dict[str, Any], *, kept: bool = False, redactor: Redactor | None = None) -> None:
-    """Write one trust-decision event; every field that carries request-derived text is redacted (by the
-    sidecar's own ``redactor``; default the process-wide net) and bounded.
+def emit_event(event: dict[str, Any], *, kept: bool = False) -> None:
+    """Write one trust-decision event (``Exchange.event``: its request-derived text already redacted and
+    bounded, so this is one ``orjson.dumps`` and a buffered write).
 
     ``kept``: the exchange was let in by :func:`admission`, so its event is never dropped under
     ``block`` or ``refuse``."""
-    redactor = redactor or REDACTOR
-    target = event.get("target")
-    if target is not None and target.get("query"):
-        target["query"] = redact_query(target["query"])
-    if target is not None and target.get("a2a_push_url") and "?" in target["a2a_push_url"]:
-        base, _, query = target["a2a_push_url"].partition("?")  # a webhook's token in its query
-        target["a2a_push_url"] = f"{base}?{redact_query(query)}"
-    if target is not None and target.get("mcp_arguments") is not None:
-        target["mcp_arguments"] = logged_arguments(target["mcp_arguments"])
-    detail = event.get("reason_detail")
-    if detail:
-        event["reason_detail"] = clean(detail, REASON_DETAIL_MAX, redactor)
-    for section, bounds in EVENT_BOUNDS.items():
-        fields = event.get(section)
-        if fields is None:
-            continue
-        for key, limit in bounds.items():
-            value = fields.get(key)
-            if value:
-                fields[key] = clean(value, limit, redactor)
-    if event.get("act_chain"):
-        event["act_chain"] = [clean(actor, ACT_CHAIN_ITEM_MAX, redactor) for actor in event["act_chain"]]
     WRITER.write(orjson.dumps(event) + b"\n", kept=kept)

@@ -98,6 +98,7 @@ class BufferedLineWriter:
         self.waiting = 0
         self._room: asyncio.Event | None = None
         self._room_loop: asyncio.AbstractEventLoop | None = None
+        self._loop: tuple[asyncio.AbstractEventLoop, int] | None = None  # the last running loop seen, its thread
 
     @property
     def stream(self) -> IO[bytes]:
@@ -115,7 +116,7 @@ class BufferedLineWriter:
         """Queue one line; dropped (and counted) if the buffer is full and ``kept`` does not hold it.
 
         Off the loop (CLI commands, the stall watchdog while the loop is held) a line is handed over at once."""
-        loop = asyncio._get_running_loop()
+        loop = self._running_loop()
         with self._lock:
             if self.full and not (kept and self.backpressure.on_backpressure != "drop"):
                 self._drop(line)
@@ -131,6 +132,17 @@ class BufferedLineWriter:
                 return
             self._scheduled = True
         loop.call_later(FLUSH_AFTER, self.hand_over)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        """This thread's running loop. A loop that runs and was last seen on this thread is it (one loop
+        runs per thread), which spares ``asyncio._get_running_loop``'s ``getpid`` per line."""
+        seen = self._loop
+        if seen is not None and seen[1] == threading.get_ident() and seen[0].is_running():
+            return seen[0]
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            self._loop = (loop, threading.get_ident())
+        return loop
 
     def _add(self, line: bytes) -> None:
         self._lines.append(line)

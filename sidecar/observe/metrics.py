@@ -21,6 +21,7 @@ from sidecar.observe.line_writer import LogStats
 
 UNKNOWN = "_unknown"
 AGENT_INFO_LABELS = ("name", "environment", "owner", "trust_level")
+DELEGATIONS = ("delegated", "impersonated")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -45,6 +46,7 @@ class Metrics:
                                            "Short-lived credentials currently held.", registry=r)
         self.delegated_requests = Counter("sidecar_delegated_requests", "Requests made for a human.",
                                           ["delegation"], registry=r)
+        self.delegated = {d: self.delegated_requests.labels(d) for d in DELEGATIONS}  # bound once: no labels() per request
         self.revocations = Counter("sidecar_revocations", "Revocations applied, by kind.", ["kind"], registry=r)
         self.revocation_propagation = Histogram(
             "sidecar_revocation_propagation_seconds", "Receive time minus the publisher's timestamp.",

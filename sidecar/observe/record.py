@@ -40,13 +40,13 @@ class Recorder:
         m.observe_request(ex.direction, ex.decision, upstream, time.perf_counter() - ex.started)
         if ex.rule_id is not None:
             m.count_decision(ex.direction, ex.decision, ex.rule_id)
-        if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in ("delegated", "impersonated"):
-            m.delegated_requests.labels(ex.delegation).inc()
+        if ex.direction == "outbound" and ex.decision == "allow" and ex.delegation in m.delegated:
+            m.delegated[ex.delegation].inc()
         if ex.reason in UPSTREAM_FAILURES:
             m.upstream_errors.labels(upstream, ex.reason).inc()
         facts = ex.facts
         recorded = self.headers.capture(facts.headers) if self.headers is not None and facts is not None else None
-        emit_event(ex.event(self.agent, recorded), kept=ex.kept, redactor=self.redactor)
+        emit_event(ex.event(self.agent, recorded, self.redactor), kept=ex.kept)
 
     def refused(self, direction: str, refusal: Refusal, *, protocol: str = "http") -> None:
         """A refusal outside any exchange (a connection, or a request never parsed): one event of its own."""

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from sidecar.http.tls import build_server_context
 from sidecar.identity.mtls import MtlsAcceptor, _PeerTable, refusal_response
-from sidecar.identity.x509 import PeerIdentity, PeerRejected, TrustBundles
+from sidecar.identity.x509 import PeerIdentity, PeerRejected, TrustBundles, verify_peer
 from tests.identity.pki import HOUR, Authority, Issued, Pki, make_pki
 
 OUR_ID = "spiffe://example.org/ns/agents/sa/billing"
@@ -514,6 +514,105 @@ async def test_openssl_s_client(
         assert (await harness.next_reject())[0] == reason and harness.served == []
 
 
+# --- session resumption (issue 16 item 3) ------------------------------------------------------
+
+
+def _get_resuming(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[str, ssl.SSLSession, bool]:
+    """One GET over a new connection offering ``session``: (body, the session to offer next, resumed?)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            assert tls.session is not None
+            return answer.partition(b"\r\n\r\n")[2].decode(), tls.session, tls.session_reused
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+@pytest.mark.parametrize("via_intermediate", [False, True], ids=["from-root", "via-intermediate"])
+async def test_a_reconnecting_caller_resumes_and_is_still_identified(
+    harness: Harness, pki: Pki, tmp_path: Path, version: ssl.TLSVersion, via_intermediate: bool
+) -> None:
+    """A caller offering its session skips the full handshake and is served as the same verified peer,
+    also when its leaf needs the intermediate it sent only at the full handshake."""
+    issuer = pki.intermediate if via_intermediate else pki.ours
+    extra = (pki.intermediate.issued,) if via_intermediate else ()
+    context = _client_context(harness.ca_file, issuer.issue(CALLER_ID).write(tmp_path, "caller", *extra))
+    context.minimum_version = context.maximum_version = version
+    body, session, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, None)
+    assert (body, resumed) == (CALLER_ID, False)
+    for _ in range(3):
+        body, session, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+        assert (body, resumed) == (CALLER_ID, True)
+    peers = [peer for peer, _ in harness.served]
+    assert len(peers) == 4 and len({(p.spiffe_id, p.cert_sha256) for p in peers if p}) == 1
+    assert harness.rejects == []
+
+
+async def test_a_resumed_session_is_verified_again_and_refused_once_its_leaf_expired(
+    harness: Harness, pki: Pki, tmp_path: Path
+) -> None:
+    """A ticket is no pass: the resumed caller's leaf is checked against the clock (and bundles) again."""
+    context = _client_context(harness.ca_file, _dated(pki, -1, 1).write(tmp_path, "caller"))
+    _, session, _ = await asyncio.to_thread(_get_resuming, harness.port, context, None)
+    harness.acceptor._clock = lambda: datetime.now(UTC) + 2 * HOUR  # past the leaf's not_after
+    body, _, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+    assert resumed and json.loads(body)["error"] == "peer_unverified"
+    assert (await harness.next_reject())[0] == "expired"
+    assert len(harness.served) == 1  # the refused connection reached no handler
+
+
+async def test_a_caller_that_comes_back_is_verified_once_per_bundles(
+    harness: Harness, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict on a leaf is remembered while the bundles in force are the ones it was reached with:
+    new bundles (the same CA) mean one new verification, then it is remembered again."""
+    import sidecar.identity.mtls as mtls
+
+    calls: list[bytes | None] = []
+
+    def counted(leaf: bytes | None, *args: object) -> PeerIdentity:
+        calls.append(leaf)
+        return verify_peer(leaf, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mtls, "verify_peer", counted)
+    context = _client_context(harness.ca_file, pki.intermediate.issue(CALLER_ID).write(tmp_path, "caller",
+                                                                                          pki.intermediate.issued))
+    session = None
+    for _ in range(3):
+        body, session, _ = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+        assert body == CALLER_ID
+    assert len(calls) == 1
+    harness.current.bundles = pki.bundles()  # an equal but new set: a reload
+    for _ in range(2):
+        body, session, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+        assert (body, resumed) == (CALLER_ID, True)
+    assert len(calls) == 2 and harness.rejects == []
+
+
+async def test_a_resumed_caller_no_longer_in_the_bundles_is_refused(harness: Harness, pki: Pki, tmp_path: Path) -> None:
+    """Bundles that no longer trust the caller's CA refuse its resumed session (same TLS context, its ticket
+    still valid): nothing remembered from before holds against other bundles."""
+    context = _client_context(harness.ca_file, pki.ours.issue(CALLER_ID).write(tmp_path, "caller"))
+    _, session, _ = await asyncio.to_thread(_get_resuming, harness.port, context, None)
+    harness.current.bundles = TrustBundles.from_pem(make_pki().ours.issued.pem, "example.org", {})
+    body, _, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+    assert resumed and json.loads(body)["error"] == "peer_unverified"
+    assert (await harness.next_reject())[0] == "peer_unverified"
+    assert len(harness.served) == 1
+
+
+async def test_a_session_does_not_survive_a_rotation(harness: Harness, pki: Pki, tmp_path: Path) -> None:
+    """Tickets belong to the context that issued them: after the context is replaced the caller
+    makes a full handshake, against the bundles then in force."""
+    context = _client_context(harness.ca_file, pki.ours.issue(CALLER_ID).write(tmp_path, "caller"))
+    _, session, _ = await asyncio.to_thread(_get_resuming, harness.port, context, None)
+    harness.current.context = _server_context(pki.ours, tmp_path, harness.current.bundles, "rotated")
+    body, _, resumed = await asyncio.to_thread(_get_resuming, harness.port, context, session)
+    assert (body, resumed) == (CALLER_ID, False)
+
+
 # --- rotation --------------------------------------------------------------------------------
 
 
@@ -597,11 +696,11 @@ def test_refusal_response_is_a_complete_http_response() -> None:
 
 
 def test_server_context_requests_but_does_not_demand_a_client_certificate(pki: Pki, tmp_path: Path) -> None:
-    """The server context asks for client certificates (CERT_OPTIONAL), TLS >= 1.2, no tickets."""
+    """The server context asks for client certificates (CERT_OPTIONAL), TLS >= 1.2, issues session tickets."""
     context = _server_context(pki.ours, tmp_path, pki.bundles(), "server")
     assert context.verify_mode == ssl.CERT_OPTIONAL
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
-    assert context.num_tickets == 0 and context.options & ssl.OP_NO_TICKET
+    assert context.num_tickets == 2 and not context.options & ssl.OP_NO_TICKET
     assert len(context.get_ca_certs()) == 2
 
 
