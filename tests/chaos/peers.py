@@ -45,16 +45,24 @@ class Switchable:
         raise NotImplementedError
 
 
+SSE_EVENTS = 3
+
+
 class Upstream(Switchable):
     """normal: 200 ``ok``; reset: the connection is aborted before a byte of answer; slow: the answer
     comes after ``slow_seconds`` (past the sidecar's first_byte); cut: the head and half the body,
-    then the connection is aborted."""
+    then the connection is aborted. In normal mode ``/sse`` streams SSE_EVENTS events (``data: n``) and
+    ``/ws`` is a WebSocket that echoes each text message and closes with a close frame after one."""
 
     slow_seconds = 3.0
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         await request.read()
+        if self.mode == "normal" and request.path.endswith("/sse"):
+            return await self._sse(request)
+        if self.mode == "normal" and request.path.endswith("/ws"):
+            return await self._echo(request)
         if self.mode == "reset":
             assert request.transport is not None
             request.transport.abort()
@@ -69,6 +77,24 @@ class Upstream(Switchable):
             request.transport.abort()
             return response
         return web.Response(text="ok")
+
+    async def _sse(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for n in range(SSE_EVENTS):
+            await response.write(f"id: {n}\ndata: {n}\n\n".encode())
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    async def _echo(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        message = await ws.receive()
+        if message.type == web.WSMsgType.TEXT:
+            await ws.send_str(message.data)
+        await ws.close()
+        return ws
 
 
 class TokenEndpoint(Switchable):
