@@ -14,7 +14,8 @@ control file; the monotonic clock left alone) when Debian's ``faketime`` is inst
 clock can be stepped, and with its stdout on a pipe the harness reads, so that the reader can stall.
 Traffic: about 40 requests a second, round robin: an allowed GET on each upstream (``plain`` naming a
 task opened at start, ``ttl`` 30m), a GET policy denies, an allowed inbound mTLS call, an SSE stream, a
-WebSocket echo and a CONNECT to a new host name each time (a leaf minted per host).
+WebSocket echo, a CONNECT to a new host name each time (a leaf minted per host) and an MCP ``initialize`` to
+a server built with the MCP SDK (``tests/peers/mcp_sdk/server.py``, upstream ``tools``, ``protocol: mcp``).
 
 Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID and Redis
 down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
@@ -58,9 +59,13 @@ from tests.harness import wait_ready
 CALLER = "spiffe://sidecar.local/orchestrator"
 OURS = "spiffe://sidecar.local/chaos-agent"
 POLICY_DENIALS = frozenset({"no_matching_rule", "rule_denied", "condition_error"})
-KINDS = ("plain", "oauth", "denied", "inbound", "sse", "websocket", "connect")
+KINDS = ("plain", "oauth", "denied", "inbound", "sse", "websocket", "connect", "mcp")
 RATE = 40.0  # requests a second, all kinds together
 REQUEST_TIMEOUT = 15.0
+MCP_SERVER = Path(__file__).parents[1] / "peers" / "mcp_sdk" / "server.py"  # built with the MCP SDK installed
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+              "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "chaos",
+                                                                                          "version": "1"}}}
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 STATE_BYTES = "4m"  # the sidecar's state_dir: a tmpfs this small, so that filling it is quick
 DROPPED_EVENTS = 'sidecar_log_lines_dropped_total{kind="trust_decision"}'
@@ -153,6 +158,8 @@ class Traffic:
             url = f"{out}/{upstream}/{path}"
             if kind == "plain":
                 headers["X-Sidecar-Task"] = c.task
+        if kind == "mcp":
+            return await self._mcp(session, f"{out}/tools/mcp", outcome)
         async with session.get(url, ssl=tls if tls is not None else True, proxy=proxy, headers=headers) as r:
             outcome.status = r.status
             body = await r.read()
@@ -160,6 +167,17 @@ class Traffic:
                 outcome.reason = json.loads(body).get("error")
             elif r.status == 200:
                 outcome.ok = body.count(b"data: ") == SSE_EVENTS if kind == "sse" else True
+
+    async def _mcp(self, session: aiohttp.ClientSession, url: str, outcome: Outcome) -> None:
+        """An MCP initialize (JSON-RPC over streamable HTTP) to the SDK-built server: its serverInfo back."""
+        headers = {"Accept": "application/json, text/event-stream"}
+        async with session.post(url, json=INITIALIZE, headers=headers) as r:
+            outcome.status = r.status
+            body = await r.read()
+            if r.status >= 300 and r.content_type == "application/json":
+                error = json.loads(body).get("error")
+                outcome.reason = error.get("data", {}).get("reason") if isinstance(error, dict) else error
+            outcome.ok = r.status == 200 and b'"serverInfo"' in body
 
     async def _websocket(self, session: aiohttp.ClientSession, outcome: Outcome) -> None:
         url = f"ws://127.0.0.1:{self.clients.ports['outbound']}/plain/ws"
@@ -255,6 +273,8 @@ class World:
             shutil.which("nsenter") is not None
         self.faked_clock = FAKETIME.exists()
         self.task = ""
+        self.mcp: subprocess.Popen[bytes] | None = None
+        self.mcp_port = 0
 
     async def start(self) -> None:
         for peer in (self.upstream, self.tokens, self.agent):
@@ -274,6 +294,13 @@ class World:
         for name, path in self.intercept.items():
             shutil.copy(made / "intercept" / f"ca.{'crt' if name == 'cert' else 'key'}", path)
         self.good_intercept = {name: path.read_bytes() for name, path in self.intercept.items()}
+        self.mcp = subprocess.Popen([sys.executable, str(MCP_SERVER)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+        assert self.mcp.stdout is not None
+        line = self.mcp.stdout.readline()  # it prints its port once listening, or dies
+        if not line.startswith(b"PORT "):
+            raise SystemExit(f"chaos: the MCP SDK server did not start: {line!r}")
+        self.mcp_port = int(line.split()[1])
         self.state.mkdir()
         self.clock_file.write_text("+0\n")
         self.token_file.write_text("chaos-admin-token-0417\n")
@@ -328,12 +355,13 @@ class World:
             "inbound": {"listen": f"127.0.0.1:{self.ports['inbound']}", "forward_to": self.agent.url,
                         "trust_domains": ["sidecar.local"]},
             "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}",
-                         "timeouts": {"connect": "2s", "first_byte": "1s", "idle": "2s"},
+                         "timeouts": {"connect": "2s", "first_byte": "2s", "idle": "3s"},
                          "intercept": {"ca_cert": str(self.intercept["cert"]), "ca_key": str(self.intercept["key"])},
                          "upstreams": {"plain": {"url": up, "credential": "key"},
                                        "oauth": {"url": f"http://localhost:{self.upstream.port}",
                                                  "credential": "tokens"},
-                                       "intercepted": {"url": up, "hosts": ["*.chaos.test"]}}},
+                                       "intercepted": {"url": up, "hosts": ["*.chaos.test"]},
+                                       "tools": {"url": f"http://127.0.0.1:{self.mcp_port}", "protocol": "mcp"}}},
             "credentials": {
                 "key": {"type": "static", "header": "X-API-Key", "value": {"value": "chaos-static-key"}},
                 "tokens": {"type": "oauth2_client_credentials", "token_url": f"{self.tokens.url}/token",
@@ -352,6 +380,8 @@ class World:
              "effect": "allow"},
             {"id": "oauth-ok", "direction": "outbound", "upstream": "oauth", "paths": ["/ok"], "effect": "allow"},
             {"id": "intercepted-ok", "direction": "outbound", "upstream": "intercepted", "paths": ["/ok"],
+             "effect": "allow"},
+            {"id": "tools", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search"]},
              "effect": "allow"},
             {"id": "no-denied", "direction": "outbound", "upstream": "plain", "paths": ["/denied"], "effect": "deny"},
             {"id": "caller", "direction": "inbound", "callers": [CALLER], "effect": "allow"}]}))
@@ -401,7 +431,7 @@ class World:
         return Clients(self.ports, inbound, intercept, self.task)
 
     async def stop(self) -> None:
-        for process in (self.sidecar, self.redis):
+        for process in (self.sidecar, self.redis, self.mcp):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -455,7 +485,9 @@ def faults(world: World) -> list[Fault]:
         return write
 
     def clock(step: str) -> Callable[[], None]:
-        return lambda: world.clock_file.write_text(step + "\n")
+        def write() -> None:
+            world.clock_file.write_text(step + "\n")
+        return write
 
     def pump(pause: bool) -> Callable[[], None]:
         assert world.pump is not None
@@ -605,7 +637,8 @@ async def main_async(args: argparse.Namespace) -> int:
             rows = []
             for fault in chosen:
                 rows.append(await run_fault(world, fault, args.fault_seconds))
-                print(f"chaos: {fault.name}: {'held' if rows[-1].held else 'BROKEN'}", flush=True)
+                show(rows[-1:])  # as it comes: a long run shows its figures before the table
+                sys.stdout.flush()
             alive = world.sidecar is not None and world.sidecar.poll() is None
         finally:
             await world.stop()
