@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import os
 import shutil
@@ -68,6 +69,7 @@ INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                                                                                           "version": "1"}}}
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 STATE_BYTES = "4m"  # the sidecar's state_dir: a tmpfs this small, so that filling it is quick
+HOSTS = itertools.count()  # CONNECT host names, new across faults too (a leaf cached by one is not reused)
 DROPPED_EVENTS = 'sidecar_log_lines_dropped_total{kind="trust_decision"}'
 LOG_BUFFER = 65536  # logging.buffer_bytes: small, so that a stalled stdout is felt within seconds
 
@@ -102,7 +104,6 @@ class Traffic:
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._sent = 0
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -132,17 +133,17 @@ class Traffic:
     async def _one(self, session: aiohttp.ClientSession, kind: str) -> None:
         outcome = Outcome(kind, time.monotonic())
         self.outcomes.append(outcome)
-        self._sent += 1
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 if kind == "websocket":
                     await self._websocket(session, outcome)
                 else:
                     await self._http(session, kind, outcome)
-        except aiohttp.WSServerHandshakeError as exc:  # refused before the upgrade: an answer with a status
-            outcome.status = exc.status
-        except aiohttp.ClientHttpProxyError as exc:  # CONNECT refused: an answer with a status
-            outcome.status = exc.status
+        except (aiohttp.WSServerHandshakeError, aiohttp.ClientHttpProxyError) as exc:
+            # refused before the upgrade, or the CONNECT refused: an answer, its reason in Proxy-Status
+            outcome.status, outcome.reason = exc.status, proxy_status_reason(exc.headers)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            outcome.error = type(exc).__name__  # the CONNECT was answered; the leaf in the tunnel was refused
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             outcome.error = type(exc).__name__
 
@@ -152,7 +153,7 @@ class Traffic:
         if kind == "inbound":
             url, tls = f"https://127.0.0.1:{c.ports['inbound']}/tasks/x", c.inbound_tls
         elif kind == "connect":  # a new host name each time: each CONNECT mints a leaf (state_dir/intercept)
-            url, proxy, tls = f"https://r{self._sent}.chaos.test/ok", out, c.intercept_tls
+            url, proxy, tls = f"https://r{next(HOSTS)}.chaos.test/ok", out, c.intercept_tls
         else:
             upstream, path = {"denied": ("plain", "denied"), "sse": ("plain", "sse")}.get(kind, (kind, "ok"))
             url = f"{out}/{upstream}/{path}"
@@ -191,6 +192,13 @@ class Traffic:
             await ws.close()
 
 
+def proxy_status_reason(headers: object) -> str | None:
+    """The reason code a refusal names in its Proxy-Status header (``details="<reason>"``, RFC 9209)."""
+    value = headers.get("Proxy-Status", "") if hasattr(headers, "get") else ""
+    _, found, rest = str(value).partition('details="')
+    return rest.split('"', 1)[0] if found else None
+
+
 @dataclass
 class Fault:
     name: str
@@ -198,6 +206,7 @@ class Fault:
     clear: Callable[[], Awaitable[None] | None]
     expect: frozenset[str] = frozenset()  # refusal reasons the fault may cause (any others count as unexpected)
     cut_ok: bool = False  # responses broken off mid-body are the fault's own outcome (reported, not lost)
+    refused_by_client: frozenset[str] = frozenset()  # client-side errors that are the fault's own outcome
 
 
 @dataclass
@@ -256,7 +265,8 @@ class World:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.upstream, self.tokens, self.agent = Upstream(), TokenEndpoint(), Agent()
+        self.tokens, self.agent = TokenEndpoint(), Agent()
+        self.upstream = Upstream(self.tokens)
         self.ports = {name: free_port() for name in ("inbound", "outbound", "health", "metrics", "admin")}
         self.redis_port = free_port()
         self.redis: subprocess.Popen[bytes] | None = None
@@ -355,7 +365,7 @@ class World:
             "inbound": {"listen": f"127.0.0.1:{self.ports['inbound']}", "forward_to": self.agent.url,
                         "trust_domains": ["sidecar.local"]},
             "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}",
-                         "timeouts": {"connect": "2s", "first_byte": "2s", "idle": "3s"},
+                         "timeouts": {"connect": "2s", "first_byte": "4s", "idle": "5s"},
                          "intercept": {"ca_cert": str(self.intercept["cert"]), "ca_key": str(self.intercept["key"])},
                          "upstreams": {"plain": {"url": up, "credential": "key"},
                                        "oauth": {"url": f"http://localhost:{self.upstream.port}",
@@ -518,9 +528,15 @@ def faults(world: World) -> list[Fault]:
               files(world.intercept, ca)),
         Fault("stdout-blocked", pump(True), pump(False), frozenset({"log_unavailable"})),
     ]
-    if world.faked_clock:  # the wall clock stepped for the sidecar alone; TTLs and expiries are monotonic
-        table += [Fault("clock-forward-1h", clock("+1h"), clock("+0")),
-                  Fault("clock-back-1h", clock("-1h"), clock("+0"))]
+    if world.faked_clock:  # the wall clock stepped for the sidecar alone; TTLs and expiries are monotonic.
+        # Certificates are judged by the wall clock, whichever is wrong: an hour ahead the caller's 1-hour SVID
+        # has expired for the sidecar (peer_unverified), and the leaves it mints start an hour in the agent's
+        # future (the agent's TLS refuses them): refusals of the fault, both closed.
+        stepped = frozenset({"peer_unverified"})
+        table += [Fault("clock-forward-1h", clock("+1h"), clock("+0"), stepped,
+                        refused_by_client=frozenset({"ClientConnectorCertificateError"})),
+                  Fault("clock-back-1h", clock("-1h"), clock("+0"), stepped,
+                        refused_by_client=frozenset({"ClientConnectorCertificateError"}))]
     if world.namespaced:  # state_dir is the sidecar's own tmpfs
         table += [Fault("state-dir-full", lambda: world.in_namespace(fill),
                         lambda: world.in_namespace(f'rm -f "{world.state}/fill"')),
@@ -595,6 +611,9 @@ def judge(fault: Fault, traffic: Traffic, began: float, cleared: float, recovery
         if o.status is None:
             row.lost += 1
             row.losses[f"{o.kind} {o.error or 'no answer'}"] += 1
+            continue
+        if o.error in fault.refused_by_client:
+            row.refusals[f"client: {o.error}"] += 1
             continue
         if (o.error or o.status in (200, 101) and not o.ok) and not fault.cut_ok:
             row.lost += 1  # an answer broken off (or not what the upstream sent) where the fault does not explain it

@@ -354,6 +354,20 @@ def test_a_leaf_is_minted_again_shortly_before_it_expires(tmp_path: Path) -> Non
     assert ica.context_for("api.example.test") is not context
 
 
+def test_a_leaf_minted_while_the_clock_ran_ahead_is_minted_again_once_it_is_back(tmp_path: Path) -> None:
+    """A leaf minted with the wall clock an hour ahead starts in the agent's future; once the clock is back it is
+    not served from the cache for the rest of its life but minted again, valid now (issue 12: the chaos
+    harness's clock-forward fault left such hosts refused by the agent's TLS after the clock was corrected)."""
+    real = datetime.now(UTC)
+    now = [real + timedelta(hours=1)]
+    ica = InterceptionCA.load_or_create(None, None, tmp_path, leaf_ttl=timedelta(hours=24), clock=lambda: now[0])
+    ahead = ica.context_for("api.example.test")
+    now[0] = real
+    again = ica.context_for("api.example.test")
+    assert again is not ahead
+    assert ica.context_for("api.example.test") is again  # and cached from then on
+
+
 @pytest.mark.parametrize(
     "host",
     [
