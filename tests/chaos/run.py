@@ -98,8 +98,8 @@ class Clients:
 class Traffic:
     """Steady requests of every kind; each outcome kept with the time it was sent."""
 
-    def __init__(self, clients: Clients) -> None:
-        self.clients = clients
+    def __init__(self, clients: Clients, rate: float = RATE) -> None:
+        self.clients, self.rate = clients, rate
         self.outcomes: list[Outcome] = []
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -127,7 +127,7 @@ class Traffic:
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
                 n += 1
-                await asyncio.sleep(1 / RATE)
+                await asyncio.sleep(1 / self.rate)
             await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def _one(self, session: aiohttp.ClientSession, kind: str) -> None:
@@ -569,8 +569,8 @@ async def maybe(result: Awaitable[None] | None) -> None:
         await result
 
 
-async def run_fault(world: World, fault: Fault, fault_seconds: float) -> Row:
-    traffic = Traffic(world.clients())
+async def run_fault(world: World, fault: Fault, fault_seconds: float, rate: float = RATE) -> Row:
+    traffic = Traffic(world.clients(), rate)
     events_before, dropped_before = world.events(), await world.metric(DROPPED_EVENTS)
     traffic.start()
     await asyncio.sleep(2.0)
@@ -608,12 +608,12 @@ def judge(fault: Fault, traffic: Traffic, began: float, cleared: float, recovery
           events: int) -> Row:
     row = Row(fault.name, sent=len(traffic.outcomes), exchanges=traffic.exchanges, recovery=recovery, events=events)
     for o in traffic.outcomes:
+        if o.error in fault.refused_by_client:
+            row.refusals[f"client: {o.error}"] += 1
+            continue
         if o.status is None:
             row.lost += 1
             row.losses[f"{o.kind} {o.error or 'no answer'}"] += 1
-            continue
-        if o.error in fault.refused_by_client:
-            row.refusals[f"client: {o.error}"] += 1
             continue
         if (o.error or o.status in (200, 101) and not o.ok) and not fault.cut_ok:
             row.lost += 1  # an answer broken off (or not what the upstream sent) where the fault does not explain it
@@ -655,7 +655,7 @@ async def main_async(args: argparse.Namespace) -> int:
             chosen = [f for f in faults(world) if not args.only or f.name.split("(")[0] in args.only.split(",")]
             rows = []
             for fault in chosen:
-                rows.append(await run_fault(world, fault, args.fault_seconds))
+                rows.append(await run_fault(world, fault, args.fault_seconds, args.rate))
                 show(rows[-1:])  # as it comes: a long run shows its figures before the table
                 sys.stdout.flush()
             alive = world.sidecar is not None and world.sidecar.poll() is None
@@ -675,6 +675,8 @@ def main() -> int:
     parser.add_argument("--fault-seconds", type=float, default=12.0,
                         help="how long each fault lasts (token faults need more than a token's 8 s lifetime)")
     parser.add_argument("--keep-log", default="", help="copy the sidecar's output here")
+    parser.add_argument("--rate", type=float, default=RATE,
+                        help="requests a second, all kinds together (lower it on a loaded machine)")
     return asyncio.run(main_async(parser.parse_args()))
 
 

@@ -331,6 +331,17 @@ def test_contexts_are_cached_per_normalized_host_and_no_key_stays_on_disk(tmp_pa
     assert left == [".lock", "ca.crt", "ca.key"]
 
 
+async def test_a_leaf_is_minted_without_writing_to_state_dir(tmp_path: Path) -> None:
+    """Minting needs no disk: with the interception work dir gone (as a full or read-only state_dir, issue 12's
+    chaos faults, which refused CONNECTs internal_error), a leaf is still minted and serves a handshake."""
+    import shutil
+
+    ica = InterceptionCA.load_or_create(None, None, tmp_path)
+    shutil.rmtree(tmp_path / "intercept")
+    assert await _handshake(await ica.context("new.example.test"), ica.cert_pem, "new.example.test") == "http/1.1"
+    assert not (tmp_path / "intercept").exists()
+
+
 def test_the_cache_is_bounded_and_least_recently_used_goes_first(tmp_path: Path) -> None:
     """With room for two hosts, using a third evicts the one used least recently."""
     ica = InterceptionCA.load_or_create(None, None, tmp_path, max_hosts=2)
