@@ -2,6 +2,7 @@
 
     python -m tests.chaos.run                        # every fault
     python -m tests.chaos.run --only token-down,svid-garbage --fault-seconds 12
+    python -m tests.chaos.run --rate 30 --keep-log /tmp/sidecar.out   # a loaded machine; keep the events
 
 Set-up (all on 127.0.0.1, in a temporary directory): a ``sidecar run`` process (uvloop) with its SVID
 in files it watches, an inbound mTLS listener in front of a loopback agent, outbound upstreams on a
