@@ -103,6 +103,7 @@ class InboundConfig:
     limits: Limits
     timeouts: Timeouts
     pass_headers: frozenset[str] = frozenset()  # caller headers the agent may receive despite the strip set
+    http2: bool | str = False  # to the agent: True h2c (h2 by ALPN on https), "auto" ALPN chooses, False HTTP/1.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,3 +283,4 @@ class Config:
     log_backpressure: Backpressure = Backpressure()
     observability: Observability = Observability()
     fleet: FleetConfig = FleetConfig()
+    event_headers: tuple[str, ...] = ()  # logging.event_headers: more headers events record (observe/headers.py)

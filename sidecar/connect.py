@@ -3,49 +3,65 @@ the same pipeline as every other outbound request. There are no blind tunnels.
 
     CONNECT host:port ─ authority form ─ trust boundary ─ agent revoked? ─ host mapped (``hosts``)?
       ├─ refused: a JSON 4xx on the plain connection, one trust-decision event; no tunnel opens
-      └─ mapped: tunnel slot ─ "200 Connection Established" ─ start_tls(a leaf for host, timeout)
-           ├─ handshake failed: logged, tls_handshake_failures_total{outbound,handshake_failed}, one event
-           │  (reason handshake_failed, outcome cut: the agent got its 200, then no TLS came up)
-           └─ each decrypted request: Host must name the CONNECT authority (``host_mismatch``), then
-              route (``for_host(..., "connect")``) -> task -> policy -> credential -> forward -> record
+      └─ mapped: tunnel slot ─ "200 Connection Established" ─ the first byte, peeked (timeout)
+           ├─ a TLS record (a ClientHello) ─ start_tls(a leaf for host, ALPN h2 and http/1.1, timeout)
+           │    ├─ handshake failed: logged, tls_handshake_failures_total{outbound,handshake_failed}, one
+           │    │  event (reason handshake_failed, outcome cut: the agent got its 200, then no TLS came up)
+           │    └─ ALPN ``h2``: HTTP/2 (``H2Server``), else HTTP/1.1 (or h2c by its preface)
+           ├─ anything else: cleartext, HTTP/1.1 or h2c by its preface (``grpc.http_proxy`` on an insecure
+           │  channel); served only for an ``http://`` upstream (the agent could not have used TLS to it),
+           │  every request to an ``https://`` one is refused ``tls_required``
+           └─ each request, on either protocol: Host (``:authority``) must name the CONNECT authority
+              (``host_mismatch``), then route (``for_host(..., "connect")``) -> task -> policy -> credential
+              -> forward -> record: the same pipeline whatever the tunnel carries
 
-aiohttp's server does not handle CONNECT itself: its parser marks the connection upgraded, and
-once the handler returns it would write the handler's response on the raw transport and parse
-whatever follows as HTTP. So the handler takes the connection over and keeps it until the tunnel
-ends: the raw transport's protocol becomes asyncio's TLS protocol (``loop.start_tls``), the TLS
-transport gets a protocol of a second :class:`SidecarServer`, and when the tunnel has ended the
-aiohttp protocol that parsed the CONNECT is told its connection is gone (``connection_lost``), so
-that it drops its transport: the response it then tries to send fails as a premature disconnect
-and nothing reaches the wire after the TLS stream.
+The request's server lets the handler take the connection over (``take_over``) and keep it until the
+tunnel ends: the raw transport's protocol becomes asyncio's TLS protocol (``loop.start_tls``), or
+stays raw for cleartext, and that transport gets a protocol of the tunnel server (the listeners' own
+HTTP/1.1 server, or aiohttp's on the fallback; HTTP/2 by ALPN or preface). When the tunnel has ended
+the server that parsed the CONNECT is told (``release``): it counts the connection gone and writes
+nothing after the tunnel's stream.
+
+Which protocol follows the 200 is read without consuming it: the raw transport stops reading and a
+duplicate of its socket waits for the first byte and peeks at it (``MSG_PEEK``), so that TLS
+(``start_tls``) or the cleartext server reads the tunnel from its first byte.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import structlog
-from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.errors import Refusal, RequestRefused
 from sidecar.exchange import Exchange
-from sidecar.http.incoming import Answer, IncomingRequest
+from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
+from sidecar.http1.server import Http1Incoming, Http1Protocol, Http1Server
 from sidecar.http.target import normalize_host
+from sidecar.http2.listen import H2cServer
+from sidecar.http2.server import WINDOW_STALL, H2Protocol, H2Server
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
 from sidecar.identity.mtls import Holding, hand_over
 from sidecar.pipeline import Outbound, check_headers, serve_exchange
+from sidecar.routing import Route
 from sidecar.runtime import Runtime
-from sidecar.server import AiohttpIncoming, SidecarServer, error_response
+from sidecar.server import AiohttpIncoming
+
+Connect = AiohttpIncoming | Http1Incoming  # a CONNECT, on whichever HTTP/1.1 server parsed it
 
 log = structlog.get_logger("sidecar.connect")
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 MAX_TUNNELS = 256
 HANDSHAKE_FAILED = "connect: tls handshake inside the tunnel failed; expected a client that trusts the interception ca"
+TLS_RECORD = 0x16  # the first byte of a TLS handshake record: a ClientHello (RFC 8446 §5.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +72,7 @@ class Tunnel:
     port: int
     upstream: str
     outbound: Outbound
+    tls: bool = True  # False: the agent spoke cleartext (HTTP/1.1 or h2c) inside the tunnel
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -78,10 +95,14 @@ def origin_form(raw_target: str) -> tuple[str, str]:
 
 
 def check_host(request: IncomingRequest, tunnel: Tunnel) -> None:
-    """The decrypted request's Host header must name the authority the tunnel was opened for."""
+    """The request's Host header (HTTP/2: its ``:authority``) must name the authority the tunnel was
+    opened for. Without a port it names the default one: 443, or in a cleartext tunnel also 80 (an
+    insecure gRPC channel, whose default port is 443, sends its target's name without one)."""
     values = request.headers.getall("Host", ())
+    schemes = ("https",) if tunnel.tls else ("https", "http")
     try:
-        agrees = len(values) == 1 and normalize_host(values[0], "https") == (tunnel.host, tunnel.port)
+        agrees = len(values) == 1 and any(normalize_host(values[0], scheme) == (tunnel.host, tunnel.port)
+                                          for scheme in schemes)
     except RequestRefused:
         agrees = False
     if not agrees:
@@ -89,60 +110,89 @@ def check_host(request: IncomingRequest, tunnel: Tunnel) -> None:
                                               "CONNECT authority")
 
 
-class _TunnelServer(SidecarServer):
-    """The server behind the TLS transports; reports each connection's end to the interceptor."""
+def check_cleartext(tunnel: Tunnel, route: Route) -> None:
+    """Cleartext in a tunnel only to an ``http://`` upstream: to an ``https://`` one the agent must
+    speak TLS (it gets our leaf), else it would be trusting us with what it meant to encrypt."""
+    if not tunnel.tls and route.upstream.scheme != "http":
+        raise RequestRefused("tls_required", f"connect: upstream {route.upstream.name} is https; expected "
+                                             "tls (a ClientHello) inside the tunnel, got cleartext")
+
+
+class _TunnelServer(H2cServer):
+    """The server behind the tunnels' transports (HTTP/1.1, or h2c by its preface; ``http2`` for those whose
+    TLS chose ``h2``); reports each connection's end to the interceptor."""
 
     def __init__(self, interceptor: Interceptor, **kwargs: Any) -> None:
-        super().__init__(interceptor.handle_decrypted, **kwargs)
+        abuse = interceptor.rt.metrics.http2_abuse
+        http2 = H2Server(interceptor.handle_decrypted, limits=kwargs["limits"], on_refusal=kwargs.get("on_parse_error"),
+                         on_lost=interceptor.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
+                         stall=min(WINDOW_STALL, kwargs["keepalive_timeout"]), idle=kwargs["keepalive_timeout"])
+        super().__init__(interceptor.handle_decrypted, http2=http2, **kwargs)
         self._interceptor = interceptor
+        self._carriers: dict[RequestHandler, asyncio.Transport] = {}
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Idle tunnels close at once (as aiohttp's runner does); requests in flight get ``timeout``."""
         self.pre_shutdown()
         await super().shutdown(timeout)
 
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._carriers[handler] = transport
+
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
-        self._interceptor.tunnel_ended(handler)
+        carrier = self._carriers.pop(handler, None)
+        if carrier is not None and not isinstance(carrier.get_protocol(), H2Protocol):  # else handed to h2c
+            self._interceptor.tunnel_ended(carrier)
 
 
 class Interceptor:
     """Answers CONNECT: refuses unmapped hosts, intercepts mapped ones with a minted certificate."""
 
     def __init__(self, rt: Runtime, ca: InterceptionCA, ca_cert_path: Path, *,
-                 max_tunnels: int = MAX_TUNNELS) -> None:
+                 max_tunnels: int = MAX_TUNNELS, own_server: bool = True) -> None:
         outbound = rt.config.outbound
         self.rt, self.ca, self.ca_cert_path = rt, ca, ca_cert_path
         self._handshake_timeout = outbound.timeouts.connect
         self.max_tunnels, self._open = max_tunnels, 0  # a cap on concurrent tunnels
-        self._tunnels: dict[RequestHandler, Tunnel] = {}
-        self._ended: dict[RequestHandler, asyncio.Future[None]] = {}
-        self.server = _TunnelServer(self, limits=outbound.limits, on_parse_error=self._parse_error,
-                                    keepalive_timeout=outbound.timeouts.idle)
+        self._tunnels: dict[object, Tunnel] = {}  # by the transport its requests come on (``request.connection``)
+        self._ended: dict[object, asyncio.Future[None]] = {}
+        self.server: Http1Server | _TunnelServer
+        if own_server:
+            abuse = rt.metrics.http2_abuse
+            http2 = H2Server(self.handle_decrypted, limits=outbound.limits, on_refusal=self._parse_error,
+                             on_lost=self.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
+                             stall=min(WINDOW_STALL, outbound.timeouts.idle), idle=outbound.timeouts.idle)
+            self.server = Http1Server(self.handle_decrypted, limits=outbound.limits, on_parse_error=self._parse_error,
+                                      keepalive=outbound.timeouts.idle, http2=http2, on_lost=self._carrier_lost)
+        else:
+            self.server = _TunnelServer(self, limits=outbound.limits, on_parse_error=self._parse_error,
+                                        keepalive_timeout=outbound.timeouts.idle)
 
     @classmethod
-    def from_runtime(cls, rt: Runtime, *, max_tunnels: int = MAX_TUNNELS) -> Interceptor:
+    def from_runtime(cls, rt: Runtime, *, max_tunnels: int = MAX_TUNNELS, own_server: bool = True) -> Interceptor:
         """The operator's CA (``outbound.intercept``), else one kept in ``state_dir/intercept``."""
         cfg = rt.config
         cert, key = cfg.outbound.intercept_ca_cert, cfg.outbound.intercept_ca_key
         ca = InterceptionCA.load_or_create(cert, key, cfg.state_dir)
         path = cert if cert is not None else cfg.state_dir / "intercept" / CERT_FILE
         log.info("intercept_ca_ready", ca_cert=str(path), configured=cert is not None)
-        return cls(rt, ca, path, max_tunnels=max_tunnels)
+        return cls(rt, ca, path, max_tunnels=max_tunnels, own_server=own_server)
 
     @property
     def open_tunnels(self) -> int:
         return self._open
 
-    def front(self, outbound: Outbound) -> Callable[[AiohttpIncoming], Awaitable[Answer]]:
+    def front(self, outbound: Outbound) -> Callable[[Connect], Awaitable[Answer]]:
         """The outbound listener's handler: CONNECT is answered here, every other request by ``outbound``."""
-        def handle(request: AiohttpIncoming) -> Awaitable[Answer]:
+        def handle(request: Connect) -> Awaitable[Answer]:
             return self.handle(request, outbound) if request.method == "CONNECT" else outbound.handle(request)
 
         return handle
 
     # -- CONNECT on the plain listener ------------------------------------------------------
-    async def handle(self, request: AiohttpIncoming, outbound: Outbound) -> web.StreamResponse:
+    async def handle(self, request: Connect, outbound: Outbound) -> Answer:
         ex = Exchange("outbound", protocol="connect", method="CONNECT")
         try:
             tunnel = self._admit(request, ex, outbound)
@@ -154,10 +204,10 @@ class Interceptor:
             await self._run(request, tunnel, context)
         finally:
             self._open -= 1
-            _forget(request.native)
-        return web.Response(status=200)  # never sent: aiohttp no longer has a transport to send it on
+            request.release()
+        return request.respond(200, None, {}, None)  # never sent: the server no longer has the connection
 
-    def _admit(self, request: AiohttpIncoming, ex: Exchange, outbound: Outbound) -> Tunnel:
+    def _admit(self, request: Connect, ex: Exchange, outbound: Outbound) -> Tunnel:
         """Every check before the tunnel opens; raises the refusal that keeps it shut."""
         rt = self.rt
         limits = rt.config.outbound.limits
@@ -174,35 +224,46 @@ class Interceptor:
         if self._open >= self.max_tunnels:
             raise RequestRefused("rate_limited", f"connect: {self.max_tunnels} tunnels are already open",
                                  retry_after=1)
-        if _early_bytes(request.native):
+        if request.early_bytes():
             raise RequestRefused("bad_request", "connect: expected the client to wait for the 200 response "
                                                 "before starting tls")
         return Tunnel(host, port, upstream.name, outbound)
 
-    def _refuse(self, request: AiohttpIncoming, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
+    def _refuse(self, request: Connect, ex: Exchange, refusal: Refusal) -> Answer:
         ex.refuse(refusal)
         self.rt.recorder.record(ex)
-        response = error_response(refusal)
-        response.force_close()
-        request.native.content.feed_eof()  # what follows a refused CONNECT is not a body to linger over
-        return response
+        request.refused_connect()  # what follows a refused CONNECT is never parsed, nor lingered over
+        return refusal_answer(request, refusal)
 
-    async def _run(self, request: AiohttpIncoming, tunnel: Tunnel, context: ssl.SSLContext) -> None:
-        raw = request.native.transport
+    async def _run(self, request: Connect, tunnel: Tunnel, context: ssl.SSLContext) -> None:
+        raw = request.take_over()
         if raw is None or raw.is_closing():
             self._handshake_failed(tunnel, "closed", "before the 200")
             return
         raw.write(ESTABLISHED)
         holding = Holding()
-        tls = await self._handshake(raw, holding, context, tunnel)
-        if tls is None:
+        try:
+            first = await first_byte(raw, self._handshake_timeout)
+        except (OSError, TimeoutError) as exc:
+            raw.abort()
+            self._handshake_failed(tunnel, type(exc).__name__, "nothing sent after the 200")
             return
-        ended = self._attach(tls, holding, tunnel)
+        if not first:
+            raw.abort()
+            self._handshake_failed(tunnel, "EOFError", "closed after the 200, before any tls")
+            return
+        if first[0] == TLS_RECORD:
+            carrier = await self._handshake(raw, holding, context, tunnel)
+            if carrier is None:
+                return
+        else:
+            carrier, tunnel = raw, replace(tunnel, tls=False)
+        ended = self._attach(carrier, holding, tunnel)
         try:
             await ended
         finally:
-            if not tls.is_closing():
-                tls.abort()  # cancelled (shutdown, client gone): the tunnel ends with the handler
+            if not carrier.is_closing():
+                carrier.abort()  # cancelled (shutdown, client gone): the tunnel ends with the handler
 
     async def _handshake(self, raw: asyncio.Transport, holding: Holding, context: ssl.SSLContext,
                          tunnel: Tunnel) -> asyncio.Transport | None:
@@ -229,28 +290,38 @@ class Interceptor:
                     error_type=error, detail=detail, message=HANDSHAKE_FAILED)
         self.rt.recorder.record(failed_tunnel(tunnel, f"{error}: {detail}" if detail else error))
 
-    def _attach(self, tls: asyncio.Transport, holding: Holding, tunnel: Tunnel) -> asyncio.Future[None]:
-        """Hand the TLS transport to a protocol of the tunnel server; the future ends with it."""
-        protocol = self.server()
+    def _attach(self, carrier: asyncio.Transport, holding: Holding, tunnel: Tunnel) -> asyncio.Future[None]:
+        """Hand the tunnel's transport (TLS, or the raw one for cleartext) to a protocol of the tunnel
+        server: HTTP/2 if its TLS chose ``h2``, else HTTP/1.1 (h2c by its preface). The future ends with it."""
+        tls = carrier.get_extra_info("ssl_object")
+        http2 = tls is not None and tls.selected_alpn_protocol() == "h2"
+        http2_server = self.server.http2
+        assert http2_server is not None  # the tunnel server always has its HTTP/2 side
+        protocol = http2_server() if http2 else self.server()
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tunnels[protocol], self._ended[protocol] = tunnel, ended
-        hand_over(tls, holding, protocol)
+        self._tunnels[carrier], self._ended[carrier] = tunnel, ended
+        hand_over(carrier, holding, protocol)
+        if tls is None:
+            carrier.resume_reading()  # paused while its first byte was peeked at
         return ended
 
-    def tunnel_ended(self, protocol: RequestHandler) -> None:
-        self._tunnels.pop(protocol, None)
-        ended = self._ended.pop(protocol, None)
+    def _carrier_lost(self, connection: Http1Protocol) -> None:
+        self.tunnel_ended(connection.carrier)
+
+    def tunnel_ended(self, carrier: object) -> None:
+        self._tunnels.pop(carrier, None)
+        ended = self._ended.pop(carrier, None)
         if ended is not None and not ended.done():
             ended.set_result(None)
 
     # -- requests inside the tunnel ---------------------------------------------------------
-    def handle_decrypted(self, request: AiohttpIncoming) -> Awaitable[Answer]:
+    def handle_decrypted(self, request: IncomingRequest) -> Awaitable[Answer]:
         ex = Exchange("outbound", protocol="connect", method=request.method)
         return serve_exchange(self.rt, request, ex, lambda: self._exchange(request, ex))
 
-    async def _exchange(self, request: AiohttpIncoming, ex: Exchange) -> Answer:
+    async def _exchange(self, request: IncomingRequest, ex: Exchange) -> Answer:
         rt = self.rt
-        tunnel = self._tunnels.get(request.native.protocol)
+        tunnel = self._tunnels.get(request.connection)
         if tunnel is None:
             raise Refusal("internal_error", "connect: request on a connection that is not a tunnel")
         ex.host = tunnel.host
@@ -260,6 +331,7 @@ class Interceptor:
         raw_path, query = origin_form(request.target)
         check_host(request, tunnel)
         route = rt.router.for_host(tunnel.host, raw_path, query, "connect")
+        check_cleartext(tunnel, route)
         return await tunnel.outbound.forward_route(request, ex, route)
 
     def _parse_error(self, refusal: Refusal) -> None:
@@ -275,13 +347,26 @@ def failed_tunnel(tunnel: Tunnel, why: str) -> Exchange:
     return ex
 
 
-def _early_bytes(request: web.BaseRequest) -> bool:
-    """Bytes after the CONNECT head, read before the 200: asyncio's start_tls cannot be given them."""
-    return bool(getattr(request.protocol, "_message_tail", b""))
+async def first_byte(raw: asyncio.Transport, timeout: float) -> bytes:
+    """The tunnel's first byte, left unread: the transport stops reading, a duplicate of its socket
+    waits (``timeout``) until a byte or the end arrives and peeks. ``b""``: the client closed."""
+    loop = asyncio.get_running_loop()
+    raw.pause_reading()
+    peek = socket.socket(fileno=os.dup(raw.get_extra_info("socket").fileno()))
+    try:
+        ready: asyncio.Future[None] = loop.create_future()
 
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
 
-def _forget(request: web.BaseRequest) -> None:
-    """Tell the protocol that parsed the CONNECT that its connection is gone (it was taken over)."""
-    protocol = request.protocol
-    if protocol.transport is not None:
-        protocol.connection_lost(None)
+        loop.add_reader(peek.fileno(), readable)
+        try:
+            async with asyncio.timeout(timeout):
+                await ready
+        finally:
+            loop.remove_reader(peek.fileno())
+        return peek.recv(1, socket.MSG_PEEK)
+    finally:
+        peek.close()  # the duplicate only: the connection stays the transport's
+

@@ -33,6 +33,7 @@ STATUS: dict[str, int] = {
     "unknown_upstream": 403,
     "browser_origin": 403,
     "host_mismatch": 403,
+    "tls_required": 403,
     "no_client_cert": 401,
     "peer_unverified": 401,
     "foreign_trust_domain": 403,
@@ -58,6 +59,7 @@ STATUS: dict[str, int] = {
     "body_too_large": 413,
     "request_timeout": 408,
     "bad_request": 400,
+    "aws_chunked_invalid": 400,
     "method_not_allowed": 405,
     "request_override": 400,
     "credential_parameter": 400,
@@ -65,6 +67,8 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "internal_error": 500,
     "overloaded": 503,
+    "protocol_abuse": 429,
+    "deadline_exceeded": 504,
 }
 
 # RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
@@ -76,6 +80,8 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "body_too_large": "http_request_error",
     "request_timeout": "http_request_error",
     "bad_request": "http_request_error",
+    "protocol_abuse": "http_protocol_error",
+    "aws_chunked_invalid": "http_request_error",
     "credential_unavailable": "proxy_internal_error",
     "log_unavailable": "proxy_internal_error",
     "internal_error": "proxy_internal_error",
@@ -107,14 +113,16 @@ RPC_ERROR_CODES: dict[str, tuple[int, dict[str, int]]] = {  # protocol -> (any o
 # gRPC client sees why: https://grpc.github.io/grpc/core/md_doc_statuscodes.html. Any other reason: UNKNOWN.
 GRPC_UNKNOWN = 2
 GRPC_STATUS: dict[str, int] = {
-    **dict.fromkeys(("bad_request", "request_override", "credential_parameter", "method_not_allowed"), 3),
+    **dict.fromkeys(("bad_request", "aws_chunked_invalid", "request_override", "credential_parameter",
+                     "method_not_allowed"), 3),
     "approval_timeout": 4,  # DEADLINE_EXCEEDED: held for an approval that did not come in time
-    **dict.fromkeys(("upstream_timeout", "request_timeout"), 4),
+    **dict.fromkeys(("upstream_timeout", "request_timeout", "deadline_exceeded"), 4),
     **dict.fromkeys(("not_found", "unknown_session"), 5),  # NOT_FOUND
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error", "approval_denied", "unknown_upstream",
-                     "browser_origin", "host_mismatch", "foreign_trust_domain", "unknown_task", "task_ended",
-                     "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
-    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large"), 8),  # RESOURCE_EXHAUSTED
+                     "browser_origin", "host_mismatch", "tls_required", "foreign_trust_domain", "unknown_task",
+                     "task_ended", "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
+    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large", "protocol_abuse"),
+                    8),  # RESOURCE_EXHAUSTED
     **dict.fromkeys(("upstream_protocol_error", "internal_error"), 13),  # INTERNAL
     **dict.fromkeys(("upstream_unreachable", "credential_unavailable", "log_unavailable"), 14),  # UNAVAILABLE
     **dict.fromkeys(("no_client_cert", "peer_unverified", "token_invalid", "unauthorized"), 16),  # UNAUTHENTICATED

@@ -38,7 +38,9 @@ from sidecar.forward.body import RequestBody
 from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
-from sidecar.grpc import grpc_refusal, grpc_status, note_call
+from sidecar.grpc import (
+    EXPIRED, TIMEOUT, call_timeout, format_timeout, grpc_refusal, grpc_status, is_grpc, note_call,
+)
 from sidecar.http.headers import VIA, clean_request_headers, echo_method
 from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
 from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
@@ -188,8 +190,11 @@ class Outbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
+        deadline = None  # a gRPC call's own (grpc-timeout), on the loop's clock
         if up.protocol == "grpc":
             note_call(ex, route.path)
+            timeout = call_timeout(request.headers)
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         body = RequestBody(request, rt.config.outbound.limits, up.timeouts.idle)
         await self._inspect(request, ex, route, task, body)
         if body.form:
@@ -209,6 +214,8 @@ class Outbound:
             await rt.approvals.hold(ex, await body.read() if body.present else None)
         credential = await self._credential(ex, decision, up.credential, task) if not echo else None
         out = self._outbound_request(request, route, traceparent, forwarded)
+        if deadline is not None:  # what is left of it goes upstream (before any signer signs the headers)
+            out.headers[TIMEOUT] = format_timeout(_remaining(deadline))
         if source is not None:
             out.headers[COPY_SOURCE] = source.header  # what policy decided on is what S3 reads
         if credential is not None:
@@ -217,7 +224,7 @@ class Outbound:
                 await body.read()
             out.body = body.whole
             provider.apply(out, credential)
-        return await self._send(request, ex, route, out, body, task)
+        return await self._send(request, ex, route, out, body, task, deadline)
 
     def _task(self, request: IncomingRequest, ex: Exchange) -> Task | None:
         values = request.headers.getall(TASK_HEADER, ())
@@ -347,9 +354,9 @@ class Outbound:
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,
-                    body: RequestBody, task: Task | None) -> Answer:
+                    body: RequestBody, task: Task | None, deadline: float | None = None) -> Answer:
         up = route.upstream
-        data = body.to_send()  # a whole body is framed (Content-Length) where the head is written
+        data = body.to_send(out.reframe)  # a whole body is framed (Content-Length) where the head is written
         if is_websocket(request):
             ex.protocol = "websocket"
             url = URL(f"{up.scheme}://{out.host_header}{out.path}" + (f"?{out.query}" if out.query else ""),
@@ -361,11 +368,15 @@ class Outbound:
                 ex.outcome, ex.reason_detail = "cut", "websocket: a side went away without a close frame"
             return response
         target = f"{out.path}?{out.query}" if out.query else out.path
-        upstream = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        def opening() -> Awaitable[UpstreamResponse]:
+            return open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+
+        upstream = await _by(deadline, opening)
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        answer = await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream, task))
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, self.rt.metrics,
+                                                             self._response_filter(ex, upstream, task)))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
@@ -412,6 +423,11 @@ class Inbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         raw_path, _, query = request.target.partition("?")
         ex.path = canonical_path(raw_path)
+        deadline = None  # a gRPC caller's own (grpc-timeout), as outbound
+        if is_grpc(request):  # a gRPC caller of the agent: its service and method, its status
+            note_call(ex, ex.path)
+            timeout = call_timeout(request.headers)
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         echo_method(request.method, False)
         caller = await self._caller(request, ex, peer)
         rt.revocations.check_agent(rt.agent.id)
@@ -425,7 +441,8 @@ class Inbound:
         ex.facts = facts = build_facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=forwarded, size=body.size, upstream=None,
-            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation)
+            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation,
+            grpc_service=ex.grpc_service, grpc_method=ex.grpc_method)
         decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
@@ -438,8 +455,17 @@ class Inbound:
         pool = rt.sessions.agent()
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
-        upstream = await open_upstream(pool, request.method, target, headers, data)
-        return await relay_exchange(request, ex, upstream, rt.metrics, None)
+
+        def opening() -> Awaitable[UpstreamResponse]:
+            return open_upstream(pool, request.method, target, headers, data)
+
+        if deadline is not None:
+            headers[TIMEOUT] = format_timeout(_remaining(deadline))
+        upstream = await _by(deadline, opening)
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, rt.metrics, None))
+        if ex.protocol == "grpc":
+            ex.grpc_status = grpc_status(upstream)
+        return answer
 
     async def _caller(self, request: IncomingRequest, ex: Exchange, peer: PeerIdentity) -> Caller:
         """The verified peer and the token it carries: whom it acts for."""
@@ -463,6 +489,45 @@ class Inbound:
     def _end_task(self, ex: Exchange) -> None:
         if ex.task_id and self.rt.config.tasks.end == "response":
             self.rt.tasks.end(ex.task_id)
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left before a gRPC call's deadline; ``deadline_exceeded`` once none are."""
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise EXPIRED
+    return left
+
+
+async def _by(deadline: float | None, opening: Callable[[], Awaitable[UpstreamResponse]]) -> UpstreamResponse:
+    """The upstream's response head: before a gRPC call's deadline (and the upstream's own timeouts), else
+    ``deadline_exceeded``; without a deadline, as the upstream's timeouts allow."""
+    if deadline is None:
+        return await opening()
+    _remaining(deadline)
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await opening()
+    except TimeoutError:
+        raise EXPIRED from None
+
+
+async def _relayed(deadline: float | None, ex: Exchange, relaying: Awaitable[Answer]) -> Answer:
+    """The relay; a response still streaming at a gRPC call's deadline is cut then, as a revocation cuts one."""
+    if deadline is None:
+        return await relaying
+    current = asyncio.current_task()
+    assert current is not None
+
+    def expire() -> None:
+        ex.outcome, ex.reason_detail = "cut", "grpc: the call's grpc-timeout ran out mid-response"
+        current.cancel()
+
+    expiry = asyncio.get_running_loop().call_at(deadline, expire)
+    try:
+        return await relaying
+    finally:
+        expiry.cancel()
 
 
 def _inbound_host(request: IncomingRequest) -> str:

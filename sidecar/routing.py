@@ -15,7 +15,8 @@ maps ``bucket.s3.us-east-1.amazonaws.com``, one label deep only (never ``a.b.s3.
 matched is sent with the name the agent used (``Route.host``: S3's virtual-hosted buckets), over
 the upstream's own connection; any other is sent with the upstream's own host. Wildcards are read
 at config load by :func:`host_pattern`: a whole leading label over at least two labels, so never
-``*`` alone nor a top-level domain (``*.com``).
+``*`` alone nor a top-level domain (``*.com``), and never over a public suffix of the Public Suffix
+List's ICANN section (``*.co.uk``, ``*.kawasaki.jp``).
 
 Anything else is refused: no route means no request (``unknown_upstream``); there is no
 open proxy. Requests that look browser-made (``Origin``, ``Sec-Fetch-Site``) are refused
@@ -25,9 +26,11 @@ first (``browser_origin``).
 from __future__ import annotations
 
 import re
+from functools import cache
 from typing import Mapping, NamedTuple
 
 from multidict import CIMultiDictProxy
+from publicsuffixlist import PublicSuffixList
 
 from sidecar.config_model import Upstream
 from sidecar.errors import RequestRefused
@@ -184,7 +187,18 @@ def host_pattern(text: str) -> str:
         raise ValueError(f"{text!r}: expected *. followed by a DNS name, as in *.example.com")
     if len(labels) < 2:
         raise ValueError(f"{text!r}: a wildcard must sit below a registrable domain, not a top-level one")
+    if _public_suffixes().is_public(parent):
+        raise ValueError(f"{text!r}: {parent} is a public suffix, under which anyone registers domains; expected "
+                         f"a wildcard over a registrable domain, as in *.example.co.uk")
     return name
+
+
+@cache
+def _public_suffixes() -> PublicSuffixList:
+    """The Public Suffix List's ICANN section (``co.uk``, ``kawasaki.jp``), loaded once (~0.2 s) when a
+    wildcard is first read. Its private section is left out: it lists names such as
+    ``s3.us-east-1.amazonaws.com``, whose one-label wildcard is what virtual-hosted S3 needs."""
+    return PublicSuffixList(only_icann=True)
 
 
 def _ascii_name(name: str) -> str:

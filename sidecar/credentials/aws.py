@@ -6,6 +6,7 @@
         region: eu-west-1
         service: s3
         unsigned_payload: false     # s3 services only: sign UNSIGNED-PAYLOAD, not a whole body's SHA-256
+        presigned: refuse           # s3 services only: resign an agent's presigned URL as one of ours
         source: {type: web_identity, role_arn: ..., sts_url: ..., ca: ..., session_name: ...,
                  duration: 1h, token_file: ..., audience: sts.amazonaws.com}
         # or: {type: static, access_key_id: {ref}, secret_access_key: {ref}, session_token: {ref}}
@@ -22,16 +23,18 @@ Sources:
   here, set from the source, where other providers have a class attribute).
 
 Signing (``apply``, called after every other header rewrite): the agent's ``Authorization``,
-``X-Amz-Date``, ``X-Amz-Security-Token`` and ``X-Amz-Content-Sha256`` are dropped, a query
-carrying a presigned URL's own ``X-Amz-Signature``/``-Credential``/``-Security-Token`` is
-refused. Signed: ``host``, ``content-type``, ``content-md5``, ``content-encoding`` and the
+``X-Amz-Date``, ``X-Amz-Security-Token`` and ``X-Amz-Content-Sha256`` are dropped. A query
+carrying a presigned URL's parameters (``X-Amz-Signature``, ``-Credential``, ``-Date``, ...) is
+refused, or with ``presigned: resign`` signed again as a presigned URL with the sidecar's key
+(the agent's parameters all dropped, its ``X-Amz-Expires`` kept, an expired URL refused). Signed: ``host``, ``content-type``, ``content-md5``, ``content-encoding`` and the
 agent's ``x-amz-*`` headers, each of which must be one the sidecar signs by default or one the
 upstream lists in ``pass_headers`` (else 400); the payload is signed in the body mode the
 agent declared, or refused when it cannot be signed as sent (``sidecar.credentials.aws_request``).
 Not signed: what a proxy or HTTP library may rewrite on the way without changing the operation
 (``content-length``, which the pipeline writes after signing, ``via``, ``traceparent``,
 ``user-agent``, ``accept-encoding``): fewer signed headers, fewer spurious ``SignatureDoesNotMatch``.
-A streaming upload is signed without reading its body (``needs_body_for``).
+A streaming upload is signed without reading its body (``needs_body_for``); a signed one's chunks
+are re-signed as they stream (``sidecar.credentials.aws_chunked``, set as ``out.reframe``).
 
 STS answers are parsed with ElementTree after refusing any ``<!`` (DOCTYPE, ENTITY, comment):
 no STS answer has one. STS error codes reach ``CredentialUnavailable.detail`` as
@@ -51,17 +54,21 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
+from sidecar.credentials.aws_chunked import ChunkResigner
 from sidecar.credentials.aws_request import (
-    AGENT_SIGNATURE, check_agent_headers, declares_streaming, is_signed, refuse_presigned, streaming_payload,
+    AGENT_SIGNATURE, Presigned, check_agent_headers, declares_streaming, is_signed, presigned, refuse_presigned,
+    signed_upload, streaming_payload,
 )
 from sidecar.credentials.base import (
     Credential, CredentialRequest, OutboundRequest, ProviderDeps, keyed_id, read_token_file,
 )
+from sidecar.credentials.echo import guard_for
 from sidecar.credentials.sigv4 import (
-    EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign,
+    EMPTY_SHA256, S3_SERVICES, UNSIGNED_PAYLOAD, AwsCredentials, chunk_signer, payload_sha256, presign,
+    signing_steps,
 )
 from sidecar.credentials.specs import AwsSigV4Spec, StaticSource, WebIdentitySource
-from sidecar.errors import CredentialUnavailable
+from sidecar.errors import CredentialUnavailable, RequestRefused
 from sidecar.http.tls import client_ssl_context
 
 WEB_IDENTITY_TTL = 300.0  # the self-signed token only has to outlive one STS call
@@ -100,18 +107,40 @@ class AwsSigV4Provider:
         return not declares_streaming(headers)
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
-        refuse_presigned(out.query)
+        url = presigned(out.query)
+        refuse_presigned(url, self._spec.presigned == "resign", self._clock())
         check_agent_headers(out.headers, out.pass_headers)
-        payload_hash = streaming_payload(out.headers, s3=self._s3) or self._payload_hash(out.body)
+        if url is not None:
+            self._presign(out, credential, url)
+            return
+        streaming = streaming_payload(out.headers, s3=self._s3)
+        upload = signed_upload(out.headers, streaming) if streaming else None
+        payload_hash = streaming or self._payload_hash(out.body)
         for header in AGENT_SIGNATURE:
             out.headers.popall(header, None)
         out.headers["Host"] = out.host_header
         to_sign = [(k, v) for k, v in out.headers.items() if is_signed(k)]
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
-        added = sign(out.method, out.host_header, out.path, out.query, to_sign, payload_hash,
-                     credential.material, self._spec.region, self._spec.service, now)
-        for header, value in added:
+        region, service = self._spec.region, self._spec.service
+        steps = signing_steps(out.method, out.host_header, out.path, out.query, to_sign, payload_hash,
+                              credential.material, region, service, now)
+        for header, value in steps.headers:
             out.headers[header] = value
+        if upload is not None:  # the chunks chain from this head's signature: re-signed as they stream
+            out.reframe = ChunkResigner(upload, chunk_signer(steps, credential.material, region, service))
+
+    def _presign(self, out: OutboundRequest, credential: Credential, url: Presigned) -> None:
+        """The agent's presigned URL, signed again as one with the sidecar's key (``presigned: resign``)."""
+        if declares_streaming(out.headers):
+            raise RequestRefused("bad_request", "credentials: a presigned URL carries an aws-chunked upload; "
+                                                "expected a whole body (a presigned URL signs no payload)")
+        for header in AGENT_SIGNATURE:
+            out.headers.popall(header, None)
+        out.headers["Host"] = out.host_header
+        to_sign = [(k, v) for k, v in out.headers.items() if is_signed(k)]
+        now = datetime.fromtimestamp(self._clock(), timezone.utc)
+        out.query = presign(out.method, out.host_header, out.path, url.query, to_sign, credential.material,
+                            self._spec.region, self._spec.service, now, url.expires)
 
     def _payload_hash(self, body: bytes | None) -> str:
         if self._spec.unsigned_payload:
@@ -131,7 +160,7 @@ def _static_credential(name: str, source: StaticSource, deps: ProviderDeps) -> C
     token = source.session_token.reveal() if source.session_token else None
     material = AwsCredentials(key_id, source.secret_access_key.reveal(), token, None)
     return Credential(type=AwsSigV4Spec.type, provider=name, id=keyed_id(deps.id_key, key_id), standing=True,
-                      material=material)
+                      material=material, echo=guard_for(token))
 
 
 # --- STS AssumeRoleWithWebIdentity -----------------------------------------------------
@@ -172,7 +201,8 @@ class _Sts:
             raise CredentialUnavailable(f"credentials: {self._name}: sts returned credentials that have "
                                         f"already expired", detail="sts: expired credentials")
         return Credential(type=AwsSigV4Spec.type, provider=self._name, id=keyed_id(self._deps.id_key, creds.access_key_id),
-                          expires_at=creds.expires_at, issued_at=issued_at, standing=False, material=creds)
+                          expires_at=creds.expires_at, issued_at=issued_at, standing=False, material=creds,
+                          echo=guard_for(creds.session_token))
 
     async def _web_identity_token(self) -> str:
         if self._source.token_file is not None:

@@ -19,8 +19,10 @@ each one the sidecar signs is a power it hands the agent, beyond what policy saw
 - ``STREAMING-UNSIGNED-PAYLOAD-TRAILER`` (boto3's default for uploads over TLS): signed as the
   literal declared; the ``aws-chunked`` framing goes on untouched and unbuffered, and S3
   decodes it and checks the trailing checksum.
-- any other ``STREAMING-*`` mode (chunk signatures that chain from the agent's own signature):
-  refused, 400, naming the mode;
+- ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD`` and its ``-TRAILER`` variant: the head is signed with
+  the literal, and every chunk (and the trailer) re-signed with the sidecar's key as it streams
+  (``sidecar.credentials.aws_chunked``);
+- any other ``STREAMING-*`` mode (SigV4a's ECDSA chunk signatures): refused, 400, naming the mode;
 - a framing declared without a streaming payload, or a streaming payload without its framing
   (``Content-Encoding: aws-chunked``, ``X-Amz-Decoded-Content-Length``, ``X-Amz-Trailer``):
   refused, 400: S3 would store the framing as the object;
@@ -38,12 +40,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Mapping
 from urllib.parse import unquote
 
 from multidict import CIMultiDict
 
+from sidecar.credentials.aws_chunked import SignedUpload
+from sidecar.credentials.sigv4 import MAX_EXPIRES, PRESIGN_PARAMS
 from sidecar.errors import RequestRefused
 from sidecar.http.target import PathOptions, canonical_path
 
@@ -65,10 +70,14 @@ AGENT_PREFIXES = (
     "x-amz-copy-source",  # the source (decided by policy), its range and conditions
 )
 _SIGNED_PLAIN = frozenset({"content-type", "content-md5", "content-encoding"})
-_PRESIGN_PARAMS = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-security-token"})
+_PRESIGN_PARAMS = frozenset(name.lower() for name in PRESIGN_PARAMS)
 _SHOW_MAX = 64
 
 STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
+STREAMING_MODES = frozenset({STREAMING_UNSIGNED_TRAILER, STREAMING_SIGNED, STREAMING_SIGNED_TRAILER})
+_TRAILER_NAME = re.compile(r"x-amz-[a-z0-9-]{1,64}")
 _FRAMING_HEADERS = ("x-amz-decoded-content-length", "x-amz-trailer")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
@@ -107,16 +116,63 @@ def check_agent_headers(headers: CIMultiDict[str], passed: frozenset[str]) -> No
                                                 f"(an S3 operation parameter policy does not see)")
 
 
-def refuse_presigned(query: str) -> None:
-    """A presigned URL carries the agent's own key: refused rather than sent beside ours."""
+@dataclass(frozen=True, slots=True)
+class Presigned:
+    """A presigned URL the agent sent: its query without the signing parameters, and how long it lives."""
+
+    query: str  # the other parameters, as sent
+    expires: int  # X-Amz-Expires, seconds from its X-Amz-Date
+    signed_at: float  # X-Amz-Date, seconds since the epoch
+
+
+def presigned(query: str) -> Presigned | None:
+    """The agent's presigned URL (any of sigv4's signing parameters in the query), or None."""
     lower = query.lower()
     if "x-amz-" not in lower and "%" not in lower:  # the fast path: no name can decode to one
-        return
+        return None
+    kept, found = [], {}
     for part in query.split("&"):
         name = unquote(part.partition("=")[0]).lower()
-        if name in _PRESIGN_PARAMS:
-            raise RequestRefused("bad_request", f"credentials: the query carries its own aws signature "
-                                                f"({name}); expected an unsigned request, the sidecar signs it")
+        if name not in _PRESIGN_PARAMS:
+            kept.append(part)
+        elif name in found:
+            raise _presign_refused(f"{name} twice")
+        else:
+            found[name] = unquote(part.partition("=")[2])
+    if not found:
+        return None
+    return Presigned("&".join(kept), *_lifetime(found))
+
+
+def _lifetime(found: dict[str, str]) -> tuple[int, float]:
+    """X-Amz-Expires and X-Amz-Date of a presigned URL, checked; the algorithm must be SigV4's."""
+    if found.get("x-amz-algorithm") != "AWS4-HMAC-SHA256":
+        raise _presign_refused("an X-Amz-Algorithm other than AWS4-HMAC-SHA256")
+    expires = found.get("x-amz-expires", "")
+    if not _DIGITS.fullmatch(expires) or not 1 <= int(expires) <= MAX_EXPIRES:
+        raise _presign_refused(f"no X-Amz-Expires of 1 to {MAX_EXPIRES} seconds")
+    try:
+        signed_at = datetime.strptime(found.get("x-amz-date", ""), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise _presign_refused("no X-Amz-Date of the form 20240101T000000Z") from None
+    return int(expires), signed_at.timestamp()
+
+
+def refuse_presigned(url: Presigned | None, resign: bool, now: float) -> None:
+    """A presigned URL is refused unless the credential re-signs them, and then only while it lives."""
+    if url is None:
+        return
+    if not resign:
+        raise RequestRefused("bad_request", "credentials: the query carries its own aws signature (a presigned "
+                                            "URL); expected an unsigned request, the sidecar signs it (or "
+                                            "presigned: resign on the credential)")
+    if url.signed_at + url.expires < now:
+        raise _presign_refused("an X-Amz-Date and X-Amz-Expires that have passed (the URL has expired)")
+
+
+def _presign_refused(problem: str) -> RequestRefused:
+    return RequestRefused("bad_request", f"credentials: the presigned URL has {problem}; expected one made by an "
+                                         f"AWS SDK's presigner")
 
 
 def _show(text: str) -> str:
@@ -144,16 +200,28 @@ def streaming_payload(headers: CIMultiDict[str], *, s3: bool) -> str | None:
                                 "Length, X-Amz-Trailer) without a streaming X-Amz-Content-Sha256")
         return None
     mode = _show(declared[0])
-    if mode != STREAMING_UNSIGNED_TRAILER:
-        raise _body_refused(f"the streaming mode {mode}, which the sidecar cannot sign as sent (its chunk "
-                            f"signatures chain from the agent's own)")
+    if mode not in STREAMING_MODES:
+        raise _body_refused(f"the streaming mode {mode}, which the sidecar cannot sign (SigV4a chunk signatures "
+                            f"need the agent's own key pair)")
     if not s3:
         raise _body_refused(f"{mode}, which only s3 services take")
+    trailing = mode.endswith("-TRAILER")
     if not framed or not _DIGITS.fullmatch(headers.get("x-amz-decoded-content-length", "")) \
-            or "x-amz-trailer" not in headers:
+            or ("x-amz-trailer" in headers) != trailing:
+        trailer = "X-Amz-Trailer" if trailing else "no X-Amz-Trailer"
         raise _body_refused(f"{mode} without its aws-chunked framing (Content-Encoding: aws-chunked, "
-                            f"X-Amz-Decoded-Content-Length, X-Amz-Trailer)")
+                            f"X-Amz-Decoded-Content-Length, {trailer})")
     return mode
+
+
+def signed_upload(headers: CIMultiDict[str], mode: str) -> SignedUpload | None:
+    """What a signed streaming upload declared (its chunks are re-signed); None for any other mode."""
+    if mode not in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER):
+        return None
+    names = frozenset(n.strip().lower() for v in headers.getall("x-amz-trailer", []) for n in v.split(","))
+    if any(not _TRAILER_NAME.fullmatch(name) for name in names):
+        raise _body_refused(f"{mode} with an X-Amz-Trailer other than a list of x-amz-* names")
+    return SignedUpload(mode, int(headers["x-amz-decoded-content-length"]), names)
 
 
 def _codings(headers: CIMultiDict[str]) -> set[str]:
@@ -161,8 +229,9 @@ def _codings(headers: CIMultiDict[str]) -> set[str]:
 
 
 def _body_refused(what: str) -> RequestRefused:
-    return RequestRefused("bad_request", f"credentials: the upload declares {what}; expected a whole body or "
-                                         f"{STREAMING_UNSIGNED_TRAILER} with aws-chunked framing")
+    return RequestRefused("bad_request", f"credentials: the upload declares {what}; expected a whole body, or "
+                                         f"{STREAMING_UNSIGNED_TRAILER}, {STREAMING_SIGNED} or "
+                                         f"{STREAMING_SIGNED_TRAILER} with aws-chunked framing")
 
 
 # --- copy source -----------------------------------------------------------------------

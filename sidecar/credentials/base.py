@@ -33,6 +33,7 @@ from sidecar.credentials.echo import EchoGuard, guard_for
 from sidecar.errors import CredentialUnavailable
 from sidecar.fields import Secret
 from sidecar.http.headers import framed_length
+from sidecar.http.reframe import Reframer
 from sidecar.http.target import format_authority
 
 
@@ -100,6 +101,7 @@ class OutboundRequest:
     body: bytes | None = None  # only when the provider needs_body
     client_cert_sha256: str | None = None  # the certificate our upstream connection presents
     pass_headers: frozenset[str] = frozenset()  # the upstream's pass_headers: agent headers it may receive
+    reframe: Reframer | None = None  # a signer's rewrite of the streamed body (S3's signed aws-chunked uploads)
 
     @property
     def host_header(self) -> str:

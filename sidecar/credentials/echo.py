@@ -12,15 +12,21 @@ only that guard looks, and only at the response headers:
 - a query parameter whose value is the secret is removed from the header, so that a redirect
   stays useful; a header that still carries the secret in any form is dropped.
 
-A response body is not searched (it streams); a redirect whose headers echoed the secret is
-relayed without its body, which repeats the URL for humans (``sidecar.forward.relay``).
+A redirect whose headers echoed the secret is relayed without its body, which repeats the URL for
+humans (``sidecar.forward.relay``). A short body sent whole (``relay.SMALL_BODY``, framed by its
+``Content-Length``; gzip and deflate decoded to look) is searched too: an error page that repeats the
+request (S3's ``SignatureDoesNotMatch`` holds the canonical request, session token and all; a debug
+endpoint prints its headers) gets every form of the secret replaced by ``<redacted>``. Streamed and
+long bodies are not searched: they are the upstream's data, relayed as they arrive.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import re
 from collections.abc import Iterator
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from multidict import CIMultiDict
 
@@ -30,15 +36,18 @@ _PARAM = re.compile(r"[?&;][^=&#;?\s<>\"',]*=([^&#;?\s<>\"',]*)")
 _LEADING_AMP = re.compile(r"\?&+")
 _BARE_QUERY = re.compile(r"\?(?=[#>\s\"',;]|$)")
 _DECODINGS = 2  # percent-decoded up to twice: a value encoded twice is found too
+_HEX = re.compile(r"%[0-9A-F]{2}")
+REDACTED = b"<redacted>"
 
 
 class EchoGuard:
     """One secret value, and the response headers that would hand it back."""
 
-    __slots__ = ("_secret",)
+    __slots__ = ("_secret", "_in_bodies")
 
     def __init__(self, secret: str) -> None:
         self._secret = secret
+        self._in_bodies = _body_forms(secret)
 
     def __repr__(self) -> str:
         return "EchoGuard(<redacted>)"
@@ -66,6 +75,14 @@ class EchoGuard:
             done.append(f"{name.lower()}: query parameter removed")
         return kept, tuple(done)
 
+    def scrub_body(self, body: bytes) -> bytes | None:
+        """``body`` with every form of the secret replaced by ``<redacted>``; None when it holds none."""
+        if not any(form in body for form in self._in_bodies):
+            return None
+        for form in self._in_bodies:  # longest first: no form is left half-replaced by a shorter one
+            body = body.replace(form, REDACTED)
+        return body
+
     def _without_param(self, value: str) -> str:
         def drop(m: re.Match[str]) -> str:
             if not any(self._secret == form for form in _forms(m.group(1))):
@@ -87,6 +104,16 @@ def _forms(text: str) -> Iterator[str]:
         yield unquote_plus(text)
         text = unquote(text)
         yield text
+
+
+def _body_forms(secret: str) -> tuple[bytes, ...]:
+    """The secret as a body may repeat it: raw, percent-encoded (either case of the hex, ``+`` for a
+    space, twice), JSON-escaped (``\\/``), HTML/XML-escaped; longest first."""
+    encoded = quote(secret, safe="")
+    forms = {secret, encoded, _HEX.sub(lambda m: m.group(0).lower(), encoded), quote_plus(secret),
+             quote(encoded, safe=""), html.escape(secret), json.dumps(secret)[1:-1],
+             json.dumps(secret)[1:-1].replace("/", "\\/")}
+    return tuple(sorted((form.encode() for form in forms), key=len, reverse=True))
 
 
 def guard_for(secret: str | None) -> EchoGuard | None:

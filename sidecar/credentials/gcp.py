@@ -24,6 +24,7 @@ during an outage, ``credential_unavailable``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import datetime
@@ -64,20 +65,21 @@ class GcpWorkloadIdentityProvider:
     async def fetch(self, req: CredentialRequest) -> Credential:
         scopes = req.scopes or self.spec.scopes
         impersonating = self.spec.service_account is not None
-        resp = await self.endpoint.request(self.sts_form((IAM_SCOPE,) if impersonating else scopes))
+        subject_token = await self._subject_token()
+        resp = await self.endpoint.request(self.sts_form((IAM_SCOPE,) if impersonating else scopes, subject_token))
         if not impersonating:
             return self.endpoint.credential(self.type, resp, scopes=scopes, audience=self.spec.audience)
         return await self._service_account_token(resp.access_token.reveal(), scopes)
 
-    def sts_form(self, scopes: tuple[str, ...]) -> dict[str, str]:
+    def sts_form(self, scopes: tuple[str, ...], subject_token: str) -> dict[str, str]:
         """The RFC 8693 exchange as GCP's STS documents it: no client, the pool provider as audience."""
         return {"grant_type": GRANT_TYPE, "audience": self.spec.audience, "scope": " ".join(scopes),
-                "requested_token_type": TT_ACCESS_TOKEN, "subject_token": self._subject_token(),
+                "requested_token_type": TT_ACCESS_TOKEN, "subject_token": subject_token,
                 "subject_token_type": TT_JWT}
 
-    def _subject_token(self) -> str:
-        if self.spec.token_file is not None:
-            return read_token_file(self.name, self.spec.token_file, "token_file")
+    async def _subject_token(self) -> str:
+        if self.spec.token_file is not None:  # a projected volume: read in a worker thread, never on the loop
+            return await asyncio.to_thread(read_token_file, self.name, self.spec.token_file, "token_file")
         return self.endpoint.sign({"sub": self._deps.agent_id, "aud": self.spec.audience}, ttl=SUBJECT_TOKEN_TTL)
 
     async def _service_account_token(self, federated: str, scopes: tuple[str, ...]) -> Credential:

@@ -197,6 +197,7 @@ class SigningSteps:
     canonical_request: str = field(repr=False)
     string_to_sign: str = field(repr=False)
     headers: list[tuple[str, str]] = field(repr=False)
+    signature: str = field(default="", repr=False)  # the seed of a streaming upload's chunk signatures
 
 
 def sign(
@@ -246,11 +247,9 @@ def signing_steps(
     scope = credential_scope(date_time[:8], region, service)
     to_sign_text = string_to_sign(date_time, scope, canonical)
     key = signing_key(creds.secret_access_key, date_time[:8], region, service)
-    authz = (
-        f"{ALGORITHM} Credential={creds.access_key_id}/{scope}, "
-        f"SignedHeaders={signed}, Signature={signature(key, to_sign_text)}"
-    )
-    return SigningSteps(canonical, to_sign_text, [("Authorization", authz), *added])
+    seed = signature(key, to_sign_text)
+    authz = f"{ALGORITHM} Credential={creds.access_key_id}/{scope}, SignedHeaders={signed}, Signature={seed}"
+    return SigningSteps(canonical, to_sign_text, [("Authorization", authz), *added], seed)
 
 
 def _signing_headers(
@@ -263,3 +262,92 @@ def _signing_headers(
     if s3:
         added.append(("X-Amz-Content-Sha256", payload_hash))
     return added
+
+
+# --- presigned URLs ----------------------------------------------------------------------
+
+PRESIGN_PARAMS = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
+                  "X-Amz-Security-Token", "X-Amz-Signature")
+MAX_EXPIRES = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+
+
+def presign(
+    method: str,
+    host: str,
+    path: str,
+    query: str,
+    headers: list[tuple[str, str]],
+    creds: AwsCredentials,
+    region: str,
+    service: str,
+    now: datetime,
+    expires: int,
+) -> str:
+    """The query of a presigned URL for the request: ``query`` (which must carry none of
+    :data:`PRESIGN_PARAMS`) followed by the signing parameters, ``X-Amz-Signature`` last.
+
+    S3's form: the payload is ``UNSIGNED-PAYLOAD``, ``host`` and ``headers`` are signed and
+    listed in ``X-Amz-SignedHeaders``, a session token goes in the query and is signed.
+    """
+    date_time = amz_date(now)
+    if creds.expired(now.timestamp()):
+        raise CredentialUnavailable("sigv4: credentials have expired; expected a fresh key")
+    scope = credential_scope(date_time[:8], region, service)
+    to_sign = [(n, v) for n, v in headers if n.lower() not in _OWN_HEADERS] + [("host", host)]
+    _, signed = canonical_headers(to_sign)
+    params = [("X-Amz-Algorithm", ALGORITHM), ("X-Amz-Credential", f"{creds.access_key_id}/{scope}"),
+              ("X-Amz-Date", date_time), ("X-Amz-Expires", str(expires)), ("X-Amz-SignedHeaders", signed)]
+    if creds.session_token:
+        params.append(("X-Amz-Security-Token", creds.session_token))
+    encoded = "&".join([f"{name}={quote(value, safe='')}" for name, value in params])
+    full = f"{query}&{encoded}" if query else encoded
+    s3 = service in S3_SERVICES
+    canonical, _ = canonical_request(method, path, full, to_sign, UNSIGNED_PAYLOAD if s3 else EMPTY_SHA256, s3=s3)
+    key = signing_key(creds.secret_access_key, date_time[:8], region, service)
+    return f"{full}&X-Amz-Signature={signature(key, string_to_sign(date_time, scope, canonical))}"
+
+
+# --- streaming uploads: chunk and trailer signatures ------------------------------------
+
+CHUNK_ALGORITHM = "AWS4-HMAC-SHA256-PAYLOAD"
+TRAILER_ALGORITHM = "AWS4-HMAC-SHA256-TRAILER"
+
+
+class ChunkSigner:
+    """The chained signatures of one ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD[-TRAILER]`` upload.
+
+    Each chunk's signature covers its data and the previous signature, starting from the seed
+    (the request's own signature), so chunks cannot be reordered, dropped or replaced; the
+    trailer's covers its canonical headers and the final chunk's signature.
+    """
+
+    __slots__ = ("_key", "_prefix", "previous")
+
+    def __init__(self, key: bytes, date_time: str, scope: str, seed: str) -> None:
+        self._key = key
+        self._prefix = f"{date_time}\n{scope}\n"
+        self.previous = seed
+
+    def __repr__(self) -> str:
+        return "ChunkSigner(<redacted>)"
+
+    def chunk(self, data: bytes | bytearray | memoryview) -> str:
+        """The next chunk's signature (the final, empty chunk included)."""
+        digest = hashlib.sha256(data).hexdigest()
+        return self._chain(f"{CHUNK_ALGORITHM}\n{self._prefix}{self.previous}\n{EMPTY_SHA256}\n{digest}")
+
+    def trailer(self, canonical: bytes) -> str:
+        """The trailer's signature over its canonical headers (``name:value\\n`` each)."""
+        digest = hashlib.sha256(canonical).hexdigest()
+        return self._chain(f"{TRAILER_ALGORITHM}\n{self._prefix}{self.previous}\n{digest}")
+
+    def _chain(self, to_sign: str) -> str:
+        self.previous = signature(self._key, to_sign)
+        return self.previous
+
+
+def chunk_signer(steps: SigningSteps, creds: AwsCredentials, region: str, service: str) -> ChunkSigner:
+    """The chunk signer of a streaming upload whose head ``steps`` signed (the seed signature)."""
+    date_time = steps.string_to_sign.split("\n", 2)[1]
+    key = signing_key(creds.secret_access_key, date_time[:8], region, service)
+    return ChunkSigner(key, date_time, credential_scope(date_time[:8], region, service), steps.signature)

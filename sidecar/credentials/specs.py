@@ -251,6 +251,7 @@ class AwsSigV4Spec:
     service: str
     unsigned_payload: bool
     source: WebIdentitySource | StaticSource
+    presigned: str = "refuse"  # refuse | resign: an agent's presigned URL (s3 services only)
     scopes: ClassVar[tuple[str, ...]] = ()  # AWS authorizes by the role's policy, not by scopes
 
     @property
@@ -259,17 +260,24 @@ class AwsSigV4Spec:
         return isinstance(self.source, WebIdentitySource) and self.source.token_file is None
 
 
+PRESIGNED = ("refuse", "resign")
+
+
 def parse_aws_sigv4(f: Fields) -> AwsSigV4Spec | None:
     region = _pattern(f, "region", _REGION, "an AWS region such as eu-west-1")
     service = _pattern(f, "service", _SERVICE, "an AWS signing name such as s3, sts or dynamodb")
     unsigned = f.flag("unsigned_payload", False)
+    s3_only = f"is allowed only for s3 services ({', '.join(sorted(S3_SERVICES))})"
     if unsigned and service is not None and service not in S3_SERVICES:
-        f.error("unsigned_payload", f"is allowed only for s3 services ({', '.join(sorted(S3_SERVICES))})")
+        f.error("unsigned_payload", s3_only)
+    presigned = f.choice("presigned", PRESIGNED, "refuse")
+    if presigned == "resign" and service is not None and service not in S3_SERVICES:
+        f.error("presigned", s3_only)
     source_fields = f.sub("source", required=True)
     source = _aws_source(source_fields, region) if f.raw.get("source") is not None else None
     if region is None or service is None or source is None:
         return None
-    return AwsSigV4Spec(region, service, unsigned, source)
+    return AwsSigV4Spec(region, service, unsigned, source, presigned)
 
 
 def _pattern(f: Fields, key: str, pattern: re.Pattern[str], expected: str) -> str | None:

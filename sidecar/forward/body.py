@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from sidecar.config_model import Limits
 from sidecar.errors import RequestRefused
 from sidecar.http.incoming import IncomingRequest
+from sidecar.http.reframe import Reframer
 
 
 class BodyTooLarge(Exception):
@@ -52,18 +53,39 @@ async def read_body(request: IncomingRequest, limits: Limits, idle: float) -> by
 
 
 class LimitedBody:
-    """The request body as an async iterator that stops at the limit and remembers it did.
+    """The request body as an async iterator that stops at the limit and remembers it did, rewritten
+    on the way by a signer's :class:`~sidecar.http.reframe.Reframer` when it has one.
 
-    A transport may wrap exceptions raised by a body while it is being sent, so the flag, not
-    the exception type, tells a body over the limit from an upstream failure.
+    A transport may wrap exceptions raised by a body while it is being sent, so the flags, not
+    the exception type, tell a body over the limit (``exceeded``) or one the reframer refused
+    (``refused``) from an upstream failure.
     """
 
-    def __init__(self, request: IncomingRequest, limits: Limits) -> None:
+    def __init__(self, request: IncomingRequest, limits: Limits, reframe: Reframer | None = None,
+                 whole: bytes | None = None) -> None:
         self._request, self._max = request, limits.max_body_bytes
+        self._reframe, self._whole = reframe, whole
         self.exceeded = False
+        self.refused: RequestRefused | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         await self._request.send_continue()
+        if self._reframe is None:
+            async for chunk in self._limited():
+                yield chunk
+            return
+        try:
+            async for chunk in self._limited():
+                yield self._reframe.feed(chunk)  # b"" until a chunk is complete: the idle clock restarts per piece
+            yield self._reframe.end()
+        except RequestRefused as refused:
+            self.refused = refused
+            raise
+
+    async def _limited(self) -> AsyncIterator[bytes]:
+        if self._whole is not None:  # read already (held for an approval): rewritten all the same
+            yield self._whole
+            return
         size = 0
         async for chunk in self._request.chunks():
             size += len(chunk)
@@ -102,8 +124,15 @@ class RequestBody:
             return self._request.content_length
         return None if self.present else 0
 
-    def to_send(self) -> bytes | LimitedBody | None:
-        """What goes upstream: the body read (framed with its length), else the stream, else nothing."""
+    def to_send(self, reframe: Reframer | None = None) -> bytes | LimitedBody | None:
+        """What goes upstream: the body read (framed with its length), else the stream, else nothing;
+        streamed through ``reframe`` when a signer rewrites it."""
+        if reframe is not None:
+            if self.whole is None:
+                declared_length(self._request, self._limits)
+            if not self.present:
+                reframe.end()  # nothing to rewrite: refused here, before a head is sent that has no body
+            return LimitedBody(self._request, self._limits, reframe, self.whole)
         if self.whole is not None:
             return self.whole
         declared_length(self._request, self._limits)

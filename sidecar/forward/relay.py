@@ -1,6 +1,7 @@
 """The upstream's response to the client: short ones in one write, the rest streamed as they arrive
 (server-sent events reach the client as the upstream sends them), through a chunk filter where
-one applies (``tools/list``) and a header scrub (credentials an upstream echoes back).
+one applies (``tools/list``) and an echo scrub (credentials an upstream echoes back in the headers, or in a
+short body sent whole).
 
 :func:`relay_exchange` is the forward stage's last step: it relays, records on the exchange how the
 response ended (completed, upstream reset, client gone, cut) and always releases the upstream's
@@ -10,9 +11,10 @@ connection. A response cut short is broken off (a reset), never ended as if it w
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+import zlib
+from typing import Awaitable, Callable, Protocol
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import UpstreamFailed
 from sidecar.exchange import Exchange
@@ -22,10 +24,19 @@ from sidecar.http.incoming import Answer, ClientGone, IncomingRequest
 from sidecar.observe.metrics import Metrics
 
 SMALL_BODY = 64 * 1024
+DECODED_LIMIT = 1024 * 1024  # a short gzip/deflate body is decoded this far to look for an echo
 NO_BODY_STATUS = frozenset({204, 304})
+DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 ChunkFilter = Callable[[bytes, bool], bytes]  # (chunk, final) -> bytes to send
-HeaderFilter = Callable[[CIMultiDict[str]], CIMultiDict[str]]  # the same object back when it changed nothing
+
+
+class EchoGuard(Protocol):
+    """One attached secret's guard (``sidecar.credentials.echo.EchoGuard``)."""
+
+    def scrub(self, headers: CIMultiDict[str]) -> tuple[CIMultiDict[str], tuple[str, ...]]: ...
+
+    def scrub_body(self, body: bytes) -> bytes | None: ...
 
 
 class UpstreamReset(Exception):
@@ -64,20 +75,63 @@ async def relay_exchange(request: IncomingRequest, ex: Exchange, upstream: Upstr
         upstream.release()
 
 
-def echo_scrub(ex: Exchange) -> HeaderFilter | None:
-    """Response headers never hand the agent the credential attached to its request; the event says what went."""
-    guard = ex.credential.echo if ex.credential is not None else None
-    if guard is None:
-        return None
+def echo_scrub(ex: Exchange) -> EchoScrub | None:
 
-    def scrub(headers: CIMultiDict[str]) -> CIMultiDict[str]:
-        kept, done = guard.scrub(headers)
+    """The scrub of what a response echoes of the credential attached to its request, if any."""
+    guard = ex.credential.echo if ex.credential is not None else None
+    return EchoScrub(guard, ex) if guard is not None else None
+
+
+class EchoScrub:
+    """The agent never gets back the credential attached to its request; the event says what went."""
+
+    __slots__ = ("_guard", "_ex")
+
+    def __init__(self, guard: EchoGuard, ex: Exchange) -> None:
+        self._guard, self._ex = guard, ex
+
+    def headers(self, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        """The headers without it: the same object when they did not carry it."""
+        kept, done = self._guard.scrub(headers)
         if done:
-            note = "response headers echoed the attached credential: " + "; ".join(done)
-            ex.reason_detail = f"{ex.reason_detail}; {note}" if ex.reason_detail else note
+            self._note("response headers echoed the attached credential: " + "; ".join(done))
         return kept
 
-    return scrub
+    def body(self, body: bytes, headers: CIMultiDict[str]) -> bytes:
+        """A whole body without it (decoded, and sent so, when gzip or deflate held it)."""
+        scrubbed = self._guard.scrub_body(body)
+        coding = headers.get("Content-Encoding", "").strip().lower()
+        if scrubbed is None and coding in DECODERS:
+            decoded = _decoded(body, DECODERS[coding])
+            scrubbed = self._guard.scrub_body(decoded) if decoded is not None else None
+            if scrubbed is not None:
+                headers.popall("Content-Encoding")
+        if scrubbed is None:
+            return body
+        self._note("response body echoed the attached credential: replaced")
+        return scrubbed
+
+    def _note(self, note: str) -> None:
+        ex = self._ex
+        ex.reason_detail = f"{ex.reason_detail}; {note}" if ex.reason_detail else note
+
+
+def _decoded(body: bytes, wbits: int) -> bytes | None:
+    """A compressed body decoded up to ``DECODED_LIMIT``; None when it is not what it claims or longer."""
+    decoder = zlib.decompressobj(wbits)
+    try:
+        decoded = decoder.decompress(body, DECODED_LIMIT)
+    except zlib.error:
+        return None
+    return decoded if decoder.eof and not decoder.unconsumed_tail else None
+
+
+def _scrubbed(trailers: CIMultiDictProxy[str], scrub: EchoScrub | None) -> CIMultiDictProxy[str]:
+    if scrub is None or not trailers:
+        return trailers
+    fields = CIMultiDict(trailers)
+    kept = scrub.headers(fields)
+    return trailers if kept is fields else CIMultiDictProxy(kept)
 
 
 def _set_status(ex: Exchange, status: int) -> None:
@@ -85,20 +139,22 @@ def _set_status(ex: Exchange, status: int) -> None:
 
 
 def relay(request: IncomingRequest, upstream: UpstreamResponse, transform: ChunkFilter | None,
-          on_prepared: Callable[[int], None], scrub: HeaderFilter | None = None) -> Awaitable[Answer]:
+          on_prepared: Callable[[int], None], scrub: EchoScrub | None = None) -> Awaitable[Answer]:
     """The upstream's response to the client: short ones in one write, the rest streamed as they arrive.
 
-    ``scrub`` removes what the headers echo of the attached credential; a redirect it changed goes
-    without its body (which repeats the URL it had)."""
+    ``scrub`` removes what the headers, or a short body, echo of the attached credential; a redirect
+    whose headers it changed goes without its body (which repeats the URL it had)."""
     headers = clean_response_headers(upstream.headers)
-    if scrub is not None and (scrubbed := scrub(headers)) is not headers:
+    if scrub is not None and (scrubbed := scrub.headers(headers)) is not headers:
         headers = scrubbed
         if 300 <= upstream.status < 400:
             return _relay_bodiless(request, upstream, scrubbed, on_prepared)
     headers.add("Via", VIA)
     if transform is None and _small(request, upstream):
-        return _relay_whole(request, upstream, headers, on_prepared)
-    return _relay_stream(request, upstream, headers, transform, on_prepared)
+        return _relay_whole(request, upstream, headers, on_prepared, scrub)
+    if transform is None and scrub is not None and _unframed_error(request, upstream):
+        return _relay_held(request, upstream, headers, on_prepared, scrub)
+    return _relay_stream(request, upstream, headers, transform, on_prepared, scrub=scrub)
 
 
 def _small(request: IncomingRequest, upstream: UpstreamResponse) -> bool:
@@ -109,14 +165,44 @@ def _small(request: IncomingRequest, upstream: UpstreamResponse) -> bool:
             and "Transfer-Encoding" not in upstream.headers)
 
 
+def _unframed_error(request: IncomingRequest, upstream: UpstreamResponse) -> bool:
+    """An error answer whose length is not declared (chunked): an error page, not a stream."""
+    return (upstream.status >= 400 and upstream.content_length is None and request.method != "HEAD")
+
+
+async def _relay_held(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
+                      on_prepared: Callable[[int], None], scrub: EchoScrub) -> Answer:
+    """An unframed error answer held up to ``SMALL_BODY`` so that its echo can be searched: sent whole
+    when it ends within that, else streamed on from what was held (unsearched: long, the upstream's data)."""
+    held: list[bytes] = []
+    size = 0
+    while size <= SMALL_BODY:
+        try:
+            chunk = await upstream.read_chunk()
+        except asyncio.TimeoutError as exc:
+            raise failure(exc) from None
+        except UpstreamBroke:
+            raise UpstreamReset(None) from None
+        if not chunk:
+            headers.popall("Transfer-Encoding", None)
+            answer = request.respond(upstream.status, upstream.reason, headers, scrub.body(b"".join(held), headers))
+            on_prepared(upstream.status)
+            return answer
+        held.append(chunk)
+        size += len(chunk)
+    return await _relay_stream(request, upstream, headers, None, on_prepared, b"".join(held), scrub)
+
+
 async def _relay_whole(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
-                       on_prepared: Callable[[int], None]) -> Answer:
+                       on_prepared: Callable[[int], None], scrub: EchoScrub | None) -> Answer:
     try:
         body = await upstream.read()
     except asyncio.TimeoutError as exc:  # the body stalled past the idle timeout: not a reset
         raise failure(exc) from None
     except UpstreamBroke:
         raise UpstreamReset(None) from None
+    if scrub is not None:
+        body = scrub.body(body, headers)
     headers.popall("Content-Length", None)
     answer = request.respond(upstream.status, upstream.reason, headers, body)
     on_prepared(upstream.status)
@@ -134,13 +220,21 @@ async def _relay_bodiless(request: IncomingRequest, upstream: UpstreamResponse, 
 
 
 async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
-                        transform: ChunkFilter | None, on_prepared: Callable[[int], None]) -> Answer:
-    """Stream as the upstream sends (SSE-safe), through the transform when there is one."""
+                        transform: ChunkFilter | None, on_prepared: Callable[[int], None], held: bytes = b"",
+                        scrub: EchoScrub | None = None) -> Answer:
+    """Stream as the upstream sends (SSE-safe), through the transform when there is one; ``held``: what was
+    read of the body before the head was sent; the trailers (HTTP/2: ``grpc-status``, ``grpc-message``)
+    through the same scrub as the headers."""
     if transform is not None:
         headers.popall("Content-Length", None)
     stream = await request.start(upstream.status, upstream.reason, headers)
     answer = request.answer_of(stream)
     on_prepared(upstream.status)
+    if held:
+        try:
+            await stream.write(held)
+        except ConnectionError:
+            raise ClientGone(answer) from None
     while True:
         try:
             chunk = await upstream.read_chunk()
@@ -157,7 +251,7 @@ async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, he
             if data:
                 await stream.write(data)
             if final:
-                await request.finish(stream, upstream.trailers)
+                await request.finish(stream, _scrubbed(upstream.trailers, scrub))
                 return answer
         except ConnectionError:
             raise ClientGone(answer) from None

@@ -76,6 +76,9 @@ async def open_upstream(transport: Transport, method: str, target: str, headers:
             asyncio.TimeoutError) as exc:
         if isinstance(exc, BodyTooLarge) or getattr(data, "exceeded", False):
             raise RequestRefused("body_too_large", "request: body exceeds the configured limit") from None
+        refused = getattr(data, "refused", None)
+        if refused is not None:  # the signer's reframer stopped the body: the upstream has no complete one
+            raise refused from None
         if isinstance(exc, BodyStalled):
             raise stalled() from None
         raise failure(exc) from None

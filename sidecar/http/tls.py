@@ -2,7 +2,7 @@
 
 - client: an upstream's (its CA or the system store; our SVID when it asks for one);
 - server: the inbound listener's (our SVID; asks for, and then verifies, the caller's certificate);
-- interception: a CONNECT tunnel's leaf, minted for the host the agent named.
+- interception: a CONNECT tunnel's leaf, minted for the host the agent named (ALPN ``h2`` and ``http/1.1``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def interception_context(chain_and_key_pem: str, work_dir: Path) -> ssl.SSLConte
     temporary file in ``work_dir``, removed once read."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(["h2", "http/1.1"])  # the handshake's choice picks the tunnel's server
     data = chain_and_key_pem.encode()
     if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
         fd = os.memfd_create("sidecar-leaf", os.MFD_CLOEXEC)

@@ -56,9 +56,9 @@ class H2cSniffer(SafeRequestHandler):
         transport, server = self.transport, self._manager
         assert transport is not None and isinstance(server, H2cServer)
         self.transport = None  # aiohttp's connection_lost would close it otherwise
-        super().connection_lost(None)
         protocol = server.http2()
-        transport.set_protocol(protocol)
+        transport.set_protocol(protocol)  # first: the server told of this protocol's end sees the transport go on
+        super().connection_lost(None)
         protocol.connection_made(transport)
         protocol.data_received(seen)
 

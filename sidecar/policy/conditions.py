@@ -29,6 +29,7 @@ from yarl import URL
 from sidecar.fields import Fields
 from sidecar.http.target import equivalent_paths, header_elements
 from sidecar.policy.cel import CelCompileError, compile_condition
+from sidecar.policy.cel_syntax import CelSyntaxError, references
 from sidecar.policy.facts import Facts
 from sidecar.policy.globs import Check, compile_globs, glob_check, patterns
 from sidecar.policy.a2a import METHODS, method_name
@@ -202,6 +203,25 @@ def _headers(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     return check
 
 
+def headers_read(raw: Mapping[str, object]) -> frozenset[str] | None:
+    """The request headers a rule reads by name (lowercase): its ``headers`` keys and the names its
+    ``when.expr`` indexes; None when the expression reads ``request.headers`` otherwise. What the
+    trust-decision event records of a request, so that ``sidecar replay`` can decide it again."""
+    stated = raw.get("headers")
+    names = {str(k).lower() for k in stated} if isinstance(stated, Mapping) else set()
+    when = raw.get("when")
+    expr = when.get("expr") if isinstance(when, Mapping) else None
+    if isinstance(expr, str):
+        try:
+            keys = references(expr).header_keys
+        except CelSyntaxError:  # refused at load by the expr's own parser
+            keys = set()
+        if keys is None:
+            return None
+        names |= keys
+    return frozenset(names)
+
+
 def _mcp(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     """``mcp.methods`` and ``mcp.tools`` (tools/call); allow rules with tools also pass the lifecycle, and
     every allow rule the transport's GET stream and session DELETE."""
@@ -278,6 +298,28 @@ def _llm(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     _check_protocol(f, row.name, head, "openai")
     match = compile_globs(models)
     return lambda facts, now: facts.llm is not None and match(facts.llm.model)
+
+
+def _grpc(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
+    """``grpc.services`` and ``grpc.methods``: globs over a call's service (``package.Service``) and
+    method (``protocol: grpc`` upstreams, from ``:path``); a rule listing both needs both to match."""
+    if not f.has(row.name):
+        return None
+    sub = f.sub(row.name)
+    service_patterns, method_patterns = patterns(sub, "services"), patterns(sub, "methods")
+    sub.done()
+    if not service_patterns and not method_patterns:
+        sub.error("", "must list services, methods or both")
+        return None
+    _check_protocol(f, row.name, head, "grpc")
+    services = compile_globs(service_patterns) if service_patterns else None
+    methods = compile_globs(method_patterns) if method_patterns else None
+
+    def check(facts: Facts, now: datetime) -> bool:
+        return facts.grpc_method is not None and (services is None or services(facts.grpc_service)) and (
+            methods is None or methods(facts.grpc_method))
+
+    return check
 
 
 def _a2a_methods(f: Fields) -> frozenset[str] | None:
@@ -358,6 +400,7 @@ CONDITIONS: tuple[ConditionType, ...] = (
     ConditionType("mcp", "mcp_method", _mcp),  # and mcp_tool for tools/call
     ConditionType("a2a", "a2a", _a2a),  # its method and push URL
     ConditionType("llm", "llm", _llm),  # the model
+    ConditionType("grpc", "grpc_method", _grpc),  # and grpc_service
     ConditionType("when.delegation", "delegation", _delegation),
     ConditionType("when.hours", "now", _hours),
     ConditionType("when.expr", "now", _expr),  # and the Facts fields the expression selects

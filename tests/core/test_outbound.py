@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import zlib
 from dataclasses import replace
 from datetime import datetime, timezone
 from urllib.parse import quote
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.ratelimit import RateLimiter
 from tests.harness import OK, Upstream, open_outbound, raw_http, read_until
 from tests.peers.apache import Apache as ApacheServer, apache  # noqa: F401
+from tests.scenarios.http1_corpus import AMBIGUOUS_HEADS, BYPASS_TARGETS, FORWARD_PROXY_TRICKS
 from tests.scenarios.outbound import ALLOW_ALL, POLICY, SECRET, config_for, outbound_to
 
 async def test_route_prefix_forwards_to_base_path_with_the_credential(make_sidecar, upstream):
@@ -82,6 +85,8 @@ async def test_a_defect_inside_an_exchange_is_one_internal_error_event_and_a_jso
     h = await make_sidecar(config_for(upstream), POLICY)
 
     class Broken:
+        headers_read: frozenset[str] = frozenset()  # what the recorder reads of the policy in force
+
         def decide(self, *facts: object) -> None:
             raise RuntimeError("boom: a defect with a detail the agent must not read")
 
@@ -197,23 +202,7 @@ async def test_slow_upstream_is_504(make_sidecar):
         await up.stop()
 
 
-@pytest.mark.parametrize("raw_target, status, reason, forwarded", [
-    # a route-prefix path that climbs out of its upstream stays inside it (dot segments of the rest)
-    ("/billing/../nowhere/x", 403, "no_matching_rule", None),
-    ("/billing/v1/../../v1/ok", 200, "allowed", "/api/v1/ok"),
-    # encoded dot segments are dot segments (matched and forwarded in canonical form)
-    ("/billing/v1/%2e%2e/v1/admin/x", 403, "rule_denied", None),
-    ("/billing/v1/x/%2E%2E/y", 200, "allowed", "/api/v1/y"),
-    # merged slashes cannot hide a denied path
-    ("/billing/v1//admin/x", 403, "rule_denied", None),
-    # ;parameters, backslashes and raw fragments are refused (Tomcat/Envoy/Istio bypasses)
-    ("/billing/v1/admin;x=1/users", 400, "bad_request", None),
-    ("/billing/v1\\admin", 400, "bad_request", None),
-    # unreserved escapes are decoded before matching: %61dmin is admin
-    ("/billing/v1/%61dmin/users", 403, "rule_denied", None),
-    # a second Host header (request smuggling / routing confusion)
-    ("/billing/v1/x HTTP/1.1\r\nHost: evil.example", 400, "bad_request", None),
-])
+@pytest.mark.parametrize("raw_target, status, reason, forwarded", BYPASS_TARGETS)
 async def test_what_is_matched_is_what_is_forwarded(make_sidecar, upstream, raw_target, status, reason, forwarded):
     """Bypass inputs are refused or matched on their canonical form, which is exactly what is forwarded."""
     h = await make_sidecar(config_for(upstream), POLICY)
@@ -365,6 +354,100 @@ async def test_response_headers_never_hand_back_the_attached_credential(make_sid
     done = "dropped" if cleaned is None else "query parameter removed"
     assert f"{header.lower()}: {done}" in event["reason_detail"]
     assert not leaks(json.dumps(event))
+
+
+SESSION_TOKEN = "FwoGZXIvYXdzE/session+token=canary"  # an STS session token's alphabet: base64, / + =
+AWS_STATIC = {"type": "aws_sigv4", "region": "us-east-1", "service": "s3", "source": {
+    "type": "static", "access_key_id": {"value": "ASIASIDECAR"}, "secret_access_key": {"value": "aws-secret-canary"},
+    "session_token": {"value": SESSION_TOKEN}}}
+
+
+@pytest.mark.peer("apache")
+@pytest.mark.parametrize("credential, secret", [
+    # a header credential an error page repeats
+    ("as-header", ODD_SECRET),
+    # S3's SignatureDoesNotMatch repeats the canonical request: the session token the sidecar signed with
+    ("aws", SESSION_TOKEN),
+])
+async def test_an_error_body_never_hands_back_the_attached_credential(make_sidecar, apache, credential, secret):
+    """A short body that repeats the attached secret reaches the agent with <redacted> in its place, the
+    rest of the error intact, and the event says so; the upstream did get it (issue 14: S3's error echo)."""
+    cfg = apache_config(apache, credential)
+    cfg["credentials"] = {**CREDENTIALS, "aws": AWS_STATIC}
+    h = await make_sidecar(cfg, ANY_METHOD)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.outbound}/apache/v1/error") as r:
+            status, head, body = r.status, r.headers, await r.text()
+    assert status == 403 and "<Code>SignatureDoesNotMatch</Code>" in body
+    header = "x-amz-security-token" if credential == "aws" else "x-api-key"
+    assert f"{header}:<redacted>" in body and int(head["Content-Length"]) == len(body.encode())
+    assert secret not in body and quote(secret, safe="") not in body
+    assert not any(secret in value for value in head.values())
+    assert apache.requests(1) == ["GET /v1/error"]
+    [event] = await h.settle()
+    assert (event["decision"], event["status"], event["outcome"]) == ("allow", 403, "completed")
+    assert "response body echoed the attached credential: replaced" in event["reason_detail"]
+    assert secret not in json.dumps(event)
+
+
+def echoing(status: int, *, chunked: bool = False, gzip: bool = False, pad: int = 0):
+    """An upstream handler whose answer repeats the X-API-Key it received, as error pages and debug
+    endpoints do: framed by Content-Length, chunked in two writes, or gzip-encoded; ``pad`` bytes more."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = json.dumps({"error": "denied", "received": {"x-api-key": request.headers.get("X-API-Key")},
+                           "pad": "p" * pad}).encode()
+        if gzip:
+            return web.Response(status=status, body=zlib.compress(body, wbits=16 + zlib.MAX_WBITS),
+                                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        if not chunked:
+            return web.Response(status=status, body=body, content_type="application/json")
+        response = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(body[:20])
+        await response.write(body[20:])
+        await response.write_eof()
+        return response
+    return handler
+
+
+@pytest.mark.parametrize("status, framing", [
+    (400, {}),                          # Content-Length framed
+    (403, {"chunked": True}),           # chunked: held up to 64 KiB to be searched whole
+    (500, {"gzip": True}),              # gzip-encoded: decoded to look, sent decoded
+    (200, {}),                          # a debug endpoint's short 200 that prints its headers
+])
+async def test_a_short_answer_never_hands_back_the_attached_credential(make_sidecar, status, framing):
+    """Every framing of a short answer is searched whole: the agent gets <redacted>, valid JSON, a right length."""
+    upstream = await Upstream(echoing(status, **framing)).start()
+    try:
+        h = await make_sidecar({"outbound": {"upstreams": {"billing": {"url": upstream.url, "credential": "as-header"}}},
+                                "credentials": CREDENTIALS}, ALLOW_ALL)
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            async with s.get(f"{h.outbound}/billing/v1/x") as r:
+                status_, head, raw = r.status, r.headers, await r.read()
+        assert status_ == status and "Content-Encoding" not in head and int(head["Content-Length"]) == len(raw)
+        assert json.loads(raw)["received"] == {"x-api-key": "<redacted>"} and not leaks(raw.decode())
+        [event] = await h.settle()
+        assert "response body echoed the attached credential: replaced" in event["reason_detail"]
+    finally:
+        await upstream.stop()
+
+
+async def test_a_long_error_answer_is_relayed_whole_and_unsearched(make_sidecar):
+    """Past 64 KiB an unframed error answer is the upstream's data: streamed on from what was held, not a byte lost."""
+    upstream = await Upstream(echoing(502, chunked=True, pad=100_000)).start()
+    try:
+        h = await make_sidecar({"outbound": {"upstreams": {"billing": {"url": upstream.url, "credential": "as-header"}}},
+                                "credentials": CREDENTIALS}, ALLOW_ALL)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/billing/v1/x") as r:
+                status, body = r.status, await r.json()
+        assert status == 502 and body["pad"] == "p" * 100_000
+        [event] = await h.settle()
+        assert event["outcome"] == "completed" and "body echoed" not in (event["reason_detail"] or "")
+    finally:
+        await upstream.stop()
 
 
 def two_upstreams(upstream: Upstream, other: Upstream) -> dict:
@@ -584,14 +667,7 @@ async def test_a_chunked_body_cannot_evade_a_request_size_condition(make_sidecar
     assert status == 403 and delivered == [], f"status {status}; upstream received bodies of {delivered} bytes"
 
 
-@pytest.mark.parametrize("head", [
-    # CL.TE smuggling: both framings on one request
-    b"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n",
-    # two Content-Length headers that disagree
-    b"POST /billing/v1/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\nContent-Length: 40\r\n",
-    # a lowercase method would dodge an uppercase methods: [...] rule and be re-uppercased by the client
-    b"delete /billing/v1/admin/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n",
-])
+@pytest.mark.parametrize("head", AMBIGUOUS_HEADS)
 async def test_ambiguous_framing_and_methods_are_refused_before_anything_is_forwarded(make_sidecar, upstream, head):
     """Requests whose framing or method two parsers could read differently are refused with 400
     (security review 1: a defence that held)."""
@@ -616,14 +692,7 @@ async def test_a_transfer_coding_other_than_chunked_is_refused_not_half_forwarde
     assert upstream.seen == []
 
 
-@pytest.mark.parametrize("target, host, reason", [
-    ("http://billing.internal@127.0.0.1/api/v1/x", "billing.internal@127.0.0.1", "bad_request"),  # userinfo
-    ("http://billing.internal/api/v1/x", "evil.example", "host_mismatch"),  # Host disagrees with authority
-    ("http://billing.internal/other/v1/x", "billing.internal", "unknown_upstream"),  # outside the base path
-    ("http://billing.internal/api/../other", "billing.internal", "unknown_upstream"),  # dot segments out of it
-    ("http://billing.internal/api/v1/%61dmin/users", "billing.internal", "rule_denied"),  # encoded unreserved
-    ("http://billing.internal/api/v1/x//..//admin/users", "billing.internal", "rule_denied"),
-])
+@pytest.mark.parametrize("target, host, reason", FORWARD_PROXY_TRICKS)
 async def test_forward_proxy_tricks_are_refused(make_sidecar, upstream, target, host, reason):
     """Absolute-URI tricks (userinfo, Host mismatch, base-path escape, encodings) never reach the upstream
     (security review 1: a defence that held)."""

@@ -165,6 +165,9 @@ def test_connect_looks_hosts_up_the_same_way(host, expected):
     ("*.*.example.com", "expected *. followed by a DNS name"),
     ("*.10.0.0.1", "expected *. followed by a DNS name"),  # not below an IP address
     ("*.exa_mple.com", "expected *. followed by a DNS name"),
+    ("*.co.uk", "co.uk is a public suffix"),  # a public suffix of two labels: every .co.uk domain
+    ("*.kawasaki.jp", "kawasaki.jp is a public suffix"),  # a wildcard rule of the list (*.kawasaki.jp)
+    ("*.com.au", "com.au is a public suffix"),
 ])
 def test_a_wildcard_is_checked_at_config_load(entry, message):
     """Every bad wildcard is a config error with its path, before anything runs."""
@@ -219,3 +222,14 @@ async def test_a_wildcard_opens_a_tunnel_one_label_below_it_and_no_deeper(make_s
         await server.stop()
     assert status == 200 and server.seen[-1].header("Host") == f"eu.billing.internal:{server.port}"
     assert refused.startswith(b"HTTP/1.1 403") and b'"error":"unknown_upstream"' in refused
+
+
+@pytest.mark.parametrize("entry", [
+    "*.s3.us-east-1.amazonaws.com",  # the private section's S3 names are not refused: virtual-hosted buckets
+    "*.example.co.uk",  # a registrable domain under a public suffix
+    "*.sidecar.test",  # a name under a reserved test TLD
+])
+def test_a_wildcard_over_a_registrable_domain_loads(entry):
+    """Only the ICANN section of the Public Suffix List refuses a wildcard's parent."""
+    raw = {"agent": {"name": "a"}, "outbound": {"upstreams": {"u": {"url": "https://127.0.0.1:9", "hosts": [entry]}}}}
+    assert parse_config(raw).outbound.upstreams["u"].hosts == (entry,)

@@ -20,6 +20,7 @@ from aiohttp import web
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from tests.credentials.s3_setup import BOTO3_POLICY, recording_config, s3_config
 from tests.harness import Seen, Upstream, raw_http
 from tests.peers.moto import BUCKET, REGION
 from tests.scenarios.approval import approval_config, approve, listed
@@ -28,15 +29,6 @@ pytestmark = pytest.mark.peer("moto")
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "reports", "direction": "outbound", "upstream": "s3", "methods": ["GET", "PUT"],
      "paths": [f"/{BUCKET}/reports/*"], "effect": "allow"}]}
-
-
-def s3_config(moto, **source: object) -> dict:
-    return {
-        "outbound": {"upstreams": {"s3": {"url": moto.base, "credential": "aws"}}},
-        "credentials": {"aws": {"type": "aws_sigv4", "region": REGION, "service": "s3", "source": source or {
-            "type": "static", "access_key_id": {"value": moto.user.access_key_id},
-            "secret_access_key": {"value": moto.user.secret_access_key}}}},
-    }
 
 
 async def test_the_agent_writes_and_reads_s3_through_the_sidecar(make_sidecar, moto, iam_auth):
@@ -73,17 +65,6 @@ async def test_a_wrong_secret_is_refused_by_the_service(make_sidecar, moto, iam_
 
 # --- boto3 at its defaults, through CONNECT interception (HTTPS_PROXY), to moto ------------------------------
 
-BOTO3_POLICY = {"version": 1, "default": "deny", "rules": [
-    {"id": "reports", "direction": "outbound", "upstream": "s3", "methods": ["GET", "HEAD", "PUT", "POST", "DELETE"],
-     "paths": [f"/{BUCKET}/reports/**"], "effect": "allow"},
-    {"id": "inbox-write-only", "direction": "outbound", "upstream": "s3", "methods": ["PUT", "POST"],
-     "paths": [f"/{BUCKET}/inbox/**"], "effect": "allow"},
-    {"id": "list", "direction": "outbound", "upstream": "s3", "methods": ["GET", "POST"], "paths": [f"/{BUCKET}"],
-     "effect": "allow"},
-    {"id": "no-secret-reads", "direction": "outbound", "upstream": "s3", "methods": ["GET"],
-     "paths": [f"/{BUCKET}/reports/secret/**"], "effect": "deny"},
-    {"id": "held-reads", "direction": "outbound", "upstream": "s3", "methods": ["GET"],
-     "paths": [f"/{BUCKET}/reports/held/**"], "effect": "require_approval"}]}
 S3_HOST = "s3.sidecar.test"
 MIB = 1024 * 1024
 
@@ -218,14 +199,6 @@ async def test_boto3_copies_only_from_a_source_policy_lets_it_read(make_sidecar,
 
 
 # --- what reaches the upstream: a recording loopback server ------------------------------------------------
-
-def recording_config(upstream: Upstream, **extra: Any) -> dict:
-    """The S3 upstream is a recording server: it shows what the sidecar forwards, and that a refusal sends nothing."""
-    return {"outbound": {"upstreams": {"s3": {"url": upstream.url, "credential": "aws", **extra}}},
-            "credentials": {"aws": {"type": "aws_sigv4", "region": REGION, "service": "s3", "source": {
-                "type": "static", "access_key_id": {"value": "AKIDSIDECAR"},
-                "secret_access_key": {"value": "sidecar-secret-canary"}}}}}
-
 
 async def put(h, key: str, headers: list[tuple[str, str]], body: bytes = b"") -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s:
@@ -429,11 +402,10 @@ async def test_a_body_is_signed_by_the_headers_that_are_forwarded(make_sidecar, 
 
 
 BODY_MODES_REFUSED = {
-    # chunk signatures chain from the agent's own seed signature: the sidecar cannot re-sign them
-    "signed-chunks": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "aws-chunked", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"),
-    # the same with a signed trailer
-    "signed-chunks-trailer": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER", "aws-chunked",
-                              "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"),
+    # signed chunks declared without their framing: nothing to re-sign
+    "signed-chunks-unframed": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "identity", "aws-chunked"),
+    # signed chunks with an X-Amz-Trailer: the trailer would go unsigned
+    "signed-chunks-undeclared-trailer": ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "aws-chunked", "no X-Amz-Trailer"),
     # SigV4a chunk signatures
     "sigv4a-chunks": ("STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD", "aws-chunked",
                       "STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD"),

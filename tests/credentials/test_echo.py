@@ -59,3 +59,20 @@ def test_every_credential_with_a_token_carries_a_guard_whose_repr_is_masked() ->
     assert credential.echo is not None and credential.echo.carried("x-echo: Bearer eyJ.minted.tok")
     assert "eyJ" not in repr(credential) and "eyJ" not in repr(credential.echo)
     assert Credential(type="aws_sigv4", provider="p", id="k").echo is None
+
+
+@pytest.mark.parametrize("form", [
+    SECRET,                          # raw, as a debug endpoint prints its headers
+    UPPER, LOWER, TWICE,             # percent-encoded, either case, twice
+    "k3y\\/with+odd=chars",          # JSON with "/" escaped (PHP's json_encode, Java's Jackson option)
+])
+def test_a_body_repeating_the_secret_gets_it_replaced(form: str) -> None:
+    """Every form in which a body may repeat the secret becomes <redacted>; the rest of the body stays."""
+    body = f'{{"error": "denied", "received": "{form}", "n": 1}}'.encode()
+    scrubbed = EchoGuard(SECRET).scrub_body(body)
+    assert scrubbed == b'{"error": "denied", "received": "<redacted>", "n": 1}'
+
+
+def test_a_body_without_the_secret_is_left_alone() -> None:
+    """Nothing found: None, so the relay sends the body it read, untouched."""
+    assert EchoGuard(SECRET).scrub_body(b'{"received": "k3y/with+odd"}') is None

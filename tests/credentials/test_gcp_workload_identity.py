@@ -29,7 +29,7 @@ from sidecar.errors import CredentialUnavailable
 from sidecar.identity.signing import Signer, load_signing_key
 from sidecar.observe.metrics import Metrics
 from tests.credentials.cloud import LocalCloud, ca_path, server_context
-from tests.credentials.providers import AGENT_SPIFFE_ID, config_errors, parse_spec, request
+from tests.credentials.providers import AGENT_SPIFFE_ID, ThreadSpy, config_errors, parse_spec, request
 
 AUDIENCE = "//iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/agents/providers/k8s-prod"
 SERVICE_ACCOUNT = "billing-agent@example-project.iam.gserviceaccount.com"
@@ -172,6 +172,16 @@ async def test_the_sidecars_own_jwt_is_the_subject_token_without_a_token_file(go
     claims = jwt.decode(google.sts[0]["subject_token"], signing_key.private.public_key(), algorithms=["ES256"],
                         audience=AUDIENCE)
     assert claims["sub"] == AGENT_SPIFFE_ID and claims["exp"] - claims["iat"] == 300
+
+
+async def test_the_subject_token_file_is_never_read_on_the_loop(google, ca_file, monkeypatch) -> None:
+    """The projected token is read in a worker thread, as AWS's web identity token file is: a slow volume
+    on the loop would stall every exchange."""
+    read = ThreadSpy(Path.read_text)
+    monkeypatch.setattr(Path, "read_text", lambda path, *args, **kwargs: read(path, *args, **kwargs))
+    await fetched(provider_for(google, ca_file))
+    assert read.threads and not read.on_loop()
+    assert google.sts[0]["subject_token"] == PROJECTED
 
 
 async def test_an_outage_serves_the_cached_token_then_refuses(google, ca_file) -> None:

@@ -286,7 +286,7 @@ async def test_intercepted_host_passes_hostname_verification(tmp_path: Path) -> 
     """A client trusting the interception CA accepts the minted certificate for that host."""
     ica = InterceptionCA.load_or_create(None, None, tmp_path)
     alpn = await _handshake(ica.context_for("api.example.test"), ica.cert_pem, "api.example.test")
-    assert alpn == "http/1.1"  # the forwarder speaks HTTP/1.1 only
+    assert alpn == "h2"  # offered h2 and http/1.1, the leaf's context chooses HTTP/2 (issue 17)
 
 
 async def test_a_different_host_name_fails_verification(tmp_path: Path) -> None:
@@ -299,7 +299,7 @@ async def test_a_different_host_name_fails_verification(tmp_path: Path) -> None:
 async def test_ip_hosts_get_an_ip_san(tmp_path: Path) -> None:
     """A CONNECT to an IP literal gets a certificate valid for that IP."""
     ica = InterceptionCA.load_or_create(None, None, tmp_path)
-    assert await _handshake(ica.context_for("127.0.0.1"), ica.cert_pem, "127.0.0.1") == "http/1.1"
+    assert await _handshake(ica.context_for("127.0.0.1"), ica.cert_pem, "127.0.0.1") == "h2"
 
 
 async def test_an_operator_supplied_ca_signs_the_leaves(tmp_path: Path) -> None:
@@ -338,7 +338,7 @@ async def test_a_leaf_is_minted_without_writing_to_state_dir(tmp_path: Path) -> 
 
     ica = InterceptionCA.load_or_create(None, None, tmp_path)
     shutil.rmtree(tmp_path / "intercept")
-    assert await _handshake(await ica.context("new.example.test"), ica.cert_pem, "new.example.test") == "http/1.1"
+    assert await _handshake(await ica.context("new.example.test"), ica.cert_pem, "new.example.test") == "h2"
     assert not (tmp_path / "intercept").exists()
 
 

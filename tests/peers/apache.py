@@ -5,8 +5,10 @@ echoing: ``TraceEnable`` is on (a TRACE is answered with the request head as ``m
 ``DirectorySlash`` redirects ``/v1/files?q`` to ``/v1/files/?q`` with the query kept. On top,
 the configuration below echoes what some upstreams echo: ``Header always echo`` repeats the
 ``X-API-Key`` request header, and ``/v1/page`` answers with ``Link``, ``Content-Location`` and
-``Refresh`` headers that repeat the query. ``requests()`` reads the access log: the method
-and target of every request that reached it.
+``Refresh`` headers that repeat the query, and ``/v1/error`` (a CGI script) answers 403 with an
+S3-style ``SignatureDoesNotMatch`` XML body, ``Content-Length`` framed, that repeats the request's
+``X-API-Key`` and ``X-Amz-Security-Token`` values, as S3's canonical request in that error does.
+``requests()`` reads the access log: the method and target of every request that reached it.
 
 Skipped when ``apache2`` is missing (a failure under ``CI=true``); install it with
 ``apt-get install -y --no-install-recommends apache2``. Import it into a test module with
@@ -40,6 +42,10 @@ LoadModule dir_module {modules}/mod_dir.so
 LoadModule headers_module {modules}/mod_headers.so
 LoadModule rewrite_module {modules}/mod_rewrite.so
 LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule alias_module {modules}/mod_alias.so
+LoadModule cgid_module {modules}/mod_cgid.so
+ScriptSock {root}/cgid.sock
+ScriptAlias /v1/error {root}/cgi/error
 {user}
 Listen 127.0.0.1:{port}
 ServerName 127.0.0.1
@@ -57,6 +63,17 @@ RewriteRule ^ - [E=ECHO_QUERY:%{{QUERY_STRING}}]
   Header always set Content-Location "/v1/page?%{{ECHO_QUERY}}e"
   Header always set Refresh "0; url=/v1/page?%{{ECHO_QUERY}}e"
 </Location>
+"""
+# S3's SignatureDoesNotMatch repeats the canonical request it computed: every signed header's value
+ERROR_CGI = """#!/bin/sh
+body="<?xml version=\\"1.0\\" encoding=\\"UTF-8\\"?>
+<Error><Code>SignatureDoesNotMatch</Code><CanonicalRequest>GET
+/v1/error
+
+x-amz-security-token:$HTTP_X_AMZ_SECURITY_TOKEN
+x-api-key:$HTTP_X_API_KEY
+</CanonicalRequest></Error>"
+printf 'Status: 403 Forbidden\\r\\nContent-Type: application/xml\\r\\nContent-Length: %d\\r\\n\\r\\n%s' "${{#body}}" "$body"
 """
 
 
@@ -90,8 +107,10 @@ class Apache:
         (self.root / "docs" / "v1" / "files").mkdir(parents=True)
         (self.root / "docs" / "v1" / "files" / "index.html").write_text("files\n")
         (self.root / "docs" / "v1" / "page").write_text("page\n")
+        (self.root / "cgi").mkdir()
+        (self.root / "cgi" / "error").write_text(ERROR_CGI.format())
         for path in self.root.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
+            path.chmod(0o755 if path.is_dir() or path.parent.name == "cgi" else 0o644)
         user = "User nobody\nGroup nogroup" if os.getuid() == 0 else ""
         config = self.root / "httpd.conf"
         config.write_text(CONFIG.format(root=self.root, modules=MODULES, port=self.port, user=user))
