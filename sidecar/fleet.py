@@ -37,6 +37,7 @@ import structlog
 from sidecar.config_model import FleetConfig
 from sidecar.inventory import iso_utc
 from sidecar.observe.metrics import Metrics
+from sidecar.revocation import cancel_and_wait
 
 log = structlog.get_logger("sidecar.fleet")
 MEMBER_PREFIX = "sidecar:fleet:member:"
@@ -135,8 +136,7 @@ class Registration:
     async def aclose(self) -> None:
         """Stop the heartbeat; the entry expires on its own and is listed as stale meanwhile."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)  # a heartbeat cancelled mid-write may not notice (revocation.py)
 
 
 def fleet_view(records: list[Record], live: set[str], self_instance: str | None) -> Record:

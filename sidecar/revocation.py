@@ -264,6 +264,23 @@ def parse_message(data: bytes, now: float) -> tuple[Revocation | None, dict[str,
 
 
 TIMEOUTS = {"socket_connect_timeout": 2, "socket_timeout": 5}
+RECANCEL_S = 0.1
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[None]) -> None:
+    """Cancel background tasks that talk to Redis and wait until they ended, cancelling again while one runs on.
+
+    On Python 3.11 a task cancelled while redis-py writes a command may never see the cancellation: redis-py
+    bounds the write with ``asyncio.wait_for``, which returns the write's result instead of raising when the
+    cancellation lands just after the write completed (CPython gh-86296, fixed in 3.12). The task then goes on
+    (the fleet heartbeat sleeps and beats again), and one ``cancel()`` and a wait would wait forever: a sidecar
+    whose start failed on a taken port never exited and said nothing (issue 12)."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def redis_client(config: RevocationConfig) -> tuple[Any, Any]:
@@ -476,9 +493,7 @@ class RedisBus:
             await self.flush(timeout=2.0)
         if self._outbox:
             log.warning("revocation_unsent_at_shutdown", unsent=len(self._outbox))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         if self._client is not None:
             await self._client.aclose()
         for node in self._sentinel.sentinels if self._sentinel is not None else ():

@@ -49,7 +49,8 @@ class Task:
     actor_type: str | None
     trigger: str | None
     opened_at: float
-    expires_at: float
+    expires_at: float  # wall clock, for listings and events
+    deadline: float  # the monotonic clock's time at expires_at: what ends the task (a stepped wall clock does not)
     act_chain: tuple[str, ...] = ()
     ended: str | None = None  # None while open; "task_ended" | "revoked"
     ended_at: float | None = None
@@ -64,7 +65,7 @@ class TaskRegistry:
     """Open tasks by id and per principal, and a bounded LRU of the tombstones of ended ones."""
 
     def __init__(self, *, max_ttl: float, max_open_per_principal: int, max_tombstones: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._open: dict[str, Task] = {}
         self._by_principal: dict[Principal, set[str]] = {}
         self._ended: OrderedDict[str, Task] = OrderedDict()  # oldest end first
@@ -72,12 +73,14 @@ class TaskRegistry:
         self._max_per_principal = max_open_per_principal
         self._max_tombstones = max_tombstones
         self._clock = clock
+        self._monotonic = monotonic
         self._on_end: list[Callable[[Task], None]] = []
 
     @classmethod
-    def from_config(cls, cfg: TasksConfig, clock: Callable[[], float] = time.time) -> TaskRegistry:
+    def from_config(cls, cfg: TasksConfig, clock: Callable[[], float] = time.time,
+                    monotonic: Callable[[], float] = time.monotonic) -> TaskRegistry:
         return cls(max_ttl=cfg.max_ttl, max_open_per_principal=cfg.max_open_per_principal,
-                   max_tombstones=cfg.max_tombstones, clock=clock)
+                   max_tombstones=cfg.max_tombstones, clock=clock, monotonic=monotonic)
 
     @property
     def open_count(self) -> int:
@@ -96,43 +99,48 @@ class TaskRegistry:
         now = self._clock()
         self._forget_tombstones(now)
         if principal is not None:
-            self._check_principal(principal, now)
+            self._check_principal(principal)
         expires = now + min(ttl, self._max_ttl)
         if token_exp is not None:
             expires = min(expires, token_exp)
+        deadline = self._monotonic() + (expires - now)
         task = Task(secrets.token_hex(16), principal, subject_token, delegation, actor_type, trigger, now, expires,
-                    act_chain)
+                    deadline, act_chain)
         self._open[task.id] = task
         if principal is not None:
             self._by_principal.setdefault(principal, set()).add(task.id)
         self._arm(task)
         return task
 
-    def _check_principal(self, principal: Principal, now: float) -> None:
+    def _check_principal(self, principal: Principal) -> None:
         """Refuse one more open task for a principal at its cap, saying when the earliest one ends."""
         ids = self._by_principal.get(principal, set())
         if len(ids) < self._max_per_principal:
             return
-        for task_id in [i for i in ids if self._open[i].expires_at <= now]:  # past its TTL, timer not yet run
+        for task_id in [i for i in ids if self._over(self._open[i])]:  # past its TTL, timer not yet run
             self.end(task_id, "task_ended")
         if len(ids) < self._max_per_principal:
             return
-        first_end = min(self._open[task_id].expires_at for task_id in ids)
+        first_end = min(self._open[task_id].deadline for task_id in ids)
         raise TaskRefused("rate_limited", f"tasks: this principal already has {len(ids)} open tasks; expected "
                                           f"at most tasks.max_open_per_principal ({self._max_per_principal})",
-                          detail="tasks.max_open_per_principal", retry_after=max(1, math.ceil(first_end - now)))
+                          detail="tasks.max_open_per_principal",
+                          retry_after=max(1, math.ceil(first_end - self._monotonic())))
+
+    def _over(self, task: Task) -> bool:
+        return task.deadline <= self._monotonic()
 
     def _arm(self, task: Task) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        task.timer = loop.call_later(max(task.expires_at - self._clock(), 0.0), self.end, task.id, "task_ended")
+        task.timer = loop.call_later(max(task.deadline - self._monotonic(), 0.0), self.end, task.id, "task_ended")
 
     def get(self, task_id: str) -> Task:
         """The open task with this id, or a refusal saying why it cannot be used."""
         task = self._open.get(task_id)
-        if task is not None and task.expires_at <= self._clock():
+        if task is not None and self._over(task):
             self.end(task_id, "task_ended")
         if task is None:
             self._forget_tombstones(self._clock())
@@ -195,8 +203,7 @@ class TaskRegistry:
         return ids
 
     def open_tasks(self) -> list[Task]:
-        now = self._clock()
-        return [t for t in self._open.values() if t.expires_at > now]
+        return [t for t in self._open.values() if not self._over(t)]
 
     def close(self) -> None:
         for task in self._open.values():

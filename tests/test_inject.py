@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from cryptography import x509
 from sidecar import inject
 from sidecar.errors import ConfigInvalid
 from sidecar.inject.settings import AGENT_ENV, LOCKDOWN
-from tests.harness import free_port
 
 K8S_VERSION = "1.29.0"
 ROOT = Path(__file__).resolve().parent.parent
@@ -458,34 +456,38 @@ def test_intercept_ca_is_published_without_its_key(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- run() as the CLI calls it
 
 def _serve(args: str) -> subprocess.Popen[str]:
-    code = f"import sys; from pathlib import Path; from sidecar.inject import run; sys.exit(run({args}))"
+    code = ("import logging, sys; from pathlib import Path; from sidecar.inject import run; "
+            f"logging.basicConfig(level=logging.INFO); sys.exit(run({args}))")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | {"PYTHONPATH": str(ROOT)})
 
 
+def _served_port(proc: subprocess.Popen[str]) -> int:
+    """The port the webhook logged once it was listening (it was given port 0: nothing can take it first)."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # ends when the process exits
+        seen.append(line)
+        if "inject: serving https://127.0.0.1:" in line:
+            return int(line.split("https://127.0.0.1:")[1].split("/")[0])
+    pytest.fail(f"inject: the webhook exited with {proc.wait()} before listening: {''.join(seen)}")
+
+
 def test_run_serves_tls_and_stops_on_sigterm(ca: trustme.CA, tmp_path: Path) -> None:
-    """run() serves /healthz over TLS with the given files and returns 0 after SIGTERM."""
+    """run() serves /healthz over TLS with the given files on the port it bound and returns 0 after SIGTERM."""
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     leaf = ca.issue_cert("127.0.0.1")
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
-    port = free_port()
-    proc = _serve(f"'127.0.0.1:{port}', Path({str(cert)!r}), Path({str(key)!r}), None")
+    proc = _serve(f"'127.0.0.1:0', Path({str(cert)!r}), Path({str(key)!r}), None")
     context = ssl.create_default_context()
     ca.configure_trust(context)
     try:
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
-                        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                    tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                    assert tls.recv(64).startswith(b"HTTP/1.1 200")
-                    break
-            except (ConnectionRefusedError, ConnectionResetError):
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                time.sleep(0.05)
-        else:
-            pytest.fail("inject: the webhook never answered on its port")
+        port = _served_port(proc)  # listening once logged: the first connection is answered
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert tls.recv(64).startswith(b"HTTP/1.1 200")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

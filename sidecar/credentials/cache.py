@@ -39,6 +39,7 @@ class _Entry:
     credential: Credential
     provider: CredentialProvider
     request: CredentialRequest
+    deadline: float | None  # the monotonic clock's time at credential.expires_at (None: it does not expire)
     used: bool = False
     refresher: asyncio.TimerHandle | None = None
     failures: int = 0
@@ -47,10 +48,14 @@ class _Entry:
 
 class CredentialCache:
     def __init__(self, metrics: Metrics, *, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` reads the wall clock credentials' expiries are stated in, once, when one is stored;
+        from then on its lifetime runs on ``monotonic``, so that a wall clock stepped back cannot hand out
+        an expired token, nor one stepped forward drop every cached one (issue 12)."""
         self._metrics = metrics
         self._max = max_entries
         self._clock = clock
+        self._monotonic = monotonic
         self._entries: OrderedDict[tuple[str, Hashable], _Entry] = OrderedDict()
         self._inflight: dict[tuple[str, Hashable], asyncio.Future[Credential]] = {}
         self._ended_tasks: OrderedDict[str, None] = OrderedDict()  # bounded like the entries
@@ -59,7 +64,7 @@ class CredentialCache:
     def cached(self, provider: CredentialProvider, req: CredentialRequest) -> tuple[Credential, str] | None:
         """A fresh cached credential without awaiting anything (the common case), or None."""
         entry = self._entries.get((provider.name, provider.cache_key(req)))
-        if entry is None or not self._fresh(entry.credential):
+        if entry is None or not self._fresh(entry):
             return None
         entry.used = True
         self._metrics.count_cache(provider.name, "hit")
@@ -74,8 +79,12 @@ class CredentialCache:
         credential = await self._single_flight((provider.name, provider.cache_key(req)), provider, req)
         return credential, "static" if credential.standing else "minted"
 
-    def _fresh(self, credential: Credential) -> bool:
-        return credential.expires_at is None or credential.expires_at - EXPIRY_MARGIN > self._clock()
+    def _fresh(self, entry: _Entry) -> bool:
+        return entry.deadline is None or self._remaining(entry) > EXPIRY_MARGIN
+
+    def _remaining(self, entry: _Entry) -> float:
+        """Seconds the entry's credential is still valid (0 past its expiry; never-expiring: infinite)."""
+        return float("inf") if entry.deadline is None else max(entry.deadline - self._monotonic(), 0.0)
 
     async def _single_flight(self, key: tuple[str, Hashable], provider: CredentialProvider,
                              req: CredentialRequest) -> Credential:
@@ -124,7 +133,9 @@ class CredentialCache:
         old = self._entries.pop(key, None)
         if old is not None and old.refresher is not None:
             old.refresher.cancel()
-        entry = _Entry(credential, provider, req, used=True)
+        deadline = None if credential.expires_at is None else \
+            self._monotonic() + credential.expires_at - self._clock()
+        entry = _Entry(credential, provider, req, deadline, used=True)
         self._entries[key] = entry
         self._schedule(key, entry)
         self._evict()
@@ -156,7 +167,7 @@ class CredentialCache:
         except Exception as exc:
             entry.failures += 1
             backoff = min(MIN_BACKOFF * 2 ** entry.failures, MAX_BACKOFF) * random.uniform(0.8, 1.2)
-            remaining = (entry.credential.expires_at or 0) - self._clock()
+            remaining = self._remaining(entry)
             log.warning("credential_refresh_failed", provider=entry.provider.name, attempt=entry.failures,
                         reason=getattr(exc, "reason", type(exc).__name__),
                         detail=getattr(exc, "detail", None), valid_for_s=round(remaining, 1))
@@ -168,9 +179,8 @@ class CredentialCache:
             self._entries[key].used = False
 
     def _drop_at_expiry(self, key: tuple[str, Hashable], entry: _Entry) -> None:
-        remaining = (entry.credential.expires_at or 0) - self._clock()
         loop = asyncio.get_running_loop()
-        entry.refresher = loop.call_later(max(remaining, 0.0), self._remove_if, key, entry)
+        entry.refresher = loop.call_later(self._remaining(entry), self._remove_if, key, entry)
 
     def _remove_if(self, key: tuple[str, Hashable], entry: _Entry) -> None:
         if self._entries.get(key) is entry:

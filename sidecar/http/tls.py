@@ -44,14 +44,26 @@ def build_server_context(cert_path: str, key_path: str, ca_pems: list[bytes]) ->
 
 
 def interception_context(chain_and_key_pem: str, work_dir: Path) -> ssl.SSLContext:
-    """``ssl`` loads keys from files only: a 0600 temporary file, removed once read."""
+    """``ssl`` loads keys from files only: an anonymous memory file (Linux ``memfd``), so that minting a leaf
+    needs no disk (a full or read-only state_dir does not refuse CONNECTs, issue 12); elsewhere a 0600
+    temporary file in ``work_dir``, removed once read."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["h2", "http/1.1"])  # the handshake's choice picks the tunnel's server
+    data = chain_and_key_pem.encode()
+    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        fd = os.memfd_create("sidecar-leaf", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as handle:
+                handle.write(data)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return context
     fd, tmp = tempfile.mkstemp(dir=work_dir, prefix=".leaf-", suffix=".pem")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(chain_and_key_pem)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         context.load_cert_chain(tmp)
     finally:
         Path(tmp).unlink(missing_ok=True)

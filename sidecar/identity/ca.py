@@ -355,7 +355,7 @@ class InterceptionCA:
                  clock: Clock = _utcnow) -> None:
         self._cert, self._key, self._work_dir = cert, key, work_dir
         self._leaf_ttl, self._max_hosts, self._clock = leaf_ttl, max_hosts, clock
-        self._cache: OrderedDict[str, tuple[ssl.SSLContext, datetime]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[ssl.SSLContext, datetime, datetime]] = OrderedDict()  # ctx, minted, end
         self.cert_pem = _cert_pem(cert)
 
     def __repr__(self) -> str:
@@ -393,24 +393,26 @@ class InterceptionCA:
 
     def _fresh(self, name: str, now: datetime) -> ssl.SSLContext | None:
         cached = self._cache.get(name)
-        if cached is None or cached[1] - now <= self._leaf_ttl / 6:
+        # a leaf minted "after" now was minted while the wall clock ran ahead: its notBefore is in the agent's
+        # future, so it is minted again rather than served until it expires (issue 12: the clock faults)
+        if cached is None or cached[2] - now <= self._leaf_ttl / 6 or cached[1] > now:
             return None
         self._cache.move_to_end(name)
         return cached[0]
 
-    def _store(self, name: str, entry: tuple[ssl.SSLContext, datetime]) -> ssl.SSLContext:
+    def _store(self, name: str, entry: tuple[ssl.SSLContext, datetime, datetime]) -> ssl.SSLContext:
         self._cache[name] = entry
         self._cache.move_to_end(name)
         while len(self._cache) > self._max_hosts:
             self._cache.popitem(last=False)
         return entry[0]
 
-    def _mint(self, name: str, now: datetime) -> tuple[ssl.SSLContext, datetime]:
+    def _mint(self, name: str, now: datetime) -> tuple[ssl.SSLContext, datetime, datetime]:
         key = _new_key()
         end = min(now + self._leaf_ttl, self._cert.not_valid_after_utc)
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]
         cert = _leaf(self._cert, self._key, key, [_general_name(name)], now - BACKDATE, end, usages)
-        return interception_context(_cert_pem(cert) + _key_pem(key), self._work_dir), end
+        return interception_context(_cert_pem(cert) + _key_pem(key), self._work_dir), now, end
 
 
 def _normalize_host(host: str) -> str:

@@ -159,7 +159,8 @@ async def _serve(app: web.Application, host: str, port: int, context: ssl.SSLCon
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=context, shutdown_timeout=10.0)
     await site.start()
-    log.info("inject: serving https://%s:%d/mutate", host, port)
+    bound = runner.addresses[0][1]  # the port it got: listen may name port 0
+    log.info("inject: serving https://%s:%d/mutate", host, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO, Awaitable
+from typing import IO, Awaitable, Callable
 
 import orjson
 
@@ -76,8 +76,10 @@ class LogStats:
 class BufferedLineWriter:
     """Lines into a bounded buffer written to ``stream`` (default stdout) by one thread."""
 
-    def __init__(self, stream: IO[bytes] | None = None, backpressure: Backpressure = Backpressure()) -> None:
+    def __init__(self, stream: IO[bytes] | None = None, backpressure: Backpressure = Backpressure(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
+        self._clock = clock  # when the last batch was handed over, and whether that was FLUSH_AFTER ago
         self.backpressure = backpressure
         self._lines: list[bytes] = []  # the batch gathering on the loop
         self._size = 0
@@ -90,7 +92,7 @@ class BufferedLineWriter:
         self._accepted = 0  # batches handed over, and written (or failed): flush() waits for them to meet
         self._done = 0
         self._scheduled = False
-        self._flushed = 0.0  # time.monotonic() of the last hand-over
+        self._flushed = float("-inf")  # clock() of the last hand-over
         self.dropped_events = 0
         self.dropped_other = 0
         self._unreported = 0  # dropped since the last log_lines_dropped line
@@ -127,7 +129,7 @@ class BufferedLineWriter:
                 return
             if self._scheduled:
                 return
-            if time.monotonic() - self._flushed >= FLUSH_AFTER:
+            if self._clock() - self._flushed >= FLUSH_AFTER:
                 self._hand_over()
                 return
             self._scheduled = True
@@ -178,7 +180,7 @@ class BufferedLineWriter:
 
     def _hand_over(self) -> None:
         self._scheduled = False
-        self._flushed = time.monotonic()
+        self._flushed = self._clock()
         if not self._lines:
             return
         self._handed.append(b"".join(self._lines))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 from aiohttp import web
 
@@ -45,16 +46,32 @@ class Switchable:
         raise NotImplementedError
 
 
+SSE_EVENTS = 3
+
+
 class Upstream(Switchable):
     """normal: 200 ``ok``; reset: the connection is aborted before a byte of answer; slow: the answer
     comes after ``slow_seconds`` (past the sidecar's first_byte); cut: the head and half the body,
-    then the connection is aborted."""
+    then the connection is aborted. A bearer token the token endpoint did not issue, or that expired, is refused
+    401 ``invalid_token`` (a sidecar handing out a token past its lifetime is seen). In normal mode ``/sse`` streams SSE_EVENTS events (``data: n``) and
+    ``/ws`` is a WebSocket that echoes each text message and closes with a close frame after one."""
 
-    slow_seconds = 3.0
+    slow_seconds = 6.0  # past the first_byte the harness gives the sidecar (4 s)
+
+    def __init__(self, tokens: TokenEndpoint | None = None) -> None:
+        super().__init__()
+        self.tokens = tokens  # bearer tokens are checked against what it issued, and when they expire
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         await request.read()
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if bearer and self.tokens is not None and not self.tokens.valid(bearer):
+            return web.json_response({"error": "invalid_token"}, status=401)
+        if self.mode == "normal" and request.path.endswith("/sse"):
+            return await self._sse(request)
+        if self.mode == "normal" and request.path.endswith("/ws"):
+            return await self._echo(request)
         if self.mode == "reset":
             assert request.transport is not None
             request.transport.abort()
@@ -70,6 +87,24 @@ class Upstream(Switchable):
             return response
         return web.Response(text="ok")
 
+    async def _sse(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for n in range(SSE_EVENTS):
+            await response.write(f"id: {n}\ndata: {n}\n\n".encode())
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    async def _echo(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        message = await ws.receive()
+        if message.type == web.WSMsgType.TEXT:
+            await ws.send_str(message.data)
+        await ws.close()
+        return ws
+
 
 class TokenEndpoint(Switchable):
     """An OAuth 2.0 token endpoint (client credentials) whose tokens live ``lifetime`` seconds.
@@ -77,6 +112,13 @@ class TokenEndpoint(Switchable):
     error: 400 invalid_client."""
 
     lifetime = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._issued: dict[str, float] = {}  # token -> when it expires (the monotonic clock: the harness's is true)
+
+    def valid(self, token: str) -> bool:
+        return self._issued.get(token, 0.0) > time.monotonic()
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
@@ -89,8 +131,9 @@ class TokenEndpoint(Switchable):
             return web.Response(text="<html>not json</html>", content_type="text/html")
         if self.mode == "error":
             return web.json_response({"error": "invalid_client"}, status=400)
-        return web.json_response({"access_token": secrets.token_urlsafe(24), "token_type": "Bearer",
-                                  "expires_in": self.lifetime})
+        token = secrets.token_urlsafe(24)
+        self._issued[token] = time.monotonic() + self.lifetime
+        return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": self.lifetime})
 
 
 class Agent(Switchable):

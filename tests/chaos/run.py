@@ -2,13 +2,21 @@
 
     python -m tests.chaos.run                        # every fault
     python -m tests.chaos.run --only token-down,svid-garbage --fault-seconds 12
+    python -m tests.chaos.run --rate 30 --keep-log /tmp/sidecar.out   # a loaded machine; keep the events
 
 Set-up (all on 127.0.0.1, in a temporary directory): a ``sidecar run`` process (uvloop) with its SVID
-in files it watches, an inbound mTLS listener in front of a loopback agent, two outbound upstreams on a
+in files it watches, an inbound mTLS listener in front of a loopback agent, outbound upstreams on a
 misbehaving server (``plain`` with a static key, ``oauth`` with client-credentials tokens from a
-misbehaving token endpoint), a revocation bus on a real ``redis-server`` when one is installed, and a
-policy file it watches. Traffic: about 40 requests a second, round robin: an allowed GET on each
-upstream, a GET policy denies, and an allowed inbound mTLS call.
+misbehaving token endpoint, ``intercepted`` reached by CONNECT through the interception CA given as
+files), a revocation bus on a real ``redis-server`` when one is installed, and a policy file it watches.
+The sidecar runs in a private mount namespace (``unshare -m``) whose ``state_dir`` is a small tmpfs, so
+that it can be filled or made read-only for that process alone, under libfaketime (``LD_PRELOAD``, a
+control file; the monotonic clock left alone) when Debian's ``faketime`` is installed, so that its wall
+clock can be stepped, and with its stdout on a pipe the harness reads, so that the reader can stall.
+Traffic: about 40 requests a second, round robin: an allowed GET on each upstream (``plain`` naming a
+task opened at start, ``ttl`` 30m), a GET policy denies, an allowed inbound mTLS call, an SSE stream, a
+WebSocket echo, a CONNECT to a new host name each time (a leaf minted per host) and an MCP ``initialize`` to
+a server built with the MCP SDK (``tests/peers/mcp_sdk/server.py``, upstream ``tools``, ``protocol: mcp``).
 
 Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID and Redis
 down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
@@ -16,8 +24,11 @@ kind of request succeeds again. Printed per fault, and the exit status 1 if any 
 - **lost**: requests that got no HTTP answer at all (must be 0; a refusal with its reason is an answer);
 - **wrong**: decisions other than policy's (an allowed request refused by policy, a denied one served: 0);
 - **recovery**: seconds from clearing the fault to every kind of request succeeding again;
-- **events / exchanges**: trust-decision events written against requests sent (must be equal);
+- **events / exchanges**: trust-decision events written (plus those the log counted as dropped) against
+  the exchanges the requests made (must be equal; a CONNECT's is that of the request in its tunnel);
 - the refusals seen during the fault, by reason, against the ones the fault is expected to cause.
+Faults that need what is not there (no root for ``unshare``, no libfaketime, no Redis) are left out, and
+the run says so.
 """
 
 from __future__ import annotations
@@ -25,31 +36,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
+import os
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import IO, Awaitable, Callable
 
 import aiohttp
 import yaml
 
 from tests.bench.soak_mtls import free_port
-from tests.chaos.peers import Agent, TokenEndpoint, Upstream
+from tests.chaos.peers import SSE_EVENTS, Agent, TokenEndpoint, Upstream
 from tests.harness import wait_ready
 
 CALLER = "spiffe://sidecar.local/orchestrator"
 OURS = "spiffe://sidecar.local/chaos-agent"
 POLICY_DENIALS = frozenset({"no_matching_rule", "rule_denied", "condition_error"})
-KINDS = ("plain", "oauth", "denied", "inbound")
+KINDS = ("plain", "oauth", "denied", "inbound", "sse", "websocket", "connect", "mcp")
 RATE = 40.0  # requests a second, all kinds together
 REQUEST_TIMEOUT = 15.0
+MCP_SERVER = Path(__file__).parents[1] / "peers" / "mcp_sdk" / "server.py"  # built with the MCP SDK installed
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+              "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "chaos",
+                                                                                          "version": "1"}}}
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+STATE_BYTES = "4m"  # the sidecar's state_dir: a tmpfs this small, so that filling it is quick
+HOSTS = itertools.count()  # CONNECT host names, new across faults too (a leaf cached by one is not reused)
+DROPPED_EVENTS = 'sidecar_log_lines_dropped_total{kind="trust_decision"}'
+LOG_BUFFER = 65536  # logging.buffer_bytes: small, so that a stalled stdout is felt within seconds
 
 
 @dataclass
@@ -59,51 +82,122 @@ class Outcome:
     status: int | None = None
     reason: str | None = None
     error: str | None = None
+    ok: bool = False  # the answer was whole and what the upstream sent (an SSE stream, a WebSocket echo)
+
+
+@dataclass
+class Clients:
+    """What the traffic needs to talk to the sidecar: its ports, the caller's mTLS context, the context
+    trusting the interception CA (CONNECT), and the task the ``plain`` requests name."""
+
+    ports: dict[str, int]
+    inbound_tls: ssl.SSLContext
+    intercept_tls: ssl.SSLContext
+    task: str
 
 
 class Traffic:
     """Steady requests of every kind; each outcome kept with the time it was sent."""
 
-    def __init__(self, ports: dict[str, int], inbound_tls: ssl.SSLContext) -> None:
-        self.ports, self.inbound_tls = ports, inbound_tls
+    def __init__(self, clients: Clients, rate: float = RATE) -> None:
+        self.clients, self.rate = clients, rate
         self.outcomes: list[Outcome] = []
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
+        """No new requests; those in flight are answered (or time out) before the client session closes."""
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        self._stopping.set()
+        await self._task
+
+    @property
+    def exchanges(self) -> int:
+        return len(self.outcomes)  # one trust decision each (a CONNECT's is its tunnel's request)
 
     async def _run(self) -> None:
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
-            for n in range(10**9):
+            n = 0
+            while not self._stopping.is_set():
                 task = asyncio.ensure_future(self._one(session, KINDS[n % len(KINDS)]))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
-                await asyncio.sleep(1 / RATE)
+                n += 1
+                await asyncio.sleep(1 / self.rate)
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def _one(self, session: aiohttp.ClientSession, kind: str) -> None:
         outcome = Outcome(kind, time.monotonic())
         self.outcomes.append(outcome)
-        if kind == "inbound":
-            url, tls = f"https://127.0.0.1:{self.ports['inbound']}/tasks/x", self.inbound_tls
-        else:
-            upstream, path = ("plain", "denied") if kind == "denied" else (kind, "ok")
-            url, tls = f"http://127.0.0.1:{self.ports['outbound']}/{upstream}/{path}", None
         try:
-            async with session.get(url, ssl=tls, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as r:
-                outcome.status = r.status
-                body = await r.read()
-                if r.status >= 300 and r.content_type == "application/json":
-                    outcome.reason = json.loads(body).get("error")
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                if kind == "websocket":
+                    await self._websocket(session, outcome)
+                else:
+                    await self._http(session, kind, outcome)
+        except (aiohttp.WSServerHandshakeError, aiohttp.ClientHttpProxyError) as exc:
+            # refused before the upgrade, or the CONNECT refused: an answer, its reason in Proxy-Status
+            outcome.status, outcome.reason = exc.status, proxy_status_reason(exc.headers)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            outcome.error = type(exc).__name__  # the CONNECT was answered; the leaf in the tunnel was refused
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             outcome.error = type(exc).__name__
+
+    async def _http(self, session: aiohttp.ClientSession, kind: str, outcome: Outcome) -> None:
+        c, headers, proxy, tls = self.clients, {}, None, None
+        out = f"http://127.0.0.1:{c.ports['outbound']}"
+        if kind == "inbound":
+            url, tls = f"https://127.0.0.1:{c.ports['inbound']}/tasks/x", c.inbound_tls
+        elif kind == "connect":  # a new host name each time: each CONNECT mints a leaf (state_dir/intercept)
+            url, proxy, tls = f"https://r{next(HOSTS)}.chaos.test/ok", out, c.intercept_tls
+        else:
+            upstream, path = {"denied": ("plain", "denied"), "sse": ("plain", "sse")}.get(kind, (kind, "ok"))
+            url = f"{out}/{upstream}/{path}"
+            if kind == "plain":
+                headers["X-Sidecar-Task"] = c.task
+        if kind == "mcp":
+            return await self._mcp(session, f"{out}/tools/mcp", outcome)
+        async with session.get(url, ssl=tls if tls is not None else True, proxy=proxy, headers=headers) as r:
+            outcome.status = r.status
+            body = await r.read()
+            if r.status >= 300 and r.content_type == "application/json":
+                outcome.reason = json.loads(body).get("error")
+            elif r.status == 200:
+                outcome.ok = body.count(b"data: ") == SSE_EVENTS if kind == "sse" else True
+
+    async def _mcp(self, session: aiohttp.ClientSession, url: str, outcome: Outcome) -> None:
+        """An MCP initialize (JSON-RPC over streamable HTTP) to the SDK-built server: its serverInfo back."""
+        headers = {"Accept": "application/json, text/event-stream"}
+        async with session.post(url, json=INITIALIZE, headers=headers) as r:
+            outcome.status = r.status
+            body = await r.read()
+            if r.status >= 300 and r.content_type == "application/json":
+                error = json.loads(body).get("error")
+                outcome.reason = error.get("data", {}).get("reason") if isinstance(error, dict) else error
+            outcome.ok = r.status == 200 and b'"serverInfo"' in body
+
+    async def _websocket(self, session: aiohttp.ClientSession, outcome: Outcome) -> None:
+        url = f"ws://127.0.0.1:{self.clients.ports['outbound']}/plain/ws"
+        async with session.ws_connect(url, autoclose=False) as ws:
+            outcome.status = 101
+            await ws.send_str("echo me")
+            echoed = await ws.receive()
+            closing = await ws.receive()
+            outcome.ok = echoed.type == aiohttp.WSMsgType.TEXT and echoed.data == "echo me" and \
+                closing.type == aiohttp.WSMsgType.CLOSE
+            await ws.close()
+
+
+def proxy_status_reason(headers: object) -> str | None:
+    """The reason code a refusal names in its Proxy-Status header (``details="<reason>"``, RFC 9209)."""
+    value = headers.get("Proxy-Status", "") if hasattr(headers, "get") else ""
+    _, found, rest = str(value).partition('details="')
+    return rest.split('"', 1)[0] if found else None
 
 
 @dataclass
@@ -113,23 +207,58 @@ class Fault:
     clear: Callable[[], Awaitable[None] | None]
     expect: frozenset[str] = frozenset()  # refusal reasons the fault may cause (any others count as unexpected)
     cut_ok: bool = False  # responses broken off mid-body are the fault's own outcome (reported, not lost)
+    refused_by_client: frozenset[str] = frozenset()  # client-side errors that are the fault's own outcome
 
 
 @dataclass
 class Row:
     fault: str
     sent: int = 0
+    exchanges: int = 0
     lost: int = 0
     wrong: int = 0
     recovery: float | None = None
     events: int = 0
     refusals: collections.Counter[str] = field(default_factory=collections.Counter)
     unexpected: collections.Counter[str] = field(default_factory=collections.Counter)
+    losses: collections.Counter[str] = field(default_factory=collections.Counter)  # lost, by kind and error
 
     @property
     def held(self) -> bool:
-        return (self.lost == 0 and self.wrong == 0 and self.recovery is not None and self.events == self.sent
+        return (self.lost == 0 and self.wrong == 0 and self.recovery is not None and self.events == self.exchanges
                 and not self.unexpected)
+
+
+class LogPump:
+    """Copies the sidecar's stdout (a pipe) into its log file, in a thread; ``pause()`` stops reading, as a
+    log consumer that stalls, until ``resume()``."""
+
+    def __init__(self, source: IO[bytes], log: Path) -> None:
+        self._source, self._log = source, log
+        self._reading = threading.Event()
+        self._reading.set()
+        self._thread = threading.Thread(target=self._run, name="chaos-log-pump", daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        self._reading.clear()
+
+    def resume(self) -> None:
+        self._reading.set()
+
+    def _run(self) -> None:
+        with self._log.open("ab") as out:
+            while True:
+                self._reading.wait()
+                chunk = os.read(self._source.fileno(), 65536)
+                if not chunk:
+                    return
+                out.write(chunk)
+                out.flush()
+
+    def join(self, timeout: float) -> None:
+        self.resume()
+        self._thread.join(timeout)
 
 
 class World:
@@ -137,20 +266,32 @@ class World:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.upstream, self.tokens, self.agent = Upstream(), TokenEndpoint(), Agent()
+        self.tokens, self.agent = TokenEndpoint(), Agent()
+        self.upstream = Upstream(self.tokens)
         self.ports = {name: free_port() for name in ("inbound", "outbound", "health", "metrics", "admin")}
         self.redis_port = free_port()
         self.redis: subprocess.Popen[bytes] | None = None
         self.sidecar: subprocess.Popen[bytes] | None = None
+        self.pump: LogPump | None = None
         self.log = tmp / "sidecar.out"
         self.policy = tmp / "policy.yaml"
         self.svid_dir = tmp / "svid"
+        self.state = tmp / "sidecar-state"  # the sidecar's state_dir: a tmpfs in its own mount namespace
+        self.intercept = {"cert": tmp / "intercept" / "ca.crt", "key": tmp / "intercept" / "ca.key"}
+        self.clock_file = tmp / "faketime"
+        self.token_file = tmp / "admin-token"
+        self.namespaced = os.geteuid() == 0 and shutil.which("unshare") is not None and \
+            shutil.which("nsenter") is not None
+        self.faked_clock = FAKETIME.exists()
+        self.task = ""
+        self.mcp: subprocess.Popen[bytes] | None = None
+        self.mcp_port = 0
 
     async def start(self) -> None:
         for peer in (self.upstream, self.tokens, self.agent):
             await peer.start()
         self.start_redis()
-        from sidecar.identity.ca import ca_issue
+        from sidecar.identity.ca import InterceptionCA, ca_issue
 
         state = self.tmp / "state"
         ca_issue(state, OURS, self.svid_dir)
@@ -158,14 +299,48 @@ class World:
         self.svid = {name: self.svid_dir / Path(path).name for name, path in
                      ca_issue(state, OURS, self.svid_dir).items()}
         self.good_svid = {name: path.read_bytes() for name, path in self.svid.items()}
+        made = self.tmp / "intercept-made"
+        InterceptionCA.load_or_create(None, None, made)
+        self.intercept["cert"].parent.mkdir()
+        for name, path in self.intercept.items():
+            shutil.copy(made / "intercept" / f"ca.{'crt' if name == 'cert' else 'key'}", path)
+        self.good_intercept = {name: path.read_bytes() for name, path in self.intercept.items()}
+        self.mcp = subprocess.Popen([sys.executable, str(MCP_SERVER)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+        assert self.mcp.stdout is not None
+        line = self.mcp.stdout.readline()  # it prints its port once listening, or dies
+        if not line.startswith(b"PORT "):
+            raise SystemExit(f"chaos: the MCP SDK server did not start: {line!r}")
+        self.mcp_port = int(line.split()[1])
+        self.state.mkdir()
+        self.clock_file.write_text("+0\n")
+        self.token_file.write_text("chaos-admin-token-0417\n")
+        self.token_file.chmod(0o600)
         self.write_policy()
-        (self.tmp / "sidecar.yaml").write_text(yaml.safe_dump(self.config(state)))
+        (self.tmp / "sidecar.yaml").write_text(yaml.safe_dump(self.config()))
         self.sidecar = self.spawn([sys.executable, "-m", "sidecar", "run", "-c", str(self.tmp / "sidecar.yaml")])
         await self.wait_ready()
+        self.task = await self.open_task()
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        """The sidecar process, its output (events included) to ``self.log``."""
-        return subprocess.Popen(argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        """The sidecar process: in its own mount namespace with state_dir on a tmpfs, under libfaketime, its
+        output (events included) through the pump into ``self.log``."""
+        env = dict(os.environ)
+        if self.faked_clock:
+            env |= {"LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(self.clock_file),
+                    "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+        if self.namespaced:
+            mount = f'mount -t tmpfs -o size={STATE_BYTES},mode=0700 tmpfs "{self.state}" && exec "$@"'
+            argv = ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", mount, "sh", *argv]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert process.stdout is not None
+        self.pump = LogPump(process.stdout, self.log)
+        return process
+
+    def in_namespace(self, command: str) -> None:
+        """A shell command run in the sidecar's mount namespace (where its state_dir is mounted)."""
+        assert self.sidecar is not None
+        subprocess.run(["nsenter", "-t", str(self.sidecar.pid), "-m", "--", "sh", "-c", command], check=True)
 
     def rotate_svid(self) -> None:
         """A new SVID for the same ID, written over the watched files (as cert-manager renews one)."""
@@ -173,33 +348,52 @@ class World:
 
         ca_issue(self.tmp / "state", OURS, self.svid_dir)
 
-    def config(self, state: Path) -> dict:
+    def rotate_intercept_ca(self) -> None:
+        """A new interception CA written over the configured files (as an operator rotating it would)."""
+        from sidecar.identity.ca import InterceptionCA
+
+        made = self.tmp / f"intercept-{time.monotonic_ns()}"
+        InterceptionCA.load_or_create(None, None, made)
+        for name, path in self.intercept.items():
+            shutil.copy(made / "intercept" / f"ca.{'crt' if name == 'cert' else 'key'}", path)
+
+    def config(self) -> dict:
         up = self.upstream.url
         config = {
-            "agent": {"name": "chaos-agent"}, "state_dir": str(state), "policy": {"files": [str(self.policy)]},
+            "agent": {"name": "chaos-agent"}, "state_dir": str(self.state), "policy": {"files": [str(self.policy)]},
             "identity": {"svid": {"cert": str(self.svid["cert"]), "key": str(self.svid["key"]),
                                   "bundle": str(self.svid["bundle"])}},
             "inbound": {"listen": f"127.0.0.1:{self.ports['inbound']}", "forward_to": self.agent.url,
                         "trust_domains": ["sidecar.local"]},
             "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}",
-                         "timeouts": {"connect": "2s", "first_byte": "1s", "idle": "2s"},
+                         "timeouts": {"connect": "2s", "first_byte": "4s", "idle": "5s"},
+                         "intercept": {"ca_cert": str(self.intercept["cert"]), "ca_key": str(self.intercept["key"])},
                          "upstreams": {"plain": {"url": up, "credential": "key"},
                                        "oauth": {"url": f"http://localhost:{self.upstream.port}",
-                                                 "credential": "tokens"}}},
+                                                 "credential": "tokens"},
+                                       "intercepted": {"url": up, "hosts": ["*.chaos.test"]},
+                                       "tools": {"url": f"http://127.0.0.1:{self.mcp_port}", "protocol": "mcp"}}},
             "credentials": {
                 "key": {"type": "static", "header": "X-API-Key", "value": {"value": "chaos-static-key"}},
                 "tokens": {"type": "oauth2_client_credentials", "token_url": f"{self.tokens.url}/token",
                            "client_id": "chaos", "auth": "client_secret_post",
                            "client_secret": {"value": "chaos-secret"}, "timeout": "2s"}},
-            **{name: {"listen": f"127.0.0.1:{self.ports[name]}"} for name in ("health", "metrics", "admin")}}
+            "logging": {"buffer_bytes": LOG_BUFFER, "block_timeout": "1s"},
+            "admin": {"listen": f"127.0.0.1:{self.ports['admin']}", "token_file": str(self.token_file)},
+            **{name: {"listen": f"127.0.0.1:{self.ports[name]}"} for name in ("health", "metrics")}}
         if self.redis is not None:
             config["revocation"] = {"redis_url": f"redis://127.0.0.1:{self.redis_port}/0", "require_sync": False}
         return config
 
     def write_policy(self, comment: str = "") -> None:
         self.policy.write_text(f"# {comment}\n" + yaml.safe_dump({"version": 1, "default": "deny", "rules": [
-            {"id": "plain-ok", "direction": "outbound", "upstream": "plain", "paths": ["/ok"], "effect": "allow"},
+            {"id": "plain-ok", "direction": "outbound", "upstream": "plain", "paths": ["/ok", "/sse", "/ws"],
+             "effect": "allow"},
             {"id": "oauth-ok", "direction": "outbound", "upstream": "oauth", "paths": ["/ok"], "effect": "allow"},
+            {"id": "intercepted-ok", "direction": "outbound", "upstream": "intercepted", "paths": ["/ok"],
+             "effect": "allow"},
+            {"id": "tools", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search"]},
+             "effect": "allow"},
             {"id": "no-denied", "direction": "outbound", "upstream": "plain", "paths": ["/denied"], "effect": "deny"},
             {"id": "caller", "direction": "inbound", "callers": [CALLER], "effect": "allow"}]}))
 
@@ -216,6 +410,17 @@ class World:
             except AssertionError:
                 raise SystemExit(f"chaos: sidecar run did not become ready; its output is in {self.log}") from None
 
+    async def open_task(self) -> str:
+        """A task for the plain requests, its TTL on the monotonic clock: a stepped wall clock must not end it."""
+        headers = {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{self.ports['admin']}/tasks", headers=headers,
+                                    json={"principal": "chaos@example.com", "ttl": "30m"}) as r:
+                body = await r.json()
+                if r.status != 201:
+                    raise SystemExit(f"chaos: could not open a task: {r.status} {body}")
+                return str(body["id"])
+
     async def metric(self, name: str) -> float:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics") as r:
@@ -229,20 +434,23 @@ class World:
                 count += 1
         return count
 
-    def inbound_tls(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.caller["bundle"]))
-        context.check_hostname = False
-        context.load_cert_chain(str(self.caller["cert"]), str(self.caller["key"]))
-        return context
+    def clients(self) -> Clients:
+        inbound = ssl.create_default_context(cafile=str(self.caller["bundle"]))
+        inbound.check_hostname = False
+        inbound.load_cert_chain(str(self.caller["cert"]), str(self.caller["key"]))
+        intercept = ssl.create_default_context(cadata=self.good_intercept["cert"].decode())
+        return Clients(self.ports, inbound, intercept, self.task)
 
     async def stop(self) -> None:
-        for process in (self.sidecar, self.redis):
+        for process in (self.sidecar, self.redis, self.mcp):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(20)
                 except subprocess.TimeoutExpired:
                     process.kill()
+        if self.pump is not None:
+            self.pump.join(5)
         for peer in (self.upstream, self.tokens, self.agent):
             await peer.stop()
 
@@ -278,9 +486,29 @@ def faults(world: World) -> list[Fault]:
     async def redis_up() -> None:
         world.start_redis()
 
-    up, tokens = world.upstream, world.tokens
+    def files(paths: dict[str, Path], content: dict[str, bytes | None]) -> Callable[[], None]:
+        def write() -> None:
+            for name, data in content.items():
+                if data is None:
+                    paths[name].unlink(missing_ok=True)
+                else:
+                    paths[name].write_bytes(data)
+        return write
+
+    def clock(step: str) -> Callable[[], None]:
+        def write() -> None:
+            world.clock_file.write_text(step + "\n")
+        return write
+
+    def pump(pause: bool) -> Callable[[], None]:
+        assert world.pump is not None
+        return world.pump.pause if pause else world.pump.resume
+
+    fill = f'cat /dev/zero > "{world.state}/fill" 2>/dev/null; true'
+    up, tokens, ca = world.upstream, world.tokens, world.good_intercept
     refused_upstream = frozenset({"upstream_unreachable", "upstream_timeout"})
     table = [
+        Fault("steady", lambda: None, lambda: None),
         Fault("upstream-reset", mode(up, "reset"), mode(up, "normal"), refused_upstream),
         Fault("upstream-slow", mode(up, "slow"), mode(up, "normal"), frozenset({"upstream_timeout"})),
         Fault("upstream-cut", mode(up, "cut"), mode(up, "normal"), refused_upstream, cut_ok=True),
@@ -292,10 +520,34 @@ def faults(world: World) -> list[Fault]:
         Fault("policy-reload-storm", storm, lambda: world.write_policy("after the storm")),
         Fault("svid-garbage", svid_write({"cert": b"garbage", "key": b"garbage"}), svid_write(world.good_svid)),
         Fault("svid-deleted", svid_write({"cert": None, "key": None}), svid_write(world.good_svid)),
+        # the interception CA is read once at start: what happens to its files later must not matter
+        Fault("intercept-ca-rotated", lambda: world.rotate_intercept_ca(), files(world.intercept, ca)),
+        Fault("intercept-ca-deleted", files(world.intercept, {"cert": None, "key": None}), files(world.intercept, ca)),
+        Fault("intercept-ca-truncated", files(world.intercept, {n: v[: len(v) // 2] for n, v in ca.items()}),
+              files(world.intercept, ca)),
+        Fault("intercept-ca-garbage", files(world.intercept, {"cert": b"garbage", "key": b"garbage"}),
+              files(world.intercept, ca)),
+        Fault("stdout-blocked", pump(True), pump(False), frozenset({"log_unavailable"})),
     ]
+    if world.faked_clock:  # the wall clock stepped for the sidecar alone; TTLs and expiries are monotonic.
+        # Certificates are judged by the wall clock, whichever is wrong: an hour ahead the caller's 1-hour SVID
+        # has expired for the sidecar (peer_unverified), and the leaves it mints start an hour in the agent's
+        # future (the agent's TLS refuses them): refusals of the fault, both closed.
+        stepped = frozenset({"peer_unverified"})
+        table += [Fault("clock-forward-1h", clock("+1h"), clock("+0"), stepped,
+                        refused_by_client=frozenset({"ClientConnectorCertificateError"})),
+                  Fault("clock-back-1h", clock("-1h"), clock("+0"), stepped,
+                        refused_by_client=frozenset({"ClientConnectorCertificateError"}))]
+    if world.namespaced:  # state_dir is the sidecar's own tmpfs
+        table += [Fault("state-dir-full", lambda: world.in_namespace(fill),
+                        lambda: world.in_namespace(f'rm -f "{world.state}/fill"')),
+                  Fault("state-dir-read-only", lambda: world.in_namespace(f'mount -o remount,ro "{world.state}"'),
+                        lambda: world.in_namespace(f'mount -o remount,rw "{world.state}"'))]
     if world.redis is not None:
         table.append(Fault("redis-down", redis_down, redis_up))
-    table.append(together("together", [table[i] for i in (1, 3, 9)] + table[-1:] * (world.redis is not None)))
+    named = {f.name: f for f in table}
+    several = ["upstream-slow", "token-down", "svid-garbage", "redis-down"]
+    table.append(together("together", [named[n] for n in several if n in named]))
     return table
 
 
@@ -318,9 +570,9 @@ async def maybe(result: Awaitable[None] | None) -> None:
         await result
 
 
-async def run_fault(world: World, fault: Fault, fault_seconds: float) -> Row:
-    traffic = Traffic(world.ports, world.inbound_tls())
-    events_before = world.events()
+async def run_fault(world: World, fault: Fault, fault_seconds: float, rate: float = RATE) -> Row:
+    traffic = Traffic(world.clients(), rate)
+    events_before, dropped_before = world.events(), await world.metric(DROPPED_EVENTS)
     traffic.start()
     await asyncio.sleep(2.0)
     began = time.monotonic()
@@ -332,7 +584,8 @@ async def run_fault(world: World, fault: Fault, fault_seconds: float) -> Row:
     await asyncio.sleep(2.0)
     await traffic.stop()
     await asyncio.sleep(1.5)  # the last events reach the log
-    return judge(fault, traffic.outcomes, began, cleared, recovery, world.events() - events_before)
+    dropped = await world.metric(DROPPED_EVENTS) - dropped_before
+    return judge(fault, traffic, began, cleared, recovery, world.events() - events_before + int(dropped))
 
 
 async def recovered(traffic: Traffic, since: float, limit: float = 30.0) -> float | None:
@@ -347,18 +600,25 @@ async def recovered(traffic: Traffic, since: float, limit: float = 30.0) -> floa
 
 
 def _as_policy_says(o: Outcome) -> bool:
-    return o.status == 403 and o.reason == "rule_denied" if o.kind == "denied" else o.status == 200 and not o.error
+    if o.kind == "denied":
+        return o.status == 403 and o.reason == "rule_denied"
+    return o.status in (200, 101) and o.ok and not o.error
 
 
-def judge(fault: Fault, outcomes: list[Outcome], began: float, cleared: float, recovery: float | None,
+def judge(fault: Fault, traffic: Traffic, began: float, cleared: float, recovery: float | None,
           events: int) -> Row:
-    row = Row(fault.name, sent=len(outcomes), recovery=recovery, events=events)
-    for o in outcomes:
+    row = Row(fault.name, sent=len(traffic.outcomes), exchanges=traffic.exchanges, recovery=recovery, events=events)
+    for o in traffic.outcomes:
+        if o.error in fault.refused_by_client:
+            row.refusals[f"client: {o.error}"] += 1
+            continue
         if o.status is None:
             row.lost += 1
+            row.losses[f"{o.kind} {o.error or 'no answer'}"] += 1
             continue
-        if o.error and not fault.cut_ok:
-            row.lost += 1  # an answer broken off where the fault does not explain it
+        if (o.error or o.status in (200, 101) and not o.ok) and not fault.cut_ok:
+            row.lost += 1  # an answer broken off (or not what the upstream sent) where the fault does not explain it
+            row.losses[f"{o.kind} {o.status} {o.error or 'not whole'}"] += 1
         if o.kind == "denied" and o.status < 300 or o.kind != "denied" and o.reason in POLICY_DENIALS:
             row.wrong += 1
         if o.status >= 300 and o.kind != "denied":
@@ -370,14 +630,16 @@ def judge(fault: Fault, outcomes: list[Outcome], began: float, cleared: float, r
 
 def show(rows: list[Row]) -> None:
     width = max([22, *(len(r.fault) + 2 for r in rows)])
-    print(f"{'fault':<{width}}{'sent':>6}{'lost':>6}{'wrong':>7}{'recovery':>10}{'events':>8}  refusals (unexpected)")
+    print(f"{'fault':<{width}}{'sent':>6}{'lost':>6}{'wrong':>7}{'recovery':>10}{'events/exchanges':>17}  refusals (unexpected)")
     for r in rows:
         recovery = f"{r.recovery:.1f}s" if r.recovery is not None else "never"
         refusals = ", ".join(f"{k} {v}" for k, v in r.refusals.most_common()) or "-"
         unexpected = ", ".join(f"{k} {v}" for k, v in r.unexpected.most_common())
         mark = "" if r.held else "   <-- BROKEN"
-        print(f"{r.fault:<{width}}{r.sent:>6}{r.lost:>6}{r.wrong:>7}{recovery:>10}{r.events:>5}/{r.sent:<4} {refusals}"
+        print(f"{r.fault:<{width}}{r.sent:>6}{r.lost:>6}{r.wrong:>7}{recovery:>10}{r.events:>5}/{r.exchanges:<5} {refusals}"
               f"{f' ({unexpected})' if unexpected else ''}{mark}")
+        if r.losses:
+            print(f"{'':<{width}}lost: {', '.join(f'{k} {v}' for k, v in r.losses.most_common())}")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -385,8 +647,18 @@ async def main_async(args: argparse.Namespace) -> int:
         world = World(Path(tmp))
         await world.start()
         try:
+            left_out = [why for why, there in (("clock faults: no libfaketime (apt-get install faketime)",
+                                                world.faked_clock),
+                                               ("state_dir faults: unshare/nsenter as root needed", world.namespaced),
+                                               ("redis faults: no redis-server", world.redis is not None)) if not there]
+            for why in left_out:
+                print(f"chaos: left out: {why}")
             chosen = [f for f in faults(world) if not args.only or f.name.split("(")[0] in args.only.split(",")]
-            rows = [await run_fault(world, fault, args.fault_seconds) for fault in chosen]
+            rows = []
+            for fault in chosen:
+                rows.append(await run_fault(world, fault, args.fault_seconds, args.rate))
+                show(rows[-1:])  # as it comes: a long run shows its figures before the table
+                sys.stdout.flush()
             alive = world.sidecar is not None and world.sidecar.poll() is None
         finally:
             await world.stop()
@@ -404,6 +676,8 @@ def main() -> int:
     parser.add_argument("--fault-seconds", type=float, default=12.0,
                         help="how long each fault lasts (token faults need more than a token's 8 s lifetime)")
     parser.add_argument("--keep-log", default="", help="copy the sidecar's output here")
+    parser.add_argument("--rate", type=float, default=RATE,
+                        help="requests a second, all kinds together (lower it on a loaded machine)")
     return asyncio.run(main_async(parser.parse_args()))
 
 

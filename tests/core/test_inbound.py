@@ -223,7 +223,7 @@ def registry(clock: Clock, **overrides: object):
     from sidecar.config_model import TasksConfig
     from sidecar.tasks import TaskRegistry
 
-    return TaskRegistry.from_config(TasksConfig(**{"max_ttl": 3600.0, **overrides}), clock=clock)
+    return TaskRegistry.from_config(TasksConfig(**{"max_ttl": 3600.0, **overrides}), clock=clock, monotonic=clock)
 
 
 def open_task(tasks, sub: str = "alice@example.com", ttl: float = 900.0):
@@ -293,6 +293,26 @@ def test_the_open_task_cap_frees_a_slot_when_a_task_ends_or_expires():
     tasks.end(replacement.id)
     open_task(tasks)
     assert tasks.open_count == 3
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_a_stepped_wall_clock_neither_ends_a_task_nor_keeps_it_open(step):
+    """A task's TTL runs on the monotonic clock: the wall clock stepped an hour forward (NTP, a VM resumed) does
+    not end a 30-minute task, nor does one stepped an hour back keep it past its 30 minutes (issue 12: the chaos
+    harness's clock faults)."""
+    from sidecar.config_model import TasksConfig
+    from sidecar.errors import TaskRefused
+    from sidecar.tasks import TaskRegistry
+
+    wall, monotonic = Clock(), Clock()
+    tasks = TaskRegistry.from_config(TasksConfig(max_ttl=3600.0), clock=wall, monotonic=monotonic)
+    task = open_task(tasks, ttl=1800.0)
+    wall.now += step
+    assert tasks.get(task.id) is task and [t.id for t in tasks.open_tasks()] == [task.id]
+    monotonic.now += 1800.0
+    with pytest.raises(TaskRefused) as ended:
+        tasks.get(task.id)
+    assert ended.value.reason == "task_ended"
 
 
 async def test_callers_cannot_assert_identity_to_the_agent(make_sidecar, agent, tmp_path):

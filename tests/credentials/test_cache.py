@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from sidecar.credentials.base import Credential, CredentialRequest, TaskRef
 from sidecar.credentials.cache import CredentialCache
 from sidecar.fields import Secret
@@ -57,3 +59,55 @@ async def test_a_credential_fetched_for_a_task_that_ended_meanwhile_is_not_kept(
     held = [(c.id, r.task.id) for c, r in cache.held() if r.task is not None]
     await cache.aclose()
     assert held == [], f"credential kept (and refreshed with the human's token) after its task ended: {held}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MintingProvider:
+    """A provider whose tokens live 60 s by the wall clock it is given, as a token endpoint's expires_in."""
+
+    type = "oauth2_client_credentials"
+    needs_body = False
+    standing = False
+    task_bound = False
+
+    def __init__(self, wall: Clock) -> None:
+        self.name, self.wall, self.minted = "tokens", wall, 0
+
+    def cache_key(self, req):
+        return req.scopes
+
+    async def fetch(self, req):
+        self.minted += 1
+        now = self.wall()
+        return Credential(type=self.type, provider=self.name, id=f"jti-{self.minted}", expires_at=now + 60,
+                          issued_at=now)
+
+    def apply(self, out, credential) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+async def test_a_cached_token_lives_its_lifetime_whatever_the_wall_clock_does(step):
+    """A token's lifetime runs on the monotonic clock once cached: the wall clock stepped an hour forward does
+    not drop it, one stepped an hour back does not hand it out past its expiry (issue 12: the chaos harness's
+    clock faults)."""
+    wall, monotonic = Clock(), Clock()
+    cache = CredentialCache(Metrics(), clock=wall, monotonic=monotonic)
+    provider = MintingProvider(wall)
+    req = CredentialRequest(upstream="api", scopes=("read",), agent_id="spiffe://x/agent", task=None)
+    minted, _ = await cache.get(provider, req)
+    wall.now += step
+    assert cache.cached(provider, req) == (minted, "cache")
+    monotonic.now += 60.0  # its 60 s are over
+    assert cache.cached(provider, req) is None
+    await cache.aclose()

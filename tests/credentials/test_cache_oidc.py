@@ -125,7 +125,7 @@ async def test_an_outage_is_ridden_out_until_the_token_expires(
 ) -> None:
     """During an outage the cached token is served while valid; after expiry: credential_unavailable."""
     clock = Clock()
-    cache = CredentialCache(metrics, clock=clock)
+    cache = CredentialCache(metrics, clock=clock, monotonic=clock)
     try:
         provider = make(client_config(peer, "svc-post", resource=BILLING))
         first, _ = await cache.get(provider, request())
@@ -149,7 +149,7 @@ async def test_a_used_token_is_refreshed_in_the_background_before_expiry(
     """Past 80 % of a used token's life the cache fetches the next one itself; requests get it from cache."""
     clock = Clock()
     clock.offset = 260.0  # past the refresh point (225-255 s of 300), 40 s before expiry
-    cache = CredentialCache(metrics, clock=clock)
+    cache = CredentialCache(metrics, clock=clock, monotonic=clock)
     try:
         provider = make(client_config(peer, "svc-basic", resource=BILLING))
         first, source = await cache.get(provider, request())
@@ -170,7 +170,7 @@ async def test_a_failed_refresh_keeps_the_valid_token_and_logs_no_secret(
     monkeypatch.setattr(cache_module.random, "uniform", lambda a, b: (a + b) / 2)  # no jitter
     clock = Clock()
     clock.offset = 238.0  # the refresh point (240 s) is two real seconds away
-    cache = CredentialCache(metrics, clock=clock)
+    cache = CredentialCache(metrics, clock=clock, monotonic=clock)
     try:
         provider = make(client_config(peer, "svc-basic", resource=BILLING))
         first, _ = await cache.get(provider, request())

@@ -190,7 +190,7 @@ async def test_an_outage_serves_the_cached_token_then_refuses(google, ca_file) -
     clock = lambda: time.time() + skew[0]  # noqa: E731
     deps = ProviderDeps(agent_id=AGENT_SPIFFE_ID, id_key=b"k" * 32, clock=clock)
     provider = provider_for(google, ca_file, deps)
-    cache = CredentialCache(Metrics(), clock=clock)
+    cache = CredentialCache(Metrics(), clock=clock, monotonic=clock)
     try:
         first, _ = await cache.get(provider, request())
         await google.stop()

@@ -331,6 +331,17 @@ def test_contexts_are_cached_per_normalized_host_and_no_key_stays_on_disk(tmp_pa
     assert left == [".lock", "ca.crt", "ca.key"]
 
 
+async def test_a_leaf_is_minted_without_writing_to_state_dir(tmp_path: Path) -> None:
+    """Minting needs no disk: with the interception work dir gone (as a full or read-only state_dir, issue 12's
+    chaos faults, which refused CONNECTs internal_error), a leaf is still minted and serves a handshake."""
+    import shutil
+
+    ica = InterceptionCA.load_or_create(None, None, tmp_path)
+    shutil.rmtree(tmp_path / "intercept")
+    assert await _handshake(await ica.context("new.example.test"), ica.cert_pem, "new.example.test") == "h2"
+    assert not (tmp_path / "intercept").exists()
+
+
 def test_the_cache_is_bounded_and_least_recently_used_goes_first(tmp_path: Path) -> None:
     """With room for two hosts, using a third evicts the one used least recently."""
     ica = InterceptionCA.load_or_create(None, None, tmp_path, max_hosts=2)
@@ -352,6 +363,20 @@ def test_a_leaf_is_minted_again_shortly_before_it_expires(tmp_path: Path) -> Non
     assert ica.context_for("api.example.test") is context
     now[0] += timedelta(minutes=15)
     assert ica.context_for("api.example.test") is not context
+
+
+def test_a_leaf_minted_while_the_clock_ran_ahead_is_minted_again_once_it_is_back(tmp_path: Path) -> None:
+    """A leaf minted with the wall clock an hour ahead starts in the agent's future; once the clock is back it is
+    not served from the cache for the rest of its life but minted again, valid now (issue 12: the chaos
+    harness's clock-forward fault left such hosts refused by the agent's TLS after the clock was corrected)."""
+    real = datetime.now(UTC)
+    now = [real + timedelta(hours=1)]
+    ica = InterceptionCA.load_or_create(None, None, tmp_path, leaf_ttl=timedelta(hours=24), clock=lambda: now[0])
+    ahead = ica.context_for("api.example.test")
+    now[0] = real
+    again = ica.context_for("api.example.test")
+    assert again is not ahead
+    assert ica.context_for("api.example.test") is again  # and cached from then on
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 
 from sidecar.config_model import Backpressure
 from sidecar.errors import RequestRefused
-from sidecar.observe.decision_log import FLUSH_AFTER, BufferedLineWriter
+from sidecar.observe.decision_log import BufferedLineWriter
 
 PIPE_BYTES = 4096  # the smallest pipe Linux allows: a consumer that stops reading is felt at once
 BUFFER = 8192
@@ -43,17 +43,23 @@ async def test_a_line_after_a_quiet_spell_is_written_at_once():
 
 
 async def test_a_burst_is_batched_and_flushed_within_the_interval():
-    """Lines arriving together share one write, which happens within FLUSH_AFTER; none is lost."""
+    """Lines arriving together share one write, handed over by the loop's FLUSH_AFTER timer; none is lost.
+
+    The writer's clock stands still: the burst is one instant whatever the scheduler does, so no line of it
+    can find the last hand-over FLUSH_AFTER old and go out on its own."""
     stream = CountingStream()
-    writer = BufferedLineWriter(stream)
+    writer = BufferedLineWriter(stream, clock=lambda: 1000.0)
     writer.write(b"first\n")  # quiet before: handed over at once
+    assert stream.written.wait(10)
+    stream.written.clear()
     for i in range(100):
         writer.write(b"line %d\n" % i)
-    assert stream.getvalue().count(b"\n") <= 1  # the burst waits for the interval
-    await asyncio.sleep(FLUSH_AFTER * 3)
+    assert stream.getvalue() == b"first\n"  # the burst waits for the timer
+    assert writer.stats().queued_bytes == sum(len(b"line %d\n" % i) for i in range(100))
+    assert await asyncio.to_thread(stream.written.wait, 10)  # the loop runs: its timer hands the batch over
     assert writer.flush()
-    assert stream.writes <= 2
-    assert stream.getvalue().count(b"\n") == 101
+    assert stream.writes == 2
+    assert stream.getvalue() == b"first\n" + b"".join(b"line %d\n" % i for i in range(100))
 
 
 def test_outside_an_event_loop_lines_are_written_at_once():
