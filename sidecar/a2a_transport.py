@@ -41,13 +41,12 @@ class A2aTasks:
     def __len__(self) -> int:
         return len(self._owners)
 
-    def check(self, upstream: str, task_id: str, owner: Owner) -> None:
-        """Refuse a task id the sidecar did not see created for this owner."""
+    def check(self, upstream: str, task_id: str, owner: Owner, *, who: str = "agent and task") -> None:
+        """Refuse a task id the sidecar did not see created for this owner (``who`` it is, in the message)."""
         key, now = (upstream, task_id), self._clock()
         bound = self._owners.get(key)
         if bound is None or bound[0] != owner or now - bound[1] > self._ttl:
-            raise RequestRefused("unknown_task", "a2a: the task id was not created through the sidecar by this "
-                                                 "agent and task")
+            raise RequestRefused("unknown_task", f"a2a: the task id was not created through the sidecar by this {who}")
         self._owners[key] = (owner, now)
         self._owners.move_to_end(key)
 

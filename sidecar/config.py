@@ -34,6 +34,7 @@ from sidecar.routing import host_pattern
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 DEFAULT_STRIP = ("authorization", "proxy-authorization", "cookie")
+INBOUND_PROTOCOLS = ("http", "a2a")  # what the agent serves its callers (inbound.protocol)
 
 
 # -- loading ------------------------------------------------------------------------
@@ -199,7 +200,8 @@ def _inbound(f: Fields) -> InboundConfig:
     cfg = InboundConfig(listen, forward_to, trust_domains, required, tuple(issuers),
                         f.text("task_trigger_header", "X-Task-Trigger"),
                         _limits(f.sub("limits"), per_source=INBOUND_PER_SOURCE),
-                        _timeouts(f.sub("timeouts")), _pass_headers(f))
+                        _timeouts(f.sub("timeouts")), _pass_headers(f),
+                        f.choice("protocol", INBOUND_PROTOCOLS, "http"))
     f.done()
     return cfg
 

@@ -103,6 +103,7 @@ class InboundConfig:
     limits: Limits
     timeouts: Timeouts
     pass_headers: frozenset[str] = frozenset()  # caller headers the agent may receive despite the strip set
+    protocol: str = "http"  # what the agent serves its callers: http, or a2a (JSON-RPC parsed, a2a rules)
 
 
 @dataclass(frozen=True, slots=True)

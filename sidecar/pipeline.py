@@ -397,6 +397,7 @@ class Inbound:
 
     def __init__(self, rt: Runtime, identity: InboundIdentity) -> None:
         self.rt, self.identity = rt, identity
+        self.a2a_tasks = A2aTasks()  # inbound.protocol a2a: the agent's tasks, bound to their caller
 
     def handle(self, request: IncomingRequest) -> Awaitable[Answer]:
         ex = Exchange("inbound", method=request.method)
@@ -417,6 +418,8 @@ class Inbound:
         rt.revocations.check_agent(rt.agent.id)
         rt.revocations.check_subject(ex.principal)
         body = RequestBody(request, inbound.limits, inbound.timeouts.idle)
+        if inbound.protocol == "a2a":
+            await self._a2a(request, ex, body, inbound.limits.max_body_bytes)
         if body.form:
             await body.read()
         forwarded = clean_request_headers(request.headers, rt.inbound_drop)
@@ -425,7 +428,7 @@ class Inbound:
         ex.facts = facts = build_facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=forwarded, size=body.size, upstream=None,
-            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation)
+            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation, a2a=ex.a2a)
         decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
@@ -439,7 +442,29 @@ class Inbound:
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
         upstream = await open_upstream(pool, request.method, target, headers, data)
-        return await relay_exchange(request, ex, upstream, rt.metrics, None)
+        learn = None
+        if ex.a2a is not None and ex.a2a.method in MESSAGE_METHODS and upstream.status == 200:
+            learn = self.a2a_tasks.observer("", self._a2a_owner(ex), _media_type(upstream))
+        return await relay_exchange(request, ex, upstream, rt.metrics, learn)
+
+    async def _a2a(self, request: IncomingRequest, ex: Exchange, body: RequestBody, max_bytes: int) -> None:
+        """The agent serves A2A: a POST is one call, parsed as strictly as outbound, and a task it names
+        must have been created for this caller (peer and human)."""
+        ex.protocol = "a2a"
+        if is_websocket(request):
+            raise RequestRefused("bad_request", "a2a: WebSocket upgrades to an A2A agent are refused")
+        if request.method != "POST":
+            return  # the agent card and other plain reads: HTTP rules
+        call = parse_a2a_request(await body.read(), request.headers.get("Content-Type"), max_bytes)
+        ex.a2a, ex.rpc = call, call.rpc
+        if call.task_id is not None:
+            self.a2a_tasks.check("", call.task_id, self._a2a_owner(ex), who="caller (peer and principal)")
+
+    @staticmethod
+    def _a2a_owner(ex: Exchange) -> tuple[str | None, ...]:
+        """Whom an inbound task belongs to: the calling peer and the human it acts for (if any)."""
+        principal = ex.principal
+        return (ex.caller_id, *(principal if principal is not None else (None, None)))
 
     async def _caller(self, request: IncomingRequest, ex: Exchange, peer: PeerIdentity) -> Caller:
         """The verified peer and the token it carries: whom it acts for."""

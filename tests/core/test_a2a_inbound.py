@@ -1,0 +1,151 @@
+"""A2A served by the agent (``inbound.protocol: a2a``): callers' JSON-RPC parsed strictly, ``a2a:``
+rules on inbound, refusals as JSON-RPC errors, the agent's task ids bound to the caller that created
+them; the real ``a2a-sdk`` client (over mTLS with the caller's SVID) and server (the agent)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from a2a.client import A2AClientError, Client, ClientConfig, ClientFactory
+from a2a.types.a2a_pb2 import AgentCapabilities, AgentCard, AgentInterface, GetTaskRequest, ListTasksRequest
+
+from sidecar.errors import ConfigInvalid
+from sidecar.policy.engine import load_policy
+from tests.core.test_a2a import planner, text  # noqa: F401 (the a2a-sdk agent, a module fixture)
+from tests.harness import SidecarHarness, Upstream
+from tests.scenarios.inbound import ORCHESTRATOR, client_context, human_token, inbound_config
+
+PEER = "spiffe://sidecar.local/reviewer"
+POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "callers-send-and-read", "direction": "inbound", "callers": [ORCHESTRATOR, PEER], "paths": ["/"],
+     "methods": ["POST"], "a2a": {"methods": ["SendMessage", "GetTask"]},
+     "when": {"expr": "a2a.part_kinds.all(k, k == 'text')"}, "effect": "allow"},
+    {"id": "agent-card", "direction": "inbound", "callers": [ORCHESTRATOR, PEER],
+     "paths": ["/.well-known/agent-card.json"], "methods": ["GET"], "effect": "allow"},
+]}
+
+
+def a2a_inbound(tmp: Path, agent_url: str) -> dict[str, Any]:
+    """A sidecar whose agent, at ``agent_url``, serves A2A to its callers."""
+    config = inbound_config(tmp, SimpleNamespace(url=agent_url))
+    config["inbound"]["protocol"] = "a2a"
+    return config
+
+
+def caller(h: SidecarHarness, ctx: ssl.SSLContext, token: str | None = None) -> Client:
+    """The SDK's client for the agent behind the inbound listener, presenting the caller's SVID."""
+    url = f"https://127.0.0.1:{h.port('inbound')}/"
+    card = AgentCard(name="planner", supported_interfaces=[
+        AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="1.0")],
+        capabilities=AgentCapabilities(streaming=False))
+    http = httpx.AsyncClient(verify=ctx, timeout=30, headers={"Authorization": f"Bearer {token}"} if token else {})
+    return ClientFactory(ClientConfig(streaming=False, httpx_client=http)).create(card)
+
+
+async def test_an_allowed_message_reaches_the_agent_and_its_answer_comes_back(make_sidecar: Any, planner: str,
+                                                                                tmp_path: Path) -> None:
+    """SendMessage from an SVID caller reaches the a2a-sdk agent; the task comes back; the event says a2a."""
+    h = await make_sidecar(a2a_inbound(tmp_path, planner), POLICY)
+    async with caller(h, client_context(h, ORCHESTRATOR, tmp_path / "orch")) as orchestrator:
+        [answer] = [e async for e in orchestrator.send_message(text("plan a trip"))]
+        assert answer.task.id and answer.task.artifacts[0].parts[0].text == "step 0"
+        assert (await orchestrator.get_task(GetTaskRequest(id=answer.task.id))).id == answer.task.id
+    events = await h.settle()
+    assert [(e["direction"], e["protocol"], e["target"]["a2a_method"], e["decision"]) for e in events] == [
+        ("inbound", "a2a", "SendMessage", "allow"), ("inbound", "a2a", "GetTask", "allow")]
+    assert events[1]["target"]["a2a_task_id"] == answer.task.id
+
+
+async def test_a_denied_method_is_a_jsonrpc_error_and_never_reaches_the_agent(make_sidecar: Any, agent: Upstream,
+                                                                              tmp_path: Path) -> None:
+    """ListTasks is outside the inbound rule: the SDK raises with the sidecar's message, the agent sees nothing."""
+    h = await make_sidecar(a2a_inbound(tmp_path, agent.url), POLICY)
+    async with caller(h, client_context(h, ORCHESTRATOR, tmp_path / "orch")) as orchestrator:
+        with pytest.raises(A2AClientError, match=r"-32041: policy: no rule allows this request .*no_matching_rule"):
+            await orchestrator.list_tasks(ListTasksRequest())
+    assert agent.seen == []
+    [event] = await h.settle()
+    assert (event["direction"], event["protocol"], event["target"]["a2a_method"], event["reason"],
+            event["status"]) == ("inbound", "a2a", "ListTasks", "no_matching_rule", 200)
+
+
+async def test_a_malformed_call_is_refused_before_the_agent(make_sidecar: Any, agent: Upstream,
+                                                            tmp_path: Path) -> None:
+    """The inbound body is parsed as strictly as outbound: a duplicate key never reaches the agent."""
+    h = await make_sidecar(a2a_inbound(tmp_path, agent.url), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "orch")
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "GetTask", "method": "CancelTask", "params": {"id": "t"}}'
+    async with httpx.AsyncClient(verify=ctx) as http:
+        r = await http.post(f"https://127.0.0.1:{h.port('inbound')}/", content=body,
+                            headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_request" and "a2a: " in r.text
+    assert agent.seen == []
+    [event] = await h.settle()
+    assert (event["protocol"], event["reason"]) == ("a2a", "bad_request")
+
+
+async def test_another_callers_task_is_refused(make_sidecar: Any, planner: str, tmp_path: Path) -> None:
+    """A task the agent created for one caller cannot be read by another SPIFFE ID, nor by the same peer
+    acting for another human (unknown_task, as outbound)."""
+    h = await make_sidecar(a2a_inbound(tmp_path, planner), POLICY)
+    orch_ctx = client_context(h, ORCHESTRATOR, tmp_path / "orch")
+    async with caller(h, orch_ctx) as orchestrator:
+        [mine] = [e async for e in orchestrator.send_message(text("plan"))]
+    async with caller(h, client_context(h, PEER, tmp_path / "peer")) as reviewer:
+        with pytest.raises(A2AClientError, match=r"a2a: the task id was not created through the sidecar by this caller .*unknown_task"):
+            await reviewer.get_task(GetTaskRequest(id=mine.task.id))
+        with pytest.raises(A2AClientError, match="unknown_task"):  # nor continued
+            [e async for e in reviewer.send_message(text("more", task_id=mine.task.id))]
+    async with caller(h, orch_ctx, human_token("alice@example.com")) as for_alice:
+        [alices] = [e async for e in for_alice.send_message(text("plan"))]
+        assert (await for_alice.get_task(GetTaskRequest(id=alices.task.id))).id == alices.task.id
+    async with caller(h, orch_ctx, human_token("bob@example.com")) as for_bob:
+        with pytest.raises(A2AClientError, match="unknown_task"):
+            await for_bob.get_task(GetTaskRequest(id=alices.task.id))
+    async with caller(h, orch_ctx) as orchestrator:  # the creator itself goes on
+        assert (await orchestrator.get_task(GetTaskRequest(id=mine.task.id))).id == mine.task.id
+    reasons = [(e["caller"]["id"], e["target"]["a2a_method"], e["reason"]) for e in await h.settle()]
+    assert reasons == [(ORCHESTRATOR, "SendMessage", "allowed"), (PEER, "GetTask", "unknown_task"),
+                       (PEER, "SendMessage", "unknown_task"), (ORCHESTRATOR, "SendMessage", "allowed"),
+                       (ORCHESTRATOR, "GetTask", "allowed"), (ORCHESTRATOR, "GetTask", "unknown_task"),
+                       (ORCHESTRATOR, "GetTask", "allowed")]
+
+
+async def test_the_agent_card_is_an_ordinary_inbound_request(make_sidecar: Any, planner: str,
+                                                             tmp_path: Path) -> None:
+    """GET of the well-known card passes by an HTTP rule (paths, methods); no a2a facts, no JSON-RPC error."""
+    h = await make_sidecar(a2a_inbound(tmp_path, planner), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "orch")
+    base = f"https://127.0.0.1:{h.port('inbound')}"
+    async with httpx.AsyncClient(verify=ctx) as http:
+        card = await http.get(f"{base}/.well-known/agent-card.json")
+        legacy = await http.get(f"{base}/.well-known/agent.json")  # not allowed by the policy above
+    assert card.status_code == 200 and card.json()["name"] == "planner"
+    assert legacy.status_code == 403 and legacy.json()["error"] == "no_matching_rule"
+    events = await h.settle()
+    assert [(e["protocol"], e["reason"]) for e in events] == [("a2a", "allowed"), ("a2a", "no_matching_rule")]
+    assert "a2a_method" not in events[0]["target"] or events[0]["target"]["a2a_method"] is None
+
+
+@pytest.mark.parametrize("inbound_protocol, error", [
+    ("a2a", None),
+    ("http", "an inbound rule with a2a needs inbound.protocol: a2a (the agent serving A2A), got http"),
+    (None, "needs inbound.protocol: a2a (the agent serving A2A), got no inbound listener"),
+])
+def test_a2a_on_an_inbound_rule_needs_inbound_protocol_a2a(inbound_protocol: str | None, error: str | None,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps(POLICY))
+    try:
+        load_policy([path], upstreams={}, credentials={}, inbound_protocol=inbound_protocol)
+    except ConfigInvalid as invalid:
+        errors = [str(e) for e in invalid.errors]
+        assert error is not None and any(error in e for e in errors), errors
+    else:
+        assert error is None
