@@ -8,9 +8,10 @@ Outbound (the agent calling out)::
 
 Inbound (callers of the agent)::
 
-    limits -> peer (mTLS, verified at the handshake) -> bearer token -> revocation -> form body
+    limits -> peer (mTLS, verified at the handshake) -> bearer token -> revocation
+           -> A2A (body, the caller's task; inbound.protocol a2a) or form body
            -> strip (the human's token, identity headers) -> overrides -> policy -> open task
-           -> forward to the agent -> record
+           -> forward to the agent (an A2A answer binds its task ids, a card is checked) -> record
 
 Policy decides on the headers that will be forwarded (computed once, shared with the forwarder),
 and on every other reading of the request a passed method or URL override gives it.
@@ -26,10 +27,11 @@ import asyncio
 from dataclasses import replace
 from typing import Awaitable, Callable
 
+import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.a2a_transport import A2aTasks
+from sidecar.a2a_transport import CARD_PATHS, A2aTasks, card_observer
 from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
@@ -59,6 +61,7 @@ from sidecar.runtime import Runtime
 from sidecar.tasks import TASK_HEADER, Task
 from sidecar.tracing import traceparent_for
 
+log = structlog.get_logger("sidecar.pipeline")
 RPC_PROTOCOLS = frozenset({"mcp", "a2a"})  # refusals of one JSON-RPC request are JSON-RPC errors
 DENY_MESSAGES = {
     "no_matching_rule": "policy: no rule allows this request (default deny)",
@@ -442,10 +445,30 @@ class Inbound:
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
         upstream = await open_upstream(pool, request.method, target, headers, data)
-        learn = None
-        if ex.a2a is not None and ex.a2a.method in MESSAGE_METHODS and upstream.status == 200:
-            learn = self.a2a_tasks.observer("", self._a2a_owner(ex), _media_type(upstream))
-        return await relay_exchange(request, ex, upstream, rt.metrics, learn)
+        return await relay_exchange(request, ex, upstream, rt.metrics, self._a2a_filter(request, ex, upstream))
+
+    def _a2a_filter(self, request: IncomingRequest, ex: Exchange, upstream: UpstreamResponse) -> ChunkFilter | None:
+        """The agent's answer to a message binds its task ids to the caller; its card is checked to
+        name the address the caller reached the sidecar at."""
+        if ex.protocol != "a2a" or upstream.status != 200:
+            return None
+        if ex.a2a is not None:
+            if ex.a2a.method not in MESSAGE_METHODS:
+                return None
+            return self.a2a_tasks.observer("", self._a2a_owner(ex), _media_type(upstream))
+        if request.method != "GET" or ex.path not in CARD_PATHS:
+            return None
+        try:
+            host, port = normalize_host(request.headers.get("Host", ""), "https")
+        except Refusal:
+            host, port = "", 0  # no address to compare with: every URL the card names is reported
+
+        def astray(urls: list[str]) -> None:
+            self.rt.metrics.a2a_card_mismatches.inc()
+            log.warning("a2a_card_points_around_sidecar", path=ex.path, urls=urls[:8],
+                        expected=f"https://{host}:{port}", decision_id=ex.decision_id)
+
+        return card_observer(host, port, astray)
 
     async def _a2a(self, request: IncomingRequest, ex: Exchange, body: RequestBody, max_bytes: int) -> None:
         """The agent serves A2A: a POST is one call, parsed as strictly as outbound, and a task it names

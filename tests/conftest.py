@@ -6,7 +6,8 @@ since some defects show only under one of them (uvloop delivers bytes to a proto
 reading in ``connection_made``).
 """
 
-pytest_plugins = ["tests.peers.oidc", "tests.peers.moto", "tests.peers.mcp_tools", "tests.peers.grpc_greeter"]
+pytest_plugins = ["tests.peers.oidc", "tests.peers.moto", "tests.peers.mcp_tools", "tests.peers.grpc_greeter",
+                  "tests.peers.a2a_agent"]
 
 import asyncio
 import os

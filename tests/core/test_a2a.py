@@ -4,10 +4,8 @@ their creator, push URLs checked, refusals as JSON-RPC errors; the real ``a2a-sd
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,8 @@ from sidecar.policy.a2a import A2aCall, parse_a2a_request
 from sidecar.policy.engine import load_policy
 from sidecar.policy.mcp import RpcRefused
 from tests.harness import admin
+from tests.peers.a2a_agent import text
 
-SERVER = Path(__file__).parents[1] / "peers" / "a2a_sdk" / "server.py"
 TEXT_ONLY = "a2a.part_kinds.all(k, k == 'text')"
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "text-to-planner", "direction": "outbound", "upstream": "planner",
@@ -144,18 +142,7 @@ def test_the_task_ids_an_answer_names(result: dict[str, Any], ids: list[str]) ->
     assert list(task_ids(result)) == ids
 
 
-# --- the real SDK, through the sidecar -----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def planner() -> Iterator[str]:
-    """The a2a-sdk agent (tests/peers/a2a_sdk/server.py) on 127.0.0.1: its base URL."""
-    proc = subprocess.Popen([sys.executable, str(SERVER)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    line = proc.stdout.readline() if proc.stdout else b""
-    assert line.startswith(b"PORT "), line
-    yield f"http://127.0.0.1:{int(line.split()[1])}"
-    proc.kill()
-    proc.wait()
-
+# --- the real SDK, through the sidecar (planner: the a2a-sdk agent, tests/peers/a2a_agent.py) ------
 
 @pytest.fixture
 async def h(make_sidecar: Any, planner: str) -> Any:
@@ -169,10 +156,6 @@ def client(url: str, *, streaming: bool = True, task: str | None = None) -> Clie
         capabilities=AgentCapabilities(streaming=streaming))
     http = httpx.AsyncClient(headers={"X-Sidecar-Task": task} if task else {}, timeout=30)
     return ClientFactory(ClientConfig(streaming=streaming, httpx_client=http)).create(card)
-
-
-def text(words: str, task_id: str | None = None) -> SendMessageRequest:
-    return SendMessageRequest(message=new_message([new_text_part(words)], task_id=task_id, role=Role.ROLE_USER))
 
 
 async def timed(events: AsyncIterator[StreamResponse]) -> list[tuple[float, StreamResponse]]:

@@ -14,11 +14,12 @@ import httpx
 import pytest
 from a2a.client import A2AClientError, Client, ClientConfig, ClientFactory
 from a2a.types.a2a_pb2 import AgentCapabilities, AgentCard, AgentInterface, GetTaskRequest, ListTasksRequest
+from aiohttp import web
 
 from sidecar.errors import ConfigInvalid
 from sidecar.policy.engine import load_policy
-from tests.core.test_a2a import planner, text  # noqa: F401 (the a2a-sdk agent, a module fixture)
 from tests.harness import SidecarHarness, Upstream
+from tests.peers.a2a_agent import text
 from tests.scenarios.inbound import ORCHESTRATOR, client_context, human_token, inbound_config
 
 PEER = "spiffe://sidecar.local/reviewer"
@@ -149,3 +150,43 @@ def test_a2a_on_an_inbound_rule_needs_inbound_protocol_a2a(inbound_protocol: str
         assert error is not None and any(error in e for e in errors), errors
     else:
         assert error is None
+
+
+def card_mismatches(h: SidecarHarness) -> str:
+    assert h.sidecar is not None
+    return next(line for line in h.sidecar.metrics.exposition().decode().splitlines()
+                if line.startswith("sidecar_a2a_card_mismatches_total"))
+
+
+async def test_a_card_pointing_around_the_sidecar_is_reported(make_sidecar: Any, planner: str,
+                                                              tmp_path: Path) -> None:
+    """The a2a-sdk agent's card names its own loopback port: passed on unchanged, counted as a mismatch."""
+    h = await make_sidecar(a2a_inbound(tmp_path, planner), POLICY)
+    async with httpx.AsyncClient(verify=client_context(h, ORCHESTRATOR, tmp_path / "orch")) as http:
+        card = await http.get(f"https://127.0.0.1:{h.port('inbound')}/.well-known/agent-card.json")
+    assert card.json()["supportedInterfaces"][0]["url"] == planner + "/"  # unchanged
+    await h.settle()
+    assert card_mismatches(h) == "sidecar_a2a_card_mismatches_total 1.0"
+    assert b"a2a_card_points_around_sidecar" in h.raw_log() and planner.encode() in h.raw_log()
+
+
+async def test_a_card_naming_the_sidecar_is_not_reported(make_sidecar: Any, tmp_path: Path) -> None:
+    """A card whose every endpoint is the inbound listener's address (as the caller used it) passes quietly."""
+    listener: dict[str, int] = {}
+
+    async def serve_card(request: web.Request) -> web.StreamResponse:
+        url = f"https://127.0.0.1:{listener['port']}/"
+        return web.json_response({"name": "planner", "url": url, "supportedInterfaces": [
+            {"url": url, "protocolBinding": "JSONRPC"}], "additionalInterfaces": [{"url": url}]})
+
+    agent = await Upstream(serve_card).start()
+    try:
+        h = await make_sidecar(a2a_inbound(tmp_path, agent.url), POLICY)
+        listener["port"] = h.port("inbound")
+        async with httpx.AsyncClient(verify=client_context(h, ORCHESTRATOR, tmp_path / "orch")) as http:
+            card = await http.get(f"https://127.0.0.1:{listener['port']}/.well-known/agent-card.json")
+        assert card.status_code == 200 and card.json()["name"] == "planner"
+        await h.settle()
+        assert card_mismatches(h) == "sidecar_a2a_card_mismatches_total 0.0"
+    finally:
+        await agent.stop()
