@@ -25,7 +25,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import structlog
 from aiohttp import web
@@ -47,7 +47,8 @@ from sidecar.fleet import Registration, unavailable_view
 from sidecar.inventory import fleet_record, inventory
 from sidecar.listeners import ExchangeListeners
 from sidecar.observe import decision_log
-from sidecar.observe.decision_log import REDACTOR
+from sidecar.observe.decision_log import REDACTOR, Redactor
+from sidecar.observe.headers import HeaderCapture
 from sidecar.observe.loop import LoopMonitor
 from sidecar.observe.metrics import Metrics
 from sidecar.observe.record import Recorder
@@ -62,11 +63,13 @@ from sidecar.forward.sessions import Sessions
 from sidecar.runtime import PolicyHolder, Runtime
 from sidecar.http2.listen import AlpnChoice, H2cServer, offering_h2
 from sidecar.http2.server import H2Server
+from sidecar.http1.server import Http1Server
 from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
 from sidecar import admin, health
 
 log = structlog.get_logger("sidecar.app")
+T = TypeVar("T")
 DEV_AGENT_PATH = "/agent/{name}"
 GC_GEN0_THRESHOLD = 20_000
 NO_FLEET = "fleet: needs revocation.redis_url or revocation.sentinel, and fleet.register"
@@ -76,11 +79,23 @@ def secret_values(config: Config) -> list[str]:
     """Every configured secret value, for the log redactor."""
     from sidecar.fields import Secret
 
-    found: list[str] = []
+    return [secret.reveal() for secret in _config_values(config, Secret)]
+
+
+def credential_headers(config: Config) -> list[str]:
+    """Every header a configured credential is placed in: never recorded in an event."""
+    from sidecar.credentials.placement import Placement
+
+    return [p.header for p in _config_values(config.credentials, Placement) if p.header is not None]
+
+
+def _config_values(config: Any, kind: type[T]) -> list[T]:
+    """Every value of type ``kind`` anywhere in ``config`` (dataclasses, mappings, sequences)."""
+    found: list[T] = []
 
     def walk(value: Any) -> None:
-        if isinstance(value, Secret):
-            found.append(value.reveal())
+        if isinstance(value, kind):
+            found.append(value)
         elif hasattr(value, "__dataclass_fields__"):
             for name in value.__dataclass_fields__:
                 walk(getattr(value, name, None))
@@ -181,6 +196,10 @@ class Sidecar:
     _fleet: Registration | None = None
     _limiter: RateLimiter = field(default_factory=RateLimiter)
     _monitor: LoopMonitor | None = None
+    redactor: Redactor = field(init=False)  # this sidecar's secrets: its events, its approvals
+
+    def __post_init__(self) -> None:
+        self.redactor = Redactor(secret_values(self.config))
 
     # -- start ------------------------------------------------------------------------------
     async def start(self, *, before_ready: Callable[[], None] | None = None) -> None:
@@ -196,7 +215,8 @@ class Sidecar:
 
     async def _start(self, before_ready: Callable[[], None] | None) -> None:
         cfg = self.config
-        REDACTOR.register(secret_values(cfg))
+        REDACTOR.attach(self.redactor)  # log lines: the process-wide net; events: this sidecar's own
+        self._resources.callback(REDACTOR.detach, self.redactor)
         decision_log.WRITER.backpressure = cfg.log_backpressure
         self.metrics = Metrics(cfg.outbound.upstreams)
         agent = self._load_identity()
@@ -234,11 +254,14 @@ class Sidecar:
         signer = build_signer(cfg.identity.signing_key, cfg.state_dir, cfg.identity.issuer or agent.id)
         deps = ProviderDeps(agent_id=agent.id, signer=signer, svid=self.identity, id_key=credential_id_key(cfg))
         providers = {name: PROVIDER_TYPES[c.type].build(name, c.spec, deps) for name, c in cfg.credentials.items()}
-        rt = Runtime(cfg, agent, self.metrics, Recorder(self.metrics, agent),
-                     Router(cfg.outbound.upstreams, cfg.outbound.listen), PolicyHolder(policy), providers,
+        policies = PolicyHolder(policy)
+        headers = HeaderCapture(cfg.event_headers, credential_headers(cfg), lambda: policies.current.headers_read,
+                                self.redactor)
+        rt = Runtime(cfg, agent, self.metrics, Recorder(self.metrics, agent, self.redactor, headers),
+                     Router(cfg.outbound.upstreams, cfg.outbound.listen), policies, providers,
                      CredentialCache(self.metrics), TaskRegistry.from_config(cfg.tasks), Revocations(self.metrics),
                      Sessions(cfg, self.identity.client_files), ActiveExchanges(),
-                     Approvals(self.metrics, cfg.policy.approval_timeout), signer, self.identity,
+                     Approvals(self.metrics, cfg.policy.approval_timeout, self.redactor), signer, self.identity,
                      await self._verifier())
         Enforcement(agent.id, rt.tasks, rt.credentials, rt.exchanges, self.metrics).attach(rt.revocations)
         return rt
@@ -288,7 +311,8 @@ class Sidecar:
         if self._bus is None or not self.config.fleet.register:
             return
         started_at, runtime = time.time(), self.runtime
-        self._fleet = Registration(self.config.fleet, self._bus.client, lambda: fleet_record(runtime, started_at))
+        self._fleet = Registration(self.config.fleet, self._bus.client, lambda: fleet_record(runtime, started_at),
+                                   metrics=self.metrics)
         self._fleet.start()
         self._resources.push_async_callback(self._fleet.aclose)
 
@@ -323,12 +347,23 @@ class Sidecar:
 
     async def _start_outbound(self, listeners: ExchangeListeners) -> None:
         cfg, rt = self.config, self.runtime
-        self.interceptor = Interceptor.from_runtime(rt)  # CONNECT: TLS interception, never a blind tunnel
-        listeners.servers.append(self.interceptor.server)  # drained and closed with the listeners
+        own = own_http1_server()
+        self.interceptor = Interceptor.from_runtime(rt, own_server=own)  # CONNECT: TLS interception, no blind tunnel
+        tunnels = self.interceptor.server
+        listeners.servers.append(tunnels)  # drained and closed with the listeners
+        if isinstance(tunnels, Http1Server) and tunnels.http2 is not None:
+            listeners.servers.append(tunnels.http2)  # the tunnels whose TLS chose h2, or that spoke h2c
         outbound, on_refusal = Outbound(rt), self._parse_error("outbound")
-        out_server = H2cServer(self.interceptor.front(outbound), limits=cfg.outbound.limits, on_parse_error=on_refusal,
-                               http2=H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal))
-        listeners.servers.append(out_server)
+        http2 = H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal)
+        out_server: Http1Server | H2cServer
+        if own:
+            out_server = Http1Server(self.interceptor.front(outbound), limits=cfg.outbound.limits,
+                                     on_parse_error=on_refusal, keepalive=cfg.outbound.timeouts.idle, http2=http2)
+            listeners.servers += (out_server, http2)
+        else:
+            out_server = H2cServer(self.interceptor.front(outbound), limits=cfg.outbound.limits,
+                                   on_parse_error=on_refusal, http2=http2)
+            listeners.servers.append(out_server)
         server = await start_tcp(out_server, cfg.outbound.listen.host, cfg.outbound.listen.port)
         listeners.accepting.append(server)
         self.ports["outbound"] = _port(server)
@@ -345,7 +380,13 @@ class Sidecar:
                                 on_reject=rt.recorder.handshake_refused,
                                 handshake_timeout=cfg.inbound.timeouts.connect)
         inbound = Inbound(rt, InboundIdentity(cfg.inbound, acceptor.peer_of, rt.verifier, rt.revocations))
-        server = SidecarServer(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"))
+        server: Http1Server | SidecarServer
+        if own_http1_server():
+            server = Http1Server(inbound.handle, limits=cfg.inbound.limits, on_parse_error=self._parse_error("inbound"),
+                                 keepalive=cfg.inbound.timeouts.idle)
+        else:
+            server = SidecarServer(inbound.handle, limits=cfg.inbound.limits,
+                                   on_parse_error=self._parse_error("inbound"))
         http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"))
         listeners.servers += (server, http2)
         listener = await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port)
@@ -423,6 +464,13 @@ class Sidecar:
         self.draining = True
         await self._resources.aclose()
         decision_log.WRITER.flush()  # the last events reach stdout before the process exits
+
+
+def own_http1_server() -> bool:
+    """The exchange listeners' HTTP/1.1 server: the sidecar's own (``sidecar/http1/``), or aiohttp's with
+    ``SIDECAR_HTTP1_SERVER=aiohttp``: the fallback, kept for one release while the new one is proven (and
+    what the differential test compares it with)."""
+    return os.environ.get("SIDECAR_HTTP1_SERVER", "sidecar") != "aiohttp"
 
 
 def _port(server: Any) -> int:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from sidecar.errors import PolicyRefused
-from sidecar.observe.decision_log import EVENT_BOUNDS, REDACTED, REDACTOR, bounded, clean
+from sidecar.observe.decision_log import EVENT_BOUNDS, REDACTED, Redactor, bounded, clean
 
 if TYPE_CHECKING:
     from sidecar.exchange import Exchange
@@ -48,9 +48,10 @@ class Pending:
 
 
 class Approvals:
-    def __init__(self, metrics: Any, timeout: float) -> None:
+    def __init__(self, metrics: Any, timeout: float, redactor: Redactor | None = None) -> None:
         self._metrics = metrics
         self._timeout = timeout
+        self._redactor = redactor or Redactor()  # the sidecar's own: its secrets are masked in what approvers see
         self._pending: dict[str, Pending] = {}
 
     async def hold(self, ex: Exchange, body: bytes | None = None) -> dict[str, Any]:
@@ -63,7 +64,7 @@ class Approvals:
             raise PolicyRefused("rate_limited", "policy: too many requests are waiting for approval",
                                 rule_id=ex.rule_id, retry_after=int(self._timeout))
         digest = hashlib.sha256(body).hexdigest() if body is not None else None
-        pending = Pending(secrets.token_hex(12), {**_summary(ex), "body_sha256": digest},
+        pending = Pending(secrets.token_hex(12), {**_summary(ex, self._redactor), "body_sha256": digest},
                           time.time() + self._timeout, asyncio.get_running_loop().create_future())
         self._pending[pending.id] = pending
         self._metrics.approvals_pending.set(len(self._pending))
@@ -95,44 +96,46 @@ class Approvals:
         return [{"id": p.id, "expires_at": p.expires_at, **p.summary} for p in self._pending.values()]
 
 
-def _summary(ex: Exchange) -> dict[str, Any]:
+def _summary(ex: Exchange, redactor: Redactor) -> dict[str, Any]:
     """What an approver needs to tell one request from another (query included, secrets masked, the
     strings the agent chose bounded as in the trust-decision event)."""
     facts = ex.facts
     target, task = EVENT_BOUNDS["target"], EVENT_BOUNDS["task"]
+
+    def cut(value: str | None, limit: int) -> str | None:
+        return clean(value, limit, redactor) if value else None
+
     return {"direction": ex.direction, "rule_id": ex.rule_id, "upstream": ex.upstream,
-            "host": _bounded(ex.host, target["host"]), "method": _bounded(ex.method, target["method"]),
-            "path": clean(ex.path or "", target["path"]),
-            "query": _bounded(facts.query if facts is not None else None, target["path"]),
+            "host": cut(ex.host, target["host"]), "method": cut(ex.method, target["method"]),
+            "path": clean(ex.path or "", target["path"], redactor),
+            "query": cut(facts.query if facts is not None else None, target["path"]),
             "body_size": facts.size if facts is not None else None, "caller": ex.caller_id,
-            "mcp_method": _bounded(ex.mcp_method, target["mcp_method"]),
-            "mcp_tool": _bounded(ex.mcp_tool, target["mcp_tool"]), "task_id": _bounded(ex.task_id, task["id"]),
-            "copy_source": _bounded(ex.copy_source, target["copy_source"]),
-            "task_trigger": _bounded(ex.task_trigger, task["trigger"]),
-            "principal": list(ex.principal) if ex.principal else None, **_arguments(ex.mcp_arguments)}
+            "mcp_method": cut(ex.mcp_method, target["mcp_method"]),
+            "mcp_tool": cut(ex.mcp_tool, target["mcp_tool"]), "task_id": cut(ex.task_id, task["id"]),
+            "copy_source": cut(ex.copy_source, target["copy_source"]),
+            "task_trigger": cut(ex.task_trigger, task["trigger"]),
+            "principal": list(ex.principal) if ex.principal else None,
+            **_arguments(ex.mcp_arguments, redactor)}
 
 
-def _arguments(arguments: dict[str, Any] | None) -> dict[str, Any]:
+def _arguments(arguments: dict[str, Any] | None, redactor: Redactor) -> dict[str, Any]:
     """tools/call arguments as an approver reads them: compact JSON, secrets masked, capped with a marker."""
     if arguments is None:
         return {"mcp_arguments": None, "mcp_arguments_truncated": False}
-    text = json.dumps(_masked(arguments), ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(_masked(arguments, redactor), ensure_ascii=False, separators=(",", ":"))
     shown = bounded(text, ARGUMENTS_MAX)
     return {"mcp_arguments": shown, "mcp_arguments_truncated": shown is not text}
 
 
-def _masked(value: Any) -> Any:
+def _masked(value: Any, redactor: Redactor) -> Any:
     """The value with secret-looking keys' values masked and every string redacted."""
     if isinstance(value, dict):
-        return {key: REDACTED if _secret_key(key) else _masked(item) for key, item in value.items()}
+        return {key: REDACTED if _secret_key(key) else _masked(item, redactor) for key, item in value.items()}
     if isinstance(value, list):
-        return [_masked(item) for item in value]
-    return REDACTOR.text(value) if isinstance(value, str) else value
+        return [_masked(item, redactor) for item in value]
+    return redactor.text(value) if isinstance(value, str) else value
 
 
 def _secret_key(key: str) -> bool:
     return _SECRET_KEY.search(key.lower().replace("-", "").replace("_", "")) is not None
 
-
-def _bounded(value: str | None, limit: int) -> str | None:
-    return clean(value, limit) if value else None

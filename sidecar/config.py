@@ -14,6 +14,7 @@ between sections are checked here.
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 from typing import Any, Mapping
@@ -72,7 +73,7 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
     admin = _admin(root.sub("admin"), state_dir)
     health_listen = _single_listen(root, "health", "0.0.0.0:17021")
     metrics_listen = _single_listen(root, "metrics", "0.0.0.0:17090")
-    log_level, backpressure = _logging(root.sub("logging"))
+    log_level, backpressure, event_headers = _logging(root.sub("logging"))
     observability = _observability(root.sub("observability"))
     shutdown = root.sub("shutdown")
     drain = shutdown.duration("drain", "20s")
@@ -84,17 +85,32 @@ def parse_config(raw: Any, *, source: Path | None = None, base_dir: Path | None 
         raise ConfigInvalid(errors)
     return Config(agent_name, environment, state_dir, identity, inbound, outbound, credentials, policy, tasks,
                   revocation, admin, health_listen, metrics_listen, log_level, drain, source, tuple(warnings), agent,
-                  log_backpressure=backpressure, observability=observability, fleet=fleet)
+                  log_backpressure=backpressure, observability=observability, fleet=fleet,
+                  event_headers=event_headers)
 
 
-def _logging(f: Fields) -> tuple[str, Backpressure]:
+def _logging(f: Fields) -> tuple[str, Backpressure, tuple[str, ...]]:
     d = Backpressure()
     level = f.choice("level", ("debug", "info", "warning", "error"), "info")
     backpressure = Backpressure(f.choice("on_backpressure", ("block", "drop", "refuse"), d.on_backpressure),
                                 f.integer("buffer_bytes", d.buffer_bytes, minimum=4096),
                                 f.duration("block_timeout", d.block_timeout))
+    event_headers = _event_headers(f)
     f.done()
-    return level, backpressure
+    return level, backpressure, event_headers
+
+
+def _event_headers(f: Fields) -> tuple[str, ...]:
+    """``logging.event_headers``: more request headers whose values events record (for ``sidecar replay``)."""
+    from sidecar.http.headers import recordable
+
+    names = f.text_list("event_headers")
+    for i, name in enumerate(names):
+        if not _HEADER_NAME.match(name) or "_" in name:
+            f.error(f"event_headers[{i}]", f"must be a header name (letters, digits and -), got {name!r}")
+        elif not recordable(name.lower()):
+            f.error(f"event_headers[{i}]", f"{name} is never recorded: it may carry a credential")
+    return tuple(n.lower() for n in names)
 
 
 def _observability(f: Fields) -> Observability:
@@ -115,6 +131,7 @@ def _single_listen(root: Fields, key: str, default: str) -> ListenAddress:
     return value
 
 
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&*+.^`|~-]+$")
 INBOUND_PER_SOURCE = 256  # connections from one caller address; the outbound listener has only the agent
 
 

@@ -283,3 +283,4 @@ class Config:
     log_backpressure: Backpressure = Backpressure()
     observability: Observability = Observability()
     fleet: FleetConfig = FleetConfig()
+    event_headers: tuple[str, ...] = ()  # logging.event_headers: more headers events record (observe/headers.py)

@@ -15,14 +15,12 @@ the same pipeline as every other outbound request. There are no blind tunnels.
               (``host_mismatch``), then route (``for_host(..., "connect")``) -> task -> policy -> credential
               -> forward -> record: the same pipeline whatever the tunnel carries
 
-aiohttp's server does not handle CONNECT itself: its parser marks the connection upgraded, and
-once the handler returns it would write the handler's response on the raw transport and parse
-whatever follows as HTTP. So the handler takes the connection over and keeps it until the tunnel
-ends: the raw transport's protocol becomes asyncio's TLS protocol (``loop.start_tls``), the TLS
-transport gets a protocol of a second :class:`SidecarServer`, and when the tunnel has ended the
-aiohttp protocol that parsed the CONNECT is told its connection is gone (``connection_lost``), so
-that it drops its transport: the response it then tries to send fails as a premature disconnect
-and nothing reaches the wire after the TLS stream.
+The request's server lets the handler take the connection over (``take_over``) and keep it until the
+tunnel ends: the raw transport's protocol becomes asyncio's TLS protocol (``loop.start_tls``), or
+stays raw for cleartext, and that transport gets a protocol of the tunnel server (the listeners' own
+HTTP/1.1 server, or aiohttp's on the fallback; HTTP/2 by ALPN or preface). When the tunnel has ended
+the server that parsed the CONNECT is told (``release``): it counts the connection gone and writes
+nothing after the tunnel's stream.
 
 Which protocol follows the 200 is read without consuming it: the raw transport stops reading and a
 duplicate of its socket waits for the first byte and peeks at it (``MSG_PEEK``), so that TLS
@@ -40,12 +38,12 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import structlog
-from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.errors import Refusal, RequestRefused
 from sidecar.exchange import Exchange
-from sidecar.http.incoming import Answer, IncomingRequest
+from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
+from sidecar.http1.server import Http1Incoming, Http1Protocol, Http1Server
 from sidecar.http.target import normalize_host
 from sidecar.http2.listen import H2cServer
 from sidecar.http2.server import H2Protocol, H2Server
@@ -54,7 +52,9 @@ from sidecar.identity.mtls import Holding, hand_over
 from sidecar.pipeline import Outbound, check_headers, serve_exchange
 from sidecar.routing import Route
 from sidecar.runtime import Runtime
-from sidecar.server import AiohttpIncoming, error_response
+from sidecar.server import AiohttpIncoming
+
+Connect = AiohttpIncoming | Http1Incoming  # a CONNECT, on whichever HTTP/1.1 server parsed it
 
 log = structlog.get_logger("sidecar.connect")
 
@@ -150,39 +150,46 @@ class Interceptor:
     """Answers CONNECT: refuses unmapped hosts, intercepts mapped ones with a minted certificate."""
 
     def __init__(self, rt: Runtime, ca: InterceptionCA, ca_cert_path: Path, *,
-                 max_tunnels: int = MAX_TUNNELS) -> None:
+                 max_tunnels: int = MAX_TUNNELS, own_server: bool = True) -> None:
         outbound = rt.config.outbound
         self.rt, self.ca, self.ca_cert_path = rt, ca, ca_cert_path
         self._handshake_timeout = outbound.timeouts.connect
         self.max_tunnels, self._open = max_tunnels, 0  # a cap on concurrent tunnels
         self._tunnels: dict[object, Tunnel] = {}  # by the transport its requests come on (``request.connection``)
         self._ended: dict[object, asyncio.Future[None]] = {}
-        self.server = _TunnelServer(self, limits=outbound.limits, on_parse_error=self._parse_error,
-                                    keepalive_timeout=outbound.timeouts.idle)
+        self.server: Http1Server | _TunnelServer
+        if own_server:
+            http2 = H2Server(self.handle_decrypted, limits=outbound.limits, on_refusal=self._parse_error,
+                             on_lost=self.tunnel_ended)
+            self.server = Http1Server(self.handle_decrypted, limits=outbound.limits, on_parse_error=self._parse_error,
+                                      keepalive=outbound.timeouts.idle, http2=http2, on_lost=self._carrier_lost)
+        else:
+            self.server = _TunnelServer(self, limits=outbound.limits, on_parse_error=self._parse_error,
+                                        keepalive_timeout=outbound.timeouts.idle)
 
     @classmethod
-    def from_runtime(cls, rt: Runtime, *, max_tunnels: int = MAX_TUNNELS) -> Interceptor:
+    def from_runtime(cls, rt: Runtime, *, max_tunnels: int = MAX_TUNNELS, own_server: bool = True) -> Interceptor:
         """The operator's CA (``outbound.intercept``), else one kept in ``state_dir/intercept``."""
         cfg = rt.config
         cert, key = cfg.outbound.intercept_ca_cert, cfg.outbound.intercept_ca_key
         ca = InterceptionCA.load_or_create(cert, key, cfg.state_dir)
         path = cert if cert is not None else cfg.state_dir / "intercept" / CERT_FILE
         log.info("intercept_ca_ready", ca_cert=str(path), configured=cert is not None)
-        return cls(rt, ca, path, max_tunnels=max_tunnels)
+        return cls(rt, ca, path, max_tunnels=max_tunnels, own_server=own_server)
 
     @property
     def open_tunnels(self) -> int:
         return self._open
 
-    def front(self, outbound: Outbound) -> Callable[[AiohttpIncoming], Awaitable[Answer]]:
+    def front(self, outbound: Outbound) -> Callable[[Connect], Awaitable[Answer]]:
         """The outbound listener's handler: CONNECT is answered here, every other request by ``outbound``."""
-        def handle(request: AiohttpIncoming) -> Awaitable[Answer]:
+        def handle(request: Connect) -> Awaitable[Answer]:
             return self.handle(request, outbound) if request.method == "CONNECT" else outbound.handle(request)
 
         return handle
 
     # -- CONNECT on the plain listener ------------------------------------------------------
-    async def handle(self, request: AiohttpIncoming, outbound: Outbound) -> web.StreamResponse:
+    async def handle(self, request: Connect, outbound: Outbound) -> Answer:
         ex = Exchange("outbound", protocol="connect", method="CONNECT")
         try:
             tunnel = self._admit(request, ex, outbound)
@@ -194,10 +201,10 @@ class Interceptor:
             await self._run(request, tunnel, context)
         finally:
             self._open -= 1
-            _forget(request.native)
-        return web.Response(status=200)  # never sent: aiohttp no longer has a transport to send it on
+            request.release()
+        return request.respond(200, None, {}, None)  # never sent: the server no longer has the connection
 
-    def _admit(self, request: AiohttpIncoming, ex: Exchange, outbound: Outbound) -> Tunnel:
+    def _admit(self, request: Connect, ex: Exchange, outbound: Outbound) -> Tunnel:
         """Every check before the tunnel opens; raises the refusal that keeps it shut."""
         rt = self.rt
         limits = rt.config.outbound.limits
@@ -214,21 +221,19 @@ class Interceptor:
         if self._open >= self.max_tunnels:
             raise RequestRefused("rate_limited", f"connect: {self.max_tunnels} tunnels are already open",
                                  retry_after=1)
-        if _early_bytes(request.native):
+        if request.early_bytes():
             raise RequestRefused("bad_request", "connect: expected the client to wait for the 200 response "
                                                 "before starting tls")
         return Tunnel(host, port, upstream.name, outbound)
 
-    def _refuse(self, request: AiohttpIncoming, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
+    def _refuse(self, request: Connect, ex: Exchange, refusal: Refusal) -> Answer:
         ex.refuse(refusal)
         self.rt.recorder.record(ex)
-        response = error_response(refusal)
-        response.force_close()
-        request.native.content.feed_eof()  # what follows a refused CONNECT is not a body to linger over
-        return response
+        request.refused_connect()  # what follows a refused CONNECT is never parsed, nor lingered over
+        return refusal_answer(request, refusal)
 
-    async def _run(self, request: AiohttpIncoming, tunnel: Tunnel, context: ssl.SSLContext) -> None:
-        raw = request.native.transport
+    async def _run(self, request: Connect, tunnel: Tunnel, context: ssl.SSLContext) -> None:
+        raw = request.take_over()
         if raw is None or raw.is_closing():
             self._handshake_failed(tunnel, "closed", "before the 200")
             return
@@ -287,13 +292,18 @@ class Interceptor:
         server: HTTP/2 if its TLS chose ``h2``, else HTTP/1.1 (h2c by its preface). The future ends with it."""
         tls = carrier.get_extra_info("ssl_object")
         http2 = tls is not None and tls.selected_alpn_protocol() == "h2"
-        protocol = self.server.http2() if http2 else self.server()
+        http2_server = self.server.http2
+        assert http2_server is not None  # the tunnel server always has its HTTP/2 side
+        protocol = http2_server() if http2 else self.server()
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tunnels[carrier], self._ended[carrier] = tunnel, ended
         hand_over(carrier, holding, protocol)
         if tls is None:
             carrier.resume_reading()  # paused while its first byte was peeked at
         return ended
+
+    def _carrier_lost(self, connection: Http1Protocol) -> None:
+        self.tunnel_ended(connection.carrier)
 
     def tunnel_ended(self, carrier: object) -> None:
         self._tunnels.pop(carrier, None)
@@ -357,14 +367,3 @@ async def first_byte(raw: asyncio.Transport, timeout: float) -> bytes:
     finally:
         peek.close()  # the duplicate only: the connection stays the transport's
 
-
-def _early_bytes(request: web.BaseRequest) -> bool:
-    """Bytes after the CONNECT head, read before the 200: asyncio's start_tls cannot be given them."""
-    return bool(getattr(request.protocol, "_message_tail", b""))
-
-
-def _forget(request: web.BaseRequest) -> None:
-    """Tell the protocol that parsed the CONNECT that its connection is gone (it was taken over)."""
-    protocol = request.protocol
-    if protocol.transport is not None:
-        protocol.connection_lost(None)

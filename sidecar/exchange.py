@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from sidecar.policy.model import Budget
     from sidecar.policy.mcp import RpcRef
 
-EVENT_VERSION = 3  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields
+EVENT_VERSION = 4  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields;
+# 4: target.headers and header_names (observe/headers.py); a2a_context_id, a2a_part_kinds, a2a_push_url, llm_stream,
+# llm_max_tokens (replay and report decide A2A and LLM rules again from them)
+A2A_PART_KINDS_MAX = 64  # a message with more parts records null: its kinds are not recorded
 
 
 def new_id() -> str:
@@ -128,7 +131,9 @@ class Exchange:
         if refusal.detail:
             self.reason_detail = refusal.detail
 
-    def event(self, agent: AgentInfo) -> dict[str, Any]:
+    def event(self, agent: AgentInfo,
+              headers: tuple[dict[str, list[str]], list[str] | None] | None = None) -> dict[str, Any]:
+        """The event; ``headers``: the recorded header values and names policy saw (observe/headers.py)."""
         return {
             "event": "trust_decision",
             "schema_version": EVENT_VERSION,
@@ -148,7 +153,7 @@ class Exchange:
             "delegation": self.delegation,
             "act_chain": list(self.act_chain),
             "task": {"id": self.task_id, "trigger": self.task_trigger} if self.task_id else None,
-            "target": self._target(),
+            "target": self._target(headers),
             "credential": self._credential(),
             "approval": self.approval,
             "reason_detail": self.reason_detail,
@@ -160,19 +165,18 @@ class Exchange:
             "trace_id": self.trace_id,
         }
 
-    def _target(self) -> dict[str, Any] | None:
+    def _target(self, headers: tuple[dict[str, list[str]], list[str] | None] | None) -> dict[str, Any] | None:
         if self.method is None:
             return None
+        values, names = headers if headers is not None else (None, None)
         facts = self.facts
         return {"upstream": self.upstream, "method": self.method, "host": self.host or (facts and facts.host) or None,
                 "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool,
                 "grpc_service": self.grpc_service, "grpc_method": self.grpc_method,
-                "a2a_method": self.a2a.method if self.a2a else None,
-                "a2a_task_id": self.a2a.task_id if self.a2a else None,
-                "llm_model": self.llm.model if self.llm else None, "tokens_in": self.tokens_in,
+                **_a2a_fields(self.a2a), **_llm_fields(self.llm), "tokens_in": self.tokens_in,
                 "tokens_out": self.tokens_out, "override": self.override, "copy_source": self.copy_source,
                 "scheme": facts.scheme if facts else None, "query": facts.query if facts else None,
-                "size": facts.size if facts else None}
+                "size": facts.size if facts else None, "headers": values, "header_names": names}
 
     def _credential(self) -> dict[str, Any] | None:
         c = self.credential
@@ -182,6 +186,21 @@ class Exchange:
                 "scopes": list(self.credential_scopes if self.credential_scopes is not None else c.scopes),
                 "audience": c.audience, "expires_at": _rfc3339(c.expires_at), "source": self.credential_source,
                 "standing": c.standing}
+
+
+def _a2a_fields(call: A2aCall | None) -> dict[str, Any]:
+    if call is None:
+        return {"a2a_method": None, "a2a_task_id": None, "a2a_context_id": None, "a2a_part_kinds": None,
+                "a2a_push_url": None}
+    kinds = list(call.part_kinds) if len(call.part_kinds) <= A2A_PART_KINDS_MAX else None
+    return {"a2a_method": call.method, "a2a_task_id": call.task_id, "a2a_context_id": call.context_id,
+            "a2a_part_kinds": kinds, "a2a_push_url": call.push_url}
+
+
+def _llm_fields(call: LlmCall | None) -> dict[str, Any]:
+    if call is None:
+        return {"llm_model": None, "llm_stream": None, "llm_max_tokens": None}
+    return {"llm_model": call.model, "llm_stream": call.stream, "llm_max_tokens": call.max_tokens}
 
 
 def _rfc3339(ts: float | None) -> str | None:

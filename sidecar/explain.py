@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -26,8 +26,10 @@ from sidecar.exchange import AgentInfo
 from sidecar.forward.body import is_form_type
 from sidecar.grpc import call_of
 from sidecar.http.headers import DropSet, clean_request_headers, echo_method, inbound_drop_set, request_drop_set
+from sidecar.policy.a2a import A2aCall, parse_a2a_request
 from sidecar.policy.engine import Decision, PolicySet
 from sidecar.policy.facts import Agent, Facts, build_facts
+from sidecar.policy.llm import LlmCall, endpoint_of, parse_llm_request
 from sidecar.policy.mcp import parse_mcp_request, transport_method
 from sidecar.http.target import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
 from sidecar.policy.ratelimit import Limit, RateLimiter
@@ -45,6 +47,8 @@ class Described:
     without ``agent`` (a logged agent: replay) the request is this sidecar's agent, named and
     described by the config, with ``agent_id`` for its id when given. ``reading`` stands in for the
     override headers a logged request carried (replay); without it the headers are screened.
+    ``recorded_headers`` (replay) are what policy sees instead of ``headers`` once the request is routed;
+    ``a2a`` and ``llm`` (replay) the calls policy sees instead of parsing ``body``.
     """
 
     url: str
@@ -62,6 +66,9 @@ class Described:
     at: datetime | None = None
     size: int | None = -1  # -1: the body's length
     reading: Reading | None = None
+    recorded_headers: Mapping[str, tuple[str, ...]] | None = None  # replay: the headers policy saw, as logged
+    a2a: A2aCall | None = None  # replay: the logged A2A call (else parsed from the body, as the pipeline does)
+    llm: LlmCall | None = None  # replay: the logged LLM API call (else parsed from the body)
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,8 @@ class _Target(NamedTuple):
     mcp_tool: str | None = None
     grpc_service: str | None = None  # a call to a protocol grpc upstream: from its path
     grpc_method: str | None = None
+    a2a: A2aCall | None = None  # a POST to a protocol a2a upstream
+    llm: LlmCall | None = None  # a POST to an endpoint of a protocol openai upstream
 
 
 def _forwarded(d: Described, headers: CIMultiDict[str], drop: DropSet, query: str, passed: frozenset[str],
@@ -184,11 +193,33 @@ def _outbound(d: Described, config: Config, router: Router, headers: CIMultiDict
         if up.protocol == "mcp" and method == "POST" else None
     transport = transport_method(method, route.path) if up.protocol == "mcp" else None
     mcp_method, mcp_tool = (mcp.method, mcp.tool) if mcp else (transport, None)
+    a2a, llm = _a2a(d, up.protocol, method, headers, config), _llm(d, up.protocol, method, route.path, headers, config)
     shown = dict(upstream=up.name, path=route.path, forwarded_path=route.forward_path, mcp_method=mcp_method,
-                 mcp_tool=mcp_tool, override=reading.event())
+                 mcp_tool=mcp_tool, a2a_method=a2a.method if a2a else None, llm_model=llm.model if llm else None,
+                 override=reading.event())
     service, rpc = call_of(route.path) if up.protocol == "grpc" else (None, None)
     return _Target(up.scheme, up.host, route.path, route.query, up.name, forwarded, reading, shown, mcp_method,
-                   mcp_tool, service, rpc)
+                   mcp_tool, service, rpc, a2a, llm)
+
+
+def _a2a(d: Described, protocol: str, method: str, headers: CIMultiDict[str], config: Config) -> A2aCall | None:
+    """A POST to an A2A upstream is one A2A call: the logged one (replay), or its body parsed as the pipeline does."""
+    if protocol != "a2a" or method != "POST":
+        return None
+    if d.a2a is not None:
+        return d.a2a
+    return parse_a2a_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes)
+
+
+def _llm(d: Described, protocol: str, method: str, path: str, headers: CIMultiDict[str],
+         config: Config) -> LlmCall | None:
+    """A POST to an LLM API endpoint: the logged call (replay), or its body parsed as the pipeline does."""
+    endpoint = endpoint_of(path)
+    if protocol != "openai" or method != "POST" or endpoint is None:
+        return None
+    if d.llm is not None:
+        return d.llm
+    return parse_llm_request(d.body, headers.get("Content-Type"), endpoint, config.outbound.limits.max_body_bytes)
 
 
 def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict[str, Any], Reading]:
@@ -204,7 +235,9 @@ def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict
         agent=agent, caller_id=d.caller if inbound else None, principal=d.principal,
         delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
         task_trigger=d.task_trigger, mcp_method=t.mcp_method, mcp_tool=t.mcp_tool, grpc_service=t.grpc_service,
-        grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc))
+        grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc), a2a=t.a2a, llm=t.llm)
+    if d.recorded_headers is not None:
+        facts.headers = d.recorded_headers
     return facts, t.shown, t.reading
 
 

@@ -12,7 +12,8 @@ sidecars' clocks. ``instance`` is new on every start: a restarted sidecar is a n
 the one it replaced is listed as stale until it is forgotten.
 
 The registration runs in a background task on the bus's own client (one pool, one Sentinel
-manager, the same TLS and ACL): a failed heartbeat is logged once, the next one tries again,
+manager, the same TLS and ACL): a failed heartbeat is logged once and counted
+(``sidecar_fleet_registered`` drops to 0, ``sidecar_fleet_heartbeats_total{outcome="error"}``), the next one tries again,
 so a Redis that was stopped and restarted (empty) gets every record back within a heartbeat.
 The record names what the sidecar holds (agent, upstreams, credential types), never a secret:
 it is built from names and types only (``sidecar.inventory.fleet_record``).
@@ -35,6 +36,7 @@ import structlog
 
 from sidecar.config_model import FleetConfig
 from sidecar.inventory import iso_utc
+from sidecar.observe.metrics import Metrics
 
 log = structlog.get_logger("sidecar.fleet")
 MEMBER_PREFIX = "sidecar:fleet:member:"
@@ -49,8 +51,9 @@ class Registration:
     """This sidecar's entry in the fleet inventory, written every heartbeat off the request path."""
 
     def __init__(self, config: FleetConfig, client: Any, record: Callable[[], Record],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._client = client
         self._record = record
         self._clock = clock
@@ -84,12 +87,19 @@ class Registration:
         if self.failure is not None:
             log.info("fleet_registered", instance=self.instance)
         self.last_heartbeat, self.failure, self._warned = now, None, False
+        if self._metrics is not None:
+            self._metrics.fleet_registered.set(1)
+            self._metrics.fleet_heartbeats.labels("ok").inc()
+            self._metrics.fleet_last_heartbeat.set(now)
 
     def _failed(self, exc: Exception) -> None:
         if not self._warned:
             log.warning("fleet_registration_failed", instance=self.instance, error_type=type(exc).__name__,
                         retry_in_s=self._config.heartbeat)
         self.failure, self._warned = unavailable(exc), True
+        if self._metrics is not None:
+            self._metrics.fleet_registered.set(0)
+            self._metrics.fleet_heartbeats.labels("error").inc()
 
     def status(self) -> Record:
         """For the local inventory: whether this sidecar is registered now, and why not."""

@@ -13,7 +13,9 @@ are not charged). A case file::
 ``request`` keys: ``direction`` (outbound), ``method`` (GET), ``url`` or ``upstream`` + ``path``,
 ``headers`` (mapping), ``body``, ``caller``, ``agent``, ``principal`` (``{iss, sub}``),
 ``delegation``, ``task`` (``{id, trigger}``), ``mcp`` (``{method, tool}``: a JSON-RPC POST body),
-``at`` (RFC 3339). ``expect``: ``decision`` (allow / deny / require_approval), optional ``rule``
+``a2a`` (``{method, parts, task_id, context_id, push_url}``: an A2A JSON-RPC POST body, ``parts`` a list
+of ``text``, ``file``, ``data``), ``llm`` (``{model, max_tokens, stream}``: the body of a POST to the
+LLM API endpoint ``url`` names), ``at`` (RFC 3339). ``expect``: ``decision`` (allow / deny / require_approval), optional ``rule``
 and ``reason``. Exit 0 when every case passes, 1 when one fails or an input is unusable.
 """
 
@@ -36,7 +38,9 @@ from sidecar.config_model import Config
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.explain import Described, Verdict, candidate_policy, decide, router_for
 from sidecar.fields import Fields
+from sidecar.policy.a2a import MESSAGE_METHODS, method_name
 from sidecar.policy.engine import PolicySet
+from sidecar.policy.llm import ENDPOINTS, endpoint_of
 
 EFFECTS = ("allow", "deny", "require_approval")
 DIRECTIONS = ("outbound", "inbound")
@@ -114,11 +118,12 @@ def _request(f: Fields) -> Described | None:
     url = _url(f, direction)
     headers = tuple((str(k), str(v)) for k, v in f.mapping("headers").items())
     body = f.text("body", "").encode()
-    mcp = f.sub("mcp")
-    if f.has("mcp"):
-        body, method = _mcp_body(mcp), "POST"
-        headers = (*headers, ("Content-Type", "application/json"))
-    mcp.done()
+    for key, build in (("mcp", _mcp_body), ("a2a", _a2a_body), ("llm", _llm_body)):
+        sub = f.sub(key)
+        if f.has(key):
+            body, method = build(sub, url or ""), "POST"
+            headers = (*headers, ("Content-Type", "application/json"))
+        sub.done()
     principal, delegation = _principal(f.sub("principal")), f.choice("delegation", DELEGATIONS)
     task = f.sub("task")
     task_id = task.text("id", "test-task") if f.has("task") else None
@@ -147,13 +152,52 @@ def _url(f: Fields, direction: str) -> str | None:
     return url
 
 
-def _mcp_body(f: Fields) -> bytes:
+def _mcp_body(f: Fields, url: str) -> bytes:
     method = f.text("method", "tools/call")
     tool = f.text("tool")
     message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
     if tool is not None:
         message["params"] = {"name": tool, "arguments": {}}
     return json.dumps(message).encode()
+
+
+PART_CONTENT = {"text": {"text": "test"}, "file": {"url": "https://example.com/test.pdf"}, "data": {"data": {}}}
+
+
+def _a2a_body(f: Fields, url: str) -> bytes:
+    """``a2a: {method, parts, task_id, context_id, push_url}``: the JSON-RPC body an A2A client sends."""
+    method = f.text("method", "SendMessage")
+    kinds = f.text_list("parts", ["text"])
+    for i, kind in enumerate(kinds):
+        if kind not in PART_CONTENT:
+            f.error(f"parts[{i}]", f"must be one of {', '.join(PART_CONTENT)}, got {kind!r}")
+    task_id, context_id, push_url = f.text("task_id"), f.text("context_id"), f.text("push_url")
+    canonical = method_name(method) or method
+    if canonical in MESSAGE_METHODS:
+        message = {"messageId": "test", "role": "ROLE_USER", "parts": [PART_CONTENT.get(k, {}) for k in kinds],
+                   **({"taskId": task_id} if task_id else {}), **({"contextId": context_id} if context_id else {})}
+        params: dict[str, Any] = {"message": message}
+        if push_url:
+            params["configuration"] = {"taskPushNotificationConfig": {"url": push_url}}
+    elif canonical.endswith("PushNotificationConfig") or canonical.endswith("PushNotificationConfigs"):
+        params = {"taskId": task_id or "test-task", **({"url": push_url} if push_url else {})}
+    else:
+        params = {"id": task_id or "test-task"} if canonical != "ListTasks" else {}
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+
+
+def _llm_body(f: Fields, url: str) -> bytes:
+    """``llm: {model, max_tokens, stream}``: the JSON body of a call to the endpoint ``url`` ends in."""
+    body: dict[str, Any] = {"model": f.text("model", required=True) or "", "stream": f.flag("stream", False)}
+    cap = f.integer("max_tokens", minimum=0)
+    endpoint = endpoint_of(url.partition("?")[0])
+    if endpoint is None:
+        f.error("", f"needs the url of an LLM API endpoint ({', '.join(ENDPOINTS)}), got {url!r}")
+    elif cap is not None and ENDPOINTS[endpoint]:
+        body[ENDPOINTS[endpoint][0]] = cap
+    if endpoint == "/embeddings":
+        body.pop("stream")
+    return json.dumps(body).encode()
 
 
 def _principal(f: Fields) -> tuple[str, str] | None:

@@ -2,17 +2,21 @@
 
 Reads trust-decision events (JSON lines; other log lines are skipped), rebuilds each logged
 request as ``explain`` describes one (:class:`~sidecar.explain.Described`: method, canonical path,
-query, body size, MCP method and tool, override reading, agent and its metadata, caller,
-principal, delegation, task, time) and decides it with the candidate set's
+query, body size, MCP method and tool, the A2A and LLM API calls policy saw, override reading,
+agent and its metadata, caller, principal, delegation, task, time) and decides it with the candidate set's
 :meth:`PolicySet.decide`, as the running sidecar would (rate limits are not charged). The
 logged outcome is read back as the policy effect it came from (``approved``: an approval rule;
 ``rate_limited`` and failures after an allow: allow). Changes are counted by kind, agent,
 upstream and rule, with a few examples each; memory does not grow with the number of events.
 
 Events the policy did not decide (refused before policy: ``rule_id`` null) and events this config
-cannot route are counted as not re-decided, with why. Events carry no request headers (they may
-be secrets): rules that match on headers see none. Exit 3 when a request that was allowed would
-be denied or held for approval, 0 otherwise, 1 on unusable input (with the line number).
+cannot route are counted as not re-decided, with why. Headers: an event (schema 4) records the
+values of the headers the running policy read by name and the names of all that were present
+(:mod:`sidecar.observe.headers`); a header it has no value for was absent when its name is not
+listed. A candidate rule that reads a header the event has no value for, present or possibly
+present, makes that request **undecidable**: counted in a group of its own, by agent, upstream
+and header, never as a change. Exit 3 when a request that was allowed would be denied or held
+for approval, 0 otherwise, 1 on unusable input (with the line number).
 """
 
 from __future__ import annotations
@@ -22,18 +26,21 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Mapping, TypeVar
 
 import orjson
 
 from sidecar.config_model import AgentMeta, Config
 from sidecar.exchange import AgentInfo
+from sidecar.observe.decision_log import REDACTED
 from sidecar.explain import Described, decide, load_candidate, router_for
+from sidecar.policy.a2a import A2aCall
 from sidecar.policy.engine import PolicySet
+from sidecar.policy.llm import LlmCall, endpoint_of
 from sidecar.policy.readings import NONE, Reading
 from sidecar.routing import Router
 
-SCHEMA_VERSIONS = (1, 2, 3)
+SCHEMA_VERSIONS = (1, 2, 3, 4)
 EXAMPLES = 3
 # the policy effect behind a logged reason (rule_id set); any other reason came after an allow
 LOGGED_EFFECT = {
@@ -52,7 +59,118 @@ class UndeclaredLevel(Exception):
     """A logged trust level this config does not declare: the event cannot be ranked."""
 
 
+class NotRecorded(Exception):
+    """Policy read something of the request that its event did not record: it cannot be decided again."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class RecordedHeaders(Mapping[str, tuple[str, ...]]):
+    """The headers policy saw, as far as the event recorded them: the values it has, the names present
+    (None: not known). Reading a header that was present, or may have been, but has no recorded value
+    raises :class:`NotRecorded`; one whose name is not listed was absent."""
+
+    __slots__ = ("_values", "_names")
+
+    def __init__(self, values: Mapping[str, list[str]] | None, names: list[str] | None) -> None:
+        self._values = {k: tuple(v) for k, v in (values or {}).items()}
+        self._names = frozenset(names) if names is not None else None
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        found = self._values.get(name)
+        if found is not None:
+            return found
+        if self._names is not None and name not in self._names:
+            raise KeyError(name)
+        raise NotRecorded(f"header {name}")
+
+    def __contains__(self, name: object) -> bool:
+        if name in self._values:
+            return True
+        if self._names is not None and name not in self._names:
+            return False
+        raise NotRecorded(f"header {name}")
+
+    def __iter__(self) -> Iterator[str]:
+        if self._names is None:
+            raise NotRecorded("the header names")
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        if self._names is None:
+            raise NotRecorded("the header names")
+        return len(self._names)
+
+
+class _Unrecorded:
+    """A logged call whose fields named in ``unrecorded`` raise :class:`NotRecorded` when policy reads them."""
+
+    __slots__ = ()
+    _PREFIX = ""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in object.__getattribute__(self, "unrecorded"):
+            raise NotRecorded(f"{object.__getattribute__(self, '_PREFIX')}.{name}")
+        return object.__getattribute__(self, name)
+
+
+C = TypeVar("C", bound=_Unrecorded)
+
+
+class LoggedA2aCall(_Unrecorded, A2aCall):
+    __slots__ = ("unrecorded",)
+    _PREFIX = "a2a"
+
+
+class LoggedLlmCall(_Unrecorded, LlmCall):
+    __slots__ = ("unrecorded",)
+    _PREFIX = "llm"
+
+
+def _logged(call: C, unrecorded: set[str]) -> C:
+    object.__setattr__(call, "unrecorded", frozenset(unrecorded))
+    return call
+
+
+def _unclear(value: Any) -> bool:
+    """A logged string that is not what policy saw: cut short or redacted."""
+    return isinstance(value, str) and (REDACTED in value or "...[truncated from " in value)
+
+
+def logged_a2a(t: dict[str, Any]) -> A2aCall | None:
+    """The A2A call an event records (schema 4: every field but ``metadata``; before it, method and task id)."""
+    method = t.get("a2a_method")
+    if method is None:
+        return None
+    fields = {"task_id": t.get("a2a_task_id"), "context_id": t.get("a2a_context_id"),
+              "push_url": t.get("a2a_push_url")}
+    kinds = t.get("a2a_part_kinds")
+    unrecorded = {name for name, value in fields.items() if _unclear(value)} | {"metadata"}
+    if "a2a_part_kinds" not in t:  # schema 3: only the method and task id
+        unrecorded |= {"context_id", "push_url"}
+    if kinds is None:
+        unrecorded.add("part_kinds")
+    call = LoggedA2aCall(method, None, False, fields["task_id"], fields["context_id"], tuple(kinds or ()), None,
+                         fields["push_url"])
+    return _logged(call, unrecorded | ({"method"} if _unclear(method) else set()))
+
+
+def logged_llm(t: dict[str, Any]) -> LlmCall | None:
+    """The LLM API call an event records (schema 4: model, stream and token cap; before it, the model)."""
+    model, endpoint = t.get("llm_model"), endpoint_of(t.get("path") or "")
+    if model is None or endpoint is None:
+        return None
+    unrecorded = {"model"} if _unclear(model) else set()
+    if "llm_stream" not in t:
+        unrecorded |= {"stream", "max_tokens"}
+    call = LoggedLlmCall(endpoint.lstrip("/"), model, bool(t.get("llm_stream")), t.get("llm_max_tokens"))
+    return _logged(call, unrecorded)
+
+
 Key = tuple[str, str, str, str, str | None, str | None]  # before, after, agent, upstream, old rule, new rule
+Undecided = tuple[str, str, str]  # agent, upstream, what the event did not record
 
 
 @dataclass
@@ -65,16 +183,26 @@ class Changes:
     skipped: Counter[str] = field(default_factory=Counter)
     counts: Counter[Key] = field(default_factory=Counter)
     examples: dict[Key, list[str]] = field(default_factory=dict)
+    undecidable: Counter[Undecided] = field(default_factory=Counter)
+    undecidable_examples: dict[Undecided, list[str]] = field(default_factory=dict)
 
     def add(self, key: Key, example: str) -> None:
         self.counts[key] += 1
-        shown = self.examples.setdefault(key, [])
-        if len(shown) < EXAMPLES:
-            shown.append(example)
+        _example(self.examples, key, example)
+
+    def undecided(self, key: Undecided, example: str) -> None:
+        self.undecidable[key] += 1
+        _example(self.undecidable_examples, key, example)
 
     @property
     def tightened(self) -> int:
         return sum(n for k, n in self.counts.items() if (k[0], k[1]) in TIGHTER)
+
+
+def _example(examples: dict[Any, list[str]], key: Any, example: str) -> None:
+    shown = examples.setdefault(key, [])
+    if len(shown) < EXAMPLES:
+        shown.append(example)
 
 
 # -- events -> described requests ---------------------------------------------------------
@@ -130,7 +258,9 @@ def _described(event: dict[str, Any], candidate: Candidate) -> Described:
         principal=(principal["iss"], principal["sub"]) if principal else None, delegation=event["delegation"],
         task_id=task["id"] if task else None, task_trigger=task["trigger"] if task else None,
         at=datetime.fromisoformat(event["ts"].replace("Z", "+00:00")), size=t.get("size"),
-        reading=Reading(override.get("method"), override.get("path")) if override else NONE)
+        reading=Reading(override.get("method"), override.get("path")) if override else NONE,
+        recorded_headers=RecordedHeaders(t.get("headers"), t.get("header_names")), a2a=logged_a2a(t),
+        llm=logged_llm(t))
 
 
 def _mcp_body(method: str | None, tool: str | None) -> tuple[bytes, tuple[tuple[str, str], ...]]:
@@ -186,8 +316,14 @@ def _replay_one(event: dict[str, Any], candidate: Candidate, changes: Changes) -
     except UndeclaredLevel as exc:
         changes.skipped[f"trust level {exc.args[0]!r} is not in this config's agent.trust_levels"] += 1
         return
+    agent = event["agent"].get("name") or event["agent"]["id"]
+    upstream = event["target"].get("upstream") or "(inbound)"
+    example = f"{request.method} {request.url} ({event.get('ts')}, decision {event.get('decision_id')})"
     try:
         verdict = decide(request, candidate.config, candidate.policy, candidate.router)
+    except NotRecorded as exc:
+        changes.undecided((agent, upstream, exc.what), example)
+        return
     except (KeyError, TypeError, AttributeError, ValueError):
         raise BadEvent("its request cannot be decided: a field of target has the wrong type") from None
     if verdict.refusal is not None:
@@ -199,14 +335,12 @@ def _replay_one(event: dict[str, Any], candidate: Candidate, changes: Changes) -
     if before == after:
         changes.rule_only += old_rule != new_rule
         return
-    agent = event["agent"].get("name") or event["agent"]["id"]
-    key: Key = (before, after, agent, event["target"].get("upstream") or "(inbound)", old_rule, new_rule)
-    changes.add(key, f"{request.method} {request.url} ({event.get('ts')}, decision {event.get('decision_id')})")
+    changes.add((before, after, agent, upstream, old_rule, new_rule), example)
 
 
 def render(changes: Changes, policy: PolicySet) -> str:
     lines = [f"replayed {changes.events} event(s) under policy {policy.version}: {changes.redecided} re-decided, "
-             f"{sum(changes.skipped.values())} not re-decided"]
+             f"{sum(changes.undecidable.values())} undecidable, {sum(changes.skipped.values())} not re-decided"]
     by_kind = Counter[tuple[str, str]]()
     for key, n in changes.counts.items():
         by_kind[key[0], key[1]] += n
@@ -216,6 +350,11 @@ def render(changes: Changes, policy: PolicySet) -> str:
         before, after, agent, upstream, old_rule, new_rule = key
         lines.append(f"  {before} -> {after}: {n}  agent {agent}  upstream {upstream}  rule {old_rule} -> {new_rule}")
         lines += [f"      e.g. {example}" for example in changes.examples[key]]
+    if changes.undecidable:
+        lines.append("undecidable (the candidate reads what the event did not record; not counted as changes):")
+        for (agent, upstream, what), n in sorted(changes.undecidable.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {n}  agent {agent}  upstream {upstream}  reads {what}")
+            lines += [f"      e.g. {example}" for example in changes.undecidable_examples[(agent, upstream, what)]]
     if changes.skipped:
         lines.append("not re-decided:")
         lines += [f"  {why}: {n}" for why, n in sorted(changes.skipped.items())]

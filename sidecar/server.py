@@ -23,8 +23,6 @@ is reported to the listener (one trust-decision event, the metrics).
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from typing import Any, AsyncIterator, Awaitable, Callable, cast
 
 import structlog
@@ -37,7 +35,7 @@ from sidecar.config_model import Limits
 from sidecar.errors import (
     PROXY_NAME, RecordedFailure, Refusal, RequestRefused, refusal_body, refusal_headers, refusal_response,
 )
-from sidecar.http.incoming import Answer, ClientGone, ResponseStream
+from sidecar.http.incoming import Answer, ClientGone, ResponseStream, reset
 
 log = structlog.get_logger("sidecar.server")
 
@@ -50,13 +48,12 @@ ParseErrorHook = Callable[[Refusal], None]
 RETRY_AFTER_OVERLOAD = 1  # seconds
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK = 64 * 1024
-RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 
 
 class AiohttpIncoming:
     """An :class:`~sidecar.http.incoming.IncomingRequest` over one request aiohttp's server parsed."""
 
-    __slots__ = ("native", "method", "target", "headers", "content_length")
+    __slots__ = ("native", "method", "target", "headers", "content_length", "last")
     unframed_body = False  # HTTP/1.1 frames every body: Content-Length or chunked
 
     def __init__(self, request: web.BaseRequest) -> None:
@@ -65,6 +62,7 @@ class AiohttpIncoming:
         self.target = request.raw_path
         self.headers = request.headers
         self.content_length = request.content_length
+        self.last = False  # the connection closes after this answer (a refused CONNECT)
 
     @property
     def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -90,7 +88,10 @@ class AiohttpIncoming:
 
     def respond(self, status: int, reason: str | None, headers: CIMultiDict[str] | dict[str, str],
                 body: bytes | None) -> Answer:
-        return web.Response(status=status, reason=reason, headers=headers, body=body)
+        response = web.Response(status=status, reason=reason, headers=headers, body=body)
+        if self.last:
+            response.force_close()
+        return response
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> ResponseStream:
         response = web.StreamResponse(status=status, reason=reason, headers=headers)
@@ -111,19 +112,32 @@ class AiohttpIncoming:
     def abort(self) -> None:
         """A reset, not an orderly close: a response framed by the connection's close (an HTTP/1.0
         client) would otherwise end as if whole."""
-        transport = self.native.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")  # under TLS too: the TCP socket
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-            except OSError:  # already closed by the peer: nothing left to tell it
-                pass
-        transport.abort()
+        reset(self.native.transport)
 
     def answer_of(self, stream: ResponseStream) -> Answer:
         return stream
+
+    # -- CONNECT (sidecar.connect takes the connection over) --------------------------------------
+    @property
+    def protocol(self) -> object:
+        return self.native.protocol
+
+    def early_bytes(self) -> bool:
+        """Bytes after the CONNECT head, read before the 200: asyncio's start_tls cannot be given them."""
+        return bool(getattr(self.native.protocol, "_message_tail", b""))
+
+    def take_over(self) -> asyncio.Transport | None:
+        return self.native.transport
+
+    def release(self) -> None:
+        """Tell the protocol that parsed the CONNECT that its connection is gone (it was taken over)."""
+        protocol = self.native.protocol
+        if protocol.transport is not None:
+            protocol.connection_lost(None)
+
+    def refused_connect(self) -> None:
+        self.native.content.feed_eof()  # what follows is not a body to linger over
+        self.last = True
 
 
 def error_response(refusal: Refusal) -> web.Response:
@@ -272,7 +286,7 @@ def parser_limits(limits: Limits) -> dict[str, int]:
             "max_headers": limits.max_headers * 2 + 8}
 
 
-async def start_tcp(server: web.Server, host: str, port: int, *, ssl: Any = None,
+async def start_tcp(server: Callable[[], asyncio.BaseProtocol], host: str, port: int, *, ssl: Any = None,
                     backlog: int = 512) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
     return await loop.create_server(server, host, port, ssl=ssl, backlog=backlog, reuse_address=True)

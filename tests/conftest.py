@@ -7,7 +7,7 @@ reading in ``connection_made``).
 """
 
 pytest_plugins = ["tests.peers.oidc", "tests.peers.moto", "tests.peers.mcp_tools", "tests.peers.grpc_greeter",
-                  "tests.peers.a2a_agent"]
+                  "tests.peers.a2a"]
 
 import asyncio
 import os

@@ -336,6 +336,22 @@ def test_each_fleet_problem_is_reported_once(tmp_path, fleet, expected):
     assert [e.split(" (")[0] for e in errors_of({"fleet": fleet}, tmp_path)] == expected
 
 
+@pytest.mark.parametrize("names, expected", [
+    # a name a header cannot have (policy never sees names with '_')
+    (["x_env"], ["logging.event_headers[0]: must be a header name (letters, digits and -), got 'x_env'"]),
+    (["x env"], ["logging.event_headers[0]: must be a header name (letters, digits and -), got 'x env'"]),
+    # headers that can carry a credential are never recorded, whatever the config says
+    (["X-Env", "Authorization"], ["logging.event_headers[1]: Authorization is never recorded: it may carry a "
+                                  "credential"]),
+    (["x-upstream-token"], ["logging.event_headers[0]: x-upstream-token is never recorded: it may carry a credential"]),
+])
+def test_event_headers_are_header_names_that_cannot_carry_a_credential(tmp_path, names, expected):
+    """``logging.event_headers`` names headers whose values events record for replay: each bad one is an error
+    at its path (issue 18)."""
+    assert errors_of({"logging": {"event_headers": names}}, tmp_path) == expected
+    assert parse_config({"logging": {"event_headers": ["X-Env"]}}, base_dir=tmp_path).event_headers == ("x-env",)
+
+
 def test_agent_metadata_is_read_typed_and_ranked(tmp_path):
     """owner, purpose, a trust level from the declared order, data classes and labels are read once,
     typed and frozen (issue 18 item 1)."""
@@ -409,3 +425,4 @@ async def test_forward_to_the_outbound_listener_is_refused_before_a_caller_can_s
     with pytest.raises(ConfigInvalid):  # refused at load: the loop never runs
         await make_sidecar(config, policy)
     assert upstream.seen == []
+

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "sidecar"
 # The stages of a request and what runs them: the foundation and the evidence never reach into them.
 STAGES = ("sidecar.pipeline", "sidecar.identity", "sidecar.policy", "sidecar.credentials", "sidecar.forward",
           "sidecar.routing", "sidecar.tasks", "sidecar.revocation", "sidecar.connect", "sidecar.mcp_transport",
-          "sidecar.mcp_filter", "sidecar.approvals", "sidecar.runtime", "sidecar.server", "sidecar.app",
+          "sidecar.mcp_filter", "sidecar.approvals", "sidecar.runtime", "sidecar.server", "sidecar.http1", "sidecar.app",
           "sidecar.admin", "sidecar.health", "sidecar.inventory",
           "sidecar.fleet")
 
@@ -38,6 +38,9 @@ NEVER = [
                          "sidecar.app"), "the forwarding leg sends what it is given"),
     ("sidecar.identity", ("sidecar.pipeline", "sidecar.policy", "sidecar.credentials", "sidecar.runtime",
                           "sidecar.app"), "identity says who; it does not decide"),
+    ("sidecar.http1", ("sidecar.pipeline", "sidecar.policy", "sidecar.credentials", "sidecar.forward",
+                       "sidecar.runtime", "sidecar.app", "sidecar.identity", "sidecar.connect"),
+     "a server parses and writes HTTP and hands each request to its handler; it decides nothing"),
     ("sidecar.control", STAGES, "admin and health see the running sidecar through this protocol: it names no stage"),
     ("sidecar.reload", STAGES, "the reload contract sits under the stages that implement it (policy, identity)"),
 ]

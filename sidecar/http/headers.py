@@ -13,6 +13,8 @@ A foundation module: of the sidecar it imports only the error tree.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,6 +50,18 @@ IDENTITY_HEADERS = frozenset({
 })
 IDENTITY_PREFIXES = ("x-auth-request-", "x-remote-extra-", "x-amzn-oidc-", "x-ms-client-principal",
                      "x-goog-authenticated-user-", "cf-access-")
+
+
+# never recorded in a trust-decision event (observe/headers.py): they carry credentials
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
+                                "x-amz-security-token", "x-goog-iam-authorization-token"})
+SECRET_NAME = re.compile(r"token|secret|passw|pwd|signature|credential|auth|session|cookie|key|private|jwt|bearer")
+
+
+def recordable(name: str, credential_headers: frozenset[str] = frozenset()) -> bool:
+    """May the value of header ``name`` (lowercase) be written into an event? Not if it can carry a
+    credential: the names above, the headers configured credentials go in, a name that reads like a secret."""
+    return name not in CREDENTIAL_HEADERS and name not in credential_headers and SECRET_NAME.search(name) is None
 
 
 def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:

@@ -1,20 +1,27 @@
 """The seam on the client's side: one request as the pipeline sees it, whichever server received it.
 
 The pipeline reads a request and answers it only through :class:`IncomingRequest`; it never sees
-the server underneath. ``sidecar.server.AiohttpIncoming`` is today's (the HTTP/1.1 listeners,
-aiohttp's C parser); an HTTP/2 server fills the same slot with one per stream.
+the server underneath. ``sidecar.http1.server.Http1Incoming`` is the HTTP/1.1 listeners' (their own
+server, aiohttp's C parser; ``sidecar.server.AiohttpIncoming`` on the aiohttp fallback); the HTTP/2
+server fills the same slot with one per stream.
 
-An answer is whatever the server needs handed back when the exchange is over (aiohttp: the
-``web.StreamResponse``); the pipeline passes it through untouched (:data:`Answer`).
+An answer is whatever the server needs handed back when the exchange is over (``http1``: a whole
+response or the stream whose head was sent; aiohttp: the ``web.StreamResponse``); the pipeline passes
+it through untouched (:data:`Answer`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import struct
 from typing import Any, AsyncIterator, Protocol, TypeAlias
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import Refusal, refusal_body, refusal_headers
+
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 
 Answer: TypeAlias = object
 """What a handler hands back to the server that called it; opaque to the pipeline."""
@@ -100,3 +107,17 @@ def refusal_answer(request: IncomingRequest, refusal: Refusal) -> Answer:
     headers = refusal_headers(refusal)
     headers["Content-Type"] = "application/json"
     return request.respond(refusal.status, None, headers, refusal_body(refusal))
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Break a connection off with a TCP reset (``IncomingRequest.abort``), never an orderly close: a
+    response framed by the connection's close (an HTTP/1.0 client) would otherwise end as if whole."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")  # under TLS too: the TCP socket
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        except OSError:  # already closed by the peer: nothing left to tell it
+            pass
+    transport.abort()  # type: ignore[attr-defined]  # every transport the servers hand out has it

@@ -5,9 +5,13 @@ One line per event, rendered with orjson and handed in batches to a writer threa
 itself, PERFORMANCE.md, and a stdout nobody reads must not stop the event loop). Timestamps are
 formatted once per second.
 
-Redaction: every line passes :func:`redact`, which masks JWTs, bearer credentials, PEM
-private keys and every configured secret value, wherever they appear (including exception
-texts someone passed in).
+Redaction: a :class:`Redactor` masks JWTs, bearer credentials, PEM private keys and every
+configured secret value, wherever they appear (including exception texts someone passed in).
+Each sidecar holds its own, with its own config's secrets: its trust-decision events are
+redacted by it (:func:`emit_event`), so one sidecar's secrets never mask words in another's
+events. Every other log line passes :data:`REDACTOR`, the process-wide safety net, which masks
+the secrets of every sidecar running in the process (attached at start, detached at stop): a
+line logged outside any sidecar's reach still cannot carry one.
 
 Bounds: strings an agent or a caller chose (a path, a host, a task id, an MCP tool name...) are
 cut to a fixed number of characters in the trust-decision event (:data:`EVENT_BOUNDS`, stated in
@@ -29,8 +33,8 @@ import structlog
 
 from sidecar.observe.line_writer import CLOCK, FLUSH_AFTER, BufferedLineWriter
 
-__all__ = ["CLOCK", "FLUSH_AFTER", "BufferedLineWriter", "REDACTOR", "WRITER", "admission", "configure_logging",
-           "emit_event"]
+__all__ = ["CLOCK", "FLUSH_AFTER", "BufferedLineWriter", "REDACTOR", "WRITER", "Redactor", "admission",
+           "configure_logging", "emit_event"]
 
 REDACTED = "<redacted>"
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
@@ -44,7 +48,7 @@ LOG_STRING_MAX = 4096
 EVENT_BOUNDS: dict[str, dict[str, int]] = {
     "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256, "copy_source": 2048,
                "query": 2048, "grpc_service": 256, "grpc_method": 256, "a2a_method": 64, "a2a_task_id": 256,
-               "llm_model": 256},
+               "a2a_context_id": 256, "a2a_push_url": 2048, "llm_model": 256},
     "task": {"id": 64, "trigger": 256},
     "caller": {"id": 2048},
     "principal": {"iss": 1024, "sub": 1024},
@@ -64,13 +68,22 @@ def bounded(text: str, limit: int) -> str:
 class Redactor:
     """Masks secrets in text: known secret values and anything shaped like a credential."""
 
-    def __init__(self) -> None:
+    def __init__(self, values: Iterable[str] = ()) -> None:
         self._secrets: tuple[str, ...] = ()
+        self.register(values)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self._secrets
 
     def register(self, values: Iterable[str]) -> None:
         """Add configured secret values (long enough to be unambiguous) to the mask list."""
         merged = set(self._secrets) | {v for v in values if v and len(v) >= 6}
         self._secrets = tuple(sorted(merged, key=len, reverse=True))
+
+    def masks(self, value: str) -> bool:
+        """Would :meth:`text` change ``value``?"""
+        return self.text(value) != value
 
     def text(self, value: str) -> str:
         if "eyJ" in value:
@@ -94,7 +107,28 @@ class Redactor:
         return value
 
 
-REDACTOR = Redactor()
+class SafetyNet(Redactor):
+    """The process-wide redactor of log lines: the secrets of every sidecar attached to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._attached: list[Redactor] = []
+
+    def attach(self, redactor: Redactor) -> None:
+        self._attached.append(redactor)
+        self._merge()
+
+    def detach(self, redactor: Redactor) -> None:
+        """A stopped sidecar's secrets leave the net (another sidecar may still hold the same value)."""
+        self._attached = [r for r in self._attached if r is not redactor]
+        self._merge()
+
+    def _merge(self) -> None:
+        self._secrets = ()
+        self.register(s for r in self._attached for s in r.secrets)
+
+
+REDACTOR = SafetyNet()
 
 
 WRITER = BufferedLineWriter()
@@ -159,9 +193,9 @@ def _quiet_stdlib() -> None:
         logger.propagate = False
 
 
-def clean(text: str, limit: int) -> str:
-    """Request-derived text as it may be written: redacted, then bounded."""
-    return bounded(REDACTOR.text(text), limit)
+def clean(text: str, limit: int, redactor: Redactor | None = None) -> str:
+    """Request-derived text as it may be written: redacted (by ``redactor``, default the safety net), then bounded."""
+    return bounded((redactor or REDACTOR).text(text), limit)
 
 
 _SECRET_PARAM = re.compile(r"(?i)(^|[&;])([^=&;]*(?:token|key|secret|passw|signature|sig|credential|auth)[^=&;]*=)"
@@ -188,17 +222,22 @@ def admission() -> Awaitable[None] | None:
     return WRITER.admission()
 
 
-def emit_event(event: dict[str, Any], *, kept: bool = False) -> None:
-    """Write one trust-decision event; every field that carries request-derived text is redacted and bounded.
+def emit_event(event: dict[str, Any], *, kept: bool = False, redactor: Redactor | None = None) -> None:
+    """Write one trust-decision event; every field that carries request-derived text is redacted (by the
+    sidecar's own ``redactor``; default the process-wide net) and bounded.
 
     ``kept``: the exchange was let in by :func:`admission`, so its event is never dropped under
     ``block`` or ``refuse``."""
+    redactor = redactor or REDACTOR
     target = event.get("target")
     if target is not None and target.get("query"):
         target["query"] = redact_query(target["query"])
+    if target is not None and target.get("a2a_push_url") and "?" in target["a2a_push_url"]:
+        base, _, query = target["a2a_push_url"].partition("?")  # a webhook's token in its query
+        target["a2a_push_url"] = f"{base}?{redact_query(query)}"
     detail = event.get("reason_detail")
     if detail:
-        event["reason_detail"] = clean(detail, REASON_DETAIL_MAX)
+        event["reason_detail"] = clean(detail, REASON_DETAIL_MAX, redactor)
     for section, bounds in EVENT_BOUNDS.items():
         fields = event.get(section)
         if fields is None:
@@ -206,7 +245,7 @@ def emit_event(event: dict[str, Any], *, kept: bool = False) -> None:
         for key, limit in bounds.items():
             value = fields.get(key)
             if value:
-                fields[key] = clean(value, limit)
+                fields[key] = clean(value, limit, redactor)
     if event.get("act_chain"):
-        event["act_chain"] = [clean(actor, ACT_CHAIN_ITEM_MAX) for actor in event["act_chain"]]
+        event["act_chain"] = [clean(actor, ACT_CHAIN_ITEM_MAX, redactor) for actor in event["act_chain"]]
     WRITER.write(orjson.dumps(event) + b"\n", kept=kept)

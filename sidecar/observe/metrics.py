@@ -51,6 +51,12 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.revocation_bus_up = Gauge("sidecar_revocation_bus_up", "1 when the revocation bus is connected.",
                                        registry=r)
+        self.fleet_registered = Gauge("sidecar_fleet_registered", "1 while this sidecar's last fleet heartbeat was "
+                                      "written (its entry is live in the fleet inventory).", registry=r)
+        self.fleet_heartbeats = Counter("sidecar_fleet_heartbeats", "Fleet inventory heartbeats, by outcome.",
+                                        ["outcome"], registry=r)
+        self.fleet_last_heartbeat = Gauge("sidecar_fleet_last_heartbeat_timestamp_seconds",
+                                          "Unix time of the last fleet heartbeat written.", registry=r)
         self.active_tasks = Gauge("sidecar_active_tasks", "Open tasks.", registry=r)
         self.approvals_pending = Gauge("sidecar_approvals_pending", "Requests held for approval.", registry=r)
         self.policy_reloads = Counter("sidecar_policy_reloads", "Policy reloads, by outcome.", ["outcome"],
@@ -86,6 +92,9 @@ class Metrics:
             self.policy_reloads.labels(outcome)
             self.identity_reloads.labels(outcome)
         self.revocation_bus_up.set(0)
+        self.fleet_registered.set(0)
+        for outcome in ("ok", "error"):
+            self.fleet_heartbeats.labels(outcome)
 
     def describe_agent(self, values: dict[str, str | None]) -> None:
         """The one ``sidecar_agent_info`` series: name, environment, owner, trust level (bounded: one per process)."""

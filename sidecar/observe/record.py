@@ -13,7 +13,8 @@ import structlog
 
 from sidecar.errors import IdentityRefused, Refusal
 from sidecar.exchange import AgentInfo, Exchange
-from sidecar.observe.decision_log import emit_event
+from sidecar.observe.decision_log import Redactor, emit_event
+from sidecar.observe.headers import HeaderCapture
 from sidecar.observe.metrics import Metrics
 
 log = structlog.get_logger("sidecar.observe")
@@ -23,10 +24,13 @@ HANDSHAKE_REASONS = frozenset({"no_client_cert", "foreign_trust_domain"})  # the
 
 
 class Recorder:
-    """Records exchanges for one agent."""
+    """Records exchanges for one agent, redacted by its sidecar's own redactor (its config's secrets)."""
 
-    def __init__(self, metrics: Metrics, agent: AgentInfo) -> None:
+    def __init__(self, metrics: Metrics, agent: AgentInfo, redactor: Redactor | None = None,
+                 headers: HeaderCapture | None = None) -> None:
         self.metrics, self.agent = metrics, agent
+        self.redactor = redactor or Redactor()
+        self.headers = headers
 
     def record(self, ex: Exchange) -> None:
         m = self.metrics
@@ -40,7 +44,9 @@ class Recorder:
             m.delegated_requests.labels(ex.delegation).inc()
         if ex.reason in UPSTREAM_FAILURES:
             m.upstream_errors.labels(upstream, ex.reason).inc()
-        emit_event(ex.event(self.agent), kept=ex.kept)
+        facts = ex.facts
+        recorded = self.headers.capture(facts.headers) if self.headers is not None and facts is not None else None
+        emit_event(ex.event(self.agent, recorded), kept=ex.kept, redactor=self.redactor)
 
     def refused(self, direction: str, refusal: Refusal, *, protocol: str = "http") -> None:
         """A refusal outside any exchange (a connection, or a request never parsed): one event of its own."""

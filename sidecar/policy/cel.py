@@ -70,6 +70,7 @@ class Condition:
     source: str
     program: Any
     builders: tuple[tuple[str, Builder], ...]
+    header_keys: frozenset[str] | None = frozenset()  # the headers it reads by name; None: it may read any
 
     def evaluate(self, facts: Facts, now: datetime) -> bool:
         activation = {name: build(facts, now) for name, build in self.builders}
@@ -92,7 +93,8 @@ def compile_condition(source: str) -> Condition:
     refs = _references(source, program.variables())
     _check_names(set(refs.fields), program.functions())
     plan = tuple((name, _needed_fields(name, refs.fields[name])) for name in VARIABLES if name in refs.fields)
-    return Condition(source, program, tuple((name, _builder(name, fields)) for name, fields in plan))
+    keys = None if refs.header_keys is None else frozenset(refs.header_keys)
+    return Condition(source, program, tuple((name, _builder(name, fields, keys)) for name, fields in plan), keys)
 
 
 def _engine() -> Any:
@@ -134,7 +136,7 @@ def _needed_fields(name: str, selected: set[str] | None) -> tuple[str, ...] | No
     return tuple(f for f in FIELDS[name] if f in selected)
 
 
-def _builder(name: str, fields: tuple[str, ...] | None) -> Builder:
+def _builder(name: str, fields: tuple[str, ...] | None, header_keys: frozenset[str] | None) -> Builder:
     if name == "now":
         return lambda facts, now: now
     if name == "delegation":
@@ -142,6 +144,8 @@ def _builder(name: str, fields: tuple[str, ...] | None) -> Builder:
     if name == "trust_levels":  # declared level -> rank: agent.trust_rank >= trust_levels.internal
         return lambda facts, now: {level: i for i, level in enumerate(facts.agent.meta.trust_levels)}
     getters = tuple((f, _GETTERS[name][f]) for f in (FIELDS[name] if fields is None else fields))
+    if name == "request" and header_keys is not None:  # only the headers it names: fewer values to convert
+        getters = tuple((f, _named_headers(header_keys) if f == "headers" else get) for f, get in getters)
     present = _PRESENT.get(name)
 
     def build(facts: Facts, now: datetime) -> Any:
@@ -154,6 +158,19 @@ def _builder(name: str, fields: tuple[str, ...] | None) -> Builder:
 
 def _headers(facts: Facts) -> dict[str, Any]:
     return dict(facts.headers)
+
+
+def _named_headers(keys: frozenset[str]) -> Callable[[Facts], dict[str, Any]]:
+    """The headers an expression reads only by literal name: the same answers as all of them."""
+    def headers(facts: Facts) -> dict[str, Any]:
+        found = {}
+        for key in keys:
+            values = facts.headers.get(key)
+            if values is not None:
+                found[key] = values
+        return found
+
+    return headers
 
 
 _PRESENT: dict[str, Callable[[Facts], bool]] = {

@@ -28,6 +28,7 @@ _TOKEN = re.compile("|".join((
     r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)",
     r"(?P<op>==|!=|<=|>=|&&|\|\||[-+*/%!<>?:.,()\[\]{}])",
 )))
+_HEADER_LITERAL = re.compile(r"^([\"'])([A-Za-z0-9!#$%&*+.^`|~-]+)\1$")  # a quoted token, no escapes
 _KEYWORDS = frozenset({"true", "false", "null"})
 _BINARY = (("||",), ("&&",), ("==", "!=", "<", "<=", ">", ">=", "in"), ("+", "-"), ("*", "/", "%"))
 
@@ -39,7 +40,8 @@ class CelSyntaxError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Node:
     """One node of the tree: ``ident`` (a name), ``select`` (``operand.name``), ``call`` (``name``
-    with ``children[0]`` as its receiver when ``receiver``), or ``other`` (literals, operators...)."""
+    with ``children[0]`` as its receiver when ``receiver``), ``index`` (``operand[key]``), ``in``
+    (``item in container``), ``literal`` (its source text as ``name``), or ``other`` (operators...)."""
 
     kind: str
     name: str = ""
@@ -53,8 +55,13 @@ class References:
 
     fields: dict[str, set[str] | None] = field(default_factory=dict)
     identifiers: set[str] = field(default_factory=set)  # every name the tree reads, bound or not
+    # the header names read as request.headers["name"] or "name" in request.headers (lowercase);
+    # None when request.headers is used otherwise (iterated, sized, indexed by a computed key)
+    header_keys: set[str] | None = field(default_factory=set)
 
     def use(self, name: str, selected: str | None) -> None:
+        if name == "request" and selected is None:  # request used whole: its headers may be read any way
+            self.header_keys = None
         known = self.fields.get(name, set())
         if known is None or selected is None:
             self.fields[name] = None
@@ -70,6 +77,15 @@ def references(source: str) -> References:
 
 
 def _walk(node: Node, bound: frozenset[str], found: References) -> None:
+    key = _header_key(node, bound)
+    if key is not None:
+        found.identifiers.add("request")
+        found.use("request", "headers")
+        if found.header_keys is not None:
+            found.header_keys.add(key)
+        return
+    if _is_headers(node, bound):
+        found.header_keys = None
     if node.kind == "ident":
         found.identifiers.add(node.name)
         if node.name not in bound:
@@ -89,6 +105,24 @@ def _walk(node: Node, bound: frozenset[str], found: References) -> None:
         return
     for child in node.children:
         _walk(child, bound, found)
+
+
+def _is_headers(node: Node, bound: frozenset[str]) -> bool:
+    """``request.headers``, with ``request`` the variable (not a comprehension's)."""
+    return (node.kind == "select" and node.name == "headers" and node.children[0].kind == "ident"
+            and node.children[0].name == "request" and "request" not in bound)
+
+
+def _header_key(node: Node, bound: frozenset[str]) -> str | None:
+    """The literal name of ``request.headers["name"]`` or ``"name" in request.headers``, else None."""
+    if node.kind == "index":
+        container, key = node.children
+    elif node.kind == "in":
+        key, container = node.children
+    else:
+        return None
+    literal = _HEADER_LITERAL.match(key.name) if key.kind == "literal" else None
+    return literal.group(2).lower() if literal and _is_headers(container, bound) else None
 
 
 def _is_macro(node: Node) -> bool:
@@ -159,8 +193,8 @@ class _Parser:
             return self._unary()
         node = self._binary(level + 1)
         while self._peek() in _BINARY[level]:
-            self._pos += 1
-            node = Node("other", children=(node, self._binary(level + 1)))
+            kind = "in" if self._take()[1] == "in" else "other"
+            node = Node(kind, children=(node, self._binary(level + 1)))
         return node
 
     def _unary(self) -> Node:
@@ -177,7 +211,7 @@ class _Parser:
                 else:
                     node = Node("select", name, (node,))
             elif self._accept("["):
-                node = Node("other", children=(node, self._expr()))
+                node = Node("index", children=(node, self._expr()))
                 self._expect("]")
             else:
                 return node
@@ -192,8 +226,7 @@ class _Parser:
         if self._accept("{"):
             return Node("other", children=self._entries())
         if self._peek() == "literal":
-            self._take()
-            return Node("other")
+            return Node("literal", self._take()[1])
         root = "." if self._accept(".") else ""  # the engine names a root-scoped .request so, unknown
         return self._named(root + self._name())
 

@@ -29,6 +29,7 @@ from yarl import URL
 from sidecar.fields import Fields
 from sidecar.http.target import equivalent_paths, header_elements
 from sidecar.policy.cel import CelCompileError, compile_condition
+from sidecar.policy.cel_syntax import CelSyntaxError, references
 from sidecar.policy.facts import Facts
 from sidecar.policy.globs import Check, compile_globs, glob_check, patterns
 from sidecar.policy.a2a import METHODS, method_name
@@ -201,6 +202,25 @@ def _headers(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
         return True
 
     return check
+
+
+def headers_read(raw: Mapping[str, object]) -> frozenset[str] | None:
+    """The request headers a rule reads by name (lowercase): its ``headers`` keys and the names its
+    ``when.expr`` indexes; None when the expression reads ``request.headers`` otherwise. What the
+    trust-decision event records of a request, so that ``sidecar replay`` can decide it again."""
+    stated = raw.get("headers")
+    names = {str(k).lower() for k in stated} if isinstance(stated, Mapping) else set()
+    when = raw.get("when")
+    expr = when.get("expr") if isinstance(when, Mapping) else None
+    if isinstance(expr, str):
+        try:
+            keys = references(expr).header_keys
+        except CelSyntaxError:  # refused at load by the expr's own parser
+            keys = set()
+        if keys is None:
+            return None
+        names |= keys
+    return frozenset(names)
 
 
 def _mcp(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:

@@ -86,7 +86,8 @@ class _Outcome(NamedTuple):
 class PolicySet:
     """A loaded, indexed set of rules; :meth:`decide` is the per-request entry point."""
 
-    __slots__ = ("rules", "default", "version", "mode", "files", "credential_upstreams", "_limiter", "_clock",
+    __slots__ = ("rules", "default", "version", "mode", "files", "credential_upstreams", "headers_read", "_limiter",
+                 "_clock",
                  "_enforced", "_shadow", "_default", "_decisions", "_needs_clock")
     _shadow: Index | None
 
@@ -97,6 +98,8 @@ class PolicySet:
         self._limiter, self._clock = limiter, clock
         # (credential, upstream) of every rule that names a credential: what the rules configure
         self.credential_upstreams = frozenset((r.credential, r.upstream) for r in self.rules if r.credential)
+        # the header names rules read by name: what events record for replay
+        self.headers_read = frozenset(n for r in self.rules for n in r.headers_read or ())
         self._enforced = build_index([r for r in self.rules if not r.shadow])
         shadows = [r for r in self.rules if r.shadow]
         self._shadow = build_index(shadows) if shadows else None

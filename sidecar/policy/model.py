@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.fields import Fields
-from sidecar.policy.conditions import LoadContext, RuleHead, compile_conditions
+from sidecar.policy.conditions import LoadContext, RuleHead, compile_conditions, headers_read
 from sidecar.policy.globs import Check
 
 EFFECTS = ("allow", "deny", "require_approval")
@@ -62,6 +62,7 @@ class Rule:
     rate_limit: RateLimit | None
     description: str = ""
     budget: Budget | None = None
+    headers_read: frozenset[str] | None = frozenset()  # the header names it reads; None: any (conditions.headers_read)
 
 
 # -- rule fields --------------------------------------------------------------------
@@ -87,7 +88,8 @@ def parse_rule(f: Fields, order: int, ctx: LoadContext) -> Rule | None:
     if len(f.errors) > before or rule_id is None or direction is None or effect is None:
         return None
     return Rule(rule_id, order, f.path, direction, effect, ctx.file_audit or mode == "audit", upstream, methods,
-                checks, conditional, _delegation(f), credential, scopes, rate_limit, description, budget)
+                checks, conditional, _delegation(f), credential, scopes, rate_limit, description, budget,
+                headers_read(f.raw))
 
 
 def _delegation(f: Fields) -> str | None:

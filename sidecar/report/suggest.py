@@ -171,7 +171,7 @@ class Proof:
 
 def prove(events: Iterable[dict[str, Any]], config: Config, policy: PolicySet) -> Proof:
     from sidecar.explain import decide, router_for
-    from sidecar.replay import BadEvent, Candidate, UndeclaredLevel, described
+    from sidecar.replay import BadEvent, Candidate, NotRecorded, UndeclaredLevel, described
 
     proof, candidate = Proof(), Candidate(config, policy, router_for(config))
     for event in events:
@@ -186,6 +186,9 @@ def prove(events: Iterable[dict[str, Any]], config: Config, policy: PolicySet) -
             continue
         except UndeclaredLevel as exc:
             proof.not_redecided[f"trust level {exc.args[0]!r} is not in this config's agent.trust_levels"] += 1
+            continue
+        except NotRecorded as exc:
+            proof.not_redecided[f"undecidable: the policy reads {exc.what}, which the event did not record"] += 1
             continue
         if verdict.refusal is not None:
             proof.not_redecided[f"refused before policy by this config ({verdict.refusal.reason})"] += 1

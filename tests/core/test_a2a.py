@@ -31,7 +31,7 @@ from sidecar.policy.a2a import A2aCall, parse_a2a_request
 from sidecar.policy.engine import load_policy
 from sidecar.policy.mcp import RpcRefused
 from tests.harness import admin
-from tests.peers.a2a_agent import text
+from tests.peers.a2a import text
 
 TEXT_ONLY = "a2a.part_kinds.all(k, k == 'text')"
 POLICY = {"version": 1, "default": "deny", "rules": [
@@ -142,7 +142,7 @@ def test_the_task_ids_an_answer_names(result: dict[str, Any], ids: list[str]) ->
     assert list(task_ids(result)) == ids
 
 
-# --- the real SDK, through the sidecar (planner: the a2a-sdk agent, tests/peers/a2a_agent.py) ------
+# --- the real SDK, through the sidecar -----------------------------------------------------------
 
 @pytest.fixture
 async def h(make_sidecar: Any, planner: str) -> Any:

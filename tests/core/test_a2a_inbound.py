@@ -19,7 +19,7 @@ from aiohttp import web
 from sidecar.errors import ConfigInvalid
 from sidecar.policy.engine import load_policy
 from tests.harness import SidecarHarness, Upstream
-from tests.peers.a2a_agent import text
+from tests.peers.a2a import text
 from tests.scenarios.inbound import ORCHESTRATOR, client_context, human_token, inbound_config
 
 PEER = "spiffe://sidecar.local/reviewer"

@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar import health
+from sidecar.http1.server import Http1Server
 from sidecar.http2.listen import H2cServer
 from tests.scenarios.inbound import POLICY as INBOUND_POLICY
 from tests.scenarios.inbound import client_context, inbound_config
@@ -46,9 +47,10 @@ async def until(predicate, what: str) -> None:
             await asyncio.sleep(0.01)
 
 
-def outbound_server(h: SidecarHarness) -> SidecarServer:
-    """The outbound listener's server (the CONNECT tunnels' server is a subclass)."""
-    return next(s for s in h.sidecar._listeners.servers if type(s) is H2cServer)
+def outbound_server(h: SidecarHarness) -> SidecarServer | Http1Server:
+    """The outbound listener's HTTP/1.1 server (on either server; the CONNECT tunnels' is another)."""
+    return next(s for s in h.sidecar._listeners.servers
+                if type(s) is H2cServer or isinstance(s, Http1Server) and s.http2 is not None)
 
 
 def overload_events(events: list[dict]) -> list[dict]:

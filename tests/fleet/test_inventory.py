@@ -8,6 +8,10 @@ at all was listed by its first heartbeat, written at start.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +202,45 @@ def test_each_environment_has_its_own_majority_and_stale_sidecars_do_not_vote():
         "p1": ("live", False), "p2": ("live", False), "p3": ("live", True), "s1": ("live", False),
         "old1": ("stale", True), "old2": ("stale", True)}
     assert (view["live"], view["stale"]) == (4, 2)
+
+
+async def metric(member: SidecarHarness, name: str) -> tuple[float | None, str]:
+    """The value of the unlabelled series ``name`` (None when absent), and the whole exposition."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{member.port('metrics')}/metrics") as r:
+            text = await r.text()
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1]), text
+    return None, text
+
+
+async def registered_is(member: SidecarHarness, value: float) -> bool:
+    return (await metric(member, "sidecar_fleet_registered"))[0] == value
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None and os.environ.get("CI") != "true",
+                    reason="promtool not installed (apt-get install prometheus)")
+async def test_the_registration_gauge_follows_redis_and_the_exposition_passes_promtool(
+        make_sidecar, upstream, redis_server, tmp_path):
+    """``sidecar_fleet_registered`` is 1 once a heartbeat was written, 0 while Redis is down (failures counted),
+    1 again after its restart; the exposition stays clean under promtool (issue 18 item 3)."""
+    server: RedisServer = redis_server
+    member = await make_sidecar(config_for(upstream, state_dir=str(tmp_path / "one"),
+                                           revocation={"redis_url": server.url}, fleet=FAST), POLICY)
+    assert await poll(lambda: registered_is(member, 1))
+    assert (await metric(member, "sidecar_fleet_last_heartbeat_timestamp_seconds"))[0]
+    server.stop()
+    assert await poll(lambda: registered_is(member, 0))
+    _, text = await metric(member, "sidecar_fleet_registered")
+    assert re.search(r'^sidecar_fleet_heartbeats_total\{outcome="error"\} [1-9]', text, re.M), text
+    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    server.start()
+    assert await poll(lambda: registered_is(member, 1))
+
+
+async def test_a_sidecar_that_does_not_register_says_so_in_its_gauge(make_sidecar, upstream, tmp_path):
+    """Without a bus there is no registration: the gauge is 0 from the start, not absent."""
+    h = await make_sidecar(config_for(upstream, state_dir=str(tmp_path / "solo")), POLICY)
+    assert (await metric(h, "sidecar_fleet_registered"))[0] == 0

@@ -184,3 +184,27 @@ def test_trust_comparisons_without_a_rank_fail_closed(source: str, meta: AgentMe
     (issue 18 item 1)."""
     with pytest.raises(ConditionFailed):
         compile_condition(source).evaluate(facts(agent_meta=meta), NOW)
+
+
+@pytest.mark.parametrize("source, keys", [
+    ('request.headers["X-Env"][0] == "prod"', {"x-env"}),                       # indexed by a literal name
+    ('"x-tenant" in request.headers && request.size > 0', {"x-tenant"}),        # membership of a literal name
+    ("request.method == 'GET'", set()),                                          # no header at all
+    ("request.headers.size() > 3", None),                                        # sized: any header counts
+    ('request.headers.exists(k, k.startsWith("x-"))', None),                     # iterated
+    ('request.headers["x-" + "env"][0] == "a"', None),                           # a computed name
+    ("size(request) > 0", None),                                                 # request used whole
+    ('[1].all(request, request > 0) && "a" in request.headers', {"a"}),  # a bound name is not the variable
+])
+def test_the_header_names_an_expression_reads(source: str, keys: set[str] | None) -> None:
+    """What events record for replay: the names read by literal, or None when any header may be read (issue 18)."""
+    assert references(source).header_keys == keys
+    compiled = compile_condition(source)
+    assert compiled.header_keys == (None if keys is None else frozenset(keys))
+
+
+def test_an_expression_reading_named_headers_builds_only_those() -> None:
+    """Only the named headers are converted; the answer is the same as with all of them."""
+    condition = compile_condition('request.headers["x-env"][0] == "prod" && !("x-debug" in request.headers)')
+    assert condition.evaluate(facts(headers={"x-env": ("prod",), "x-other": ("1",)}), NOW) is True
+    assert condition.evaluate(facts(headers={"x-env": ("prod",), "x-debug": ("1",)}), NOW) is False

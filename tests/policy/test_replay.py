@@ -70,7 +70,7 @@ async def test_the_same_policy_changes_nothing(make_sidecar, upstream, tmp_path,
     assert next(e for e in events if e["target"]["path"] == "/reports/q1")["rule_id"] == "team-reports"
     code, out, _ = replay(capsys, config, str(log), RUN_POLICY, tmp_path=tmp_path)
     assert code == 0, out
-    assert f"replayed {len(events)} event(s)" in out and f"{len(events) - 1} re-decided, 1 not re-decided" in out
+    assert f"replayed {len(events)} event(s)" in out and f"{len(events) - 1} re-decided, 0 undecidable, 1 not re-decided" in out
     assert "changes: none" in out and "refused before policy when logged: 1" in out
 
 
@@ -113,7 +113,7 @@ async def test_a_looser_policy_reports_what_it_allows_and_exits_0(make_sidecar, 
       b'"environment": "e"}, "target": {"upstream": "example-api", "path": "/x", "method": 7}}'],
      "line 1: its request cannot be decided: a field of target has the wrong type"),
     ([b'{"event": "trust_decision", "schema_version": 2, "rule_id": "x", "target": {"method": "GET"}}'],
-     "line 1: not a trust-decision event of schema (1, 2, 3): missing or malformed"),
+     "line 1: not a trust-decision event of schema (1, 2, 3, 4): missing or malformed"),
 ])
 def test_bad_input_is_a_clear_error_with_its_line_number(lines, message):
     """Unusable input on stdin exits 1 with one message naming the line, never a traceback (issue 18 item 3)."""

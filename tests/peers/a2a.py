@@ -1,5 +1,4 @@
-"""The ``a2a-sdk`` agent (tests/peers/a2a_sdk/server.py) as a fixture: a real A2A server on loopback,
-as a remote agent (outbound tests) or as the agent behind the sidecar (inbound tests)."""
+"""The ``a2a-sdk`` agent (``tests/peers/a2a_sdk/server.py``) as a fixture: a real A2A server on 127.0.0.1."""
 
 from __future__ import annotations
 
