@@ -13,7 +13,16 @@ from typing import Any
 import httpx
 import pytest
 from a2a.client import A2AClientError, Client, ClientConfig, ClientFactory
-from a2a.types.a2a_pb2 import AgentCapabilities, AgentCard, AgentInterface, GetTaskRequest, ListTasksRequest
+from a2a.helpers.proto_helpers import new_message, new_text_part, new_url_part
+from a2a.types.a2a_pb2 import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    GetTaskRequest,
+    ListTasksRequest,
+    Role,
+    SendMessageRequest,
+)
 from aiohttp import web
 
 from sidecar.errors import ConfigInvalid
@@ -25,7 +34,7 @@ from tests.scenarios.inbound import ORCHESTRATOR, client_context, human_token, i
 PEER = "spiffe://sidecar.local/reviewer"
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "callers-send-and-read", "direction": "inbound", "callers": [ORCHESTRATOR, PEER], "paths": ["/"],
-     "methods": ["POST"], "a2a": {"methods": ["SendMessage", "GetTask"]},
+     "methods": ["POST"], "a2a": {"methods": ["SendMessage", "SendStreamingMessage", "GetTask"]},
      "when": {"expr": "a2a.part_kinds.all(k, k == 'text')"}, "effect": "allow"},
     {"id": "agent-card", "direction": "inbound", "callers": [ORCHESTRATOR, PEER],
      "paths": ["/.well-known/agent-card.json"], "methods": ["GET"], "effect": "allow"},
@@ -39,14 +48,14 @@ def a2a_inbound(tmp: Path, agent_url: str) -> dict[str, Any]:
     return config
 
 
-def caller(h: SidecarHarness, ctx: ssl.SSLContext, token: str | None = None) -> Client:
+def caller(h: SidecarHarness, ctx: ssl.SSLContext, token: str | None = None, *, streaming: bool = False) -> Client:
     """The SDK's client for the agent behind the inbound listener, presenting the caller's SVID."""
     url = f"https://127.0.0.1:{h.port('inbound')}/"
     card = AgentCard(name="planner", supported_interfaces=[
         AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="1.0")],
-        capabilities=AgentCapabilities(streaming=False))
+        capabilities=AgentCapabilities(streaming=streaming))
     http = httpx.AsyncClient(verify=ctx, timeout=30, headers={"Authorization": f"Bearer {token}"} if token else {})
-    return ClientFactory(ClientConfig(streaming=False, httpx_client=http)).create(card)
+    return ClientFactory(ClientConfig(streaming=streaming, httpx_client=http)).create(card)
 
 
 async def test_an_allowed_message_reaches_the_agent_and_its_answer_comes_back(make_sidecar: Any, planner: str,
@@ -61,6 +70,38 @@ async def test_an_allowed_message_reaches_the_agent_and_its_answer_comes_back(ma
     assert [(e["direction"], e["protocol"], e["target"]["a2a_method"], e["decision"]) for e in events] == [
         ("inbound", "a2a", "SendMessage", "allow"), ("inbound", "a2a", "GetTask", "allow")]
     assert events[1]["target"]["a2a_task_id"] == answer.task.id
+
+
+async def test_a_streamed_answer_binds_its_task_to_the_caller(make_sidecar: Any, planner: str,
+                                                               tmp_path: Path) -> None:
+    """SendStreamingMessage: the agent's events come back one by one, and the task they name is the
+    caller's (read back by it, refused to another peer)."""
+    h = await make_sidecar(a2a_inbound(tmp_path, planner), POLICY)
+    async with caller(h, client_context(h, ORCHESTRATOR, tmp_path / "orch"), streaming=True) as orchestrator:
+        events = [e async for e in orchestrator.send_message(text("plan a trip"))]
+        steps = [e.artifact_update.artifact.parts[0].text for e in events if e.HasField("artifact_update")]
+        assert steps == ["step 0", "step 1", "step 2"]
+        task_id = events[-1].status_update.task_id
+        assert (await orchestrator.get_task(GetTaskRequest(id=task_id))).id == task_id
+    async with caller(h, client_context(h, PEER, tmp_path / "peer")) as reviewer:
+        with pytest.raises(A2AClientError, match="unknown_task"):
+            await reviewer.get_task(GetTaskRequest(id=task_id))
+    assert [(e["target"]["a2a_method"], e["reason"]) for e in await h.settle()] == [
+        ("SendStreamingMessage", "allowed"), ("GetTask", "allowed"), ("GetTask", "unknown_task")]
+
+
+async def test_a_file_part_under_the_inbound_text_only_rule_is_refused(make_sidecar: Any, agent: Upstream,
+                                                                       tmp_path: Path) -> None:
+    """The inbound rule's CEL reads the caller's parts: a file part never reaches the agent."""
+    h = await make_sidecar(a2a_inbound(tmp_path, agent.url), POLICY)
+    report = SendMessageRequest(message=new_message([new_text_part("see"), new_url_part("https://x/r.pdf")],
+                                                    role=Role.ROLE_USER))
+    async with caller(h, client_context(h, ORCHESTRATOR, tmp_path / "orch")) as orchestrator:
+        with pytest.raises(A2AClientError, match="-32041: policy: no rule allows this request"):
+            [e async for e in orchestrator.send_message(report)]
+    assert agent.seen == []
+    [event] = await h.settle()
+    assert (event["target"]["a2a_method"], event["reason"]) == ("SendMessage", "no_matching_rule")
 
 
 async def test_a_denied_method_is_a_jsonrpc_error_and_never_reaches_the_agent(make_sidecar: Any, agent: Upstream,
