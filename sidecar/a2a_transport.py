@@ -128,7 +128,7 @@ def task_ids(result: Any) -> Iterator[str]:
 
 def card_observer(host: str, port: int, on_mismatch: Callable[[list[str]], None]) -> Callable[[bytes, bool], bytes]:
     """A pass-through filter for an agent card: ``on_mismatch`` gets the endpoint URLs it declares that
-    are not ``https://host:port`` (the address the caller reached the sidecar at)."""
+    are not ``https://host:port`` (the address the caller reached the sidecar at), without userinfo or query."""
     buffer = bytearray()
 
     def observe(chunk: bytes, final: bool) -> bytes:
@@ -139,7 +139,7 @@ def card_observer(host: str, port: int, on_mismatch: Callable[[list[str]], None]
                 card = orjson.loads(bytes(buffer))
             except orjson.JSONDecodeError:
                 return chunk  # not a card: the caller's SDK will say so
-            astray = [url for url in card_urls(card) if not _at(url, host, port)]
+            astray = [_shown(url) for url in card_urls(card) if not _at(url, host, port)]
             if astray:
                 on_mismatch(astray)
         return chunk
@@ -167,3 +167,12 @@ def _at(raw: str, host: str, port: int) -> bool:
         return False
     return url.scheme == "https" and (url.host or "").lower().rstrip(".") == host and (
         url.port or DEFAULT_PORTS["https"]) == port
+
+
+def _shown(raw: str) -> str:
+    """A card's URL as a log may show it: no userinfo, query or fragment (they could carry a secret)."""
+    try:
+        url = URL(raw)
+        return str(url.with_user(None).with_query(None).with_fragment(None))[:256]
+    except (ValueError, TypeError):
+        return "<not a URL>"

@@ -211,14 +211,16 @@ async def test_a_card_pointing_around_the_sidecar_is_reported(make_sidecar: Any,
     assert b"a2a_card_points_around_sidecar" in h.raw_log() and planner.encode() in h.raw_log()
 
 
-async def test_a_card_naming_the_sidecar_is_not_reported(make_sidecar: Any, tmp_path: Path) -> None:
-    """A card whose every endpoint is the inbound listener's address (as the caller used it) passes quietly."""
+async def test_a_card_naming_the_sidecar_is_not_reported_another_endpoint_is(make_sidecar: Any, tmp_path: Path) -> None:
+    """A card whose every endpoint is the inbound listener's address (as the caller used it) passes quietly;
+    one stray endpoint is reported, without the secret its URL carries."""
     listener: dict[str, int] = {}
+    stray: list[dict[str, str]] = []
 
     async def serve_card(request: web.Request) -> web.StreamResponse:
         url = f"https://127.0.0.1:{listener['port']}/"
         return web.json_response({"name": "planner", "url": url, "supportedInterfaces": [
-            {"url": url, "protocolBinding": "JSONRPC"}], "additionalInterfaces": [{"url": url}]})
+            {"url": url, "protocolBinding": "JSONRPC"}], "additionalInterfaces": [{"url": url}, *stray]})
 
     agent = await Upstream(serve_card).start()
     try:
@@ -229,5 +231,11 @@ async def test_a_card_naming_the_sidecar_is_not_reported(make_sidecar: Any, tmp_
         assert card.status_code == 200 and card.json()["name"] == "planner"
         await h.settle()
         assert card_mismatches(h) == "sidecar_a2a_card_mismatches_total 0.0"
+        stray.append({"url": "https://agent:s3cret@10.0.0.7:8443/a2a?token=s3cret"})
+        async with httpx.AsyncClient(verify=client_context(h, ORCHESTRATOR, tmp_path / "orch2")) as http:
+            await http.get(f"https://127.0.0.1:{listener['port']}/.well-known/agent-card.json")
+        await h.settle()
+        assert card_mismatches(h) == "sidecar_a2a_card_mismatches_total 1.0"
+        assert b"https://10.0.0.7:8443/a2a" in h.raw_log() and b"s3cret" not in h.raw_log()
     finally:
         await agent.stop()
