@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from a2a.client import A2AClientError, Client, ClientConfig, ClientFactory
@@ -239,3 +240,16 @@ async def test_a_card_naming_the_sidecar_is_not_reported_another_endpoint_is(mak
         assert b"https://10.0.0.7:8443/a2a" in h.raw_log() and b"s3cret" not in h.raw_log()
     finally:
         await agent.stop()
+
+
+async def test_a_websocket_upgrade_to_an_a2a_agent_is_refused(make_sidecar: Any, agent: Upstream,
+                                                              tmp_path: Path) -> None:
+    """Frames would pass unparsed, past every a2a rule: the upgrade is refused and never reaches the agent."""
+    h = await make_sidecar(a2a_inbound(tmp_path, agent.url), POLICY)
+    ctx = client_context(h, ORCHESTRATOR, tmp_path / "orch")
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(f"https://127.0.0.1:{h.port('inbound')}/", ssl=ctx)
+    assert refused.value.status == 400 and agent.seen == []
+    [event] = await h.settle()
+    assert (event["protocol"], event["reason"]) == ("a2a", "bad_request")
