@@ -107,15 +107,22 @@ async def test_a_file_part_under_the_inbound_text_only_rule_is_refused(make_side
 
 async def test_a_denied_method_is_a_jsonrpc_error_and_never_reaches_the_agent(make_sidecar: Any, agent: Upstream,
                                                                               tmp_path: Path) -> None:
-    """ListTasks is outside the inbound rule: the SDK raises with the sidecar's message, the agent sees nothing."""
+    """ListTasks is outside the inbound rule: the SDK raises with the sidecar's message, the agent sees nothing;
+    the error carries reason, rule_id and decision_id as outbound's."""
     h = await make_sidecar(a2a_inbound(tmp_path, agent.url), POLICY)
     async with caller(h, client_context(h, ORCHESTRATOR, tmp_path / "orch")) as orchestrator:
         with pytest.raises(A2AClientError, match=r"-32041: policy: no rule allows this request .*no_matching_rule"):
             await orchestrator.list_tasks(ListTasksRequest())
+    async with httpx.AsyncClient(verify=client_context(h, PEER, tmp_path / "peer")) as http:  # the error's shape
+        r = await http.post(f"https://127.0.0.1:{h.port('inbound')}/", json={
+            "jsonrpc": "2.0", "id": 7, "method": "tasks/cancel", "params": {"id": "t"}})
+    error = r.json()["error"]
+    assert (r.status_code, r.json()["id"], error["code"]) == (200, 7, -32046)  # unknown_task, before policy
     assert agent.seen == []
-    [event] = await h.settle()
-    assert (event["direction"], event["protocol"], event["target"]["a2a_method"], event["reason"],
-            event["status"]) == ("inbound", "a2a", "ListTasks", "no_matching_rule", 200)
+    events = await h.settle()
+    assert [(e["direction"], e["protocol"], e["target"]["a2a_method"], e["reason"], e["status"]) for e in events] == [
+        ("inbound", "a2a", "ListTasks", "no_matching_rule", 200), ("inbound", "a2a", "CancelTask", "unknown_task", 200)]
+    assert error["data"] == {"reason": "unknown_task", "rule_id": None, "decision_id": events[1]["decision_id"]}
 
 
 async def test_a_malformed_call_is_refused_before_the_agent(make_sidecar: Any, agent: Upstream,
