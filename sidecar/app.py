@@ -62,7 +62,7 @@ from sidecar.routing import Router
 from sidecar.forward.sessions import Sessions
 from sidecar.runtime import PolicyHolder, Runtime
 from sidecar.http2.listen import AlpnChoice, H2cServer, offering_h2
-from sidecar.http2.server import H2Server
+from sidecar.http2.server import WINDOW_STALL, H2Server
 from sidecar.http1.server import Http1Server
 from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
@@ -354,7 +354,8 @@ class Sidecar:
         if isinstance(tunnels, Http1Server) and tunnels.http2 is not None:
             listeners.servers.append(tunnels.http2)  # the tunnels whose TLS chose h2, or that spoke h2c
         outbound, on_refusal = Outbound(rt), self._parse_error("outbound")
-        http2 = H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal)
+        http2 = H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal,
+                         **self._http2_guard("outbound", cfg.outbound.timeouts.idle))
         out_server: Http1Server | H2cServer
         if own:
             out_server = Http1Server(self.interceptor.front(outbound), limits=cfg.outbound.limits,
@@ -387,7 +388,8 @@ class Sidecar:
         else:
             server = SidecarServer(inbound.handle, limits=cfg.inbound.limits,
                                    on_parse_error=self._parse_error("inbound"))
-        http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"))
+        http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"),
+                         **self._http2_guard("inbound", cfg.inbound.timeouts.idle))
         listeners.servers += (server, http2)
         listener = await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port)
         listeners.accepting.append(listener)
@@ -396,6 +398,13 @@ class Sidecar:
 
     def _drain_over(self) -> None:
         self.runtime.exchanges.cut(lambda ex: True, "shutdown: drain time over")
+
+    def _http2_guard(self, listener: str, idle: float) -> dict[str, Any]:
+        """An HTTP/2 server's abuse metric, its zero-window stall bound (``idle``, at most a minute) and
+        its idle connections' timeout (``idle``, as HTTP/1.1's keep-alive)."""
+        abuse = self.runtime.metrics.http2_abuse
+        return {"on_abuse": lambda kind: abuse.labels(listener, kind).inc(), "stall": min(WINDOW_STALL, idle),
+                "idle": idle}
 
     def _parse_error(self, direction: str) -> ParseErrorHook:
         return lambda refusal: self.runtime.recorder.refused(direction, refusal)

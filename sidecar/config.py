@@ -218,6 +218,7 @@ def _inbound(f: Fields) -> InboundConfig:
                         f.text("task_trigger_header", "X-Task-Trigger"),
                         _limits(f.sub("limits"), per_source=INBOUND_PER_SOURCE),
                         _timeouts(f.sub("timeouts")), _pass_headers(f),
+                        _http2(f, "http", urlsplit(forward_to).scheme),  # the leg to the agent, as an upstream's
                         f.choice("protocol", INBOUND_PROTOCOLS, "http"))
     f.done()
     return cfg
@@ -270,7 +271,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     credential = f.text("credential")
     if credential and credential not in credentials:
         f.error("credential", f"credential {credential!r} is not defined under credentials")
-    protocol = f.choice("protocol", ("http", "mcp", "grpc", "a2a", "openai"), "http")
+    protocol = f.choice("protocol", ("http", "mcp", "grpc", "a2a", "openai", "anthropic"), "http")
     http2 = _http2(f, protocol, urlsplit(url).scheme if url else None)
     p = f.sub("paths")
     paths = PathOptions(p.flag("allow_encoded_slash", False), p.flag("merge_slashes", True))
@@ -278,6 +279,7 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     pass_headers = _pass_headers(f)
     allow_trace = f.flag("allow_trace", False)
     up_timeouts = _timeouts(f.sub("timeouts"), timeouts)
+    servers = _authorization_servers(f, protocol, credentials.get(credential or ""))
     f.done()
     if url is None:
         return None
@@ -289,7 +291,26 @@ def _upstream(name: str, f: Fields, timeouts: Timeouts, warnings: list[str],
     port = parts.port or DEFAULT_PORTS[parts.scheme]
     host = (parts.hostname or "").lower().rstrip(".")
     return Upstream(name, url, parts.scheme, host, port, parts.path.rstrip("/"), hosts, ca, client_cert,
-                    credential, protocol, paths, pass_headers, up_timeouts, allow_trace, http2)
+                    credential, protocol, paths, pass_headers, up_timeouts, allow_trace, http2, servers)
+
+
+def _authorization_servers(f: Fields, protocol: str, credential: CredentialConfig | None) -> tuple[str, ...]:
+    """``authorization_servers`` (protocol mcp): the issuers an MCP server's protected-resource metadata may
+    name; by default the upstream's OAuth credential's own ``issuer``. Its metadata may be served from the
+    upstream's host or one of theirs (sidecar.mcp_auth)."""
+    listed = f.text_list("authorization_servers")
+    if listed and protocol != "mcp":
+        f.error("authorization_servers", "applies only to protocol mcp upstreams")
+    for i, server in enumerate(listed):
+        parts = urlsplit(server)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment or parts.username:
+            f.error(f"authorization_servers[{i}]", f"must be an https issuer URL without query or fragment, "
+                                                   f"got {server!r}")
+    if listed:
+        return tuple(s.rstrip("/") for s in listed)
+    endpoint = getattr(credential.spec, "endpoint", None) if credential is not None else None
+    issuer = getattr(endpoint, "issuer", None)
+    return (issuer.rstrip("/"),) if protocol == "mcp" and isinstance(issuer, str) else ()
 
 
 def _http2(f: Fields, protocol: str, scheme: str | None) -> bool | str:

@@ -51,6 +51,8 @@ class Upstream:
     timeouts: Timeouts
     allow_trace: bool = False  # TRACE/TRACK forwarded (never with a credential); refused otherwise
     http2: bool | str = False  # True: h2 by ALPN over TLS, h2c prior knowledge on http://; "auto": ALPN chooses
+    # protocol mcp: the authorization servers a 401's protected-resource metadata may name (RFC 9728)
+    authorization_servers: tuple[str, ...] = ()
     host_header: str = field(init=False)  # the Host sent upstream, formatted once here, not per request
 
     def __post_init__(self) -> None:
@@ -103,6 +105,7 @@ class InboundConfig:
     limits: Limits
     timeouts: Timeouts
     pass_headers: frozenset[str] = frozenset()  # caller headers the agent may receive despite the strip set
+    http2: bool | str = False  # to the agent: True h2c (h2 by ALPN on https), "auto" ALPN chooses, False HTTP/1.1
     protocol: str = "http"  # what the agent serves its callers: http, or a2a (JSON-RPC parsed, a2a rules)
 
 

@@ -46,7 +46,7 @@ from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
 from sidecar.http1.server import Http1Incoming, Http1Protocol, Http1Server
 from sidecar.http.target import normalize_host
 from sidecar.http2.listen import H2cServer
-from sidecar.http2.server import H2Protocol, H2Server
+from sidecar.http2.server import WINDOW_STALL, H2Protocol, H2Server
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
 from sidecar.identity.mtls import Holding, hand_over
 from sidecar.pipeline import Outbound, check_headers, serve_exchange
@@ -123,9 +123,10 @@ class _TunnelServer(H2cServer):
     TLS chose ``h2``); reports each connection's end to the interceptor."""
 
     def __init__(self, interceptor: Interceptor, **kwargs: Any) -> None:
-        limits = kwargs["limits"]
-        http2 = H2Server(interceptor.handle_decrypted, limits=limits, on_refusal=kwargs.get("on_parse_error"),
-                         on_lost=interceptor.tunnel_ended)
+        abuse = interceptor.rt.metrics.http2_abuse
+        http2 = H2Server(interceptor.handle_decrypted, limits=kwargs["limits"], on_refusal=kwargs.get("on_parse_error"),
+                         on_lost=interceptor.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
+                         stall=min(WINDOW_STALL, kwargs["keepalive_timeout"]), idle=kwargs["keepalive_timeout"])
         super().__init__(interceptor.handle_decrypted, http2=http2, **kwargs)
         self._interceptor = interceptor
         self._carriers: dict[RequestHandler, asyncio.Transport] = {}
@@ -159,8 +160,10 @@ class Interceptor:
         self._ended: dict[object, asyncio.Future[None]] = {}
         self.server: Http1Server | _TunnelServer
         if own_server:
+            abuse = rt.metrics.http2_abuse
             http2 = H2Server(self.handle_decrypted, limits=outbound.limits, on_refusal=self._parse_error,
-                             on_lost=self.tunnel_ended)
+                             on_lost=self.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
+                             stall=min(WINDOW_STALL, outbound.timeouts.idle), idle=outbound.timeouts.idle)
             self.server = Http1Server(self.handle_decrypted, limits=outbound.limits, on_parse_error=self._parse_error,
                                       keepalive=outbound.timeouts.idle, http2=http2, on_lost=self._carrier_lost)
         else:

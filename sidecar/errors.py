@@ -50,6 +50,9 @@ STATUS: dict[str, int] = {
     "revoked": 403,
     "unknown_session": 404,
     "session_mismatch": 403,
+    "auth_metadata_unreachable": 502,
+    "auth_metadata_refused": 502,
+    "auth_token_refused": 502,
     "credential_unavailable": 503,
     "log_unavailable": 503,
     "upstream_unreachable": 502,
@@ -67,6 +70,8 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "internal_error": 500,
     "overloaded": 503,
+    "protocol_abuse": 429,
+    "deadline_exceeded": 504,
 }
 
 # RFC 9209 Proxy-Status error types, per reason code (others use "http_request_denied").
@@ -78,8 +83,10 @@ PROXY_STATUS_ERROR: dict[str, str] = {
     "body_too_large": "http_request_error",
     "request_timeout": "http_request_error",
     "bad_request": "http_request_error",
+    "protocol_abuse": "http_protocol_error",
     "aws_chunked_invalid": "http_request_error",
     "credential_unavailable": "proxy_internal_error",
+    "auth_metadata_unreachable": "proxy_internal_error",
     "log_unavailable": "proxy_internal_error",
     "internal_error": "proxy_internal_error",
 }
@@ -92,7 +99,8 @@ RPC_ERROR_CODE: dict[str, int] = {
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error"), -32001),  # policy said no
     **dict.fromkeys(("approval_timeout", "approval_denied"), -32002),  # a held request not approved
     "rate_limited": -32003,
-    "credential_unavailable": -32004,
+    **dict.fromkeys(("credential_unavailable", "auth_metadata_unreachable", "auth_metadata_refused",
+                     "auth_token_refused"), -32004),  # no credential the upstream takes
     **dict.fromkeys(("bad_request", "request_override", "credential_parameter"), -32005),  # its method or params
     **dict.fromkeys(("unknown_task", "task_ended", "revoked"), -32006),
     **dict.fromkeys(("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"), -32007),
@@ -113,12 +121,13 @@ GRPC_STATUS: dict[str, int] = {
     **dict.fromkeys(("bad_request", "aws_chunked_invalid", "request_override", "credential_parameter",
                      "method_not_allowed"), 3),
     "approval_timeout": 4,  # DEADLINE_EXCEEDED: held for an approval that did not come in time
-    **dict.fromkeys(("upstream_timeout", "request_timeout"), 4),
+    **dict.fromkeys(("upstream_timeout", "request_timeout", "deadline_exceeded"), 4),
     **dict.fromkeys(("not_found", "unknown_session"), 5),  # NOT_FOUND
     **dict.fromkeys(("no_matching_rule", "rule_denied", "condition_error", "approval_denied", "unknown_upstream",
                      "browser_origin", "host_mismatch", "tls_required", "foreign_trust_domain", "unknown_task",
                      "task_ended", "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
-    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large"), 8),  # RESOURCE_EXHAUSTED
+    **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large", "protocol_abuse"),
+                    8),  # RESOURCE_EXHAUSTED
     **dict.fromkeys(("upstream_protocol_error", "internal_error"), 13),  # INTERNAL
     **dict.fromkeys(("upstream_unreachable", "credential_unavailable", "log_unavailable"), 14),  # UNAVAILABLE
     **dict.fromkeys(("no_client_cert", "peer_unverified", "token_invalid", "unauthorized"), 16),  # UNAUTHENTICATED

@@ -23,13 +23,15 @@ from sidecar.observe.decision_log import CLOCK
 
 if TYPE_CHECKING:
     from sidecar.policy.a2a import A2aCall
+    from sidecar.policy.facts import McpDetail
     from sidecar.policy.llm import LlmCall
     from sidecar.policy.model import Budget
     from sidecar.policy.mcp import RpcRef
 
 EVENT_VERSION = 4  # 2: agent metadata; target.scheme, query, size (replay re-decides from them); 3: gRPC, A2A fields;
 # 4: target.headers and header_names (observe/headers.py); a2a_context_id, a2a_part_kinds, a2a_push_url, llm_stream,
-# llm_max_tokens (replay and report decide A2A and LLM rules again from them)
+# llm_max_tokens (replay and report decide A2A and LLM rules again from them); target.mcp_resource, mcp_prompt,
+# mcp_server_request, mcp_arguments
 A2A_PART_KINDS_MAX = 64  # a message with more parts records null: its kinds are not recorded
 
 
@@ -99,13 +101,15 @@ class Exchange:
     upstream_status: int | None = None
     trace_id: str | None = None
     facts: Any = None  # the policy facts, kept for response filtering; not part of the event
-    mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers; not part of the event
+    mcp_arguments: dict[str, Any] | None = None  # tools/call arguments, shown to approvers
+    mcp_detail: McpDetail | None = None  # the resource, prompt, arguments or server request policy saw
     rpc: RpcRef | None = None  # the MCP or A2A message's id, to answer a refusal in JSON-RPC; not part of the event
     a2a: A2aCall | None = None  # the parsed A2A call: its method and task id are part of the event
     llm: LlmCall | None = None  # the parsed LLM API call: its model is part of the event
     tokens_in: int | None = None  # the usage the LLM API reported
     tokens_out: int | None = None
     budget: tuple[Hashable, Budget] | None = None  # the key and budget its usage is charged to; not in the event
+    server_request: bool = False  # the MCP server's request to the agent: refused, nothing is sent to the agent
     kept: bool = False  # let in with room in the log: its event is never dropped (logging.on_backpressure)
 
     def __init__(self, direction: str, *, protocol: str = "http", method: str | None = None) -> None:
@@ -171,12 +175,20 @@ class Exchange:
         values, names = headers if headers is not None else (None, None)
         facts = self.facts
         return {"upstream": self.upstream, "method": self.method, "host": self.host or (facts and facts.host) or None,
-                "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool,
+                "path": self.path, "mcp_method": self.mcp_method, "mcp_tool": self.mcp_tool, **self._mcp(),
                 "grpc_service": self.grpc_service, "grpc_method": self.grpc_method,
                 **_a2a_fields(self.a2a), **_llm_fields(self.llm), "tokens_in": self.tokens_in,
                 "tokens_out": self.tokens_out, "override": self.override, "copy_source": self.copy_source,
                 "scheme": facts.scheme if facts else None, "query": facts.query if facts else None,
                 "size": facts.size if facts else None, "headers": values, "header_names": names}
+
+    def _mcp(self) -> dict[str, Any]:
+        """What an MCP request named besides its method and tool (the arguments are masked when logged)."""
+        d = self.mcp_detail
+        if d is None:
+            return _NO_MCP_DETAIL
+        return {"mcp_resource": d.resource, "mcp_prompt": d.prompt, "mcp_server_request": d.server_request,
+                "mcp_arguments": d.arguments}
 
     def _credential(self) -> dict[str, Any] | None:
         c = self.credential
@@ -201,6 +213,10 @@ def _llm_fields(call: LlmCall | None) -> dict[str, Any]:
     if call is None:
         return {"llm_model": None, "llm_stream": None, "llm_max_tokens": None}
     return {"llm_model": call.model, "llm_stream": call.stream, "llm_max_tokens": call.max_tokens}
+
+
+_NO_MCP_DETAIL: dict[str, Any] = {"mcp_resource": None, "mcp_prompt": None, "mcp_server_request": None,
+                                  "mcp_arguments": None}
 
 
 def _rfc3339(ts: float | None) -> str | None:

@@ -28,9 +28,9 @@ from sidecar.grpc import call_of
 from sidecar.http.headers import DropSet, clean_request_headers, echo_method, inbound_drop_set, request_drop_set
 from sidecar.policy.a2a import A2aCall, parse_a2a_request
 from sidecar.policy.engine import Decision, PolicySet
-from sidecar.policy.facts import Agent, Facts, build_facts
-from sidecar.policy.llm import LlmCall, endpoint_of, parse_llm_request
-from sidecar.policy.mcp import parse_mcp_request, transport_method
+from sidecar.policy.facts import Agent, Facts, McpDetail, build_facts
+from sidecar.policy.llm import AGENT_KEY_HEADERS, LLM_PROTOCOLS, LlmCall, endpoint_of, parse_llm_request
+from sidecar.policy.mcp import SERVER_REQUEST_METHOD, parse_mcp_request, transport_method
 from sidecar.http.target import DEFAULT_OPTIONS, PathOptions, canonical_path, check_header_names
 from sidecar.policy.ratelimit import Limit, RateLimiter
 from sidecar.policy.readings import Reading, screen
@@ -69,6 +69,7 @@ class Described:
     recorded_headers: Mapping[str, tuple[str, ...]] | None = None  # replay: the headers policy saw, as logged
     a2a: A2aCall | None = None  # replay: the logged A2A call (else parsed from the body, as the pipeline does)
     llm: LlmCall | None = None  # replay: the logged LLM API call (else parsed from the body)
+    mcp_server_request: str | None = None  # a server's request to the agent (decided as mcp.method rpc.server_request)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class _Target(NamedTuple):
     grpc_method: str | None = None
     a2a: A2aCall | None = None  # a POST to a protocol a2a upstream
     llm: LlmCall | None = None  # a POST to an endpoint of a protocol openai upstream
+    mcp: McpDetail | None = None
 
 
 def _forwarded(d: Described, headers: CIMultiDict[str], drop: DropSet, query: str, passed: frozenset[str],
@@ -187,19 +189,31 @@ def _outbound(d: Described, config: Config, router: Router, headers: CIMultiDict
     route = _route(config, router, d.url, headers)
     up = route.upstream
     echo_method(method, up.allow_trace)
-    forwarded, reading = _forwarded(d, headers, request_drop_set(config.outbound.strip_headers, up.pass_headers),
+    strip = (*config.outbound.strip_headers, *AGENT_KEY_HEADERS.get(up.protocol, ()))
+    forwarded, reading = _forwarded(d, headers, request_drop_set(strip, up.pass_headers),
                                     route.query, up.pass_headers, up.paths, up.base_path)
-    mcp = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes) \
-        if up.protocol == "mcp" and method == "POST" else None
-    transport = transport_method(method, route.path) if up.protocol == "mcp" else None
-    mcp_method, mcp_tool = (mcp.method, mcp.tool) if mcp else (transport, None)
+    mcp_method, mcp_tool, detail = _mcp(d, config, headers, method, route.path) if up.protocol == "mcp" else \
+        (None, None, None)
     a2a, llm = _a2a(d, up.protocol, method, headers, config), _llm(d, up.protocol, method, route.path, headers, config)
     shown = dict(upstream=up.name, path=route.path, forwarded_path=route.forward_path, mcp_method=mcp_method,
                  mcp_tool=mcp_tool, a2a_method=a2a.method if a2a else None, llm_model=llm.model if llm else None,
                  override=reading.event())
+    if detail is not None:
+        shown.update(mcp_resource=detail.resource, mcp_prompt=detail.prompt, mcp_server_request=detail.server_request)
     service, rpc = call_of(route.path) if up.protocol == "grpc" else (None, None)
     return _Target(up.scheme, up.host, route.path, route.query, up.name, forwarded, reading, shown, mcp_method,
-                   mcp_tool, service, rpc, a2a, llm)
+                   mcp_tool, service, rpc, a2a, llm, detail)
+
+
+def _mcp(d: Described, config: Config, headers: CIMultiDict[str], method: str,
+         path: str) -> tuple[str | None, str | None, McpDetail | None]:
+    """What policy sees of an MCP request: a server's request to the agent, the body's call, or the transport's."""
+    if d.mcp_server_request is not None:
+        return SERVER_REQUEST_METHOD, None, McpDetail(server_request=d.mcp_server_request)
+    if method != "POST":
+        return transport_method(method, path), None, None
+    call = parse_mcp_request(d.body, headers.get("Content-Type"), config.outbound.limits.max_body_bytes)
+    return call.method, call.tool, McpDetail.of(call.resource, call.prompt, call.arguments, call.size)
 
 
 def _a2a(d: Described, protocol: str, method: str, headers: CIMultiDict[str], config: Config) -> A2aCall | None:
@@ -214,8 +228,10 @@ def _a2a(d: Described, protocol: str, method: str, headers: CIMultiDict[str], co
 def _llm(d: Described, protocol: str, method: str, path: str, headers: CIMultiDict[str],
          config: Config) -> LlmCall | None:
     """A POST to an LLM API endpoint: the logged call (replay), or its body parsed as the pipeline does."""
-    endpoint = endpoint_of(path)
-    if protocol != "openai" or method != "POST" or endpoint is None:
+    if protocol not in LLM_PROTOCOLS or method != "POST":
+        return None
+    endpoint = endpoint_of(path, protocol)
+    if endpoint is None:
         return None
     if d.llm is not None:
         return d.llm
@@ -235,7 +251,7 @@ def facts_for(d: Described, config: Config, router: Router) -> tuple[Facts, dict
         agent=agent, caller_id=d.caller if inbound else None, principal=d.principal,
         delegation=d.delegation or ("delegated" if d.principal else "none"), task_id=d.task_id,
         task_trigger=d.task_trigger, mcp_method=t.mcp_method, mcp_tool=t.mcp_tool, grpc_service=t.grpc_service,
-        grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc), a2a=t.a2a, llm=t.llm)
+        grpc_method=t.grpc_method, now=d.at or datetime.now(timezone.utc), a2a=t.a2a, llm=t.llm, mcp=t.mcp)
     if d.recorded_headers is not None:
         facts.headers = d.recorded_headers
     return facts, t.shown, t.reading

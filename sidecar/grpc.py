@@ -11,14 +11,23 @@ every refusal.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import quote
 
-from sidecar.errors import GRPC_STATUS, GRPC_UNKNOWN, Refusal, refusal_headers
+from multidict import CIMultiDictProxy
+
+from sidecar.errors import GRPC_STATUS, GRPC_UNKNOWN, Refusal, RequestRefused, refusal_headers
 from sidecar.exchange import Exchange
 from sidecar.forward.transport import UpstreamResponse
 from sidecar.http.incoming import Answer, IncomingRequest
 
 CONTENT_TYPE = "application/grpc"
+TIMEOUT = "grpc-timeout"
+UNITS: Mapping[str, float] = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}  # seconds each
+SENT_UNITS = ("n", "u", "m", "S", "M", "H")  # the finest unit whose value fits 8 digits is what goes upstream
+BAD_TIMEOUT = RequestRefused("bad_request", "grpc: grpc-timeout must be one value of 1 to 8 digits and a unit "
+                                            "(H, M, S, m, u or n)")
+EXPIRED = RequestRefused("deadline_exceeded", "grpc: the call's grpc-timeout ran out before the upstream answered")
 MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)  # gRPC's percent-encoding keeps these
 
 
@@ -34,6 +43,33 @@ def call_of(path: str) -> tuple[str | None, str | None]:
     if not path.startswith("/") or not slash or not service or not method or "/" in method:
         return None, None
     return service, method
+
+
+def parse_timeout(value: str) -> float:
+    """``grpc-timeout`` (``TimeoutValue TimeoutUnit``: at most 8 digits, then H, M, S, m, u or n) in seconds."""
+    digits, unit = value[:-1], value[-1:]
+    if not (0 < len(digits) <= 8 and digits.isascii() and digits.isdigit() and unit in UNITS):
+        raise BAD_TIMEOUT
+    return int(digits) * UNITS[unit]
+
+
+def format_timeout(seconds: float) -> str:
+    """The remaining budget as ``grpc-timeout``, rounded down (never later than the caller's deadline)."""
+    for unit in SENT_UNITS:
+        value = int(max(seconds, 0.0) / UNITS[unit])
+        if value < 10**8:
+            return f"{value}{unit}"
+    return f"{10**8 - 1}H"
+
+
+def call_timeout(headers: CIMultiDictProxy[str]) -> float | None:
+    """The call's own timeout in seconds (None: it has none); more than one ``grpc-timeout`` is refused."""
+    values = headers.getall(TIMEOUT, ())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BAD_TIMEOUT
+    return parse_timeout(values[0].strip())
 
 
 def note_call(ex: Exchange, path: str) -> None:

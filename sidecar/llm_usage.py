@@ -8,9 +8,15 @@ of the window) once the tokens used reach ``N``; the request that crosses the li
 its usage is known only when it ends. :class:`TokenBudgets` is created once, outside the compiled
 policy, so a reload keeps what was spent (like the rate limiter).
 
-Refusals on an ``openai`` upstream are answered in the API's error shape,
-``{"error": {"message", "type", "code", "param"}}``, at the refusal's status, so the ``openai`` SDK
-raises ``PermissionDeniedError`` (403) or ``RateLimitError`` (429) with the sidecar's message.
+The Messages API (``protocol: anthropic``) reports usage in its JSON answer, and in a stream twice:
+``message_start`` (the input tokens) and ``message_delta`` (the output so far); the input counts the
+cache's tokens too (``cache_creation_input_tokens``, ``cache_read_input_tokens``). A stream's reports are
+merged (the largest seen of each), so a later event that omits the input does not lower it.
+
+Refusals are answered in the API's own error shape at the refusal's status: ``openai``'s
+``{"error": {"message", "type", "code", "param"}}``, ``anthropic``'s ``{"type": "error", "error": {"type",
+"message"}}``, so the SDK raises ``PermissionDeniedError`` (403) or ``RateLimitError`` (429) with the
+sidecar's message.
 """
 
 from __future__ import annotations
@@ -79,7 +85,17 @@ class TokenBudgets:
 
 
 def usage_observer(media_type: str, counted: Callable[[int, int], None]) -> Callable[[bytes, bool], bytes]:
-    """A pass-through response filter that reports the answer's usage: (tokens in, tokens out)."""
+    """A pass-through response filter that reports the answer's usage: (tokens in, tokens out), merged."""
+    seen = [0, 0]
+
+    def merged(tokens_in: int, tokens_out: int) -> None:
+        seen[0], seen[1] = max(seen[0], tokens_in), max(seen[1], tokens_out)
+        counted(seen[0], seen[1])
+
+    return _observer(media_type, merged)
+
+
+def _observer(media_type: str, counted: Callable[[int, int], None]) -> Callable[[bytes, bool], bytes]:
     if media_type == "text/event-stream":
         events = SseData()
 
@@ -118,13 +134,19 @@ def usage_of(answer: Any) -> tuple[int, int] | None:
     if not isinstance(answer, dict):
         return None
     usage = answer.get("usage")
-    if not isinstance(usage, dict) and isinstance(answer.get("response"), dict):
-        usage = answer["response"].get("usage")
+    for wrapper in ("response", "message"):  # the Responses API's response.completed, Messages' message_start
+        if not isinstance(usage, dict) and isinstance(answer.get(wrapper), dict):
+            usage = answer[wrapper].get("usage")
     if not isinstance(usage, dict):
+        return None
+    cached = [_count(usage.get(key, 0)) for key in ("cache_creation_input_tokens", "cache_read_input_tokens")]
+    if None in cached:
         return None
     tokens_in = _count(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
     tokens_out = _count(usage.get("completion_tokens", usage.get("output_tokens", 0)))
-    return None if tokens_in is None or tokens_out is None else (tokens_in, tokens_out)
+    if tokens_in is None or tokens_out is None:
+        return None
+    return tokens_in + sum(c for c in cached if c is not None), tokens_out
 
 
 def _count(value: Any) -> int | None:
@@ -132,12 +154,15 @@ def _count(value: Any) -> int | None:
 
 
 def api_refusal(request: IncomingRequest, ex: Exchange, refusal: Refusal) -> Answer:
-    """A refusal in the OpenAI API's error shape, at its own status (the SDK's error class follows it)."""
+    """A refusal in the API's error shape, at its own status (the SDK's error class follows it)."""
     headers = refusal_headers(refusal)
     headers["Content-Type"] = "application/json"
     kind = "rate_limit_error" if refusal.status == 429 else "invalid_request_error" if refusal.status == 400 \
         else "permission_error"
-    body = {"error": {"message": f"{refusal.message} (reason: {refusal.reason}, rule: {ex.rule_id}, "
-                                 f"decision: {ex.decision_id})",
-                      "type": kind, "code": refusal.reason, "param": None}}
+    message = f"{refusal.message} (reason: {refusal.reason}, rule: {ex.rule_id}, decision: {ex.decision_id})"
+    body: dict[str, object]
+    if ex.protocol == "anthropic":
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": kind, "code": refusal.reason, "param": None}}
     return request.respond(refusal.status, None, headers, orjson.dumps(body))

@@ -1,15 +1,18 @@
-"""Filtering ``tools/list`` responses down to the tools the agent may call.
+"""What reaches the agent of an MCP server's answer: lists filtered, server requests decided.
 
-A JSON response is buffered (it is small) and filtered at its end; a server-sent events
-response is filtered event by event as it streams. A response that cannot be parsed is not
-passed on: the relay breaks off (fail closed) rather than show tools the policy hides.
+A JSON answer is buffered (bounded) and read at its end; a server-sent events answer (a POST's,
+or the GET stream, a resumed one too) event by event as it streams. A list response keeps only what
+policy lets the agent use (:mod:`sidecar.policy.mcp_responses`); a request the server makes of the
+agent (sampling, elicitation, roots) is decided by the caller's ``server_request`` and, refused, taken
+out. An answer that cannot be read is not passed on: the relay breaks off (fail closed) rather than
+show what the policy hides or let a server request through unread.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from sidecar.policy.mcp import SseToolsListFilter, filter_tools_list
+from sidecar.policy.mcp_responses import LISTINGS, MessageFilter, ServerRequest, SseMessageFilter, filter_json
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -17,31 +20,39 @@ if TYPE_CHECKING:
     from sidecar.policy.engine import PolicySet
     from sidecar.policy.facts import Facts
 
-MAX_TOOLS_LIST_BYTES = 4 * 1024 * 1024
+MAX_LIST_BYTES = 4 * 1024 * 1024  # a list response larger than this cannot be filtered: refused
+MAX_JSON_ANSWER_BYTES = 16 * 1024 * 1024  # any other JSON answer (a large resource read): read, then passed on
+Filter = Callable[[bytes, bool], bytes]
 
 
-def tools_list_filter(policy: PolicySet, facts: Facts,
-                      headers: CIMultiDictProxy[str]) -> Callable[[bytes, bool], bytes]:
-    """The filter for one response, keeping the tools this policy lets these facts call."""
+def answer_filter(policy: PolicySet, facts: Facts, method: str | None, headers: CIMultiDictProxy[str],
+                  server_request: ServerRequest) -> Filter | None:
+    """The filter for one MCP answer (status 200), or None where it carries no message to read."""
+    listing = LISTINGS.get(method or "")
+    allowed = None
+    if listing is not None:
+        uses = listing.uses
 
-    def allowed(tool: str) -> bool:
-        return policy.mcp_tool_allowed(facts, tool)
+        def allowed(name: str) -> bool:
+            return policy.mcp_allowed(facts, uses, name)
 
+    messages = MessageFilter(listing, allowed, server_request)
     media = headers.get("Content-Type", "").split(";")[0].strip().lower()
     if media == "text/event-stream":
-        sse = SseToolsListFilter(allowed)
+        sse = SseMessageFilter(messages)
         return lambda chunk, final: sse.feed(chunk) + (sse.close() if final else b"")
     if media == "application/json":
-        return _buffered(allowed)
-    return _refuse_all
+        strict = listing is not None
+        return _buffered(messages, strict, MAX_LIST_BYTES if strict else MAX_JSON_ANSWER_BYTES)
+    return _refuse_all if listing is not None else None
 
 
 def _refuse_all(chunk: bytes, final: bool) -> bytes:
-    """A tools/list response in any other media type cannot be filtered: never pass it on."""
-    raise ValueError("tools/list response is neither application/json nor text/event-stream")
+    """A list response in any other media type cannot be filtered: never pass it on."""
+    raise ValueError("an MCP list response is neither application/json nor text/event-stream")
 
 
-def _buffered(allowed: Callable[[str], bool]) -> Callable[[bytes, bool], bytes]:
+def _buffered(messages: MessageFilter, strict: bool, limit: int) -> Filter:
     parts: list[bytes] = []
     size = 0
 
@@ -49,8 +60,8 @@ def _buffered(allowed: Callable[[str], bool]) -> Callable[[bytes, bool], bytes]:
         nonlocal size
         parts.append(chunk)
         size += len(chunk)
-        if size > MAX_TOOLS_LIST_BYTES:
-            raise ValueError("tools/list response too large to filter")
-        return filter_tools_list(b"".join(parts), allowed) if final else b""
+        if size > limit:
+            raise ValueError("MCP JSON answer too large to read")
+        return filter_json(b"".join(parts), messages, strict) if final else b""
 
     return feed

@@ -36,24 +36,28 @@ from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange, mark_cut
-from sidecar.forward.body import RequestBody
+from sidecar.forward.body import LimitedBody, RequestBody
 from sidecar.forward.relay import ChunkFilter, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
-from sidecar.grpc import grpc_refusal, grpc_status, note_call
+from sidecar.grpc import (
+    EXPIRED, TIMEOUT, call_timeout, format_timeout, grpc_refusal, grpc_status, is_grpc, note_call,
+)
 from sidecar.http.headers import VIA, clean_request_headers, echo_method
 from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
 from sidecar.http.target import DEFAULT_OPTIONS, canonical_path, check_header_names, normalize_host
 from sidecar.identity.inbound import Caller, InboundIdentity, agent_headers
 from sidecar.identity.x509 import PeerIdentity
 from sidecar.llm_usage import TokenBudgets, api_refusal, usage_observer
-from sidecar.mcp_filter import tools_list_filter
+from sidecar.mcp_auth import OAUTH_TYPES, McpAuthorization, resource_metadata_url
+from sidecar.mcp_filter import answer_filter
+from sidecar.mcp_server import ServerRequests
 from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
 from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
-from sidecar.policy.facts import Facts, build_facts
-from sidecar.policy.llm import endpoint_of, parse_llm_request
+from sidecar.policy.facts import Facts, McpDetail, build_facts
+from sidecar.policy.llm import LLM_PROTOCOLS, endpoint_of, parse_llm_request
 from sidecar.policy.mcp import check_routing_headers, parse_mcp_request, transport_method
 from sidecar.policy.readings import screen
 from sidecar.routing import Route
@@ -118,7 +122,7 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         return await run()
     except Refusal as refusal:
         ex.refuse(refusal)
-        if ex.protocol == "openai":  # in the API's own error shape: the SDK shows the sidecar's message
+        if ex.protocol in LLM_PROTOCOLS:  # in the API's own error shape: the SDK shows the sidecar's message
             return api_refusal(request, ex, refusal)
         rpc = ex.protocol in RPC_PROTOCOLS  # the JSON-RPC session goes on
         answer = rpc_refusal(request, ex, refusal) if rpc else grpc_refusal(request, ex, refusal)
@@ -167,6 +171,8 @@ class Outbound:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.mcp_sessions = McpSessions()
+        self.server_requests = ServerRequests(rt)
+        self.mcp_auth = McpAuthorization()
         self.a2a_tasks = A2aTasks()
         self.budgets = TokenBudgets()  # outside the compiled policy: a reload keeps what was spent
 
@@ -191,8 +197,11 @@ class Outbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         rt.revocations.check_agent(rt.agent.id)
         task = self._task(request, ex)
+        deadline = None  # a gRPC call's own (grpc-timeout), on the loop's clock
         if up.protocol == "grpc":
             note_call(ex, route.path)
+            timeout = call_timeout(request.headers)
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         body = RequestBody(request, rt.config.outbound.limits, up.timeouts.idle)
         await self._inspect(request, ex, route, task, body)
         if body.form:
@@ -212,6 +221,8 @@ class Outbound:
             await rt.approvals.hold(ex, await body.read() if body.present else None)
         credential = await self._credential(ex, decision, up.credential, task) if not echo else None
         out = self._outbound_request(request, route, traceparent, forwarded)
+        if deadline is not None:  # what is left of it goes upstream (before any signer signs the headers)
+            out.headers[TIMEOUT] = format_timeout(_remaining(deadline))
         if source is not None:
             out.headers[COPY_SOURCE] = source.header  # what policy decided on is what S3 reads
         if credential is not None:
@@ -220,7 +231,7 @@ class Outbound:
                 await body.read()
             out.body = body.whole
             provider.apply(out, credential)
-        return await self._send(request, ex, route, out, body, task)
+        return await self._send(request, ex, route, out, body, task, decision, deadline)
 
     def _task(self, request: IncomingRequest, ex: Exchange) -> Task | None:
         values = request.headers.getall(TASK_HEADER, ())
@@ -252,13 +263,13 @@ class Outbound:
             await self._mcp(request, ex, route, task, body)
         elif protocol == "a2a":
             await self._a2a(request, ex, route, task, body)
-        elif protocol == "openai":
+        elif protocol in LLM_PROTOCOLS:
             await self._llm(request, ex, route, body)
 
     async def _llm(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody) -> None:
         """A POST to an LLM API endpoint: its body must parse, and policy sees the model and token cap."""
-        ex.protocol = "openai"
-        endpoint = endpoint_of(route.path)
+        ex.protocol = route.upstream.protocol
+        endpoint = endpoint_of(route.path, ex.protocol)
         if request.method != "POST" or endpoint is None:
             return  # the model list and other reads: HTTP rules
         limits = self.rt.config.outbound.limits
@@ -306,6 +317,7 @@ class Outbound:
         call = parse_mcp_request(await body.read(), request.headers.get("Content-Type"), limits.max_body_bytes)
         check_routing_headers(call, request.headers.getall("Mcp-Method", ()), request.headers.getall("Mcp-Name", ()))
         ex.mcp_method, ex.mcp_tool, ex.mcp_arguments, ex.rpc = call.method, call.tool, call.arguments, call.rpc
+        ex.mcp_detail = McpDetail.of(call.resource, call.prompt, call.arguments, call.size)
 
     def _facts(self, request: IncomingRequest, ex: Exchange, route: Route, body: RequestBody,
                forwarded: CIMultiDict[str]) -> Facts:
@@ -317,7 +329,7 @@ class Outbound:
                            delegation=ex.delegation,
                            task_id=ex.task_id, task_trigger=ex.task_trigger, mcp_method=ex.mcp_method,
                            mcp_tool=ex.mcp_tool, grpc_service=ex.grpc_service, grpc_method=ex.grpc_method,
-                           a2a=ex.a2a, llm=ex.llm)
+                           a2a=ex.a2a, llm=ex.llm, mcp=ex.mcp_detail)
 
     async def _credential(self, ex: Exchange, decision: Decision, default: str | None,
                           task: Task | None) -> Credential | None:
@@ -327,9 +339,11 @@ class Outbound:
             return None
         rt.check_credential_for(name, ex.upstream or "")
         provider = rt.providers[name]
+        resource = self.mcp_auth.resource(ex.upstream or "") if ex.protocol == "mcp" else None
         req = CredentialRequest(upstream=ex.upstream or "", scopes=decision.scopes or (), agent_id=rt.agent.id,
                                 task=task.ref() if task else None,
-                                impersonation_allowed=decision.delegation == "impersonation_allowed")
+                                impersonation_allowed=decision.delegation == "impersonation_allowed",
+                                resource=resource if provider.type in OAUTH_TYPES else None)
         hit = rt.credentials.cached(provider, req)
         credential, source = hit if hit is not None else await rt.credentials.get(provider, req)
         ex.credential, ex.credential_source = credential, source  # logged even when refused below
@@ -350,7 +364,7 @@ class Outbound:
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
 
     async def _send(self, request: IncomingRequest, ex: Exchange, route: Route, out: OutboundRequest,
-                    body: RequestBody, task: Task | None) -> Answer:
+                    body: RequestBody, task: Task | None, decision: Decision, deadline: float | None = None) -> Answer:
         up = route.upstream
         data = body.to_send(out.reframe)  # a whole body is framed (Content-Length) where the head is written
         if is_websocket(request):
@@ -364,14 +378,43 @@ class Outbound:
                 ex.outcome, ex.reason_detail = "cut", "websocket: a side went away without a close frame"
             return response
         target = f"{out.path}?{out.query}" if out.query else out.path
-        upstream = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        def opening() -> Awaitable[UpstreamResponse]:
+            return open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+
+        upstream = await _by(deadline, opening)
+        if ex.protocol == "mcp" and upstream.status == 401 and not isinstance(data, LimitedBody):
+            upstream = await self._authorized(ex, route, out, data, upstream, (decision, task))
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
-        answer = await relay_exchange(request, ex, upstream, self.rt.metrics, self._response_filter(ex, upstream, task))
+        transform = self._response_filter(ex, upstream, task, (route, out, decision))
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, self.rt.metrics, transform))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
+
+    async def _authorized(self, ex: Exchange, route: Route, out: OutboundRequest, data: bytes | None,
+                          refused: UpstreamResponse, why: tuple[Decision, Task | None]) -> UpstreamResponse:
+        """An MCP server's 401 pointing at its protected-resource metadata: a token for that resource from the
+        upstream's OAuth credential, and the request once more (``sidecar.mcp_auth``); else the 401 as it is."""
+        decision, task = why
+        up = route.upstream
+        name = decision.credential or up.credential
+        metadata = resource_metadata_url(refused.headers)
+        if metadata is None or name is None or self.rt.providers[name].type not in OAUTH_TYPES:
+            return refused
+        refused.release()
+        await self.mcp_auth.discover(up, metadata)
+        credential = await self._credential(ex, decision, up.credential, task)
+        assert credential is not None
+        self.rt.providers[credential.provider].apply(out, credential)
+        target = f"{out.path}?{out.query}" if out.query else out.path
+        again = await open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        if again.status == 401:
+            again.release()
+            raise RequestRefused("auth_token_refused", "mcp auth: the server refused the token obtained for its "
+                                                       "resource")
+        return again
 
     def _used(self, ex: Exchange, tokens_in: int, tokens_out: int) -> None:
         """The usage an LLM answer reported: in the event, and charged to the rule's budget. A stream may
@@ -382,17 +425,25 @@ class Outbound:
             key, budget = ex.budget
             self.budgets.charge(key, budget, tokens_in + tokens_out - charged)
 
-    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None) -> ChunkFilter | None:
-        """``tools/list`` answers keep only the tools policy lets the agent call (every page); A2A answers
-        to a message bind the task ids they name to this agent and task."""
+    def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None,
+                         sent: tuple[Route, OutboundRequest, Decision]) -> ChunkFilter | None:
+        """LLM answers report usage for the budget; A2A answers to a message bind the task ids they name to this
+        agent and task; MCP answers keep only the tools, resources and prompts policy lets the agent use (every
+        page), and the server's requests to the agent are decided (``sidecar.mcp_server``)."""
         if ex.llm is not None and upstream.status == 200:
             return usage_observer(_media_type(upstream), lambda tokens_in, tokens_out: self._used(ex, tokens_in,
                                                                                                   tokens_out))
         if ex.a2a is not None and ex.a2a.method in MESSAGE_METHODS and upstream.status == 200:
             return self.a2a_tasks.observer(ex.upstream or "", self._a2a_owner(task), _media_type(upstream))
-        if ex.mcp_method != "tools/list" or ex.facts is None or upstream.status != 200:
+        if ex.protocol != "mcp" or ex.facts is None or upstream.status != 200:
             return None
-        return tools_list_filter(self.rt.policy, ex.facts, upstream.headers)
+        route, out, decision = sent
+
+        def credential(sub: Exchange) -> Awaitable[Credential | None]:
+            return self._credential(sub, decision, route.upstream.credential, task)
+
+        gate = self.server_requests.gate(ex, out, self.rt.sessions.get(route.upstream.name), credential)
+        return answer_filter(self.rt.policy, ex.facts, ex.mcp_method, upstream.headers, gate)
 
 
 class Inbound:
@@ -416,6 +467,11 @@ class Inbound:
         ex.trace_id, traceparent = traceparent_for(request.headers)
         raw_path, _, query = request.target.partition("?")
         ex.path = canonical_path(raw_path)
+        deadline = None  # a gRPC caller's own (grpc-timeout), as outbound
+        if is_grpc(request):  # a gRPC caller of the agent: its service and method, its status
+            note_call(ex, ex.path)
+            timeout = call_timeout(request.headers)
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         echo_method(request.method, False)
         caller = await self._caller(request, ex, peer)
         rt.revocations.check_agent(rt.agent.id)
@@ -431,7 +487,8 @@ class Inbound:
         ex.facts = facts = build_facts(
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=forwarded, size=body.size, upstream=None,
-            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation, a2a=ex.a2a)
+            agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation,
+            grpc_service=ex.grpc_service, grpc_method=ex.grpc_method, a2a=ex.a2a)
         decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
@@ -444,8 +501,18 @@ class Inbound:
         pool = rt.sessions.agent()
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
-        upstream = await open_upstream(pool, request.method, target, headers, data)
-        return await relay_exchange(request, ex, upstream, rt.metrics, self._a2a_filter(request, ex, upstream))
+
+        def opening() -> Awaitable[UpstreamResponse]:
+            return open_upstream(pool, request.method, target, headers, data)
+
+        if deadline is not None:
+            headers[TIMEOUT] = format_timeout(_remaining(deadline))
+        upstream = await _by(deadline, opening)
+        learn = self._a2a_filter(request, ex, upstream)
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, rt.metrics, learn))
+        if ex.protocol == "grpc":
+            ex.grpc_status = grpc_status(upstream)
+        return answer
 
     def _a2a_filter(self, request: IncomingRequest, ex: Exchange, upstream: UpstreamResponse) -> ChunkFilter | None:
         """The agent's answer to a message binds its task ids to the caller; its card is checked to
@@ -511,6 +578,45 @@ class Inbound:
     def _end_task(self, ex: Exchange) -> None:
         if ex.task_id and self.rt.config.tasks.end == "response":
             self.rt.tasks.end(ex.task_id)
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left before a gRPC call's deadline; ``deadline_exceeded`` once none are."""
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise EXPIRED
+    return left
+
+
+async def _by(deadline: float | None, opening: Callable[[], Awaitable[UpstreamResponse]]) -> UpstreamResponse:
+    """The upstream's response head: before a gRPC call's deadline (and the upstream's own timeouts), else
+    ``deadline_exceeded``; without a deadline, as the upstream's timeouts allow."""
+    if deadline is None:
+        return await opening()
+    _remaining(deadline)
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await opening()
+    except TimeoutError:
+        raise EXPIRED from None
+
+
+async def _relayed(deadline: float | None, ex: Exchange, relaying: Awaitable[Answer]) -> Answer:
+    """The relay; a response still streaming at a gRPC call's deadline is cut then, as a revocation cuts one."""
+    if deadline is None:
+        return await relaying
+    current = asyncio.current_task()
+    assert current is not None
+
+    def expire() -> None:
+        ex.outcome, ex.reason_detail = "cut", "grpc: the call's grpc-timeout ran out mid-response"
+        current.cancel()
+
+    expiry = asyncio.get_running_loop().call_at(deadline, expire)
+    try:
+        return await relaying
+    finally:
+        expiry.cancel()
 
 
 def _inbound_host(request: IncomingRequest) -> str:

@@ -12,7 +12,8 @@ are not charged). A case file::
 
 ``request`` keys: ``direction`` (outbound), ``method`` (GET), ``url`` or ``upstream`` + ``path``,
 ``headers`` (mapping), ``body``, ``caller``, ``agent``, ``principal`` (``{iss, sub}``),
-``delegation``, ``task`` (``{id, trigger}``), ``mcp`` (``{method, tool}``: a JSON-RPC POST body),
+``delegation``, ``task`` (``{id, trigger}``), ``mcp`` (``{method, tool, resource, prompt, arguments}``: a
+JSON-RPC POST body; or ``{server_request}``: the server asking the agent, ``mcp.method`` ``rpc.server_request``),
 ``a2a`` (``{method, parts, task_id, context_id, push_url}``: an A2A JSON-RPC POST body, ``parts`` a list
 of ``text``, ``file``, ``data``), ``llm`` (``{model, max_tokens, stream}``: the body of a POST to the
 LLM API endpoint ``url`` names), ``at`` (RFC 3339). ``expect``: ``decision`` (allow / deny / require_approval), optional ``rule``
@@ -41,6 +42,7 @@ from sidecar.fields import Fields
 from sidecar.policy.a2a import MESSAGE_METHODS, method_name
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.llm import ENDPOINTS, endpoint_of
+from sidecar.policy.mcp import described_body
 
 EFFECTS = ("allow", "deny", "require_approval")
 DIRECTIONS = ("outbound", "inbound")
@@ -118,9 +120,12 @@ def _request(f: Fields) -> Described | None:
     url = _url(f, direction)
     headers = tuple((str(k), str(v)) for k, v in f.mapping("headers").items())
     body = f.text("body", "").encode()
+    server_request = None
     for key, build in (("mcp", _mcp_body), ("a2a", _a2a_body), ("llm", _llm_body)):
         sub = f.sub(key)
-        if f.has(key):
+        if key == "mcp":
+            server_request = sub.text("server_request")
+        if f.has(key) and not (key == "mcp" and server_request is not None):
             body, method = build(sub, url or ""), "POST"
             headers = (*headers, ("Content-Type", "application/json"))
         sub.done()
@@ -136,7 +141,7 @@ def _request(f: Fields) -> Described | None:
         return None
     return Described(url=url, direction=direction, method=method, headers=headers, body=body, agent_id=agent,
                      caller=caller, principal=principal, delegation=delegation, task_id=task_id, task_trigger=trigger,
-                     at=at)
+                     at=at, mcp_server_request=server_request)
 
 
 def _url(f: Fields, direction: str) -> str | None:
@@ -154,11 +159,8 @@ def _url(f: Fields, direction: str) -> str | None:
 
 def _mcp_body(f: Fields, url: str) -> bytes:
     method = f.text("method", "tools/call")
-    tool = f.text("tool")
-    message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
-    if tool is not None:
-        message["params"] = {"name": tool, "arguments": {}}
-    return json.dumps(message).encode()
+    arguments = f.mapping("arguments") if f.has("arguments") else None
+    return described_body(method, f.text("tool"), f.text("resource"), f.text("prompt"), dict(arguments or {}))
 
 
 PART_CONTENT = {"text": {"text": "test"}, "file": {"url": "https://example.com/test.pdf"}, "data": {"data": {}}}

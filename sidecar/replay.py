@@ -37,6 +37,7 @@ from sidecar.explain import Described, decide, load_candidate, router_for
 from sidecar.policy.a2a import A2aCall
 from sidecar.policy.engine import PolicySet
 from sidecar.policy.llm import LlmCall, endpoint_of
+from sidecar.policy.mcp import SERVER_REQUEST_METHOD, described_body
 from sidecar.policy.readings import NONE, Reading
 from sidecar.routing import Router
 
@@ -249,7 +250,7 @@ def _described(event: dict[str, Any], candidate: Candidate) -> Described:
     t, agent = event["target"], event["agent"]
     query = t.get("query") or ""
     url = t["path"] if event["direction"] == "inbound" else f"/{t['upstream']}{t['path']}"
-    body, headers = _mcp_body(t.get("mcp_method"), t.get("mcp_tool"))
+    body, headers = _mcp_body(t)
     override = t.get("override")
     principal, task = event.get("principal"), event.get("task")
     return Described(
@@ -260,19 +261,19 @@ def _described(event: dict[str, Any], candidate: Candidate) -> Described:
         at=datetime.fromisoformat(event["ts"].replace("Z", "+00:00")), size=t.get("size"),
         reading=Reading(override.get("method"), override.get("path")) if override else NONE,
         recorded_headers=RecordedHeaders(t.get("headers"), t.get("header_names")), a2a=logged_a2a(t),
-        llm=logged_llm(t))
+        llm=logged_llm(t),
+        mcp_server_request=t.get("mcp_server_request") if t.get("mcp_method") == SERVER_REQUEST_METHOD else None)
 
 
-def _mcp_body(method: str | None, tool: str | None) -> tuple[bytes, tuple[tuple[str, str], ...]]:
-    if method is None:
+def _mcp_body(t: dict[str, Any]) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    """The logged MCP request's body again: its method and what it named (arguments as logged: masked values
+    stay masked, arguments too large to log are decided as none)."""
+    method = t.get("mcp_method")
+    if method is None or method == SERVER_REQUEST_METHOD:
         return b"", ()
-    if method == "rpc.response":
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "result": {}}
-    else:
-        message = {"jsonrpc": "2.0", "id": 1, "method": method}
-        if tool is not None:
-            message["params"] = {"name": tool, "arguments": {}}
-    return orjson.dumps(message), (("Content-Type", "application/json"),)
+    body = described_body(method, t.get("mcp_tool"), t.get("mcp_resource"), t.get("mcp_prompt"),
+                          t.get("mcp_arguments"))
+    return body, (("Content-Type", "application/json"),)
 
 
 def _agent(agent: dict[str, Any], candidate: Candidate) -> AgentInfo:

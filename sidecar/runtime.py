@@ -19,6 +19,7 @@ from sidecar.errors import CredentialUnavailable
 from sidecar.exchange import ActiveExchanges, AgentInfo
 from sidecar.forward.sessions import Sessions
 from sidecar.http.headers import DropSet, inbound_drop_set, request_drop_set
+from sidecar.policy.llm import AGENT_KEY_HEADERS
 from sidecar.identity.jwt import JwtVerifier
 from sidecar.identity.signing import Signer
 from sidecar.identity.source import IdentitySource
@@ -66,8 +67,9 @@ class Runtime:
     def __post_init__(self) -> None:
         """The derived lookups, built once here (never on a request)."""
         out, inbound = self.config.outbound, self.config.inbound
-        object.__setattr__(self, "drop_sets", {name: request_drop_set(out.strip_headers, up.pass_headers)
-                                               for name, up in out.upstreams.items()})
+        object.__setattr__(self, "drop_sets", {
+            name: request_drop_set((*out.strip_headers, *AGENT_KEY_HEADERS.get(up.protocol, ())), up.pass_headers)
+            for name, up in out.upstreams.items()})
         object.__setattr__(self, "inbound_drop", inbound_drop_set(inbound.pass_headers if inbound else ()))
         object.__setattr__(self, "upstream_credentials",
                            frozenset((up.credential, name) for name, up in out.upstreams.items() if up.credential))

@@ -109,6 +109,12 @@ def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
     ({"url": "https://billing.internal"}, {"k": {"type": "static", "header": "X-Key", "value": "s3cr3t-canary"}},
      ["credentials.k.value: must be exactly one of {value: ...}, {from_env: NAME}, {from_file: PATH}, "
       "got a string"]),
+    # the authorization servers an MCP server's metadata may name: only for mcp, only https issuers (issue 13 item 4)
+    ({"url": "https://billing.internal", "authorization_servers": ["https://idp.example"]}, {},
+     ["outbound.upstreams.u.authorization_servers: applies only to protocol mcp upstreams"]),
+    ({"url": "https://tools.internal/mcp", "protocol": "mcp", "authorization_servers": ["http://idp.example"]}, {},
+     ["outbound.upstreams.u.authorization_servers[0]: must be an https issuer URL without query or fragment, "
+      "got 'http://idp.example'"]),
 ])
 def test_every_independent_problem_is_reported_exactly_once(tmp_path, upstream, credentials, expected):
     """validate lists each independent problem of an entry once, none hidden by another (issue 11 item 18)."""

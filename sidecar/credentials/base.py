@@ -57,6 +57,7 @@ class CredentialRequest:
     agent_id: str
     task: TaskRef | None = None
     impersonation_allowed: bool = False
+    resource: str | None = None  # RFC 8707: the resource an MCP server's metadata named (the spec's otherwise)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,13 +26,15 @@ class ClientCredentialsProvider:
         self.endpoint = TokenEndpoint(name, spec.endpoint, deps)
 
     def cache_key(self, req: CredentialRequest) -> Hashable:
-        return req.scopes or self.spec.scopes, self.endpoint.cert_thumbprint()
+        return req.scopes or self.spec.scopes, self.endpoint.cert_thumbprint(), req.resource
 
     async def fetch(self, req: CredentialRequest) -> Credential:
         scopes = req.scopes or self.spec.scopes
-        form = {"grant_type": "client_credentials", **target_form(self.spec.resource, self.spec.audience, scopes)}
+        resource = req.resource or self.spec.resource
+        audience = None if req.resource else self.spec.audience
+        form = {"grant_type": "client_credentials", **target_form(resource, audience, scopes)}
         resp = await self.endpoint.request(form)
-        return self.endpoint.credential(self.type, resp, scopes=scopes, audience=self.spec.resource or self.spec.audience)
+        return self.endpoint.credential(self.type, resp, scopes=scopes, audience=resource or audience)
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:
         apply_bearer(self.name, out, credential)

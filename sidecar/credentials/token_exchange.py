@@ -71,7 +71,8 @@ class TokenExchangeProvider:
         """Per task, scopes and certificate; and whether this request may impersonate, so that a
         request whose rule does not allow it never reaches an impersonation token from the cache."""
         task_id = req.task.id if req.task is not None else None
-        return task_id, req.scopes or self.spec.scopes, self.endpoint.cert_thumbprint(), req.impersonation_allowed
+        return (task_id, req.scopes or self.spec.scopes, self.endpoint.cert_thumbprint(), req.impersonation_allowed,
+                req.resource)
 
     async def fetch(self, req: CredentialRequest) -> Credential:
         task = _verified_task(req)
@@ -80,14 +81,17 @@ class TokenExchangeProvider:
                 f"credentials: {self.name} impersonates the user, which needs a rule with "
                 "when: {delegation: impersonation_allowed}")
         scopes = req.scopes or self.spec.scopes
-        resp = await self.endpoint.request(self._form(task, scopes))
-        return self._credential(resp, scopes)
+        resource = req.resource or self.spec.resource
+        audience = None if req.resource else self.spec.audience
+        resp = await self.endpoint.request(self._form(task, scopes, resource, audience))
+        return self._credential(resp, scopes, resource or audience)
 
-    def _form(self, task: TaskRef, scopes: tuple[str, ...]) -> dict[str, str]:
+    def _form(self, task: TaskRef, scopes: tuple[str, ...], resource: str | None,
+              audience: str | None) -> dict[str, str]:
         assert task.subject_token is not None
         form = {"grant_type": GRANT_TYPE, "subject_token": task.subject_token.reveal(),
                 "subject_token_type": TT_ACCESS_TOKEN, "requested_token_type": TT_ACCESS_TOKEN,
-                **target_form(self.spec.resource, self.spec.audience, scopes)}
+                **target_form(resource, audience, scopes)}
         if not self.spec.impersonate:
             form["actor_token"] = self.actor_token()
             form["actor_token_type"] = TT_JWT
@@ -98,7 +102,7 @@ class TokenExchangeProvider:
         return self.endpoint.sign({"sub": self._agent_id, "aud": self.spec.endpoint.assertion_audience},
                                   ttl=ACTOR_TTL)
 
-    def _credential(self, resp: TokenResponse, scopes: tuple[str, ...]) -> Credential:
+    def _credential(self, resp: TokenResponse, scopes: tuple[str, ...], target: str | None = None) -> Credential:
         if resp.issued_token_type not in (None, TT_ACCESS_TOKEN, TT_JWT):
             raise CredentialUnavailable(f"credentials: {self.name}: token endpoint issued a token that is not an "
                                         "access token", detail="token endpoint: issued_token_type")
@@ -111,7 +115,7 @@ class TokenExchangeProvider:
             raise CredentialUnavailable(f"credentials: {self.name}: the exchanged token does not name this agent "
                                         "as its actor", detail="token endpoint: act.sub missing or different")
         credential = self.endpoint.credential(self.type, resp, scopes=scopes,
-                                              audience=self.spec.resource or self.spec.audience)
+                                              audience=target or self.spec.resource or self.spec.audience)
         return replace(credential, delegation=delegation, act_chain=chain)
 
     def apply(self, out: OutboundRequest, credential: Credential) -> None:

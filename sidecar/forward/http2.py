@@ -5,8 +5,8 @@ ALPN over TLS (an upstream that does not select ``h2`` fails the exchange,
 ``upstream_protocol_error``), h2c with prior knowledge on ``http://``; with ``http2: auto``
 (:class:`AlpnPool`) the upstream's TLS handshake chooses between HTTP/2 and HTTP/1.1. :class:`H2Pool` is a
 :class:`~sidecar.forward.transport.Transport` beside HTTP/1.1's ``ConnectionPool``: the request is
-sent as the pipeline built it (``:path`` is the path policy matched, ``:authority`` the upstream's
-Host), the response comes back as an :class:`H2Response` whose trailers are relayed.
+sent as the pipeline built it (``:path`` is the path policy matched, ``:authority`` the request's
+``Host``, the name it was routed and matched by), the response comes back as an :class:`H2Response` whose trailers are relayed.
 
 At most ``limit`` streams (and never more than the upstream's ``MAX_CONCURRENT_STREAMS``) are open
 at once; a request finding them all busy waits at most ``first_byte`` (then ``upstream_timeout``).
@@ -221,6 +221,7 @@ class H2Pool:
             response.opened = True
             if body:
                 response.upload = asyncio.ensure_future(self._upload(response, body))
+            client.flush()  # after the upload's first step: a body already here leaves in the head's write
             async with asyncio.timeout(self.timeouts.first_byte):
                 await response.head
         except BaseException:
@@ -231,8 +232,8 @@ class H2Pool:
     def _send_head(self, client: H2Client, stream_id: int, method: str, target: str, headers: CIMultiDict[str],
                    body: Body) -> None:
         try:
-            block = encode_headers(headers, method=method, scheme=self.scheme, authority=self.host_header,
-                                   path=target)
+            authority = headers.get("Host", self.host_header)  # what was routed and matched, not the pool's
+            block = encode_headers(headers, method=method, scheme=self.scheme, authority=authority, path=target)
             if headers.get("Content-Type", "").startswith("application/grpc"):
                 block.append((b"te", b"trailers"))  # gRPC servers insist (TE's only HTTP/2 form, RFC 9113 §8.2.2)
             client.h2.send_headers(stream_id, block, end_stream=not body)
@@ -240,7 +241,6 @@ class H2Pool:
             raise RequestRefused("bad_request", "request: a header or the path is not valid in an HTTP/2 "
                                                 "header block; expected lowercase-able names and values "
                                                 "without CR, LF or NUL") from None
-        client.flush()
 
     async def _upload(self, response: H2Response, body: Body) -> None:
         """The body as the upstream's window allows; a failure (limit, stall) breaks the exchange."""
@@ -261,9 +261,13 @@ class H2Pool:
             response.broken(exc)
 
     async def _stream_slot(self) -> H2Client:
-        """A connection with room for one more stream, waiting in line while every slot is taken."""
+        """A connection with room for one more stream, waiting in line while every slot is taken. A
+        connection whose stream ids are spent (2^30 streams) is retired and the next one dialled."""
         while True:
             client = await self._connection()
+            if (client.h2.highest_outbound_stream_id or 0) + 2 > client.h2.HIGHEST_ALLOWED_STREAM_ID:
+                client.retire()
+                continue
             if min(self.limit, client.h2.remote_settings.max_concurrent_streams) > len(client.streams):
                 return client
             waiter = asyncio.get_running_loop().create_future()

@@ -14,7 +14,7 @@ import asyncio
 import zlib
 from typing import Awaitable, Callable, Protocol
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import UpstreamFailed
 from sidecar.exchange import Exchange
@@ -126,6 +126,14 @@ def _decoded(body: bytes, wbits: int) -> bytes | None:
     return decoded if decoder.eof and not decoder.unconsumed_tail else None
 
 
+def _scrubbed(trailers: CIMultiDictProxy[str], scrub: EchoScrub | None) -> CIMultiDictProxy[str]:
+    if scrub is None or not trailers:
+        return trailers
+    fields = CIMultiDict(trailers)
+    kept = scrub.headers(fields)
+    return trailers if kept is fields else CIMultiDictProxy(kept)
+
+
 def _set_status(ex: Exchange, status: int) -> None:
     ex.status = status
 
@@ -146,7 +154,7 @@ def relay(request: IncomingRequest, upstream: UpstreamResponse, transform: Chunk
         return _relay_whole(request, upstream, headers, on_prepared, scrub)
     if transform is None and scrub is not None and _unframed_error(request, upstream):
         return _relay_held(request, upstream, headers, on_prepared, scrub)
-    return _relay_stream(request, upstream, headers, transform, on_prepared)
+    return _relay_stream(request, upstream, headers, transform, on_prepared, scrub=scrub)
 
 
 def _small(request: IncomingRequest, upstream: UpstreamResponse) -> bool:
@@ -182,7 +190,7 @@ async def _relay_held(request: IncomingRequest, upstream: UpstreamResponse, head
             return answer
         held.append(chunk)
         size += len(chunk)
-    return await _relay_stream(request, upstream, headers, None, on_prepared, b"".join(held))
+    return await _relay_stream(request, upstream, headers, None, on_prepared, b"".join(held), scrub)
 
 
 async def _relay_whole(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
@@ -212,9 +220,11 @@ async def _relay_bodiless(request: IncomingRequest, upstream: UpstreamResponse, 
 
 
 async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
-                        transform: ChunkFilter | None, on_prepared: Callable[[int], None], held: bytes = b"") -> Answer:
+                        transform: ChunkFilter | None, on_prepared: Callable[[int], None], held: bytes = b"",
+                        scrub: EchoScrub | None = None) -> Answer:
     """Stream as the upstream sends (SSE-safe), through the transform when there is one; ``held``: what was
-    read of the body before the head was sent."""
+    read of the body before the head was sent; the trailers (HTTP/2: ``grpc-status``, ``grpc-message``)
+    through the same scrub as the headers."""
     if transform is not None:
         headers.popall("Content-Length", None)
     stream = await request.start(upstream.status, upstream.reason, headers)
@@ -241,7 +251,7 @@ async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, he
             if data:
                 await stream.write(data)
             if final:
-                await request.finish(stream, upstream.trailers)
+                await request.finish(stream, _scrubbed(upstream.trailers, scrub))
                 return answer
         except ConnectionError:
             raise ClientGone(answer) from None

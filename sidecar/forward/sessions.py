@@ -27,7 +27,7 @@ class Sessions:
         self._svid_files = svid_files
         self._pools: dict[str, ConnectionPool | H2Pool | AlpnPool] = {}
         self._websockets: dict[str, aiohttp.ClientSession] = {}
-        self._agent: ConnectionPool | None = None
+        self._agent: ConnectionPool | H2Pool | AlpnPool | None = None
         self.agent_base_path = ""  # forward_to's path, before the caller's
         for name in config.outbound.upstreams:  # TLS contexts (CA files, our SVID) load now, not on a request
             self.get(name)
@@ -64,13 +64,16 @@ class Sessions:
         return {name: self._ssl_context(name, svid_files)
                 for name, up in self._config.outbound.upstreams.items() if up.client_cert == "svid"}
 
-    def agent(self) -> ConnectionPool:
+    def agent(self) -> ConnectionPool | H2Pool | AlpnPool:
+        """The leg to the agent (``inbound.forward_to``): HTTP/1.1, or HTTP/2 as ``inbound.http2`` says
+        (h2c to a gRPC agent on loopback)."""
         if self._agent is None or self._agent.closed:
             inbound = self._config.inbound
             assert inbound is not None
             url = URL(inbound.forward_to)
             ctx = client_ssl_context(None) if url.scheme == "https" else None
-            self._agent = ConnectionPool(url.host or "127.0.0.1", url.port or 80, ctx, inbound.timeouts)
+            kind = AlpnPool if inbound.http2 == "auto" else H2Pool if inbound.http2 else ConnectionPool
+            self._agent = kind(url.host or "127.0.0.1", url.port or 80, ctx, inbound.timeouts)
             self.agent_base_path = url.raw_path.rstrip("/")
         return self._agent
 

@@ -16,8 +16,11 @@ one has its first stream answered ``overloaded``, then closes); at most ``MAX_ST
 connection (more are reset with ``REFUSED_STREAM``, RFC 9113 §5.1.2: the client may retry them), at
 most ``max_in_flight`` requests served on the listener (``overloaded``), the header list bounded
 in HPACK itself at twice ``max_header_bytes`` (the configured limit then decides, per stream, with
-``headers_too_large``), and the body by the pipeline (``body_too_large``). A frame that breaks the
-protocol ends the connection with GOAWAY and is reported as ``bad_request``.
+``headers_too_large``), and the body by the pipeline (``body_too_large``). A malformed request
+(RFC 9113 §8.1.1) is a stream error: that stream is reset, reported as ``bad_request``; a ``host``
+naming another authority than ``:authority`` is that stream's ``host_mismatch``. A frame that breaks
+the protocol ends the connection with GOAWAY and is reported as ``bad_request``; what a client makes
+us do per frame is bounded by :mod:`~sidecar.http2.guard` (``protocol_abuse``).
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, cast
 
+import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from h2.utilities import HeaderValidationFlags, validate_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config_model import Limits
 from sidecar.errors import RecordedFailure, Refusal, RequestRefused
 from sidecar.http.incoming import Answer, ClientGone, IncomingRequest, ResponseStream, refusal_answer
+from sidecar.http2.guard import Abuse, BoundedFrames, Bounds, Budget
 from sidecar.http2.side import H2Endpoint, encode_headers
 from sidecar.server import overloaded, source_of
 
@@ -44,9 +50,12 @@ WINDOW_STALL = 60.0  # seconds a response may wait on a client's closed flow-con
 CONNECT_REFUSED = RequestRefused("bad_request", "http2: CONNECT over HTTP/2 is not served; expected CONNECT "
                                                  "on an HTTP/1.1 connection")
 
+REQUEST = HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
+
 Handler = Callable[[IncomingRequest], Awaitable[Answer]]
 RefusalHook = Callable[[Refusal], None]
 LostHook = Callable[[asyncio.BaseTransport], None]
+AbuseHook = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +71,10 @@ class H2Server:
     """A listener's HTTP/2 side: the handler, its limits, its connections and requests in flight."""
 
     def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None,
-                 on_lost: LostHook | None = None) -> None:
+                 on_lost: LostHook | None = None, on_abuse: AbuseHook | None = None, bounds: Bounds = Bounds(),
+                 stall: float = WINDOW_STALL, idle: float | None = None) -> None:
         self.handler, self.limits, self.on_refusal, self.on_lost = handler, limits, on_refusal, on_lost
+        self.on_abuse, self.bounds, self.stall, self.idle = on_abuse, bounds, stall, idle
         self.connections: set[H2Protocol] = set()
         self.in_flight = 0
 
@@ -89,10 +100,18 @@ class H2Server:
         if self.on_refusal is not None:
             self.on_refusal(refusal)
 
+    def abused(self, kind: str) -> None:
+        """A bound of :mod:`~sidecar.http2.guard` held against a client: counted by kind."""
+        if self.on_abuse is not None:
+            self.on_abuse(kind)
+
     async def serve(self, request: H2Incoming) -> Answer:
         """The handler, with at most ``max_in_flight`` requests served at once on the listener."""
         if request.conn.refusal is not None:  # the connection was refused (reported once, when it was)
             return refusal_answer(request, request.conn.refusal)
+        if request.refusal is not None:  # refused by its header block alone, before any exchange
+            self.refused(request.refusal)
+            return refusal_answer(request, request.refusal)
         if request.method == "CONNECT":  # refused before any exchange: reported as a parse error is
             self.refused(CONNECT_REFUSED)
             return refusal_answer(request, CONNECT_REFUSED)
@@ -122,8 +141,11 @@ class H2Protocol(H2Endpoint):
         super().__init__(client_side=False)
         self.server = server
         self.streams: dict[int, H2Incoming] = {}
+        self.budget = Budget(server.bounds)
+        self.h2.incoming_buffer = BoundedFrames(header_list_size(server.limits))
         self.refusal = refusal  # the answer to every stream of a refused connection, which then closes
         self.source = "unknown"
+        self._active = 0.0  # the loop time of the last frame or stream end (the idle timeout's start)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -136,11 +158,28 @@ class H2Protocol(H2Endpoint):
         settings = h2.settings.SettingCodes
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             settings.MAX_CONCURRENT_STREAMS: min(MAX_STREAMS, limits.max_in_flight),
-            settings.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 2 + 1024})
+            settings.MAX_HEADER_LIST_SIZE: header_list_size(limits)})
         self.h2.initiate_connection()
         self.flush()
+        loop = asyncio.get_running_loop()
         if self.refusal is not None:  # one answer, then closed (or closed after the grace without a request)
-            asyncio.get_running_loop().call_later(REFUSED_GRACE, self.close)
+            loop.call_later(REFUSED_GRACE, self.close)
+        elif self.server.idle is not None:
+            self._active = loop.time()
+            loop.call_later(self.server.idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """No stream open and no frame for ``idle`` seconds: GOAWAY (NO_ERROR) and closed, as HTTP/1.1's
+        keep-alive ends; a connection with streams open waits for them."""
+        idle = self.server.idle
+        if self.transport is None or self.transport.is_closing() or idle is None:
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._active
+        if not self.streams and quiet >= idle:
+            self.close()
+            return
+        loop.call_later(idle if self.streams else idle - quiet, self._idle_check)
 
     def close(self) -> None:
         """GOAWAY, then closed (what is buffered is sent first)."""
@@ -149,45 +188,86 @@ class H2Protocol(H2Endpoint):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # ended (GOAWAY sent): what the peer still sends is not read
+        self._active = asyncio.get_running_loop().time()
         try:
             events = self.h2.receive_data(data)
+            for event in events:
+                self._on(event)
         except h2.exceptions.ProtocolError as exc:
             self._broken(exc)
             return
-        for event in events:
-            self._on(event)
         self.flush()
 
-    def _broken(self, exc: Exception) -> None:
-        """A frame that breaks HTTP/2: GOAWAY, reported as bad_request, the connection closed."""
-        self.server.refused(RequestRefused("bad_request", "http2: the client broke the HTTP/2 protocol "
-                                                          f"({type(exc).__name__}); expected RFC 9113 frames"))
+    def _broken(self, exc: h2.exceptions.ProtocolError) -> None:
+        """A frame that breaks HTTP/2, or a bound held (:mod:`~sidecar.http2.guard`): GOAWAY, one refusal
+        (``bad_request``, ``protocol_abuse`` or ``headers_too_large``), the connection closed."""
+        if isinstance(exc, Abuse):
+            refusal = abuse_refusal(exc.kind, exc.what)
+        elif isinstance(exc, h2.exceptions.DenialOfServiceError):  # h2 stopped an HPACK block at our bound
+            exc = Abuse("header_list", f"a header list of more than {header_list_size(self.server.limits)} bytes")
+            refusal = abuse_refusal(exc.kind, exc.what)
+        else:
+            refusal = RequestRefused("bad_request", "http2: the client broke the HTTP/2 protocol "
+                                                    f"({type(exc).__name__}); expected RFC 9113 frames")
+        if isinstance(exc, Abuse):
+            self.server.abused(exc.kind)
+        if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:  # h2 has not sent its GOAWAY
+            self.h2.close_connection(exc.error_code)
+        self.server.refused(refusal)
         self.flush_now()
         if self.transport is not None:
             self.transport.close()
 
     def _on(self, event: h2.events.Event) -> None:
+        """One event; frames the client makes us work for are charged to the budget (raises Abuse)."""
         if isinstance(event, h2.events.RequestReceived):
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
+            if not event.flow_controlled_length and event.stream_ended is None:
+                self.budget.spend("control")  # an empty DATA frame: a dispatch for nothing
             self._data(event)
         elif isinstance(event, h2.events.StreamEnded):
             if (stream := self.streams.get(event.stream_id)) is not None:
                 stream.body.put_nowait(None)
         elif isinstance(event, h2.events.StreamReset):
-            if (stream := self.streams.get(event.stream_id)) is not None:
-                stream.reset_by_peer()
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            if (stream := self.streams.pop(event.stream_id, None)) is not None:
+                stream.reset_by_peer()  # no longer open: its slot is free now, not when its task has ended
+            if event.remote_reset:
+                self.budget.spend("rapid_reset")
+        elif isinstance(event, h2.events.WindowUpdated):
             self.window.set()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self.budget.spend("settings")
+            self.window.set()
+        elif isinstance(event, h2.events.PingReceived):
+            self.budget.spend("ping")
+        elif isinstance(event, h2.events.PriorityUpdated):
+            self.budget.spend("control")
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
         if len(self.streams) >= MAX_STREAMS:
-            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = H2Incoming(self, stream_id, event.headers or [], ended=event.stream_ended is not None)
+        block, refusal = checked_block(event.headers or [])
+        if block is None:  # malformed (RFC 9113 §8.1.1): a stream error, this stream alone
+            assert refusal is not None
+            self.server.refused(refusal)
+            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        stream = H2Incoming(self, stream_id, block, ended=event.stream_ended is not None)
+        stream.refusal = refusal
         self.streams[stream_id] = stream
         stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
+        """RST_STREAM, unless a later frame of the same read already closed the stream (the client's reset)."""
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass
 
     def _data(self, event: h2.events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -210,6 +290,7 @@ class H2Protocol(H2Endpoint):
             stream.abort()
         finally:
             self.streams.pop(stream.stream_id, None)
+            self._active = asyncio.get_running_loop().time()
             self.flush()
             if self.refusal is not None:
                 self.close()
@@ -231,8 +312,9 @@ class H2Protocol(H2Endpoint):
     async def respond_data(self, stream_id: int, data: bytes) -> None:
         """Response bytes; ``ConnectionError`` (the relay's "client gone") also for a window closed too long."""
         try:
-            await self.send_data(stream_id, data, WINDOW_STALL)
+            await self.send_data(stream_id, data, self.server.stall)
         except TimeoutError:
+            self.server.abused("window_stall")
             raise ConnectionResetError("http2: the client kept its window closed") from None
 
     async def drained(self, timeout: float | None) -> None:
@@ -253,6 +335,7 @@ class H2Incoming:
     split across fields are joined again (§8.2.3)."""
 
     unframed_body = False  # True when a body follows whose length was not declared (no content-length)
+    refusal: Refusal | None = None  # its header block alone refuses it (host_mismatch)
 
     def __init__(self, connection: H2Protocol, stream_id: int, block: list[tuple[bytes, bytes]], *,
                  ended: bool) -> None:
@@ -398,6 +481,37 @@ class H2ResponseStream:
         if not self.ended:  # a trailers-only head ended it already
             self.request.end(trailers)
             self.ended = True
+
+
+HOST_MISMATCH = RequestRefused("host_mismatch", "http2: the host field names another authority than :authority; "
+                                                "expected one authority (RFC 9113 section 8.3.1)")
+
+
+def checked_block(block: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]] | None, Refusal | None]:
+    """A request's header block validated as ``h2`` validates it (RFC 9113 §8.2, §8.3), stream by stream:
+    (the block, None); (None, bad_request) if malformed; a ``host`` naming another authority than
+    ``:authority`` is (the block without it, host_mismatch), answered on its stream."""
+    authority = [v for n, v in block if n == b":authority"]
+    hosts = [v for n, v in block if n == b"host"]
+    refusal = None
+    if authority and len(hosts) == 1 and hosts != authority[:1]:
+        block, refusal = [(n, v) for n, v in block if n != b"host"], HOST_MISMATCH
+    try:
+        return list(validate_headers(block, REQUEST)), refusal
+    except h2.exceptions.ProtocolError as exc:
+        return None, RequestRefused("bad_request", f"http2: a malformed request ({exc}); expected an RFC 9113 "
+                                                   "header block")
+
+
+def header_list_size(limits: Limits) -> int:
+    """The header list we advertise (``SETTINGS_MAX_HEADER_LIST_SIZE``) and decode at most: twice the
+    configured limit, so that the limit itself decides per stream, with ``headers_too_large``."""
+    return limits.max_header_bytes * 2 + 1024
+
+
+def abuse_refusal(kind: str, what: str) -> Refusal:
+    return RequestRefused("protocol_abuse", f"http2: {what}; the connection is closed (ENHANCE_YOUR_CALM)",
+                          detail=kind)
 
 
 def split_block(block: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], list[tuple[str, str]]]:

@@ -47,7 +47,8 @@ LOG_STRING_MAX = 4096
 # Per event section, the request-derived strings and their bounds in characters (marker included).
 EVENT_BOUNDS: dict[str, dict[str, int]] = {
     "target": {"method": 64, "host": 256, "path": 2048, "mcp_method": 256, "mcp_tool": 256, "copy_source": 2048,
-               "query": 2048, "grpc_service": 256, "grpc_method": 256, "a2a_method": 64, "a2a_task_id": 256,
+               "mcp_resource": 2048, "mcp_prompt": 256, "mcp_server_request": 256, "query": 2048,
+               "grpc_service": 256, "grpc_method": 256, "a2a_method": 64, "a2a_task_id": 256,
                "a2a_context_id": 256, "a2a_push_url": 2048, "llm_model": 256},
     "task": {"id": 64, "trigger": 256},
     "caller": {"id": 2048},
@@ -207,6 +208,26 @@ def redact_query(query: str) -> str:
     return _SECRET_PARAM.sub(lambda m: m.group(1) + m.group(2) + REDACTED, query) if "=" in query else query
 
 
+_SECRET_KEY = re.compile(r"(?i)token|key|secret|passw|signature|credential|auth")
+ARGUMENTS_MAX = 2048  # bytes of target.mcp_arguments as JSON; larger arguments are logged as null
+
+
+def logged_arguments(arguments: dict[str, Any]) -> dict[str, Any] | None:
+    """``target.mcp_arguments``: a tools/call's arguments with every value under a key named like a secret
+    (``api_key``, ``password``) masked and every string redacted; null when they are larger than
+    :data:`ARGUMENTS_MAX` as JSON (what replay needs stays small; the approval keeps the whole)."""
+    masked = _masked(arguments)
+    return masked if len(orjson.dumps(masked)) <= ARGUMENTS_MAX else None
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEY.search(k) else _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return REDACTOR.value(value)
+
+
 def _flush_at_exit() -> None:
     """The last lines (sidecar_stopped) reach stdout, or stderr says how many could not."""
     if not WRITER.flush():
@@ -235,6 +256,8 @@ def emit_event(event: dict[str, Any], *, kept: bool = False, redactor: Redactor 
     if target is not None and target.get("a2a_push_url") and "?" in target["a2a_push_url"]:
         base, _, query = target["a2a_push_url"].partition("?")  # a webhook's token in its query
         target["a2a_push_url"] = f"{base}?{redact_query(query)}"
+    if target is not None and target.get("mcp_arguments") is not None:
+        target["mcp_arguments"] = logged_arguments(target["mcp_arguments"])
     detail = event.get("reason_detail")
     if detail:
         event["reason_detail"] = clean(detail, REASON_DETAIL_MAX, redactor)

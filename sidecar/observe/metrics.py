@@ -70,6 +70,8 @@ class Metrics:
                                               registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures.", ["upstream", "reason"],
                                        registry=r)
+        self.http2_abuse = Counter("sidecar_http2_abuse", "HTTP/2 bounds held against a client (sidecar.http2.guard), "
+                                   "by listener and kind.", ["listener", "kind"], registry=r)
         self.agent_info = Gauge("sidecar_agent_info", "1, labelled with the agent's declared metadata (one series "
                                 "per process; free labels are not exported).", AGENT_INFO_LABELS, registry=r)
         self.loop_lag = Histogram("sidecar_event_loop_lag_seconds",

@@ -35,8 +35,8 @@ class Recorder:
     def record(self, ex: Exchange) -> None:
         m = self.metrics
         upstream = "agent" if ex.direction == "inbound" else m.upstream_label(ex.upstream)
-        if ex.outcome == "refused" and ex.status is None:
-            ex.status = 500
+        if ex.outcome == "refused" and ex.status is None and not ex.server_request:
+            ex.status = 500  # a refusal that answered nothing: a defect
         m.observe_request(ex.direction, ex.decision, upstream, time.perf_counter() - ex.started)
         if ex.rule_id is not None:
             m.count_decision(ex.direction, ex.decision, ex.rule_id)

@@ -29,6 +29,7 @@ from sidecar.policy.a2a import A2aCall
 from sidecar.policy.cel_syntax import CelSyntaxError, References, references
 from sidecar.policy.facts import Facts
 from sidecar.policy.llm import LlmCall
+from sidecar.policy.mcp import MAX_ARGUMENTS_BYTES
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "request": ("method", "scheme", "host", "path", "query", "headers", "size"),
@@ -37,7 +38,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "caller": ("id",),
     "principal": ("iss", "sub"),
     "task": ("id", "trigger"),
-    "mcp": ("method", "tool"),
+    "mcp": ("method", "tool", "resource", "prompt", "arguments", "server_request"),
     "grpc": ("service", "method"),
     "a2a": ("method", "task_id", "context_id", "part_kinds", "metadata", "push_url"),
     "llm": ("endpoint", "model", "stream", "max_tokens"),
@@ -194,6 +195,18 @@ def _llm(facts: Facts) -> LlmCall:
     return facts.llm
 
 
+def _arguments(facts: Facts) -> Any:
+    """``mcp.arguments``: a tools/call's arguments as parsed (an empty map when it sent none), null for other
+    methods; a call whose body exceeds :data:`MAX_ARGUMENTS_BYTES` is not converted (condition_error)."""
+    detail = facts.mcp
+    if detail is None or detail.arguments is None:
+        return {} if facts.mcp_method == "tools/call" else None
+    if detail.arguments_size > MAX_ARGUMENTS_BYTES:
+        raise ConditionFailed(f"cel: mcp.arguments of a call larger than {MAX_ARGUMENTS_BYTES} bytes are not "
+                              "shown to conditions")
+    return detail.arguments
+
+
 _ABSENT = ("", "")  # never read: principal is null, not built, without one (_PRESENT)
 _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "request": {"method": lambda f: f.method, "scheme": lambda f: f.scheme, "host": lambda f: f.host,
@@ -205,7 +218,10 @@ _GETTERS: dict[str, dict[str, Callable[[Facts], Any]]] = {
     "caller": {"id": lambda f: f.caller_id},
     "principal": {"iss": lambda f: (f.principal or _ABSENT)[0], "sub": lambda f: (f.principal or _ABSENT)[1]},
     "task": {"id": lambda f: f.task_id, "trigger": lambda f: f.task_trigger},
-    "mcp": {"method": lambda f: f.mcp_method, "tool": lambda f: f.mcp_tool},
+    "mcp": {"method": lambda f: f.mcp_method, "tool": lambda f: f.mcp_tool,
+            "resource": lambda f: f.mcp.resource if f.mcp else None,
+            "prompt": lambda f: f.mcp.prompt if f.mcp else None,
+            "arguments": _arguments, "server_request": lambda f: f.mcp.server_request if f.mcp else None},
     "grpc": {"service": lambda f: f.grpc_service, "method": lambda f: f.grpc_method},
     "a2a": {"method": lambda f: _a2a(f).method, "task_id": lambda f: _a2a(f).task_id,
             "context_id": lambda f: _a2a(f).context_id, "part_kinds": lambda f: list(_a2a(f).part_kinds),

@@ -30,10 +30,11 @@ from sidecar.fields import Fields
 from sidecar.http.target import equivalent_paths, header_elements
 from sidecar.policy.cel import CelCompileError, compile_condition
 from sidecar.policy.cel_syntax import CelSyntaxError, references
-from sidecar.policy.facts import Facts
+from sidecar.policy.facts import Facts, McpDetail
 from sidecar.policy.globs import Check, compile_globs, glob_check, patterns
 from sidecar.policy.a2a import METHODS, method_name
-from sidecar.policy.mcp import TRANSPORT_METHODS, is_lifecycle
+from sidecar.policy.mcp import DEFAULT_SERVER_REQUESTS, RESOURCE_METHODS, SERVER_REQUEST_METHOD, TRANSPORT_METHODS, \
+    is_lifecycle
 
 DELEGATIONS = ("required", "forbidden", "impersonation_allowed")
 # which Facts.delegation values satisfy when.delegation
@@ -224,47 +225,85 @@ def headers_read(raw: Mapping[str, object]) -> frozenset[str] | None:
 
 
 def _mcp(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
-    """``mcp.methods`` and ``mcp.tools`` (tools/call); allow rules with tools also pass the lifecycle, and
-    every allow rule the transport's GET stream and session DELETE."""
+    """``mcp.methods``, ``mcp.tools`` (tools/call), ``mcp.resources`` (URI globs: resources/read, subscribe,
+    unsubscribe), ``mcp.prompts`` (prompts/get) and ``mcp.server_requests`` (what the server may ask the agent).
+    An allow rule naming tools, resources or prompts also passes the lifecycle (their lists are filtered);
+    every allow rule passes the transport's GET stream and session DELETE, and the server's ping, roots/list
+    and elicitation/create (sampling only when listed)."""
     if not f.has(row.name):
         return None
     sub = f.sub(row.name)
-    tool_patterns, method_patterns = patterns(sub, "tools"), patterns(sub, "methods")
-    tools = compile_globs(tool_patterns) if tool_patterns else None
-    methods = compile_globs(method_patterns) if method_patterns else None
+    named = {key: patterns(sub, key) for key in _MCP_KEYS}
+    matchers = {key: compile_globs(found) if found else None for key, found in named.items()}
     sub.done()
-    if not tool_patterns and not method_patterns:
-        sub.error("", "must list tools, methods or both")
+    if not any(named.values()):
+        sub.error("", "must list tools, methods, resources, prompts or server_requests (one or more)")
     _check_protocol(f, row.name, head, "mcp")
-    lifecycle = head.effect == "allow" and bool(tool_patterns)
-    transport = head.effect == "allow"  # the streamable-HTTP transport's GET stream and session DELETE
+    allow = head.effect == "allow"
+    lifecycle = allow and bool(named["tools"] or named["resources"] or named["prompts"])
+    return _McpCheck(matchers["methods"], matchers["tools"], matchers["resources"], matchers["prompts"],
+                     matchers["server_requests"], lifecycle, allow)
 
-    def check(facts: Facts, now: datetime) -> bool:
+
+_MCP_KEYS = ("tools", "methods", "resources", "prompts", "server_requests")
+Matcher = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _McpCheck:
+    """An ``mcp:`` condition, compiled; a check itself."""
+
+    methods: Matcher | None
+    tools: Matcher | None
+    resources: Matcher | None
+    prompts: Matcher | None
+    server_requests: Matcher | None
+    lifecycle: bool  # an allow rule naming what the lifecycle and its lists serve
+    allow: bool  # an allow rule: the transport and the server's default requests pass
+
+    def __call__(self, facts: Facts, now: datetime) -> bool:
         method = facts.mcp_method
         if method is None:
             return False
-        if methods is not None and methods(method):
+        if method == SERVER_REQUEST_METHOD:
+            return self._server_request(facts)
+        if self.methods is not None and self.methods(method):
             return True
-        if tools is not None and method == "tools/call" and tools(facts.mcp_tool):
+        if method == "tools/call":
+            if self.tools is not None and self.tools(facts.mcp_tool or ""):
+                return True
+        elif facts.mcp is not None and self._named(method, facts.mcp):
             return True
-        return lifecycle and is_lifecycle(method) or transport and method in TRANSPORT_METHODS
+        return self.lifecycle and is_lifecycle(method) or self.allow and method in TRANSPORT_METHODS
 
-    return check
+    def _named(self, method: str, detail: McpDetail) -> bool:
+        if method in RESOURCE_METHODS:
+            return self.resources is not None and self.resources(detail.resource or "")
+        return method == "prompts/get" and self.prompts is not None and self.prompts(detail.prompt or "")
+
+    def _server_request(self, facts: Facts) -> bool:
+        asked = facts.mcp.server_request if facts.mcp is not None else None
+        if asked is None:
+            return False
+        if self.server_requests is not None and self.server_requests(asked):
+            return True
+        return self.allow and asked in DEFAULT_SERVER_REQUESTS
 
 
-def _check_protocol(f: Fields, key: str, head: RuleHead, protocol: str) -> None:
+def _check_protocol(f: Fields, key: str, head: RuleHead, protocol: str, *others: str) -> None:
     """A protocol's rule key needs that protocol on the side it applies to: its upstream's, or
     ``inbound.protocol`` for an inbound rule (A2A only: the agent serving other agents)."""
     protocols = head.ctx.upstreams
+    named = " or ".join((protocol, *others))
     if head.direction == "inbound" and protocol == "a2a":
         if head.ctx.inbound_protocol != "a2a":
             f.error(key, "an inbound rule with a2a needs inbound.protocol: a2a (the agent serving A2A), got "
                          f"{head.ctx.inbound_protocol or 'no inbound listener'}")
     elif head.direction == "inbound" or head.upstream is None:
-        f.error(key, f"needs an outbound rule with an upstream of protocol {protocol}")
-    elif protocols.get(head.upstream) not in (None, protocol):
-        f.error(key, f"upstream {head.upstream!r} has protocol {protocols[head.upstream]}; {protocol} rules need "
-                     f"protocol {protocol}")
+        f.error(key, f"needs an outbound rule with an upstream of protocol {named}")
+    elif protocols.get(head.upstream) not in (None, protocol, *others):
+        f.error(key, f"upstream {head.upstream!r} has protocol {protocols[head.upstream]}; {key} rules need "
+                     f"protocol {named}")
 
 
 def _a2a(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
@@ -293,7 +332,7 @@ def _a2a(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
 
 
 def _llm(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
-    """``llm.models``: globs over the model an LLM API call names (``protocol: openai`` upstreams)."""
+    """``llm.models``: globs over the model an LLM API call names (``protocol: openai`` or ``anthropic``)."""
     if not f.has(row.name):
         return None
     sub = f.sub(row.name)
@@ -302,9 +341,31 @@ def _llm(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     if not models:
         sub.error("", "must list models")
         return None
-    _check_protocol(f, row.name, head, "openai")
+    _check_protocol(f, row.name, head, "openai", "anthropic")
     match = compile_globs(models)
     return lambda facts, now: facts.llm is not None and match(facts.llm.model)
+
+
+def _grpc(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
+    """``grpc.services`` and ``grpc.methods``: globs over a call's service (``package.Service``) and
+    method (``protocol: grpc`` upstreams, from ``:path``); a rule listing both needs both to match."""
+    if not f.has(row.name):
+        return None
+    sub = f.sub(row.name)
+    service_patterns, method_patterns = patterns(sub, "services"), patterns(sub, "methods")
+    sub.done()
+    if not service_patterns and not method_patterns:
+        sub.error("", "must list services, methods or both")
+        return None
+    _check_protocol(f, row.name, head, "grpc")
+    services = compile_globs(service_patterns) if service_patterns else None
+    methods = compile_globs(method_patterns) if method_patterns else None
+
+    def check(facts: Facts, now: datetime) -> bool:
+        return facts.grpc_method is not None and (services is None or services(facts.grpc_service)) and (
+            methods is None or methods(facts.grpc_method))
+
+    return check
 
 
 def _a2a_methods(f: Fields) -> frozenset[str] | None:
@@ -382,9 +443,10 @@ CONDITIONS: tuple[ConditionType, ...] = (
     ConditionType("callers", "caller_id", _callers),
     ConditionType("paths", "path", _paths),
     ConditionType("headers", "headers", _headers),
-    ConditionType("mcp", "mcp_method", _mcp),  # and mcp_tool for tools/call
+    ConditionType("mcp", "mcp_method", _mcp),  # and mcp_tool, the resource, prompt or server request it names
     ConditionType("a2a", "a2a", _a2a),  # its method and push URL
     ConditionType("llm", "llm", _llm),  # the model
+    ConditionType("grpc", "grpc_method", _grpc),  # and grpc_service
     ConditionType("when.delegation", "delegation", _delegation),
     ConditionType("when.hours", "now", _hours),
     ConditionType("when.expr", "now", _expr),  # and the Facts fields the expression selects

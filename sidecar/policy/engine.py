@@ -46,7 +46,7 @@ from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.fields import Fields
 from sidecar.policy.cel import ConditionFailed
 from sidecar.policy.conditions import LoadContext
-from sidecar.policy.facts import Facts
+from sidecar.policy.facts import Facts, McpDetail
 from sidecar.policy.model import DIRECTIONS, Budget, Rule, parse_rule
 from sidecar.policy.ratelimit import Limit, RateLimiter
 
@@ -120,11 +120,28 @@ class PolicySet:
 
     def mcp_tool_allowed(self, facts: Facts, tool: str) -> bool:
         """Would ``tools/call`` of ``tool`` be allowed or approvable (rate limits aside)?"""
+        return self.mcp_allowed(facts, "tools/call", tool)
+
+    def mcp_allowed(self, facts: Facts, method: str, name: str) -> bool:
+        """Would ``method`` (tools/call, resources/read, prompts/get) of the listed ``name`` be allowed or
+        approvable (rate limits aside)? What a list response keeps."""
         if self.mode == "audit":
             return True
-        call = replace(facts, mcp_method="tools/call", mcp_tool=tool)
+        if method == "tools/call":
+            call = replace(facts, mcp_method=method, mcp_tool=name, mcp=None)
+        else:
+            detail = McpDetail(resource=name) if method == "resources/read" else McpDetail(prompt=name)
+            call = replace(facts, mcp_method=method, mcp_tool=None, mcp=detail)
         outcome = self._evaluate(self._enforced, call, self._now(call)) or self._default
         return outcome.effect in ("allow", "require_approval")
+
+    def weigh(self, facts: Facts) -> Decision:
+        """The decision on ``facts`` with no rate limit charged and no shadow rules: what the sidecar decides
+        on a server's request to the agent, which is answered at once (never held for approval)."""
+        if self.mode == "audit":
+            return self.decide(facts)
+        outcome = self._evaluate(self._enforced, facts, self._now(facts)) or self._default
+        return self._decision(outcome, None)
 
     def rules_for(self, direction: str, upstream: str | None, method: str, *, shadow: bool = False) -> tuple[Rule, ...]:
         """The rules, in file order, a request with these keys is evaluated against."""

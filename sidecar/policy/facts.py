@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.config_model import AgentMeta
 from sidecar.policy.a2a import A2aCall
@@ -63,7 +63,28 @@ class Facts:
     grpc_method: str | None = None
     now: datetime | None = None  # aware UTC; the engine uses its clock when None
     a2a: A2aCall | None = None  # the parsed A2A call (protocol a2a)
-    llm: LlmCall | None = None  # the parsed LLM API call (protocol openai)
+    llm: LlmCall | None = None  # the parsed LLM API call (protocol openai or anthropic)
+    mcp: McpDetail | None = None  # what an MCP request names besides method and tool (resource, prompt, arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class McpDetail:
+    """``mcp.resource``, ``mcp.prompt``, ``mcp.arguments`` and ``mcp.server_request``: only the MCP requests that
+    name one have it, so every other request builds no more facts than before."""
+
+    resource: str | None = None  # params.uri of resources/read, subscribe, unsubscribe
+    prompt: str | None = None  # params.name of prompts/get
+    arguments: Mapping[str, Any] | None = None  # tools/call params.arguments, as parsed (strict JSON)
+    arguments_size: int = 0  # the body's length: over MAX_ARGUMENTS_BYTES, CEL is refused the arguments
+    server_request: str | None = None  # the method of a server's request to the agent (mcp.method rpc.server_request)
+
+    @classmethod
+    def of(cls, resource: str | None, prompt: str | None, arguments: Mapping[str, Any] | None,
+           size: int) -> McpDetail | None:
+        """The detail of a parsed request, or None when it names none of these."""
+        if resource is None and prompt is None and arguments is None:
+            return None
+        return cls(resource, prompt, arguments, size)
 
 
 def build_facts(*, direction: str, method: str, scheme: str, host: str, path: str, query: str,
@@ -71,11 +92,12 @@ def build_facts(*, direction: str, method: str, scheme: str, host: str, path: st
                 caller_id: str | None = None, principal: tuple[str, str] | None = None, delegation: str = "none",
                 task_id: str | None = None, task_trigger: str | None = None, mcp_method: str | None = None,
                 mcp_tool: str | None = None, grpc_service: str | None = None, grpc_method: str | None = None,
-                now: datetime | None = None, a2a: A2aCall | None = None, llm: LlmCall | None = None) -> Facts:
+                now: datetime | None = None, a2a: A2aCall | None = None, llm: LlmCall | None = None,
+                mcp: McpDetail | None = None) -> Facts:
     """The facts of one request; ``headers`` are the ones that will be forwarded (a multidict), nothing else."""
     return Facts(direction, method, scheme, host, path, query, LazyHeaders(headers), size, upstream, agent,
                  caller_id, principal, delegation, task_id, task_trigger, mcp_method, mcp_tool, grpc_service,
-                 grpc_method, now, a2a, llm)
+                 grpc_method, now, a2a, llm, mcp)
 
 
 class LazyHeaders(Mapping[str, tuple[str, ...]]):

@@ -1,4 +1,4 @@
-"""What policy sees of a call to an LLM API (``protocol: openai``): the model, streaming, the token cap.
+"""What policy sees of a call to an LLM API (``protocol: openai`` or ``anthropic``): model, streaming, token cap.
 
 The meaning of an LLM call sits in its JSON body, so the body of a POST to one of the API's
 endpoints is parsed with the same strict reader as MCP's (:func:`sidecar.policy.mcp.loads_strict`:
@@ -12,6 +12,8 @@ endpoint               what is read
                        ``max_tokens``; both at once must agree)
 ``responses``          ``model``, ``stream``, ``max_output_tokens``
 ``embeddings``         ``model``
+``messages``           (``protocol: anthropic``, the Messages API) ``model``, ``stream``,
+                       ``max_tokens`` (required, as the API requires it)
 =====================  ==================================================================
 
 Other paths of the upstream (``GET /models``) are plain HTTP. ``model`` is a required string,
@@ -32,7 +34,14 @@ ENDPOINTS: dict[str, tuple[str, ...]] = {  # path suffix -> the body fields that
     "/responses": ("max_output_tokens",),
     "/embeddings": (),
 }
-STREAMING = frozenset({"/chat/completions", "/responses"})
+ANTHROPIC_ENDPOINTS: dict[str, tuple[str, ...]] = {"/messages": ("max_tokens",)}
+PROTOCOL_ENDPOINTS = {"openai": ENDPOINTS, "anthropic": ANTHROPIC_ENDPOINTS}
+LLM_PROTOCOLS = frozenset(PROTOCOL_ENDPOINTS)
+STREAMING = frozenset({"/chat/completions", "/responses", "/messages"})
+CAP_REQUIRED = frozenset({"/messages"})  # the Messages API refuses a call without max_tokens
+# where the agent's own API key would travel besides Authorization (stripped by default): never forwarded,
+# unless the upstream's pass_headers names it (a credential of the upstream's own replaces it)
+AGENT_KEY_HEADERS: dict[str, tuple[str, ...]] = {"anthropic": ("x-api-key",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +54,9 @@ class LlmCall:
     max_tokens: int | None
 
 
-def endpoint_of(path: str) -> str | None:
+def endpoint_of(path: str, protocol: str = "openai") -> str | None:
     """The API endpoint a canonical path ends in, or None for any other path."""
-    return next((suffix for suffix in ENDPOINTS if path.endswith(suffix)), None)
+    return next((suffix for suffix in PROTOCOL_ENDPOINTS[protocol] if path.endswith(suffix)), None)
 
 
 def _refuse(message: str) -> RequestRefused:
@@ -69,7 +78,11 @@ def parse_llm_request(body: bytes, content_type: str | None, endpoint: str, max_
     stream = obj.get("stream", False)
     if not isinstance(stream, bool) or (stream and endpoint not in STREAMING):
         raise _refuse("stream must be true or false (and only where the endpoint streams)")
-    return LlmCall(endpoint.lstrip("/"), model, stream, _max_tokens(obj, ENDPOINTS[endpoint]))
+    caps = ENDPOINTS[endpoint] if endpoint in ENDPOINTS else ANTHROPIC_ENDPOINTS[endpoint]
+    max_tokens = _max_tokens(obj, caps)
+    if max_tokens is None and endpoint in CAP_REQUIRED:
+        raise _refuse(f"{caps[0]} is required")
+    return LlmCall(endpoint.lstrip("/"), model, stream, max_tokens)
 
 
 def _max_tokens(obj: dict[str, Any], keys: tuple[str, ...]) -> int | None:

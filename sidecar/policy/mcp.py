@@ -30,19 +30,18 @@ The streamable-HTTP transport's GET stream and session DELETE carry no JSON-RPC;
 Once the request object's envelope is sound (its ``id`` known), a refused method or params raise
 :class:`RpcRefused`, which the caller answers as a JSON-RPC error to that id rather than HTTP 400.
 
-:func:`filter_tools_list` fails closed: a response it cannot read raises ``RequestRefused``
-and the caller refuses the exchange rather than pass an unfiltered tool list to the agent.
+What the server sends back (list responses filtered, its own requests to the agent found) is read by
+:mod:`sidecar.policy.mcp_responses`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,12 +49,19 @@ from sidecar.errors import RequestRefused
 
 MAX_DEPTH = 64
 MAX_NAME_CHARS = 256  # method and params.name of a request
+MAX_URI_CHARS = 2048  # params.uri of a resources request
+MAX_ARGUMENTS_BYTES = 64 * 1024  # a tools/call body larger than this shows CEL no arguments (condition_error)
+RESOURCE_METHODS = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 RESPONSE_METHOD = "rpc.response"  # what policy sees for the agent's answers to server requests
 STREAM_METHOD = "rpc.stream"  # a GET of the endpoint: the transport's server-to-client SSE stream
 SESSION_END_METHOD = "rpc.session_end"  # a DELETE of the endpoint: the client ends its session
 TRANSPORT_METHODS = frozenset({STREAM_METHOD, SESSION_END_METHOD})
+SERVER_REQUEST_METHOD = "rpc.server_request"  # what policy sees for a server's request to the agent
+# what the server may ask of the agent under every allow rule with mcp: (sampling spends the agent's model)
+DEFAULT_SERVER_REQUESTS = frozenset({"ping", "roots/list", "elicitation/create"})
 _TRANSPORT = {"GET": STREAM_METHOD, "DELETE": SESSION_END_METHOD}
-LIFECYCLE_METHODS = frozenset({"initialize", "server/discover", "ping", "tools/list", RESPONSE_METHOD})
+LIFECYCLE_METHODS = frozenset({"initialize", "server/discover", "ping", "tools/list", "resources/list", "prompts/list",
+                               RESPONSE_METHOD})
 _NOTIFICATIONS = "notifications/"
 _COMMON_JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
@@ -83,13 +89,17 @@ class RpcRefused(RequestRefused):
 
 @dataclass(frozen=True, slots=True)
 class McpCall:
-    """One parsed MCP request: what policy sees as ``mcp.method`` and ``mcp.tool``."""
+    """One parsed MCP request: what policy sees as ``mcp.method``, ``mcp.tool``, ``mcp.resource``, ``mcp.prompt``
+    and ``mcp.arguments``."""
 
     method: str
     tool: str | None
     id: str | int | None
     is_notification: bool
     arguments: dict[str, Any] | None = field(default=None, compare=False)  # tools/call params.arguments
+    resource: str | None = None  # params.uri of resources/read, subscribe, unsubscribe
+    prompt: str | None = None  # params.name of prompts/get
+    size: int = field(default=0, compare=False)  # the body's length: bounds the arguments CEL sees
 
     @property
     def rpc(self) -> RpcRef:
@@ -275,13 +285,13 @@ def parse_mcp_request(
         return _response(obj)
     obj = check_envelope(obj)
     try:
-        return _request(obj)
+        return _request(obj, len(body))
     except RequestRefused as refusal:  # the id is known: the refusal can be answered in JSON-RPC
         raise RpcRefused(refusal.message, RpcRef(obj.get("id"), "id" in obj)) from None
 
 
-def _request(obj: dict[str, Any]) -> McpCall:
-    """A request object whose envelope was checked: its method, and for tools/call the tool name."""
+def _request(obj: dict[str, Any], size: int) -> McpCall:
+    """A request object whose envelope was checked: its method, and what the method names (tool, resource, prompt)."""
     method = checked_text(obj.get("method"), "method", MAX_NAME_CHARS)
     if method.startswith("rpc."):
         raise _refuse("methods starting with 'rpc.' are reserved by JSON-RPC 2.0")
@@ -290,7 +300,57 @@ def _request(obj: dict[str, Any]) -> McpCall:
     params = obj.get("params")
     tool = _tool_name(method, params)
     arguments = params.get("arguments") if tool is not None and isinstance(params, dict) else None
-    return McpCall(method=method, tool=tool, id=obj.get("id"), is_notification="id" not in obj, arguments=arguments)
+    resource = checked_uri(_param(params, "uri", method)) if method in RESOURCE_METHODS else None
+    prompt = checked_text(_param(params, "name", method), "prompts/get params.name", MAX_NAME_CHARS) \
+        if method == "prompts/get" else None
+    return McpCall(method, tool, obj.get("id"), "id" not in obj, arguments, resource, prompt, size)
+
+
+def _param(params: Any, key: str, method: str) -> Any:
+    """params[key] of a method that needs it (params, when present, is an object: _tool_name checked)."""
+    if not isinstance(params, dict) or key not in params:
+        raise _refuse(f"{method} needs params.{key}")
+    return params[key]
+
+
+_URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:")
+_URI_FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]|%(?![0-9A-Fa-f]{2})|%2[eEfF]|%5[cC]")
+
+
+def checked_uri(value: Any) -> str:
+    """A resource URI policy can match as the server will read it: a lowercase scheme, no dot segments
+    (``file:///docs/../secrets``), no encoded dot, slash or backslash, no whitespace or controls, and an
+    authority without capitals (a server would compare it case-insensitively, a glob does not)."""
+    uri = checked_text(value, "params.uri", MAX_URI_CHARS)
+    scheme = _URI_SCHEME.match(uri)
+    if scheme is None:
+        raise _refuse("params.uri must be an absolute URI with a lowercase scheme (file:///docs/a.md)")
+    if _URI_FORBIDDEN.search(uri):
+        raise _refuse("params.uri must not contain whitespace, controls, backslashes or encoded '.', '/' or '\\'")
+    rest = uri[scheme.end():].split("?", 1)[0].split("#", 1)[0]
+    if any(segment in (".", "..") for segment in rest.split("/")):
+        raise _refuse("params.uri must not contain '.' or '..' segments")
+    if rest.startswith("//"):
+        authority = rest[2:].split("/", 1)[0]
+        if authority != authority.lower():
+            raise _refuse("params.uri's authority must be lowercase")
+    return uri
+
+
+def described_body(method: str, tool: str | None = None, resource: str | None = None, prompt: str | None = None,
+                   arguments: dict[str, Any] | None = None) -> bytes:
+    """The JSON-RPC body of a request described rather than received (``sidecar test`` cases, replayed events),
+    which :func:`parse_mcp_request` reads back into the same call."""
+    if method == RESPONSE_METHOD:
+        return b'{"jsonrpc":"2.0","id":1,"result":{}}'
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if tool is not None:
+        message["params"] = {"name": tool, "arguments": arguments or {}}
+    elif resource is not None:
+        message["params"] = {"uri": resource}
+    elif prompt is not None:
+        message["params"] = {"name": prompt}
+    return json.dumps(message).encode("utf-8")
 
 
 def check_routing_headers(call: McpCall, methods: Sequence[str], names: Sequence[str]) -> None:
@@ -314,116 +374,3 @@ def _header_text(value: str) -> str | None:
         return decoded.decode("utf-8") if base64.b64encode(decoded).decode() == sentinel.group(1) else None
     except (binascii.Error, UnicodeDecodeError):
         return None
-
-
-# --- tools/list responses ------------------------------------------------------------------
-
-def _filtered_message(message: Any, allowed: Callable[[str], bool]) -> Any | None:
-    """The message with disallowed tools removed; None when nothing changes."""
-    if not isinstance(message, dict):
-        raise _refuse("tools/list response must be one JSON-RPC object")
-    _check_case_variants(message, "the tools/list response")
-    if "result" in message and ("method" in message or "error" in message):
-        raise _refuse("a JSON-RPC message with result must not carry method or error")
-    if "method" in message or "error" in message:
-        return None  # a server notification/request, or an error: no tools to filter
-    result = message.get("result")
-    if message.get("jsonrpc") != "2.0" or not isinstance(result, dict):
-        raise _refuse("tools/list response needs jsonrpc 2.0 and a result object")
-    _check_case_variants(result, "the tools/list result")
-    tools = result.get("tools")
-    if not isinstance(tools, list):
-        raise _refuse("tools/list result needs a tools array")
-    kept = [tool for tool in tools if allowed(_listed_name(tool))]
-    if len(kept) == len(tools):
-        return None
-    return {**message, "result": {**result, "tools": kept}}
-
-
-def _listed_name(tool: Any) -> str:
-    if not isinstance(tool, dict):
-        raise _refuse("tools/list entries must be objects")
-    _check_case_variants(tool, "a tools/list entry")
-    return checked_text(tool.get("name"), "tools/list entry name")
-
-
-def _dumps(message: Any) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-
-
-def filter_tools_list(response_body: bytes, allowed: Callable[[str], bool]) -> bytes:
-    """A tools/list JSON response without the tools the agent may not call (unchanged if none)."""
-    message = loads_strict(response_body)
-    filtered = _filtered_message(message, allowed)
-    return response_body if filtered is None else _dumps(filtered).encode("utf-8")
-
-
-def _filter_event(event: str, allowed: Callable[[str], bool]) -> str:
-    """One SSE event (no trailing blank line) with its JSON data filtered."""
-    lines = event.split("\n")
-    data = [ln[5:].removeprefix(" ") for ln in lines if _is_data(ln)]
-    if not data:
-        return event
-    filtered = _filtered_message(loads_strict("\n".join(data).encode("utf-8")), allowed)
-    if filtered is None:
-        return event
-    kept = [ln for ln in lines if not _is_data(ln)]
-    return "\n".join([*kept, "data: " + _dumps(filtered)])
-
-
-def _is_data(line: str) -> bool:
-    """An SSE data field line ('data: x', 'data:x' or a bare 'data')."""
-    return line.startswith("data:") or line == "data"
-
-
-def filter_tools_list_sse(chunk_text: str, allowed: Callable[[str], bool]) -> str:
-    """Complete SSE events (text/event-stream) with every tools/list response filtered.
-
-    The text must end at an event boundary (use SseToolsListFilter for a stream). Line
-    endings come out as LF; events whose data is not JSON-RPC are refused (fail closed).
-    """
-    text = chunk_text.replace("\r\n", "\n").replace("\r", "\n")
-    events = text.split("\n\n")
-    return "\n\n".join(_filter_event(ev, allowed) if ev else ev for ev in events)
-
-
-class SseToolsListFilter:
-    """Incremental tools/list filtering of an SSE response body, fed chunk by chunk."""
-
-    def __init__(self, allowed: Callable[[str], bool], max_event_bytes: int = 1 << 20) -> None:
-        self._allowed = allowed
-        self._max = max_event_bytes
-        self._buffer = ""
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Filtered output for every event completed by this chunk (may be b"")."""
-        text = (self._buffer + self._decode(chunk)).replace("\r\n", "\n")
-        hold_cr = text.endswith("\r")  # may be the first half of a CRLF split across chunks
-        body, held = (text[:-1], "\r") if hold_cr else (text, "")
-        body = body.replace("\r", "\n")
-        cut = body.rfind("\n\n")
-        if cut < 0:
-            self._buffer = body + held
-            self._check_size()
-            return b""
-        self._buffer = body[cut + 2:] + held
-        self._check_size()
-        return (filter_tools_list_sse(body[:cut], self._allowed) + "\n\n").encode("utf-8")
-
-    def close(self) -> bytes:
-        """Whatever remains at the end of the stream, filtered."""
-        rest = self._buffer + self._decode(b"", final=True)
-        self._buffer = ""
-        return filter_tools_list_sse(rest, self._allowed).encode("utf-8") if rest else b""
-
-    def _decode(self, chunk: bytes, final: bool = False) -> str:
-        try:
-            return str(self._decoder.decode(chunk, final))
-        except UnicodeDecodeError:
-            raise _refuse("tools/list SSE response is not valid UTF-8") from None
-
-    def _check_size(self) -> None:
-        if len(self._buffer) > self._max:
-            raise _refuse(f"SSE event larger than {self._max} bytes in a tools/list response")
-

@@ -4,7 +4,7 @@ One :class:`Rule` per ``rules[i]`` entry. Everything a request is compared with 
 here, once, by the table of :mod:`sidecar.policy.conditions`: glob patterns become regexes or
 sets (:mod:`sidecar.policy.globs`), ``hours`` a zone and minute window, ``expr`` a CEL program.
 Per request, the engine runs :attr:`Rule.checks`, the tuple of compiled checks (the static part:
-hosts, agents, callers, paths, headers, mcp; then the ``when`` part: delegation, hours, expr).
+hosts, agents, callers, paths, headers, mcp, a2a, llm, grpc; then the ``when`` part: delegation, hours, expr).
 What an allow grants (credential, scopes, rate_limit, an LLM token budget) is read here too, beside the conditions.
 """
 
@@ -146,7 +146,7 @@ def _credential(f: Fields, direction: str | None, effect: str | None, upstream: 
 
 
 def _budget(f: Fields, effect: str | None) -> Budget | None:
-    """Counted from the usage an LLM API reports (``protocol: openai`` upstreams, sidecar.llm_usage)."""
+    """Counted from the usage an LLM API reports (``protocol: openai`` or ``anthropic``, sidecar.llm_usage)."""
     if not f.has("budget"):
         return None
     sub = f.sub("budget")

@@ -115,7 +115,8 @@ def _mcp(grant: Grant) -> dict[str, list[str]]:
     tools = ["**"] if OTHER in grant.tools else sorted(grant.tools)
     others = [m for m in grant.mcp_methods if m != "tools/call" and not (tools and is_lifecycle(m))]
     methods = ["**"] if OTHER in grant.mcp_methods else sorted(others)
-    return {k: v for k, v in (("tools", tools), ("methods", methods)) if v}
+    asked = ["**"] if OTHER in grant.server_requests else sorted(grant.server_requests)
+    return {k: v for k, v in (("tools", tools), ("methods", methods), ("server_requests", asked)) if v}
 
 
 def _delegation(delegations: Counter[str]) -> str | None:

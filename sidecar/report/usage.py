@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+from sidecar.policy.mcp import SERVER_REQUEST_METHOD
 from sidecar.replay import logged_effect
 from sidecar.report.paths import PathTrie
 
@@ -68,6 +69,7 @@ class Grant:
     methods: Counter[str] = field(default_factory=Counter)  # readings per method
     mcp_methods: Counter[str] = field(default_factory=Counter)
     tools: Counter[str] = field(default_factory=Counter)
+    server_requests: Counter[str] = field(default_factory=Counter)  # what the MCP server asked the agent
     delegations: Counter[str] = field(default_factory=Counter)
     scopes: set[tuple[str, ...]] = field(default_factory=set)
 
@@ -79,7 +81,9 @@ class Grant:
             self.methods[method] += 1
             if path is not None:
                 trie.add(path)
-        if target.get("mcp_method"):
+        if target.get("mcp_method") == SERVER_REQUEST_METHOD:  # the server asked the agent: not the agent's method
+            bump(self.server_requests, target.get("mcp_server_request") or OTHER)
+        elif target.get("mcp_method"):
             bump(self.mcp_methods, target["mcp_method"])
             if target["mcp_method"] == "tools/call" and target.get("mcp_tool"):
                 bump(self.tools, target["mcp_tool"])

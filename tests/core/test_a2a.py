@@ -266,7 +266,7 @@ OUT = {"direction": "outbound"}
     # an a2a rule needs an a2a upstream
     ({**OUT, "upstream": "api", "a2a": {"methods": ["GetTask"]}}, "a2a rules need protocol a2a"),
     ({**OUT, "upstream": "llm", "llm": {"models": ["gpt-4o-*"]}, "budget": {"tokens": 1000, "per": "1h"}}, None),
-    ({**OUT, "upstream": "planner", "llm": {"models": ["gpt-4o"]}}, "openai rules need protocol openai"),
+    ({**OUT, "upstream": "planner", "llm": {"models": ["gpt-4o"]}}, "llm rules need protocol openai or anthropic"),
     # a budget is something an allow grants
     ({**OUT, "upstream": "llm", "budget": {"tokens": 0, "per": "1h"}}, "budget.tokens: must be an integer >= 1"),
     ({**OUT, "upstream": "llm", "budget": {"tokens": 10, "per": "1h"}, "effect": "deny"}, "applies only to allow"),

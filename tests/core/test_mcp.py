@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import importlib.metadata
+from collections.abc import Awaitable
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from sidecar.errors import RequestRefused
 from sidecar.mcp_transport import McpSessions
-from tests.harness import Upstream, admin
+from tests.harness import admin
+from tests.peers.mcp_tools import JSON_IN, call, exchange, mcp_config, need_sdk, open_session, run_sdk, sdk_config
 
 POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "tools-readonly", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search_tickets",
                                                                                            "draft_reply"]},
      "effect": "allow"},
 ]}
-
-
-def mcp_config(tools: Upstream, **upstream: object) -> dict:
-    return {"outbound": {"upstreams": {"tools": {"url": tools.url + "/mcp", "protocol": "mcp", **upstream}}}}
 
 
 @pytest.fixture
@@ -38,18 +29,6 @@ async def h(make_sidecar, tools):
 async def rpc(h, body: bytes, content_type: str = "application/json", accept: str = "application/json"):
     status, payload, _ = await exchange(h, "POST", body, {"Content-Type": content_type, "Accept": accept})
     return status, payload
-
-
-async def exchange(h, method: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-                   path: str = "/tools"):
-    """One request to the MCP upstream through the sidecar: status, body and response headers."""
-    async with aiohttp.ClientSession() as s:
-        async with s.request(method, f"{h.outbound}{path}", data=body, headers=headers or {}) as r:
-            return r.status, await r.read(), r.headers
-
-
-def call(method: str, **params: object) -> bytes:
-    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
 
 
 @pytest.mark.parametrize("body, status", [
@@ -232,18 +211,6 @@ async def test_a_websocket_upgrade_to_an_mcp_upstream_is_refused(make_sidecar, t
     assert tools.seen == []
 
 
-INITIALIZE = call("initialize", protocolVersion="2025-06-18", capabilities={}, clientInfo={"name": "a", "version": "1"})
-JSON_IN = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-
-
-async def open_session(h, task: str | None = None) -> str:
-    """initialize through the sidecar; the session id the server issued."""
-    headers = {**JSON_IN, **({"X-Sidecar-Task": task} if task else {})}
-    status, _, response_headers = await exchange(h, "POST", INITIALIZE, headers)
-    assert status == 200
-    return response_headers["Mcp-Session-Id"]
-
-
 async def test_a_tools_rule_alone_passes_the_transports_stream_and_session_end(h, tools):
     """The endpoint's GET (server stream) and DELETE (session end) pass under mcp: {tools} (issue 13 item 2)."""
     sid = await open_session(h)
@@ -351,7 +318,6 @@ async def test_routing_headers_that_name_another_tool_are_refused(h, tools):
 
 # --- the official MCP SDKs, client and server (issue 13 item 7) ------------------------------------
 
-SDK_PEERS = Path(__file__).parents[1] / "peers" / "mcp_sdk"
 SDK_POLICY = {"version": 1, "default": "deny", "rules": [
     {"id": "no-account-deletion", "direction": "outbound", "upstream": "tools",
      "mcp": {"tools": ["delete_*"]}, "effect": "deny"},
@@ -360,73 +326,9 @@ SDK_POLICY = {"version": 1, "default": "deny", "rules": [
 ]}
 
 
-@functools.cache
-def sdk_python(major: int) -> str | None:
-    """The Python of an environment holding MCP SDK ``major``.x: 2.x is in the test extra; 1.x in the
-    second environment scripts/test builds (.venv-mcp1, or SIDECAR_MCP1_PYTHON)."""
-    if major == 2:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            if importlib.metadata.version("mcp").startswith("2."):
-                return sys.executable
-        return None
-    root = Path(__file__).parents[2]
-    candidate = os.environ.get("SIDECAR_MCP1_PYTHON", str(root / ".venv-mcp1" / "bin" / "python"))
-    try:
-        version = subprocess.run([candidate, "-c", "import importlib.metadata as m; print(m.version('mcp'))"],
-                                 capture_output=True, text=True, timeout=60).stdout.strip()
-    except OSError:
-        return None
-    return candidate if version.startswith(f"{major}.") else None
-
-
-def need_sdk(major: int) -> str:
-    python = sdk_python(major)
-    if python is None:
-        why = (f"mcp SDK {major}.x not found: scripts/test installs it "
-               f"({'the test extra' if major == 2 else '.venv-mcp1, or set SIDECAR_MCP1_PYTHON'})")
-        if os.environ.get("CI") == "true":  # CI must run what the SDKs prove, never skip it
-            pytest.fail(why)
-        pytest.skip(why)
-    return python
-
-
-@pytest.fixture(scope="module")
-def sdk_servers():
-    """SDK-built streamable-HTTP servers on 127.0.0.1, one per SDK major, started on first use: major -> port."""
-    running: dict[int, tuple[subprocess.Popen, int]] = {}
-
-    def port(major: int) -> int:
-        if major not in running:
-            proc = subprocess.Popen([need_sdk(major), str(SDK_PEERS / "server.py")], stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL)
-            line = proc.stdout.readline()  # the server prints its port once listening, or dies
-            assert line.startswith(b"PORT "), line
-            running[major] = (proc, int(line.split()[1]))
-        return running[major][1]
-
-    yield port
-    for proc, _ in running.values():
-        proc.kill()
-        proc.wait()
-
-
-def sdk_config(port: int) -> dict:
-    return {"outbound": {"upstreams": {"tools": {"url": f"http://127.0.0.1:{port}/mcp", "protocol": "mcp"}}}}
-
-
-async def sdk_agent(python: str, url: str, task: str, other_task: str, mode: str = "legacy") -> dict:
+def sdk_agent(python: str, url: str, task: str, other_task: str, mode: str = "legacy") -> Awaitable[dict]:
     """The SDK client's whole session (client.py), run to its end; what the agent saw."""
-    proc = await asyncio.create_subprocess_exec(python, str(SDK_PEERS / "client.py"), url, task, other_task, mode,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:  # timed out: never leave the client running
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    return json.loads(out)
+    return run_sdk(python, "client.py", url, task, other_task, mode)
 
 
 @pytest.mark.parametrize("major", [1, 2])

@@ -60,6 +60,18 @@ async def test_tokens_are_minted_per_resource(oidc_provider: OidcProvider, make:
         verify_access_token(oidc_provider, credential.token.reveal(), BILLING)
 
 
+async def test_a_requested_resource_overrides_the_configured_one_and_keys_the_cache(
+    oidc_provider: OidcProvider, make: Make
+) -> None:
+    """A request naming a resource (an MCP server's metadata, RFC 8707) gets a token for it, and caches apart
+    (issue 13 item 4)."""
+    provider = make(client_config(oidc_provider, "svc-basic", resource=BILLING, scopes=["crm.read"]))
+    credential = await provider.fetch(request(resource=CRM))
+    assert verify_access_token(oidc_provider, credential.token.reveal(), CRM)["aud"] == CRM
+    assert credential.audience == CRM
+    assert provider.cache_key(request(resource=CRM)) != provider.cache_key(request())
+
+
 async def test_a_rule_narrows_the_requested_scopes(oidc_provider: OidcProvider, make: Make) -> None:
     """The rule's scopes replace the configured ones in the request and in the cache key."""
     provider = make(client_config(oidc_provider, "svc-post", resource=BILLING,

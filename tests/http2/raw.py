@@ -18,10 +18,11 @@ def client() -> h2.connection.H2Connection:
     return conn
 
 
-async def streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  blocks: list[list[tuple[str, str]]]) -> tuple[list[tuple[int, bytes]], int | None]:
+async def streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, blocks: list[list[tuple[str, str]]],
+                  fields: list[dict[bytes, bytes]] | None = None) -> tuple[list[tuple[int, bytes]], int | None]:
     """Each header block on its own stream (END_STREAM); each stream's status (0: reset, or no answer)
-    and body, and the GOAWAY error code if the other side ended the connection. Closes the writer."""
+    and body, and the GOAWAY error code if the other side ended the connection. Closes the writer.
+    ``fields`` (one dict per block) gets each answer's header and trailer fields."""
     conn = client()
     ids = []
     for block in blocks:
@@ -36,6 +37,8 @@ async def streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         async with asyncio.timeout(10):
             while len(ended) < len(ids) and goaway is None and (data := await reader.read(65536)):
                 for event in conn.receive_data(data):
+                    if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and fields:
+                        fields[ids.index(event.stream_id)].update(dict(event.headers))
                     if isinstance(event, h2.events.ResponseReceived):
                         status[event.stream_id] = int(dict(event.headers)[b":status"])
                     elif isinstance(event, h2.events.DataReceived):

@@ -34,7 +34,8 @@ class Upstream:
         try:
             await self.hold.wait()
             body = b"".join([chunk async for chunk in request.chunks()])
-            return request.respond(200, None, {"x-path": request.target}, body * self.repeat)
+            return request.respond(200, None, {"x-path": request.target, "x-host": request.headers.get("Host", "")},
+                                   body * self.repeat)
         finally:
             self.in_flight -= 1
 
@@ -211,3 +212,32 @@ def test_the_http2_key_of_an_upstream(upstream, expected):
         assert any(expected.removeprefix("http2: ") in str(e) and "api.http2" in str(e) for e in invalid.value.errors)
         return
     assert parse_config(raw).outbound.upstreams["api"].http2 == expected
+
+
+async def test_a_connection_whose_stream_ids_are_spent_is_replaced(upstream):
+    """After 2^30 streams a connection has no stream id left (RFC 9113 §5.1.1): the next request goes
+    on a new connection, the spent one is closed, nothing fails (ids spent by hand, not by 2^30 calls)."""
+    peer, port = upstream
+    transport = pool(port)
+    assert (await get(transport, "/a"))[0] == 200
+    spent = transport._client
+    assert spent is not None
+    spent.h2.highest_outbound_stream_id = spent.h2.HIGHEST_ALLOWED_STREAM_ID
+    assert await get(transport, "/b") == (200, b"", "/b")
+    assert transport._client is not spent
+    assert spent.transport is None or spent.transport.is_closing()
+    transport.close()
+
+
+async def test_the_authority_sent_is_the_requests_host_not_the_pools(upstream):
+    """:authority is the Host the pipeline routed and matched (a wildcard's name, say), not the address
+    the pool dials; without a Host it is the pool's."""
+    peer, port = upstream
+    transport = pool(port)
+    response = await transport.send("GET", "/a", CIMultiDict({"Host": "bucket.storage.example"}), None)
+    assert response.headers["x-host"] == "bucket.storage.example"
+    response.release()
+    response = await transport.send("GET", "/b", CIMultiDict(), None)
+    assert response.headers["x-host"] == f"127.0.0.1:{port}"
+    response.release()
+    transport.close()

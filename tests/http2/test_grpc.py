@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import jsonschema
 import pytest
+import yaml
+from multidict import CIMultiDict
 
-from sidecar.errors import GRPC_STATUS, STATUS
+from sidecar.config_model import Limits
+from sidecar.errors import GRPC_STATUS, STATUS, RequestRefused
+from sidecar.grpc import format_timeout, parse_timeout
+from sidecar.http.incoming import Answer, IncomingRequest
+from sidecar.http2.server import H2Server
+from tests.http2.raw import streams
 from tests.peers.grpc_greeter import SERVICE, Greeter
 from tests.scenarios.outbound import SECRET
 
@@ -194,3 +203,190 @@ async def test_a_call_refused_before_routing_is_a_grpc_status_too(make_sidecar, 
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "nosuch" in caught.value.details()
     event = (await h.settle())[-1]
     assert (event["reason"], event["protocol"], event["grpc_status"]) == ("unknown_upstream", "grpc", 7)
+
+
+async def test_a_trailer_echoing_the_attached_credential_is_scrubbed(make_sidecar, greeter):
+    """The server answers a message, then a status whose grpc-message (a trailer, after the data) repeats
+    the API key the sidecar attached: the trailer is dropped as a header would be, the status stays, the
+    event says so."""
+    policy = {"version": 1, "default": "deny", "rules": [
+        {"id": "all", "direction": "outbound", "upstream": "greeter", "effect": "allow"}]}
+    h = await make_sidecar(grpc_config(greeter), policy)
+
+    def echo() -> list[bytes]:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port('outbound')}") as channel:
+            return list(channel.unary_stream(f"/greeter/{SERVICE}/Echo")(b"x", timeout=10))
+
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(echo)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert SECRET not in (caught.value.details() or "")
+    assert greeter.metadata[0]["x-api-key"] == SECRET  # the key did reach the server, and came back
+    event = (await h.settle())[-1]
+    assert event["grpc_status"] == 3
+    assert "echoed the attached credential: grpc-message: dropped" in event["reason_detail"]
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("2H", 7200.0), ("3M", 180.0), ("5S", 5.0), ("250m", 0.25), ("1500u", 0.0015), ("99999999n", 0.099999999),
+    ("0m", 0.0),
+])
+def test_grpc_timeout_is_parsed_in_every_unit(value, seconds):
+    """TimeoutValue (at most 8 digits) and TimeoutUnit, as gRPC's HTTP/2 protocol spells them."""
+    assert parse_timeout(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["", "5", "S", "123456789S", "1.5S", "-1S", "5s", "5 S", "\u0665S"])
+def test_a_malformed_grpc_timeout_is_refused(value):
+    with pytest.raises(RequestRefused) as caught:
+        parse_timeout(value)
+    assert caught.value.reason == "bad_request" and "1 to 8 digits and a unit" in caught.value.message
+
+
+@pytest.mark.parametrize("seconds, sent", [
+    (0.0999999999, "99999999n"), (0.25, "250000u"), (5.0, "5000000u"), (7200.0, "7200000m"),
+    (200_000.0, "200000S"),
+])
+def test_the_forwarded_budget_is_the_finest_unit_that_fits_rounded_down(seconds, sent):
+    assert format_timeout(seconds) == sent
+    assert parse_timeout(sent) <= seconds
+
+
+async def test_the_upstream_is_told_the_calls_remaining_budget(make_sidecar, greeter):
+    """A real grpcio call with a 20 s deadline: the server sees a grpc-timeout of what is left of it
+    (the sidecar's time already spent), never more."""
+    h = await make_sidecar(grpc_config(greeter), {"version": 1, "default": "deny", "rules": [
+        {"id": "all", "direction": "outbound", "upstream": "greeter", "effect": "allow"}]})
+
+    def remaining() -> float:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port('outbound')}") as channel:
+            return float(channel.unary_unary(f"/greeter/{SERVICE}/Remaining")(b"", timeout=20))
+
+    assert 0 < await asyncio.to_thread(remaining) <= 20
+
+
+class HoldingUpstream:
+    """An h2c gRPC upstream (the sidecar's own HTTP/2 server protocol) that never answers; it records the
+    grpc-timeout each call reached it with."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[str] = []
+        self.server = H2Server(self.hold, limits=Limits())
+
+    async def hold(self, request: IncomingRequest) -> Answer:
+        self.timeouts.append(request.headers.get("grpc-timeout", ""))
+        if request.target.endswith("/SayMany"):  # a streamed answer: its head and one message, then nothing
+            stream = await request.start(200, None, CIMultiDict({"content-type": "application/grpc"}))
+            await stream.write(b"\x00\x00\x00\x00\x03one")
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+
+@pytest.fixture
+async def holding() -> AsyncIterator[tuple[HoldingUpstream, int]]:
+    peer = HoldingUpstream()
+    listener = await asyncio.get_running_loop().create_server(peer.server, "127.0.0.1", 0)
+    yield peer, listener.sockets[0].getsockname()[1]
+    listener.close()
+
+
+def grpc_head(port: int, timeout: str, method: str = "SayHello") -> list[tuple[str, str]]:
+    return [(":method", "POST"), (":scheme", "http"), (":authority", f"127.0.0.1:{port}"),
+            (":path", f"/slow/{SERVICE}/{method}"), ("content-type", "application/grpc"), ("te", "trailers"),
+            ("grpc-timeout", timeout)]
+
+
+def holding_config(port: int) -> dict[str, Any]:
+    return {"agent": {"name": "billing-agent", "environment": "test"},
+            "outbound": {"upstreams": {"slow": {"url": f"http://127.0.0.1:{port}", "protocol": "grpc"}}}}
+
+
+ALLOW_SLOW = {"version": 1, "default": "deny", "rules": [
+    {"id": "all", "direction": "outbound", "upstream": "slow", "effect": "allow"}]}
+
+
+async def test_a_call_whose_deadline_passes_upstream_is_deadline_exceeded(make_sidecar, holding):
+    """The upstream never answers: at the call's grpc-timeout the client is answered DEADLINE_EXCEEDED
+    (a trailers-only gRPC status), long before first_byte; the upstream was told the remaining budget."""
+    peer, port = holding
+    h = await make_sidecar(holding_config(port), ALLOW_SLOW)
+    fields: list[dict[bytes, bytes]] = [{}, {}]
+    connection = await asyncio.open_connection("127.0.0.1", h.port("outbound"))
+    answers, _ = await streams(*connection, [grpc_head(h.port("outbound"), "300m"),
+                                             grpc_head(h.port("outbound"), "1x")], fields)
+    assert [status for status, _ in answers] == [200, 200]
+    assert (fields[0][b"grpc-status"], fields[1][b"grpc-status"]) == (b"4", b"3")  # DEADLINE_EXCEEDED, INVALID_ARGUMENT
+    assert b"grpc-timeout ran out" in fields[0][b"grpc-message"]
+    (sent,) = peer.timeouts  # the malformed one went nowhere
+    assert 0 < parse_timeout(sent) <= 0.3
+    events = sorted((e["reason"], e["grpc_status"]) for e in await h.settle())
+    assert events == [("bad_request", 3), ("deadline_exceeded", 4)]
+
+
+async def test_a_response_still_streaming_at_the_deadline_is_cut(make_sidecar, holding):
+    """The upstream answered a message and then nothing: at the call's deadline the stream is reset (its
+    exchange cut, saying why), not left open until the idle timeout."""
+    peer, port = holding
+    h = await make_sidecar(holding_config(port), ALLOW_SLOW)
+    connection = await asyncio.open_connection("127.0.0.1", h.port("outbound"))
+    answers, _ = await streams(*connection, [grpc_head(h.port("outbound"), "300m", "SayMany")])
+    assert answers == [(200, b"\x00\x00\x00\x00\x03one")]  # the message, then the reset (no trailers)
+    (event,) = await h.settle()
+    assert (event["outcome"], event["reason_detail"]) == ("cut", "grpc: the call's grpc-timeout ran out mid-response")
+
+
+GRPC_KEY_POLICY = {"version": 1, "default": "deny", "rules": [
+    {"id": "say", "direction": "outbound", "upstream": "greeter",
+     "grpc": {"services": ["helloworld.*"], "methods": ["Say*"]}, "effect": "allow"},
+    {"id": "no-say-many", "direction": "outbound", "upstream": "greeter", "grpc": {"methods": ["SayMany"]},
+     "effect": "deny"},
+]}
+
+
+async def test_a_grpc_rule_key_matches_services_and_methods_by_glob(make_sidecar, greeter):
+    """grpc: {services, methods}: SayHello matches both globs; SayMany is denied by name (deny wins);
+    Collect matches no method glob: default deny. The client reads each reason."""
+    h = await make_sidecar(grpc_config(greeter), GRPC_KEY_POLICY)
+    assert await asyncio.to_thread(call, h.port("outbound"), "SayHello", b"agent") == b"hello agent"
+    with pytest.raises(grpc.RpcError) as denied:
+        await asyncio.to_thread(call, h.port("outbound"), "SayMany", b"agent", stream=True)
+    assert (denied.value.code(), denied.value.details()) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                             "policy: denied by rule no-say-many")
+
+    def collect() -> bytes:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port('outbound')}") as channel:
+            return channel.stream_unary(f"/greeter/{SERVICE}/Collect")(iter([b"a"]), timeout=10)
+
+    with pytest.raises(grpc.RpcError) as unmatched:
+        await asyncio.to_thread(collect)
+    assert unmatched.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [(e["rule_id"], e["reason"]) for e in await h.settle()] == [
+        ("say", "allowed"), ("no-say-many", "rule_denied"), ("default", "no_matching_rule")]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_explain_and_sidecar_test_read_the_call_from_the_path(tmp_path):
+    """sidecar explain and sidecar test decide a gRPC call's path as the pipeline does: the grpc: key
+    sees its service and method."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(GRPC_KEY_POLICY))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({"outbound": {"upstreams": {"greeter": {
+        "url": "http://127.0.0.1:50051", "protocol": "grpc"}}}, "policy": {"files": [str(policy)]},
+        "state_dir": str(tmp_path / "s")}))
+    allowed = cli("explain", "-c", str(config), "--method", "POST", "--url", f"/greeter/{SERVICE}/SayHello")
+    assert allowed.returncode == 0 and "rule: say" in allowed.stdout, allowed.stdout + allowed.stderr
+    denied = cli("explain", "-c", str(config), "--method", "POST", "--url", f"/greeter/{SERVICE}/SayMany")
+    assert denied.returncode == 3 and "rule: no-say-many" in denied.stdout
+    cases = tmp_path / "grpc.cases.yaml"
+    cases.write_text(yaml.safe_dump({"cases": [
+        {"name": "hello", "request": {"direction": "outbound", "method": "POST", "upstream": "greeter",
+                                      "path": f"/{SERVICE}/SayHello"}, "expect": {"decision": "allow", "rule": "say"}},
+        {"name": "collect", "request": {"direction": "outbound", "method": "POST", "upstream": "greeter",
+                                        "path": f"/{SERVICE}/Collect"},
+         "expect": {"decision": "deny", "reason": "no_matching_rule"}}]}))
+    tested = cli("test", str(policy), "--cases", str(cases), "-c", str(config))
+    assert tested.returncode == 0, tested.stdout + tested.stderr

@@ -95,17 +95,35 @@ async def test_limits_refuse_one_stream_with_the_listeners_reason_codes(make_sid
     assert [e["reason"] for e in await h.settle()] == ["headers_too_large", "body_too_large", "allowed"]
 
 
-async def test_a_host_header_naming_another_authority_ends_the_connection(make_sidecar, upstream):
-    """:authority and host disagree (RFC 9113 §8.3.1, enforced by h2 as a connection error): GOAWAY
-    PROTOCOL_ERROR, one bad_request event, nothing forwarded."""
+async def test_a_host_header_naming_another_authority_refuses_that_stream_alone(make_sidecar, upstream):
+    """:authority and host disagree (RFC 9113 §8.3.1): that stream is refused host_mismatch (a 403 on it,
+    no GOAWAY), the stream beside it on the same connection is served; nothing else is forwarded."""
     h = await make_sidecar(config_for(upstream), POLICY)
     authority = f"127.0.0.1:{h.port('outbound')}"
-    answers, goaway = await raw_h2(h.port("outbound"), [[
-        (":method", "GET"), (":scheme", "http"), (":authority", authority), (":path", "/billing/v1/a"),
-        ("host", "billing.internal")]])
-    assert answers == [(0, b"")] and goaway == 1  # PROTOCOL_ERROR
-    assert upstream.seen == []
-    assert (await h.settle())[-1]["reason"] == "bad_request"
+    answers, goaway = await raw_h2(h.port("outbound"), [
+        [(":method", "GET"), (":scheme", "http"), (":authority", authority), (":path", "/billing/v1/a"),
+         ("host", "billing.internal")],
+        [(":method", "GET"), (":scheme", "http"), (":authority", authority), (":path", "/billing/v1/b")]])
+    assert [status for status, _ in answers] == [403, 200] and goaway is None
+    assert b'"host_mismatch"' in answers[0][1]
+    assert [s.path for s in upstream.seen] == ["/api/v1/b"]
+    assert sorted(e["reason"] for e in await h.settle()) == ["allowed", "host_mismatch"]
+
+
+async def test_a_malformed_request_is_a_stream_error_not_the_end_of_the_connection(make_sidecar, upstream):
+    """A header block h2 would call malformed (an uppercase name, a connection-specific field; RFC 9113
+    §8.1.1: a stream error) resets that stream PROTOCOL_ERROR with a bad_request event; the next stream
+    on the connection is served."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    authority = f"127.0.0.1:{h.port('outbound')}"
+    head = [(":method", "GET"), (":scheme", "http"), (":authority", authority)]
+    answers, goaway = await raw_h2(h.port("outbound"), [
+        [*head, (":path", "/billing/v1/a"), ("X-Upper", "1")],
+        [*head, (":path", "/billing/v1/b"), ("connection", "keep-alive")],
+        [*head, (":path", "/billing/v1/c")]])
+    assert [status for status, _ in answers] == [0, 0, 200] and goaway is None
+    assert [s.path for s in upstream.seen] == ["/api/v1/c"]
+    assert sorted(e["reason"] for e in await h.settle()) == ["allowed", "bad_request", "bad_request"]
 
 
 async def test_cookies_split_across_fields_are_joined_once(make_sidecar, upstream):

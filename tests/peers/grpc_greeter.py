@@ -25,6 +25,8 @@ class Greeter:
             "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
             "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+            "Echo": grpc.unary_stream_rpc_method_handler(self.echo_key),
+            "Remaining": grpc.unary_unary_rpc_method_handler(self.remaining),
         }),))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -49,6 +51,17 @@ class Greeter:
         self._seen(context)
         for request in requests:
             yield b"re: " + request
+
+    def echo_key(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """One message, then a status whose message (a trailer) repeats the API key the call carried."""
+        self._seen(context)
+        yield b"one"
+        key = dict(context.invocation_metadata()).get("x-api-key", "")
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad key {key}")
+
+    def remaining(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """The seconds left of the call's deadline as the server was told it (grpc-timeout), as text."""
+        return repr(context.time_remaining()).encode()
 
     def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")

@@ -322,6 +322,10 @@ class OidcProvider:
         """While held, token requests wait (counted in ``in_flight``) until ``hold(False)``."""
         self._test_api("POST", "hold", {"held": held})
 
+    def add_resource(self, identifier: str, scope: str = "invoices.read") -> None:
+        """Accept ``identifier`` as an RFC 8707 resource indicator from now on (a server on a port chosen at start)."""
+        self._test_api("POST", "resource", {"identifier": identifier, "scope": scope})
+
     def user_token(
         self,
         sub: str,

@@ -26,7 +26,8 @@ def facts(**overrides: Any) -> Facts:
 def test_the_table_lists_every_condition_in_matching_order() -> None:
     """Static conditions first, cheapest first; then when: delegation, hours, and the expression last."""
     assert [row.key for row in CONDITIONS] == [
-        "hosts", "agents", "callers", "paths", "headers", "mcp", "a2a", "llm", "when.delegation", "when.hours", "when.expr"]
+        "hosts", "agents", "callers", "paths", "headers", "mcp", "a2a", "llm", "grpc", "when.delegation", "when.hours",
+        "when.expr"]
 
 
 def test_every_row_reads_a_facts_field() -> None:

@@ -13,12 +13,10 @@ from sidecar.policy.mcp import (
     RpcRef,
     RpcRefused,
     check_routing_headers,
-    SseToolsListFilter,
-    filter_tools_list,
-    filter_tools_list_sse,
     is_lifecycle,
     parse_mcp_request,
 )
+from sidecar.policy.mcp_responses import SseToolsListFilter, filter_tools_list, filter_tools_list_sse
 
 JSON = "application/json"
 LIMIT = 65536

@@ -13,7 +13,7 @@ from sidecar.errors import ConfigInvalid
 from sidecar.policy.engine import load_policy
 from sidecar.policy.globs import glob_regex
 
-UPSTREAMS = {"billing-api": "http", "crm-api": "http", "tools-mcp": "mcp"}
+UPSTREAMS = {"billing-api": "http", "crm-api": "http", "tools-mcp": "mcp", "greeter": "grpc"}
 CREDENTIALS = {"billing-oauth": ("invoices.read", "invoices.write"), "on-behalf-of-user": ("crm.read",)}
 
 
@@ -58,8 +58,13 @@ def rule(**fields: Any) -> dict[str, Any]:
      "must be one of mon"),
     (rule(when={"delegation": "maybe"}), "when.delegation", "must be one of required"),
     (rule(upstream="billing-api", mcp={"tools": ["a"]}), "mcp", "has protocol http"),  # mcp needs protocol mcp
+    (rule(upstream="billing-api", grpc={"methods": ["Get*"]}), "grpc", "has protocol http"),  # grpc needs grpc
+    (rule(grpc={"methods": ["Get*"]}), "grpc", "needs an outbound rule with an upstream"),
+    (rule(upstream="greeter", grpc={}), "grpc", "must list services, methods or both"),
+    (rule(upstream="greeter", grpc={"method": ["Get"]}), "grpc.method", "unknown key"),
+    (rule(upstream="greeter", grpc={"methods": ["a/**/b/**/c**"]}), "grpc.methods[0]", ""),
     (rule(mcp={"tools": ["a"]}), "mcp", "needs an outbound rule with an upstream"),
-    (rule(upstream="tools-mcp", mcp={}), "mcp", "must list tools, methods or both"),
+    (rule(upstream="tools-mcp", mcp={}), "mcp", "must list tools, methods, resources, prompts or server_requests"),
     (rule(callers=["spiffe://example.org/*"]), "callers", "only to inbound rules"),
     (rule(direction="inbound", upstream="billing-api"), "upstream", "only to outbound rules"),
     (rule(direction="inbound", credential="billing-oauth"), "credential", "only to outbound allow"),

@@ -14,6 +14,7 @@
 //   POST /_test/outage      {"down": true, "status": 503, "retry_after": 1}: /token answers 503
 //   POST /_test/hold        {"held": true}: /token requests wait (counted in in_flight) until
 //                            {"held": false}
+//   POST /_test/resource    {identifier, scope}: a resource indicator accepted from now on
 //   POST /_test/user-token  {sub, client_id, resource, scope, claims, act, expires_in} ->
 //                            {access_token, ...}: a human's JWT access token minted through the
 //                            provider's own AccessToken model (sub = the user, client_id = the app)
@@ -441,7 +442,15 @@ const TEST_ROUTES = {
   'POST /_test/outage': ({ state }, body) => setOutage(state, body),
   'POST /_test/hold': ({ state }, body) => setHold(state, body),
   'POST /_test/user-token': ({ provider, resources }, body) => mintUserToken(provider, resources, body),
+  'POST /_test/resource': ({ resources }, body) => addResource(resources, body),
 };
+
+// a resource server known from now on (an MCP server on a port chosen at start): {identifier, scope}
+function addResource(resources, body) {
+  if (!body.identifier || !body.scope) throw new errors.InvalidRequest('identifier and scope are required');
+  resources.set(body.identifier, { identifier: body.identifier, scope: body.scope });
+  return { identifier: body.identifier };
+}
 
 async function testRoute(ctx, env) {
   const handler = TEST_ROUTES[`${ctx.method} ${ctx.path}`];
