@@ -114,7 +114,8 @@ def build_policy(config: Config, limiter: RateLimiter | None) -> PolicySet:
     return load_policy(config.policy.files,
                        upstreams={n: u.protocol for n, u in config.outbound.upstreams.items()},
                        credentials={n: tuple(c.spec.scopes or ()) for n, c in config.credentials.items()},
-                       mode=config.policy.mode, limiter=limiter)
+                       mode=config.policy.mode, limiter=limiter,
+                       inbound_protocol=config.inbound.protocol if config.inbound else None)
 
 
 def ensure_identity(config: Config) -> tuple[IdentitySource, bool]:

@@ -35,6 +35,7 @@ from sidecar.routing import host_pattern
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 DEFAULT_STRIP = ("authorization", "proxy-authorization", "cookie")
+INBOUND_PROTOCOLS = ("http", "a2a")  # what the agent serves its callers (inbound.protocol)
 
 
 # -- loading ------------------------------------------------------------------------
@@ -217,7 +218,8 @@ def _inbound(f: Fields) -> InboundConfig:
                         f.text("task_trigger_header", "X-Task-Trigger"),
                         _limits(f.sub("limits"), per_source=INBOUND_PER_SOURCE),
                         _timeouts(f.sub("timeouts")), _pass_headers(f),
-                        _http2(f, "http", urlsplit(forward_to).scheme))  # the leg to the agent, as an upstream's
+                        _http2(f, "http", urlsplit(forward_to).scheme),  # the leg to the agent, as an upstream's
+                        f.choice("protocol", INBOUND_PROTOCOLS, "http"))
     f.done()
     return cfg
 

@@ -106,6 +106,7 @@ class InboundConfig:
     timeouts: Timeouts
     pass_headers: frozenset[str] = frozenset()  # caller headers the agent may receive despite the strip set
     http2: bool | str = False  # to the agent: True h2c (h2 by ALPN on https), "auto" ALPN chooses, False HTTP/1.1
+    protocol: str = "http"  # what the agent serves its callers: http, or a2a (JSON-RPC parsed, a2a rules)
 
 
 @dataclass(frozen=True, slots=True)

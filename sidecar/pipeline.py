@@ -8,9 +8,10 @@ Outbound (the agent calling out)::
 
 Inbound (callers of the agent)::
 
-    limits -> peer (mTLS, verified at the handshake) -> bearer token -> revocation -> form body
+    limits -> peer (mTLS, verified at the handshake) -> bearer token -> revocation
+           -> A2A (body, the caller's task; inbound.protocol a2a) or form body
            -> strip (the human's token, identity headers) -> overrides -> policy -> open task
-           -> forward to the agent -> record
+           -> forward to the agent (an A2A answer binds its task ids, a card is checked) -> record
 
 Policy decides on the headers that will be forwarded (computed once, shared with the forwarder),
 and on every other reading of the request a passed method or URL override gives it.
@@ -26,10 +27,11 @@ import asyncio
 from dataclasses import replace
 from typing import Awaitable, Callable
 
+import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.a2a_transport import A2aTasks
+from sidecar.a2a_transport import CARD_PATHS, A2aTasks, card_observer
 from sidecar.credentials.aws_request import COPY_SOURCE, CopySource, copy_source
 from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequest, body_needed
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
@@ -63,6 +65,7 @@ from sidecar.runtime import Runtime
 from sidecar.tasks import TASK_HEADER, Task
 from sidecar.tracing import traceparent_for
 
+log = structlog.get_logger("sidecar.pipeline")
 RPC_PROTOCOLS = frozenset({"mcp", "a2a"})  # refusals of one JSON-RPC request are JSON-RPC errors
 DENY_MESSAGES = {
     "no_matching_rule": "policy: no rule allows this request (default deny)",
@@ -448,6 +451,7 @@ class Inbound:
 
     def __init__(self, rt: Runtime, identity: InboundIdentity) -> None:
         self.rt, self.identity = rt, identity
+        self.a2a_tasks = A2aTasks()  # inbound.protocol a2a: the agent's tasks, bound to their caller
 
     def handle(self, request: IncomingRequest) -> Awaitable[Answer]:
         ex = Exchange("inbound", method=request.method)
@@ -473,6 +477,8 @@ class Inbound:
         rt.revocations.check_agent(rt.agent.id)
         rt.revocations.check_subject(ex.principal)
         body = RequestBody(request, inbound.limits, inbound.timeouts.idle)
+        if inbound.protocol == "a2a":
+            await self._a2a(request, ex, body, inbound.limits.max_body_bytes)
         if body.form:
             await body.read()
         forwarded = clean_request_headers(request.headers, rt.inbound_drop)
@@ -482,7 +488,7 @@ class Inbound:
             direction="inbound", method=request.method, scheme="https", host=_inbound_host(request), path=ex.path,
             query=query, headers=forwarded, size=body.size, upstream=None,
             agent=rt.agent, caller_id=ex.caller_id, principal=ex.principal, delegation=ex.delegation,
-            grpc_service=ex.grpc_service, grpc_method=ex.grpc_method)
+            grpc_service=ex.grpc_service, grpc_method=ex.grpc_method, a2a=ex.a2a)
         decision = rt.policy.decide(facts, *reading.alternatives(facts))
         if apply_decision(ex, decision):
             await rt.approvals.hold(ex)
@@ -502,10 +508,53 @@ class Inbound:
         if deadline is not None:
             headers[TIMEOUT] = format_timeout(_remaining(deadline))
         upstream = await _by(deadline, opening)
-        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, rt.metrics, None))
+        learn = self._a2a_filter(request, ex, upstream)
+        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, rt.metrics, learn))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
+
+    def _a2a_filter(self, request: IncomingRequest, ex: Exchange, upstream: UpstreamResponse) -> ChunkFilter | None:
+        """The agent's answer to a message binds its task ids to the caller; its card is checked to
+        name the address the caller reached the sidecar at."""
+        if ex.protocol != "a2a" or upstream.status != 200:
+            return None
+        if ex.a2a is not None:
+            if ex.a2a.method not in MESSAGE_METHODS:
+                return None
+            return self.a2a_tasks.observer("", self._a2a_owner(ex), _media_type(upstream))
+        if request.method != "GET" or ex.path not in CARD_PATHS:
+            return None
+        try:
+            host, port = normalize_host(request.headers.get("Host", ""), "https")
+        except Refusal:
+            host, port = "", 0  # no address to compare with: every URL the card names is reported
+
+        def astray(urls: list[str]) -> None:
+            self.rt.metrics.a2a_card_mismatches.inc()
+            log.warning("a2a_card_points_around_sidecar", path=ex.path, urls=urls[:8],
+                        expected=f"https://{host}:{port}", decision_id=ex.decision_id)
+
+        return card_observer(host, port, astray)
+
+    async def _a2a(self, request: IncomingRequest, ex: Exchange, body: RequestBody, max_bytes: int) -> None:
+        """The agent serves A2A: a POST is one call, parsed as strictly as outbound, and a task it names
+        must have been created for this caller (peer and human)."""
+        ex.protocol = "a2a"
+        if is_websocket(request):
+            raise RequestRefused("bad_request", "a2a: WebSocket upgrades to an A2A agent are refused")
+        if request.method != "POST":
+            return  # the agent card and other plain reads: HTTP rules
+        call = parse_a2a_request(await body.read(), request.headers.get("Content-Type"), max_bytes)
+        ex.a2a, ex.rpc = call, call.rpc
+        if call.task_id is not None:
+            self.a2a_tasks.check("", call.task_id, self._a2a_owner(ex), who="caller (peer and principal)")
+
+    @staticmethod
+    def _a2a_owner(ex: Exchange) -> tuple[str | None, ...]:
+        """Whom an inbound task belongs to: the calling peer and the human it acts for (if any)."""
+        principal = ex.principal
+        return (ex.caller_id, *(principal if principal is not None else (None, None)))
 
     async def _caller(self, request: IncomingRequest, ex: Exchange, peer: PeerIdentity) -> Caller:
         """The verified peer and the token it carries: whom it acts for."""

@@ -79,6 +79,9 @@ class Metrics:
         self.loop_lag = Histogram("sidecar_event_loop_lag_seconds",
                                   "How late the event loop ran a timer sampled every loop_sample_interval.",
                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.a2a_card_mismatches = Counter("sidecar_a2a_card_mismatches",
+                                           "Agent cards served inbound naming an endpoint other than the sidecar's.",
+                                           registry=r)
         self.loop_stalls = Counter("sidecar_event_loop_stalls",
                                    "Times the event loop did not run for observability.stall_threshold.", registry=r)
         r.register(LogPressure(lambda: decision_log.WRITER.stats()))

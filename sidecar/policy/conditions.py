@@ -54,6 +54,7 @@ class LoadContext:
     upstreams: Mapping[str, str]  # name -> protocol
     credentials: Mapping[str, tuple[str, ...]]  # name -> configured scopes
     file_audit: bool
+    inbound_protocol: str | None = None  # inbound.protocol, None without an inbound listener
 
 
 class RuleHead(NamedTuple):
@@ -290,9 +291,15 @@ class _McpCheck:
 
 
 def _check_protocol(f: Fields, key: str, head: RuleHead, protocol: str, *others: str) -> None:
+    """A protocol's rule key needs that protocol on the side it applies to: its upstream's, or
+    ``inbound.protocol`` for an inbound rule (A2A only: the agent serving other agents)."""
     protocols = head.ctx.upstreams
     named = " or ".join((protocol, *others))
-    if head.direction == "inbound" or head.upstream is None:
+    if head.direction == "inbound" and protocol == "a2a":
+        if head.ctx.inbound_protocol != "a2a":
+            f.error(key, "an inbound rule with a2a needs inbound.protocol: a2a (the agent serving A2A), got "
+                         f"{head.ctx.inbound_protocol or 'no inbound listener'}")
+    elif head.direction == "inbound" or head.upstream is None:
         f.error(key, f"needs an outbound rule with an upstream of protocol {named}")
     elif protocols.get(head.upstream) not in (None, protocol, *others):
         f.error(key, f"upstream {head.upstream!r} has protocol {protocols[head.upstream]}; {key} rules need "

@@ -313,14 +313,15 @@ class _File:
 
 def load_policy(files: Sequence[Path], *, upstreams: Mapping[str, str], credentials: Mapping[str, tuple[str, ...]],
                 mode: str = "enforce", limiter: RateLimiter | None = None,
-                clock: Callable[[], datetime] | None = None) -> PolicySet:
+                clock: Callable[[], datetime] | None = None, inbound_protocol: str | None = None) -> PolicySet:
     """Read, check and compile every file; raises ConfigInvalid with every problem found."""
     if mode not in ("enforce", "audit"):
         raise ValueError(f"policy: mode must be enforce or audit, got {mode!r}")
     errors: list[ConfigError] = []
     loaded: list[_File] = []
     for path in files:
-        loaded.append(_load_file(Path(path), upstreams, credentials, len(loaded) * 1_000_000, errors))
+        loaded.append(_load_file(Path(path), upstreams, credentials, len(loaded) * 1_000_000, errors,
+                                 inbound_protocol))
     _check_across(loaded, errors)
     if errors:
         raise ConfigInvalid(errors)
@@ -332,7 +333,7 @@ def load_policy(files: Sequence[Path], *, upstreams: Mapping[str, str], credenti
 
 
 def _load_file(path: Path, upstreams: Mapping[str, str], credentials: Mapping[str, tuple[str, ...]],
-               first_order: int, errors: list[ConfigError]) -> _File:
+               first_order: int, errors: list[ConfigError], inbound_protocol: str | None = None) -> _File:
     name = str(path)
     content = _read_yaml(path, errors)
     if not isinstance(content, dict):
@@ -344,7 +345,8 @@ def _load_file(path: Path, upstreams: Mapping[str, str], credentials: Mapping[st
     if version is not None and version != 1:
         f.error("version", f"must be 1 (the only policy format), got {version}")
     default = f.choice("default", ("deny", "allow"), "deny")
-    ctx = LoadContext(upstreams, credentials, f.choice("mode", ("enforce", "audit"), "enforce") == "audit")
+    ctx = LoadContext(upstreams, credentials, f.choice("mode", ("enforce", "audit"), "enforce") == "audit",
+                      inbound_protocol)
     raw_rules = f.raw_value("rules") or []
     f.done()
     if not isinstance(raw_rules, list):

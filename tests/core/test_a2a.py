@@ -31,6 +31,7 @@ from sidecar.policy.a2a import A2aCall, parse_a2a_request
 from sidecar.policy.engine import load_policy
 from sidecar.policy.mcp import RpcRefused
 from tests.harness import admin
+from tests.peers.a2a import text
 
 TEXT_ONLY = "a2a.part_kinds.all(k, k == 'text')"
 POLICY = {"version": 1, "default": "deny", "rules": [
@@ -155,10 +156,6 @@ def client(url: str, *, streaming: bool = True, task: str | None = None) -> Clie
         capabilities=AgentCapabilities(streaming=streaming))
     http = httpx.AsyncClient(headers={"X-Sidecar-Task": task} if task else {}, timeout=30)
     return ClientFactory(ClientConfig(streaming=streaming, httpx_client=http)).create(card)
-
-
-def text(words: str, task_id: str | None = None) -> SendMessageRequest:
-    return SendMessageRequest(message=new_message([new_text_part(words)], task_id=task_id, role=Role.ROLE_USER))
 
 
 async def timed(events: AsyncIterator[StreamResponse]) -> list[tuple[float, StreamResponse]]:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from a2a.helpers.proto_helpers import new_message, new_text_part
+from a2a.types.a2a_pb2 import Role, SendMessageRequest
 
 SERVER = Path(__file__).parent / "a2a_sdk" / "server.py"
 
@@ -21,3 +23,8 @@ def planner() -> Iterator[str]:
     yield f"http://127.0.0.1:{int(line.split()[1])}"
     proc.kill()
     proc.wait()
+
+
+def text(words: str, task_id: str | None = None) -> SendMessageRequest:
+    """A user message of one text part (continuing ``task_id`` if given)."""
+    return SendMessageRequest(message=new_message([new_text_part(words)], task_id=task_id, role=Role.ROLE_USER))
