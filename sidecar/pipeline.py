@@ -617,6 +617,7 @@ async def _relayed(deadline: float | None, ex: Exchange, relaying: Awaitable[Ans
         return await relaying
     finally:
         expiry.cancel()
+        del current, expire  # a cut task's exception holds this frame: no cycle back to the task
 
 
 def _inbound_host(request: IncomingRequest) -> str:
