@@ -20,6 +20,7 @@ server). The sidecar's RSS and FDs before, with all open (KiB per open stream), 
 them all and the server seeing every call end (RSS back near its base: the leak check).
 
     python -m tests.bench.bench_grpc [--rounds 3] [--calls 2000] [--fan-batches 5] [--open 100 500 1000]
+        [--cycles 12]
 """
 
 from __future__ import annotations
@@ -194,11 +195,12 @@ def until(condition: Callable[[], bool], what: str, seconds: float = 60) -> None
         time.sleep(0.05)
 
 
-def open_streams(outbound: int, pid: int, holder: Holder, counts: list[int]) -> None:
+def open_streams(outbound: int, pid: int, holder: Holder, counts: list[int], cycles: int) -> None:
     """Per count: open that many held calls through the sidecar, RSS and FDs with them open, then cancel
     them all and read both again once the server saw every call end and the FDs are back. A first pass
     of all the calls the upstreams take opens the sidecar's upstream connections (they stay pooled) and
-    its one-time allocations, outside the figures."""
+    its one-time allocations, outside the figures. Then ``cycles`` more rounds of the largest count, the
+    RSS after each: whether it levels off."""
     print(f"open server-streaming calls through the sidecar, {PER_CHANNEL} per channel (own connection) and upstream")
     hold_calls(outbound, pid, holder, PER_CHANNEL * HOLD_UPSTREAMS, pooled=HOLD_UPSTREAMS)
     for count in counts:
@@ -209,6 +211,15 @@ def open_streams(outbound: int, pid: int, holder: Holder, counts: list[int]) -> 
               f"= {(open_rss - base_rss) / max(1, count - errors):.1f} KiB per open stream; FDs {base_fds} -> "
               f"{open_fds} | all cancelled: RSS {after_rss / 1024:.1f} MiB ({after_rss - base_rss:+d} KiB), "
               f"FDs {after_fds}")
+    largest = max(counts)
+    after = []
+    for _ in range(cycles):
+        hold_calls(outbound, pid, holder, largest)
+        after.append(rss_kib(pid))
+    if cycles:
+        print(f"  then {cycles} more times {largest} opened and cancelled, RSS after each (MiB): "
+              + " ".join(f"{kib / 1024:.1f}" for kib in after)
+              + " (grows while garbage waits for a full collection, flat once memory is reused; a leak keeps growing)")
 
 
 def hold_calls(outbound: int, pid: int, holder: Holder, count: int, *, pooled: int = 0) -> tuple[int, int, int]:
@@ -244,6 +255,7 @@ def main() -> None:
     parser.add_argument("--fan-batches", type=int, default=5, help="batches of 100 calls at once per round")
     parser.add_argument("--open", type=int, nargs="*", default=[100, 500, 1000],
                         help=f"open calls to hold, at most {PER_CHANNEL * HOLD_UPSTREAMS}")
+    parser.add_argument("--cycles", type=int, default=12, help="more open-and-cancel rounds of the largest --open")
     args = parser.parse_args()
     if any(count > PER_CHANNEL * HOLD_UPSTREAMS for count in args.open):
         parser.error(f"--open: at most {PER_CHANNEL * HOLD_UPSTREAMS}")
@@ -278,7 +290,7 @@ def main() -> None:
                     round_(direct, through, sidecar.ports["outbound"], sidecar.process.pid, args.calls,
                            args.fan_batches)
             if args.open:
-                open_streams(sidecar.ports["outbound"], sidecar.process.pid, holder, args.open)
+                open_streams(sidecar.ports["outbound"], sidecar.process.pid, holder, args.open, args.cycles)
         finally:
             sidecar.stop()
             server.stop(0)
