@@ -40,6 +40,7 @@ from pathlib import Path
 import grpc
 import yaml
 
+from tests.bench.bench_upload_memory import rss_kib
 from tests.bench.soak_mtls import Sidecar, free_port
 
 SERVICE = "helloworld.Greeter"
@@ -141,13 +142,6 @@ def round_(direct: grpc.UnaryUnaryMultiCallable, through: grpc.UnaryUnaryMultiCa
     for name, (times, wall, errors) in fan.items():
         print(f"    100 at once on one channel, {name:7}: p50 {ms(times, 0.5):.1f} ms p99 {ms(times, 0.99):.1f} ms | "
               f"{len(times) / wall:.0f} calls/s | {len(times)} answered, {errors} errors of {batches * 100}")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise SystemExit("bench: no VmRSS")
 
 
 def fds(pid: int) -> int:
