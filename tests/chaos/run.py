@@ -20,8 +20,8 @@ the JWKS never published (refused ``token_invalid`` whatever the fault), an SSE 
 WebSocket echo, a CONNECT to a new host name each time (a leaf minted per host) and an MCP ``initialize`` to
 a server built with the MCP SDK (``tests/peers/mcp_sdk/server.py``, upstream ``tools``, ``protocol: mcp``).
 
-Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID and Redis
-down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
+Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID, Redis
+down and the JWKS endpoint down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
 kind of request succeeds again. Printed per fault, and the exit status 1 if any promise broke:
 - **lost**: requests that got no HTTP answer at all (must be 0; a refusal with its reason is an answer);
 - **wrong**: decisions other than policy's (an allowed request refused by policy, a denied one served: 0);
@@ -573,7 +573,7 @@ def faults(world: World) -> list[Fault]:
     if world.redis is not None:
         table.append(Fault("redis-down", redis_down, redis_up))
     named = {f.name: f for f in table}
-    several = ["upstream-slow", "token-down", "svid-garbage", "redis-down"]
+    several = ["upstream-slow", "token-down", "svid-garbage", "redis-down", "jwks-down"]
     table.append(together("together", [named[n] for n in several if n in named]))
     return table
 
@@ -589,7 +589,9 @@ def together(name: str, several: list[Fault]) -> Fault:
             await maybe(fault.clear())
 
     return Fault(f"{name}({'+'.join(f.name for f in several)})", inject, clear,
-                 frozenset().union(*(f.expect for f in several)), any(f.cut_ok for f in several))
+                 frozenset().union(*(f.expect for f in several)), any(f.cut_ok for f in several),
+                 min_seconds=max(f.min_seconds for f in several),
+                 felt=next((f.felt for f in several if f.felt), ""))
 
 
 async def maybe(result: Awaitable[None] | None) -> None:
