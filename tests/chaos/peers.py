@@ -17,7 +17,7 @@ from tests.identity.tokens import Key, ec_key, sign
 
 UPSTREAM_MODES = ("normal", "reset", "slow", "cut")
 TOKEN_MODES = ("normal", "down", "slow", "garbage", "error")
-JWKS_MODES = ("normal", "down")
+JWKS_MODES = ("normal", "down", "slow")
 
 
 class Switchable:
@@ -154,7 +154,7 @@ class Agent(Switchable):
 class Issuer(Switchable):
     """A human's token issuer: its JWKS over HTTPS (a trustme CA written to ``ca_file``) and the keys it
     signs with. normal: ``/jwks`` publishes ``published``; down: the connection is aborted before a byte of
-    answer. ``rotate()`` publishes a new key beside the old one and signs with both (the sidecar has not
+    answer; slow: no answer for 30 s (past the sidecar's 10 s fetch timeout). ``rotate()`` publishes a new key beside the old one and signs with both (the sidecar has not
     seen the new kid yet); ``retire()`` removes the old key from the JWKS and signs with the new one alone.
     ``token()`` is a fresh human token each call (its own jti and iat: the sidecar's verification cache does
     not answer for it); ``unknown_kid_token()`` is signed by a key the JWKS never published."""
@@ -212,4 +212,6 @@ class Issuer(Switchable):
             assert request.transport is not None
             request.transport.abort()
             return web.Response()
+        if self.mode == "slow":
+            await asyncio.sleep(30)
         return web.json_response({"keys": [k.jwk for k in self.published]})

@@ -539,6 +539,10 @@ def faults(world: World) -> list[Fault]:
         # it lasts past the sidecar's 30 s between unknown-kid refreshes, so that one is tried while it is down
         Fault("jwks-down", mode(world.issuer, "down"), mode(world.issuer, "normal"), min_seconds=32.0,
               felt="sidecar_jwks_fetch_failures_total"),
+        # one that does not answer (45 s: 30 s between refreshes, then the 10 s fetch timeout): an unknown kid
+        # waits out the timeout and is refused; known kids never wait for it
+        Fault("jwks-slow", mode(world.issuer, "slow"), mode(world.issuer, "normal"), min_seconds=45.0,
+              felt="sidecar_jwks_fetch_failures_total"),
         # a new key published beside the old and signing at once: a new kid makes the sidecar refresh (at most
         # once per 30 s, which the unknown-kid traffic also spends), tokens it refuses before then are the
         # fault's; the old key verifies throughout; cleared by retiring the old key
