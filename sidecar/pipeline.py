@@ -37,7 +37,7 @@ from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequ
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange, mark_cut
 from sidecar.forward.body import LimitedBody, RequestBody
-from sidecar.forward.relay import ChunkFilter, relay_exchange
+from sidecar.forward.relay import ChunkFilter, WholeAnswer, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
 from sidecar.grpc import (
@@ -426,7 +426,7 @@ class Outbound:
             self.budgets.charge(key, budget, tokens_in + tokens_out - charged)
 
     def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None,
-                         sent: tuple[Route, OutboundRequest, Decision]) -> ChunkFilter | None:
+                         sent: tuple[Route, OutboundRequest, Decision]) -> ChunkFilter | WholeAnswer | None:
         """LLM answers report usage for the budget; A2A answers to a message bind the task ids they name to this
         agent and task; MCP answers keep only the tools, resources and prompts policy lets the agent use (every
         page), and the server's requests to the agent are decided (``sidecar.mcp_server``)."""
