@@ -65,6 +65,7 @@ from sidecar.runtime import Runtime
 from sidecar.tasks import TASK_HEADER, Task
 from sidecar.tracing import traceparent_for
 
+READS_ANSWERS = frozenset({"mcp", "a2a", "openai", "anthropic"})  # upstreams whose answers the sidecar reads
 log = structlog.get_logger("sidecar.pipeline")
 RPC_PROTOCOLS = frozenset({"mcp", "a2a"})  # refusals of one JSON-RPC request are JSON-RPC errors
 DENY_MESSAGES = {
@@ -359,6 +360,8 @@ class Outbound:
         headers["Host"] = route.host_header
         headers["Via"] = VIA
         headers["traceparent"] = traceparent
+        if up.protocol in READS_ANSWERS:  # the answer is read (filtered, usage counted): never compressed
+            headers["Accept-Encoding"] = "identity"
         cert = self.rt.identity.state.cert_sha256 if up.client_cert == "svid" and up.scheme == "https" else None
         return OutboundRequest(request.method, up.scheme, route.host, up.port, route.forward_path, route.query,
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.mcp_filter import MAX_JSON_ANSWER_BYTES, MAX_LIST_BYTES
 from sidecar.policy.mcp_responses import MessageFilter, SseMessageFilter
-from tests.harness import assert_valid
-from tests.peers.mcp_tools import JSON_IN, call
+from tests.harness import Upstream, assert_valid
+from tests.peers.mcp_tools import JSON_IN, call, mcp_config
 
 RULES = {"version": 1, "default": "deny", "rules": [
     {"id": "search", "direction": "outbound", "upstream": "tools", "mcp": {"tools": ["search_tickets"]},
@@ -189,3 +190,28 @@ def test_an_event_fed_in_tiny_pieces_is_read_as_one():
     with pytest.raises(Exception, match="SSE event larger than 1000"):
         for _ in range(2000):
             bounded.feed(b"y")
+
+
+async def test_an_mcp_answer_is_never_compressed_so_it_is_always_read(make_sidecar):
+    """The agent asks for gzip (httpx, the SDKs' client, does by default) and the server compresses what it may
+    (aiohttp's own compression): the sidecar asks the server for identity, so the tools/list answer is read and
+    filtered rather than refused unreadable; the server saw ``Accept-Encoding: identity``."""
+    listed = [{"name": "search_tickets"}, {"name": "delete_account", "description": "d" * 4000}]
+
+    async def handler(request: web.Request) -> web.Response:
+        response = web.json_response({"jsonrpc": "2.0", "id": 1, "result": {"tools": listed}})
+        response.enable_compression()  # gzip or deflate when the request accepts it, else identity
+        return response
+
+    server = await Upstream(handler).start()
+    try:
+        h = await make_sidecar(mcp_config(server), RULES)
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            async with s.post(f"{h.outbound}/tools", data=call("tools/list"),
+                              headers={**JSON_IN, "Accept-Encoding": "gzip, deflate"}) as r:
+                status, body, coding = r.status, await r.read(), r.headers.get("Content-Encoding")
+        assert (status, coding) == (200, None)
+        assert [tool["name"] for tool in json.loads(body)["result"]["tools"]] == ["search_tickets"]
+        assert [[v for k, v in seen.headers if k.lower() == "accept-encoding"] for seen in server.seen] == [["identity"]]
+    finally:
+        await server.stop()
