@@ -225,13 +225,14 @@ async def _relay_read(request: IncomingRequest, upstream: UpstreamResponse, head
                       whole: WholeAnswer, on_prepared: Callable[[int], None], scrub: EchoScrub | None) -> Answer:
     """An answer read whole (bounded) and filtered before its head is sent: a refusal the client can read in
     its protocol's shape instead of a reset, and one write."""
+    if (upstream.content_length or 0) > whole.limit:  # declared so: not a byte of it read
+        raise _too_large(whole.limit)
     parts: list[bytes] = []
     size = 0
     while chunk := await _next(upstream):
         size += len(chunk)
         if size > whole.limit:  # stop reading: the connection is closed on release (its body unread)
-            raise UpstreamFailed("upstream_answer_too_large", f"upstream: the answer is larger than {whole.limit} "
-                                                              "bytes, the most the sidecar reads; nothing was relayed")
+            raise _too_large(whole.limit)
         parts.append(chunk)
     try:
         body = whole.read(b"".join(parts))
@@ -244,6 +245,11 @@ async def _relay_read(request: IncomingRequest, upstream: UpstreamResponse, head
     answer = request.respond(upstream.status, upstream.reason, headers, body)
     on_prepared(upstream.status)
     return answer
+
+
+def _too_large(limit: int) -> UpstreamFailed:
+    return UpstreamFailed("upstream_answer_too_large", f"upstream: the answer is larger than {limit} bytes, the "
+                                                       "most the sidecar reads; nothing was relayed")
 
 
 async def _next(upstream: UpstreamResponse) -> bytes:
