@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from sidecar.forward.relay import WholeAnswer
-from sidecar.policy.mcp_responses import LISTINGS, MessageFilter, ServerRequest, SseMessageFilter, filter_json
+from sidecar.errors import Refusal, UpstreamFailed
+from sidecar.forward.relay import AnswerEnds, WholeAnswer
+from sidecar.policy.mcp_responses import (LISTINGS, AnswerTooLarge, MessageFilter, ServerRequest, SseMessageFilter,
+                                          filter_json)
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -27,11 +29,13 @@ if TYPE_CHECKING:
 MAX_LIST_BYTES = 4 * 1024 * 1024  # a list response larger than this cannot be filtered: refused
 MAX_JSON_ANSWER_BYTES = 16 * 1024 * 1024  # any other JSON answer (a large resource read): read, then passed on
 Filter = Callable[[bytes, bool], bytes]
+Ending = Callable[[Refusal], bytes]  # the refusal -> the SSE event that ends the stream with it
 
 
 def answer_filter(policy: PolicySet, facts: Facts, method: str | None, headers: CIMultiDictProxy[str],
-                  server_request: ServerRequest) -> Filter | WholeAnswer | None:
-    """The filter for one MCP answer (status 200), or None where it carries no message to read."""
+                  server_request: ServerRequest, ending: Ending | None = None) -> Filter | WholeAnswer | None:
+    """The filter for one MCP answer (status 200), or None where it carries no message to read. ``ending``: the
+    last SSE event that ends a stream it cannot pass on (the request's JSON-RPC error); None: broken off."""
     listing = LISTINGS.get(method or "")
     allowed = None
     if listing is not None:
@@ -43,8 +47,7 @@ def answer_filter(policy: PolicySet, facts: Facts, method: str | None, headers: 
     messages = MessageFilter(listing, allowed, server_request)
     media = headers.get("Content-Type", "").split(";")[0].strip().lower()
     if media == "text/event-stream":
-        sse = SseMessageFilter(messages)
-        return lambda chunk, final: sse.feed(chunk) + (sse.close() if final else b"")
+        return _sse(SseMessageFilter(messages), ending)
     if media == "application/json":
         strict = listing is not None
         def read(body: bytes) -> bytes:  # an empty one (a session DELETE's 200) carries no message
@@ -58,3 +61,17 @@ def _refuse_all(chunk: bytes, final: bool) -> bytes:
     """A list response in any other media type cannot be filtered: never pass it on."""
     raise ValueError("an MCP list response is neither application/json nor text/event-stream")
 
+
+
+def _sse(sse: SseMessageFilter, ending: Ending | None) -> Filter:
+    def feed(chunk: bytes, final: bool) -> bytes:
+        try:
+            return sse.feed(chunk) + (sse.close() if final else b"")
+        except Refusal as exc:
+            if ending is None:
+                raise
+            reason = "upstream_answer_too_large" if isinstance(exc, AnswerTooLarge) else "upstream_answer_invalid"
+            refusal = UpstreamFailed(reason, f"upstream: {exc.message}; the rest of the answer was not relayed")
+            raise AnswerEnds(ending(refusal), exc.message) from None
+
+    return feed

@@ -27,6 +27,7 @@ import asyncio
 from dataclasses import replace
 from typing import Awaitable, Callable
 
+import orjson
 import structlog
 from multidict import CIMultiDict
 from yarl import URL
@@ -52,7 +53,7 @@ from sidecar.llm_usage import TokenBudgets, api_refusal, usage_observer
 from sidecar.mcp_auth import OAUTH_TYPES, McpAuthorization, resource_metadata_url
 from sidecar.mcp_filter import answer_filter
 from sidecar.mcp_server import ServerRequests
-from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
+from sidecar.mcp_transport import McpSessions, rpc_error, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
 from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
@@ -446,7 +447,14 @@ class Outbound:
             return self._credential(sub, decision, route.upstream.credential, task)
 
         gate = self.server_requests.gate(ex, out, self.rt.sessions.get(route.upstream.name), credential)
-        return answer_filter(self.rt.policy, ex.facts, ex.mcp_method, upstream.headers, gate)
+        ref = ex.rpc if out.method == "POST" else None
+        ending = None
+        if ref is not None and ref.expects_reply:
+            def ending(refusal: Refusal) -> bytes:  # the request's JSON-RPC error, so the agent is not left waiting
+                error = rpc_error(ref, refusal, ex.rule_id, ex.decision_id, ex.protocol)
+                return b"event: message\ndata: " + orjson.dumps(error) + b"\n\n"
+
+        return answer_filter(self.rt.policy, ex.facts, ex.mcp_method, upstream.headers, gate, ending)
 
 
 class Inbound:

@@ -30,6 +30,7 @@ NO_BODY_STATUS = frozenset({204, 304})
 DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 ChunkFilter = Callable[[bytes, bool], bytes]  # (chunk, final) -> bytes to send
+NO_TRAILERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class WholeAnswer(NamedTuple):
@@ -50,12 +51,24 @@ class EchoGuard(Protocol):
     def scrub_body(self, body: bytes) -> bytes | None: ...
 
 
+class AnswerEnds(Exception):
+    """Raised by a chunk filter that cannot pass the rest of a streamed answer on but can end it in the client's
+    protocol (an MCP SSE answer to a request: that request's JSON-RPC error as the last event): ``tail`` is
+    written and the stream ended, the upstream's connection closed with the rest unread; ``why`` is recorded."""
+
+    def __init__(self, tail: bytes, why: str) -> None:
+        super().__init__(why)
+        self.tail, self.why = tail, why
+
+
 class UpstreamReset(Exception):
     """The upstream broke off while its response was being relayed (or went quiet past ``idle``)."""
 
-    def __init__(self, started: Answer | None, *, timed_out: bool = False, unreadable: str | None = None) -> None:
+    def __init__(self, started: Answer | None, *, timed_out: bool = False, unreadable: str | None = None,
+                 ended: bool = False) -> None:
         self.started, self.timed_out = started, timed_out  # started: the answer whose head was sent
         self.unreadable = unreadable  # why the chunk filter could not pass the answer on (it broke it off)
+        self.ended = ended  # the filter ended the client's stream in its protocol: no reset
 
 
 async def relay_exchange(request: IncomingRequest, ex: Exchange, upstream: UpstreamResponse, metrics: Metrics,
@@ -70,7 +83,9 @@ async def relay_exchange(request: IncomingRequest, ex: Exchange, upstream: Upstr
     except UpstreamReset as exc:
         ex.outcome = "upstream_reset"
         if exc.unreadable is not None:
-            ex.reason_detail, kind = f"answer broken off, it could not be passed on: {exc.unreadable}", "unreadable"
+            ended = "; ended with the request's JSON-RPC error" if exc.ended else ""
+            ex.reason_detail = f"answer broken off, it could not be passed on: {exc.unreadable}{ended}"
+            kind = "unreadable"
         elif exc.timed_out:
             ex.reason_detail, kind = "upstream sent nothing for the idle timeout mid-response", "idle_timeout"
         else:
@@ -78,7 +93,8 @@ async def relay_exchange(request: IncomingRequest, ex: Exchange, upstream: Upstr
         metrics.upstream_errors.labels(metrics.upstream_label(ex.upstream), kind).inc()
         if exc.started is None:
             raise UpstreamFailed("upstream_unreachable", "upstream: connection reset before the response") from None
-        request.abort()
+        if not exc.ended:
+            request.abort()
         return exc.started
     except ClientGone as exc:
         ex.outcome, ex.reason_detail = "cut", "client gone"
@@ -298,6 +314,13 @@ async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, he
         final = not chunk
         try:
             data = transform(chunk, final) if transform is not None else chunk
+        except AnswerEnds as end:
+            try:
+                await stream.write(end.tail)
+                await request.finish(stream, NO_TRAILERS)
+            except ConnectionError:
+                raise ClientGone(answer) from None
+            raise UpstreamReset(answer, unreadable=end.why, ended=True) from None
         except Exception as exc:  # a response the filter cannot read is not passed on (fail closed)
             why = exc.message if isinstance(exc, Refusal) else type(exc).__name__
             raise UpstreamReset(answer, unreadable=why) from None

@@ -55,6 +55,10 @@ def _refuse(message: str) -> RequestRefused:
     return RequestRefused("bad_request", f"mcp: {message}")
 
 
+class AnswerTooLarge(RequestRefused):
+    """An SSE event of a server's answer past its bound."""
+
+
 def _check_case_variants(obj: dict[str, Any], where: str) -> None:
     if len({key.casefold() for key in obj}) != len(obj):
         raise _refuse(f"keys differing only in case in {where}")
@@ -218,7 +222,7 @@ class SseMessageFilter:
 
     def _hold(self, last: str, size: int) -> None:
         if size > self._max:
-            raise _refuse(f"SSE event larger than {self._max} bytes in an MCP answer")
+            raise AnswerTooLarge("bad_request", f"mcp: SSE event larger than {self._max} bytes in an MCP answer")
         self._size, self._ends_lf = size, last.endswith("\n")
 
     def _decode(self, chunk: bytes, final: bool = False) -> str:

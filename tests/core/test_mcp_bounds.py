@@ -47,8 +47,8 @@ class Flood:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
             await reader.readexactly(length)
             framing = b"Transfer-Encoding: chunked" if self.chunked else b"Content-Length: %d" % GIB
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n%s\r\n\r\n" % (self.media.encode(), framing))
@@ -156,26 +156,46 @@ async def test_an_unreadable_json_answer_is_a_json_rpc_error_not_a_reset(make_si
 
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_an_sse_event_that_never_ends_is_broken_off_at_its_bound(make_sidecar, chunked):
-    """An SSE answer whose one event never ends (no blank line, ever): broken off once the event passes 1 MiB,
-    the sidecar stops reading (the server's connection closed far short of 1 GiB), the agent's stream ends as
-    an error, never as a whole answer, and nothing of the event reached it; the event says why."""
+    """An SSE answer to a POST whose one event never ends (no blank line, ever): once the event passes 1 MiB the
+    sidecar stops reading (the server's connection closed far short of 1 GiB) and ends the agent's stream with
+    its request's JSON-RPC error naming ``upstream_answer_too_large`` (so the agent is not left waiting for an
+    answer that never comes); nothing of the event reached it; the event and the metric say why."""
     async with flooding("text/event-stream", chunked) as flood:
         h = await make_sidecar(config(flood), RULES)
-        got = b""
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{h.outbound}/tools", data=call("tools/call", name="search_tickets"),
                               headers=JSON_IN) as r:
+                status, got = r.status, await r.read()
+        await asyncio.wait_for(flood.closed.wait(), 30)
+        assert status == 200 and b"xxxx" not in got
+        assert got.startswith(b"event: message\ndata: ") and got.endswith(b"\n\n")
+        error = json.loads(got.split(b"data: ", 1)[1])
+        assert error["id"] == 1 and error["error"]["code"] == -32007
+        assert error["error"]["data"]["reason"] == "upstream_answer_too_large"
+        assert flood.sent < SSE_EVENT_LIMIT + (16 << 20) < GIB
+        events = [e for e in await h.settle() if e["outcome"] == "upstream_reset"]
+        assert_valid(events)
+        assert len(events) == 1 and "SSE event larger than" in events[0]["reason_detail"]
+        assert error["error"]["data"]["decision_id"] == events[0]["decision_id"]
+        assert await metric(h, "unreadable") == 1
+
+
+async def test_a_get_stream_that_cannot_be_read_is_broken_off(make_sidecar):
+    """The GET stream answers no request: an endless event on it is broken off (a reset), never ended as if
+    whole."""
+    async with flooding("text/event-stream", True) as flood:
+        h = await make_sidecar(config(flood), RULES)
+        got = b""
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.outbound}/tools", headers={"Accept": "text/event-stream"}) as r:
                 assert r.status == 200
                 with pytest.raises(aiohttp.ClientPayloadError):
                     async for chunk in r.content.iter_any():
                         got += chunk
         await asyncio.wait_for(flood.closed.wait(), 30)
         assert got == b""
-        assert flood.sent < SSE_EVENT_LIMIT + (16 << 20) < GIB
         events = [e for e in await h.settle() if e["outcome"] == "upstream_reset"]
-        assert_valid(events)
         assert len(events) == 1 and "SSE event larger than" in events[0]["reason_detail"]
-        assert await metric(h, "unreadable") == 1
 
 
 def test_an_event_fed_in_tiny_pieces_is_read_as_one():
