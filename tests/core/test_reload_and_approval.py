@@ -162,8 +162,15 @@ async def test_an_approver_sees_a_held_tool_calls_arguments_and_the_digest_of_wh
         make_sidecar, upstream, tmp_path):
     """A held tools/call lists its arguments (secret-looking values masked, capped with a marker) and the
     SHA-256 of its body; the upstream receives exactly that body (issue 11 item 13)."""
+    received: list[bytes] = []
+
+    async def mcp_server(request: web.Request) -> web.Response:  # answers as an MCP server does
+        received.append(await request.read())
+        return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": False}})
+
+    tools = await Upstream(mcp_server).start()
     config = approval_config(upstream, tmp_path)
-    config["outbound"]["upstreams"]["tools"] = {"url": upstream.url + "/mcp", "protocol": "mcp"}
+    config["outbound"]["upstreams"]["tools"] = {"url": tools.url + "/mcp", "protocol": "mcp"}
     h = await make_sidecar(config, TOOL_APPROVAL_POLICY)
     arguments = {"invoice": "INV-7", "amount": 120, "api_key": ARG_SECRET, "note": "n" * 10000}
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
@@ -172,7 +179,7 @@ async def test_an_approver_sees_a_held_tool_calls_arguments_and_the_digest_of_wh
         held = asyncio.ensure_future(s.post(f"{h.outbound}/tools", data=body,
                                             headers={"Content-Type": "application/json"}))
         [pending] = await listed(h)
-        assert upstream.seen == []
+        assert received == []
         shown = pending["mcp_arguments"]
         assert pending["mcp_tool"] == "refund" and '"invoice":"INV-7","amount":120' in shown
         assert '"api_key":"<redacted>"' in shown and ARG_SECRET not in shown
@@ -181,7 +188,8 @@ async def test_an_approver_sees_a_held_tool_calls_arguments_and_the_digest_of_wh
         assert pending["body_sha256"] == hashlib.sha256(body).hexdigest()
         await approve(h, pending["id"])
         assert (await asyncio.wait_for(held, 10)).status == 200
-    assert upstream.seen[0].body == body
+    await tools.stop()
+    assert received == [body]
     event = (await h.settle())[-1]
     assert event["approval"]["body_sha256"] == pending["body_sha256"] and event["reason"] == "approved"
     assert ARG_SECRET.encode() not in h.raw_log()
