@@ -116,10 +116,15 @@ class AlpnChoice(asyncio.Protocol):
 
 
 def offering_h2(context: Callable[[], ssl.SSLContext]) -> Callable[[], ssl.SSLContext]:
-    """The inbound listener's current TLS context, offering ``h2`` and ``http/1.1`` by ALPN."""
+    """The inbound listener's current TLS context, offering ``h2`` and ``http/1.1`` by ALPN: set once per
+    context (a reload builds a new one), not on every handshake."""
+    offered: list[ssl.SSLContext] = []  # the last context set (a strong reference: it is the current one)
+
     def current() -> ssl.SSLContext:
         tls = context()
-        tls.set_alpn_protocols(["h2", "http/1.1"])
+        if not offered or offered[0] is not tls:
+            tls.set_alpn_protocols(["h2", "http/1.1"])
+            offered[:] = [tls]
         return tls
 
     return current
