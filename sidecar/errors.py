@@ -57,6 +57,8 @@ STATUS: dict[str, int] = {
     "log_unavailable": 503,
     "upstream_unreachable": 502,
     "upstream_protocol_error": 502,
+    "upstream_answer_too_large": 502,
+    "upstream_answer_invalid": 502,
     "upstream_timeout": 504,
     "headers_too_large": 431,
     "body_too_large": 413,
@@ -78,6 +80,8 @@ STATUS: dict[str, int] = {
 PROXY_STATUS_ERROR: dict[str, str] = {
     "upstream_unreachable": "connection_refused",
     "upstream_protocol_error": "http_protocol_error",
+    "upstream_answer_too_large": "http_response_body_size",
+    "upstream_answer_invalid": "http_protocol_error",
     "upstream_timeout": "connection_timeout",
     "headers_too_large": "http_request_error",
     "body_too_large": "http_request_error",
@@ -103,7 +107,8 @@ RPC_ERROR_CODE: dict[str, int] = {
                      "auth_token_refused"), -32004),  # no credential the upstream takes
     **dict.fromkeys(("bad_request", "request_override", "credential_parameter"), -32005),  # its method or params
     **dict.fromkeys(("unknown_task", "task_ended", "revoked"), -32006),
-    **dict.fromkeys(("upstream_unreachable", "upstream_protocol_error", "upstream_timeout"), -32007),
+    **dict.fromkeys(("upstream_unreachable", "upstream_protocol_error", "upstream_timeout",
+                     "upstream_answer_too_large", "upstream_answer_invalid"), -32007),
 }
 # A2A defines -32001 to -32009 itself (TaskNotFoundError is -32001): its refusals take the same families
 # forty lower, so an A2A client never mistakes a refusal for one of the remote agent's own errors.
@@ -128,7 +133,8 @@ GRPC_STATUS: dict[str, int] = {
                      "task_ended", "revoked", "session_mismatch"), 7),  # PERMISSION_DENIED
     **dict.fromkeys(("rate_limited", "overloaded", "headers_too_large", "body_too_large", "protocol_abuse"),
                     8),  # RESOURCE_EXHAUSTED
-    **dict.fromkeys(("upstream_protocol_error", "internal_error"), 13),  # INTERNAL
+    **dict.fromkeys(("upstream_protocol_error", "upstream_answer_too_large", "upstream_answer_invalid",
+                     "internal_error"), 13),  # INTERNAL
     **dict.fromkeys(("upstream_unreachable", "credential_unavailable", "log_unavailable"), 14),  # UNAVAILABLE
     **dict.fromkeys(("no_client_cert", "peer_unverified", "token_invalid", "unauthorized"), 16),  # UNAUTHENTICATED
 }

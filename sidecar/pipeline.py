@@ -27,6 +27,7 @@ import asyncio
 from dataclasses import replace
 from typing import Awaitable, Callable
 
+import orjson
 import structlog
 from multidict import CIMultiDict
 from yarl import URL
@@ -37,7 +38,7 @@ from sidecar.credentials.base import Credential, CredentialRequest, OutboundRequ
 from sidecar.errors import PolicyRefused, RecordedFailure, Refusal, RequestRefused
 from sidecar.exchange import Exchange, mark_cut
 from sidecar.forward.body import LimitedBody, RequestBody
-from sidecar.forward.relay import ChunkFilter, relay_exchange
+from sidecar.forward.relay import ChunkFilter, WholeAnswer, relay_exchange
 from sidecar.forward.transport import UpstreamResponse, open_upstream
 from sidecar.forward.websocket import is_websocket, proxy_websocket
 from sidecar.grpc import (
@@ -52,7 +53,7 @@ from sidecar.llm_usage import TokenBudgets, api_refusal, usage_observer
 from sidecar.mcp_auth import OAUTH_TYPES, McpAuthorization, resource_metadata_url
 from sidecar.mcp_filter import answer_filter
 from sidecar.mcp_server import ServerRequests
-from sidecar.mcp_transport import McpSessions, rpc_refusal, session_id
+from sidecar.mcp_transport import McpSessions, rpc_error, rpc_refusal, session_id
 from sidecar.observe.decision_log import admission
 from sidecar.policy.a2a import MESSAGE_METHODS, parse_a2a_request
 from sidecar.policy.engine import Decision
@@ -65,6 +66,7 @@ from sidecar.runtime import Runtime
 from sidecar.tasks import TASK_HEADER, Task
 from sidecar.tracing import traceparent_for
 
+READS_ANSWERS = frozenset({"mcp", "a2a", "openai", "anthropic"})  # upstreams whose answers the sidecar reads
 log = structlog.get_logger("sidecar.pipeline")
 RPC_PROTOCOLS = frozenset({"mcp", "a2a"})  # refusals of one JSON-RPC request are JSON-RPC errors
 DENY_MESSAGES = {
@@ -359,6 +361,8 @@ class Outbound:
         headers["Host"] = route.host_header
         headers["Via"] = VIA
         headers["traceparent"] = traceparent
+        if up.protocol in READS_ANSWERS:  # the answer is read (filtered, usage counted): never compressed
+            headers["Accept-Encoding"] = "identity"
         cert = self.rt.identity.state.cert_sha256 if up.client_cert == "svid" and up.scheme == "https" else None
         return OutboundRequest(request.method, up.scheme, route.host, up.port, route.forward_path, route.query,
                                headers, client_cert_sha256=cert, pass_headers=up.pass_headers)
@@ -426,7 +430,7 @@ class Outbound:
             self.budgets.charge(key, budget, tokens_in + tokens_out - charged)
 
     def _response_filter(self, ex: Exchange, upstream: UpstreamResponse, task: Task | None,
-                         sent: tuple[Route, OutboundRequest, Decision]) -> ChunkFilter | None:
+                         sent: tuple[Route, OutboundRequest, Decision]) -> ChunkFilter | WholeAnswer | None:
         """LLM answers report usage for the budget; A2A answers to a message bind the task ids they name to this
         agent and task; MCP answers keep only the tools, resources and prompts policy lets the agent use (every
         page), and the server's requests to the agent are decided (``sidecar.mcp_server``)."""
@@ -443,7 +447,14 @@ class Outbound:
             return self._credential(sub, decision, route.upstream.credential, task)
 
         gate = self.server_requests.gate(ex, out, self.rt.sessions.get(route.upstream.name), credential)
-        return answer_filter(self.rt.policy, ex.facts, ex.mcp_method, upstream.headers, gate)
+        ref = ex.rpc if out.method == "POST" else None
+        ending = None
+        if ref is not None and ref.expects_reply:
+            def ending(refusal: Refusal) -> bytes:  # the request's JSON-RPC error, so the agent is not left waiting
+                error = rpc_error(ref, refusal, ex.rule_id, ex.decision_id, ex.protocol)
+                return b"event: message\ndata: " + orjson.dumps(error) + b"\n\n"
+
+        return answer_filter(self.rt.policy, ex.facts, ex.mcp_method, upstream.headers, gate, ending)
 
 
 class Inbound:
@@ -617,6 +628,7 @@ async def _relayed(deadline: float | None, ex: Exchange, relaying: Awaitable[Ans
         return await relaying
     finally:
         expiry.cancel()
+        del current, expire  # a cut task's exception holds this frame: no cycle back to the task
 
 
 def _inbound_host(request: IncomingRequest) -> str:

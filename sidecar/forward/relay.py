@@ -1,6 +1,7 @@
 """The upstream's response to the client: short ones in one write, the rest streamed as they arrive
 (server-sent events reach the client as the upstream sends them), through a chunk filter where
-one applies (``tools/list``) and an echo scrub (credentials an upstream echoes back in the headers, or in a
+one applies (an MCP SSE answer), or read whole and bounded before the head is sent where the filter must see
+it all (an MCP JSON answer, :class:`WholeAnswer`: over its bound, refused with nothing relayed), and an echo scrub (credentials an upstream echoes back in the headers, or in a
 short body sent whole).
 
 :func:`relay_exchange` is the forward stage's last step: it relays, records on the exchange how the
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, NamedTuple, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import UpstreamFailed
+from sidecar.errors import Refusal, UpstreamFailed
 from sidecar.exchange import Exchange
 from sidecar.forward.transport import UpstreamBroke, UpstreamResponse, failure
 from sidecar.http.headers import VIA, clean_response_headers
@@ -29,6 +30,17 @@ NO_BODY_STATUS = frozenset({204, 304})
 DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 ChunkFilter = Callable[[bytes, bool], bytes]  # (chunk, final) -> bytes to send
+NO_TRAILERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+class WholeAnswer(NamedTuple):
+    """A filter that reads the answer whole before anything of it is sent (an MCP JSON answer): at most
+    ``limit`` bytes are read, else the exchange is refused ``upstream_answer_too_large`` and the upstream's
+    connection closed, nothing relayed; ``read`` gives what the client gets, or raises a :class:`Refusal`
+    (an answer it cannot read: refused ``upstream_answer_invalid``, nothing relayed)."""
+
+    limit: int
+    read: Callable[[bytes], bytes]
 
 
 class EchoGuard(Protocol):
@@ -39,15 +51,28 @@ class EchoGuard(Protocol):
     def scrub_body(self, body: bytes) -> bytes | None: ...
 
 
+class AnswerEnds(Exception):
+    """Raised by a chunk filter that cannot pass the rest of a streamed answer on but can end it in the client's
+    protocol (an MCP SSE answer to a request: that request's JSON-RPC error as the last event): ``tail`` is
+    written and the stream ended, the upstream's connection closed with the rest unread; ``why`` is recorded."""
+
+    def __init__(self, tail: bytes, why: str) -> None:
+        super().__init__(why)
+        self.tail, self.why = tail, why
+
+
 class UpstreamReset(Exception):
     """The upstream broke off while its response was being relayed (or went quiet past ``idle``)."""
 
-    def __init__(self, started: Answer | None, *, timed_out: bool = False) -> None:
+    def __init__(self, started: Answer | None, *, timed_out: bool = False, unreadable: str | None = None,
+                 ended: bool = False) -> None:
         self.started, self.timed_out = started, timed_out  # started: the answer whose head was sent
+        self.unreadable = unreadable  # why the chunk filter could not pass the answer on (it broke it off)
+        self.ended = ended  # the filter ended the client's stream in its protocol: no reset
 
 
 async def relay_exchange(request: IncomingRequest, ex: Exchange, upstream: UpstreamResponse, metrics: Metrics,
-                         transform: ChunkFilter | None) -> Answer:
+                         transform: ChunkFilter | WholeAnswer | None) -> Answer:
     """Relay the response and say on the exchange how it ended; the connection is released either way."""
     ex.upstream_status = upstream.status
     try:
@@ -57,13 +82,19 @@ async def relay_exchange(request: IncomingRequest, ex: Exchange, upstream: Upstr
         return answer
     except UpstreamReset as exc:
         ex.outcome = "upstream_reset"
-        ex.reason_detail = ("upstream sent nothing for the idle timeout mid-response" if exc.timed_out
-                            else "upstream reset the connection mid-response")
-        metrics.upstream_errors.labels(metrics.upstream_label(ex.upstream),
-                                       "idle_timeout" if exc.timed_out else "reset").inc()
+        if exc.unreadable is not None:
+            ended = "; ended with the request's JSON-RPC error" if exc.ended else ""
+            ex.reason_detail = f"answer broken off, it could not be passed on: {exc.unreadable}{ended}"
+            kind = "unreadable"
+        elif exc.timed_out:
+            ex.reason_detail, kind = "upstream sent nothing for the idle timeout mid-response", "idle_timeout"
+        else:
+            ex.reason_detail, kind = "upstream reset the connection mid-response", "reset"
+        metrics.upstream_errors.labels(metrics.upstream_label(ex.upstream), kind).inc()
         if exc.started is None:
             raise UpstreamFailed("upstream_unreachable", "upstream: connection reset before the response") from None
-        request.abort()
+        if not exc.ended:
+            request.abort()
         return exc.started
     except ClientGone as exc:
         ex.outcome, ex.reason_detail = "cut", "client gone"
@@ -138,7 +169,7 @@ def _set_status(ex: Exchange, status: int) -> None:
     ex.status = status
 
 
-def relay(request: IncomingRequest, upstream: UpstreamResponse, transform: ChunkFilter | None,
+def relay(request: IncomingRequest, upstream: UpstreamResponse, transform: ChunkFilter | WholeAnswer | None,
           on_prepared: Callable[[int], None], scrub: EchoScrub | None = None) -> Awaitable[Answer]:
     """The upstream's response to the client: short ones in one write, the rest streamed as they arrive.
 
@@ -150,6 +181,8 @@ def relay(request: IncomingRequest, upstream: UpstreamResponse, transform: Chunk
         if 300 <= upstream.status < 400:
             return _relay_bodiless(request, upstream, scrubbed, on_prepared)
     headers.add("Via", VIA)
+    if isinstance(transform, WholeAnswer):
+        return _relay_read(request, upstream, headers, transform, on_prepared, scrub)
     if transform is None and _small(request, upstream):
         return _relay_whole(request, upstream, headers, on_prepared, scrub)
     if transform is None and scrub is not None and _unframed_error(request, upstream):
@@ -177,12 +210,7 @@ async def _relay_held(request: IncomingRequest, upstream: UpstreamResponse, head
     held: list[bytes] = []
     size = 0
     while size <= SMALL_BODY:
-        try:
-            chunk = await upstream.read_chunk()
-        except asyncio.TimeoutError as exc:
-            raise failure(exc) from None
-        except UpstreamBroke:
-            raise UpstreamReset(None) from None
+        chunk = await _next(upstream)
         if not chunk:
             headers.popall("Transfer-Encoding", None)
             answer = request.respond(upstream.status, upstream.reason, headers, scrub.body(b"".join(held), headers))
@@ -207,6 +235,47 @@ async def _relay_whole(request: IncomingRequest, upstream: UpstreamResponse, hea
     answer = request.respond(upstream.status, upstream.reason, headers, body)
     on_prepared(upstream.status)
     return answer
+
+
+async def _relay_read(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
+                      whole: WholeAnswer, on_prepared: Callable[[int], None], scrub: EchoScrub | None) -> Answer:
+    """An answer read whole (bounded) and filtered before its head is sent: a refusal the client can read in
+    its protocol's shape instead of a reset, and one write."""
+    if (upstream.content_length or 0) > whole.limit:  # declared so: not a byte of it read
+        raise _too_large(whole.limit)
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await _next(upstream):
+        size += len(chunk)
+        if size > whole.limit:  # stop reading: the connection is closed on release (its body unread)
+            raise _too_large(whole.limit)
+        parts.append(chunk)
+    try:
+        body = whole.read(b"".join(parts))
+    except Refusal as exc:
+        raise UpstreamFailed("upstream_answer_invalid", f"upstream: {exc.message}; nothing was relayed") from None
+    if scrub is not None:
+        body = scrub.body(body, headers)
+    for name in ("Content-Length", "Transfer-Encoding"):
+        headers.popall(name, None)
+    answer = request.respond(upstream.status, upstream.reason, headers, body)
+    on_prepared(upstream.status)
+    return answer
+
+
+def _too_large(limit: int) -> UpstreamFailed:
+    return UpstreamFailed("upstream_answer_too_large", f"upstream: the answer is larger than {limit} bytes, the "
+                                                       "most the sidecar reads; nothing was relayed")
+
+
+async def _next(upstream: UpstreamResponse) -> bytes:
+    """The next piece of a body whose head was not sent yet (a stall or a reset fails the exchange)."""
+    try:
+        return await upstream.read_chunk()
+    except asyncio.TimeoutError as exc:
+        raise failure(exc) from None
+    except UpstreamBroke:
+        raise UpstreamReset(None) from None
 
 
 async def _relay_bodiless(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
@@ -245,8 +314,16 @@ async def _relay_stream(request: IncomingRequest, upstream: UpstreamResponse, he
         final = not chunk
         try:
             data = transform(chunk, final) if transform is not None else chunk
-        except Exception:  # a response the filter cannot read is not passed on (fail closed)
-            raise UpstreamReset(answer) from None
+        except AnswerEnds as end:
+            try:
+                await stream.write(end.tail)
+                await request.finish(stream, NO_TRAILERS)
+            except ConnectionError:
+                raise ClientGone(answer) from None
+            raise UpstreamReset(answer, unreadable=end.why, ended=True) from None
+        except Exception as exc:  # a response the filter cannot read is not passed on (fail closed)
+            why = exc.message if isinstance(exc, Refusal) else type(exc).__name__
+            raise UpstreamReset(answer, unreadable=why) from None
         try:
             if data:
                 await stream.write(data)

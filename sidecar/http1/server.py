@@ -197,6 +197,7 @@ class Http1Protocol(Wire):
         if self.server.draining:
             self._draining = True
         self._task = self._loop.create_task(self._serve())
+        self._task.add_done_callback(self._served)  # also for a task cancelled before it ever ran
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -284,10 +285,12 @@ class Http1Protocol(Wire):
         except asyncio.CancelledError:
             pass
         finally:
-            self._task = None
             self.close()
-            if self.transport is None:
-                self._forget()
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if self.transport is None:  # lost: nothing will use it again
+            self._forget()
 
     async def _next(self) -> bool:
         """Wait (at most ``keepalive``) for the next parsed request; False: the connection is over."""
@@ -440,6 +443,14 @@ class Http1Protocol(Wire):
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(seen)
+        self.let_go()
+
+    def let_go(self) -> None:
+        """The connection is another protocol's now (h2c), or its tunnel has ended: this one is over
+        and is never told (its ``connection_lost`` is not called), so it forgets here."""
+        self.transport = None
+        if self._task is None:
+            self._forget()  # else once its (cancelled) serving task has ended
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _forget(self) -> None:
@@ -626,6 +637,7 @@ class Http1Incoming:
     def release(self) -> None:
         """The tunnel is over: the connection is counted gone on this server."""
         self.conn.server.closed(self.conn)
+        self.conn.let_go()
 
     def refused_connect(self) -> None:
         self.keep_alive = False

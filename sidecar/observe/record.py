@@ -19,7 +19,8 @@ from sidecar.observe.metrics import Metrics
 
 log = structlog.get_logger("sidecar.observe")
 
-UPSTREAM_FAILURES = frozenset({"upstream_unreachable", "upstream_protocol_error", "upstream_timeout"})
+UPSTREAM_FAILURES = frozenset({"upstream_unreachable", "upstream_protocol_error", "upstream_timeout",
+                               "upstream_answer_too_large", "upstream_answer_invalid"})
 HANDSHAKE_REASONS = frozenset({"no_client_cert", "foreign_trust_domain"})  # their own reason codes
 
 

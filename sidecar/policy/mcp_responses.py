@@ -55,6 +55,10 @@ def _refuse(message: str) -> RequestRefused:
     return RequestRefused("bad_request", f"mcp: {message}")
 
 
+class AnswerTooLarge(RequestRefused):
+    """An SSE event of a server's answer past its bound."""
+
+
 def _check_case_variants(obj: dict[str, Any], where: str) -> None:
     if len({key.casefold() for key in obj}) != len(obj):
         raise _refuse(f"keys differing only in case in {where}")
@@ -172,12 +176,17 @@ def filter_tools_list_sse(text: str, allowed: Allowed) -> str:
 
 
 class SseMessageFilter:
-    """Incremental filtering of an SSE body, fed chunk by chunk; an event is bounded in size."""
+    """Incremental filtering of an SSE body, fed chunk by chunk; an event is bounded in size
+    (``max_event_bytes``, counted in characters: larger, refused). Each character is looked at a bounded
+    number of times however the body is cut, so a server that sends an endless event in small pieces
+    costs linear time, not quadratic."""
 
     def __init__(self, messages: MessageFilter, max_event_bytes: int = 1 << 20) -> None:
         self._messages = messages
         self._max = max_event_bytes
-        self._buffer = ""
+        self._parts: list[str] = []  # the event begun and not yet ended, line endings made LF
+        self._size = 0
+        self._ends_lf = False  # it ends in LF: an LF opening the next piece ends the event
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
         self._after_cr = False  # the last chunk ended in CR: an LF opening this one belongs to it
 
@@ -186,34 +195,41 @@ class SseMessageFilter:
         piece = self._decode(chunk)
         if self._after_cr and piece.startswith("\n"):
             piece = piece[1:]
-        if piece:
-            self._after_cr = piece.endswith("\r")
-        body = (self._buffer + piece).replace("\r\n", "\n").replace("\r", "\n")
-        cut = body.rfind("\n\n")
-        if cut < 0:
-            self._buffer = body
-            self._check_size()
+        if not piece:
             return b""
-        self._buffer = body[cut + 2:]
-        self._check_size()
-        done = filter_sse(body[:cut], self._messages)
-        return (done + "\n\n").encode("utf-8") if done else b""
+        self._after_cr = piece.endswith("\r")
+        piece = piece.replace("\r\n", "\n").replace("\r", "\n")
+        shift = 1 if self._ends_lf else 0
+        found = (("\n" if shift else "") + piece).rfind("\n\n")
+        if found < 0:
+            self._parts.append(piece)
+            self._hold(piece, self._size + len(piece))
+            return b""
+        cut = found - shift  # where the blank line begins in piece; -1: with the LF held
+        held = "".join(self._parts)
+        done = held + piece[:cut] if cut >= 0 else held[:-1]
+        rest = piece[cut + 2:]
+        self._parts = [rest] if rest else []
+        self._hold(rest, len(rest))
+        out = filter_sse(done, self._messages)
+        return (out + "\n\n").encode("utf-8") if out else b""
 
     def close(self) -> bytes:
         """Whatever remains at the end of the stream, filtered."""
-        rest = self._buffer + self._decode(b"", final=True)
-        self._buffer = ""
+        rest = "".join(self._parts) + self._decode(b"", final=True)
+        self._parts, self._size = [], 0
         return filter_sse(rest, self._messages).encode("utf-8") if rest else b""
+
+    def _hold(self, last: str, size: int) -> None:
+        if size > self._max:
+            raise AnswerTooLarge("bad_request", f"mcp: SSE event larger than {self._max} bytes in an MCP answer")
+        self._size, self._ends_lf = size, last.endswith("\n")
 
     def _decode(self, chunk: bytes, final: bool = False) -> str:
         try:
             return str(self._decoder.decode(chunk, final))
         except UnicodeDecodeError:
             raise _refuse("an SSE answer is not valid UTF-8") from None
-
-    def _check_size(self) -> None:
-        if len(self._buffer) > self._max:
-            raise _refuse(f"SSE event larger than {self._max} bytes in an MCP answer")
 
 
 class SseToolsListFilter(SseMessageFilter):

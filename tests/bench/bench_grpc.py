@@ -4,21 +4,35 @@ HTTP/1.1 requests through the same sidecar, paired in one run.
 A ``grpcio`` server (raw-bytes handlers, its own threads) and one channel to it direct, one through the
 sidecar's outbound listener (route-prefix ``/greeter/...``, policy on ``grpc.method``); an HTTP/1.1
 upstream (``http.server``, keep-alive) reached through the same listener on one kept-alive connection.
-Each round runs ``--calls`` sequential calls of each kind, then 100 gRPC calls at once on one channel
-(100 concurrent streams on one HTTP/2 connection). Prints per round the median and p99 latency, the
-latency gRPC adds, and the sidecar's CPU time per call (its process's utime + stime) for gRPC and for
-HTTP/1.1: on a loaded machine the absolute figures move, the ratio between the two is the figure.
+Each round runs ``--calls`` sequential calls of each kind, then ``--fan-batches`` batches of 100 gRPC
+calls at once on one channel (100 concurrent streams on one HTTP/2 connection), direct and through.
+Prints per round the median and p99 latency, the latency gRPC adds, and the sidecar's CPU time per call
+(its process's utime + stime) for gRPC and for HTTP/1.1: on a loaded machine the absolute figures move,
+the ratio between the two is the figure; then the 100-at-once row: each call's p50/p99 from the batch's
+start, calls per second, and errors (a call that did not answer).
 
-    python -m tests.bench.bench_grpc [--rounds 3] [--calls 2000]
+After the rounds, memory per open stream: ``--open`` counts (100, 500, 1000 by default) of
+server-streaming calls that stay open (a ``grpc.aio`` server answers one message and holds each call
+until the client cancels it), 100 per channel (each its own HTTP/2 connection to the sidecar, which caps
+128 streams per connection) and per upstream (the sidecar's HTTP/2 client opens at most 100 streams on
+its one connection to an upstream, so each channel has its own upstream entry, every one the same
+server). The sidecar's RSS and FDs before, with all open (KiB per open stream), and after cancelling
+them all and the server seeing every call end (RSS back near its base: the leak check).
+
+    python -m tests.bench.bench_grpc [--rounds 3] [--calls 2000] [--fan-batches 5] [--open 100 500 1000]
+        [--cycles 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
+import os
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,9 +40,12 @@ from pathlib import Path
 import grpc
 import yaml
 
+from tests.bench.bench_upload_memory import rss_kib
 from tests.bench.soak_mtls import Sidecar, free_port
 
 SERVICE = "helloworld.Greeter"
+PER_CHANNEL = 100  # open calls per channel, and so per upstream entry (the sidecar's HTTP/2 client's limit)
+HOLD_UPSTREAMS = 10  # upstream entries hold0..hold9, all the same holding server: up to 1000 open calls
 
 
 def greeter() -> tuple[grpc.Server, int]:
@@ -86,11 +103,22 @@ def sequential(call: grpc.UnaryUnaryMultiCallable, n: int) -> list[float]:
     return times
 
 
-def concurrent(call: grpc.UnaryUnaryMultiCallable, n: int = 100) -> float:
-    start = time.perf_counter()
-    for pending in [call.future(b"bench", timeout=30) for _ in range(n)]:
-        pending.result()
-    return time.perf_counter() - start
+def concurrent(call: grpc.UnaryUnaryMultiCallable, batches: int, n: int = 100) -> tuple[list[float], float, int]:
+    """``batches`` times ``n`` calls at once: each answered call's latency from its batch's start, the
+    wall time of all batches, and the calls that failed."""
+    times: list[float] = []
+    errors = 0
+    wall = 0.0
+    for _ in range(batches):
+        start = time.perf_counter()
+        pending = [call.future(b"bench", timeout=30) for _ in range(n)]
+        for future in pending:
+            future.add_done_callback(lambda f, start=start: times.append(time.perf_counter() - start)
+                                     if f.exception() is None else None)
+        for future in pending:
+            errors += future.exception() is not None
+        wall += time.perf_counter() - start
+    return times, wall, errors
 
 
 def ms(values: list[float], q: float) -> float:
@@ -98,7 +126,7 @@ def ms(values: list[float], q: float) -> float:
 
 
 def round_(direct: grpc.UnaryUnaryMultiCallable, through: grpc.UnaryUnaryMultiCallable, outbound: int, pid: int,
-           calls: int) -> None:
+           calls: int, batches: int) -> None:
     d = sequential(direct, calls)
     before = cpu_seconds(pid)
     t = sequential(through, calls)
@@ -106,28 +134,139 @@ def round_(direct: grpc.UnaryUnaryMultiCallable, through: grpc.UnaryUnaryMultiCa
     before = cpu_seconds(pid)
     h = http11(outbound, calls)
     http_cpu = cpu_seconds(pid) - before
-    fan = {name: concurrent(call) for name, call in (("direct", direct), ("through", through))}
+    fan = {name: concurrent(call, batches) for name, call in (("direct", direct), ("through", through))}
     print(f"  gRPC direct p50 {ms(d, 0.5):.3f} ms p99 {ms(d, 0.99):.3f} | through p50 {ms(t, 0.5):.3f} ms "
           f"p99 {ms(t, 0.99):.3f} (adds {ms(t, 0.5) - ms(d, 0.5):.3f} ms) | HTTP/1.1 through p50 "
           f"{ms(h, 0.5):.3f} ms | sidecar CPU gRPC {grpc_cpu / calls * 1e6:.0f} us/call, HTTP/1.1 "
-          f"{http_cpu / calls * 1e6:.0f} us/request | 100 at once: direct {fan['direct'] * 1000:.0f} ms, "
-          f"through {fan['through'] * 1000:.0f} ms")
+          f"{http_cpu / calls * 1e6:.0f} us/request")
+    for name, (times, wall, errors) in fan.items():
+        print(f"    100 at once on one channel, {name:7}: p50 {ms(times, 0.5):.1f} ms p99 {ms(times, 0.99):.1f} ms | "
+              f"{len(times) / wall:.0f} calls/s | {len(times)} answered, {errors} errors of {batches * 100}")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Holder:
+    """A ``grpc.aio`` server on its own thread and loop: ``Hold`` answers one message, then holds the call
+    open until the client cancels it (a coroutine per call, no thread). ``open`` counts the calls held."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.ports: list[int] = []
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+
+    async def _start(self) -> None:
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            "Hold": grpc.unary_stream_rpc_method_handler(self.hold)}),))
+        self.ports = [self.server.add_insecure_port("127.0.0.1:0")]
+        await self.server.start()
+
+    async def hold(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self.open += 1
+        try:
+            yield b"open"
+            await asyncio.Event().wait()  # until the call is cancelled
+        finally:
+            self.open -= 1
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    """Poll ``condition`` (a state of another process or thread, no event to wait on) for ``seconds`` at most."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {what} within {seconds:.0f}s")
+        time.sleep(0.05)
+
+
+def open_streams(outbound: int, pid: int, holder: Holder, counts: list[int], cycles: int) -> None:
+    """Per count: open that many held calls through the sidecar, RSS and FDs with them open, then cancel
+    them all and read both again once the server saw every call end and the FDs are back. A first pass
+    of all the calls the upstreams take opens the sidecar's upstream connections (they stay pooled) and
+    its one-time allocations, outside the figures. Then ``cycles`` more rounds of the largest count, the
+    RSS after each: whether it levels off."""
+    print(f"open server-streaming calls through the sidecar, {PER_CHANNEL} per channel (own connection) and upstream")
+    hold_calls(outbound, pid, holder, PER_CHANNEL * HOLD_UPSTREAMS, pooled=HOLD_UPSTREAMS)
+    for count in counts:
+        base_rss, base_fds = rss_kib(pid), fds(pid)
+        errors, open_rss, open_fds = hold_calls(outbound, pid, holder, count)
+        after_rss, after_fds = rss_kib(pid), fds(pid)
+        print(f"  {count:5} open ({errors} failed): RSS {base_rss / 1024:.1f} -> {open_rss / 1024:.1f} MiB "
+              f"= {(open_rss - base_rss) / max(1, count - errors):.1f} KiB per open stream; FDs {base_fds} -> "
+              f"{open_fds} | all cancelled: RSS {after_rss / 1024:.1f} MiB ({after_rss - base_rss:+d} KiB), "
+              f"FDs {after_fds}")
+    largest = max(counts)
+    after = []
+    for _ in range(cycles):
+        hold_calls(outbound, pid, holder, largest)
+        after.append(rss_kib(pid))
+    if cycles:
+        print(f"  then {cycles} more times {largest} opened and cancelled, RSS after each (MiB): "
+              + " ".join(f"{kib / 1024:.1f}" for kib in after)
+              + " (grows while garbage waits for a full collection, flat once memory is reused; a leak keeps growing)")
+
+
+def hold_calls(outbound: int, pid: int, holder: Holder, count: int, *, pooled: int = 0) -> tuple[int, int, int]:
+    """``count`` held calls open at once, then all cancelled and their channels closed, until the server
+    saw each end and the sidecar's FDs are back to where they were (plus ``pooled`` upstream connections it
+    may open and keep). The calls that failed, and the sidecar's RSS (KiB) and FDs while all were open."""
+    base_fds = fds(pid)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{outbound}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(-(-count // PER_CHANNEL))]
+    calls = [channels[i // PER_CHANNEL].unary_stream(f"/hold{i // PER_CHANNEL}/{SERVICE}/Hold")(b"x", timeout=300)
+             for i in range(count)]
+    errors = 0
+    for call in calls:
+        try:
+            errors += next(call) != b"open"
+        except grpc.RpcError:
+            errors += 1
+    until(lambda: holder.open == count - errors, f"the server holding {count - errors} calls")
+    open_rss, open_fds = rss_kib(pid), fds(pid)
+    for call in calls:
+        call.cancel()
+    until(lambda: holder.open == 0, "every held call ending at the server")
+    for channel in channels:
+        channel.close()
+    until(lambda: fds(pid) <= base_fds + pooled, f"the sidecar's FDs back to {base_fds}")
+    return errors, open_rss, open_fds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--fan-batches", type=int, default=5, help="batches of 100 calls at once per round")
+    parser.add_argument("--open", type=int, nargs="*", default=[100, 500, 1000],
+                        help=f"open calls to hold, at most {PER_CHANNEL * HOLD_UPSTREAMS}")
+    parser.add_argument("--cycles", type=int, default=12, help="more open-and-cancel rounds of the largest --open")
     args = parser.parse_args()
+    if any(count > PER_CHANNEL * HOLD_UPSTREAMS for count in args.open):
+        parser.error(f"--open: at most {PER_CHANNEL * HOLD_UPSTREAMS}")
     server, port = greeter()
     upstream = plain()
+    holder = Holder()
     rules = [{"id": "greet", "direction": "outbound", "upstream": "greeter", "effect": "allow",
               "when": {"expr": 'grpc.method == "SayHello"'}},
-             {"id": "plain", "direction": "outbound", "upstream": "plain", "effect": "allow"}]
+             {"id": "plain", "direction": "outbound", "upstream": "plain", "effect": "allow"},
+             *({"id": f"hold{i}", "direction": "outbound", "upstream": f"hold{i}", "effect": "allow",
+                "grpc": {"methods": ["Hold"]}} for i in range(HOLD_UPSTREAMS))]
+    holding = {f"hold{i}": {"url": f"http://127.0.0.1:{holder.ports[0]}", "protocol": "grpc"}
+               for i in range(HOLD_UPSTREAMS)}
     with tempfile.TemporaryDirectory() as tmp:
         sidecar = Sidecar(Path(tmp), free_port(), rules=rules,
                           upstreams={"greeter": {"url": f"http://127.0.0.1:{port}", "protocol": "grpc"},
-                                     "plain": {"url": f"http://127.0.0.1:{upstream.server_address[1]}"}})
+                                     "plain": {"url": f"http://127.0.0.1:{upstream.server_address[1]}"}, **holding})
         config = yaml.safe_load(sidecar.config.read_text())
         config["logging"] = {"level": "warning"}
         sidecar.config.write_text(yaml.safe_dump(config))
@@ -139,13 +278,18 @@ def main() -> None:
                 direct = d.unary_unary(f"/{SERVICE}/SayHello")
                 through = t.unary_unary(f"/greeter/{SERVICE}/SayHello")
                 sequential(direct, 200), sequential(through, 200)  # warm both connections
-                print(f"{args.calls} sequential calls of each kind per round, then 100 gRPC calls at once")
+                print(f"{args.calls} sequential calls of each kind per round, then {args.fan_batches} batches "
+                      "of 100 gRPC calls at once")
                 for _ in range(args.rounds):
-                    round_(direct, through, sidecar.ports["outbound"], sidecar.process.pid, args.calls)
+                    round_(direct, through, sidecar.ports["outbound"], sidecar.process.pid, args.calls,
+                           args.fan_batches)
+            if args.open:
+                open_streams(sidecar.ports["outbound"], sidecar.process.pid, holder, args.open, args.cycles)
         finally:
             sidecar.stop()
             server.stop(0)
             upstream.shutdown()
+            holder.stop()
 
 
 if __name__ == "__main__":

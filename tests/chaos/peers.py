@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import time
+from pathlib import Path
 
 from aiohttp import web
 
+from tests.identity.tokens import Key, ec_key, sign
+
 UPSTREAM_MODES = ("normal", "reset", "slow", "cut")
 TOKEN_MODES = ("normal", "down", "slow", "garbage", "error")
+JWKS_MODES = ("normal", "down", "slow")
 
 
 class Switchable:
@@ -23,13 +28,14 @@ class Switchable:
         self.hits = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self.ssl_context: ssl.SSLContext | None = None  # set before start(): served over HTTPS
 
     async def start(self) -> Switchable:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._serve)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
@@ -40,7 +46,7 @@ class Switchable:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
@@ -143,3 +149,69 @@ class Agent(Switchable):
         self.hits += 1
         await request.read()
         return web.Response(text="agent ok")
+
+
+class Issuer(Switchable):
+    """A human's token issuer: its JWKS over HTTPS (a trustme CA written to ``ca_file``) and the keys it
+    signs with. normal: ``/jwks`` publishes ``published``; down: the connection is aborted before a byte of
+    answer; slow: no answer for 30 s (past the sidecar's 10 s fetch timeout). ``rotate()`` publishes a new key beside the old one and signs with both (the sidecar has not
+    seen the new kid yet); ``retire()`` removes the old key from the JWKS and signs with the new one alone.
+    ``token()`` is a fresh human token each call (its own jti and iat: the sidecar's verification cache does
+    not answer for it); ``unknown_kid_token()`` is signed by a key the JWKS never published."""
+
+    name = "https://idp.chaos.test"
+    audience = "chaos-agent"
+
+    def __init__(self, ca_file: Path) -> None:
+        super().__init__()
+        import trustme
+
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(ca_file))
+        self.ca_file = ca_file
+        self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(self.ssl_context)
+        self._generation = 0
+        self.published: list[Key] = [ec_key("chaos-0")]
+        self.signing: list[Key] = list(self.published)
+        self._stranger = ec_key("never-published")
+        self._n = 0
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.url}/jwks"
+
+    def rotate(self) -> None:
+        self._generation += 1
+        new = ec_key(f"chaos-{self._generation}")
+        self.published = [*self.published, new]
+        self.signing = list(self.published)
+
+    def retire(self) -> None:
+        self.published = self.published[-1:]
+        self.signing = list(self.published)
+
+    def token(self) -> tuple[str, str]:
+        """A fresh human token and the kid of the key that signed it."""
+        self._n += 1
+        key = self.signing[self._n % len(self.signing)]
+        return self._sign(key), key.kid
+
+    def unknown_kid_token(self) -> str:
+        return self._sign(self._stranger)
+
+    def _sign(self, key: Key) -> str:
+        now = int(time.time())
+        return sign(key, {"iss": self.name, "sub": "alice@example.com", "aud": self.audience,
+                          "client_id": "chaos-console", "iat": now, "exp": now + 300,
+                          "jti": secrets.token_urlsafe(12)})
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        if self.mode == "down":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if self.mode == "slow":
+            await asyncio.sleep(30)
+        return web.json_response({"keys": [k.jwk for k in self.published]})

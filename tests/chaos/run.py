@@ -14,12 +14,14 @@ that it can be filled or made read-only for that process alone, under libfaketim
 control file; the monotonic clock left alone) when Debian's ``faketime`` is installed, so that its wall
 clock can be stepped, and with its stdout on a pipe the harness reads, so that the reader can stall.
 Traffic: about 40 requests a second, round robin: an allowed GET on each upstream (``plain`` naming a
-task opened at start, ``ttl`` 30m), a GET policy denies, an allowed inbound mTLS call, an SSE stream, a
+task opened at start, ``ttl`` 30m), a GET policy denies, an allowed inbound mTLS call, one carrying a fresh
+human token (ES256, from an issuer whose JWKS the sidecar fetches over HTTPS), one whose token names a kid
+the JWKS never published (refused ``token_invalid`` whatever the fault), an SSE stream, a
 WebSocket echo, a CONNECT to a new host name each time (a leaf minted per host) and an MCP ``initialize`` to
 a server built with the MCP SDK (``tests/peers/mcp_sdk/server.py``, upstream ``tools``, ``protocol: mcp``).
 
-Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID and Redis
-down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
+Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID, Redis
+down and the JWKS endpoint down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
 kind of request succeeds again. Printed per fault, and the exit status 1 if any promise broke:
 - **lost**: requests that got no HTTP answer at all (must be 0; a refusal with its reason is an answer);
 - **wrong**: decisions other than policy's (an allowed request refused by policy, a denied one served: 0);
@@ -55,13 +57,15 @@ import aiohttp
 import yaml
 
 from tests.bench.soak_mtls import free_port
-from tests.chaos.peers import SSE_EVENTS, Agent, TokenEndpoint, Upstream
+from tests.chaos.peers import SSE_EVENTS, Agent, Issuer, TokenEndpoint, Upstream
 from tests.harness import wait_ready
 
 CALLER = "spiffe://sidecar.local/orchestrator"
 OURS = "spiffe://sidecar.local/chaos-agent"
 POLICY_DENIALS = frozenset({"no_matching_rule", "rule_denied", "condition_error"})
-KINDS = ("plain", "oauth", "denied", "inbound", "sse", "websocket", "connect", "mcp")
+KINDS = ("plain", "oauth", "denied", "inbound", "human", "sse", "websocket", "connect", "mcp", "badkid")
+# kinds always refused, with the status and reason that say so: anything else is a wrong decision
+REFUSED = {"denied": (403, "rule_denied"), "badkid": (401, "token_invalid")}
 RATE = 40.0  # requests a second, all kinds together
 REQUEST_TIMEOUT = 15.0
 MCP_SERVER = Path(__file__).parents[1] / "peers" / "mcp_sdk" / "server.py"  # built with the MCP SDK installed
@@ -83,17 +87,20 @@ class Outcome:
     reason: str | None = None
     error: str | None = None
     ok: bool = False  # the answer was whole and what the upstream sent (an SSE stream, a WebSocket echo)
+    kid: str | None = None  # a human token's: which of the issuer's keys signed it
 
 
 @dataclass
 class Clients:
     """What the traffic needs to talk to the sidecar: its ports, the caller's mTLS context, the context
-    trusting the interception CA (CONNECT), and the task the ``plain`` requests name."""
+    trusting the interception CA (CONNECT), the task the ``plain`` requests name, and the issuer of the
+    human tokens inbound calls carry."""
 
     ports: dict[str, int]
     inbound_tls: ssl.SSLContext
     intercept_tls: ssl.SSLContext
     task: str
+    issuer: Issuer
 
 
 class Traffic:
@@ -151,8 +158,14 @@ class Traffic:
     async def _http(self, session: aiohttp.ClientSession, kind: str, outcome: Outcome) -> None:
         c, headers, proxy, tls = self.clients, {}, None, None
         out = f"http://127.0.0.1:{c.ports['outbound']}"
-        if kind == "inbound":
+        if kind in ("inbound", "human", "badkid"):  # human: a fresh token; badkid: signed by an unpublished key
             url, tls = f"https://127.0.0.1:{c.ports['inbound']}/tasks/x", c.inbound_tls
+            if kind != "inbound":
+                if kind == "human":
+                    token, outcome.kid = c.issuer.token()
+                else:
+                    token = c.issuer.unknown_kid_token()
+                headers["Authorization"] = f"Bearer {token}"
         elif kind == "connect":  # a new host name each time: each CONNECT mints a leaf (state_dir/intercept)
             url, proxy, tls = f"https://r{next(HOSTS)}.chaos.test/ok", out, c.intercept_tls
         else:
@@ -208,6 +221,8 @@ class Fault:
     expect: frozenset[str] = frozenset()  # refusal reasons the fault may cause (any others count as unexpected)
     cut_ok: bool = False  # responses broken off mid-body are the fault's own outcome (reported, not lost)
     refused_by_client: frozenset[str] = frozenset()  # client-side errors that are the fault's own outcome
+    min_seconds: float = 0.0  # the fault lasts at least this long, whatever --fault-seconds says
+    felt: str = ""  # a counter the fault must raise while it lasts (else it was not exercised: broken)
 
 
 @dataclass
@@ -219,6 +234,7 @@ class Row:
     wrong: int = 0
     recovery: float | None = None
     events: int = 0
+    felt: tuple[str, float] | None = None  # the fault's counter and how much it rose
     refusals: collections.Counter[str] = field(default_factory=collections.Counter)
     unexpected: collections.Counter[str] = field(default_factory=collections.Counter)
     losses: collections.Counter[str] = field(default_factory=collections.Counter)  # lost, by kind and error
@@ -226,7 +242,7 @@ class Row:
     @property
     def held(self) -> bool:
         return (self.lost == 0 and self.wrong == 0 and self.recovery is not None and self.events == self.exchanges
-                and not self.unexpected)
+                and not self.unexpected and (self.felt is None or self.felt[1] > 0))
 
 
 class LogPump:
@@ -266,7 +282,7 @@ class World:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.tokens, self.agent = TokenEndpoint(), Agent()
+        self.tokens, self.agent, self.issuer = TokenEndpoint(), Agent(), Issuer(tmp / "idp-ca.pem")
         self.upstream = Upstream(self.tokens)
         self.ports = {name: free_port() for name in ("inbound", "outbound", "health", "metrics", "admin")}
         self.redis_port = free_port()
@@ -288,7 +304,7 @@ class World:
         self.mcp_port = 0
 
     async def start(self) -> None:
-        for peer in (self.upstream, self.tokens, self.agent):
+        for peer in (self.upstream, self.tokens, self.agent, self.issuer):
             await peer.start()
         self.start_redis()
         from sidecar.identity.ca import InterceptionCA, ca_issue
@@ -364,7 +380,10 @@ class World:
             "identity": {"svid": {"cert": str(self.svid["cert"]), "key": str(self.svid["key"]),
                                   "bundle": str(self.svid["bundle"])}},
             "inbound": {"listen": f"127.0.0.1:{self.ports['inbound']}", "forward_to": self.agent.url,
-                        "trust_domains": ["sidecar.local"]},
+                        "trust_domains": ["sidecar.local"],
+                        "jwt": {"issuers": [{"issuer": self.issuer.name, "jwks_uri": self.issuer.jwks_uri,
+                                             "ca": str(self.issuer.ca_file), "audiences": [self.issuer.audience],
+                                             "algorithms": ["ES256"]}]}},
             "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}",
                          "timeouts": {"connect": "2s", "first_byte": "4s", "idle": "5s"},
                          "intercept": {"ca_cert": str(self.intercept["cert"]), "ca_key": str(self.intercept["key"])},
@@ -439,7 +458,7 @@ class World:
         inbound.check_hostname = False
         inbound.load_cert_chain(str(self.caller["cert"]), str(self.caller["key"]))
         intercept = ssl.create_default_context(cadata=self.good_intercept["cert"].decode())
-        return Clients(self.ports, inbound, intercept, self.task)
+        return Clients(self.ports, inbound, intercept, self.task, self.issuer)
 
     async def stop(self) -> None:
         for process in (self.sidecar, self.redis, self.mcp):
@@ -451,7 +470,7 @@ class World:
                     process.kill()
         if self.pump is not None:
             self.pump.join(5)
-        for peer in (self.upstream, self.tokens, self.agent):
+        for peer in (self.upstream, self.tokens, self.agent, self.issuer):
             await peer.stop()
 
 
@@ -516,6 +535,18 @@ def faults(world: World) -> list[Fault]:
         Fault("token-slow", mode(tokens, "slow"), mode(tokens, "normal"), frozenset({"credential_unavailable"})),
         Fault("token-garbage", mode(tokens, "garbage"), mode(tokens, "normal"), frozenset({"credential_unavailable"})),
         Fault("token-error", mode(tokens, "error"), mode(tokens, "normal"), frozenset({"credential_unavailable"})),
+        # the JWKS endpoint gone: the keys fetched before keep verifying; an unknown kid is refused (as always)
+        # it lasts past the sidecar's 30 s between unknown-kid refreshes, so that one is tried while it is down
+        Fault("jwks-down", mode(world.issuer, "down"), mode(world.issuer, "normal"), min_seconds=32.0,
+              felt="sidecar_jwks_fetch_failures_total"),
+        # one that does not answer (45 s: 30 s between refreshes, then the 10 s fetch timeout): an unknown kid
+        # waits out the timeout and is refused; known kids never wait for it
+        Fault("jwks-slow", mode(world.issuer, "slow"), mode(world.issuer, "normal"), min_seconds=45.0,
+              felt="sidecar_jwks_fetch_failures_total"),
+        # a new key published beside the old and signing at once: a new kid makes the sidecar refresh (at most
+        # once per 30 s, which the unknown-kid traffic also spends), tokens it refuses before then are the
+        # fault's; the old key verifies throughout; cleared by retiring the old key
+        Fault("jwks-rotated", world.issuer.rotate, world.issuer.retire, frozenset({"token_invalid"})),
         Fault("policy-half-written", half_policy, lambda: world.write_policy("restored")),
         Fault("policy-reload-storm", storm, lambda: world.write_policy("after the storm")),
         Fault("svid-garbage", svid_write({"cert": b"garbage", "key": b"garbage"}), svid_write(world.good_svid)),
@@ -546,7 +577,7 @@ def faults(world: World) -> list[Fault]:
     if world.redis is not None:
         table.append(Fault("redis-down", redis_down, redis_up))
     named = {f.name: f for f in table}
-    several = ["upstream-slow", "token-down", "svid-garbage", "redis-down"]
+    several = ["upstream-slow", "token-down", "svid-garbage", "redis-down", "jwks-down"]
     table.append(together("together", [named[n] for n in several if n in named]))
     return table
 
@@ -562,7 +593,9 @@ def together(name: str, several: list[Fault]) -> Fault:
             await maybe(fault.clear())
 
     return Fault(f"{name}({'+'.join(f.name for f in several)})", inject, clear,
-                 frozenset().union(*(f.expect for f in several)), any(f.cut_ok for f in several))
+                 frozenset().union(*(f.expect for f in several)), any(f.cut_ok for f in several),
+                 min_seconds=max(f.min_seconds for f in several),
+                 felt=next((f.felt for f in several if f.felt), ""))
 
 
 async def maybe(result: Awaitable[None] | None) -> None:
@@ -573,11 +606,13 @@ async def maybe(result: Awaitable[None] | None) -> None:
 async def run_fault(world: World, fault: Fault, fault_seconds: float, rate: float = RATE) -> Row:
     traffic = Traffic(world.clients(), rate)
     events_before, dropped_before = world.events(), await world.metric(DROPPED_EVENTS)
+    felt_before = await world.metric(fault.felt) if fault.felt else 0.0
     traffic.start()
     await asyncio.sleep(2.0)
     began = time.monotonic()
     await maybe(fault.inject())
-    await asyncio.sleep(max(0.0, fault_seconds - (time.monotonic() - began)))
+    await asyncio.sleep(max(0.0, max(fault_seconds, fault.min_seconds) - (time.monotonic() - began)))
+    felt = (fault.felt, await world.metric(fault.felt) - felt_before) if fault.felt else None
     await maybe(fault.clear())
     cleared = time.monotonic()
     recovery = await recovered(traffic, cleared)
@@ -585,7 +620,9 @@ async def run_fault(world: World, fault: Fault, fault_seconds: float, rate: floa
     await traffic.stop()
     await asyncio.sleep(1.5)  # the last events reach the log
     dropped = await world.metric(DROPPED_EVENTS) - dropped_before
-    return judge(fault, traffic, began, cleared, recovery, world.events() - events_before + int(dropped))
+    row = judge(fault, traffic, began, cleared, recovery, world.events() - events_before + int(dropped))
+    row.felt = felt
+    return row
 
 
 async def recovered(traffic: Traffic, since: float, limit: float = 30.0) -> float | None:
@@ -600,8 +637,8 @@ async def recovered(traffic: Traffic, since: float, limit: float = 30.0) -> floa
 
 
 def _as_policy_says(o: Outcome) -> bool:
-    if o.kind == "denied":
-        return o.status == 403 and o.reason == "rule_denied"
+    if o.kind in REFUSED:
+        return (o.status, o.reason) == REFUSED[o.kind]
     return o.status in (200, 101) and o.ok and not o.error
 
 
@@ -619,10 +656,12 @@ def judge(fault: Fault, traffic: Traffic, began: float, cleared: float, recovery
         if (o.error or o.status in (200, 101) and not o.ok) and not fault.cut_ok:
             row.lost += 1  # an answer broken off (or not what the upstream sent) where the fault does not explain it
             row.losses[f"{o.kind} {o.status} {o.error or 'not whole'}"] += 1
-        if o.kind == "denied" and o.status < 300 or o.kind != "denied" and o.reason in POLICY_DENIALS:
+        if o.kind in REFUSED and o.status < 300 or o.kind not in REFUSED and o.reason in POLICY_DENIALS:
             row.wrong += 1
-        if o.status >= 300 and o.kind != "denied":
-            row.refusals[o.reason or str(o.status)] += 1
+        if o.kind in REFUSED and o.status >= 300 and (o.status, o.reason) != REFUSED[o.kind]:
+            row.unexpected[f"{o.kind}: {o.reason or o.status}"] += 1  # refused, but not for its own reason
+        if o.status >= 300 and o.kind not in REFUSED:
+            row.refusals[(o.reason or str(o.status)) + (f" (kid {o.kid})" if o.kid else "")] += 1
             if o.reason not in fault.expect:
                 row.unexpected[o.reason or str(o.status)] += 1
     return row
@@ -638,6 +677,8 @@ def show(rows: list[Row]) -> None:
         mark = "" if r.held else "   <-- BROKEN"
         print(f"{r.fault:<{width}}{r.sent:>6}{r.lost:>6}{r.wrong:>7}{recovery:>10}{r.events:>5}/{r.exchanges:<5} {refusals}"
               f"{f' ({unexpected})' if unexpected else ''}{mark}")
+        if r.felt is not None:
+            print(f"{'':<{width}}felt: {r.felt[0]} +{r.felt[1]:g}{'' if r.felt[1] > 0 else ' (the fault was not exercised)'}")
         if r.losses:
             print(f"{'':<{width}}lost: {', '.join(f'{k} {v}' for k, v in r.losses.most_common())}")
 

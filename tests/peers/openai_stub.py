@@ -3,7 +3,8 @@
 It answers ``POST /v1/chat/completions`` (JSON, or SSE chunks ending in the usage chunk the API sends
 when ``stream_options.include_usage`` is set), ``/v1/responses`` (JSON, or the event stream ending in
 ``response.completed`` with its usage) and ``/v1/embeddings``, each reporting :data:`TOKENS_IN` prompt
-and :data:`TOKENS_OUT` completion tokens, in the API's own shapes.
+and :data:`TOKENS_OUT` completion tokens, in the API's own shapes. Like the API, it compresses its
+answers (gzip or deflate) for a client that accepts that, as the SDK's httpx does by default.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def response_answer(model: str) -> dict[str, Any]:
 
 async def sse(request: web.Request, events: list[tuple[str | None, dict[str, Any]]]) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    response.enable_compression()
     await response.prepare(request)
     for name, data in events:
         head = f"event: {name}\n" if name else ""
@@ -59,6 +61,13 @@ async def sse(request: web.Request, events: list[tuple[str | None, dict[str, Any
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    response = await answer(request)
+    if not response.prepared:
+        response.enable_compression()  # gzip or deflate when the request accepts it, else identity
+    return response
+
+
+async def answer(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     model, stream = body["model"], body.get("stream", False)
     if request.path.endswith("/chat/completions"):
