@@ -61,8 +61,8 @@ from sidecar.revocation import Enforcement, RedisBus, Revocations
 from sidecar.routing import Router
 from sidecar.forward.sessions import Sessions
 from sidecar.runtime import PolicyHolder, Runtime
-from sidecar.http2.listen import AlpnChoice, H2cServer, offering_h2
-from sidecar.http2.server import WINDOW_STALL, H2Server
+from sidecar.http2.listen import AlpnChoice, H2cServer, h2_protocol, offering_h2
+from sidecar.http2.front import WINDOW_STALL, H2Server
 from sidecar.http1.server import Http1Server
 from sidecar.server import ParseErrorHook, SidecarServer, start_tcp
 from sidecar.tasks import TaskRegistry
@@ -354,7 +354,8 @@ class Sidecar:
         if isinstance(tunnels, Http1Server) and tunnels.http2 is not None:
             listeners.servers.append(tunnels.http2)  # the tunnels whose TLS chose h2, or that spoke h2c
         outbound, on_refusal = Outbound(rt), self._parse_error("outbound")
-        http2 = H2Server(outbound.handle, limits=cfg.outbound.limits, on_refusal=on_refusal,
+        http2 = H2Server(outbound.handle, protocol=h2_protocol, limits=cfg.outbound.limits,
+                         on_refusal=on_refusal,
                          **self._http2_guard("outbound", cfg.outbound.timeouts.idle))
         out_server: Http1Server | H2cServer
         if own:
@@ -388,7 +389,8 @@ class Sidecar:
         else:
             server = SidecarServer(inbound.handle, limits=cfg.inbound.limits,
                                    on_parse_error=self._parse_error("inbound"))
-        http2 = H2Server(inbound.handle, limits=cfg.inbound.limits, on_refusal=self._parse_error("inbound"),
+        http2 = H2Server(inbound.handle, protocol=h2_protocol, limits=cfg.inbound.limits,
+                         on_refusal=self._parse_error("inbound"),
                          **self._http2_guard("inbound", cfg.inbound.timeouts.idle))
         listeners.servers += (server, http2)
         listener = await acceptor.start(cfg.inbound.listen.host, cfg.inbound.listen.port)

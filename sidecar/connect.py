@@ -45,8 +45,8 @@ from sidecar.exchange import Exchange
 from sidecar.http.incoming import Answer, IncomingRequest, refusal_answer
 from sidecar.http1.server import Http1Incoming, Http1Protocol, Http1Server
 from sidecar.http.target import normalize_host
-from sidecar.http2.listen import H2cServer
-from sidecar.http2.server import WINDOW_STALL, H2Protocol, H2Server
+from sidecar.http2.front import WINDOW_STALL, H2Connection, H2Server
+from sidecar.http2.listen import H2cServer, h2_protocol
 from sidecar.identity.ca import CERT_FILE, InterceptionCA
 from sidecar.identity.mtls import Holding, hand_over
 from sidecar.pipeline import Outbound, check_headers, serve_exchange
@@ -124,7 +124,8 @@ class _TunnelServer(H2cServer):
 
     def __init__(self, interceptor: Interceptor, **kwargs: Any) -> None:
         abuse = interceptor.rt.metrics.http2_abuse
-        http2 = H2Server(interceptor.handle_decrypted, limits=kwargs["limits"], on_refusal=kwargs.get("on_parse_error"),
+        http2 = H2Server(interceptor.handle_decrypted, protocol=h2_protocol, limits=kwargs["limits"],
+                         on_refusal=kwargs.get("on_parse_error"),
                          on_lost=interceptor.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
                          stall=min(WINDOW_STALL, kwargs["keepalive_timeout"]), idle=kwargs["keepalive_timeout"])
         super().__init__(interceptor.handle_decrypted, http2=http2, **kwargs)
@@ -143,7 +144,7 @@ class _TunnelServer(H2cServer):
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
         carrier = self._carriers.pop(handler, None)
-        if carrier is not None and not isinstance(carrier.get_protocol(), H2Protocol):  # else handed to h2c
+        if carrier is not None and not isinstance(carrier.get_protocol(), H2Connection):  # else handed to h2c
             self._interceptor.tunnel_ended(carrier)
 
 
@@ -161,7 +162,8 @@ class Interceptor:
         self.server: Http1Server | _TunnelServer
         if own_server:
             abuse = rt.metrics.http2_abuse
-            http2 = H2Server(self.handle_decrypted, limits=outbound.limits, on_refusal=self._parse_error,
+            http2 = H2Server(self.handle_decrypted, protocol=h2_protocol, limits=outbound.limits,
+                             on_refusal=self._parse_error,
                              on_lost=self.tunnel_ended, on_abuse=lambda kind: abuse.labels("outbound", kind).inc(),
                              stall=min(WINDOW_STALL, outbound.timeouts.idle), idle=outbound.timeouts.idle)
             self.server = Http1Server(self.handle_decrypted, limits=outbound.limits, on_parse_error=self._parse_error,

@@ -65,12 +65,17 @@ class MalformedResponse(HttpProcessingError):
 
 
 def check_response_head(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
-    """Refuse a response header whose name is not a token or whose value holds a control character."""
-    for name, value in raw_headers:
-        if not name or name.translate(None, _TCHAR):
-            raise MalformedResponse(message="upstream: a response header name is not an RFC 9110 token")
-        if value.translate(None, _NOT_CTL):
-            raise MalformedResponse(message="upstream: a response header value contains a control character")
+    """Refuse a response header whose name is not a token or whose value holds a control character.
+
+    All names, then all values, are checked as one joined string each (one ``translate`` in C, not two per
+    header): joining adds no byte, so a byte left over belongs to one name or one value."""
+    if not raw_headers:
+        return
+    names, values = zip(*raw_headers)
+    if not all(names) or b"".join(names).translate(None, _TCHAR):
+        raise MalformedResponse(message="upstream: a response header name is not an RFC 9110 token")
+    if b"".join(values).translate(None, _NOT_CTL):
+        raise MalformedResponse(message="upstream: a response header value contains a control character")
 
 
 class Connection(ResponseHandler):

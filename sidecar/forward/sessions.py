@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import aiohttp
 from yarl import URL
 
 from sidecar.config_model import Config
 from sidecar.forward.http11 import ConnectionPool
-from sidecar.forward.http2 import AlpnPool, H2Pool
 from sidecar.forward.websocket import websocket_session
 from sidecar.http.tls import client_ssl_context
+
+if TYPE_CHECKING:
+    from sidecar.forward.http2 import AlpnPool, H2Pool
 
 
 class Sessions:
@@ -40,8 +42,7 @@ class Sessions:
         pool = self._pools.get(name)
         if pool is None or pool.closed:
             up = self._config.outbound.upstreams[name]
-            kind = AlpnPool if up.http2 == "auto" else H2Pool if up.http2 else ConnectionPool
-            pool = self._pools[name] = kind(up.host, up.port, self._ssl_context(name), up.timeouts)
+            pool = self._pools[name] = pool_kind(up.http2)(up.host, up.port, self._ssl_context(name), up.timeouts)
         return pool
 
     def websocket(self, name: str) -> aiohttp.ClientSession:
@@ -72,8 +73,7 @@ class Sessions:
             assert inbound is not None
             url = URL(inbound.forward_to)
             ctx = client_ssl_context(None) if url.scheme == "https" else None
-            kind = AlpnPool if inbound.http2 == "auto" else H2Pool if inbound.http2 else ConnectionPool
-            self._agent = kind(url.host or "127.0.0.1", url.port or 80, ctx, inbound.timeouts)
+            self._agent = pool_kind(inbound.http2)(url.host or "127.0.0.1", url.port or 80, ctx, inbound.timeouts)
             self.agent_base_path = url.raw_path.rstrip("/")
         return self._agent
 
@@ -99,3 +99,11 @@ class Sessions:
                 pool.close()
         for session in self._websockets.values():
             await session.close()
+
+
+def pool_kind(http2: bool | str) -> type[ConnectionPool | H2Pool | AlpnPool]:
+    """The pool for an ``http2`` setting; ``h2`` is imported only for an HTTP/2 (or ``auto``) leg."""
+    if not http2:
+        return ConnectionPool
+    from sidecar.forward.http2 import AlpnPool, H2Pool
+    return AlpnPool if http2 == "auto" else H2Pool

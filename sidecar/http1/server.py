@@ -49,7 +49,7 @@ from sidecar.http2.listen import sniff
 from sidecar.server import overloaded, parse_refusal, parser_limits, source_of
 
 if TYPE_CHECKING:
-    from sidecar.http2.server import H2Server
+    from sidecar.http2.front import H2Server
 
 log = structlog.get_logger("sidecar.http1")
 

@@ -20,24 +20,16 @@ detail) and counted in ``sidecar_http2_abuse_total{listener,kind}``; other conne
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import h2.exceptions
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import Frame
 
+from sidecar.http2.front import Bounds
+
+__all__ = ["KINDS", "Abuse", "BoundedFrames", "Bounds", "Budget"]
+
 KINDS = ("rapid_reset", "settings", "ping", "control", "continuation", "header_list", "window_stall")
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """Per connection, per ``window`` seconds: the most frames of each kind a client may send."""
-
-    window: float = 10.0
-    resets: int = 200
-    settings: int = 100
-    pings: int = 1000
-    control: int = 1000
 
 
 class Abuse(h2.exceptions.DenialOfServiceError):

@@ -17,10 +17,17 @@ from typing import Any, Callable
 
 from aiohttp.web_protocol import RequestHandler
 
-from sidecar.http2.server import H2Server
+from sidecar.http2.front import H2Connection, H2Server
 from sidecar.server import SafeRequestHandler, SidecarServer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_protocol(server: H2Server) -> H2Connection:
+    """One HTTP/2 connection's protocol for ``server`` (its ``protocol``): ``h2`` is imported here, with the
+    first HTTP/2 connection, not when a listener that could take one starts."""
+    from sidecar.http2.server import H2Protocol
+    return H2Protocol(server)
 
 
 def sniff(seen: bytes) -> bool | None:
@@ -109,10 +116,15 @@ class AlpnChoice(asyncio.Protocol):
 
 
 def offering_h2(context: Callable[[], ssl.SSLContext]) -> Callable[[], ssl.SSLContext]:
-    """The inbound listener's current TLS context, offering ``h2`` and ``http/1.1`` by ALPN."""
+    """The inbound listener's current TLS context, offering ``h2`` and ``http/1.1`` by ALPN: set once per
+    context (a reload builds a new one), not on every handshake."""
+    offered: list[ssl.SSLContext] = []  # the last context set (a strong reference: it is the current one)
+
     def current() -> ssl.SSLContext:
         tls = context()
-        tls.set_alpn_protocols(["h2", "http/1.1"])
+        if not offered or offered[0] is not tls:
+            tls.set_alpn_protocols(["h2", "http/1.1"])
+            offered[:] = [tls]
         return tls
 
     return current

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, cast
+from typing import Any, AsyncIterator, cast
 
 import h2.connection
 import h2.events
@@ -40,22 +40,20 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.config_model import Limits
 from sidecar.errors import RecordedFailure, Refusal, RequestRefused
 from sidecar.http.incoming import Answer, ClientGone, IncomingRequest, ResponseStream, refusal_answer
-from sidecar.http2.guard import Abuse, BoundedFrames, Bounds, Budget
+from sidecar.http2.front import WINDOW_STALL, H2Connection, H2Server
+from sidecar.http2.guard import Abuse, BoundedFrames, Budget
 from sidecar.http2.side import H2Endpoint, encode_headers
 from sidecar.server import overloaded, source_of
 
+__all__ = ["WINDOW_STALL", "H2Incoming", "H2Protocol", "H2Server", "refusing"]
+
 MAX_STREAMS = 128
 REFUSED_GRACE = 5.0  # seconds a refused connection has to send the request it is answered on
-WINDOW_STALL = 60.0  # seconds a response may wait on a client's closed flow-control window
+
 CONNECT_REFUSED = RequestRefused("bad_request", "http2: CONNECT over HTTP/2 is not served; expected CONNECT "
                                                  "on an HTTP/1.1 connection")
 
 REQUEST = HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
-
-Handler = Callable[[IncomingRequest], Awaitable[Answer]]
-RefusalHook = Callable[[Refusal], None]
-LostHook = Callable[[asyncio.BaseTransport], None]
-AbuseHook = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,74 +65,28 @@ class Whole:
     body: bytes | None
 
 
-class H2Server:
-    """A listener's HTTP/2 side: the handler, its limits, its connections and requests in flight."""
-
-    def __init__(self, handler: Handler, *, limits: Limits, on_refusal: RefusalHook | None = None,
-                 on_lost: LostHook | None = None, on_abuse: AbuseHook | None = None, bounds: Bounds = Bounds(),
-                 stall: float = WINDOW_STALL, idle: float | None = None) -> None:
-        self.handler, self.limits, self.on_refusal, self.on_lost = handler, limits, on_refusal, on_lost
-        self.on_abuse, self.bounds, self.stall, self.idle = on_abuse, bounds, stall, idle
-        self.connections: set[H2Protocol] = set()
-        self.in_flight = 0
-
-    def __call__(self) -> H2Protocol:
-        return H2Protocol(self)
-
-    def admit(self, source: str) -> Refusal | None:
-        """A new connection's admission, HTTP/1.1's caps for HTTP/2 connections (reported here): past
-        ``max_connections`` open, or ``max_connections_per_source`` from one address, ``overloaded``."""
-        limits = self.limits
-        refusal = None
-        if len(self.connections) >= limits.max_connections:
-            refusal = overloaded(f"{limits.max_connections} HTTP/2 connections are open on this listener")
-        elif limits.max_connections_per_source is not None and \
-                sum(c.source == source for c in self.connections) >= limits.max_connections_per_source:
-            refusal = overloaded(f"{limits.max_connections_per_source} HTTP/2 connections from {source} are open")
-        if refusal is not None:
-            self.refused(refusal)
-        return refusal
-
-    def refused(self, refusal: Refusal) -> None:
-        """A refusal made outside any exchange: reported to the listener (an event, the metrics)."""
-        if self.on_refusal is not None:
-            self.on_refusal(refusal)
-
-    def abused(self, kind: str) -> None:
-        """A bound of :mod:`~sidecar.http2.guard` held against a client: counted by kind."""
-        if self.on_abuse is not None:
-            self.on_abuse(kind)
-
-    async def serve(self, request: H2Incoming) -> Answer:
-        """The handler, with at most ``max_in_flight`` requests served at once on the listener."""
-        if request.conn.refusal is not None:  # the connection was refused (reported once, when it was)
-            return refusal_answer(request, request.conn.refusal)
-        if request.refusal is not None:  # refused by its header block alone, before any exchange
-            self.refused(request.refusal)
-            return refusal_answer(request, request.refusal)
-        if request.method == "CONNECT":  # refused before any exchange: reported as a parse error is
-            self.refused(CONNECT_REFUSED)
-            return refusal_answer(request, CONNECT_REFUSED)
-        if self.in_flight >= self.limits.max_in_flight:
-            refusal = overloaded(f"{self.limits.max_in_flight} requests are in flight on this listener")
-            self.refused(refusal)
-            return refusal_answer(request, refusal)
-        self.in_flight += 1
-        try:
-            return await self.handler(request)
-        finally:
-            self.in_flight -= 1
-
-    def pre_shutdown(self) -> None:
-        """Draining: every connection is told (GOAWAY) to open no new stream; open ones finish."""
-        for connection in self.connections:
-            connection.go_away()
-
-    async def shutdown(self, timeout: float | None = None) -> None:
-        await asyncio.gather(*(c.drained(timeout) for c in list(self.connections)))
+async def serve(server: H2Server, request: H2Incoming) -> Answer:
+    """The handler, with at most ``max_in_flight`` requests served at once on the listener."""
+    if request.conn.refusal is not None:  # the connection was refused (reported once, when it was)
+        return refusal_answer(request, request.conn.refusal)
+    if request.refusal is not None:  # refused by its header block alone, before any exchange
+        server.refused(request.refusal)
+        return refusal_answer(request, request.refusal)
+    if request.method == "CONNECT":  # refused before any exchange: reported as a parse error is
+        server.refused(CONNECT_REFUSED)
+        return refusal_answer(request, CONNECT_REFUSED)
+    if server.in_flight >= server.limits.max_in_flight:
+        refusal = overloaded(f"{server.limits.max_in_flight} requests are in flight on this listener")
+        server.refused(refusal)
+        return refusal_answer(request, refusal)
+    server.in_flight += 1
+    try:
+        return await server.handler(request)
+    finally:
+        server.in_flight -= 1
 
 
-class H2Protocol(H2Endpoint):
+class H2Protocol(H2Endpoint, H2Connection):
     """One HTTP/2 connection: frames in, a task per request stream, frames out."""
 
     def __init__(self, server: H2Server, refusal: Refusal | None = None) -> None:
@@ -279,7 +231,7 @@ class H2Protocol(H2Endpoint):
     async def _serve(self, stream: H2Incoming) -> None:
         try:
             try:
-                answer = await self.server.serve(stream)
+                answer = await serve(self.server, stream)
             except RecordedFailure:  # recorded by its exchange: answered internal_error, or reset
                 answer = None
             await stream.deliver(answer)
@@ -551,4 +503,4 @@ def refusing(refusal: Refusal) -> H2Protocol:
     async def never(request: IncomingRequest) -> Answer:
         raise AssertionError("a refused connection serves nothing")
 
-    return H2Protocol(H2Server(never, limits=Limits()), refusal)
+    return H2Protocol(H2Server(never, protocol=H2Protocol, limits=Limits()), refusal)

@@ -44,7 +44,6 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 
 from sidecar.errors import Refusal, refusal_response
-from sidecar.http2.server import refusing
 from sidecar.identity.accept import MAX_WAITING, MAX_WAITING_PER_SOURCE, YOUNG, Listener, Lobby
 from sidecar.identity.x509 import (
     PEER_REJECT_REASONS,
@@ -258,6 +257,7 @@ def answer_refusal(tls: asyncio.Transport, holding: Holding, rejected: PeerRejec
     if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
         tls.write(refusal_response(rejected.request_reason, rejected.message))
         return False
+    from sidecar.http2.server import refusing  # h2 loads with the first HTTP/2 connection
     hand_over(tls, holding, refusing(Refusal(rejected.request_reason, rejected.message)))
     return True
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from sidecar.policy.a2a import A2aCall
 from sidecar.policy.cel_syntax import CelSyntaxError, References, references
+from sidecar.policy.facts import ConditionFailed as ConditionFailed
 from sidecar.policy.facts import Facts
 from sidecar.policy.llm import LlmCall
 from sidecar.policy.mcp import MAX_ARGUMENTS_BYTES
@@ -55,10 +56,6 @@ INSTALL_HINT = ("cel: CEL conditions need the common-expression-language package
 
 class CelCompileError(ValueError):
     """An expression that cannot be used: the message says what was expected."""
-
-
-class ConditionFailed(Exception):
-    """A condition that could not be evaluated for this request (``condition_error``)."""
 
 
 Builder = Callable[["Facts", datetime], Any]

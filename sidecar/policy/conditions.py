@@ -28,8 +28,6 @@ from yarl import URL
 
 from sidecar.fields import Fields
 from sidecar.http.target import equivalent_paths, header_elements
-from sidecar.policy.cel import CelCompileError, compile_condition
-from sidecar.policy.cel_syntax import CelSyntaxError, references
 from sidecar.policy.facts import Facts, McpDetail
 from sidecar.policy.globs import Check, compile_globs, glob_check, patterns
 from sidecar.policy.a2a import METHODS, method_name
@@ -214,6 +212,7 @@ def headers_read(raw: Mapping[str, object]) -> frozenset[str] | None:
     when = raw.get("when")
     expr = when.get("expr") if isinstance(when, Mapping) else None
     if isinstance(expr, str):
+        from sidecar.policy.cel_syntax import CelSyntaxError, references  # only a rule with an expr loads CEL
         try:
             keys = references(expr).header_keys
         except CelSyntaxError:  # refused at load by the expr's own parser
@@ -389,6 +388,7 @@ def _expr(f: Fields, row: ConditionType, head: RuleHead) -> Check | None:
     source = f.text(row.name)
     if source is None:
         return None
+    from sidecar.policy.cel import CelCompileError, compile_condition  # only a rule with an expr loads CEL
     try:
         return compile_condition(source).evaluate
     except CelCompileError as exc:

@@ -44,9 +44,8 @@ import yaml
 
 from sidecar.errors import ConfigError, ConfigInvalid
 from sidecar.fields import Fields
-from sidecar.policy.cel import ConditionFailed
 from sidecar.policy.conditions import LoadContext
-from sidecar.policy.facts import Facts, McpDetail
+from sidecar.policy.facts import ConditionFailed, Facts, McpDetail
 from sidecar.policy.model import DIRECTIONS, Budget, Rule, parse_rule
 from sidecar.policy.ratelimit import Limit, RateLimiter
 

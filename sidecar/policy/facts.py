@@ -34,6 +34,11 @@ class Agent(Protocol):
     def meta(self) -> AgentMeta: ...
 
 
+class ConditionFailed(Exception):
+    """A condition that could not be evaluated for this request (``condition_error``): raised by a
+    compiled ``when.expr`` (``sidecar.policy.cel``), caught by the engine, which need not import CEL."""
+
+
 @dataclass(slots=True)
 class Facts:
     """What policy knows about one request; paths are canonical, hosts normalized.

@@ -45,7 +45,10 @@ class Reading(NamedTuple):
     path: str | None = None
 
     def alternatives(self, facts: Facts) -> tuple[Facts, ...]:
-        """The request as the upstream may read it, every combination besides the request line."""
+        """The request as the upstream may read it, every combination besides the request line (none for a
+        request without a passed override, nearly every one: no facts are copied then)."""
+        if self.method is None and self.path is None:
+            return ()
         methods = dict.fromkeys((facts.method, self.method or facts.method))
         paths = dict.fromkeys((facts.path, self.path or facts.path))
         return tuple(replace(facts, method=m, path=p) for m in methods for p in paths

@@ -27,6 +27,7 @@ from sidecar.forward.body import RequestBody
 from sidecar.http.headers import clean_request_headers, clean_response_headers
 from sidecar.observe.decision_log import configure_logging, emit_event
 from sidecar.pipeline import Outbound, check_headers
+from sidecar.policy.readings import NONE
 from sidecar.server import AiohttpIncoming
 from sidecar.tracing import traceparent_for
 
@@ -79,6 +80,8 @@ async def main(n: int) -> None:
         ("traceparent", lambda: traceparent_for(request.headers)),
         ("policy facts", lambda: out._facts(request, ex, route, RequestBody(request, rt.config.outbound.limits, 1.0), forwarded)),
         ("policy decide", lambda: rt.policy.decide(facts)),
+        ("  override readings", lambda: NONE.alternatives(facts)),
+        ("  decide, as the pipeline", lambda: rt.policy.decide(facts, *NONE.alternatives(facts))),
         ("credential cache hit", lambda: rt.credentials.cached(provider, creq)),
         ("outgoing headers", lambda: out._outbound_request(request, route, "00-x", forwarded)),
         ("credential apply", lambda: provider.apply(outgoing, credential)),

@@ -17,11 +17,13 @@ from typing import Awaitable, Callable
 import aiohttp
 import pytest
 import trustme
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
-from sidecar.forward.http11 import ConnectionPool, send, serialize_head
+from sidecar.forward.http11 import ConnectionPool, MalformedResponse, check_response_head, send, serialize_head
 from tests.harness import BOUND, OK, Upstream, raw_http
 from tests.scenarios.outbound import ALLOW_ALL, POLICY, config_for, outbound_to
 
@@ -397,6 +399,29 @@ MALFORMED_HEADS = [
     b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\nContent-Length: 2\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
 ]
+
+
+TOKEN = set(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def one_by_one(raw: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """The rule itself, header by header: a non-empty token name, a value without CTLs but HTAB."""
+    return all(name and set(name) <= TOKEN and all(b == 0x09 or 0x20 <= b != 0x7F for b in value)
+               for name, value in raw)
+
+
+HEADER_BYTES = st.binary(max_size=6) | st.sampled_from([b"X-A", b"Content-Type", b"a\tb", b"ok"])
+
+
+@given(st.lists(st.tuples(HEADER_BYTES, HEADER_BYTES), max_size=6).map(tuple))
+def test_the_joined_check_of_a_response_head_is_the_header_by_header_rule(raw):
+    """One translate over all names and one over all values refuses exactly the heads the per-header rule does."""
+    try:
+        check_response_head(raw)
+        passed = True
+    except MalformedResponse:
+        passed = False
+    assert passed == one_by_one(raw)
 
 
 @pytest.mark.parametrize("response", MALFORMED_HEADS, ids=["space-before-colon", "ctl-in-name", "paren-in-name",

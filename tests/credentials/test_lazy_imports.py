@@ -21,6 +21,10 @@ OTHER_PROVIDERS = frozenset({
     "sidecar.credentials.oauth2", "sidecar.credentials.token_exchange", "sidecar.credentials.token_endpoint",
 })
 HEAVY_OPTIONAL = frozenset({"jwt", "cel", "redis", "boto3", "botocore", "rich"})
+# HTTP/2 loads with the first HTTP/2 connection or an HTTP/2 upstream, not with a listener that could take one.
+HTTP2_LIBRARIES = frozenset({"h2", "hpack", "hyperframe"})
+HTTP2_MODULES = frozenset({"sidecar.http2.server", "sidecar.http2.side", "sidecar.http2.guard", "sidecar.forward.http2"})
+CEL_MODULES = frozenset({"sidecar.policy.cel", "sidecar.policy.cel_syntax"})  # compiled only for a rule's when.expr
 
 STARTED = """\
 import asyncio, json, sys
@@ -39,13 +43,14 @@ asyncio.run(main())
 """
 
 
-def loaded_modules(tmp_path: Path, credentials: dict[str, object]) -> set[str]:
+def loaded_modules(tmp_path: Path, credentials: dict[str, object], upstream: dict[str, object] | None = None,
+                   rules: list[dict[str, object]] | None = None) -> set[str]:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(json.dumps({"version": 1, "default": "deny", "rules": []}))
+    policy.write_text(json.dumps({"version": 1, "default": "deny", "rules": rules or []}))
     listen = {"listen": "127.0.0.1:0"}
     config = {"state_dir": str(tmp_path / "state"), "policy": {"files": [str(policy)]},
               "outbound": {"listen": "127.0.0.1:0",
-                           "upstreams": {"api": {"url": "http://127.0.0.1:9", "credential": "key"}}},
+                           "upstreams": {"api": {"url": "http://127.0.0.1:9", "credential": "key", **(upstream or {})}}},
               "credentials": credentials, "health": listen, "metrics": listen, "admin": listen}
     path = tmp_path / "sidecar.yaml"
     path.write_text(json.dumps(config))
@@ -55,11 +60,15 @@ def loaded_modules(tmp_path: Path, credentials: dict[str, object]) -> set[str]:
 
 
 def test_a_static_only_config_loads_no_other_provider_and_no_optional_library(tmp_path):
-    """Only the static provider's module, and no PyJWT, CEL, Redis, boto or rich, once started."""
+    """Only the static provider's module, and no PyJWT, CEL, Redis, boto, rich or h2 (the outbound listener
+    takes h2c, but none has come), once started."""
     loaded = loaded_modules(tmp_path, {"key": {"type": "static", "header": "X-API-Key", "value": {"value": "k" * 16}}})
     assert "sidecar.credentials.static" in loaded
     assert loaded & OTHER_PROVIDERS == set()
     assert {m.split(".")[0] for m in loaded} & HEAVY_OPTIONAL == set()
+    assert {m.split(".")[0] for m in loaded} & HTTP2_LIBRARIES == set()
+    assert loaded & HTTP2_MODULES == set()
+    assert loaded & CEL_MODULES == set()
 
 
 @pytest.mark.parametrize(("spec", "module"), [
@@ -77,3 +86,19 @@ def test_a_configured_provider_is_the_one_loaded(tmp_path, spec, module):
     loaded = loaded_modules(tmp_path, {"key": spec})
     assert module in loaded
     assert loaded & OTHER_PROVIDERS == {module}
+
+
+def test_an_http2_upstream_loads_h2_at_start(tmp_path):
+    """The check can fail: an upstream with ``http2: true`` builds its HTTP/2 pool (and loads ``h2``) at start."""
+    loaded = loaded_modules(tmp_path, {"key": {"type": "static", "header": "X-API-Key", "value": {"value": "k" * 16}}},
+                            {"http2": True})
+    assert {"h2", "hpack", "sidecar.forward.http2"} <= loaded
+
+
+def test_a_rule_with_an_expression_loads_cel(tmp_path):
+    """The check can fail: a rule's ``when.expr`` is compiled at load, with the CEL modules and library."""
+    rule = {"id": "cel", "direction": "outbound", "upstream": "api", "effect": "allow",
+            "when": {"expr": 'request.method == "GET"'}}
+    loaded = loaded_modules(tmp_path, {"key": {"type": "static", "header": "X-API-Key", "value": {"value": "k" * 16}}},
+                            rules=[rule])
+    assert CEL_MODULES <= loaded and "cel" in {m.split(".")[0] for m in loaded}

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from sidecar.config import Limits, Timeouts
 from sidecar.forward.http2 import H2Pool
 from sidecar.http.incoming import Answer, IncomingRequest
-from sidecar.http2.server import H2Server
+from sidecar.http2.server import H2Protocol, H2Server
 
 
 class Upstream:
@@ -26,7 +26,7 @@ class Upstream:
         self.repeat, self.in_flight, self.most = repeat, 0, 0
         self.hold = asyncio.Event()
         self.hold.set()
-        self.server = H2Server(self.handle, limits=Limits())
+        self.server = H2Server(self.handle, protocol=H2Protocol, limits=Limits())
 
     async def handle(self, request: IncomingRequest) -> Answer:
         self.in_flight += 1

@@ -27,7 +27,7 @@ from sidecar.config_model import Limits
 from sidecar.errors import GRPC_STATUS, STATUS, RequestRefused
 from sidecar.grpc import format_timeout, parse_timeout
 from sidecar.http.incoming import Answer, IncomingRequest
-from sidecar.http2.server import H2Server
+from sidecar.http2.server import H2Protocol, H2Server
 from tests.http2.raw import streams
 from tests.peers.grpc_greeter import SERVICE, Greeter
 from tests.scenarios.outbound import SECRET
@@ -271,7 +271,7 @@ class HoldingUpstream:
 
     def __init__(self) -> None:
         self.timeouts: list[str] = []
-        self.server = H2Server(self.hold, limits=Limits())
+        self.server = H2Server(self.hold, protocol=H2Protocol, limits=Limits())
 
     async def hold(self, request: IncomingRequest) -> Answer:
         self.timeouts.append(request.headers.get("grpc-timeout", ""))

@@ -125,3 +125,25 @@ async def test_a_grpc_callers_deadline_reaches_the_agent_as_what_is_left(make_si
         assert 0 < float(await remaining(b"", timeout=20)) <= 20
     finally:
         channel.close()
+
+
+def test_alpn_is_set_once_per_server_context():
+    """``offering_h2`` sets ALPN on a context the first time it is handed out, not on every handshake; a
+    context built by a reload is offered ``h2`` too."""
+    from sidecar.http2.listen import offering_h2
+
+    class Counted(ssl.SSLContext):
+        calls = 0
+
+        def set_alpn_protocols(self, protocols):  # type: ignore[override]
+            type(self).calls += 1
+            super().set_alpn_protocols(protocols)
+
+    first, reloaded = Counted(ssl.PROTOCOL_TLS_SERVER), Counted(ssl.PROTOCOL_TLS_SERVER)
+    current = [first]
+    offered = offering_h2(lambda: current[0])
+    assert [offered() for _ in range(5)] == [first] * 5
+    assert Counted.calls == 1
+    current[0] = reloaded
+    assert offered() is reloaded and offered() is reloaded
+    assert Counted.calls == 2

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
+from sidecar.config_model import AgentMeta
 from sidecar.errors import RequestRefused
+from sidecar.exchange import AgentInfo
 from sidecar.http.target import DEFAULT_OPTIONS
+from sidecar.policy.facts import build_facts
 from sidecar.policy.readings import NONE, Reading, screen
 
 ALL_PASSED = frozenset({"x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
@@ -64,3 +67,20 @@ def test_ambiguous_passed_overrides_are_refused(headers: dict[str, str]) -> None
     with pytest.raises(RequestRefused) as refused:
         run(headers, passed=ALL_PASSED)
     assert refused.value.reason == "request_override"
+
+
+@pytest.mark.parametrize("reading, expected", [
+    (NONE, []),  # no passed override (nearly every request): nothing besides the request line
+    (Reading("DELETE", None), [("DELETE", "/api/items")]),
+    (Reading(None, "/api/admin"), [("GET", "/api/admin")]),
+    (Reading("DELETE", "/api/admin"), [("GET", "/api/admin"), ("DELETE", "/api/items"), ("DELETE", "/api/admin")]),
+    (Reading("GET", "/api/items"), []),  # an override naming the request line itself adds no reading
+])
+def test_the_other_readings_policy_must_also_allow(reading: Reading, expected: list[tuple[str, str]]) -> None:
+    """Every combination of the overridden method and path besides the request line, the rest of the facts kept."""
+    agent = AgentInfo("spiffe://example.org/ns/agents/sa/billing-1", "billing-agent", "production", AgentMeta())
+    facts = build_facts(direction="outbound", method="GET", scheme="https", host="api.example.com",
+                        path="/api/items", query="a=1", headers={}, size=None, upstream="api", agent=agent)
+    others = reading.alternatives(facts)
+    assert sorted((f.method, f.path) for f in others) == sorted(expected)
+    assert all((f.host, f.query, f.upstream, f.agent) == ("api.example.com", "a=1", "api", agent) for f in others)
