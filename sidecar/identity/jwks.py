@@ -11,7 +11,9 @@ A :class:`KeySource` owns one issuer's key set: it reads ``jwks_file`` or fetche
 over HTTPS (with the optional ``ca``; certificate verification is never turned off, redirects
 are not followed), single-flight. A failed refresh is logged, counted in
 ``sidecar_jwks_fetch_failures_total{issuer}`` and leaves the last good key set in force.
-An unknown ``kid`` may trigger a refresh, at most once per ``min_refresh_interval``.
+An unknown ``kid`` may trigger a refresh, at most once per ``min_refresh_interval``. A kid a good
+refresh has just found absent is remembered for :data:`ABSENT_FOR`: the same stale or made-up kid does
+not spend that slot again, so a caller repeating one cannot hold back the refresh a real rotation needs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from sidecar.observe.metrics import Metrics
 
 log = structlog.get_logger("sidecar.identity.jwks")
+ABSENT_FOR = 300.0  # seconds a kid a refresh found absent triggers no refresh (the periodic one still runs)
+ABSENT_MAX = 1024
 
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
@@ -167,6 +171,7 @@ class KeySource:
         self._session: aiohttp.ClientSession | None = None
         self._last_raw: bytes | None = None
         self._last_token_refresh: float | None = None  # refreshes a token caused are rate-limited
+        self._absent: dict[str, float] = {}  # kids a good refresh found absent, and when
         self._inflight: asyncio.Task[bool] | None = None
         self.last_error: str | None = None
 
@@ -180,16 +185,28 @@ class KeySource:
             self._inflight.add_done_callback(self._clear_inflight)
         return await asyncio.shield(self._inflight)
 
-    async def refresh_for_unknown_kid(self) -> None:
-        """Refresh because a token named an unknown kid (or keys are missing): at most once per interval.
+    async def refresh_for_unknown_kid(self, kid: str | None = None) -> None:
+        """Refresh because a token named an unknown ``kid`` (or keys are missing): at most once per interval,
+        and never again for a kid a good refresh found absent within :data:`ABSENT_FOR`.
 
         Joins a refresh already in flight. Scheduled refreshes do not count against the interval.
         """
         if self._inflight is None:
+            if kid is not None and self._known_absent(kid):
+                return
             if not self._may_refresh():
                 return
             self._last_token_refresh = self._clock()
         await self.refresh()
+        keys = self.keys
+        if kid is not None and keys is not None and kid not in keys.by_kid and self.last_error is None:
+            if len(self._absent) >= ABSENT_MAX:
+                self._absent.clear()  # one entry per refresh at most per kid: a flood only resets it
+            self._absent[kid] = self._clock()
+
+    def _known_absent(self, kid: str) -> bool:
+        noted = self._absent.get(kid)
+        return noted is not None and 0 <= self._clock() - noted < ABSENT_FOR
 
     def _may_refresh(self) -> bool:
         if self._last_token_refresh is None:

@@ -353,7 +353,7 @@ class JwtVerifier:
     async def _key(self, issuer: _Issuer, kid: str | None, alg: str) -> tuple[KeySet, VerificationKey]:
         keys = issuer.source.keys
         if keys is None or (kid is not None and kid not in keys.by_kid):
-            await issuer.source.refresh_for_unknown_kid()
+            await issuer.source.refresh_for_unknown_kid(kid)
             keys = issuer.source.keys
         if keys is None:
             raise _refused("no verification keys could be loaded for the token's issuer (jwks unavailable)")

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from sidecar.errors import IdentityRefused
+from sidecar.identity import jwks
 from sidecar.identity.jwks import ASYMMETRIC_ALGORITHMS, JwksError, parse_jwks
 from sidecar.identity.jwt import JwtVerifier
 from sidecar.observe.metrics import Metrics
@@ -214,8 +215,47 @@ async def test_unknown_kid_refresh_is_rate_limited_and_single_flight(jwks_server
     assert jwks_server.hits == 2
     clock.now += 2
     with pytest.raises(IdentityRefused):
-        await v.verify(strangers[1])
+        await v.verify(sign(ec_key("unknown-new")))  # a kid no refresh has looked for yet
     assert jwks_server.hits == 3
+    await v.aclose()
+
+
+async def test_a_repeated_stale_kid_does_not_hold_back_the_refresh_a_rotation_needs(jwks_server: JwksServer) -> None:
+    """A kid a good refresh found absent spends no refresh slot again (for ABSENT_FOR): a caller repeating
+    a stale or made-up kid every interval cannot keep the issuer's new key refused. Before, the rotated key
+    was refused until the next slot, up to 30 s (the chaos harness's jwks-rotated row: 8-20 s of refusals)."""
+    clock = Clock()
+    v = await _verifier(jwks_server, clock, Metrics())
+    stale = sign(ec_key("retired"))
+    with pytest.raises(IdentityRefused, match="kid is not in the issuer's key set"):
+        await v.verify(stale)
+    assert jwks_server.hits == 2  # start + the stale kid's one refresh
+    clock.now += 31
+    with pytest.raises(IdentityRefused, match="kid is not in the issuer's key set"):
+        await v.verify(stale)  # the slot is free again, but this kid was just looked for
+    assert jwks_server.hits == 2
+    new = ec_key("rotated-in")
+    jwks_server.keys = [jwks_server.keys[0], new]
+    assert (await v.verify(sign(new))).subject == "svc-billing"  # refreshed at once, not at the next slot
+    assert jwks_server.hits == 3
+    clock.now += jwks.ABSENT_FOR + 31
+    with pytest.raises(IdentityRefused):
+        await v.verify(stale)  # remembered only so long: looked for again
+    assert jwks_server.hits == 4
+    await v.aclose()
+
+
+async def test_a_kid_is_not_remembered_absent_when_the_refresh_failed(jwks_server: JwksServer) -> None:
+    """An unknown kid during an outage is not noted absent: the key set it was looked for in is the old one."""
+    clock = Clock()
+    v = await _verifier(jwks_server, clock, Metrics())
+    new = ec_key("published-during-outage")
+    jwks_server.status = 500
+    with pytest.raises(IdentityRefused, match=r"\(jwks refresh failed\)"):
+        await v.verify(sign(new))
+    jwks_server.status, jwks_server.keys = 200, [jwks_server.keys[0], new]
+    clock.now += 31
+    assert (await v.verify(sign(new))).subject == "svc-billing"
     await v.aclose()
 
 
