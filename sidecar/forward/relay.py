@@ -207,18 +207,10 @@ async def _relay_held(request: IncomingRequest, upstream: UpstreamResponse, head
                       on_prepared: Callable[[int], None], scrub: EchoScrub) -> Answer:
     """An unframed error answer held up to ``SMALL_BODY`` so that its echo can be searched: sent whole
     when it ends within that, else streamed on from what was held (unsearched: long, the upstream's data)."""
-    held: list[bytes] = []
-    size = 0
-    while size <= SMALL_BODY:
-        chunk = await _next(upstream)
-        if not chunk:
-            headers.popall("Transfer-Encoding", None)
-            answer = request.respond(upstream.status, upstream.reason, headers, scrub.body(b"".join(held), headers))
-            on_prepared(upstream.status)
-            return answer
-        held.append(chunk)
-        size += len(chunk)
-    return await _relay_stream(request, upstream, headers, None, on_prepared, b"".join(held), scrub)
+    held, ended = await _read_up_to(upstream, SMALL_BODY)
+    if ended:
+        return _respond_whole(request, upstream, headers, scrub.body(held, headers), on_prepared)
+    return await _relay_stream(request, upstream, headers, None, on_prepared, held, scrub)
 
 
 async def _relay_whole(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
@@ -231,10 +223,7 @@ async def _relay_whole(request: IncomingRequest, upstream: UpstreamResponse, hea
         raise UpstreamReset(None) from None
     if scrub is not None:
         body = scrub.body(body, headers)
-    headers.popall("Content-Length", None)
-    answer = request.respond(upstream.status, upstream.reason, headers, body)
-    on_prepared(upstream.status)
-    return answer
+    return _respond_whole(request, upstream, headers, body, on_prepared)
 
 
 async def _relay_read(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
@@ -243,19 +232,34 @@ async def _relay_read(request: IncomingRequest, upstream: UpstreamResponse, head
     its protocol's shape instead of a reset, and one write."""
     if (upstream.content_length or 0) > whole.limit:  # declared so: not a byte of it read
         raise _too_large(whole.limit)
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await _next(upstream):
-        size += len(chunk)
-        if size > whole.limit:  # stop reading: the connection is closed on release (its body unread)
-            raise _too_large(whole.limit)
-        parts.append(chunk)
+    read, ended = await _read_up_to(upstream, whole.limit)
+    if not ended:  # stop reading: the connection is closed on release (its body unread)
+        raise _too_large(whole.limit)
     try:
-        body = whole.read(b"".join(parts))
+        body = whole.read(read)
     except Refusal as exc:
         raise UpstreamFailed("upstream_answer_invalid", f"upstream: {exc.message}; nothing was relayed") from None
     if scrub is not None:
         body = scrub.body(body, headers)
+    return _respond_whole(request, upstream, headers, body, on_prepared)
+
+
+async def _read_up_to(upstream: UpstreamResponse, limit: int) -> tuple[bytes, bool]:
+    """A body whose head was not sent yet, read until it ends or passes ``limit`` bytes: what was read, and
+    whether that is all of it."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await _next(upstream):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts), False
+    return b"".join(parts), True
+
+
+def _respond_whole(request: IncomingRequest, upstream: UpstreamResponse, headers: CIMultiDict[str], body: bytes,
+                   on_prepared: Callable[[int], None]) -> Answer:
+    """A body read whole goes in one write, framed by its (new) length."""
     for name in ("Content-Length", "Transfer-Encoding"):
         headers.popall(name, None)
     answer = request.respond(upstream.status, upstream.reason, headers, body)
