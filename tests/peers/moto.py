@@ -3,7 +3,13 @@
 ``moto_server()`` starts it, waits until it answers and stops it; the ``moto`` fixture (one server
 per test module) provisions a role, a user with a key and a bucket, and ``iam_auth`` switches IAM
 authentication on for one test, as TESTING.md describes. Loaded as a plugin by ``tests/conftest.py``.
-Skips with an install hint when ``moto_server`` is missing (CI installs ``moto[server]``).
+
+The server is the moto installed beside the running tests (``python -m moto.server`` with this
+interpreter), never a ``moto_server`` found on ``PATH``: a machine-wide older moto would judge our
+signatures with its own bugs (moto up to 5.2.3 recomputes an S3 signature over the percent-decoded
+query, refusing ``prefix=reports%2Fx`` even when botocore signed it). Skips with an install hint when
+moto's server is not installed (CI installs ``moto[server]``); fails when it is older than
+:data:`MOTO_MIN` (what pyproject's test extra requires).
 """
 
 from __future__ import annotations
@@ -11,14 +17,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from urllib.parse import urlencode
 
 import pytest
@@ -30,6 +38,7 @@ REGION = "us-east-1"
 ACCOUNT = "123456789012"
 BUCKET = "aws-provider-bucket"
 FORM = "application/x-www-form-urlencoded; charset=utf-8"
+MOTO_MIN = (5, 2, 4)  # the first moto that checks an S3 signature over the query as sent (pyproject)
 
 
 def free_port() -> int:
@@ -51,15 +60,28 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
     pytest.fail("moto_server did not answer within 30 s")
 
 
+def _check_moto_installed() -> None:
+    """Skip (fail in CI) without moto's server in this environment; fail when that moto is too old."""
+    try:
+        installed = version("moto")
+    except PackageNotFoundError:
+        installed = ""
+    if not installed or find_spec("flask") is None:  # moto.server needs the [server] extra
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"moto[server] not installed for {sys.executable} in CI: .ci/run must install '.[test]'")
+        pytest.skip(f"moto[server] not installed for {sys.executable} (pip install -e '.[test]')")
+    release = tuple(int(part) for part in re.findall(r"\d+", installed)[:3])
+    if release < MOTO_MIN:
+        pytest.fail(f"moto {installed} is older than {'.'.join(map(str, MOTO_MIN))}: it refuses valid S3 "
+                    f"signatures of queries with an encoded '/'; pip install -e '.[test]'")
+
+
 @contextmanager
 def moto_server() -> Iterator[tuple[str, int]]:
     """(base URL, port) of a running moto server; IAM authentication off until a test turns it on."""
-    if shutil.which("moto_server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("moto_server not on PATH in CI: .ci/run must install moto[server]")
-        pytest.skip("moto_server not on PATH (pip install 'moto[server]')")
+    _check_moto_installed()
     port = free_port()
-    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
