@@ -19,6 +19,9 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 import requests
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from yarl import URL
 
 from sidecar.credentials.sigv4 import UNSIGNED_PAYLOAD, AwsCredentials, payload_sha256, sign
@@ -32,6 +35,7 @@ STS_WHOAMI = urlencode({"Action": "GetCallerIdentity", "Version": "2011-06-15"})
 DDB_JSON = ("Content-Type", "application/x-amz-json-1.0")
 DDB_DESCRIBE_LIMITS = "DynamoDB_20120810.DescribeLimits"
 WRONG_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+BOTO3_LIST_QUERY = "list-type=2&prefix=reports%2Fordinary&encoding-type=url"  # boto3's ListObjectsV2, as sent
 
 pytestmark = pytest.mark.peer("moto")
 
@@ -198,6 +202,8 @@ ACCEPTED: dict[str, Callable[[Moto], Wire]] = {
     "s3-list-objects-query": lambda m: _s3(
         m, "GET", f"/{BUCKET}", query="prefix=a%20b&list-type=2"
     ),
+    # S3 ListObjectsV2 as boto3 sends it: an escaped '/' in the prefix, kept escaped when signed
+    "s3-list-objects-boto3-query": lambda m: _s3(m, "GET", f"/{BUCKET}", query=BOTO3_LIST_QUERY),
     # S3 PutObject with a hashed payload and a key whose wire form holds %20
     "s3-put-hashed": lambda m: _s3(m, "PUT", f"/{BUCKET}/hashed%20key.txt", body=b"hashed"),
     # S3 PutObject with UNSIGNED-PAYLOAD
@@ -228,6 +234,17 @@ async def test_put_object_stores_signed_body(session: aiohttp.ClientSession, mot
     key = f"/{BUCKET}/round%20trip.bin"
     assert (await send(session, moto, _s3(moto, "PUT", key, body=b"\x00\xffdata")))[0] == 200
     assert await send(session, moto, _s3(moto, "GET", key)) == (200, b"\x00\xffdata")
+
+
+async def test_botocore_signature_of_the_same_query_is_accepted(session: aiohttp.ClientSession, moto: Moto) -> None:
+    """The peer judges an escaped '/' in a query as S3 does: botocore's own signature of boto3's
+    ListObjectsV2, sent straight to moto, passes (moto up to 5.2.3 refused it, and ours: it rechecked
+    the signature over the percent-decoded query, ``prefix=reports/ordinary``)."""
+    request = AWSRequest("GET", f"{moto.base}/{BUCKET}?{BOTO3_LIST_QUERY}")
+    S3SigV4Auth(Credentials(moto.user.access_key_id, moto.user.secret_access_key), "s3", REGION).add_auth(request)
+    wire = Wire("GET", f"/{BUCKET}", BOTO3_LIST_QUERY, list(request.headers.items()), b"")
+    status, body = await send(session, moto, wire)
+    assert status == 200, body.decode()
 
 
 # --- refused -----------------------------------------------------------------------------

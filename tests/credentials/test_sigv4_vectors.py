@@ -1,4 +1,4 @@
-"""The SigV4 signer against AWS's published test suite, and its own edges.
+"""The SigV4 signer against AWS's published test suite, botocore's canonical request, and its own edges.
 
 Each vector's request line is passed to the signer as the wire path and query, the way
 botocore's own harness feeds them: the canonical URI encodes it once more.
@@ -10,8 +10,15 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import boto3
 import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
 
 from sidecar.credentials.sigv4 import (
     EMPTY_SHA256,
@@ -250,3 +257,53 @@ def test_signing_key_is_cached() -> None:
     assert signing_key(SECRET, "20150830", REGION, SERVICE) is first
     assert signing_key(SECRET, "20150831", REGION, SERVICE) != first
     assert signing_key.cache_info().hits == 1
+
+
+# --- botocore as the oracle: the canonical request of what boto3 sends ---------------------
+
+LIST_PREFIXES = {
+    # the boto3 pipeline test's ListObjectsV2: boto3 sends prefix=reports%2Fordinary&encoding-type=url
+    "slash": "reports/ordinary",
+    # reserved characters a key prefix may hold: each escaped in the query boto3 sends
+    "space-plus-equals-amp": "a b+c=d&e/",
+    # non-ASCII (UTF-8 escapes), a tilde (unreserved: sent as is) and the sub-delims quote() keeps by default
+    "unicode-tilde-subdelims": "rapports/été~*'()!$,;:@",
+}
+
+
+class _Stopped(Exception):
+    """Raised before boto3's request leaves: the request is captured, nothing is sent."""
+
+    def __init__(self, request: Any) -> None:
+        super().__init__("captured")
+        self.request = request
+
+
+def _stop(request: Any, **_: Any) -> None:
+    raise _Stopped(request)
+
+
+def _boto3_list_url(prefix: str) -> str:
+    """The URL of the ListObjectsV2 boto3 sends at its defaults, path-style, for ``prefix``."""
+    client = boto3.client("s3", endpoint_url="https://s3.sidecar.test", region_name=REGION,
+                          aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET,
+                          config=Config(s3={"addressing_style": "path"}))
+    client.meta.events.register("before-send.s3", _stop)
+    with pytest.raises(_Stopped) as stopped:
+        client.list_objects_v2(Bucket="aws-provider-bucket", Prefix=prefix)
+    return str(stopped.value.request.url)
+
+
+@pytest.mark.parametrize("prefix", LIST_PREFIXES.values(), ids=LIST_PREFIXES.keys())
+def test_s3_canonical_request_is_botocores(prefix: str) -> None:
+    """For the query boto3 sends, the signer's canonical request is the one botocore computes, byte for
+    byte (escapes kept, pairs sorted by name: encoding-type, list-type, prefix)."""
+    url = _boto3_list_url(prefix)
+    wire = urlsplit(url)
+    date_time = "20150830T123600Z"
+    creds = AwsCredentials(ACCESS_KEY, SECRET, None, None)
+    ours = signing_steps("GET", wire.netloc, wire.path, wire.query, [], EMPTY_SHA256, creds, REGION, "s3", NOW)
+    request = AWSRequest("GET", url, headers={"X-Amz-Date": date_time, "X-Amz-Content-SHA256": EMPTY_SHA256})
+    theirs = S3SigV4Auth(Credentials(ACCESS_KEY, SECRET), "s3", REGION).canonical_request(request)
+    assert ours.canonical_request == theirs
+    assert ours.canonical_request.split("\n")[2].startswith("encoding-type=url&list-type=2&prefix=")
