@@ -476,13 +476,7 @@ class InterceptionCA:
         """Both files read whole and checked (worker thread): a pem certificate of a ca, valid now, and its key."""
         try:
             cert, key = _load_pair(*self._files, "intercept")
-            now = self._clock()
-            if cert.not_valid_after_utc <= now:
-                raise CAError(f"intercept: {self._files[0]} expired at {cert.not_valid_after_utc.isoformat()}",
-                              "expired")
-            if cert.not_valid_before_utc > now + BACKDATE:
-                raise CAError(f"intercept: {self._files[0]} is not valid before "
-                              f"{cert.not_valid_before_utc.isoformat()}", "not_yet_valid")
+            check_validity(cert, self._files[0], self._clock())
         except CAError as exc:
             raise ReloadFailed([str(exc)], exc.reason) from None
         return SigningCA.of(cert, key)
@@ -497,6 +491,22 @@ class InterceptionCA:
 
     def in_force(self) -> str:
         return f"sha256:{self._signer.sha256}"
+
+
+def check_interception_ca(cert_path: Path, key_path: Path, now: datetime) -> None:
+    """``sidecar validate``: the configured pair as ``sidecar run`` loads it (:class:`CAError` otherwise), then
+    its validity now (a :class:`CAError` too, with reason ``expired`` or ``not_yet_valid``)."""
+    cert, _ = _load_pair(cert_path, key_path, "intercept")
+    check_validity(cert, cert_path, now)
+
+
+def check_validity(cert: x509.Certificate, path: Path, now: datetime) -> None:
+    """A CA that signs leaves now: not expired, not valid only in the future (beyond the backdating)."""
+    if cert.not_valid_after_utc <= now:
+        raise CAError(f"intercept: {path} expired at {cert.not_valid_after_utc.isoformat()}", "expired")
+    if cert.not_valid_before_utc > now + BACKDATE:
+        raise CAError(f"intercept: {path} is not valid before {cert.not_valid_before_utc.isoformat()}",
+                      "not_yet_valid")
 
 
 def _normalize_host(host: str) -> str:
