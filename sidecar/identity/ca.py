@@ -482,11 +482,14 @@ class InterceptionCA:
         return SigningCA.of(cert, key)
 
     def apply(self, candidate: SigningCA) -> dict[str, object]:
-        """The new CA signs every leaf from here on: the cached leaves of the old one are dropped."""
-        dropped = len(self._cache)
-        self._signer = candidate
-        self._cache.clear()
-        return {"ca_cert": str(self._files[0]), "ca_sha256": candidate.sha256,
+        """The new CA signs every leaf from here on: the cached leaves of the old one are dropped. The same
+        certificate written again (files restored) changes nothing: its key is the same, so are its leaves."""
+        changed = candidate.sha256 != self._signer.sha256
+        dropped = len(self._cache) if changed else 0
+        if changed:
+            self._signer = candidate
+            self._cache.clear()
+        return {"ca_cert": str(self._files[0]), "ca_sha256": candidate.sha256, "changed": changed,
                 "not_after": candidate.cert.not_valid_after_utc.isoformat(), "leaves_dropped": dropped}
 
     def in_force(self) -> str:

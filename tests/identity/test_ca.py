@@ -457,3 +457,16 @@ def test_an_expired_or_not_yet_valid_rotation_is_refused_and_the_ca_in_force_sta
         with pytest.raises(ReloadFailed) as failed:
             ica.build()
         assert failed.value.reason == reason and ica.cert_pem == kept
+
+
+def test_the_same_ca_written_again_keeps_its_cached_leaves(tmp_path: Path) -> None:
+    """Files restored to the CA in force (after a broken write) are a reload that changes nothing: the leaves
+    cached stay, and are still the ones handed out."""
+    authority = trustme.CA()
+    cert, key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    _write_pair(authority, cert, key)
+    ica = InterceptionCA.load_or_create(cert, key, tmp_path)
+    context = ica.context_for("api.example.test")
+    _write_pair(authority, cert, key)
+    assert ica.apply(ica.build())["changed"] is False
+    assert ica.context_for("api.example.test") is context
