@@ -3,7 +3,7 @@
 The agent shares the pod's loopback, so the listener address alone proves nothing; the
 token file lives on a volume mounted only into the sidecar container.
 
-    POST /reload                      re-read policy (and identity) files
+    POST /reload                      re-read policy (and identity, interception CA) files
     POST /revocations                 {"kind", "id", "ttl"}: effective before it returns
                                       kind credential: id is a credential id (jti or keyed hash, as
                                       logged) or a credential name from the config (all of its tokens)

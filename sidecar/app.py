@@ -39,6 +39,7 @@ from sidecar.credentials.registry import PROVIDER_TYPES
 from sidecar.errors import ConfigInvalid
 from sidecar.fields import ListenAddress
 from sidecar.exchange import ActiveExchanges, AgentInfo
+from sidecar.identity.ca import SigningCA
 from sidecar.identity.inbound import InboundIdentity
 from sidecar.identity.jwt import JwtVerifier
 from sidecar.identity.signing import Signer
@@ -184,6 +185,7 @@ class Sidecar:
     identity: IdentitySource = field(init=False)
     interceptor: Interceptor = field(init=False)  # CONNECT on the outbound listener
     identity_reloader: Reloader[Candidate] = field(init=False)
+    intercept_ca_reloader: Reloader[SigningCA] = field(init=False)  # the interception CA's files, watched as the SVID's
     policy_reloader: Reloader[PolicySet] = field(init=False)
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
@@ -349,6 +351,8 @@ class Sidecar:
         cfg, rt = self.config, self.runtime
         own = own_http1_server()
         self.interceptor = Interceptor.from_runtime(rt, own_server=own)  # CONNECT: TLS interception, no blind tunnel
+        self.intercept_ca_reloader = Reloader(self.interceptor.ca, self.metrics.intercept_ca_reloads)
+        self._watcher.watch(self.intercept_ca_reloader)  # a rotated CA signs the next leaves, no restart
         tunnels = self.interceptor.server
         listeners.servers.append(tunnels)  # drained and closed with the listeners
         if isinstance(tunnels, Http1Server) and tunnels.http2 is not None:
@@ -457,12 +461,13 @@ class Sidecar:
         return await self._fleet.view() if self._fleet is not None else unavailable_view(NO_FLEET)
 
     async def reload(self) -> tuple[Reloaded, ...]:
-        """Policy files, then identity files if they changed, each read and compiled in a worker thread:
-        compiling a policy set (CEL) takes up to hundreds of milliseconds, which the event loop must not
-        spend (issue 12 item 5). A failed reload keeps the last good state and is in the result."""
+        """Policy files, then identity and interception CA files if they changed, each read and compiled in a
+        worker thread: compiling a policy set (CEL) takes up to hundreds of milliseconds, which the event loop
+        must not spend (issue 12 item 5). A failed reload keeps the last good state and is in the result."""
         policy = await self.policy_reloader.reload()
-        identity = await self.identity_reloader.reload_if_changed()
-        return (policy,) if identity is None else (policy, identity)
+        files: tuple[Reloader[Any], ...] = (self.identity_reloader, self.intercept_ca_reloader)
+        others = [await reloader.reload_if_changed() for reloader in files]
+        return (policy, *(result for result in others if result is not None))
 
     # -- stop -------------------------------------------------------------------------------------
     async def stop(self) -> None:

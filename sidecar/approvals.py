@@ -70,8 +70,11 @@ class Approvals:
         self._metrics.approvals_pending.set(len(self._pending))
         log.info("approval_requested", approval_id=pending.id, **pending.summary)
         try:
-            approved, approver = await asyncio.wait_for(asyncio.shield(pending.future), self._timeout)
-        except asyncio.TimeoutError:
+            # not wait_for: on 3.11 a request cut (revoked, client gone) in the step an approver approves it
+            # would lose the cancellation and be forwarded (CPython gh-86296)
+            async with asyncio.timeout(self._timeout):
+                approved, approver = await asyncio.shield(pending.future)
+        except TimeoutError:
             ex.approval = {"id": pending.id, "approver": None, "outcome": "timeout", "body_sha256": digest}
             raise PolicyRefused("approval_timeout", "policy: no approver decided within the approval timeout",
                                 rule_id=ex.rule_id) from None

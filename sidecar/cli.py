@@ -11,14 +11,17 @@ import argparse
 import asyncio
 import os
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sidecar.config import config_path, load_config
 from sidecar.config_model import Config
 from sidecar.errors import ConfigInvalid
 from sidecar.fields import parse_duration
+
+if TYPE_CHECKING:
+    from sidecar.identity.ca import CAError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,11 +113,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigInvalid as exc:
         _print_errors(exc)
         return 1
-    for warning in config.warnings:
+    warnings = list(config.warnings)
+    problem = _interception_ca_problem(config)
+    if problem is not None and problem.reason not in ("expired", "not_yet_valid"):
+        print(f"error: {problem} ({problem.reason})", file=sys.stderr)
+        print("1 problem(s) found", file=sys.stderr)
+        return 1
+    if problem is not None:  # sidecar run starts with it, but no agent will accept its leaves
+        warnings.append(f"{problem} ({problem.reason})")
+    for warning in warnings:
         print(f"warning: {warning}")
     print(f"ok: {config.source}: {len(config.outbound.upstreams)} upstream(s), {len(config.credentials)} "
           f"credential(s), policy {policy.version} from {len(config.policy.files)} file(s)")
     return 0
+
+
+def _interception_ca_problem(config: Config) -> CAError | None:
+    """What is wrong with the configured interception CA pair, as ``sidecar run`` (and its reloads) would find it."""
+    from sidecar.identity.ca import CAError, check_interception_ca
+
+    cert, key = config.outbound.intercept_ca_cert, config.outbound.intercept_ca_key
+    if cert is None or key is None:
+        return None
+    try:
+        check_interception_ca(cert, key, datetime.now(UTC))
+    except CAError as exc:
+        return exc
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -124,12 +149,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_or_report(args)
     if config is None:
         return 1
+    from sidecar.identity.ca import CAError
+
     configure_logging(config.log_level)
     _install_uvloop()
     try:
         return asyncio.run(serve(config))
     except ConfigInvalid as exc:
         _print_errors(exc)
+        return 1
+    except CAError as exc:  # the interception CA (or the development CA) cannot be used as it is
+        print(f"error: sidecar: cannot start: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a listener that cannot bind, an unreadable identity file
         print(f"error: sidecar: cannot start: {exc.strerror or exc}"

@@ -179,7 +179,7 @@ class Interceptor:
         cert, key = cfg.outbound.intercept_ca_cert, cfg.outbound.intercept_ca_key
         ca = InterceptionCA.load_or_create(cert, key, cfg.state_dir)
         path = cert if cert is not None else cfg.state_dir / "intercept" / CERT_FILE
-        log.info("intercept_ca_ready", ca_cert=str(path), configured=cert is not None)
+        log.info("intercept_ca_ready", ca_cert=str(path), configured=cert is not None, ca_sha256=ca.sha256)
         return cls(rt, ca, path, max_tunnels=max_tunnels, own_server=own_server)
 
     @property

@@ -110,7 +110,8 @@ class Registration:
     async def view(self) -> Record:
         """Every live and stale sidecar, or ``available: false`` and why when Redis does not answer."""
         try:
-            records, live = await asyncio.wait_for(self._read(), READ_TIMEOUT_S)
+            async with asyncio.timeout(READ_TIMEOUT_S):  # not wait_for: it can lose a cancellation (gh-86296)
+                records, live = await self._read()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the fleet view is unavailable; the local inventory is not

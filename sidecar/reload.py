@@ -1,6 +1,7 @@
 """One reload contract, and the one file watcher that drives it.
 
-A :class:`Reloadable` is state read from files (the policy set, this sidecar's SVID and bundles).
+A :class:`Reloadable` is state read from files (the policy set, this sidecar's SVID and bundles, the
+CONNECT interception CA).
 A :class:`Reloader` reloads it the same way whoever asks (the watch, ``POST /reload``, a test):
 
     build()   in a worker thread: read, parse, compile (the loop never waits for a disk or a key)
@@ -31,17 +32,19 @@ C = TypeVar("C")
 
 
 class ReloadFailed(Exception):
-    """A candidate that cannot be put in force; ``errors`` say why, one message each."""
+    """A candidate that cannot be put in force; ``errors`` say why, one message each; ``reason``, when the
+    Reloadable gives one, is a stable code for the whole failure (logged beside the messages)."""
 
-    def __init__(self, errors: Sequence[str]) -> None:
+    def __init__(self, errors: Sequence[str], reason: str | None = None) -> None:
         super().__init__("; ".join(errors))
         self.errors = tuple(errors)
+        self.reason = reason
 
 
 class Reloadable(Protocol[C]):
     """State read from files, rebuilt whole and swapped in, or not at all."""
 
-    name: str  # "policy" | "identity": the log events' prefix
+    name: str  # "policy" | "identity" | "intercept_ca": the log events' prefix
 
     def files(self) -> Sequence[Path]:
         """The paths the state is read from (the watch stamps them)."""
@@ -132,7 +135,8 @@ class Reloader(Generic[C]):
         name = self.target.name
         if isinstance(built, ReloadFailed):
             self._counter.labels("error").inc()
-            log.error(f"{name}_reload_failed", errors=list(built.errors), kept=self.target.in_force())
+            reason = {} if built.reason is None else {"reason": built.reason}
+            log.error(f"{name}_reload_failed", **reason, errors=list(built.errors), kept=self.target.in_force())
             return Reloaded(name, False, self.target.in_force(), built.errors)
         fields = self.target.apply(built)
         self._counter.labels("ok").inc()

@@ -218,3 +218,42 @@ def test_cases_describe_mcp_tools_principals_tasks_and_time(tmp_path):
     result = sidecar("test", "-c", str(config), str(policy), "--cases", str(cases))
     assert result.returncode == 1 and "2 passed, 1 failed" in result.stdout, result.stdout + result.stderr
     assert "FAIL not another tool" in result.stdout and "(mcp tools/call delete)" in result.stdout
+
+
+def _with_interception_ca(tmp_path: Path, cert: bytes, key: bytes) -> Path:
+    (tmp_path / "ca.crt").write_bytes(cert)
+    (tmp_path / "ca.key").write_bytes(key)
+    (tmp_path / "policy.yaml").write_text("version: 1\ndefault: deny\nrules: []\n")
+    config = {"state_dir": str(tmp_path / "state"), "policy": {"files": [str(tmp_path / "policy.yaml")]},
+              "outbound": {"listen": "127.0.0.1:0",
+                           "intercept": {"ca_cert": str(tmp_path / "ca.crt"), "ca_key": str(tmp_path / "ca.key")}}}
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_validate_and_run_refuse_an_interception_ca_that_cannot_be_loaded(tmp_path):
+    """A configured CA pair whose key is another CA's: validate names it (exit 1) instead of saying ok, and run
+    exits 1 saying why instead of a traceback."""
+    import trustme
+
+    ca, other = trustme.CA(), trustme.CA()
+    config = _with_interception_ca(tmp_path, ca.cert_pem.bytes(), other.private_key_pem.bytes())
+    validated = sidecar("validate", "-c", str(config))
+    assert validated.returncode == 1 and "(mismatch)" in validated.stderr and "ca.key" in validated.stderr
+    assert "PRIVATE KEY" not in validated.stderr
+    ran = sidecar("run", "-c", str(config))
+    assert ran.returncode == 1 and "cannot start: intercept:" in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_validate_warns_of_an_expired_interception_ca(tmp_path):
+    """An expired CA loads (run starts with it) but no agent accepts its leaves: a warning, exit 0."""
+    from datetime import UTC, datetime, timedelta
+
+    from sidecar.identity.ca import InterceptionCA
+
+    InterceptionCA.load_or_create(None, None, tmp_path / "made", clock=lambda: datetime.now(UTC) - timedelta(days=400))
+    made = tmp_path / "made" / "intercept"
+    config = _with_interception_ca(tmp_path, (made / "ca.crt").read_bytes(), (made / "ca.key").read_bytes())
+    validated = sidecar("validate", "-c", str(config))
+    assert validated.returncode == 0 and "warning: intercept:" in validated.stdout and "(expired)" in validated.stdout

@@ -20,7 +20,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sidecar.errors import RequestRefused
 from sidecar.http.tls import interception_context
 from sidecar.identity.spiffe import InvalidSpiffeId, SpiffeId, parse_spiffe_id, parse_trust_domain
+from sidecar.reload import ReloadFailed
 
 CA_TTL = timedelta(days=365)
 CA_MIN_REMAINING = timedelta(days=30)  # a CA closer to its end than this is replaced
@@ -51,7 +52,13 @@ _utcnow: Clock = partial(datetime.now, UTC)
 
 
 class CAError(ValueError):
-    """A CA directory or request that cannot be used as is; the message says what was expected."""
+    """A CA directory or request that cannot be used as is; the message says what was expected, ``reason``
+    names the problem in one stable word (``missing``, ``unreadable``, ``invalid``, ``mismatch``, ``not_a_ca``,
+    ``expired``, ``not_yet_valid``). Neither ever holds key material: paths and error types only."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +133,21 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def _load_pair(cert_path: Path, key_path: Path, component: str) -> tuple[x509.Certificate, Key]:
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        cert_data, key_data = cert_path.read_bytes(), key_path.read_bytes()
+    except OSError as exc:
+        reason = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+        raise CAError(f"{component}: cannot read ca {cert_path} / {key_path} ({type(exc).__name__})",
+                      reason) from None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_data)
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError) as exc:
         raise CAError(f"{component}: cannot load ca {cert_path} / {key_path}: expected a pem "
                       f"certificate and an unencrypted pem key ({type(exc).__name__})") from None
     if not isinstance(key, Key) or key.public_key() != cert.public_key():
-        raise CAError(f"{component}: {key_path} must be the ec or rsa private key of {cert_path}")
+        raise CAError(f"{component}: {key_path} must be the ec or rsa private key of {cert_path}", "mismatch")
     if not any(isinstance(e.value, x509.BasicConstraints) and e.value.ca for e in cert.extensions):
-        raise CAError(f"{component}: {cert_path} must be a ca certificate (basicConstraints ca)")
+        raise CAError(f"{component}: {cert_path} must be a ca certificate (basicConstraints ca)", "not_a_ca")
     return cert, key
 
 
@@ -343,23 +356,56 @@ def ca_issue(state_dir: Path, spiffe_id_text: str, out_dir: Path,
     return write_svid(ca.issue_svid(spiffe_id, ttl), out_dir)
 
 
+@dataclass(frozen=True, slots=True)
+class SigningCA:
+    """One interception CA in force: its certificate, its key (never in a repr) and the certificate's digest."""
+
+    cert: x509.Certificate
+    key: Key = field(repr=False)
+    cert_pem: str
+    sha256: str
+
+    @classmethod
+    def of(cls, cert: x509.Certificate, key: Key) -> SigningCA:
+        return cls(cert, key, _cert_pem(cert), cert.fingerprint(hashes.SHA256()).hex())
+
+
 class InterceptionCA:
     """Mints per-host server certificates for CONNECT interception (what agents must trust).
 
     Each host gets its own key and a leaf valid for ``leaf_ttl``; its server ``SSLContext`` is
     cached (LRU, ``max_hosts``) and minted again once less than a sixth of the lifetime remains.
+
+    It is also the :class:`~sidecar.reload.Reloadable` of its two files (``intercept_ca``): the file
+    watcher reloads a rotated pair; a complete, matching, valid one replaces the CA and empties the leaf
+    cache, so that no leaf of the old CA is handed out again (tunnels already open keep theirs). Any other
+    pair (missing, truncated, garbage, a key of another certificate, not a CA, expired) is a failed
+    reload with its reason, and the last good CA stays.
     """
 
+    name = "intercept_ca"
+
     def __init__(self, cert: x509.Certificate, key: Key, *, work_dir: Path,
-                 leaf_ttl: timedelta = LEAF_TTL, max_hosts: int = 1024,
-                 clock: Clock = _utcnow) -> None:
-        self._cert, self._key, self._work_dir = cert, key, work_dir
+                 files: tuple[Path, Path] | None = None, leaf_ttl: timedelta = LEAF_TTL,
+                 max_hosts: int = 1024, clock: Clock = _utcnow) -> None:
+        self._signer = SigningCA.of(cert, key)
+        self._work_dir = work_dir
+        self._files = files or (work_dir / CERT_FILE, work_dir / KEY_FILE)
         self._leaf_ttl, self._max_hosts, self._clock = leaf_ttl, max_hosts, clock
         self._cache: OrderedDict[str, tuple[ssl.SSLContext, datetime, datetime]] = OrderedDict()  # ctx, minted, end
-        self.cert_pem = _cert_pem(cert)
 
     def __repr__(self) -> str:
-        return f"InterceptionCA(subject={self._cert.subject.rfc4514_string()!r})"
+        return f"InterceptionCA(subject={self._signer.cert.subject.rfc4514_string()!r}, sha256={self.sha256!r})"
+
+    @property
+    def cert_pem(self) -> str:
+        """The certificate in force (what agents must trust), PEM."""
+        return self._signer.cert_pem
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of the certificate in force (DER), hex: what the reload log lines name."""
+        return self._signer.sha256
 
     @classmethod
     def load_or_create(cls, cert_path: Path | None, key_path: Path | None, state_dir: Path, *,
@@ -371,25 +417,33 @@ class InterceptionCA:
             raise CAError("intercept: ca_cert and ca_key must be given together")
         if cert_path is not None and key_path is not None:
             cert, key = _load_pair(cert_path, key_path, "intercept")
+            files = (cert_path, key_path)
         else:
             make = lambda: _self_signed_ca("sidecar interception ca", clock(), None)  # noqa: E731
             cert, key, _ = _load_or_create(work_dir, "intercept", clock(), make)
+            files = (work_dir / CERT_FILE, work_dir / KEY_FILE)
         _ensure_dir(work_dir)
-        return cls(cert, key, work_dir=work_dir, leaf_ttl=leaf_ttl, max_hosts=max_hosts,
+        return cls(cert, key, work_dir=work_dir, files=files, leaf_ttl=leaf_ttl, max_hosts=max_hosts,
                    clock=clock)
 
     def context_for(self, host: str) -> ssl.SSLContext:
         """A server-side context presenting a certificate for ``host`` (a DNS name or an IP)."""
         name = _normalize_host(host)
         now = self._clock()
-        return self._fresh(name, now) or self._store(name, self._mint(name, now))
+        return self._fresh(name, now) or self._store(name, self._mint(self._signer, name, now))
 
     async def context(self, host: str) -> ssl.SSLContext:
         """:meth:`context_for`, with a leaf to mint made in a worker thread: a key, a signature and a file
-        (~10 ms) that the event loop must not spend on a CONNECT (issue 12 item 5)."""
+        (~10 ms) that the event loop must not spend on a CONNECT (issue 12 item 5). A leaf whose CA was
+        replaced while it was minted is neither cached nor handed out: it is minted again by the new one."""
         name = _normalize_host(host)
         now = self._clock()
-        return self._fresh(name, now) or self._store(name, await asyncio.to_thread(self._mint, name, now))
+        while (context := self._fresh(name, now)) is None:
+            signer = self._signer
+            entry = await asyncio.to_thread(self._mint, signer, name, now)
+            if signer is self._signer:
+                return self._store(name, entry)
+        return context
 
     def _fresh(self, name: str, now: datetime) -> ssl.SSLContext | None:
         cached = self._cache.get(name)
@@ -407,12 +461,55 @@ class InterceptionCA:
             self._cache.popitem(last=False)
         return entry[0]
 
-    def _mint(self, name: str, now: datetime) -> tuple[ssl.SSLContext, datetime, datetime]:
+    def _mint(self, signer: SigningCA, name: str, now: datetime) -> tuple[ssl.SSLContext, datetime, datetime]:
         key = _new_key()
-        end = min(now + self._leaf_ttl, self._cert.not_valid_after_utc)
+        end = min(now + self._leaf_ttl, signer.cert.not_valid_after_utc)
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]
-        cert = _leaf(self._cert, self._key, key, [_general_name(name)], now - BACKDATE, end, usages)
+        cert = _leaf(signer.cert, signer.key, key, [_general_name(name)], now - BACKDATE, end, usages)
         return interception_context(_cert_pem(cert) + _key_pem(key), self._work_dir), now, end
+
+    # -- Reloadable: the CA's two files, watched like the SVID's ------------------------------------
+    def files(self) -> tuple[Path, Path]:
+        return self._files
+
+    def build(self) -> SigningCA:
+        """Both files read whole and checked (worker thread): a pem certificate of a ca, valid now, and its key."""
+        try:
+            cert, key = _load_pair(*self._files, "intercept")
+            check_validity(cert, self._files[0], self._clock())
+        except CAError as exc:
+            raise ReloadFailed([str(exc)], exc.reason) from None
+        return SigningCA.of(cert, key)
+
+    def apply(self, candidate: SigningCA) -> dict[str, object]:
+        """The new CA signs every leaf from here on: the cached leaves of the old one are dropped. The same
+        certificate written again (files restored) changes nothing: its key is the same, so are its leaves."""
+        changed = candidate.sha256 != self._signer.sha256
+        dropped = len(self._cache) if changed else 0
+        if changed:
+            self._signer = candidate
+            self._cache.clear()
+        return {"ca_cert": str(self._files[0]), "ca_sha256": candidate.sha256, "changed": changed,
+                "not_after": candidate.cert.not_valid_after_utc.isoformat(), "leaves_dropped": dropped}
+
+    def in_force(self) -> str:
+        return f"sha256:{self._signer.sha256}"
+
+
+def check_interception_ca(cert_path: Path, key_path: Path, now: datetime) -> None:
+    """``sidecar validate``: the configured pair as ``sidecar run`` loads it (:class:`CAError` otherwise), then
+    its validity now (a :class:`CAError` too, with reason ``expired`` or ``not_yet_valid``)."""
+    cert, _ = _load_pair(cert_path, key_path, "intercept")
+    check_validity(cert, cert_path, now)
+
+
+def check_validity(cert: x509.Certificate, path: Path, now: datetime) -> None:
+    """A CA that signs leaves now: not expired, not valid only in the future (beyond the backdating)."""
+    if cert.not_valid_after_utc <= now:
+        raise CAError(f"intercept: {path} expired at {cert.not_valid_after_utc.isoformat()}", "expired")
+    if cert.not_valid_before_utc > now + BACKDATE:
+        raise CAError(f"intercept: {path} is not valid before {cert.not_valid_before_utc.isoformat()}",
+                      "not_yet_valid")
 
 
 def _normalize_host(host: str) -> str:

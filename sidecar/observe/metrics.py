@@ -65,6 +65,8 @@ class Metrics:
                                       registry=r)
         self.identity_reloads = Counter("sidecar_identity_reloads", "Identity (SVID, bundle) reloads.",
                                         ["outcome"], registry=r)
+        self.intercept_ca_reloads = Counter("sidecar_intercept_ca_reloads", "CONNECT interception CA reloads.",
+                                            ["outcome"], registry=r)
         self.jwks_fetch_failures = Counter("sidecar_jwks_fetch_failures", "JWKS fetches that failed.",
                                            ["issuer"], registry=r)
         self.tls_handshake_failures = Counter("sidecar_tls_handshake_failures",
@@ -95,6 +97,7 @@ class Metrics:
         for outcome in ("ok", "error"):
             self.policy_reloads.labels(outcome)
             self.identity_reloads.labels(outcome)
+            self.intercept_ca_reloads.labels(outcome)
         self.revocation_bus_up.set(0)
         self.fleet_registered.set(0)
         for outcome in ("ok", "error"):

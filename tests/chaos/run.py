@@ -321,6 +321,10 @@ class World:
         for name, path in self.intercept.items():
             shutil.copy(made / "intercept" / f"ca.{'crt' if name == 'cert' else 'key'}", path)
         self.good_intercept = {name: path.read_bytes() for name, path in self.intercept.items()}
+        rotated = self.tmp / "intercept-rotated"  # the CA a rotation puts in force: agents trust it beforehand
+        InterceptionCA.load_or_create(None, None, rotated)
+        self.rotated_intercept = {name: (rotated / "intercept" / f"ca.{'crt' if name == 'cert' else 'key'}").read_bytes()
+                                  for name in self.intercept}
         self.mcp = subprocess.Popen([sys.executable, str(MCP_SERVER)], stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL)
         assert self.mcp.stdout is not None
@@ -365,13 +369,13 @@ class World:
         ca_issue(self.tmp / "state", OURS, self.svid_dir)
 
     def rotate_intercept_ca(self) -> None:
-        """A new interception CA written over the configured files (as an operator rotating it would)."""
-        from sidecar.identity.ca import InterceptionCA
-
-        made = self.tmp / f"intercept-{time.monotonic_ns()}"
-        InterceptionCA.load_or_create(None, None, made)
-        for name, path in self.intercept.items():
-            shutil.copy(made / "intercept" / f"ca.{'crt' if name == 'cert' else 'key'}", path)
+        """The next interception CA written over the configured files as an operator rotates it: the agents
+        already trust it (a bundle of both), the key is replaced first, then the certificate, one rename each."""
+        for name in ("key", "cert"):
+            path = self.intercept[name]
+            fresh = path.with_name(f".{path.name}.new")
+            fresh.write_bytes(self.rotated_intercept[name])
+            os.replace(fresh, path)
 
     def config(self) -> dict:
         up = self.upstream.url
@@ -457,7 +461,8 @@ class World:
         inbound = ssl.create_default_context(cafile=str(self.caller["bundle"]))
         inbound.check_hostname = False
         inbound.load_cert_chain(str(self.caller["cert"]), str(self.caller["key"]))
-        intercept = ssl.create_default_context(cadata=self.good_intercept["cert"].decode())
+        intercept = ssl.create_default_context(cadata=(self.good_intercept["cert"]
+                                                       + self.rotated_intercept["cert"]).decode())
         return Clients(self.ports, inbound, intercept, self.task, self.issuer)
 
     async def stop(self) -> None:
@@ -472,6 +477,10 @@ class World:
             self.pump.join(5)
         for peer in (self.upstream, self.tokens, self.agent, self.issuer):
             await peer.stop()
+
+
+CA_RELOADED = 'sidecar_intercept_ca_reloads_total{outcome="ok"}'
+CA_REFUSED = 'sidecar_intercept_ca_reloads_total{outcome="error"}'
 
 
 def faults(world: World) -> list[Fault]:
@@ -551,13 +560,16 @@ def faults(world: World) -> list[Fault]:
         Fault("policy-reload-storm", storm, lambda: world.write_policy("after the storm")),
         Fault("svid-garbage", svid_write({"cert": b"garbage", "key": b"garbage"}), svid_write(world.good_svid)),
         Fault("svid-deleted", svid_write({"cert": None, "key": None}), svid_write(world.good_svid)),
-        # the interception CA is read once at start: what happens to its files later must not matter
-        Fault("intercept-ca-rotated", lambda: world.rotate_intercept_ca(), files(world.intercept, ca)),
-        Fault("intercept-ca-deleted", files(world.intercept, {"cert": None, "key": None}), files(world.intercept, ca)),
+        # the interception CA's files are watched: a rotation to a CA the agents trust signs the next leaves (and
+        # its clearing rotates back); files deleted, truncated or garbage keep the last good CA, a failed reload
+        Fault("intercept-ca-rotated", lambda: world.rotate_intercept_ca(), files(world.intercept, ca),
+              felt=CA_RELOADED),
+        Fault("intercept-ca-deleted", files(world.intercept, {"cert": None, "key": None}), files(world.intercept, ca),
+              felt=CA_REFUSED),
         Fault("intercept-ca-truncated", files(world.intercept, {n: v[: len(v) // 2] for n, v in ca.items()}),
-              files(world.intercept, ca)),
+              files(world.intercept, ca), felt=CA_REFUSED),
         Fault("intercept-ca-garbage", files(world.intercept, {"cert": b"garbage", "key": b"garbage"}),
-              files(world.intercept, ca)),
+              files(world.intercept, ca), felt=CA_REFUSED),
         Fault("stdout-blocked", pump(True), pump(False), frozenset({"log_unavailable"})),
     ]
     if world.faked_clock:  # the wall clock stepped for the sidecar alone; TTLs and expiries are monotonic.

@@ -412,3 +412,61 @@ def test_operator_ca_files_must_come_together_and_match(tmp_path: Path) -> None:
         InterceptionCA.load_or_create(tmp_path / "ca.crt", tmp_path / "other.key", tmp_path)
     with pytest.raises(CAError, match="must be a ca certificate"):
         InterceptionCA.load_or_create(tmp_path / "leaf.crt", tmp_path / "leaf.key", tmp_path)
+
+
+def _write_pair(authority: trustme.CA, cert: Path, key: Path) -> None:
+    authority.private_key_pem.write_to_path(str(key))
+    authority.cert_pem.write_to_path(str(cert))
+
+
+async def test_a_leaf_minted_while_the_ca_was_replaced_is_minted_again_by_the_new_one(tmp_path: Path) -> None:
+    """A mint in flight (its worker thread) when a rotated CA is put in force is neither cached nor handed out:
+    the CONNECT that asked gets a leaf of the new CA, and so does the next one (no leaf of the old CA again)."""
+    first, second = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    _write_pair(first, cert, key)
+    ica = InterceptionCA.load_or_create(cert, key, tmp_path)
+    asking = asyncio.ensure_future(ica.context("api.example.test"))
+    await asyncio.sleep(0)  # the mint is in its worker thread: its result can only reach the task after this step
+    _write_pair(second, cert, key)
+    ica.apply(ica.build())  # what the reloader does on the loop, in this same step
+    context = await asking
+    new_pem = second.cert_pem.bytes().decode()
+    assert await _handshake(context, new_pem, "api.example.test") == "h2"
+    assert await ica.context("api.example.test") is context
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _handshake(context, first.cert_pem.bytes().decode(), "api.example.test")
+
+
+def test_an_expired_or_not_yet_valid_rotation_is_refused_and_the_ca_in_force_stays(tmp_path: Path) -> None:
+    """A rotated CA outside its validity by the sidecar's clock is a failed reload (``expired``,
+    ``not_yet_valid``); the CA in force is kept."""
+    import shutil
+
+    from sidecar.reload import ReloadFailed
+
+    cert, key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    _write_pair(trustme.CA(), cert, key)
+    ica = InterceptionCA.load_or_create(cert, key, tmp_path)
+    kept = ica.cert_pem
+    for shift, reason in ((-timedelta(days=400), "expired"), (timedelta(days=2), "not_yet_valid")):
+        made = tmp_path / reason  # a generated CA is valid from its clock's now for 365 days
+        InterceptionCA.load_or_create(None, None, made, clock=lambda: datetime.now(UTC) + shift)
+        shutil.copy(made / "intercept" / "ca.key", key)
+        shutil.copy(made / "intercept" / "ca.crt", cert)
+        with pytest.raises(ReloadFailed) as failed:
+            ica.build()
+        assert failed.value.reason == reason and ica.cert_pem == kept
+
+
+def test_the_same_ca_written_again_keeps_its_cached_leaves(tmp_path: Path) -> None:
+    """Files restored to the CA in force (after a broken write) are a reload that changes nothing: the leaves
+    cached stay, and are still the ones handed out."""
+    authority = trustme.CA()
+    cert, key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    _write_pair(authority, cert, key)
+    ica = InterceptionCA.load_or_create(cert, key, tmp_path)
+    context = ica.context_for("api.example.test")
+    _write_pair(authority, cert, key)
+    assert ica.apply(ica.build())["changed"] is False
+    assert ica.context_for("api.example.test") is context
