@@ -77,6 +77,7 @@ OUTSIDE_HOURS = (403, "no_matching_rule")
 TRACE_TAG = 0xC4A05  # the first hex digits of every 'hours' call's trace id
 RATE = 40.0  # requests a second, all kinds together
 REQUEST_TIMEOUT = 15.0
+IDLE = 5.0  # outbound.timeouts.idle: also how long the sidecar keeps an idle client connection
 MCP_SERVER = Path(__file__).parents[1] / "peers" / "mcp_sdk" / "server.py"  # built with the MCP SDK installed
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
               "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "chaos",
@@ -140,7 +141,11 @@ class Traffic:
         return len(self.outcomes)  # one trust decision each (a CONNECT's is its tunnel's request)
 
     async def _run(self) -> None:
-        connector = aiohttp.TCPConnector(limit=64)
+        # the sidecar closes a kept-alive client connection idle for its outbound idle timeout (IDLE): a client
+        # keeping one longer (aiohttp: 15 s) races that close, and a request sent as it happens is reset
+        # unread (RFC 9112 §9.3.1 lets a server close an idle connection; a client resends only idempotent
+        # requests, and not when resends are off). Kept for half that, as a well-behaved client would.
+        connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=IDLE / 2)
         async with aiohttp.ClientSession(connector=connector) as session:
             # aiohttp sends an idempotent request again, once, on a new connection when the first ended with no
             # answer (any ClientOSError or ServerDisconnectedError, not only a kept-alive connection's): one call
@@ -414,7 +419,7 @@ class World:
                                              "ca": str(self.issuer.ca_file), "audiences": [self.issuer.audience],
                                              "algorithms": ["ES256"]}]}},
             "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}",
-                         "timeouts": {"connect": "2s", "first_byte": "4s", "idle": "5s"},
+                         "timeouts": {"connect": "2s", "first_byte": "4s", "idle": f"{IDLE:g}s"},
                          "intercept": {"ca_cert": str(self.intercept["cert"]), "ca_key": str(self.intercept["key"])},
                          "upstreams": {"plain": {"url": up, "credential": "key"},
                                        "oauth": {"url": f"http://localhost:{self.upstream.port}",
