@@ -143,13 +143,21 @@ class Upstream(Switchable):
 class TokenEndpoint(Switchable):
     """An OAuth 2.0 token endpoint (client credentials) whose tokens live ``lifetime`` seconds.
     down: 503; slow: no answer within the client's timeout; garbage: 200 with a body that is not JSON;
-    error: 400 invalid_client."""
+    error: 400 invalid_client. Over HTTPS when given a ``ca_file`` (its CA is written there)."""
 
     lifetime = 8
 
-    def __init__(self) -> None:
+    def __init__(self, ca_file: Path | None = None) -> None:
         super().__init__()
         self._issued: dict[str, float] = {}  # token -> when it expires (the monotonic clock: the harness's is true)
+        if ca_file is not None:  # served over HTTPS (a trustme CA written to ca_file)
+            import trustme
+
+            ca = trustme.CA()
+            ca.cert_pem.write_to_path(str(ca_file))
+            self.ca_file = ca_file
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(self.ssl_context)
 
     def valid(self, token: str) -> bool:
         return self._issued.get(token, 0.0) > time.monotonic()
@@ -250,3 +258,66 @@ class Issuer(Switchable):
         if self.mode == "slow":
             await asyncio.sleep(30)
         return web.json_response({"keys": [k.jwk for k in self.published]})
+
+
+class Front:
+    """A TCP relay in front of a peer (``target_port`` on 127.0.0.1), whose ``mode`` cuts it off as a network
+    would. normal: bytes relayed both ways; partitioned: nothing relayed either way, on the connections open
+    and on new ones, which are accepted and then hear nothing (a TLS handshake through it hangs at its first
+    flight), and nothing is closed: what is held flows again once the mode is back to normal."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._mode = "normal"
+        self._server: asyncio.base_events.Server | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = value
+        if value == "normal":
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
+    async def start(self) -> Front:
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._flowing.wait()  # partitioned: the connection is accepted and hears nothing
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self._flowing.wait()  # partitioned: held, neither delivered nor dropped
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sink.close()

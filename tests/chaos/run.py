@@ -58,7 +58,7 @@ import aiohttp
 import yaml
 
 from tests.bench.soak_mtls import free_port
-from tests.chaos.peers import SSE_EVENTS, Agent, Issuer, TokenEndpoint, Upstream
+from tests.chaos.peers import SSE_EVENTS, Agent, Front, Issuer, TokenEndpoint, Upstream
 from tests.harness import wait_ready
 
 CALLER = "spiffe://sidecar.local/orchestrator"
@@ -251,6 +251,7 @@ class Fault:
     min_seconds: float = 0.0  # the fault lasts at least this long, whatever --fault-seconds says
     felt: str = ""  # a counter the fault must raise while it lasts (else it was not exercised: broken)
     leaves_hours: bool = False  # the fault must put some 'hours' calls outside the window (else: not exercised)
+    check: Callable[[], Awaitable[str | None]] | None = None  # after recovery: what the fault left wrong, or None
 
 
 @dataclass
@@ -269,12 +270,13 @@ class Row:
     lost_detail: list[str] = field(default_factory=list)  # each loss (the first 8): when, what, the client's message
     hours: tuple[int, int, int] = (0, 0, 0)  # 'hours' calls: inside the window, outside it, without an event
     leaves_hours: bool = False
+    checked: str | None = None  # what the fault's own check found wrong after recovery
 
     @property
     def held(self) -> bool:
         return (self.lost == 0 and self.wrong == 0 and self.recovery is not None and self.events == self.exchanges
                 and not self.unexpected and (self.felt is None or self.felt[1] > 0) and self.hours[2] == 0
-                and (not self.leaves_hours or self.hours[1] > 0))
+                and (not self.leaves_hours or self.hours[1] > 0) and self.checked is None)
 
 
 class LogPump:
@@ -314,10 +316,13 @@ class World:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.tokens, self.agent, self.issuer = TokenEndpoint(), Agent(), Issuer(tmp / "idp-ca.pem")
+        self.tokens, self.agent, self.issuer = TokenEndpoint(tmp / "token-ca.pem"), Agent(), Issuer(tmp / "idp-ca.pem")
         self.upstream = Upstream(self.tokens)
         self.ports = {name: free_port() for name in ("inbound", "outbound", "health", "metrics", "admin")}
         self.redis_port = free_port()
+        # the sidecar reaches the token endpoint (HTTPS) and Redis through relays a fault can cut off
+        self.token_front: Front | None = None
+        self.redis_front: Front | None = None
         self.redis: subprocess.Popen[bytes] | None = None
         self.sidecar: subprocess.Popen[bytes] | None = None
         self.pump: LogPump | None = None
@@ -340,6 +345,8 @@ class World:
     async def start(self) -> None:
         for peer in (self.upstream, self.tokens, self.agent, self.issuer):
             await peer.start()
+        self.token_front = await Front(self.tokens.port).start()
+        self.redis_front = await Front(self.redis_port).start()
         self.start_redis()
         from sidecar.identity.ca import InterceptionCA, ca_issue
 
@@ -428,14 +435,15 @@ class World:
                                        "tools": {"url": f"http://127.0.0.1:{self.mcp_port}", "protocol": "mcp"}}},
             "credentials": {
                 "key": {"type": "static", "header": "X-API-Key", "value": {"value": "chaos-static-key"}},
-                "tokens": {"type": "oauth2_client_credentials", "token_url": f"{self.tokens.url}/token",
+                "tokens": {"type": "oauth2_client_credentials", "ca": str(self.tokens.ca_file),
+                           "token_url": f"https://127.0.0.1:{self.token_front.port}/token",
                            "client_id": "chaos", "auth": "client_secret_post",
                            "client_secret": {"value": "chaos-secret"}, "timeout": "2s"}},
             "logging": {"buffer_bytes": LOG_BUFFER, "block_timeout": "1s"},
             "admin": {"listen": f"127.0.0.1:{self.ports['admin']}", "token_file": str(self.token_file)},
             **{name: {"listen": f"127.0.0.1:{self.ports[name]}"} for name in ("health", "metrics")}}
         if self.redis is not None:
-            config["revocation"] = {"redis_url": f"redis://127.0.0.1:{self.redis_port}/0", "require_sync": False}
+            config["revocation"] = {"redis_url": f"redis://127.0.0.1:{self.redis_front.port}/0", "require_sync": False}
         return config
 
     def write_policy(self, comment: str = "") -> None:
@@ -481,6 +489,24 @@ class World:
                     raise SystemExit(f"chaos: could not open a task: {r.status} {body}")
                 return str(body["id"])
 
+    async def revoke(self, subject: str) -> str:
+        """A revocation of a subject no traffic carries (its enforcement changes no decision): its rid, once the
+        admin API answered (in force locally before it returns)."""
+        headers = {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{self.ports['admin']}/revocations", headers=headers,
+                                    json={"kind": "subject", "id": subject, "ttl": "1h"}) as r:
+                body = await r.json()
+                if r.status != 201:
+                    raise SystemExit(f"chaos: could not revoke: {r.status} {body}")
+                return str(body["rid"])
+
+    def stored(self, rid: str) -> bool:
+        """Is the revocation stored in Redis (where the rest of a fleet reads it)?"""
+        found = subprocess.run(["redis-cli", "-p", str(self.redis_port), "EXISTS", f"sidecar:revocation:{rid}"],
+                               capture_output=True, text=True, timeout=10)
+        return found.stdout.strip() == "1"
+
     async def metric(self, name: str) -> float:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics") as r:
@@ -521,6 +547,9 @@ class World:
                     process.kill()
         if self.pump is not None:
             self.pump.join(5)
+        for front in (self.token_front, self.redis_front):
+            if front is not None:
+                await front.stop()
         for peer in (self.upstream, self.tokens, self.agent, self.issuer):
             await peer.stop()
 
@@ -562,6 +591,21 @@ def faults(world: World) -> list[Fault]:
         world.start_redis()
 
     flapping: list[asyncio.Task[None]] = []
+    revoked: list[str] = []
+
+    async def partition() -> None:
+        assert world.redis_front is not None
+        world.redis_front.mode = "partitioned"
+        await asyncio.sleep(2.0)  # the bus's connection is held, not closed: it must find out for itself
+        revoked.append(await world.revoke(f"partitioned-{len(revoked)}@example.com"))
+
+    async def partition_healed() -> str | None:
+        rid = revoked[-1]
+        for _ in range(60):  # up to 30 s for the outbox to reach Redis
+            if world.stored(rid):
+                return None
+            await asyncio.sleep(0.5)
+        return f"{rid}, revoked during the partition, is not in Redis 30 s after it healed"
 
     async def flap() -> None:  # down 1.5 s, up 1.5 s, for as long as the fault lasts
         while True:
@@ -621,6 +665,10 @@ def faults(world: World) -> list[Fault]:
         Fault("token-slow", mode(tokens, "slow"), mode(tokens, "normal"), frozenset({"credential_unavailable"})),
         Fault("token-garbage", mode(tokens, "garbage"), mode(tokens, "normal"), frozenset({"credential_unavailable"})),
         Fault("token-error", mode(tokens, "error"), mode(tokens, "normal"), frozenset({"credential_unavailable"})),
+        # the token endpoint (HTTPS) cut off: a new connection's TLS handshake hears nothing after its ClientHello,
+        # one already open hears nothing more; the credential's 2 s timeout must bound both
+        Fault("token-tls-hang", mode(world.token_front, "partitioned"), mode(world.token_front, "normal"),
+              frozenset({"credential_unavailable"})),
         # the JWKS endpoint gone: the keys fetched before keep verifying; an unknown kid is refused (as always).
         # Its tokens name a new kid each call meanwhile: the one unknown kid of the steady traffic is, after the
         # first good refresh, known absent and fetches nothing (5 min), so the fault would go unmet. It lasts
@@ -671,7 +719,11 @@ def faults(world: World) -> list[Fault]:
                   Fault("state-dir-read-only", lambda: world.in_namespace(f'mount -o remount,ro "{world.state}"'),
                         lambda: world.in_namespace(f'mount -o remount,rw "{world.state}"'))]
     if world.redis is not None:
-        table += [Fault("redis-down", redis_down, redis_up), Fault("redis-flapping", flap_start, flap_stop)]
+        table += [Fault("redis-down", redis_down, redis_up), Fault("redis-flapping", flap_start, flap_stop),
+                  # the network to Redis cut off (nothing closed, nothing answered) while a revocation is issued:
+                  # in force locally at once (the admin API answers after), and stored in Redis once the
+                  # partition heals (the outbox), where the rest of the fleet reads it
+                  Fault("redis-partition", partition, mode(world.redis_front, "normal"), check=partition_healed)]
     named = {f.name: f for f in table}
     several = ["upstream-slow", "token-down", "svid-garbage", "redis-down", "jwks-down"]
     table.append(together("together", [named[n] for n in several if n in named]))
@@ -715,6 +767,7 @@ async def run_fault(world: World, fault: Fault, fault_seconds: float, rate: floa
     await maybe(fault.clear())
     cleared = time.monotonic()
     recovery = await recovered(traffic, cleared)
+    checked = await fault.check() if fault.check is not None else None
     await asyncio.sleep(2.0)
     await traffic.stop()
     await asyncio.sleep(1.5)  # the last events reach the log
@@ -723,7 +776,7 @@ async def run_fault(world: World, fault: Fault, fault_seconds: float, rate: floa
     row = judge(fault, traffic, began, cleared, recovery, world.events() - events_before + int(dropped))
     inside = sum(1 for o in traffic.outcomes if o.trace and o.due is None and o.status == 200)
     outside = sum(1 for o in traffic.outcomes if o.trace and o.due is not None)
-    row.hours, row.leaves_hours = (inside, outside, unjudged), fault.leaves_hours
+    row.hours, row.leaves_hours, row.checked = (inside, outside, unjudged), fault.leaves_hours, checked
     row.felt = felt
     return row
 
@@ -813,6 +866,8 @@ def show(rows: list[Row]) -> None:
               f"{f' ({unexpected})' if unexpected else ''}{mark}")
         if r.felt is not None:
             print(f"{'':<{width}}felt: {r.felt[0]} +{r.felt[1]:g}{'' if r.felt[1] > 0 else ' (the fault was not exercised)'}")
+        if r.checked is not None:
+            print(f"{'':<{width}}check: {r.checked}")
         if r.losses:
             print(f"{'':<{width}}lost: {', '.join(f'{k} {v}' for k, v in r.losses.most_common())}")
             for line in r.lost_detail:
