@@ -7,8 +7,9 @@
 Set-up (all on 127.0.0.1, in a temporary directory): a ``sidecar run`` process (uvloop) with its SVID
 in files it watches, an inbound mTLS listener in front of a loopback agent, outbound upstreams on a
 misbehaving server (``plain`` with a static key, ``oauth`` with client-credentials tokens from a
-misbehaving token endpoint, ``intercepted`` reached by CONNECT through the interception CA given as
-files), a revocation bus on a real ``redis-server`` when one is installed, and a policy file it watches.
+misbehaving token endpoint over HTTPS, ``intercepted`` reached by CONNECT through the interception CA given
+as files), a revocation bus on a real ``redis-server`` when one is installed, and a policy file it watches.
+The token endpoint and Redis are reached through relays (``peers.Front``) that a fault can cut off.
 The sidecar runs in a private mount namespace (``unshare -m``) whose ``state_dir`` is a small tmpfs, so
 that it can be filled or made read-only for that process alone, under libfaketime (``LD_PRELOAD``, a
 control file; the monotonic clock left alone) when Debian's ``faketime`` is installed, so that its wall
@@ -17,8 +18,10 @@ Traffic: about 40 requests a second, round robin: an allowed GET on each upstrea
 task opened at start, ``ttl`` 30m), a GET policy denies, an allowed inbound mTLS call, one carrying a fresh
 human token (ES256, from an issuer whose JWKS the sidecar fetches over HTTPS), one whose token names a kid
 the JWKS never published (refused ``token_invalid`` whatever the fault), an SSE stream, a
-WebSocket echo, a CONNECT to a new host name each time (a leaf minted per host) and an MCP ``initialize`` to
-a server built with the MCP SDK (``tests/peers/mcp_sdk/server.py``, upstream ``tools``, ``protocol: mcp``).
+WebSocket echo, a CONNECT to a new host name each time (a leaf minted per host), an MCP ``initialize`` to
+a server built with the MCP SDK (``tests/peers/mcp_sdk/server.py``, upstream ``tools``, ``protocol: mcp``)
+and a GET a ``when.hours`` rule allows (judged by the sidecar's own clock: see HOURS_WINDOW). Each call is
+one exchange: aiohttp's resend of an idempotent request after a connection ended unanswered is off.
 
 Then several at once (``together``: a slow upstream, the token endpoint down, a garbage SVID, Redis
 down and the JWKS endpoint down). Per fault: steady traffic, the fault for ``--fault-seconds``, the fault cleared, traffic until every
@@ -426,7 +429,9 @@ class World:
                                              "ca": str(self.issuer.ca_file), "audiences": [self.issuer.audience],
                                              "algorithms": ["ES256"]}]}},
             "outbound": {"listen": f"127.0.0.1:{self.ports['outbound']}",
-                         "timeouts": {"connect": "2s", "first_byte": "4s", "idle": f"{IDLE:g}s"},
+                         # connect bounds a WebSocket's upgrade answer too, which the harness's own upstream (one
+                         # loop with the traffic) took 2.2 s to give at load average 9: 4 s, as first_byte
+                         "timeouts": {"connect": "4s", "first_byte": "4s", "idle": f"{IDLE:g}s"},
                          "intercept": {"ca_cert": str(self.intercept["cert"]), "ca_key": str(self.intercept["key"])},
                          "upstreams": {"plain": {"url": up, "credential": "key"},
                                        "oauth": {"url": f"http://localhost:{self.upstream.port}",
