@@ -474,9 +474,11 @@ class Http1Protocol(Wire):
             self.transport.close()
 
     def last_answer(self) -> bool:
-        """The answer being written is the connection's last: it is draining, or the client half-closed
-        and nothing else is queued."""
-        return self._draining or self._done and not self._queue
+        """The answer being written is the connection's last: it is draining, the client half-closed and
+        nothing else is queued, or it answers an upgrade (CONNECT, WebSocket) without taking it, after which
+        nothing is parsed: said with ``Connection: close``, else a client keeps the connection and loses the
+        next request it sends on it."""
+        return self._draining or self._done and not self._queue or self._upgraded
 
     def drain(self) -> None:
         """Stop after the request being served; an idle connection closes now."""

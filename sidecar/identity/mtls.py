@@ -11,8 +11,10 @@ protocol that had asked to pause).
 
 Python's ``ssl`` has no verification callback, so the client certificate is requested with
 ``CERT_OPTIONAL`` (a missing certificate is reported as ``no_client_cert`` rather than as an
-opaque alert) and OpenSSL verifies a presented chain against the union of all bundles. A chain
-OpenSSL cannot verify aborts the handshake with an alert; its verify code is mapped to
+opaque alert) and OpenSSL verifies a presented chain against the union of all bundles, but not its
+dates (``X509_V_FLAG_NO_CHECK_TIME``, ``sidecar.http.tls``): those are judged below, so an expired or not
+yet valid caller is answered 401 after a completed handshake rather than closed on (a TLS 1.3 client has
+sent its request by then). A chain OpenSSL cannot verify aborts the handshake; its verify code is mapped to
 ``expired``, ``not_yet_valid`` or ``peer_unverified``. A chain it accepts is then verified again
 by :func:`sidecar.identity.x509.verify_peer` against the bundle of the leaf's own trust domain
 only, which is the check that binds bundles to domains.

@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 
+import aiohttp
 import pytest
 
 from sidecar.http1.server import Http1Server
@@ -167,6 +168,27 @@ async def test_nothing_after_an_upgrade_answered_without_101_is_parsed(make_side
     assert answer.startswith(b"HTTP/1.1 403 ") and answer.count(b"HTTP/1.1") == 1
     assert upstream.seen == []
     assert [e["reason"] for e in await h.settle()] == ["rule_denied"]
+
+
+async def test_an_upgrade_answered_without_101_says_the_connection_closes(make_sidecar, upstream):
+    """The refusal of an upgrade is the connection's last answer, and says so: a client that was not told
+    (no Connection: close) kept the connection, and the next request it sent there was reset unanswered
+    (the chaos harness: a WebSocket refused upstream_timeout, then any request on that connection lost)."""
+    h = await make_sidecar(config_for(upstream), POLICY)
+    reader, writer = await open_outbound(h, b"GET /billing/v1/admin/ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    answer = await read_to_close(reader)
+    writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 403 ") and b"\r\nConnection: close" in head
+    async with aiohttp.ClientSession() as session:  # a client's view: refused, then its next request answered
+        session._retry_connection = False  # no second try on a new connection to hide a lost request
+        url = f"http://127.0.0.1:{h.port('outbound')}/billing/v1"
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await session.ws_connect(f"{url}/admin/ws")
+        async with session.get(f"{url}/a") as response:
+            assert response.status == 200
 
 
 async def test_a_client_that_resets_mid_body_forwards_nothing_whole(make_sidecar, upstream):

@@ -463,6 +463,30 @@ def test_hours_overnight(tmp_path: Path, local: datetime, inside: bool) -> None:
     assert (decision.effect == "allow") is inside
 
 
+def test_hours_follow_a_stepped_wall_clock_at_once(tmp_path: Path) -> None:
+    """The wall clock stepped an hour forward across the window's end, then back: the same loaded policy
+    decides by the time it reads on each request (no decision kept from before the step), while the rate
+    limit beside it runs on the monotonic clock, which a wall-clock step neither refills nor drains."""
+    wall = [datetime(2026, 3, 10, 20, 30, tzinfo=UTC)]  # Tuesday 16:30 EDT: inside 09:00-17:00
+    steady = FakeClock()
+    policy = load(tmp_path, [rule("r", when={"hours": BUSINESS_HOURS}, rate_limit={"requests": 3, "per": "1h"})],
+                  limiter=RateLimiter(steady), clock=lambda: wall[0])
+    request = facts(now=None)  # as the listeners build them: the engine reads its clock
+
+    def step(hours: int) -> tuple[str, str]:
+        wall[0] = wall[0].replace(hour=wall[0].hour + hours)
+        decision = policy.decide(request)
+        return decision.effect, decision.reason
+
+    assert step(0) == ("allow", "allowed")
+    assert step(+1) == ("deny", "no_matching_rule")  # 17:30 EDT: outside, on the very next request
+    assert step(-1) == ("allow", "allowed")  # back to 16:30: inside again, and the second of three
+    assert step(0) == ("allow", "allowed")
+    assert step(-1) == ("deny", "rate_limited")  # 15:30: inside, but the hour back gave back no tokens
+    steady.now += 1200  # twenty minutes of the monotonic clock refill one
+    assert step(0) == ("allow", "allowed")
+
+
 # -- audit -------------------------------------------------------------------------------------
 
 
