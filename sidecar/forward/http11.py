@@ -34,9 +34,10 @@ import time
 from collections import deque
 from typing import Any, AsyncIterable, Awaitable
 
-from aiohttp import ClientError, ClientOSError, ServerDisconnectedError
-from aiohttp.client_proto import ResponseHandler
+from aiohttp import ClientConnectionError, ClientOSError, ClientPayloadError, ServerDisconnectedError
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config_model import Timeouts
@@ -50,6 +51,7 @@ READ_CHUNK = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 MAX_RESPONSE_LINE = MAX_RESPONSE_FIELD = 8190  # aiohttp's client defaults
 MAX_RESPONSE_HEADERS = 128
+INFINITY = float("inf")
 
 
 # RFC 9110 §5.1 token characters, §5.5 field values: a name with anything else, or a value with a control
@@ -78,17 +80,252 @@ def check_response_head(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
         raise MalformedResponse(message="upstream: a response header value contains a control character")
 
 
-class Connection(ResponseHandler):
-    """aiohttp's response reader, closed on any byte the upstream sends while no request is out."""
+class Connection(asyncio.Protocol):
+    """One connection to an upstream: llhttp (aiohttp's C response parser, one per connection and kind of
+    request) for all framing, one lazily extended deadline per phase, and the final head handed over from
+    ``data_received`` with whatever of its body came with it.
 
-    idle = False
-    generation = 0  # the pool's TLS generation it was opened under (see ConnectionPool.renew)
+    A phase is the wait for the head (``first_byte``, from the request all sent) or for the body's next
+    byte (``idle``, from the head). Bytes only note the time (``_last``): the one timer, armed at most
+    ``_tick`` ahead, compares on firing and re-arms for the remainder, so a kept-alive connection under
+    load arms about one timer per ``_tick`` instead of one per segment. A byte that comes while no
+    request is out closes the connection.
+    """
+
+    __slots__ = ("transport", "generation", "_loop", "_first_byte", "_idle", "_tick", "_parsers", "_active",
+                 "_waiter", "_payload", "_close", "_got", "_sent", "_timeout", "_last", "_deadline", "_timer",
+                 "_reading_paused", "_drain")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: Timeouts, generation: int = 0) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.generation = generation  # the pool's TLS generation it was opened under (see ConnectionPool.renew)
+        self._loop = loop
+        self._first_byte, self._idle = timeouts.first_byte, timeouts.idle
+        self._tick = min(t for t in (self._first_byte, self._idle, 60.0) if t > 0)
+        self._parsers: dict[bool, Any] = {}  # response_with_body -> its parser, made on first use
+        self._active: Any = None  # the parser of the request out, None while there is none
+        self._waiter: asyncio.Future[tuple[Any, StreamReader]] | None = None  # the final head's
+        self._payload: StreamReader | None = None  # the final response's body
+        self._close = False  # not to carry another request
+        self._got = False  # a byte of this request's response came
+        self._sent = False  # the whole request was written
+        self._timeout: float | None = None  # the current phase's longest silence, None: no phase
+        self._last = 0.0  # when the phase began or its last byte came
+        self._deadline = INFINITY  # after a 1xx: the final head's, however busy the upstream is
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False  # the body's reader is behind (StreamReader's flow control)
+        self._drain: asyncio.Future[None] | None = None  # the upload's wait for the socket to drain
+
+    # -- the request --------------------------------------------------------------------------------
+
+    def request(self, data: bytes, head_only: bool, streamed: bool) -> asyncio.Future[tuple[Any, StreamReader]]:
+        """Write the request (its head, and the body when it is bytes); the future is the final response head
+        and its body, or the reason there is none (the exceptions ``send`` maps and retries on)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ServerDisconnectedError()
+        parser = self._parsers.get(not head_only)
+        if parser is None:
+            parser = self._parsers[not head_only] = self._parser(not head_only)
+        self._active, self._payload, self._got, self._deadline = parser, None, False, INFINITY
+        self._waiter = waiter = self._loop.create_future()
+        transport.write(data)
+        self._sent = not streamed
+        if not streamed:
+            self._phase(self._first_byte)
+        return waiter
+
+    def _parser(self, with_body: bool) -> Any:
+        return HttpResponseParser(self, self._loop, READ_CHUNK, payload_exception=ClientPayloadError,  # type: ignore[arg-type]
+                                  response_with_body=with_body, read_until_eof=True, auto_decompress=False,
+                                  max_line_size=MAX_RESPONSE_LINE, max_field_size=MAX_RESPONSE_FIELD,
+                                  max_headers=MAX_RESPONSE_HEADERS)
+
+    def sent(self) -> None:
+        """The streamed body is all written: the head is due within ``first_byte``."""
+        self._sent = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._phase(self._first_byte)
+
+    def upload_failed(self, exc: BaseException) -> None:
+        """The upload broke off: the exchange fails with ``exc`` if its head has not come; never reused."""
+        self._close = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+            self._stop()
+
+    async def drain(self) -> None:
+        """Wait until the socket takes more of the upload (``ConnectionResetError`` if it closed)."""
+        if self._drain is not None:
+            await self._drain
+
+    @property
+    def should_close(self) -> bool:
+        return self._close
+
+    @property
+    def connected(self) -> bool:  # read by StreamReader
+        return self.transport is not None
+
+    def is_connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def finished(self) -> bool:
+        """The response was read to its end and nothing came after it: the connection may carry another request.
+
+        Bytes after the response in its last segment leave llhttp inside a next message; ``feed_eof`` tells
+        (on a parser between messages it does nothing)."""
+        payload, parser = self._payload, self._active
+        self._active = self._waiter = self._payload = None
+        self._timeout = None
+        if self._close or self.transport is None or payload is None or not payload.is_eof():
+            return False
+        try:
+            return parser.feed_eof() is None
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self._close = True
+        self._stop()
+
+    def _stop(self) -> None:
+        self._timeout = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.idle:  # an answer nobody asked for (desync, or a body longer than framed)
+        parser = self._active
+        if parser is None:  # an answer nobody asked for (desync, or a body longer than framed)
             self.close()
             return
-        super().data_received(data)
+        self._got = True
+        self._last = self._loop.time()
+        try:
+            messages, _, _ = parser.feed_data(data)
+        except Exception as exc:  # framing llhttp refused: before the head, the exchange; after, the body
+            self._fail(exc if isinstance(exc, HttpProcessingError) else HttpProcessingError(), UpstreamBroke())
+            return
+        if messages:
+            self._heads(messages)
+
+    def _heads(self, messages: list[tuple[Any, StreamReader]]) -> None:
+        """Heads llhttp completed: interim ones skipped, the final one handed over, any after it closes."""
+        waiter = self._waiter
+        for message, payload in messages:
+            if waiter is None or waiter.done():  # a second response to one request: dropped with its connection
+                self._close = True
+                return
+            code = message.code
+            if not 100 <= code <= 599:
+                return self._fail(HttpProcessingError(message=f"upstream: status {code} is outside 100-599"))
+            try:
+                check_response_head(message.raw_headers)
+            except MalformedResponse as exc:
+                return self._fail(exc)
+            if code >= 200:
+                if message.should_close:
+                    self._close = True
+                self._payload = payload
+                self._phase(self._idle)
+                waiter.set_result((message, payload))
+            elif code == 101:  # not retried: an answer came
+                return self._fail(HttpProcessingError(message="upstream: switched protocols without being asked"))
+            elif self._deadline == INFINITY and self._sent:  # 1xx or not, the final head is due within first_byte
+                self._deadline = self._loop.time() + self._first_byte
+
+    def _fail(self, head: BaseException, body: BaseException | None = None) -> None:
+        """The exchange fails: ``head`` for a head still awaited, ``body`` for a body still being read."""
+        self._close = True
+        waiter, payload = self._waiter, self._payload
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(head)
+        elif payload is not None and not payload.is_eof() and payload.exception() is None:
+            payload.set_exception(body if body is not None else UpstreamBroke())
+        self._stop()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self._close = True
+        self._timeout = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiter, payload, parser = self._waiter, self._payload, self._active
+        if waiter is not None and not waiter.done():  # before the head: retried (see send) if nothing came
+            if self._got:
+                waiter.set_exception(ClientConnectionError("upstream: connection closed within the response head"))
+            else:
+                waiter.set_exception(ClientOSError(*exc.args) if isinstance(exc, OSError)
+                                     else ServerDisconnectedError())
+        elif payload is not None and not payload.is_eof() and payload.exception() is None:
+            try:
+                parser.feed_eof()  # a body read to the close ends here
+            except Exception:
+                pass
+            if not payload.is_eof():  # framed, and cut short
+                payload.set_exception(UpstreamBroke())
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError())
+        self._parsers.clear()  # they hold this protocol: no cycle left for the collector
+        self._active = None
+
+    def pause_writing(self) -> None:
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def pause_reading(self) -> None:  # StreamReader's, when the body's reader falls behind
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:  # StreamReader's, on every read
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+            if self._timeout is not None:  # the silence counts from now: the wait was ours
+                self._phase(self._timeout)
+
+    # -- the one timer ------------------------------------------------------------------------------
+
+    def _phase(self, timeout: float) -> None:
+        """A phase begins: at most ``timeout`` of silence from now (0: unbounded, as aiohttp's read timeout)."""
+        if not timeout:
+            self._timeout = None
+            return
+        self._timeout = timeout
+        self._last = now = self._loop.time()
+        if self._timer is None:  # else it fires within _tick, before this phase can be due: it checks then
+            self._timer = self._loop.call_at(now + self._tick, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        timeout = self._timeout
+        if timeout is None or self._reading_paused:  # no phase, or our reader's pause: resume_reading re-arms
+            return
+        payload = self._payload
+        if payload is not None and payload.is_eof():  # the response is all in
+            self._timeout = None
+            return
+        now = self._loop.time()
+        due = min(self._last + timeout, self._deadline)
+        if now >= due:
+            self._fail(TimeoutError(), TimeoutError())
+        else:
+            self._timer = self._loop.call_at(min(due, now + self._tick), self._on_timer)
 
 
 class ConnectionPool:
@@ -112,6 +349,16 @@ class ConnectionPool:
         """(open, idle) connections, for the pooled-connections gauge."""
         return self._open, len(self._idle)
 
+    def take(self) -> Connection | None:
+        """The newest idle connection still fit for use, if there is one (no wait: ``send``'s usual path)."""
+        now = time.monotonic()
+        while self._idle:
+            proto, since = self._idle.pop()
+            if proto.is_connected() and not proto.should_close and now - since <= self.keepalive:
+                return proto
+            self._discard(proto)
+        return None
+
     async def acquire(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused; a new one within ``timeouts.connect``.
 
@@ -119,13 +366,9 @@ class ConnectionPool:
         slot of a closed one, goes to the longest waiter, never to a newcomer. The wait is bounded
         by ``first_byte`` (then ``upstream_timeout``).
         """
-        now = time.monotonic()
-        while self._idle:
-            proto, since = self._idle.pop()
-            if proto.is_connected() and not proto.should_close and now - since <= self.keepalive:
-                proto.idle = False
-                return proto, True
-            self._discard(proto)
+        proto = self.take()
+        if proto is not None:
+            return proto, True
         while self._waiters and self._waiters[0].done():  # gone (cut, timed out) while waiting
             self._waiters.popleft()
         if self._open < self._limit and not self._waiters:
@@ -134,7 +377,6 @@ class ConnectionPool:
         handed = await self._wait_turn()
         if handed is not None:
             if handed.is_connected() and not handed.should_close:
-                handed.idle = False
                 return handed, True
             handed.close()  # closed (or spoke unasked) while handed over: a new one in its slot
         return await self._connect(), False  # a slot reserved for us
@@ -157,22 +399,20 @@ class ConnectionPool:
 
     async def _connect(self) -> Connection:
         """A new connection in a slot already counted in ``_open``; the slot is freed if it fails."""
-        loop = asyncio.get_running_loop()
+        loop, generation, timeouts = asyncio.get_running_loop(), self._generation, self.timeouts
         try:
-            async with asyncio.timeout(self.timeouts.connect):
+            async with asyncio.timeout(timeouts.connect):
                 _, proto = await loop.create_connection(
-                    lambda: Connection(loop), self.host, self.port, ssl=self.ssl,
+                    lambda: Connection(loop, timeouts, generation), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl is not None else None)
         except BaseException:
             self._free_slot()
             raise
-        proto.generation = self._generation
         return proto
 
     def release(self, proto: Connection, reusable: bool) -> None:
         if reusable and not self.closed and proto.generation == self._generation and proto.is_connected() \
                 and not proto.should_close:
-            proto.idle = True  # until a request is out on it again: any byte it sends closes it
             waiter = self._next_waiter()
             if waiter is not None:  # straight to the longest waiter
                 waiter.set_result(proto)
@@ -241,11 +481,11 @@ class UpstreamResponse:
     __slots__ = ("status", "reason", "headers", "content", "_pool", "_proto", "_upload", "_early")
     trailers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # a chunked body's trailers are not kept
 
-    def __init__(self, pool: ConnectionPool, proto: Connection, message: object, payload: object,
+    def __init__(self, pool: ConnectionPool, proto: Connection, message: Any, payload: StreamReader,
                  upload: asyncio.Task[None] | None) -> None:
-        self.status: int = message.code  # type: ignore[attr-defined]
-        self.reason: str = message.reason  # type: ignore[attr-defined]
-        self.headers: CIMultiDictProxy[str] = message.headers  # type: ignore[attr-defined]
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
         self.content = payload
         self._pool, self._proto, self._upload = pool, proto, upload
         # answered before the body was all sent: the upstream may read the rest as another request
@@ -257,28 +497,26 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     async def read(self) -> bytes:
-        return await _unless_broken(self.content.read())  # type: ignore[attr-defined]
+        """The whole body: at once when it came with the head. ``UpstreamBroke``, or ``TimeoutError`` past idle
+        (the connection puts them on the body)."""
+        content = self.content
+        if content.is_eof():
+            return content.read_nowait()
+        return await content.read()
 
     async def read_chunk(self) -> bytes:
-        return await _unless_broken(self.content.readany())  # type: ignore[attr-defined]
+        content = self.content
+        if content.is_eof():
+            return content.read_nowait()
+        return await content.readany()
 
     def release(self) -> None:
         """Back to the pool if read to the end with the upload done first; closed otherwise."""
         upload = self._upload
         if upload is not None and not upload.done():
             upload.cancel()
-        self._pool.release(self._proto, not self._early and self.content.is_eof())  # type: ignore[attr-defined]
-
-
-async def _unless_broken(pending: Awaitable[bytes]) -> bytes:
-    """A body read: ``UpstreamBroke`` if the connection broke; ``TimeoutError`` if it went quiet past idle
-    (aiohttp's ServerTimeoutError is a ClientError too, so it is let through first)."""
-    try:
-        return await pending
-    except TimeoutError:
-        raise
-    except (ClientError, OSError):
-        raise UpstreamBroke() from None
+        proto = self._proto
+        self._pool.release(proto, proto.finished() and not self._early)
 
 
 async def send(pool: ConnectionPool, method: str, target: str, headers: CIMultiDict[str],
@@ -286,73 +524,43 @@ async def send(pool: ConnectionPool, method: str, target: str, headers: CIMultiD
     """Send one request and wait for its response head (``first_byte``); the body stays to be read."""
     streamed = body is not None and not isinstance(body, bytes)
     chunked = streamed and "Content-Length" not in headers
-    head = serialize_head(method, target, headers, body, chunked)
+    data = serialize_head(method, target, headers, body, chunked)
+    if body and not streamed:
+        data += body  # type: ignore[operator]
     retry = method in IDEMPOTENT and not streamed
+    head_only = method == "HEAD"
     while True:
-        proto, reused = await pool.acquire()
+        proto = pool.take()
+        reused = proto is not None
+        if proto is None:
+            proto, reused = await pool.acquire()
+        upload = None
         try:
-            return await _exchange(pool, proto, method, head, body, chunked)
+            answer = proto.request(data, head_only, streamed)
+            if streamed:
+                upload = asyncio.ensure_future(_upload(proto, body, chunked, pool.timeouts.idle))  # type: ignore[arg-type]
+            message, payload = await answer
         except (ServerDisconnectedError, ClientOSError):
+            _stop(upload)
             pool.release(proto, False)
             if not (reused and retry):
                 raise
             retry = False
+            continue
         except BaseException:
+            _stop(upload)
             pool.release(proto, False)
             raise
-
-
-async def _exchange(pool: ConnectionPool, proto: Connection, method: str, head: bytes,
-                    body: bytes | AsyncIterable[bytes] | None, chunked: bool) -> UpstreamResponse:
-    timeouts = pool.timeouts
-    proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
-                              read_timeout=timeouts.first_byte, read_bufsize=READ_CHUNK,
-                              max_line_size=MAX_RESPONSE_LINE, max_field_size=MAX_RESPONSE_FIELD,
-                              max_headers=MAX_RESPONSE_HEADERS)
-    transport = proto.transport
-    assert transport is not None
-    upload = None
-    if body is None or isinstance(body, bytes):
-        transport.write(head + body if body else head)
-        proto.start_timeout()
-    else:
-        transport.write(head)
-        upload = asyncio.ensure_future(_upload(proto, body, chunked, timeouts.idle))
-    try:
-        message, payload = await _final_head(proto, upload, timeouts.first_byte)
-    except BaseException:
-        if upload is not None and not upload.done():
+        if upload is not None and not upload.done() and message.code >= 300:
+            # refused before the body was read: send no more of it, so that no byte of it can be taken
+            # for another request by an upstream that keeps the connection (the connection is not reused)
             upload.cancel()
-        raise
-    if upload is not None and not upload.done() and message.code >= 300:
-        # refused before the body was read: send no more of it, so that no byte of it can be taken
-        # for another request by an upstream that keeps the connection (the connection is not reused)
+        return UpstreamResponse(pool, proto, message, payload, upload)
+
+
+def _stop(upload: asyncio.Task[None] | None) -> None:
+    if upload is not None and not upload.done():
         upload.cancel()
-    proto.read_timeout = timeouts.idle
-    if not payload.is_eof():  # the body's clock is idle from now (the timer armed with the head ran on first_byte)
-        proto.start_timeout()
-    return UpstreamResponse(pool, proto, message, payload, upload)
-
-
-async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, first_byte: float) -> tuple[Any, Any]:
-    """The final response head, past any 1xx; once the request is all sent, 1xx or not, it is due within
-    ``first_byte`` of the first interim answer (aiohttp stops its read timer at every head it parses)."""
-    deadline: float | None = None
-    while True:
-        if deadline is None:
-            message, payload = await proto.read()
-        else:
-            async with asyncio.timeout_at(deadline):
-                message, payload = await proto.read()
-        if not 100 <= message.code <= 599:
-            raise HttpProcessingError(message=f"upstream: status {message.code} is outside 100-599")
-        check_response_head(message.raw_headers)
-        if message.code >= 200:
-            return message, payload
-        if message.code == 101:
-            raise HttpProcessingError(message="upstream: switched protocols without being asked")  # not retried
-        if deadline is None and (upload is None or upload.done()):
-            deadline = asyncio.get_running_loop().time() + first_byte
 
 
 async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, idle: float) -> None:
@@ -360,8 +568,8 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
     an upstream that reads nothing of it for ``idle`` fails the exchange (a timeout), and so does a
     sender that sends nothing more of it for ``idle`` (:class:`BodyStalled`).
 
-    A failure is put on the connection (the response read raises it; the connection is not
-    reused), not raised here: nobody awaits this task.
+    A failure is put on the connection (the head's wait raises it; the connection is not reused), not
+    raised here: nobody awaits this task.
     """
     transport = proto.transport
     chunks = aiter(body)
@@ -370,17 +578,17 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
             if not chunk or transport is None or transport.is_closing():
                 continue
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if proto.writing_paused:
+            if proto._drain is not None:
                 async with asyncio.timeout(idle):
-                    await proto._drain_helper()
+                    await proto.drain()
         if chunked and transport is not None and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
-        proto.start_timeout()
+        proto.sent()
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the agent's upload broke off, passed the limit or stalled: fail the exchange
         kept = isinstance(exc, (BodyTooLarge, BodyStalled, TimeoutError))
-        proto.set_exception(exc if kept else ClientOSError(type(exc).__name__))
+        proto.upload_failed(exc if kept else ClientOSError(type(exc).__name__))
 
 
 def serialize_head(method: str, target: str, headers: CIMultiDict[str],
