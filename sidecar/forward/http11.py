@@ -56,8 +56,11 @@ INFINITY = float("inf")
 
 # RFC 9110 §5.1 token characters, §5.5 field values: a name with anything else, or a value with a control
 # character other than HTAB, is refused (llhttp's lenient client parser lets "Content-Length : 2" through).
+# As translation tables (1: refused) built once: a translate through a table is one pass, where one that
+# deletes characters first builds its table on every call.
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_NOT_CTL = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b != 0x7F)
+_BAD_NAME = bytes(0 if b in _TCHAR else 1 for b in range(256))
+_BAD_VALUE = bytes(0 if b == 0x09 or 0x20 <= b != 0x7F else 1 for b in range(256))
 
 
 class MalformedResponse(HttpProcessingError):
@@ -70,13 +73,13 @@ def check_response_head(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
     """Refuse a response header whose name is not a token or whose value holds a control character.
 
     All names, then all values, are checked as one joined string each (one ``translate`` in C, not two per
-    header): joining adds no byte, so a byte left over belongs to one name or one value."""
+    header): joining adds no byte, so a refused byte belongs to one name or one value."""
     if not raw_headers:
         return
     names, values = zip(*raw_headers)
-    if not all(names) or b"".join(names).translate(None, _TCHAR):
+    if not all(names) or 1 in b"".join(names).translate(_BAD_NAME):
         raise MalformedResponse(message="upstream: a response header name is not an RFC 9110 token")
-    if b"".join(values).translate(None, _NOT_CTL):
+    if 1 in b"".join(values).translate(_BAD_VALUE):
         raise MalformedResponse(message="upstream: a response header value contains a control character")
 
 
