@@ -5,9 +5,11 @@ loop, automatic headers, URL re-quoting, auth, traces or middlewares, yet pays f
 every request (about half the CPU of a bare aiohttp pass-through proxy, measured in
 ``tests/bench``). Here the request head is serialized from the headers the pipeline built
 (so the path policy matched is byte for byte the path sent, and no redirect can ever be
-followed: there is no code that would), and the response is read by aiohttp's own
-``ResponseHandler`` (llhttp parser, flow control, read timeouts). WebSockets and the
-credential providers' token requests still use ``ClientSession``.
+followed: there is no code that would), and the response is read by :class:`Connection`, an
+``asyncio.Protocol`` of our own around aiohttp's C response parser (llhttp does all the framing;
+one parser per connection, a second for HEAD answers), with the body's flow control and one timer
+per connection. A response whose body came with its head is handed over whole, without a wait.
+WebSockets and the credential providers' token requests still use ``ClientSession``.
 
 A connection goes back to its pool only when its response was read to the end, the upload
 had finished before the response began and neither side asked to close; anything else (cut,
@@ -22,6 +24,11 @@ At most ``limit`` connections per upstream; a request finding them all busy wait
 agent) sends nothing for ``idle`` fails with :class:`BodyStalled`, so that a stalled client cannot
 hold a connection for as long as it keeps its socket open.
 
+The head is due within ``first_byte`` of the request all sent (bytes extend it; after a 1xx, once
+the request is all sent, the final head is due within ``first_byte`` of that first interim answer
+however busy the upstream keeps the line); a 101 is refused, and so is a status outside 100-599.
+The body may go quiet for ``idle`` (not while our reader is behind: reading is paused then).
+
 A request that fails on a reused connection before any response byte is retried once on a
 new one when it is idempotent and its body can be sent again (RFC 9112 §9.3.1), as aiohttp does.
 """
@@ -35,6 +42,7 @@ from collections import deque
 from typing import Any, AsyncIterable, Awaitable
 
 from aiohttp import ClientConnectionError, ClientOSError, ClientPayloadError, ServerDisconnectedError
+from aiohttp.helpers import TimerNoop
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser
 from aiohttp.streams import StreamReader
@@ -52,6 +60,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 MAX_RESPONSE_LINE = MAX_RESPONSE_FIELD = 8190  # aiohttp's client defaults
 MAX_RESPONSE_HEADERS = 128
 INFINITY = float("inf")
+NO_TIMER = TimerNoop()  # stateless: shared by every body, instead of one made per StreamReader
 
 
 # RFC 9110 §5.1 token characters, §5.5 field values: a name with anything else, or a value with a control
@@ -139,7 +148,8 @@ class Connection(asyncio.Protocol):
         return waiter
 
     def _parser(self, with_body: bool) -> Any:
-        return HttpResponseParser(self, self._loop, READ_CHUNK, payload_exception=ClientPayloadError,  # type: ignore[arg-type]
+        return HttpResponseParser(self, self._loop, READ_CHUNK, timer=NO_TIMER,  # type: ignore[arg-type]
+                                  payload_exception=ClientPayloadError,
                                   response_with_body=with_body, read_until_eof=True, auto_decompress=False,
                                   max_line_size=MAX_RESPONSE_LINE, max_field_size=MAX_RESPONSE_FIELD,
                                   max_headers=MAX_RESPONSE_HEADERS)
