@@ -287,8 +287,8 @@ class Connection(asyncio.Protocol):
                 payload.set_exception(UpstreamBroke())
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError())
-        self._parsers.clear()  # they hold this protocol: no cycle left for the collector
-        self._active = None
+        self._parsers.clear()  # they and the body hold this protocol: no cycle left for the collector
+        self._active = self._payload = self._waiter = None
 
     def pause_writing(self) -> None:
         if self._drain is None:
