@@ -23,7 +23,8 @@ from multidict import CIMultiDict
 
 from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
-from sidecar.forward.http11 import ConnectionPool, MalformedResponse, check_response_head, send, serialize_head
+from sidecar.forward.connection import MalformedResponse, check_response_head
+from sidecar.forward.http11 import ConnectionPool, send, serialize_head
 from tests.harness import BOUND, OK, Upstream, raw_http
 from tests.scenarios.outbound import ALLOW_ALL, POLICY, config_for, outbound_to
 
