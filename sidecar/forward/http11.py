@@ -5,9 +5,11 @@ loop, automatic headers, URL re-quoting, auth, traces or middlewares, yet pays f
 every request (about half the CPU of a bare aiohttp pass-through proxy, measured in
 ``tests/bench``). Here the request head is serialized from the headers the pipeline built
 (so the path policy matched is byte for byte the path sent, and no redirect can ever be
-followed: there is no code that would), and the response is read by aiohttp's own
-``ResponseHandler`` (llhttp parser, flow control, read timeouts). WebSockets and the
-credential providers' token requests still use ``ClientSession``.
+followed: there is no code that would), and the response is read by a
+:class:`~sidecar.forward.connection.Connection`, an ``asyncio.Protocol`` of our own around
+aiohttp's C response parser (llhttp does all the framing; one parser per connection, a second for
+HEAD answers), with the body's flow control and one timer per connection. A response whose body came with its head is handed over whole, without a wait.
+WebSockets and the credential providers' token requests still use ``ClientSession``.
 
 A connection goes back to its pool only when its response was read to the end, the upload
 had finished before the response began and neither side asked to close; anything else (cut,
@@ -22,6 +24,11 @@ At most ``limit`` connections per upstream; a request finding them all busy wait
 agent) sends nothing for ``idle`` fails with :class:`BodyStalled`, so that a stalled client cannot
 hold a connection for as long as it keeps its socket open.
 
+The head is due within ``first_byte`` of the request all sent (bytes extend it; after a 1xx, once
+the request is all sent, the final head is due within ``first_byte`` of that first interim answer
+however busy the upstream keeps the line); a 101 is refused, and so is a status outside 100-599.
+The body may go quiet for ``idle`` (not while our reader is behind: reading is paused then).
+
 A request that fails on a reused connection before any response byte is retried once on a
 new one when it is idempotent and its body can be sent again (RFC 9112 §9.3.1), as aiohttp does.
 """
@@ -34,61 +41,19 @@ import time
 from collections import deque
 from typing import Any, AsyncIterable, Awaitable
 
-from aiohttp import ClientError, ClientOSError, ServerDisconnectedError
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import ClientOSError, ServerDisconnectedError
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
 from sidecar.forward.body import BodyStalled, BodyTooLarge, next_chunk
-from sidecar.forward.transport import Body, UpstreamBroke
+from sidecar.forward.connection import Connection
+from sidecar.forward.transport import Body
 from sidecar.http.headers import framed_length
 from sidecar.http.target import format_authority
 
-READ_CHUNK = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-MAX_RESPONSE_LINE = MAX_RESPONSE_FIELD = 8190  # aiohttp's client defaults
-MAX_RESPONSE_HEADERS = 128
-
-
-# RFC 9110 §5.1 token characters, §5.5 field values: a name with anything else, or a value with a control
-# character other than HTAB, is refused (llhttp's lenient client parser lets "Content-Length : 2" through).
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_NOT_CTL = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b != 0x7F)
-
-
-class MalformedResponse(HttpProcessingError):
-    """The upstream's response head is not valid HTTP (names that are not tokens, control characters)."""
-
-    says_why = True  # its message names the problem (never the value): the refusal's detail
-
-
-def check_response_head(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
-    """Refuse a response header whose name is not a token or whose value holds a control character.
-
-    All names, then all values, are checked as one joined string each (one ``translate`` in C, not two per
-    header): joining adds no byte, so a byte left over belongs to one name or one value."""
-    if not raw_headers:
-        return
-    names, values = zip(*raw_headers)
-    if not all(names) or b"".join(names).translate(None, _TCHAR):
-        raise MalformedResponse(message="upstream: a response header name is not an RFC 9110 token")
-    if b"".join(values).translate(None, _NOT_CTL):
-        raise MalformedResponse(message="upstream: a response header value contains a control character")
-
-
-class Connection(ResponseHandler):
-    """aiohttp's response reader, closed on any byte the upstream sends while no request is out."""
-
-    idle = False
-    generation = 0  # the pool's TLS generation it was opened under (see ConnectionPool.renew)
-
-    def data_received(self, data: bytes) -> None:
-        if self.idle:  # an answer nobody asked for (desync, or a body longer than framed)
-            self.close()
-            return
-        super().data_received(data)
 
 
 class ConnectionPool:
@@ -112,6 +77,16 @@ class ConnectionPool:
         """(open, idle) connections, for the pooled-connections gauge."""
         return self._open, len(self._idle)
 
+    def take(self) -> Connection | None:
+        """The newest idle connection still fit for use, if there is one (no wait: ``send``'s usual path)."""
+        now = time.monotonic()
+        while self._idle:
+            proto, since = self._idle.pop()
+            if proto.is_connected() and not proto.should_close and now - since <= self.keepalive:
+                return proto
+            self._discard(proto)
+        return None
+
     async def acquire(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused; a new one within ``timeouts.connect``.
 
@@ -119,13 +94,9 @@ class ConnectionPool:
         slot of a closed one, goes to the longest waiter, never to a newcomer. The wait is bounded
         by ``first_byte`` (then ``upstream_timeout``).
         """
-        now = time.monotonic()
-        while self._idle:
-            proto, since = self._idle.pop()
-            if proto.is_connected() and not proto.should_close and now - since <= self.keepalive:
-                proto.idle = False
-                return proto, True
-            self._discard(proto)
+        proto = self.take()
+        if proto is not None:
+            return proto, True
         while self._waiters and self._waiters[0].done():  # gone (cut, timed out) while waiting
             self._waiters.popleft()
         if self._open < self._limit and not self._waiters:
@@ -134,7 +105,6 @@ class ConnectionPool:
         handed = await self._wait_turn()
         if handed is not None:
             if handed.is_connected() and not handed.should_close:
-                handed.idle = False
                 return handed, True
             handed.close()  # closed (or spoke unasked) while handed over: a new one in its slot
         return await self._connect(), False  # a slot reserved for us
@@ -157,22 +127,20 @@ class ConnectionPool:
 
     async def _connect(self) -> Connection:
         """A new connection in a slot already counted in ``_open``; the slot is freed if it fails."""
-        loop = asyncio.get_running_loop()
+        loop, generation, timeouts = asyncio.get_running_loop(), self._generation, self.timeouts
         try:
-            async with asyncio.timeout(self.timeouts.connect):
+            async with asyncio.timeout(timeouts.connect):
                 _, proto = await loop.create_connection(
-                    lambda: Connection(loop), self.host, self.port, ssl=self.ssl,
+                    lambda: Connection(loop, timeouts, generation), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl is not None else None)
         except BaseException:
             self._free_slot()
             raise
-        proto.generation = self._generation
         return proto
 
     def release(self, proto: Connection, reusable: bool) -> None:
         if reusable and not self.closed and proto.generation == self._generation and proto.is_connected() \
                 and not proto.should_close:
-            proto.idle = True  # until a request is out on it again: any byte it sends closes it
             waiter = self._next_waiter()
             if waiter is not None:  # straight to the longest waiter
                 waiter.set_result(proto)
@@ -241,11 +209,11 @@ class UpstreamResponse:
     __slots__ = ("status", "reason", "headers", "content", "_pool", "_proto", "_upload", "_early")
     trailers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # a chunked body's trailers are not kept
 
-    def __init__(self, pool: ConnectionPool, proto: Connection, message: object, payload: object,
+    def __init__(self, pool: ConnectionPool, proto: Connection, message: Any, payload: StreamReader,
                  upload: asyncio.Task[None] | None) -> None:
-        self.status: int = message.code  # type: ignore[attr-defined]
-        self.reason: str = message.reason  # type: ignore[attr-defined]
-        self.headers: CIMultiDictProxy[str] = message.headers  # type: ignore[attr-defined]
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
         self.content = payload
         self._pool, self._proto, self._upload = pool, proto, upload
         # answered before the body was all sent: the upstream may read the rest as another request
@@ -257,28 +225,26 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     async def read(self) -> bytes:
-        return await _unless_broken(self.content.read())  # type: ignore[attr-defined]
+        """The whole body: at once when it came with the head. ``UpstreamBroke``, or ``TimeoutError`` past idle
+        (the connection puts them on the body)."""
+        content = self.content
+        if content.is_eof():
+            return content.read_nowait()
+        return await content.read()
 
     async def read_chunk(self) -> bytes:
-        return await _unless_broken(self.content.readany())  # type: ignore[attr-defined]
+        content = self.content
+        if content.is_eof():
+            return content.read_nowait()
+        return await content.readany()
 
     def release(self) -> None:
         """Back to the pool if read to the end with the upload done first; closed otherwise."""
         upload = self._upload
         if upload is not None and not upload.done():
             upload.cancel()
-        self._pool.release(self._proto, not self._early and self.content.is_eof())  # type: ignore[attr-defined]
-
-
-async def _unless_broken(pending: Awaitable[bytes]) -> bytes:
-    """A body read: ``UpstreamBroke`` if the connection broke; ``TimeoutError`` if it went quiet past idle
-    (aiohttp's ServerTimeoutError is a ClientError too, so it is let through first)."""
-    try:
-        return await pending
-    except TimeoutError:
-        raise
-    except (ClientError, OSError):
-        raise UpstreamBroke() from None
+        proto = self._proto
+        self._pool.release(proto, proto.finished() and not self._early)
 
 
 async def send(pool: ConnectionPool, method: str, target: str, headers: CIMultiDict[str],
@@ -286,73 +252,43 @@ async def send(pool: ConnectionPool, method: str, target: str, headers: CIMultiD
     """Send one request and wait for its response head (``first_byte``); the body stays to be read."""
     streamed = body is not None and not isinstance(body, bytes)
     chunked = streamed and "Content-Length" not in headers
-    head = serialize_head(method, target, headers, body, chunked)
+    data = serialize_head(method, target, headers, body, chunked)
+    if body and not streamed:
+        data += body  # type: ignore[operator]
     retry = method in IDEMPOTENT and not streamed
+    head_only = method == "HEAD"
     while True:
-        proto, reused = await pool.acquire()
+        proto = pool.take()
+        reused = proto is not None
+        if proto is None:
+            proto, reused = await pool.acquire()
+        upload = None
         try:
-            return await _exchange(pool, proto, method, head, body, chunked)
+            answer = proto.request(data, head_only, streamed)
+            if streamed:
+                upload = asyncio.ensure_future(_upload(proto, body, chunked, pool.timeouts.idle))  # type: ignore[arg-type]
+            message, payload = await answer
         except (ServerDisconnectedError, ClientOSError):
+            _stop(upload)
             pool.release(proto, False)
             if not (reused and retry):
                 raise
             retry = False
+            continue
         except BaseException:
+            _stop(upload)
             pool.release(proto, False)
             raise
-
-
-async def _exchange(pool: ConnectionPool, proto: Connection, method: str, head: bytes,
-                    body: bytes | AsyncIterable[bytes] | None, chunked: bool) -> UpstreamResponse:
-    timeouts = pool.timeouts
-    proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
-                              read_timeout=timeouts.first_byte, read_bufsize=READ_CHUNK,
-                              max_line_size=MAX_RESPONSE_LINE, max_field_size=MAX_RESPONSE_FIELD,
-                              max_headers=MAX_RESPONSE_HEADERS)
-    transport = proto.transport
-    assert transport is not None
-    upload = None
-    if body is None or isinstance(body, bytes):
-        transport.write(head + body if body else head)
-        proto.start_timeout()
-    else:
-        transport.write(head)
-        upload = asyncio.ensure_future(_upload(proto, body, chunked, timeouts.idle))
-    try:
-        message, payload = await _final_head(proto, upload, timeouts.first_byte)
-    except BaseException:
-        if upload is not None and not upload.done():
+        if upload is not None and not upload.done() and message.code >= 300:
+            # refused before the body was read: send no more of it, so that no byte of it can be taken
+            # for another request by an upstream that keeps the connection (the connection is not reused)
             upload.cancel()
-        raise
-    if upload is not None and not upload.done() and message.code >= 300:
-        # refused before the body was read: send no more of it, so that no byte of it can be taken
-        # for another request by an upstream that keeps the connection (the connection is not reused)
+        return UpstreamResponse(pool, proto, message, payload, upload)
+
+
+def _stop(upload: asyncio.Task[None] | None) -> None:
+    if upload is not None and not upload.done():
         upload.cancel()
-    proto.read_timeout = timeouts.idle
-    if not payload.is_eof():  # the body's clock is idle from now (the timer armed with the head ran on first_byte)
-        proto.start_timeout()
-    return UpstreamResponse(pool, proto, message, payload, upload)
-
-
-async def _final_head(proto: Connection, upload: asyncio.Task[None] | None, first_byte: float) -> tuple[Any, Any]:
-    """The final response head, past any 1xx; once the request is all sent, 1xx or not, it is due within
-    ``first_byte`` of the first interim answer (aiohttp stops its read timer at every head it parses)."""
-    deadline: float | None = None
-    while True:
-        if deadline is None:
-            message, payload = await proto.read()
-        else:
-            async with asyncio.timeout_at(deadline):
-                message, payload = await proto.read()
-        if not 100 <= message.code <= 599:
-            raise HttpProcessingError(message=f"upstream: status {message.code} is outside 100-599")
-        check_response_head(message.raw_headers)
-        if message.code >= 200:
-            return message, payload
-        if message.code == 101:
-            raise HttpProcessingError(message="upstream: switched protocols without being asked")  # not retried
-        if deadline is None and (upload is None or upload.done()):
-            deadline = asyncio.get_running_loop().time() + first_byte
 
 
 async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, idle: float) -> None:
@@ -360,8 +296,8 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
     an upstream that reads nothing of it for ``idle`` fails the exchange (a timeout), and so does a
     sender that sends nothing more of it for ``idle`` (:class:`BodyStalled`).
 
-    A failure is put on the connection (the response read raises it; the connection is not
-    reused), not raised here: nobody awaits this task.
+    A failure is put on the connection (the head's wait raises it; the connection is not reused), not
+    raised here: nobody awaits this task.
     """
     transport = proto.transport
     chunks = aiter(body)
@@ -370,17 +306,17 @@ async def _upload(proto: Connection, body: AsyncIterable[bytes], chunked: bool, 
             if not chunk or transport is None or transport.is_closing():
                 continue
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if proto.writing_paused:
+            if proto._drain is not None:
                 async with asyncio.timeout(idle):
-                    await proto._drain_helper()
+                    await proto.drain()
         if chunked and transport is not None and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
-        proto.start_timeout()
+        proto.sent()
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the agent's upload broke off, passed the limit or stalled: fail the exchange
         kept = isinstance(exc, (BodyTooLarge, BodyStalled, TimeoutError))
-        proto.set_exception(exc if kept else ClientOSError(type(exc).__name__))
+        proto.upload_failed(exc if kept else ClientOSError(type(exc).__name__))
 
 
 def serialize_head(method: str, target: str, headers: CIMultiDict[str],

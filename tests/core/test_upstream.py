@@ -23,7 +23,8 @@ from multidict import CIMultiDict
 
 from sidecar.config_model import Timeouts
 from sidecar.errors import RequestRefused
-from sidecar.forward.http11 import ConnectionPool, MalformedResponse, check_response_head, send, serialize_head
+from sidecar.forward.connection import MalformedResponse, check_response_head
+from sidecar.forward.http11 import ConnectionPool, send, serialize_head
 from tests.harness import BOUND, OK, Upstream, raw_http
 from tests.scenarios.outbound import ALLOW_ALL, POLICY, config_for, outbound_to
 
@@ -765,3 +766,108 @@ async def test_upstream_tls_is_verified_with_hostname_and_sni(make_sidecar, upst
             assert snis[-1] == "localhost"
     finally:
         await server.stop()
+
+
+# -- the connection's own protocol: one parser per connection, one lazy timer, flow control (issue 16) --
+
+async def test_a_body_that_trickles_but_never_stops_for_idle_is_read_whole(raw_server):
+    """The body's timer counts silence, not the whole read: a byte every 50 ms for longer than ``idle`` in all
+    keeps the exchange alive (the one timer, on firing, re-arms for what is left since the last byte)."""
+    async def trickles(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+        for byte in b"twelve bytes":
+            await asyncio.sleep(0.05)
+            writer.write(bytes([byte]))
+            await writer.drain()
+        await asyncio.sleep(30)
+
+    pool = pool_at(await raw_server(trickles), first_byte=0.2, idle=0.2)
+    assert await asyncio.wait_for(get(pool), 3) == (200, b"twelve bytes")  # 0.6 s of body, never 0.2 s quiet
+    pool.close()
+
+
+async def test_a_body_that_stops_after_some_bytes_is_timed_out_by_idle(raw_server):
+    """Bytes that came once do not keep the timer quiet for ever: ``idle`` after the last one, the read fails
+    with a timeout and the connection is not kept."""
+    async def stops(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        for byte in b"half!":
+            await asyncio.sleep(0.05)
+            writer.write(bytes([byte]))
+        await asyncio.sleep(30)
+
+    pool = pool_at(await raw_server(stops), first_byte=0.2, idle=0.2)
+    response = await send(pool, "GET", "/x", CIMultiDict({"Host": pool.host_header}), None)
+    try:
+        assert isinstance(await hang_or_raise(response.read()), asyncio.TimeoutError)
+    finally:
+        response.release()
+    assert pool.counts == (0, 0)
+    pool.close()
+
+
+async def test_one_connection_and_its_parsers_serve_gets_and_heads_in_turn(wire_factory):
+    """A HEAD answer declares a length it does not send (RFC 9110 9.3.2): read with the HEAD parser, it does
+    not eat the next answer; each kind of parser is made once per connection and kept across requests."""
+    def answer(head: bytes, no: int) -> bytes:
+        if head.startswith(b"HEAD "):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n"
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nthe body"
+
+    wire = await wire_factory(answer)
+    pool = pool_for(wire)
+    parsers = []
+    for method in ("GET", "HEAD", "GET", "HEAD", "GET"):
+        assert await get(pool, method) == (200, b"" if method == "HEAD" else b"the body")
+        [(proto, _)] = pool._idle
+        parsers.append(dict(proto._parsers))
+    assert wire.connections == 1
+    assert parsers[-1][True] is parsers[0][True] and parsers[-1][False] is parsers[1][False]
+    pool.close()
+
+
+async def test_the_start_of_another_response_after_one_closes_its_connection(raw_server):
+    """Bytes after a response in its own segment that are not yet a whole response (a next head cut short)
+    are not left in the kept parser to be taken for the next request's answer: the connection closes."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(OK + b"HTTP/1.1 200 OK\r\nContent-Len")
+
+    pool = pool_at(await raw_server(handler))
+    assert await get(pool) == (200, b"ok")
+    assert pool.counts == (0, 0)  # closed, not kept
+    assert await get(pool) == (200, b"ok")
+    pool.close()
+
+
+async def test_a_body_nobody_reads_pauses_the_connection_and_is_not_timed_out_meanwhile(raw_server):
+    """A large body the relay is not reading stops being read from the socket (flow control: what is held
+    stays bounded), and the pause is ours, not the upstream's silence: ``idle`` does not end it."""
+    total = 8 * 1024 * 1024
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for _ in range(total // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+        await asyncio.sleep(30)
+
+    pool = pool_at(await raw_server(big), first_byte=0.2, idle=0.2)
+    response = await send(pool, "GET", "/x", CIMultiDict({"Host": pool.host_header}), None)
+    proto = response._proto
+    async with asyncio.timeout(BOUND):
+        while not proto._reading_paused:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # longer than idle, paused the whole time
+    assert proto.is_connected() and response.content.total_bytes < total
+    size = 0
+    while chunk := await asyncio.wait_for(response.read_chunk(), BOUND):
+        size += len(chunk)
+    assert size == total
+    response.release()
+    assert pool.counts == (1, 1)
+    pool.close()
