@@ -615,17 +615,17 @@ async def _relayed(deadline: float, ex: Exchange, relaying: Awaitable[Answer]) -
     """The relay; a response still streaming at a gRPC call's deadline is cut then, as a revocation cuts one."""
     current = asyncio.current_task()
     assert current is not None
-
-    def expire() -> None:
-        ex.outcome, ex.reason_detail = "cut", "grpc: the call's grpc-timeout ran out mid-response"
-        current.cancel()
-
-    expiry = asyncio.get_running_loop().call_at(deadline, expire)
+    expiry = asyncio.get_running_loop().call_at(deadline, _expire, ex, current)
+    current = None  # a cut task's exception holds this frame: no cycle back to the task (the handle has it)
     try:
         return await relaying
     finally:
         expiry.cancel()
-        del current, expire  # a cut task's exception holds this frame: no cycle back to the task
+
+
+def _expire(ex: Exchange, task: asyncio.Task[Any]) -> None:
+    ex.outcome, ex.reason_detail = "cut", "grpc: the call's grpc-timeout ran out mid-response"
+    task.cancel()
 
 
 def _inbound_host(request: IncomingRequest) -> str:
