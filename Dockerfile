@@ -5,9 +5,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- builder: wheels for the package and every dependency (no compilers reach the runtime)
 FROM ${PYTHON_IMAGE} AS builder
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# SIDECAR_MYPYC=1: the per-request modules compiled by mypyc (setup.py), which needs a C compiler here
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 SIDECAR_MYPYC=1
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY sidecar ./sidecar
 RUN pip wheel --wheel-dir /wheels .
 

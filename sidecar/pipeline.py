@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import orjson
 import structlog
@@ -382,17 +382,16 @@ class Outbound:
                 ex.outcome, ex.reason_detail = "cut", "websocket: a side went away without a close frame"
             return response
         target = f"{out.path}?{out.query}" if out.query else out.path
-        def opening() -> Awaitable[UpstreamResponse]:
-            return open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
-
-        upstream = await _by(deadline, opening)
+        opening = open_upstream(self.rt.sessions.get(up.name), out.method, target, out.headers, data)
+        upstream = await (opening if deadline is None else _by(deadline, opening))
         if ex.protocol == "mcp" and upstream.status == 401 and not isinstance(data, LimitedBody):
             upstream = await self._authorized(ex, route, out, data, upstream, (decision, task))
         if ex.protocol == "mcp":
             self.mcp_sessions.answered(ex, session_id(request.headers), upstream.status, upstream.headers,
                                        self.rt.agent.id, task)
         transform = self._response_filter(ex, upstream, task, (route, out, decision))
-        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, self.rt.metrics, transform))
+        relaying = relay_exchange(request, ex, upstream, self.rt.metrics, transform)
+        answer = await (relaying if deadline is None else _relayed(deadline, ex, relaying))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
@@ -512,15 +511,13 @@ class Inbound:
         pool = rt.sessions.agent()
         headers["Host"] = pool.host_header
         target = rt.sessions.agent_base_path + ex.path + (f"?{query}" if query else "")
-
-        def opening() -> Awaitable[UpstreamResponse]:
-            return open_upstream(pool, request.method, target, headers, data)
-
         if deadline is not None:
             headers[TIMEOUT] = format_timeout(_remaining(deadline))
-        upstream = await _by(deadline, opening)
+        opening = open_upstream(pool, request.method, target, headers, data)
+        upstream = await (opening if deadline is None else _by(deadline, opening))
         learn = self._a2a_filter(request, ex, upstream)
-        answer = await _relayed(deadline, ex, relay_exchange(request, ex, upstream, rt.metrics, learn))
+        relaying = relay_exchange(request, ex, upstream, rt.metrics, learn)
+        answer = await (relaying if deadline is None else _relayed(deadline, ex, relaying))
         if ex.protocol == "grpc":
             ex.grpc_status = grpc_status(upstream)
         return answer
@@ -599,36 +596,36 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-async def _by(deadline: float | None, opening: Callable[[], Awaitable[UpstreamResponse]]) -> UpstreamResponse:
-    """The upstream's response head: before a gRPC call's deadline (and the upstream's own timeouts), else
-    ``deadline_exceeded``; without a deadline, as the upstream's timeouts allow."""
-    if deadline is None:
-        return await opening()
-    _remaining(deadline)
+async def _by(deadline: float, opening: Coroutine[Any, Any, UpstreamResponse]) -> UpstreamResponse:
+    """The upstream's response head before a gRPC call's deadline (and the upstream's own timeouts), else
+    ``deadline_exceeded`` (without a deadline, ``opening`` is awaited as it is: one coroutine less)."""
+    try:
+        _remaining(deadline)
+    except BaseException:
+        opening.close()  # never started: no "never awaited" warning
+        raise
     try:
         async with asyncio.timeout_at(deadline):
-            return await opening()
+            return await opening
     except TimeoutError:
         raise EXPIRED from None
 
 
-async def _relayed(deadline: float | None, ex: Exchange, relaying: Awaitable[Answer]) -> Answer:
+async def _relayed(deadline: float, ex: Exchange, relaying: Awaitable[Answer]) -> Answer:
     """The relay; a response still streaming at a gRPC call's deadline is cut then, as a revocation cuts one."""
-    if deadline is None:
-        return await relaying
     current = asyncio.current_task()
     assert current is not None
-
-    def expire() -> None:
-        ex.outcome, ex.reason_detail = "cut", "grpc: the call's grpc-timeout ran out mid-response"
-        current.cancel()
-
-    expiry = asyncio.get_running_loop().call_at(deadline, expire)
+    expiry = asyncio.get_running_loop().call_at(deadline, _expire, ex, current)
+    current = None  # a cut task's exception holds this frame: no cycle back to the task (the handle has it)
     try:
         return await relaying
     finally:
         expiry.cancel()
-        del current, expire  # a cut task's exception holds this frame: no cycle back to the task
+
+
+def _expire(ex: Exchange, task: asyncio.Task[Any]) -> None:
+    ex.outcome, ex.reason_detail = "cut", "grpc: the call's grpc-timeout ran out mid-response"
+    task.cancel()
 
 
 def _inbound_host(request: IncomingRequest) -> str:

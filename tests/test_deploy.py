@@ -319,6 +319,6 @@ def test_dockerignore_keeps_what_the_build_needs() -> None:
     """The build context holds the package sources, pyproject.toml and README.md, nothing else."""
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "**"
-    assert {"!pyproject.toml", "!README.md", "!sidecar/**"} <= set(lines)
+    assert {"!pyproject.toml", "!setup.py", "!README.md", "!sidecar/**"} <= set(lines)
     copied = {args.split()[0] for args in instructions("COPY") if not args.startswith("--")}
     assert copied <= {"pyproject.toml", "sidecar"}

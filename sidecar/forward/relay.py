@@ -96,9 +96,9 @@ async def relay_exchange(request: IncomingRequest, ex: Exchange, upstream: Upstr
         if not exc.ended:
             request.abort()
         return exc.started
-    except ClientGone as exc:
+    except ClientGone as gone:  # its own name: compiled (mypyc), one name holds one type in a function
         ex.outcome, ex.reason_detail = "cut", "client gone"
-        return exc.answer
+        return gone.answer
     except asyncio.CancelledError:  # cut (a revocation, the end of the drain): never a short "whole" response
         request.abort()
         raise

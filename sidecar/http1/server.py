@@ -170,6 +170,8 @@ class Http1Protocol(Wire):
         self.carrier: asyncio.BaseTransport | None = None
         self._queue: deque[tuple[RawRequestMessage | HttpProcessingError, StreamReader]] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None  # see _next
+        self._idle_from = 0.0  # loop time the current (or last) wait for a request began
         self._task: asyncio.Task[None] | None = None
         self._tail = b""  # bytes after an upgrade (CONNECT, WebSocket) request, held until it is decided
         self._started_head = False  # bytes arrived that are not yet a whole request head
@@ -285,6 +287,7 @@ class Http1Protocol(Wire):
         except asyncio.CancelledError:
             pass
         finally:
+            self._stop_idle_timer()
             self.close()
 
     def _served(self, task: asyncio.Task[None]) -> None:
@@ -293,26 +296,45 @@ class Http1Protocol(Wire):
             self._forget()
 
     async def _next(self) -> bool:
-        """Wait (at most ``keepalive``) for the next parsed request; False: the connection is over."""
+        """Wait (at most ``keepalive``) for the next parsed request; False: the connection is over.
+
+        One idle timer per connection, not one per request: it is armed when a wait begins and none is
+        armed, and when it fires early (the connection was busy, or waited again since) it is armed again
+        for what is left of the current wait."""
         while not self._queue:
             if self._done or self._draining or self.transport is None:
                 return False
             self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(self.server.keepalive, self._expire)
+            self._idle_from = self._loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self._loop.call_at(self._idle_from + self.server.keepalive, self._expire)
             try:
                 await self._waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         return True
 
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
     def _expire(self) -> None:
-        if self._waiter is None or self._waiter.done():
+        self._idle_timer = None
+        if self._done:
+            return
+        waiting = self._waiter is not None and not self._waiter.done()
+        now = self._loop.time()
+        # busy since the timer was armed (a wait that begins now ends no earlier), or waiting for less than keepalive
+        due = self._idle_from + self.server.keepalive if waiting else now + self.server.keepalive
+        if now < due:
+            self._idle_timer = self._loop.call_at(due, self._expire)
             return
         if self._started_head and self.transport is not None:  # a head begun and never finished
             self.server.refused(TIMED_OUT)
             self._write_refusal(TIMED_OUT)
         self._done = True
+        assert self._waiter is not None
         self._waiter.set_result(None)
 
     async def _exchange(self, message: RawRequestMessage, payload: StreamReader) -> bool:

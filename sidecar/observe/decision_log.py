@@ -250,4 +250,4 @@ def emit_event(event: dict[str, Any], *, kept: bool = False) -> None:
 
     ``kept``: the exchange was let in by :func:`admission`, so its event is never dropped under
     ``block`` or ``refuse``."""
-    WRITER.write(orjson.dumps(event) + b"\n", kept=kept)
+    WRITER.write(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE), kept=kept)

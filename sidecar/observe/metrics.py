@@ -235,8 +235,8 @@ class HotPath:
         hist_family = HistogramMetricFamily(name, text, labels=labels)
         for values, hist in self._durations.items():
             cumulative, buckets = 0, []
-            for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), hist.counts):
-                cumulative += count
+            for bound, in_bucket in zip((*_LATENCY_BUCKETS, float("inf")), hist.counts):
+                cumulative += in_bucket
                 buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
             hist_family.add_metric(values, buckets, hist.sum)
         yield hist_family

@@ -379,10 +379,10 @@ def _read_yaml(path: Path, errors: list[ConfigError]) -> Any:
         return _UNREADABLE
     try:
         return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+    except yaml.YAMLError as bad:  # its own name: compiled (mypyc), one name holds one type in a function
+        mark = getattr(bad, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "malformed"
+        problem = getattr(bad, "problem", None) or "malformed"
         errors.append(ConfigError(str(path), f"not valid YAML{where}: {problem}"))
         return _UNREADABLE
 

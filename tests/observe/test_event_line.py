@@ -33,7 +33,7 @@ def populated() -> tuple[Exchange, AgentInfo]:
     """An exchange with every event field set, request-derived strings too long or carrying secrets."""
     agent = AgentInfo("spiffe://example.org/agent", "billing-agent", "test",
                       AgentMeta(owner="o@example.com", purpose="p", trust_level="internal",
-                                data_classes=("pii",), labels={"team": "payments"}))
+                                data_classes=("pii",), labels=(("team", "payments"),)))
     ex = Exchange("outbound", protocol="a2a", method="POST")
     ex.allow()
     ex.rule_id, ex.policy_version = "r1", "v1"
