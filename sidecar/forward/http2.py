@@ -104,6 +104,7 @@ class H2Client(H2Endpoint):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         self.fail(ConnectionResetError("upstream: connection closed"))
+        self.let_go()
 
     def retire(self) -> None:
         """No new streams here; closed once the open ones are done."""
