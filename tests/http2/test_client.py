@@ -127,6 +127,67 @@ async def test_a_header_http2_cannot_carry_is_refused_not_sent(upstream):
     transport.close()
 
 
+async def test_a_pseudo_header_or_empty_name_among_the_fields_is_refused_not_sent(upstream):
+    """``h2``'s outbound validation is off (``encode_headers`` checks in one pass): a field named like a
+    pseudo-header, or with no name, would make a malformed block the upstream resets the connection for."""
+    from sidecar.errors import RequestRefused
+
+    _, port = upstream
+    transport = pool(port)
+    for fields in ({":path": "/elsewhere"}, {"": "x"}):
+        with pytest.raises(RequestRefused) as refused:
+            await transport.send("GET", "/x", CIMultiDict(fields), None)
+        assert refused.value.reason == "bad_request"
+    assert (await get(transport, "/after"))[0] == 200
+    transport.close()
+
+
+async def test_credentials_and_short_cookies_stay_out_of_the_compression_context():
+    """With ``h2``'s outbound normalization off, ``encode_headers`` keeps what it did: an Authorization (the
+    credential the pipeline injects), a Proxy-Authorization and a short cookie go as never-indexed literals
+    (RFC 7541 §7.1.3), so no intermediary re-encodes them into a dynamic table where a later request could
+    probe them; names lowercased, values stripped, connection-specific fields left out. The upstream is
+    ``h2`` with its inbound validation on: the block is valid HTTP/2."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from hpack import NeverIndexedHeaderTuple
+
+    seen: asyncio.Future[list[tuple[bytes, bytes]]] = asyncio.get_running_loop().create_future()
+
+    class Raw(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+            self.h2.initiate_connection()
+            self.transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+
+        def data_received(self, data: bytes) -> None:
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    if not seen.done():
+                        seen.set_result(list(event.headers or []))
+                    self.h2.send_headers(event.stream_id, [(b":status", b"200")], end_stream=True)
+            self.transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+
+    listener = await asyncio.get_running_loop().create_server(Raw, "127.0.0.1", 0)
+    transport = pool(listener.sockets[0].getsockname()[1])
+    try:
+        response = await transport.send("GET", "/x", CIMultiDict({
+            "Authorization": "Bearer secret-token", "Proxy-Authorization": "Basic eDp5", "Cookie": "a=1",
+            "X-Trace": "  kept  ", "Connection": "close", "Keep-Alive": "5"}), None)
+        response.release()
+        headers = await asyncio.wait_for(seen, 10)
+    finally:
+        transport.close()
+        listener.close()
+    never = {bytes(n) for n, _ in (h for h in headers if isinstance(h, NeverIndexedHeaderTuple))}
+    fields = {bytes(n): bytes(v) for n, v in headers}
+    assert never == {b"authorization", b"proxy-authorization", b"cookie"}
+    assert fields[b"x-trace"] == b"kept" and fields[b"authorization"] == b"Bearer secret-token"
+    assert b"connection" not in fields and b"keep-alive" not in fields
+
+
 @pytest.fixture
 def ca():
     import trustme
@@ -241,3 +302,4 @@ async def test_the_authority_sent_is_the_requests_host_not_the_pools(upstream):
     assert response.headers["x-host"] == f"127.0.0.1:{port}"
     response.release()
     transport.close()
+
