@@ -303,3 +303,34 @@ async def test_the_authority_sent_is_the_requests_host_not_the_pools(upstream):
     response.release()
     transport.close()
 
+
+def test_remembered_encodings_decode_to_what_was_sent_as_the_table_changes():
+    """``MemoEncoder`` (each field's HPACK bytes kept while the dynamic table is unchanged) against a plain
+    ``hpack`` decoder: blocks drawn from a small pool of fields (so most repeat) with new values among
+    them (the table grows and evicts: a small table), sensitive fields, and table size changes, each
+    block decodes to exactly what was encoded."""
+    import random
+
+    import hpack
+
+    from sidecar.http2.side import MemoEncoder
+
+    rng = random.Random(7)
+    encoder, decoder = MemoEncoder(), hpack.Decoder()
+    encoder.header_table_size = decoder.header_table_size = 256  # evictions within a few blocks
+    pool = [(b"content-type", b"application/grpc"), (b"grpc-status", b"0"), (b"user-agent", b"grpc-python/1.85"),
+            (b"x-a", b"1"), (b"x-b", b"two"), (b":status", b"200")]
+    remembered = 0
+    for i in range(400):
+        block = rng.sample(pool, rng.randint(1, len(pool)))
+        if rng.random() < 0.2:
+            block.append((b"x-new", f"value-{i}".encode()))  # a new value: added to the table
+        if rng.random() < 0.1:
+            block.append(hpack.NeverIndexedHeaderTuple(b"authorization", b"Bearer t"))
+        if rng.random() < 0.03:
+            size = rng.choice([128, 256, 512])
+            encoder.header_table_size = size  # as h2 does on the peer's SETTINGS_HEADER_TABLE_SIZE
+            decoder.max_allowed_table_size = size
+        remembered += len(encoder._memo)
+        assert [tuple(f) for f in decoder.decode(encoder.encode(block), raw=True)] == [tuple(f) for f in block]
+    assert remembered  # the memo was used, not bypassed
