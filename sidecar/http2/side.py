@@ -24,7 +24,9 @@ NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization",
                            # out of the dynamic table (and make every header block's encoding a new one)
                            b"traceparent", b"tracestate", b"grpc-timeout"})
 SHORT_COOKIE = 20  # a cookie shorter than this is never indexed either (h2's, after Firefox and nghttp2)
-MEMO_FIELDS = 256  # fields whose encoding MemoEncoder keeps, per connection
+MEMO_FIELDS = 256  # fields whose encoding MemoEncoder keeps, per connection (each in the table: 4 KiB in all)
+MEMO_BLOCKS = 32  # header blocks MemoDecoder keeps, per connection,
+MEMO_BLOCK_BYTES = 1024  # each of at most this many bytes of fields: 32 KiB a connection at most
 
 
 class MemoEncoder(hpack.Encoder):
@@ -32,9 +34,10 @@ class MemoEncoder(hpack.Encoder):
 
     A field's bytes depend only on the table (its index there, or its name's), so they stay right until
     the table changes: a field added to it (a literal with incremental indexing) or a new table size.
-    Then everything remembered is forgotten. The fields of a gRPC call repeat (the same method, content
-    type, status, trailers), so after the first calls each is a dictionary look-up instead of
-    ``hpack``'s search of its tables in Python (several µs a field)."""
+    Then everything remembered is forgotten. Only indexed fields are kept (tiny, each in a table; not a
+    literal: a credential, or a value new every time). The fields of a gRPC call repeat (the same
+    method, content type, status, trailers), so after the first calls each is a dictionary look-up
+    instead of ``hpack``'s search of its tables in Python (several µs a field)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,9 +55,45 @@ class MemoEncoder(hpack.Encoder):
         encoded = super().add(to_add, sensitive, huffman)
         if encoded[0] & 0xC0 == 0x40:  # a literal with incremental indexing: the table changed
             self._memo.clear()
-        elif len(self._memo) < MEMO_FIELDS:
-            self._memo[key] = encoded
+        elif encoded[0] & 0x80 and len(self._memo) < MEMO_FIELDS:  # indexed: the field is in a table
+            self._memo[key] = encoded  # (a literal, a credential or a value new each time, is not kept)
         return encoded
+
+
+class MemoDecoder(hpack.Decoder):
+    """HPACK's decoder, remembering a whole block's fields while the dynamic table stays as it was: the
+    upstream side's (``H2Client``), where an upstream's response heads and trailers repeat byte for byte.
+
+    A block that neither adds to the table nor resizes it (only indexed fields and literals not
+    indexed: an upstream's response head and trailers after its first answer) decodes to the same
+    fields as long as the table is unchanged; any block that changes it forgets every block
+    remembered, and so does a new bound (``max_header_list_size``, the table size allowed), so what
+    was checked against one bound is never handed out under another. At most ``MEMO_BLOCKS`` blocks of
+    ``MEMO_BLOCK_BYTES`` each, none with a never-indexed field (a credential is not kept for later)."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size)
+        self._memo: dict[tuple[bytes, bool], list[Any]] = {}
+        self._bounds = (self.max_header_list_size, self.max_allowed_table_size)
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        bounds = (self.max_header_list_size, self.max_allowed_table_size)
+        if bounds != self._bounds:
+            self._memo.clear()
+            self._bounds = bounds
+        key = (bytes(data), raw)
+        if (known := self._memo.get(key)) is not None:
+            return list(known)
+        table = self.header_table
+        entries = table.dynamic_entries
+        before = (table.maxsize, len(entries), entries[0] if entries else None)
+        headers = list(super().decode(data, raw))
+        if (table.maxsize, len(entries)) != before[:2] or (entries[0] if entries else None) is not before[2]:
+            self._memo.clear()  # the table changed: indexes moved
+        elif len(self._memo) < MEMO_BLOCKS and sum(len(n) + len(v) for n, v in headers) <= MEMO_BLOCK_BYTES \
+                and not any(isinstance(field, NeverIndexedHeaderTuple) for field in headers):
+            self._memo[key] = list(headers)
+        return headers
 
 
 def encode_headers(headers: CIMultiDict[str] | dict[str, str] | CIMultiDictProxy[str],
@@ -100,6 +139,8 @@ class H2Endpoint(asyncio.Protocol):
     def __init__(self, *, client_side: bool) -> None:
         self.h2 = h2.connection.H2Connection(config=h2_config(client_side=client_side))
         self.h2.encoder = MemoEncoder()
+        if client_side:  # an upstream's answers repeat; a caller's requests differ (and carry its credentials)
+            self.h2.decoder = MemoDecoder(self.h2.decoder.max_header_list_size)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Any] = {}
         self.window = asyncio.Event()  # set whenever the peer may have opened a window (or changed settings)

@@ -24,7 +24,7 @@ import h2.connection
 import h2.events
 import hpack
 
-from sidecar.http2.side import MemoEncoder, encode_headers, h2_config
+from sidecar.http2.side import MemoDecoder, MemoEncoder, encode_headers, h2_config
 
 Maker = Callable[[bool], h2.connection.H2Connection]
 CALLER = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/greeter/helloworld.Greeter/SayHello"),
@@ -37,6 +37,8 @@ MESSAGE, ANSWER = b"\0\0\0\0\x05bench", b"\0\0\0\0\x0bhello bench"
 def sidecar(client_side: bool) -> h2.connection.H2Connection:
     connection = h2.connection.H2Connection(config=h2_config(client_side=client_side))
     connection.encoder = MemoEncoder()
+    if client_side:
+        connection.decoder = MemoDecoder(connection.decoder.max_header_list_size)
     return connection
 
 

@@ -334,3 +334,44 @@ def test_remembered_encodings_decode_to_what_was_sent_as_the_table_changes():
         remembered += len(encoder._memo)
         assert [tuple(f) for f in decoder.decode(encoder.encode(block), raw=True)] == [tuple(f) for f in block]
     assert remembered  # the memo was used, not bypassed
+
+
+def test_remembered_blocks_decode_as_a_plain_decoder_decodes_them():
+    """``MemoDecoder`` (a whole block's fields kept while the dynamic table is unchanged) against a plain
+    ``hpack`` decoder fed the same blocks: repeated blocks (remembered), blocks adding new values (the
+    table changes, a small table evicts), sensitive fields and table size changes; and a block
+    remembered under one header-list bound is checked again under a smaller one."""
+    import random
+
+    import hpack
+    import pytest as _pytest
+
+    from sidecar.http2.side import MemoDecoder
+
+    rng = random.Random(11)
+    encoder, plain, memo = hpack.Encoder(), hpack.Decoder(), MemoDecoder(65536)
+    encoder.header_table_size = 256
+    pool = [[(b":status", b"200"), (b"content-type", b"application/grpc")], [(b"grpc-status", b"0")],
+            [(b"x-a", b"1"), (b"x-b", b"two")]]
+    remembered = 0
+    for i in range(400):
+        block = list(rng.choice(pool))
+        if rng.random() < 0.15:
+            block.append((b"x-new", f"value-{i}".encode()))
+        if rng.random() < 0.1:
+            block.append(hpack.NeverIndexedHeaderTuple(b"authorization", b"Bearer t"))
+        if rng.random() < 0.03:
+            encoder.header_table_size = rng.choice([128, 256, 512])
+        data = encoder.encode(block)
+        remembered += len(memo._memo)
+        assert [tuple(f) for f in memo.decode(data, raw=True)] == [tuple(f) for f in plain.decode(data, raw=True)]
+    assert remembered
+    for field in ((b"x-one", b"1"), (b"x-two", b"2")):  # each newest in turn: both indexed as 62, the same byte
+        memo.decode(encoder.encode([field]), raw=True)
+        assert [tuple(f) for f in memo.decode(encoder.encode([field]), raw=True)] == [field]
+    first, again = encoder.encode([(b"x-long", b"v" * 100)]), encoder.encode([(b"x-long", b"v" * 100)])
+    memo.decode(first, raw=True)  # adds it to the table
+    assert memo.decode(again, raw=True) == memo.decode(again, raw=True)  # indexed now: remembered
+    memo.max_header_list_size = 50  # as h2 sets it from our SETTINGS_MAX_HEADER_LIST_SIZE
+    with _pytest.raises(hpack.OversizedHeaderListError):
+        memo.decode(again, raw=True)
