@@ -104,6 +104,7 @@ class H2Client(H2Endpoint):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         self.fail(ConnectionResetError("upstream: connection closed"))
+        self.let_go()
 
     def retire(self) -> None:
         """No new streams here; closed once the open ones are done."""
@@ -163,8 +164,11 @@ class H2Response:
     async def read_chunk(self) -> bytes:
         """The next DATA frame's bytes (its window given back now), ``b""`` at the end."""
         while True:
-            async with asyncio.timeout(self.pool.timeouts.idle):
-                item = await self.body.get()
+            if self.body.empty():  # a timer only when there is something to wait for
+                async with asyncio.timeout(self.pool.timeouts.idle):
+                    item = await self.body.get()
+            else:
+                item = self.body.get_nowait()
             if item is None:
                 self.body.put_nowait(None)  # read again: still the end
                 return b""
@@ -212,8 +216,9 @@ class H2Pool:
 
     async def send(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> H2Response:
         """Open a stream, send the request, wait for the response head (``first_byte``)."""
-        async with asyncio.timeout(self.timeouts.first_byte):
-            client = await self._stream_slot()
+        if (client := self._free_slot()) is None:  # no room now: wait in line (a timer only then)
+            async with asyncio.timeout(self.timeouts.first_byte):
+                client = await self._stream_slot()
         stream_id = client.h2.get_next_available_stream_id()
         response = client.streams[stream_id] = H2Response(self, client, stream_id)
         try:
@@ -259,6 +264,17 @@ class H2Pool:
             raise
         except Exception as exc:  # the agent's upload broke off, passed the limit or stalled: fail the exchange
             response.broken(exc)
+
+    def _free_slot(self) -> H2Client | None:
+        """The open connection, if it has room for one more stream now and nobody waits for one before us."""
+        client = self._client
+        if client is None or client.gone or self._waiters or not self._has_room(client):
+            return None
+        return client
+
+    def _has_room(self, client: H2Client) -> bool:
+        return min(self.limit, client.h2.remote_settings.max_concurrent_streams) > len(client.streams) and \
+            (client.h2.highest_outbound_stream_id or 0) + 2 <= client.h2.HIGHEST_ALLOWED_STREAM_ID
 
     async def _stream_slot(self) -> H2Client:
         """A connection with room for one more stream, waiting in line while every slot is taken. A

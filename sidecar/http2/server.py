@@ -98,6 +98,7 @@ class H2Protocol(H2Endpoint, H2Connection):
         self.refusal = refusal  # the answer to every stream of a refused connection, which then closes
         self.source = "unknown"
         self._active = 0.0  # the loop time of the last frame or stream end (the idle timeout's start)
+        self._timer: asyncio.TimerHandle | None = None  # the idle check (or a refused connection's grace)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -115,10 +116,10 @@ class H2Protocol(H2Endpoint, H2Connection):
         self.flush()
         loop = asyncio.get_running_loop()
         if self.refusal is not None:  # one answer, then closed (or closed after the grace without a request)
-            loop.call_later(REFUSED_GRACE, self.close)
+            self._timer = loop.call_later(REFUSED_GRACE, self.close)
         elif self.server.idle is not None:
             self._active = loop.time()
-            loop.call_later(self.server.idle, self._idle_check)
+            self._timer = loop.call_later(self.server.idle, self._idle_check)
 
     def _idle_check(self) -> None:
         """No stream open and no frame for ``idle`` seconds: GOAWAY (NO_ERROR) and closed, as HTTP/1.1's
@@ -131,7 +132,7 @@ class H2Protocol(H2Endpoint, H2Connection):
         if not self.streams and quiet >= idle:
             self.close()
             return
-        loop.call_later(idle if self.streams else idle - quiet, self._idle_check)
+        self._timer = loop.call_later(idle if self.streams else idle - quiet, self._idle_check)
 
     def close(self) -> None:
         """GOAWAY, then closed (what is buffered is sent first)."""
@@ -250,6 +251,9 @@ class H2Protocol(H2Endpoint, H2Connection):
                 self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:  # it holds this protocol, its h2 state and every stream's, for up to
+            self._timer.cancel()  # ``idle`` seconds (300 by default) after the connection is gone
+            self._timer = None
         self.server.connections.discard(self)
         transport, self.transport = self.transport, None
         if transport is not None and self.server.on_lost is not None:
@@ -258,6 +262,7 @@ class H2Protocol(H2Endpoint, H2Connection):
         self.window.set()
         for stream in list(self.streams.values()):
             stream.reset_by_peer()
+        self.let_go()
 
     def go_away(self) -> None:
         self.h2.close_connection()

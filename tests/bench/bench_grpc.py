@@ -29,11 +29,13 @@ import argparse
 import asyncio
 import http.client
 import os
+import statistics
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent import futures
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -125,23 +127,68 @@ def ms(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * q))] * 1000
 
 
-def round_(direct: grpc.UnaryUnaryMultiCallable, through: grpc.UnaryUnaryMultiCallable, outbound: int, pid: int,
-           calls: int, batches: int) -> None:
-    d = sequential(direct, calls)
+@dataclass
+class Subject:
+    """One sidecar under test: its process and a channel through its outbound listener."""
+
+    name: str
+    sidecar: Sidecar
+    channel: grpc.Channel
+
+    @property
+    def pid(self) -> int:
+        assert self.sidecar.process is not None
+        return self.sidecar.process.pid
+
+    @property
+    def through(self) -> grpc.UnaryUnaryMultiCallable:
+        return self.channel.unary_unary(f"/greeter/{SERVICE}/SayHello")
+
+
+def measure(subject: Subject, direct_p50: float, calls: int, batches: int) -> dict[str, float]:
+    """One subject's figures in this round: sequential gRPC (latency, CPU per call), HTTP/1.1 through the
+    same listener (CPU per request), and ``batches`` of 100 calls at once (latency, calls/s, CPU per call)."""
+    pid, through = subject.pid, subject.through
     before = cpu_seconds(pid)
     t = sequential(through, calls)
-    grpc_cpu = cpu_seconds(pid) - before
+    grpc_cpu = (cpu_seconds(pid) - before) / calls * 1e6
     before = cpu_seconds(pid)
-    h = http11(outbound, calls)
-    http_cpu = cpu_seconds(pid) - before
-    fan = {name: concurrent(call, batches) for name, call in (("direct", direct), ("through", through))}
-    print(f"  gRPC direct p50 {ms(d, 0.5):.3f} ms p99 {ms(d, 0.99):.3f} | through p50 {ms(t, 0.5):.3f} ms "
-          f"p99 {ms(t, 0.99):.3f} (adds {ms(t, 0.5) - ms(d, 0.5):.3f} ms) | HTTP/1.1 through p50 "
-          f"{ms(h, 0.5):.3f} ms | sidecar CPU gRPC {grpc_cpu / calls * 1e6:.0f} us/call, HTTP/1.1 "
-          f"{http_cpu / calls * 1e6:.0f} us/request")
-    for name, (times, wall, errors) in fan.items():
-        print(f"    100 at once on one channel, {name:7}: p50 {ms(times, 0.5):.1f} ms p99 {ms(times, 0.99):.1f} ms | "
-              f"{len(times) / wall:.0f} calls/s | {len(times)} answered, {errors} errors of {batches * 100}")
+    http11(subject.sidecar.ports["outbound"], calls)
+    http_cpu = (cpu_seconds(pid) - before) / calls * 1e6
+    before = cpu_seconds(pid)
+    times, wall, errors = concurrent(through, batches)
+    fan_cpu = (cpu_seconds(pid) - before) / max(1, len(times)) * 1e6
+    print(f"  {subject.name:8} gRPC p50 {ms(t, 0.5):.3f} ms p99 {ms(t, 0.99):.3f} (adds {ms(t, 0.5) - direct_p50:.3f}) | "
+          f"sidecar CPU gRPC {grpc_cpu:.0f} us/call, HTTP/1.1 {http_cpu:.0f} us/request | 100 at once: p50 "
+          f"{ms(times, 0.5):.1f} ms p99 {ms(times, 0.99):.1f} ms, {len(times) / wall:.0f} calls/s, {fan_cpu:.0f} us/call "
+          f"CPU, {errors} errors of {batches * 100}")
+    return {"grpc": grpc_cpu, "http11": http_cpu, "fan": fan_cpu}
+
+
+def round_(direct: grpc.UnaryUnaryMultiCallable, subjects: list[Subject], calls: int, batches: int,
+           rounds: list[dict[str, dict[str, float]]]) -> None:
+    d = sequential(direct, calls)
+    times, wall, errors = concurrent(direct, batches)
+    print(f"  direct   gRPC p50 {ms(d, 0.5):.3f} ms p99 {ms(d, 0.99):.3f} | 100 at once: p50 {ms(times, 0.5):.1f} ms "
+          f"p99 {ms(times, 0.99):.1f} ms, {len(times) / wall:.0f} calls/s, {errors} errors of {batches * 100}")
+    order = subjects if len(rounds) % 2 == 0 else subjects[::-1]  # alternated: neither always runs first
+    rounds.append({s.name: measure(s, ms(d, 0.5), calls, batches) for s in order})
+
+
+def ratios(rounds: list[dict[str, dict[str, float]]], new: str, base: str) -> None:
+    """Per figure, ``new``'s CPU over ``base``'s, paired within each round: the median and the range."""
+    print(f"paired ratios, {new} / {base}, over {len(rounds)} rounds (median, min-max):")
+    for figure, label in (("grpc", "gRPC unary CPU/call"), ("fan", "100 at once CPU/call"),
+                          ("http11", "HTTP/1.1 CPU/request")):
+        values = sorted(r[new][figure] / r[base][figure] for r in rounds if r[base][figure])
+        if values:
+            print(f"  {label:22} {statistics.median(values):.2f} ({values[0]:.2f}-{values[-1]:.2f}); {new} "
+                  f"{statistics.median(r[new][figure] for r in rounds):.0f} us, {base} "
+                  f"{statistics.median(r[base][figure] for r in rounds):.0f} us")
+    for name in (new, base):
+        values = sorted(r[name]["grpc"] / r[name]["http11"] for r in rounds if r[name]["http11"])
+        if values:
+            print(f"  {name}: gRPC unary / HTTP/1.1 CPU {statistics.median(values):.2f} ({values[0]:.2f}-{values[-1]:.2f})")
 
 
 def fds(pid: int) -> int:
@@ -250,6 +297,8 @@ def main() -> None:
     parser.add_argument("--open", type=int, nargs="*", default=[100, 500, 1000],
                         help=f"open calls to hold, at most {PER_CHANNEL * HOLD_UPSTREAMS}")
     parser.add_argument("--cycles", type=int, default=12, help="more open-and-cancel rounds of the largest --open")
+    parser.add_argument("--baseline", type=Path, help="a source tree (e.g. a worktree of main) whose sidecar runs "
+                                                      "beside this one, every figure of both in each round")
     args = parser.parse_args()
     if any(count > PER_CHANNEL * HOLD_UPSTREAMS for count in args.open):
         parser.error(f"--open: at most {PER_CHANNEL * HOLD_UPSTREAMS}")
@@ -263,34 +312,45 @@ def main() -> None:
                 "grpc": {"methods": ["Hold"]}} for i in range(HOLD_UPSTREAMS))]
     holding = {f"hold{i}": {"url": f"http://127.0.0.1:{holder.ports[0]}", "protocol": "grpc"}
                for i in range(HOLD_UPSTREAMS)}
+    upstreams = {"greeter": {"url": f"http://127.0.0.1:{port}", "protocol": "grpc"},
+                 "plain": {"url": f"http://127.0.0.1:{upstream.server_address[1]}"}, **holding}
     with tempfile.TemporaryDirectory() as tmp:
-        sidecar = Sidecar(Path(tmp), free_port(), rules=rules,
-                          upstreams={"greeter": {"url": f"http://127.0.0.1:{port}", "protocol": "grpc"},
-                                     "plain": {"url": f"http://127.0.0.1:{upstream.server_address[1]}"}, **holding})
-        config = yaml.safe_load(sidecar.config.read_text())
-        config["logging"] = {"level": "warning"}
-        sidecar.config.write_text(yaml.safe_dump(config))
-        sidecar.start()
-        assert sidecar.process is not None
+        sources = [("sidecar", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+        subjects = []
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as d, \
-                    grpc.insecure_channel(f"127.0.0.1:{sidecar.ports['outbound']}") as t:
+            for name, source in sources:
+                folder = Path(tmp) / name
+                folder.mkdir()
+                sidecar = Sidecar(folder, free_port(), rules=rules, upstreams=upstreams)
+                config = yaml.safe_load(sidecar.config.read_text())
+                config["logging"] = {"level": "warning"}
+                sidecar.config.write_text(yaml.safe_dump(config))
+                sidecar.start(source=source)
+                subjects.append(Subject(name, sidecar, grpc.insecure_channel(
+                    f"127.0.0.1:{sidecar.ports['outbound']}", options=[("grpc.use_local_subchannel_pool", 1)])))
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as d:
                 direct = d.unary_unary(f"/{SERVICE}/SayHello")
-                through = t.unary_unary(f"/greeter/{SERVICE}/SayHello")
-                sequential(direct, 200), sequential(through, 200)  # warm both connections
+                sequential(direct, 200)
+                for subject in subjects:
+                    sequential(subject.through, 200)  # warm both connections
                 print(f"{args.calls} sequential calls of each kind per round, then {args.fan_batches} batches "
-                      "of 100 gRPC calls at once")
+                      f"of 100 gRPC calls at once{'; baseline from ' + str(args.baseline) if args.baseline else ''}")
+                rounds: list[dict[str, dict[str, float]]] = []
                 for _ in range(args.rounds):
-                    round_(direct, through, sidecar.ports["outbound"], sidecar.process.pid, args.calls,
-                           args.fan_batches)
-            if args.open:
-                open_streams(sidecar.ports["outbound"], sidecar.process.pid, holder, args.open, args.cycles)
+                    round_(direct, subjects, args.calls, args.fan_batches, rounds)
+                if args.baseline:
+                    ratios(rounds, "sidecar", "baseline")
+            for subject in subjects:
+                subject.channel.close()
+                if args.open:
+                    print(f"{subject.name}:")
+                    open_streams(subject.sidecar.ports["outbound"], subject.pid, holder, args.open, args.cycles)
         finally:
-            sidecar.stop()
+            for subject in subjects:
+                subject.sidecar.stop()
             server.stop(0)
             upstream.shutdown()
             holder.stop()
-
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -79,11 +80,13 @@ class Sidecar:
             **{name: {"listen": f"127.0.0.1:{self.ports[name]}"} for name in ("health", "metrics", "admin")}}))
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, log: Path | None = None) -> None:
-        """Run it; its output (events, warnings such as the loop watchdog's) to ``log`` when given."""
+    def start(self, log: Path | None = None, source: Path | None = None) -> None:
+        """Run it; its output (events, warnings such as the loop watchdog's) to ``log`` when given; the
+        ``sidecar`` package from the tree ``source`` when given (another checkout: a baseline)."""
         out = log.open("wb") if log is not None else subprocess.DEVNULL
+        env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
         self.process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(self.config)],
-                                        stdout=out, stderr=subprocess.STDOUT)
+                                        stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

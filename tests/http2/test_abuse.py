@@ -279,3 +279,44 @@ async def test_reset_streams_leave_no_cycle_for_the_collector(make_sidecar):
     finally:
         release.set()
         await upstream.stop()
+
+
+async def test_a_closed_connection_leaves_nothing_behind(make_sidecar):
+    """Once an HTTP/2 connection has closed, nothing of it stays: not its protocol, which the idle check's
+    timer held (with its ``h2`` state and every stream's) for ``timeouts.idle`` (300 s by default) after the
+    client had gone, nor its ``h2`` state as garbage for the collector that ``sidecar run`` runs rarely (an
+    ``H2Connection`` holds itself through its frame dispatch table, and every stream it carried with it).
+    Before, bench_grpc's open-and-cancel rounds kept about 1 MiB per 1,000 cancelled streams."""
+    import gc
+
+    import h2.connection
+
+    from sidecar.http2.server import H2Protocol
+
+    upstream = await Upstream().start()
+    try:
+        h = await make_sidecar(config_for(upstream), POLICY)
+        port = h.port("outbound")
+        blocks = [[(":method", "GET"), (":scheme", "http"), (":authority", f"127.0.0.1:{port}"),
+                   (":path", f"/billing/v1/{i}")] for i in range(3)]
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            answers, _ = await streams(*await asyncio.open_connection("127.0.0.1", port), blocks)  # closes it
+            alive: list[str] = ["not looked at"]
+            for _ in range(100):  # until the sidecar has seen the connection end (its stream tasks too)
+                await asyncio.sleep(0.05)
+                alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, H2Protocol)]
+                if not alive:
+                    break
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("sidecar")
+                    or isinstance(o, h2.connection.H2Connection) and not o.config.client_side]  # not the test's own
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert [status for status, _ in answers] == [200, 200, 200]
+        assert alive == []
+        assert left == []
+    finally:
+        await upstream.stop()

@@ -127,6 +127,67 @@ async def test_a_header_http2_cannot_carry_is_refused_not_sent(upstream):
     transport.close()
 
 
+async def test_a_pseudo_header_or_empty_name_among_the_fields_is_refused_not_sent(upstream):
+    """``h2``'s outbound validation is off (``encode_headers`` checks in one pass): a field named like a
+    pseudo-header, or with no name, would make a malformed block the upstream resets the connection for."""
+    from sidecar.errors import RequestRefused
+
+    _, port = upstream
+    transport = pool(port)
+    for fields in ({":path": "/elsewhere"}, {"": "x"}):
+        with pytest.raises(RequestRefused) as refused:
+            await transport.send("GET", "/x", CIMultiDict(fields), None)
+        assert refused.value.reason == "bad_request"
+    assert (await get(transport, "/after"))[0] == 200
+    transport.close()
+
+
+async def test_credentials_and_short_cookies_stay_out_of_the_compression_context():
+    """With ``h2``'s outbound normalization off, ``encode_headers`` keeps what it did: an Authorization (the
+    credential the pipeline injects), a Proxy-Authorization and a short cookie go as never-indexed literals
+    (RFC 7541 §7.1.3), so no intermediary re-encodes them into a dynamic table where a later request could
+    probe them; names lowercased, values stripped, connection-specific fields left out. The upstream is
+    ``h2`` with its inbound validation on: the block is valid HTTP/2."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from hpack import NeverIndexedHeaderTuple
+
+    seen: asyncio.Future[list[tuple[bytes, bytes]]] = asyncio.get_running_loop().create_future()
+
+    class Raw(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+            self.h2.initiate_connection()
+            self.transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+
+        def data_received(self, data: bytes) -> None:
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    if not seen.done():
+                        seen.set_result(list(event.headers or []))
+                    self.h2.send_headers(event.stream_id, [(b":status", b"200")], end_stream=True)
+            self.transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+
+    listener = await asyncio.get_running_loop().create_server(Raw, "127.0.0.1", 0)
+    transport = pool(listener.sockets[0].getsockname()[1])
+    try:
+        response = await transport.send("GET", "/x", CIMultiDict({
+            "Authorization": "Bearer secret-token", "Proxy-Authorization": "Basic eDp5", "Cookie": "a=1",
+            "X-Trace": "  kept  ", "Connection": "close", "Keep-Alive": "5"}), None)
+        response.release()
+        headers = await asyncio.wait_for(seen, 10)
+    finally:
+        transport.close()
+        listener.close()
+    never = {bytes(n) for n, _ in (h for h in headers if isinstance(h, NeverIndexedHeaderTuple))}
+    fields = {bytes(n): bytes(v) for n, v in headers}
+    assert never == {b"authorization", b"proxy-authorization", b"cookie"}
+    assert fields[b"x-trace"] == b"kept" and fields[b"authorization"] == b"Bearer secret-token"
+    assert b"connection" not in fields and b"keep-alive" not in fields
+
+
 @pytest.fixture
 def ca():
     import trustme
@@ -241,3 +302,76 @@ async def test_the_authority_sent_is_the_requests_host_not_the_pools(upstream):
     assert response.headers["x-host"] == f"127.0.0.1:{port}"
     response.release()
     transport.close()
+
+
+def test_remembered_encodings_decode_to_what_was_sent_as_the_table_changes():
+    """``MemoEncoder`` (each field's HPACK bytes kept while the dynamic table is unchanged) against a plain
+    ``hpack`` decoder: blocks drawn from a small pool of fields (so most repeat) with new values among
+    them (the table grows and evicts: a small table), sensitive fields, and table size changes, each
+    block decodes to exactly what was encoded."""
+    import random
+
+    import hpack
+
+    from sidecar.http2.side import MemoEncoder
+
+    rng = random.Random(7)
+    encoder, decoder = MemoEncoder(), hpack.Decoder()
+    encoder.header_table_size = decoder.header_table_size = 256  # evictions within a few blocks
+    pool = [(b"content-type", b"application/grpc"), (b"grpc-status", b"0"), (b"user-agent", b"grpc-python/1.85"),
+            (b"x-a", b"1"), (b"x-b", b"two"), (b":status", b"200")]
+    remembered = 0
+    for i in range(400):
+        block = rng.sample(pool, rng.randint(1, len(pool)))
+        if rng.random() < 0.2:
+            block.append((b"x-new", f"value-{i}".encode()))  # a new value: added to the table
+        if rng.random() < 0.1:
+            block.append(hpack.NeverIndexedHeaderTuple(b"authorization", b"Bearer t"))
+        if rng.random() < 0.03:
+            size = rng.choice([128, 256, 512])
+            encoder.header_table_size = size  # as h2 does on the peer's SETTINGS_HEADER_TABLE_SIZE
+            decoder.max_allowed_table_size = size
+        remembered += len(encoder._memo)
+        assert [tuple(f) for f in decoder.decode(encoder.encode(block), raw=True)] == [tuple(f) for f in block]
+    assert remembered  # the memo was used, not bypassed
+
+
+def test_remembered_blocks_decode_as_a_plain_decoder_decodes_them():
+    """``MemoDecoder`` (a whole block's fields kept while the dynamic table is unchanged) against a plain
+    ``hpack`` decoder fed the same blocks: repeated blocks (remembered), blocks adding new values (the
+    table changes, a small table evicts), sensitive fields and table size changes; and a block
+    remembered under one header-list bound is checked again under a smaller one."""
+    import random
+
+    import hpack
+    import pytest as _pytest
+
+    from sidecar.http2.side import MemoDecoder
+
+    rng = random.Random(11)
+    encoder, plain, memo = hpack.Encoder(), hpack.Decoder(), MemoDecoder(65536)
+    encoder.header_table_size = 256
+    pool = [[(b":status", b"200"), (b"content-type", b"application/grpc")], [(b"grpc-status", b"0")],
+            [(b"x-a", b"1"), (b"x-b", b"two")]]
+    remembered = 0
+    for i in range(400):
+        block = list(rng.choice(pool))
+        if rng.random() < 0.15:
+            block.append((b"x-new", f"value-{i}".encode()))
+        if rng.random() < 0.1:
+            block.append(hpack.NeverIndexedHeaderTuple(b"authorization", b"Bearer t"))
+        if rng.random() < 0.03:
+            encoder.header_table_size = rng.choice([128, 256, 512])
+        data = encoder.encode(block)
+        remembered += len(memo._memo)
+        assert [tuple(f) for f in memo.decode(data, raw=True)] == [tuple(f) for f in plain.decode(data, raw=True)]
+    assert remembered
+    for field in ((b"x-one", b"1"), (b"x-two", b"2")):  # each newest in turn: both indexed as 62, the same byte
+        memo.decode(encoder.encode([field]), raw=True)
+        assert [tuple(f) for f in memo.decode(encoder.encode([field]), raw=True)] == [field]
+    first, again = encoder.encode([(b"x-long", b"v" * 100)]), encoder.encode([(b"x-long", b"v" * 100)])
+    memo.decode(first, raw=True)  # adds it to the table
+    assert memo.decode(again, raw=True) == memo.decode(again, raw=True)  # indexed now: remembered
+    memo.max_header_list_size = 50  # as h2 sets it from our SETTINGS_MAX_HEADER_LIST_SIZE
+    with _pytest.raises(hpack.OversizedHeaderListError):
+        memo.decode(again, raw=True)
