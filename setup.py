@@ -1,9 +1,10 @@
 """The build's one option: ``SIDECAR_MYPYC=1`` compiles the per-request modules with mypyc.
 
 Without it (the default: ``pip install .``) the package is pure Python. With it, the modules every request
-passes through are built as C extensions by mypyc from the same, strictly typed, source (about 15 % less
+passes through are built as C extensions by mypyc from the same, strictly typed, source (about 20 % less
 CPU per request, issue 16); everything else stays interpreted, and so does every module a compiled one
-cannot be (a class with ``__slots__`` from aiohttp, a class body assigning several names at once). The
+cannot be (a class with ``__slots__`` from aiohttp: ``http1/``; an async generator: ``forward/body.py``; a class
+body assigning several names at once: ``observe/decision_log.py``). The
 image (Dockerfile) is built with it, and ``scripts/test`` runs the suite under uvloop against a compiled
 build in place (``build_ext --inplace``), then under asyncio against the pure one.
 
@@ -20,14 +21,27 @@ from setuptools import setup
 
 COMPILED = [  # the request's path, in the order it is walked (ARCHITECTURE.md); see the docstring for what is not
     "sidecar/routing.py",
+    "sidecar/http/target.py",
     "sidecar/http/headers.py",
+    "sidecar/http/incoming.py",
     "sidecar/tracing.py",
+    "sidecar/revocation.py",
+    "sidecar/tasks.py",
+    "sidecar/grpc.py",
+    "sidecar/policy/globs.py",
     "sidecar/policy/readings.py",
     "sidecar/policy/facts.py",
     "sidecar/policy/engine.py",
+    "sidecar/credentials/cache.py",
+    "sidecar/credentials/static.py",
     "sidecar/pipeline.py",
+    "sidecar/forward/transport.py",
+    "sidecar/forward/http11.py",
+    "sidecar/forward/connection.py",
+    "sidecar/credentials/echo.py",
     "sidecar/forward/relay.py",
     "sidecar/exchange.py",
+    "sidecar/observe/headers.py",
     "sidecar/observe/metrics.py",
     "sidecar/observe/record.py",
 ]

@@ -558,6 +558,8 @@ def _checks(results: Results, s: Settings) -> list[str]:
                f"uncounted warm-up request is +1; wrk does not count its <= {s.connections} requests in flight at "
                f"its stop, which the sidecar still answers and logs)")
     out.append(f"errors (non-2xx, socket errors, client failures): {errors}")
+    out.append(f"sidecar build: {build_of(Path(__file__).resolve().parents[2])} (SIDECAR_MYPYC=1 python setup.py "
+               f"build_ext --inplace compiles it in place; find sidecar -name '*.so' -delete undoes it)")
     ratio = statistics.median(results.ratios("saturated", "cpu_us", "sidecar", "bare"))
     out.append(f"issue 16: outbound CPU/req saturated sidecar <= 0.6x bare: {ratio:.2f}x -> "
                + ("meets" if ratio <= 0.6 else "MISSES"))
@@ -566,6 +568,12 @@ def _checks(results: Results, s: Settings) -> list[str]:
         out.append(f"issue 16: paced 1,000 req/s sidecar <= 1.5x nginx as proxy's vCPU: {ratio:.2f}x -> "
                    + ("meets" if ratio <= 1.5 else "MISSES"))
     return out
+
+
+def build_of(checkout: Path) -> str:
+    """Whether a checkout's sidecar runs compiled (mypyc modules built in place, setup.py) or pure Python."""
+    built = sorted(checkout.glob("sidecar/**/*.so"))
+    return f"compiled, {len(built) - 1} modules by mypyc" if built else "pure Python"
 
 
 def _loadavg() -> str:
