@@ -1,10 +1,13 @@
 """The build's one option: ``SIDECAR_MYPYC=1`` compiles the per-request modules with mypyc.
 
 Without it (the default: ``pip install .``) the package is pure Python. With it, the modules every request
-passes through are built as C extensions by mypyc from the same, strictly typed, source (about 20 % less
-CPU per request, issue 16); everything else stays interpreted, and so does every module a compiled one
+passes through are built as C extensions by mypyc from the same, strictly typed, source (about 18 % fewer
+instructions per request, issue 16); everything else stays interpreted, and so does every module a compiled one
 cannot be (a class with ``__slots__`` from aiohttp: ``http1/``; an async generator: ``forward/body.py``; a class
-body assigning several names at once: ``observe/decision_log.py``). The
+body assigning several names at once: ``observe/decision_log.py``). ``revocation.py``, ``tasks.py``,
+``http/incoming.py`` and the upstream leg (``forward/transport.py``, ``http11.py``, ``connection.py``)
+compiled, but five tests failed against them (Redis outage and tombstone ordering, an upstream's malformed
+answer): they stay interpreted until each is understood. The
 image (Dockerfile) is built with it, and ``scripts/test`` runs the suite under uvloop against a compiled
 build in place (``build_ext --inplace``), then under asyncio against the pure one.
 
@@ -23,10 +26,7 @@ COMPILED = [  # the request's path, in the order it is walked (ARCHITECTURE.md);
     "sidecar/routing.py",
     "sidecar/http/target.py",
     "sidecar/http/headers.py",
-    "sidecar/http/incoming.py",
     "sidecar/tracing.py",
-    "sidecar/revocation.py",
-    "sidecar/tasks.py",
     "sidecar/grpc.py",
     "sidecar/policy/globs.py",
     "sidecar/policy/readings.py",
@@ -35,9 +35,6 @@ COMPILED = [  # the request's path, in the order it is walked (ARCHITECTURE.md);
     "sidecar/credentials/cache.py",
     "sidecar/credentials/static.py",
     "sidecar/pipeline.py",
-    "sidecar/forward/transport.py",
-    "sidecar/forward/http11.py",
-    "sidecar/forward/connection.py",
     "sidecar/credentials/echo.py",
     "sidecar/forward/relay.py",
     "sidecar/exchange.py",
