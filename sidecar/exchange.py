@@ -41,7 +41,7 @@ A2A_PART_KINDS_MAX = 64  # a message with more parts records null: its kinds are
 
 def new_id() -> str:
     """A unique decision id (not a secret: a fast PRNG is enough)."""
-    return f"{random.getrandbits(96):024x}"
+    return random.getrandbits(96).to_bytes(12, "big").hex()  # not f"{:024x}": a third of its cost
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,7 +85,7 @@ def check_headers(request: IncomingRequest, max_headers: int, max_bytes: int) ->
     size = 0
     for name, value in raw:
         size += len(name) + len(value) + 4
-        if b"_" in name:
+        if name.find(b"_") != -1:  # not `in`: bytes' `in` first tries the operand as an int (a raised TypeError)
             check_header_names((name.decode("latin-1"),))
     if size > max_bytes:
         raise RequestRefused("headers_too_large", f"request: headers exceed {max_bytes} bytes")

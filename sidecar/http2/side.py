@@ -116,7 +116,7 @@ def encode_headers(headers: CIMultiDict[str] | dict[str, str] | CIMultiDictProxy
         else:
             block.append((key, raw))
     blob = b" ".join(part for field in block for part in field)  # one scan of every byte, not one per part
-    if b"\r" in blob or b"\n" in blob or b"\0" in blob or pseudo.get("path") == "":
+    if blob.find(b"\r") != -1 or blob.find(b"\n") != -1 or blob.find(b"\0") != -1 or pseudo.get("path") == "":
         raise ValueError("http2: a header would split the header block")
     return block
 
