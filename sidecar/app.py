@@ -479,6 +479,9 @@ class Sidecar:
         self._stopped = True
         self.draining = True
         await self._resources.aclose()
+        runtime: Runtime | None = getattr(self, "runtime", None)  # None: the start failed before building it
+        if runtime is not None:
+            runtime.recorder.flush()  # exchanges that ended in the last step of the drain
         decision_log.WRITER.flush()  # the last events reach stdout before the process exits
 
 

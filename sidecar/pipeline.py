@@ -114,7 +114,8 @@ def authorize_copy_source(rt: Runtime, facts: Facts, source: CopySource) -> None
 
 async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, run: Callable[[], Awaitable[Answer]],
                          *, on_end: Callable[[Exchange], None] | None = None) -> Answer:
-    """The envelope of every exchange: cuttable while it runs, refusals answered, recorded once."""
+    """The envelope of every exchange: cuttable while it runs, refusals answered, recorded once (once the
+    answer it returns is written: Recorder.record_soon)."""
     rt.exchanges.track(ex)
     try:
         waiting = admission()
@@ -139,7 +140,7 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         rt.exchanges.untrack(ex)
         if on_end is not None:
             on_end(ex)
-        rt.recorder.record(ex)
+        rt.recorder.record_soon(ex)  # after the answer is written
 
 
 def mark_failed(ex: Exchange, exc: Exception) -> None:

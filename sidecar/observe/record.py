@@ -7,6 +7,7 @@ refused under overload) are recorded through the same function, as exchanges of 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -32,6 +33,24 @@ class Recorder:
         self.metrics, self.agent = metrics, agent
         self.redactor = redactor or Redactor()
         self.headers = headers
+        self._pending: list[Exchange] = []
+
+    def record_soon(self, ex: Exchange) -> None:
+        """Record ``ex`` once the current step of the loop is over: the answer its handler returns is
+        written first, so the agent does not wait for its metrics and event (a fifth of a request's
+        instructions). In order, all pending ones in one callback; :meth:`flush` records them now."""
+        self._pending.append(ex)
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Record every exchange :meth:`record_soon` left pending (also called at shutdown)."""
+        pending, self._pending = self._pending, []
+        for ex in pending:
+            try:
+                self.record(ex)
+            except Exception:  # a defect in one event's making must not lose the others
+                log.exception("record_failed", direction=ex.direction, decision_id=ex.decision_id)
 
     def record(self, ex: Exchange) -> None:
         m = self.metrics

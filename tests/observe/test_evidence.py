@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -256,3 +257,28 @@ async def test_agent_metadata_is_in_every_event_the_inventory_and_one_info_metri
     assert ('sidecar_agent_info{environment="test",name="billing-agent",owner="payments@example.com",'
             'trust_level="internal"} 1.0') in metrics
     assert "payments" not in metrics.replace("payments@example.com", "")  # free labels stay out of metrics
+
+
+async def test_an_exchange_is_recorded_once_the_current_step_ends_in_order_and_none_pending_is_lost(
+        make_sidecar, upstream):
+    """serve_exchange records through Recorder.record_soon: the answer it returns is written first (the agent
+    does not wait for the metrics and the event), the events keep their order, and what is still pending
+    is recorded by flush."""
+    from sidecar.errors import Refusal
+    from sidecar.exchange import Exchange
+
+    h = await make_sidecar(config_for(upstream), POLICY)
+    assert h.sidecar is not None
+    recorder = h.sidecar.runtime.recorder
+    before = len(await h.settle())
+    exchanges = [Exchange("outbound") for _ in range(3)]
+    for ex in exchanges:
+        ex.refuse(Refusal("bad_request", "request: test"))
+    recorder.record_soon(exchanges[0])
+    recorder.record_soon(exchanges[1])
+    assert len(h.events()) == before  # not yet: after the current step
+    await asyncio.sleep(0)
+    assert [e["decision_id"] for e in h.events()[before:]] == [exchanges[0].decision_id, exchanges[1].decision_id]
+    recorder.record_soon(exchanges[2])
+    recorder.flush()  # what stop calls before the log's last flush
+    assert [e["decision_id"] for e in h.events()[before:]] == [ex.decision_id for ex in exchanges]
