@@ -291,12 +291,12 @@ class ActiveExchanges:
     per request, 1.8 % of a saturated sidecar's time, issue 16)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop  # the loop its exchanges are served on
         self._active: dict[int, tuple[Exchange, asyncio.Task[Any]]] = {}
 
     def track(self, ex: Exchange) -> None:
         """Register ``ex`` with the task that serves it (the caller's, on the bound loop)."""
-        task = asyncio.current_task(self._loop)
+        task = asyncio.current_task(self.loop)
         assert task is not None, "exchanges: tracked outside a task of the loop they are bound to"
         self._active[id(ex)] = (ex, task)
 

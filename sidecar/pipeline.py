@@ -140,7 +140,7 @@ async def serve_exchange(rt: Runtime, request: IncomingRequest, ex: Exchange, ru
         rt.exchanges.untrack(ex)
         if on_end is not None:
             on_end(ex)
-        rt.recorder.record_soon(ex)  # after the answer is written
+        rt.recorder.record_soon(ex, rt.exchanges.loop)  # after the answer is written
 
 
 def mark_failed(ex: Exchange, exc: Exception) -> None:

@@ -35,13 +35,14 @@ class Recorder:
         self.headers = headers
         self._pending: list[Exchange] = []
 
-    def record_soon(self, ex: Exchange) -> None:
+    def record_soon(self, ex: Exchange, loop: asyncio.AbstractEventLoop) -> None:
         """Record ``ex`` once the current step of the loop is over: the answer its handler returns is
         written first, so the agent does not wait for its metrics and event (a fifth of a request's
-        instructions). In order, all pending ones in one callback; :meth:`flush` records them now."""
+        instructions). In order, all pending ones in one callback; :meth:`flush` records them now. ``loop``:
+        the running one, passed in (``get_running_loop`` costs a ``getpid`` system call)."""
         self._pending.append(ex)
         if len(self._pending) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Record every exchange :meth:`record_soon` left pending (also called at shutdown)."""

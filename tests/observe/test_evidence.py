@@ -274,11 +274,12 @@ async def test_an_exchange_is_recorded_once_the_current_step_ends_in_order_and_n
     exchanges = [Exchange("outbound") for _ in range(3)]
     for ex in exchanges:
         ex.refuse(Refusal("bad_request", "request: test"))
-    recorder.record_soon(exchanges[0])
-    recorder.record_soon(exchanges[1])
+    loop = asyncio.get_running_loop()
+    recorder.record_soon(exchanges[0], loop)
+    recorder.record_soon(exchanges[1], loop)
     assert len(h.events()) == before  # not yet: after the current step
     await asyncio.sleep(0)
     assert [e["decision_id"] for e in h.events()[before:]] == [exchanges[0].decision_id, exchanges[1].decision_id]
-    recorder.record_soon(exchanges[2])
+    recorder.record_soon(exchanges[2], loop)
     recorder.flush()  # what stop calls before the log's last flush
     assert [e["decision_id"] for e in h.events()[before:]] == [ex.decision_id for ex in exchanges]
